@@ -1,0 +1,57 @@
+"""Small file helpers: atomic writes (never a half-written output) and the cache folder."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import ActTailError
+
+
+def cache_dir() -> Path:
+    """Where fetched models and texts live: $ACTTAIL_CACHE or ~/.cache/acttail."""
+    return Path(os.environ.get("ACTTAIL_CACHE", Path.home() / ".cache" / "acttail"))
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ActTailError(f"output folder does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise ActTailError(f"output folder is not writable: {parent}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as indented JSON (keys in insertion order) atomically."""
+    write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict:
+    """Read a JSON file, turning a missing or malformed file into one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ActTailError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ActTailError(f"{what} {path} is not valid JSON ({e})") from None

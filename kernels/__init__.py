@@ -1,0 +1,1 @@
+"""Triton kernels for sparse decoding, installed as ``acttail.kernels``."""
