@@ -1,0 +1,290 @@
+"""Checkpoint reader: HF model folders and bare safetensors files, streamed one tensor at a time.
+
+A ``Checkpoint`` knows the model's architecture and its linear projections (q/k/v/o/gate/up/down of every
+decoder layer) and loads any one of them on demand through ``safetensors.safe_open``, so peak memory stays
+near the largest single matrix whatever the model size. Phi-3's fused ``qkv_proj`` and ``gate_up_proj``
+are split into q/k/v and gate/up using the head counts in config.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import ActTailError
+
+KINDS = ("q", "k", "v", "o", "gate", "up", "down")
+
+# Architectures whose projections follow the Llama naming (model.layers.{i}.self_attn.q_proj, ...).
+LLAMA_LIKE = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
+    "Gemma3ForConditionalGeneration": "gemma3",
+}
+FUSED = {"Phi3ForCausalLM": "phi3"}
+SUPPORTED = tuple(LLAMA_LIKE) + tuple(FUSED)
+
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+_ATTN = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
+_MLP = {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+_LAYER_RE = re.compile(r"^(.*?layers)\.(\d+)\.(self_attn|mlp)\.(\w+)\.weight$")
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One linear projection of one decoder layer: y = W x with W of shape (out_features, in_features)."""
+
+    layer: int
+    kind: str
+    out_features: int
+    in_features: int
+
+    @property
+    def params(self) -> int:
+        return self.out_features * self.in_features
+
+    @property
+    def key(self) -> str:
+        return f"layers.{self.layer}.{self.kind}"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+
+def read_header(path: Path) -> tuple[bytes, dict]:
+    """Read and validate a safetensors header: returns (raw bytes, parsed JSON) or raises ActTailError."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ActTailError(f"{path} is not a safetensors file (shorter than its 8-byte header length)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(_MAX_HEADER, size - 8):
+                raise ActTailError(f"{path} has a corrupt or truncated safetensors header (length {n})")
+            raw = f.read(n)
+    except OSError as e:
+        raise ActTailError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ActTailError(f"{path} has a garbage safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise ActTailError(f"{path} has a garbage safetensors header (not a JSON object)")
+    data_len = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+            dtype, shape = info["dtype"], info["shape"]
+        except (TypeError, KeyError, ValueError):
+            raise ActTailError(f"{path}: malformed header entry for tensor {name!r}") from None
+        if end > data_len or start > end:
+            raise ActTailError(f"{path} is truncated: tensor {name!r} ends at byte {end} of {data_len}")
+    return raw, header
+
+
+def _text_config(config: dict) -> dict:
+    """Multimodal configs (Gemma 3) nest the decoder's settings in ``text_config``."""
+    return {**config, **config["text_config"]} if isinstance(config.get("text_config"), dict) else config
+
+
+class Checkpoint:
+    """A model checkpoint on disk: config, tensor index, projections, and lazy tensor loading."""
+
+    def __init__(self, path: Path, config: dict, files: list[Path], index: dict[str, Path], headers: dict):
+        self.path = path
+        self.config = config
+        self.files = files
+        self._index = index  # tensor name -> file
+        self._headers = headers  # file -> parsed header
+        self._handles: dict[Path, object] = {}
+        self.architecture = self._architecture()
+        self.model_type = config.get("model_type") or LLAMA_LIKE.get(self.architecture) or FUSED[self.architecture]
+        self.prefix = self._layer_prefix()
+        self.num_layers = self._num_layers()
+        self.fingerprint = self._fingerprint()
+
+    # ---- opening ----------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Checkpoint":
+        """Open an HF model folder (config.json + safetensors) or a bare ``.safetensors`` file."""
+        path = Path(path)
+        if not path.exists():
+            raise ActTailError(f"model path not found: {path}")
+        if path.is_file():
+            if path.suffix != ".safetensors":
+                raise ActTailError(f"{path} is neither a model folder nor a .safetensors file")
+            files, config = [path], {}
+        else:
+            cfg_path = path / "config.json"
+            if not cfg_path.is_file():
+                raise ActTailError(f"{path} has no config.json (not an HF model folder)")
+            try:
+                config = json.loads(cfg_path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ActTailError(f"{cfg_path} is not valid JSON ({e})") from None
+            files = _safetensors_files(path)
+        headers = {f: read_header(f)[1] for f in files}
+        index = {name: f for f, h in headers.items() for name in h if name != "__metadata__"}
+        return cls(path, _text_config(config), files, index, headers)
+
+    def _architecture(self) -> str:
+        archs = self.config.get("architectures")
+        if not archs:  # a bare safetensors file: recognise the Llama naming, or give up clearly
+            if any(_LAYER_RE.match(n) for n in self._index) and self._has(0, "q"):
+                return "LlamaForCausalLM"
+            raise ActTailError(f"{self.path}: no config.json architectures and no Llama-style tensor names")
+        arch = archs[0]
+        if arch not in SUPPORTED:
+            raise ActTailError(f"unsupported architecture {arch}; supported: {', '.join(SUPPORTED)}")
+        return arch
+
+    def _layer_prefix(self) -> str:
+        for name in self._index:
+            m = _LAYER_RE.match(name)
+            if m:
+                return m.group(1)
+        raise ActTailError(f"{self.path}: no decoder-layer weights (model.layers.N.*) found")
+
+    def _num_layers(self) -> int:
+        found = {int(m.group(2)) for n in self._index if (m := _LAYER_RE.match(n))}
+        n = self.config.get("num_hidden_layers", max(found) + 1)
+        if found != set(range(n)):
+            missing = sorted(set(range(n)) - found)
+            raise ActTailError(f"{self.path}: config says {n} layers but weights are missing for layers {missing[:5]}")
+        return n
+
+    def _fingerprint(self) -> str:
+        """sha256 over the tensor index of every file (names, dtypes, shapes, offsets) and 64 KiB of data
+        from each file's start and end: cheap (no full read) yet different for fine-tunes of one base."""
+        h = hashlib.sha256()
+        for f in self.files:
+            raw, _ = read_header(f)
+            h.update(raw)
+            with open(f, "rb") as fh:
+                h.update(fh.read(8 + len(raw) + 65536)[8 + len(raw):])
+                fh.seek(max(0, f.stat().st_size - 65536))
+                h.update(fh.read())
+        return "sha256:" + h.hexdigest()[:32]
+
+    # ---- tensors ----------------------------------------------------------------------------------
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self._index)
+
+    def _has(self, layer: int, kind: str) -> bool:
+        return self._name(layer, kind) in self._index
+
+    def _name(self, layer: int, kind: str) -> str:
+        prefix = getattr(self, "prefix", "model.layers")
+        return f"{prefix}.{layer}.{({**_ATTN, **_MLP})[kind]}.weight"
+
+    def _shape(self, name: str) -> list[int]:
+        return self._headers[self._index[name]][name]["shape"]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Load one tensor by its name in the checkpoint, in its stored dtype (bf16, fp16 or fp32)."""
+        if name not in self._index:
+            raise ActTailError(f"{self.path}: tensor {name!r} not found")
+        file = self._index[name]
+        dtype = self._headers[file][name]["dtype"]
+        if dtype not in _DTYPES:
+            raise ActTailError(f"{file}: tensor {name!r} has dtype {dtype}; only BF16, F16 and F32 are read")
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt")
+            except Exception as e:  # safetensors raises its own error types for corrupt files
+                raise ActTailError(f"cannot open {file}: {e}") from None
+        return self._handles[file].get_tensor(name)
+
+    # ---- projections ------------------------------------------------------------------------------
+
+    def projections(self) -> list[Projection]:
+        """Every q/k/v/o/gate/up/down of every layer, ordered by layer then kind."""
+        return [Projection(layer, kind, *self._proj_shape(layer, kind))
+                for layer in range(self.num_layers) for kind in KINDS]
+
+    def _proj_shape(self, layer: int, kind: str) -> tuple[int, int]:
+        if self.architecture in FUSED:
+            fused, rows = self._fused_rows(layer, kind)
+            return rows.stop - rows.start, self._shape(fused)[1]
+        name = self._name(layer, kind)
+        if name not in self._index:
+            raise ActTailError(f"{self.path}: missing weight {name}")
+        shape = self._shape(name)
+        if len(shape) != 2:
+            raise ActTailError(f"{self.path}: {name} has shape {shape}, expected a matrix")
+        return shape[0], shape[1]
+
+    def _fused_rows(self, layer: int, kind: str) -> tuple[str, slice]:
+        """Phi-3: which fused tensor holds ``kind`` and which of its rows."""
+        p = f"{self.prefix}.{layer}"
+        if kind in ("o", "down"):
+            name = f"{p}.self_attn.o_proj.weight" if kind == "o" else f"{p}.mlp.down_proj.weight"
+            return name, slice(0, self._shape(name)[0])
+        c = self.config
+        if kind in ("q", "k", "v"):
+            name = f"{p}.self_attn.qkv_proj.weight"
+            heads = c["num_attention_heads"]
+            kv = c.get("num_key_value_heads", heads)
+            hd = c.get("head_dim") or c["hidden_size"] // heads
+            sizes = {"q": heads * hd, "k": kv * hd, "v": kv * hd}
+            order = ("q", "k", "v")
+        else:
+            name = f"{p}.mlp.gate_up_proj.weight"
+            inter = c["intermediate_size"]
+            sizes, order = {"gate": inter, "up": inter}, ("gate", "up")
+        if name not in self._index:
+            raise ActTailError(f"{self.path}: missing fused weight {name}")
+        total = self._shape(name)[0]
+        if total != sum(sizes.values()):
+            raise ActTailError(f"{self.path}: {name} has {total} rows but config.json implies "
+                               f"{' + '.join(str(sizes[k]) for k in order)} = {sum(sizes.values())}")
+        start = sum(sizes[k] for k in order[:order.index(kind)])
+        return name, slice(start, start + sizes[kind])
+
+    def load(self, proj: Projection) -> torch.Tensor:
+        """The weight matrix of ``proj``, shape (out_features, in_features), as stored."""
+        if self.architecture in FUSED:
+            name, rows = self._fused_rows(proj.layer, proj.kind)
+            return self.tensor(name)[rows]
+        return self.tensor(self._name(proj.layer, proj.kind))
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The safetensors files of an HF folder: the index's shards, or the single model.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ActTailError(f"{index} is not a valid safetensors index ({e})") from None
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ActTailError(f"{folder}: shards listed in the index are missing: {', '.join(missing)}")
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    others = sorted(folder.glob("*.safetensors"))
+    if others:
+        return others
+    raise ActTailError(f"{folder} has no safetensors weights (model.safetensors or an index)")
