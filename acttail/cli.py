@@ -38,10 +38,89 @@ def main():
 # ---- stage 2: allocation, plans and exporters (allocate, plan, export) -------------------------------
 
 
+@main.command("allocate")
+@click.argument("analysis", type=click.Path(dir_okay=False))
+@click.option("--budget", type=float, required=True, help="Target parameter-weighted mean sparsity, in (0, 1).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Plan file to write.")
+@click.option("--method", default="acttail", show_default=True, help="acttail (alpha -> sparsity map) or uniform.")
+@click.option("--scope", type=click.Choice(["global", "per-kind", "layer"]), default="global", show_default=True,
+              help="Normalise the metric over all projections, within each kind, or per decoder layer.")
+@click.option("--metric", default="alpha", show_default=True,
+              help="Analysis column driving the map: alpha, alpha_weighted, stable_rank, ...")
+@click.option("--epsilon", type=float, default=0.3, show_default=True, help="Ratios span [1-eps, 1+eps].")
+@click.option("--direction", type=click.Choice(["increasing", "decreasing"]), default="increasing",
+              show_default=True, help="Sparsity increasing in the metric (lower alpha -> lower sparsity) or not.")
+@click.option("--weight", type=click.Choice(["params", "bytes"]), default="params", show_default=True,
+              help="Budget weighting (identical for one storage dtype).")
+@click.option("--min-sparsity", type=float, default=0.0, show_default=True)
+@click.option("--max-sparsity", type=float, default=0.99, show_default=True)
+def allocate_cmd(analysis, budget, output, method, scope, metric, epsilon, direction, weight, min_sparsity,
+                 max_sparsity):
+    """Allocate one activation sparsity per projection from an analysis; write a plan."""
+    from .allocate import plan_from_analysis, read_analysis
+    from .plan import format_summary, save_plan
+
+    plan = plan_from_analysis(
+        read_analysis(analysis), budget, analysis_path=analysis, method=method, scope=scope, metric=metric,
+        epsilon=epsilon, direction=direction, weight=weight, min_sparsity=min_sparsity, max_sparsity=max_sparsity,
+    )
+    save_plan(plan, output)
+    click.echo("\n".join(format_summary(plan).splitlines()[:13]))
+    click.echo(f"wrote {output}")
+
+
+@main.group("plan")
+def plan_group():
+    """Inspect sparsity plans."""
+
+
+@plan_group.command("show")
+@click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False))
+def plan_show(plan_path):
+    """Print a plan's summary: per kind, per layer, min/max."""
+    from .plan import format_summary, load_plan
+
+    click.echo(format_summary(load_plan(plan_path)))
+
+
+@main.command("export")
+@click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False))
+@click.option("--to", "fmt", type=click.Choice(["gemma3n", "nncf", "teal"]), required=True)
+@click.option("-o", "--output", type=click.Path(), required=True, help="JSON file (gemma3n, nncf) or folder (teal).")
+def export_cmd(plan_path, fmt, output):
+    """Write a plan in another runtime's format (each format's losses: see acttail/export.py)."""
+    from .export import export
+    from .plan import load_plan
+
+    written = export(load_plan(plan_path), fmt, output)
+    click.echo(f"wrote {len(written)} file(s) to {output}")
+
+
 # ---- stage 3: calibration, evaluation and generation (calibrate, eval, generate) ---------------------
 
 
 # ---- stage 4: reports (report) ------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("analysis", type=click.Path(dir_okay=False))
+@click.option("--plan", "plans", multiple=True, type=click.Path(dir_okay=False),
+              help="plan.json to show (repeatable), e.g. the 50% and 80% plans.")
+@click.option("--eval", "evals", multiple=True, type=click.Path(dir_okay=False),
+              help="Eval result JSON from `acttail eval -o` (repeatable): dense and sparse runs.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+              help="Folder for index.html and figures/ (created if missing).")
+@click.option("--esd", "esd", multiple=True, metavar="KEY",
+              help="Projection to draw a full-size ESD for, e.g. layers.3.up (repeatable; default: lowest alpha).")
+@click.option("--esd-layer", type=int, default=None,
+              help="Layer for the ESD small-multiples grid (default: the layer of the first --esd).")
+@click.option("--esd-kind", default=None, type=click.Choice(["q", "k", "v", "o", "gate", "up", "down"]),
+              help="Draw the grid for one kind across up to 12 layers instead of one layer.")
+def report(analysis, plans, evals, output, esd, esd_layer, esd_kind):
+    """Write a self-contained HTML report (figures inlined) of ANALYSIS, plans and eval results."""
+    from .report import build_report
+
+    click.echo(build_report(analysis, plans, evals, output, esd=esd, esd_layer=esd_layer, esd_kind=esd_kind))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,316 @@
+"""Allocation: per-projection metrics (alpha) -> one activation sparsity per projection, under one budget.
+
+The pipeline, one small function per step:
+
+1. ``metric_values``: one number per projection from an analysis column (alpha by default). Failed fits
+   (null metric) take the median of their normalisation group (the projection kind for ``per-kind``, all
+   projections for ``global``); for ``layer`` the layer mean skips nulls and a layer with no valid value
+   takes the median of the other layer means. The median keeps a failed fit neutral: it neither gets the
+   densest nor the sparsest setting, and it still counts toward the budget.
+2. A method turns values into positive ratios. ``uniform``: all 1 (the TEAL baseline). ``acttail``: the
+   AlphaPruning linear map r = (1 - eps) + 2 eps (m - m_min) / (m_max - m_min) inside each group, so lower
+   alpha (heavier tail, better trained) gets lower sparsity; ``direction="decreasing"`` reverses it.
+   The published ActTail formula is not available to us: this form is ours and every choice is an option.
+3. ``fit_budget``: scale the ratios to the budget (AlphaPruning's multiplicative scaling), then clip to
+   [min_sparsity, max_sparsity] and find by bisection the additive shift c for which the weighted mean of
+   clip(v + c) equals the budget to 1e-9. Clipping and a common shift keep the map monotone.
+
+Budget weighting: by parameter count (default) or by bytes read at decode. Skipping an input element of a
+projection skips one column of its weight, so the bytes saved are sparsity x weight bytes; for one storage
+dtype bytes = params x itemsize and the two weightings give the same allocation. Rows may carry a
+``bytes`` column (mixed precision); without it ``weight="bytes"`` uses params.
+
+New methods: register a function ``fn(rows, *, scope, metric, epsilon, direction) -> ratios`` with
+``@method("name")``; any numeric analysis column (e.g. a per-projection ``sensitivity``) can be read with
+``metric_values(rows, "sensitivity", scope)``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import plan as plan_io
+from .errors import ActTailError
+from .files import read_json
+
+SCOPES = ("global", "per-kind", "layer")
+DIRECTIONS = ("increasing", "decreasing")  # sparsity increasing (default) or decreasing in the metric
+WEIGHTS = ("params", "bytes")
+NULL_METRIC = "median"  # what a failed fit gets; recorded in the plan
+TOLERANCE = 1e-9  # |weighted mean - budget| after fit_budget
+
+METHODS: dict[str, Callable[..., np.ndarray]] = {}
+
+
+def method(name: str):
+    """Register an allocation method: ``fn(rows, *, scope, metric, epsilon, direction) -> ratios``."""
+
+    def register(fn):
+        METHODS[name] = fn
+        return fn
+
+    return register
+
+
+# ---- inputs -----------------------------------------------------------------------------------------
+
+
+def read_analysis(path: str | Path) -> dict:
+    """Read an ``acttail analyze`` output, checking the parts allocation relies on."""
+    analysis = read_json(path, "analysis")
+    if not isinstance(analysis, dict) or analysis.get("format") != "acttail-analysis":
+        raise ActTailError(f"{path} is not an acttail analysis (expected \"format\": \"acttail-analysis\")")
+    if analysis.get("version") != 1:
+        raise ActTailError(f"analysis {path} has version {analysis.get('version')!r}; this acttail reads version 1")
+    rows = analysis.get("projections")
+    if not isinstance(rows, list) or not rows:
+        raise ActTailError(f"analysis {path} has no projections")
+    model = analysis.get("model")
+    if not isinstance(model, dict) or "fingerprint" not in model:
+        raise ActTailError(f"analysis {path} has no model fingerprint")
+    return analysis
+
+
+def check_rows(rows: list[dict]) -> None:
+    """Every row needs a unique key, a layer, a kind and a positive parameter count."""
+    if not rows:
+        raise ActTailError("no projections to allocate")
+    seen = set()
+    for i, row in enumerate(rows):
+        for field in ("key", "layer", "kind", "params"):
+            if field not in row:
+                raise ActTailError(f"projection {i} has no {field!r} field")
+        if not _is_number(row["params"]) or row["params"] <= 0:
+            raise ActTailError(f"projection {row['key']} has a non-positive parameter count")
+        if row["key"] in seen:
+            raise ActTailError(f"projection {row['key']} appears twice")
+        seen.add(row["key"])
+
+
+def check_bounds(budget: float, min_sparsity: float, max_sparsity: float) -> None:
+    """An infeasible request is an error: the budget must lie in (0, 1) and between the bounds."""
+    if not _is_number(budget) or not 0.0 < budget < 1.0:
+        raise ActTailError(f"budget must be strictly between 0 and 1, got {budget}")
+    if not 0.0 <= min_sparsity <= max_sparsity <= 1.0:
+        raise ActTailError(
+            f"sparsity bounds must satisfy 0 <= min <= max <= 1, got min {min_sparsity}, max {max_sparsity}"
+        )
+    if not min_sparsity <= budget <= max_sparsity:
+        raise ActTailError(
+            f"budget {budget} is outside the sparsity bounds [{min_sparsity}, {max_sparsity}]: infeasible"
+        )
+
+
+def budget_weights(rows: list[dict], weight: str = "params") -> np.ndarray:
+    """The weight of each projection in the budget: parameters, or bytes (same thing for one dtype)."""
+    if weight not in WEIGHTS:
+        raise ActTailError(f"unknown budget weight {weight!r} (choose from {', '.join(WEIGHTS)})")
+    if weight == "bytes" and all(_is_number(r.get("bytes")) and r["bytes"] > 0 for r in rows):
+        return np.array([float(r["bytes"]) for r in rows])
+    return np.array([float(r["params"]) for r in rows])
+
+
+def metric_values(rows: list[dict], metric: str, scope: str = "global") -> np.ndarray:
+    """One value per row from column ``metric``; nulls imputed by group median; layer scope averages."""
+    if scope not in SCOPES:
+        raise ActTailError(f"unknown scope {scope!r} (choose from {', '.join(SCOPES)})")
+    raw = _column(rows, metric)
+    if np.isnan(raw).all():
+        raise ActTailError(f"no projection has a value for {metric!r} (every fit failed?)")
+    if scope == "layer":
+        return _layer_means(rows, raw)
+    groups = _groups(rows, scope)
+    values = raw.copy()
+    fallback = float(np.nanmedian(raw))
+    for g in set(groups):
+        members = [i for i, gi in enumerate(groups) if gi == g]
+        known = raw[members][~np.isnan(raw[members])]
+        fill = float(np.median(known)) if known.size else fallback
+        for i in members:
+            if math.isnan(values[i]):
+                values[i] = fill
+    return values
+
+
+def _column(rows: list[dict], metric: str) -> np.ndarray:
+    """Column ``metric`` as floats with NaN for null; a missing or non-numeric column is an error."""
+    if not any(metric in r for r in rows):
+        numeric = sorted({k for r in rows for k, v in r.items() if _is_number(v)} - {"layer"})
+        raise ActTailError(f"no column {metric!r} in the analysis (numeric columns: {', '.join(numeric)})")
+    out = np.empty(len(rows))
+    for i, r in enumerate(rows):
+        v = r.get(metric)
+        if v is None:
+            out[i] = math.nan
+        elif _is_number(v):
+            out[i] = float(v) if math.isfinite(v) else math.nan
+        else:
+            raise ActTailError(f"column {metric!r} of {r['key']} is not a number: {v!r}")
+    return out
+
+
+def _layer_means(rows: list[dict], raw: np.ndarray) -> np.ndarray:
+    """AlphaPruning's block-wise mode: every projection gets the mean metric of its decoder layer."""
+    layers = sorted({r["layer"] for r in rows})
+    means = {}
+    for layer in layers:
+        vals = [raw[i] for i, r in enumerate(rows) if r["layer"] == layer and not math.isnan(raw[i])]
+        means[layer] = float(np.mean(vals)) if vals else math.nan
+    known = [m for m in means.values() if not math.isnan(m)]
+    fill = float(np.median(known))
+    return np.array([fill if math.isnan(means[r["layer"]]) else means[r["layer"]] for r in rows])
+
+
+def _groups(rows: list[dict], scope: str) -> list:
+    """The normalisation group of each row: one group, or its projection kind."""
+    return [r["kind"] for r in rows] if scope == "per-kind" else [0] * len(rows)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _finite(v):
+    """A finite number as float, anything else (null, inf, a string) as None."""
+    return float(v) if _is_number(v) and math.isfinite(v) else None
+
+
+# ---- methods ----------------------------------------------------------------------------------------
+
+
+def normalise(values: np.ndarray, groups: list) -> np.ndarray:
+    """(m - m_min) / (m_max - m_min) within each group; 0.5 for a group whose values are all equal."""
+    t = np.empty_like(values)
+    for g in set(groups):
+        idx = np.array([i for i, gi in enumerate(groups) if gi == g])
+        lo, hi = values[idx].min(), values[idx].max()
+        span = hi - lo
+        if span <= 1e-12 * max(abs(hi), abs(lo), 1.0):
+            t[idx] = 0.5
+        else:
+            t[idx] = (values[idx] - lo) / span
+    return np.clip(t, 0.0, 1.0)
+
+
+def linear_map(t: np.ndarray, epsilon: float, direction: str = "increasing") -> np.ndarray:
+    """AlphaPruning's map of t in [0, 1] to ratios in [1 - eps, 1 + eps]; ``decreasing`` flips t."""
+    if not 0.0 <= epsilon <= 1.0:
+        raise ActTailError(f"epsilon must be in [0, 1], got {epsilon}")
+    if direction not in DIRECTIONS:
+        raise ActTailError(f"unknown direction {direction!r} (choose from {', '.join(DIRECTIONS)})")
+    if direction == "decreasing":
+        t = 1.0 - t
+    return (1.0 - epsilon) + 2.0 * epsilon * t
+
+
+@method("uniform")
+def uniform_ratios(rows, **_) -> np.ndarray:
+    """Every projection gets the budget (TEAL's uniform baseline)."""
+    return np.ones(len(rows))
+
+
+@method("acttail")
+def acttail_ratios(rows, *, scope="global", metric="alpha", epsilon=0.3, direction="increasing") -> np.ndarray:
+    """Lower metric (alpha) -> lower sparsity, linearly within each normalisation group."""
+    values = metric_values(rows, metric, scope)
+    groups = [0] * len(rows) if scope == "layer" else _groups(rows, scope)
+    return linear_map(normalise(values, groups), epsilon, direction)
+
+
+# ---- solver -----------------------------------------------------------------------------------------
+
+
+def fit_budget(ratios, weights, budget: float, min_sparsity: float = 0.0, max_sparsity: float = 0.99):
+    """Sparsities clip(budget * r / mean_w(r) + c) with the shift c found so the weighted mean = budget."""
+    check_bounds(budget, min_sparsity, max_sparsity)
+    r = np.asarray(ratios, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    mean_r = float(w @ r)
+    v = budget * r / mean_r if mean_r > 0 else np.full_like(r, budget)
+
+    def mean_at(c):
+        return float(w @ np.clip(v + c, min_sparsity, max_sparsity))
+
+    lo, hi = min_sparsity - v.max(), max_sparsity - v.min()  # mean_at(lo) = min, mean_at(hi) = max
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        if mean_at(mid) < budget:
+            lo = mid
+        else:
+            hi = mid
+    c = lo if abs(mean_at(lo) - budget) < abs(mean_at(hi) - budget) else hi
+    s = np.clip(v + c, min_sparsity, max_sparsity)
+    if abs(float(w @ s) - budget) > TOLERANCE:
+        raise ActTailError(f"could not meet budget {budget} within {TOLERANCE} (got {float(w @ s)})")
+    return s
+
+
+# ---- public API -------------------------------------------------------------------------------------
+
+
+def allocate(
+    rows: list[dict],
+    budget: float,
+    method: str = "acttail",
+    scope: str = "global",
+    metric: str = "alpha",
+    epsilon: float = 0.3,
+    direction: str = "increasing",
+    weight: str = "params",
+    min_sparsity: float = 0.0,
+    max_sparsity: float = 0.99,
+) -> list[float]:
+    """One sparsity per row (same order), weighted mean = budget within 1e-9, bounds respected.
+
+    Rows are analysis projections (dicts with key, layer, kind, params and the metric column). The work
+    is done in key order, so the result does not depend on the order of ``rows``.
+    """
+    check_rows(rows)
+    check_bounds(budget, min_sparsity, max_sparsity)
+    if method not in METHODS:
+        raise ActTailError(f"unknown method {method!r} (choose from {', '.join(sorted(METHODS))})")
+    if scope not in SCOPES:
+        raise ActTailError(f"unknown scope {scope!r} (choose from {', '.join(SCOPES)})")
+    order = sorted(range(len(rows)), key=lambda i: str(rows[i]["key"]))
+    ordered = [rows[i] for i in order]
+    ratios = METHODS[method](ordered, scope=scope, metric=metric, epsilon=epsilon, direction=direction)
+    s = fit_budget(ratios, budget_weights(ordered, weight), budget, min_sparsity, max_sparsity)
+    out = [0.0] * len(rows)
+    for pos, i in enumerate(order):
+        out[i] = float(s[pos])
+    return out
+
+
+def method_record(method: str = "acttail", **options) -> dict:
+    """The plan's ``method`` object: the name and every parameter that shaped the allocation."""
+    rec = {"name": method, "metric": options.get("metric", "alpha")}  # the column in projections[].metric
+    if method != "uniform":
+        rec.update(
+            scope=options.get("scope", "global"),
+            epsilon=options.get("epsilon", 0.3),
+            direction=options.get("direction", "increasing"),
+            null_metric=NULL_METRIC,
+        )
+    rec.update(
+        weight=options.get("weight", "params"),
+        min_sparsity=options.get("min_sparsity", 0.0),
+        max_sparsity=options.get("max_sparsity", 0.99),
+    )
+    return rec
+
+
+def plan_from_analysis(analysis: dict, budget: float, *, analysis_path: str | None = None, **options) -> dict:
+    """A plan (see ``acttail.plan``) for an analysis: one entry per projection with its sparsity."""
+    rows = analysis["projections"]
+    sparsities = allocate(rows, budget, **options)
+    metric = options.get("metric", "alpha")
+    entries = [plan_io.new_entry(row, metric=_finite(row.get(metric)), sparsity=s) for row, s in zip(rows, sparsities)]
+    source = {"analysis": analysis_path, "settings": analysis.get("settings")}
+    return plan_io.new_plan(analysis["model"], budget, method_record(**options), entries, source=source)

@@ -1,0 +1,133 @@
+"""Exporters: a plan in the formats other runtimes read. Each says what it loses.
+
+- ``gemma3n``: ``{"activation_sparsity_pattern": [one float per layer]}``, the field of Gemma-3n's
+  config.json read by HF transformers, vLLM, SGLang and MLX. Loses: per-projection ratios (one number per
+  layer, the parameter-weighted mean of the layer), the thresholds and calibration statistics. Gemma-3n
+  applies the number to one place only: the MLP gate-projection output, cut per token at a Gaussian
+  quantile (mean + std * Phi^-1(sparsity)) before the activation function; attention inputs stay dense.
+- ``nncf``: OpenVINO NNCF's ``target_sparsity_by_scope`` as JSON, module-name regex -> sparsity, one
+  entry per projection; build ``{TargetScope(patterns=[k]): v for k, v in ...items()}`` for
+  ``nncf.experimental.torch.sparsify_activations.sparsify_activations``. Loses: thresholds and
+  calibration statistics (NNCF calibrates its own thresholds as quantiles of |x| on its dataset). The
+  patterns follow the node names of NNCF 3.4's torch tracing of HF Llama-style models
+  (``model/self_attn/q_proj/linear/<layer>``, where the trailing number is the call index, i.e. the
+  layer); other NNCF versions name nodes differently, and NNCF reports a pattern it cannot match.
+- ``teal``: TEAL's greedy lookup folder, ``layer-<i>/results.csv`` with the columns
+  ``Effective Sparsity,Activation Error,Baseline Error,q,k,v,o,gate,up,down``, one row per layer (the
+  errors are left empty: we did not measure them). Loses: thresholds (TEAL recomputes them from its own
+  activation histograms), calibration statistics, and the search ladder: TEAL picks the row nearest the
+  sparsity it is asked for, and with one row per layer it always gets this plan's row.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import ActTailError
+from .files import write_json
+from .plan import KINDS, weighted_sparsity
+
+HF_NAMES = {"q": "self_attn/q_proj", "k": "self_attn/k_proj", "v": "self_attn/v_proj", "o": "self_attn/o_proj",
+            "gate": "mlp/gate_proj", "up": "mlp/up_proj", "down": "mlp/down_proj"}
+TEAL_COLUMNS = ["Effective Sparsity", "Activation Error", "Baseline Error", *KINDS]
+
+
+def layer_entries(plan: dict) -> dict[int, list[dict]]:
+    """Plan entries grouped by layer, every layer of the model present."""
+    by_layer = {i: [] for i in range(plan["model"]["num_layers"])}
+    for e in plan["projections"]:
+        by_layer[e["layer"]].append(e)
+    empty = [i for i, es in by_layer.items() if not es]
+    if empty:
+        raise ActTailError(f"plan has no projections for layer(s) {', '.join(map(str, empty[:5]))}")
+    return by_layer
+
+
+def gemma3n_pattern(plan: dict) -> list[float]:
+    """One sparsity per layer: the parameter-weighted mean of the layer's projections."""
+    return [weighted_sparsity(es) for _, es in sorted(layer_entries(plan).items())]
+
+
+def nncf_scopes(plan: dict) -> dict[str, float]:
+    """Module-name regex -> sparsity, one per projection (NNCF matches with re.match, so we anchor at $)."""
+    return {f".*/{HF_NAMES[e['kind']]}/linear/{e['layer']}$": e["sparsity"] for e in plan["projections"]}
+
+
+def teal_tables(plan: dict) -> dict[int, str]:
+    """Layer -> text of its TEAL ``results.csv`` (one row: this plan's sparsities)."""
+    tables = {}
+    for layer, es in sorted(layer_entries(plan).items()):
+        by_kind = {e["kind"]: e["sparsity"] for e in es}
+        missing = [k for k in KINDS if k not in by_kind]
+        if missing:
+            raise ActTailError(f"TEAL needs all of {','.join(KINDS)}; layer {layer} lacks {','.join(missing)}")
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(TEAL_COLUMNS)
+        writer.writerow([repr(weighted_sparsity(es)), "", "", *(repr(by_kind[k]) for k in KINDS)])
+        tables[layer] = buf.getvalue()
+    return tables
+
+
+def write_gemma3n(plan: dict, out: str | Path) -> list[Path]:
+    write_json(out, {"activation_sparsity_pattern": gemma3n_pattern(plan)})
+    return [Path(out)]
+
+
+def write_nncf(plan: dict, out: str | Path) -> list[Path]:
+    write_json(out, nncf_scopes(plan))
+    return [Path(out)]
+
+
+def write_teal(plan: dict, out: str | Path) -> list[Path]:
+    """Write the folder beside ``out`` under a temporary name, then rename it into place."""
+    out = Path(out)
+    tables = teal_tables(plan)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise ActTailError(f"output folder does not exist: {parent}")
+    if out.exists() and not _is_teal_folder(out):
+        raise ActTailError(f"{out} exists and is not a TEAL lookup folder; choose another output path")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+    try:
+        for layer, text in tables.items():
+            (tmp / f"layer-{layer}").mkdir()
+            (tmp / f"layer-{layer}" / "results.csv").write_text(text, encoding="utf-8")
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=parent))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return [out / f"layer-{layer}" / "results.csv" for layer in tables]
+
+
+def _is_teal_folder(path: Path) -> bool:
+    """A folder holding only layer-<i>/results.csv (so replacing it cannot delete anything else)."""
+    if not path.is_dir():
+        return False
+    for child in path.iterdir():
+        if not (child.is_dir() and child.name.startswith("layer-")):
+            return False
+        if any(f.name != "results.csv" for f in child.iterdir()):
+            return False
+    return True
+
+
+EXPORTERS = {"gemma3n": write_gemma3n, "nncf": write_nncf, "teal": write_teal}
+
+
+def export(plan: dict, fmt: str, out: str | Path) -> list[Path]:
+    """Write ``plan`` as ``fmt`` to ``out`` (a JSON file, or a folder for teal); return the files written."""
+    if fmt not in EXPORTERS:
+        raise ActTailError(f"unknown export format {fmt!r} (choose from {', '.join(EXPORTERS)})")
+    return EXPORTERS[fmt](plan, out)
