@@ -1,0 +1,321 @@
+"""Sparse GEMV for decoding: y = sparsify(x) @ Wt, reading only the weight rows that survive the threshold.
+
+Weights are stored input-major, ``wt = W.T`` contiguous with shape [in, out], so dropping input channel k
+drops one contiguous row of ``wt``. Each program owns a block of output columns and a chunk of input rows:
+
+1. it loads its chunk of x for every token (B <= 8), applies the thresholds (|x| <= t -> 0) and takes the
+   union of the kept rows over tokens;
+2. it compacts the kept row indices with a cumulative sum into a private scratch buffer, so the weight
+   stream below skips single rows, not blocks of rows (with random sparsity a block is rarely all zero);
+3. it streams only the gathered rows, accumulating in fp32 (FMA for one token, ``tl.dot`` for several);
+4. the chunks of one column block are summed deterministically: each program writes its partial sums, and
+   the last program to finish (a ticket counter, reset by that program) adds them in chunk order and writes
+   the output. One launch, no atomics on the output, no zeroing pass, no host synchronisation, fixed grid:
+   it can be captured in a CUDA graph.
+
+Several projections that share an input (q/k/v, or gate/up) run in one launch with their own thresholds:
+their weights are concatenated along the output dimension. ``sparse_swiglu`` also fuses silu(gate) * up.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_BATCH = 8
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Torch references (the ground truth for the kernels)
+
+
+def sparsify_ref(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """x [B, K] with |x| <= threshold set to zero; threshold broadcasts as [B] or scalar (fp32 compare)."""
+    t = torch.as_tensor(threshold, dtype=torch.float32, device=x.device).reshape(-1, 1)
+    xf = x.float()
+    return torch.where(xf.abs() > t, xf, torch.zeros_like(xf))
+
+
+def sparse_linear_ref(x, wt, thresholds, splits=None):
+    """Reference of ``sparse_linear``: fp32 math, output in x's dtype.
+
+    thresholds is [P] or [P, B] (one per projection, optionally per token); splits are the output widths of
+    the P projections concatenated in wt (default: one projection of all columns)."""
+    splits = list(splits) if splits is not None else [wt.shape[1]]
+    t = _thresholds_2d(thresholds, len(splits), x.shape[0], x.device)
+    outs, col = [], 0
+    for p, n in enumerate(splits):
+        outs.append(sparsify_ref(x, t[p]) @ wt[:, col:col + n].float())
+        col += n
+    return torch.cat(outs, dim=1).to(x.dtype)
+
+
+def sparse_swiglu_ref(x, wt_gate_up, thresholds):
+    """Reference of ``sparse_swiglu``: silu(sparsify(x, t0) @ Wg) * (sparsify(x, t1) @ Wu), fp32 math."""
+    inter = wt_gate_up.shape[1] // 2
+    t = _thresholds_2d(thresholds, 2, x.shape[0], x.device)
+    g = sparsify_ref(x, t[0]) @ wt_gate_up[:, :inter].float()
+    u = sparsify_ref(x, t[1]) @ wt_gate_up[:, inter:].float()
+    return (torch.nn.functional.silu(g) * u).to(x.dtype)
+
+
+def _thresholds_2d(thresholds, P, B, device):
+    t = torch.as_tensor(thresholds, dtype=torch.float32, device=device)
+    if t.dim() == 0:
+        t = t.reshape(1)
+    if t.dim() == 1:
+        t = t.reshape(P, 1).expand(P, B)
+    if tuple(t.shape) != (P, B):
+        raise ValueError(f"thresholds must be [P] or [P, B] with P={P}, B={B}, got {tuple(t.shape)}")
+    return t
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernel
+
+
+@triton.jit
+def _gather_gemv(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tb, idx_ptr,
+                 B, K, k0, cols, col_mask,
+                 BLOCK_B: tl.constexpr, KC: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+                 DOT_F32: tl.constexpr):
+    """fp32 [BLOCK_B, BN]: sparsify(x[:, k0:k0+KC]) @ wt[k0:k0+KC, cols], streaming only the kept rows."""
+    rb = tl.arange(0, BLOCK_B)
+    bmask = rb < B
+    thr = tl.load(t_ptr + rb * stride_tb, mask=bmask, other=float("inf"))
+    rk = k0 + tl.arange(0, KC)
+    kmask = rk < K
+    xs = tl.load(x_ptr + rb[:, None] * stride_xb + rk[None, :], mask=bmask[:, None] & kmask[None, :], other=0.0)
+    keep = (tl.abs(xs.to(tl.float32)) > thr[:, None]) & bmask[:, None] & kmask[None, :]
+    row = tl.max(keep.to(tl.int32), axis=0)  # union of the tokens' masks
+    pos = tl.cumsum(row, axis=0)
+    nnz = tl.sum(row, axis=0)
+    tl.store(idx_ptr + pos - 1, rk, mask=row > 0)  # compacted kept-row indices
+    tl.debug_barrier()  # the whole program reads what all its threads wrote
+
+    if BLOCK_B == 1:
+        acc2 = tl.zeros([BK, BN], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_B, BN], dtype=tl.float32)
+    for j in range(0, nnz, BK):
+        rj = j + tl.arange(0, BK)
+        jm = rj < nnz
+        kk = tl.load(idx_ptr + rj, mask=jm, other=0)
+        w = tl.load(w_ptr + kk[:, None] * stride_wk + cols[None, :], mask=jm[:, None] & col_mask[None, :],
+                    other=0.0)
+        xv = tl.load(x_ptr + rb[:, None] * stride_xb + kk[None, :], mask=bmask[:, None] & jm[None, :],
+                     other=0.0)
+        xv = tl.where(tl.abs(xv.to(tl.float32)) > thr[:, None], xv, 0.0)
+        if BLOCK_B == 1:
+            acc2 += w.to(tl.float32) * tl.sum(xv.to(tl.float32), axis=0)[:, None]
+        else:
+            if DOT_F32:  # the interpreter's dot is wrong for bf16; fp32 operands hold the same values
+                acc = tl.dot(xv.to(tl.float32), w.to(tl.float32), acc)
+            else:
+                acc = tl.dot(xv.to(w.dtype), w, acc)
+    if BLOCK_B == 1:
+        acc = tl.sum(acc2, axis=0)[None, :]
+    return acc
+
+
+@triton.jit
+def _finish(acc, acc2, y_ptr, stride_yb, part_ptr, part_stride_s, lock_ptr, pid_n, pid_k, rb, bmask,
+            ycols, pcols, pcols2, cmask,
+            SPLIT: tl.constexpr, GLU: tl.constexpr, BLOCK_B: tl.constexpr, BN: tl.constexpr):
+    """Deterministic split-K reduction (last program of the column block sums the partials) + epilogue."""
+    if SPLIT > 1:
+        m2 = bmask[:, None] & cmask[None, :]
+        pp = part_ptr + pid_k * part_stride_s + rb[:, None] * (part_stride_s // BLOCK_B)
+        tl.store(pp + pcols[None, :], acc, mask=m2)
+        if GLU:
+            tl.store(pp + pcols2[None, :], acc2, mask=m2)
+        tl.debug_barrier()  # every thread's partials are stored before the ticket is taken
+        ticket = tl.atomic_add(lock_ptr + pid_n, 1)  # acq_rel, gpu scope
+        if ticket == SPLIT - 1:
+            acc = tl.zeros([BLOCK_B, BN], dtype=tl.float32)
+            acc2 = tl.zeros([BLOCK_B, BN], dtype=tl.float32)
+            for s in range(SPLIT):
+                ps = part_ptr + s * part_stride_s + rb[:, None] * (part_stride_s // BLOCK_B)
+                acc += tl.load(ps + pcols[None, :], mask=m2, other=0.0, cache_modifier=".cg")
+                if GLU:
+                    acc2 += tl.load(ps + pcols2[None, :], mask=m2, other=0.0, cache_modifier=".cg")
+            _epilogue(acc, acc2, y_ptr, stride_yb, rb, bmask, ycols, cmask, GLU)
+            tl.store(lock_ptr + pid_n, 0)  # ready for the next launch (and the next graph replay)
+    else:
+        _epilogue(acc, acc2, y_ptr, stride_yb, rb, bmask, ycols, cmask, GLU)
+
+
+@triton.jit
+def _epilogue(acc, acc2, y_ptr, stride_yb, rb, bmask, ycols, cmask, GLU: tl.constexpr):
+    if GLU:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc2  # silu(gate) * up, in fp32
+    tl.store(y_ptr + rb[:, None] * stride_yb + ycols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=bmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, stride_tb,
+                        y_ptr, stride_yb, part_ptr, idx_ptr, lock_ptr,
+                        B, K, N, N1, N2, NB1, NB2,
+                        SPLIT: tl.constexpr, GLU: tl.constexpr, BLOCK_B: tl.constexpr,
+                        KC: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, DOT_F32: tl.constexpr):
+    """Grid (column blocks, SPLIT). Plain mode: up to 3 projections concatenated in wt's columns, split at
+    N1 and N2 (their first column blocks are NB1 and NB2), projection p using thresholds t[p]. GLU mode:
+    wt = [gate | up] with N1 columns each; output silu(gate) * up with N1 columns."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n_blocks = tl.num_programs(0)
+    k0 = pid_k * KC
+    rb = tl.arange(0, BLOCK_B)
+    bmask = rb < B
+    scratch = idx_ptr + (pid_k * n_blocks + pid_n).to(tl.int64) * (2 * KC)
+    if GLU:
+        cols = pid_n * BN + tl.arange(0, BN)
+        cmask = cols < N1
+        acc = _gather_gemv(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tb, scratch,
+                           B, K, k0, cols, cmask, BLOCK_B, KC, BK, BN, DOT_F32)
+        acc2 = _gather_gemv(x_ptr, stride_xb, w_ptr + N1, stride_wk, t_ptr + stride_tp, stride_tb,
+                            scratch + KC, B, K, k0, cols, cmask, BLOCK_B, KC, BK, BN, DOT_F32)
+        _finish(acc, acc2, y_ptr, stride_yb, part_ptr, BLOCK_B * 2 * N1, lock_ptr, pid_n, pid_k, rb, bmask,
+                cols, cols, cols + N1, cmask, SPLIT, GLU, BLOCK_B, BN)
+    else:
+        proj = (pid_n >= NB1).to(tl.int32) + (pid_n >= NB2).to(tl.int32)
+        col0 = tl.where(proj == 0, 0, tl.where(proj == 1, N1, N2))
+        blk0 = tl.where(proj == 0, 0, tl.where(proj == 1, NB1, NB2))
+        col_end = tl.where(proj == 0, N1, tl.where(proj == 1, N2, N))
+        cols = col0 + (pid_n - blk0) * BN + tl.arange(0, BN)
+        cmask = cols < col_end
+        acc = _gather_gemv(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr + proj * stride_tp, stride_tb, scratch,
+                           B, K, k0, cols, cmask, BLOCK_B, KC, BK, BN, DOT_F32)
+        _finish(acc, acc, y_ptr, stride_yb, part_ptr, BLOCK_B * N, lock_ptr, pid_n, pid_k, rb, bmask,
+                cols, cols, cols, cmask, SPLIT, GLU, BLOCK_B, BN)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch
+
+
+_LOCKS: dict = {}
+_SM_COUNT: dict = {}
+
+
+def _locks(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed ticket counters, kept per device; each launch leaves them zero again.
+
+    Call the kernels once outside graph capture first (warm-up), so this buffer is not graph-owned."""
+    key = (device.type, device.index)
+    buf = _LOCKS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _LOCKS[key] = buf
+    return buf
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SM_COUNT:
+        _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SM_COUNT[key]
+
+
+def pick_config(B: int, K: int, n_blocks_of, device: torch.device, glu: bool = False) -> dict:
+    """Block sizes and K-split: enough programs (about 4 per SM) that every SM streams rows.
+
+    n_blocks_of(BN) gives the number of column blocks for a column-block width BN."""
+    if device.type != "cuda":  # the interpreter: small blocks keep CPU tests fast and exercise every path
+        return dict(BN=32, KC=32, BK=16, num_warps=1, num_stages=1)
+    BN = 128
+    n_blocks = n_blocks_of(BN)
+    target = 4 * _sm_count(device) // (2 if glu else 1)
+    KC = 256
+    while KC < 2048 and n_blocks * triton.cdiv(K, KC) > target:
+        KC *= 2
+    return dict(BN=BN, KC=KC, BK=32 if B == 1 else 64, num_warps=4, num_stages=3)
+
+
+def _launch(x, wt, t, splits, glu, config=None):
+    if x.dim() != 2 or wt.dim() != 2 or x.shape[1] != wt.shape[0]:
+        raise ValueError(f"need x [B, K] and wt [K, N], got {tuple(x.shape)} and {tuple(wt.shape)}")
+    if x.dtype != wt.dtype or x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"x and wt must share dtype float16 or bfloat16, got {x.dtype} and {wt.dtype}")
+    B, K = x.shape
+    N = wt.shape[1]
+    if not 1 <= B <= MAX_BATCH:
+        raise ValueError(f"batch must be 1..{MAX_BATCH}, got {B}")
+    if x.stride(1) != 1 or wt.stride(1) != 1:
+        raise ValueError("x and wt need contiguous rows (stride 1 along the last dimension)")
+    P = 2 if glu else len(splits)
+    if not glu and (P > 3 or sum(splits) != N):
+        raise ValueError(f"splits {splits} must be 1..3 widths summing to {N}")
+    t = _thresholds_device(t, P, B, x.device)
+    if glu:
+        if N % 2:
+            raise ValueError("gate/up weight needs an even number of columns [gate | up]")
+        n1 = N // 2
+        bounds = (n1, N, N)
+        n_blocks_of = lambda bn: triton.cdiv(n1, bn)  # noqa: E731
+        out_cols = n1
+    else:
+        cuts = [sum(splits[:i + 1]) for i in range(len(splits))] + [N] * (3 - len(splits))
+        bounds = tuple(cuts[:3])
+        widths = list(splits) + [0] * (3 - len(splits))
+        n_blocks_of = lambda bn: sum(triton.cdiv(w, bn) for w in widths)  # noqa: E731
+        out_cols = N
+    cfg = dict(pick_config(B, K, n_blocks_of, x.device, glu))
+    if config:
+        cfg.update(config)
+    BN, KC = cfg["BN"], cfg["KC"]
+    n_blocks = n_blocks_of(BN)
+    if glu:
+        NB1 = NB2 = n_blocks
+    else:
+        NB1 = triton.cdiv(widths[0], BN)
+        NB2 = NB1 + triton.cdiv(widths[1], BN)
+    split = triton.cdiv(K, KC)
+    block_b = 1 if B == 1 else 16
+    y = torch.empty(B, out_cols, dtype=x.dtype, device=x.device)
+    part = torch.empty(split * block_b * N if split > 1 else 1, dtype=torch.float32, device=x.device)
+    idx = torch.empty(split * n_blocks * 2 * KC, dtype=torch.int32, device=x.device)
+    locks = _locks(x.device, n_blocks)
+    _sparse_gemv_kernel[(n_blocks, split)](
+        x, x.stride(0), wt, wt.stride(0), t, t.stride(0), t.stride(1),
+        y, y.stride(0), part, idx, locks,
+        B, K, N, bounds[0], bounds[1], NB1, NB2,
+        SPLIT=split, GLU=glu, BLOCK_B=block_b, KC=KC, BK=cfg["BK"], BN=BN, DOT_F32=x.device.type != "cuda",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y
+
+
+def _thresholds_device(t, P, B, device):
+    """Thresholds as an fp32 device tensor with strides for [P, B]; a [P] tensor broadcasts over tokens."""
+    if not torch.is_tensor(t):
+        t = torch.tensor(t, dtype=torch.float32, device=device)  # host values: not for graph capture
+    if t.dtype != torch.float32 or t.device != device:
+        raise ValueError("threshold tensors must be float32 on the activations' device")
+    if t.dim() == 0:
+        t = t.reshape(1)
+    if t.dim() == 1:
+        if t.numel() != P:
+            raise ValueError(f"need {P} thresholds, got {t.numel()}")
+        return t.reshape(P, 1).expand(P, B)
+    if tuple(t.shape) != (P, B):
+        raise ValueError(f"thresholds must be [P] or [P, B] with P={P}, B={B}, got {tuple(t.shape)}")
+    return t
+
+
+def sparse_linear(x, wt, thresholds, splits=None, config=None):
+    """y [B, N] = sparsify(x) @ wt for 1..3 projections concatenated in wt's columns.
+
+    x [B, K] fp16/bf16 (B <= 8); wt [K, N] input-major, same dtype; thresholds a float32 device tensor of
+    shape [P] (one per projection) or [P, B] (per token, e.g. from ``topk_thresholds``); a row of x is kept
+    where |x| > threshold. splits: the output widths of the P projections (q/k/v: (Nq, Nk, Nv))."""
+    splits = tuple(splits) if splits is not None else (wt.shape[1],)
+    return _launch(x, wt, thresholds, splits, glu=False, config=config)
+
+
+def sparse_swiglu(x, wt_gate_up, thresholds, config=None):
+    """h [B, I] = silu(sparsify(x, t0) @ Wg) * (sparsify(x, t1) @ Wu), wt_gate_up = [Wg.T | Wu.T] [K, 2I]."""
+    return _launch(x, wt_gate_up, thresholds, None, glu=True, config=config)

@@ -1,0 +1,133 @@
+"""Sparse decode kernels against their torch references, under the Triton interpreter (CPU, small shapes)."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _kernels_path import ensure_kernels  # noqa: E402
+
+ensure_kernels()
+from acttail.kernels import (  # noqa: E402
+    sparse_linear, sparse_linear_ref, sparse_swiglu, sparse_swiglu_ref, topk_thresholds, topk_thresholds_ref)
+
+DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+def rel_err(y, ref):
+    return ((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+
+
+def make(B, K, N, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, K, generator=g).to(dtype).to(DEVICE)
+    wt = (torch.randn(K, N, generator=g) / K ** 0.5).to(dtype).to(DEVICE)
+    return x, wt
+
+
+def thr(*values):
+    return torch.tensor(values, dtype=torch.float32, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B", [1, 2, 5, 8])
+def test_sparse_linear_matches_reference(dtype, B):
+    # K and N are not multiples of the interpreter's blocks (KC=32, BN=32); several K chunks are summed
+    x, wt = make(B, 100, 70, dtype, seed=B)
+    t = thr(0.8)
+    y = sparse_linear(x, wt, t)
+    ref = sparse_linear_ref(x, wt, t)
+    assert y.shape == (B, 70) and y.dtype == dtype
+    assert rel_err(y, ref) < TOL[dtype]
+    # the threshold matters: a dense product differs by far more than the tolerance
+    assert rel_err((x.float() @ wt.float()).to(dtype), ref) > 0.05
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_all_rows_kept_is_the_dense_product(dtype):
+    x, wt = make(3, 77, 45, dtype, seed=1)
+    y = sparse_linear(x, wt, thr(-1.0))
+    assert rel_err(y, (x.float() @ wt.float()).to(dtype)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("B", [1, 4])
+def test_no_rows_kept_writes_zeros(B):
+    x, wt = make(B, 64, 40, torch.float16, seed=2)
+    y = sparse_linear(x, wt, thr(float("inf")))
+    assert torch.equal(y, torch.zeros_like(y))
+
+
+def test_single_chunk_and_tail_chunk():
+    # K below one chunk (no split-K reduction) and K one past a chunk boundary (a chunk of one row)
+    for K in (20, 33):
+        x, wt = make(2, K, 40, torch.bfloat16, seed=K)
+        t = thr(0.5)
+        assert rel_err(sparse_linear(x, wt, t), sparse_linear_ref(x, wt, t)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_qkv_uses_each_projections_threshold(dtype):
+    # GQA-like widths, not multiples of the block width; per-projection and per-token thresholds
+    B, splits = 3, (48, 16, 16)
+    x, wt = make(B, 96, sum(splits), dtype, seed=3)
+    for t in (thr(0.2, 1.0, 1.6), torch.rand(3, B, device=DEVICE) * 1.5):
+        y = sparse_linear(x, wt, t, splits=splits)
+        ref = sparse_linear_ref(x, wt, t, splits=splits)
+        assert rel_err(y, ref) < TOL[dtype]
+    # each slice equals its own single-projection launch
+    q = sparse_linear(x, wt[:, :48].contiguous(), t[0:1])
+    assert rel_err(y[:, :48], q) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B", [1, 6])
+def test_swiglu_matches_reference(dtype, B):
+    x, wt = make(B, 80, 2 * 40, dtype, seed=4 + B)
+    t = thr(0.4, 1.1)
+    h = sparse_swiglu(x, wt, t)
+    assert h.shape == (B, 40)
+    assert rel_err(h, sparse_swiglu_ref(x, wt, t)) < TOL[dtype]
+
+
+def test_topk_thresholds_keep_exact_counts():
+    B, K = 5, 150
+    g = torch.Generator().manual_seed(5)
+    # distinct magnitudes (no ties), random signs and order
+    mags = torch.stack([torch.randperm(K, generator=g) for _ in range(B)]).float() / 16 + 0.01
+    signs = torch.randint(0, 2, (B, K), generator=g) * 2 - 1
+    x = (mags * signs).to(torch.float16).to(DEVICE)
+    keeps = [0, 37, 150]
+    t = topk_thresholds(x, keeps)
+    assert torch.equal(t, topk_thresholds_ref(x, keeps))
+    counts = (x.float().abs()[None] > t[:, :, None]).sum(-1)
+    assert counts.tolist() == [[k] * B for k in keeps]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_thresholds_feed_sparse_linear(dtype):
+    x, wt = make(4, 64, 48, dtype, seed=6)
+    t = topk_thresholds(x, [16, 40])  # per-token thresholds for a fused pair of projections
+    y = sparse_linear(x, wt, t, splits=(24, 24))
+    assert rel_err(y, sparse_linear_ref(x, wt, t, splits=(24, 24))) < TOL[dtype]
+
+
+def test_bad_inputs_raise():
+    x, wt = make(9, 32, 32, torch.float16)
+    with pytest.raises(ValueError, match="batch"):
+        sparse_linear(x, wt, thr(0.1))
+    with pytest.raises(ValueError, match="dtype"):
+        sparse_linear(x[:2].float(), wt.float(), thr(0.1))
+    with pytest.raises(ValueError, match="thresholds"):
+        sparse_linear(x[:2], wt, thr(0.1, 0.2), splits=(16, 8, 8))
