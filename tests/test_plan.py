@@ -1,0 +1,172 @@
+"""Plan files: schema-validated round trips, clear errors, thresholds, summary, CLI allocate / plan show."""
+
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+
+from acttail import plan as P
+from acttail.allocate import plan_from_analysis
+from acttail.cli import main
+from acttail.errors import ActTailError
+from stage2_synthetic import analysis
+
+
+@pytest.fixture
+def plan():
+    return plan_from_analysis(analysis(num_layers=4, null_every=6), 0.6, analysis_path="a.json")
+
+
+def edited(plan, path, edit):
+    """Write a copy of ``plan`` changed by ``edit`` (bypassing validation) and return its path."""
+    doc = json.loads(json.dumps(plan))
+    edit(doc)
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_round_trip_is_exact_and_ordered(plan, tmp_path):
+    path = tmp_path / "plan.json"
+    P.save_plan(plan, path)
+    assert P.load_plan(path) == plan
+    text = path.read_text()
+    assert text.startswith('{\n  "format": "acttail-plan",\n  "version": 1,\n')
+    assert list(json.loads(text)) == ["format", "version", "tool_version", "created", "model", "budget", "method",
+                                      "source", "projections", "calibration"]
+    assert list(json.loads(text)["projections"][0]) == list(P.ENTRY_KEYS)
+    P.save_plan(P.load_plan(path), tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_text() == text  # stable bytes
+
+
+def test_schema_ships_in_the_package():
+    assert P.schema()["properties"]["version"] == {"const": 1}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(version=2), "plan version 2; acttail .* reads version 1"),
+    (lambda d: d.update(format="something-else"), "not an acttail plan"),
+    (lambda d: d["projections"][2].update(sparsity=1.5), r"\$\.projections\[2\]\.sparsity: 1.5 is greater than"),
+    (lambda d: d["projections"][0].update(threshold=-1.0), r"\$\.projections\[0\]\.threshold"),
+    (lambda d: d["projections"][1].pop("params"), r"\$\.projections\[1\]: 'params' is a required property"),
+    (lambda d: d["model"].pop("fingerprint"), r"\$\.model: 'fingerprint' is a required property"),
+    (lambda d: d.update(budget="0.6"), r"\$\.budget: '0.6' is not of type 'number'"),
+    (lambda d: d.update(extra=1), "Additional properties are not allowed"),
+    (lambda d: d["projections"].append(dict(d["projections"][0])), "appears twice"),
+    (lambda d: d["projections"][0].update(key="layers.1.q"), "does not match its layer and kind"),
+    (lambda d: d["projections"][0].update(layer=9, key="layers.9.q"), "num_layers"),
+    (lambda d: d.update(projections=[]), r"\$\.projections"),
+])
+def test_bad_plans_name_the_problem(plan, tmp_path, edit, message):
+    path = edited(plan, tmp_path / "bad.json", edit)
+    with pytest.raises(ActTailError, match=message):
+        P.load_plan(path)
+
+
+def test_truncated_missing_and_foreign_files(plan, tmp_path):
+    good = tmp_path / "plan.json"
+    P.save_plan(plan, good)
+    truncated = tmp_path / "truncated.json"
+    truncated.write_text(good.read_text()[:500])
+    with pytest.raises(ActTailError, match="not valid JSON"):
+        P.load_plan(truncated)
+    with pytest.raises(ActTailError, match="not found"):
+        P.load_plan(tmp_path / "missing.json")
+    listing = tmp_path / "list.json"
+    listing.write_text("[1, 2]")
+    with pytest.raises(ActTailError, match="not an acttail plan"):
+        P.load_plan(listing)
+
+
+def test_fingerprint_mismatch(plan, tmp_path):
+    path = tmp_path / "plan.json"
+    P.save_plan(plan, path)
+    assert P.load_plan(path, expect_fingerprint="synthetic-fp")["budget"] == 0.6
+    with pytest.raises(ActTailError, match="made for another checkpoint"):
+        P.load_plan(path, expect_fingerprint="other-fp")
+
+
+def test_failed_save_leaves_the_old_file(plan, tmp_path):
+    path = tmp_path / "plan.json"
+    P.save_plan(plan, path)
+    before = path.read_text()
+    broken = json.loads(before)
+    broken["budget"] = 2.0
+    with pytest.raises(ActTailError, match="budget"):
+        P.save_plan(broken, path)
+    assert path.read_text() == before and os.listdir(tmp_path) == ["plan.json"]
+
+
+def test_with_thresholds(plan, tmp_path):
+    keys = [e["key"] for e in plan["projections"]]
+    thresholds = {k: 0.01 * i for i, k in enumerate(keys)}
+    stats = {k: {"achieved_sparsity": 0.5, "n_tokens": 128} for k in keys}
+    cal = P.with_thresholds(plan, thresholds, stats, {"text": "c4", "n_tokens": 128})
+    assert not P.is_calibrated(plan) and P.is_calibrated(cal)  # the input plan is not changed
+    assert P.thresholds(cal) == thresholds
+    assert cal["projections"][3]["calibration"] == {"achieved_sparsity": 0.5, "n_tokens": 128}
+    path = tmp_path / "cal.json"
+    P.save_plan(cal, path)
+    assert P.load_plan(path) == cal
+    with pytest.raises(ActTailError, match="no threshold for 1 projections"):
+        P.with_thresholds(plan, {k: 0.1 for k in keys[1:]})
+    with pytest.raises(ActTailError, match="not in the plan: layers.99.q"):
+        P.with_thresholds(plan, {**thresholds, "layers.99.q": 0.1})
+    with pytest.raises(ActTailError, match="finite number >= 0"):
+        P.with_thresholds(plan, {**thresholds, keys[0]: float("nan")})
+    with pytest.raises(ActTailError, match="achieved_sparsity"):
+        P.with_thresholds(plan, thresholds, {keys[0]: {"achieved_sparsity": 3.0}})
+
+
+def test_summary_numbers(plan):
+    s = P.plan_summary(plan)
+    assert abs(s["weighted_sparsity"] - 0.6) <= 1e-9
+    up = [e for e in plan["projections"] if e["kind"] == "up"]
+    assert s["per_kind"]["up"]["n"] == 4
+    assert s["per_kind"]["up"]["max"] == max(e["sparsity"] for e in up)
+    assert s["per_kind"]["up"]["mean"] == pytest.approx(sum(e["sparsity"] for e in up) / 4)  # equal params
+    assert [row["layer"] for row in s["per_layer"]] == [0, 1, 2, 3]
+    assert s["per_layer"][2]["by_kind"]["gate"] == plan["projections"][2 * 7 + 4]["sparsity"]
+
+
+def test_cli_allocate_and_plan_show(tmp_path):
+    an = tmp_path / "analysis.json"
+    an.write_text(json.dumps(analysis(num_layers=30, null_every=11)))
+    out = tmp_path / "plan.json"
+    runner = CliRunner()
+    res = runner.invoke(main, ["allocate", str(an), "--budget", "0.7", "-o", str(out), "--scope", "per-kind"])
+    assert res.exit_code == 0, res.output
+    plan = P.load_plan(out)
+    assert plan["method"]["scope"] == "per-kind" and abs(P.weighted_sparsity(plan["projections"]) - 0.7) <= 1e-9
+    show = runner.invoke(main, ["plan", "show", str(out)])
+    assert show.exit_code == 0
+    assert "weighted mean sparsity 0.700000" in show.output
+    assert sum(line.split()[0] in P.KINDS for line in show.output.splitlines() if line.strip()) == 7
+    assert sum(line.split()[0].isdigit() for line in show.output.splitlines() if line.strip()) == 30
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "1.5"], "budget must be strictly between 0 and 1"),
+    (["--budget", "0.5", "--min-sparsity", "0.6"], "infeasible"),
+    (["--budget", "0.5", "--metric", "nope"], "no column 'nope'"),
+    (["--budget", "0.5", "--method", "magic"], "unknown method"),
+])
+def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
+    an = tmp_path / "analysis.json"
+    an.write_text(json.dumps(analysis(num_layers=2)))
+    out = tmp_path / "plan.json"
+    res = CliRunner().invoke(main, ["allocate", str(an), "-o", str(out), *args])
+    assert res.exit_code == 2
+    assert message in res.output and "Traceback" not in res.output
+    assert not out.exists()
+
+
+def test_cli_bad_files(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(main, ["allocate", str(tmp_path / "none.json"), "--budget", "0.5", "-o", str(tmp_path / "p")])
+    assert res.exit_code == 2 and "analysis not found" in res.output
+    (tmp_path / "v2.json").write_text(json.dumps(dict(analysis(num_layers=1), version=2)))
+    res = runner.invoke(main, ["allocate", str(tmp_path / "v2.json"), "--budget", "0.5", "-o", str(tmp_path / "p")])
+    assert res.exit_code == 2 and "version 2" in res.output
+    res = runner.invoke(main, ["plan", "show", str(tmp_path / "v2.json")])
+    assert res.exit_code == 2 and "not an acttail plan" in res.output
