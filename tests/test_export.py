@@ -1,0 +1,219 @@
+"""Exporters (gemma3n, nncf, teal) and examples/hf_hooks.py consuming a calibrated plan."""
+
+import csv
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from acttail import plan as P
+from acttail.allocate import plan_from_analysis
+from acttail.cli import main
+from acttail.errors import ActTailError
+from acttail.export import TEAL_COLUMNS, export, gemma3n_pattern, nncf_scopes
+from stage2_synthetic import KINDS, analysis
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def plan():
+    return plan_from_analysis(analysis(num_layers=12, seed=3), 0.6)
+
+
+def layer_mean(plan, layer):
+    es = [e for e in plan["projections"] if e["layer"] == layer]
+    return sum(e["sparsity"] * e["params"] for e in es) / sum(e["params"] for e in es)
+
+
+def test_gemma3n_pattern(plan, tmp_path):
+    out = tmp_path / "gemma3n.json"
+    export(plan, "gemma3n", out)
+    pattern = json.loads(out.read_text())["activation_sparsity_pattern"]
+    assert len(pattern) == 12 and pattern == gemma3n_pattern(plan)
+    assert pattern == pytest.approx([layer_mean(plan, i) for i in range(12)], rel=1e-12)
+    assert len(set(pattern)) == 12  # real per-layer numbers, not the budget repeated
+
+
+def test_nncf_scopes_match_one_node_each(plan, tmp_path):
+    out = tmp_path / "nncf.json"
+    export(plan, "nncf", out)
+    scopes = json.loads(out.read_text())
+    assert scopes == nncf_scopes(plan) and len(scopes) == 12 * 7
+    # node names of NNCF 3.4's torch tracing of a HF Llama (call index = layer), plus lm_head
+    names = [f"model/{'self_attn' if k in 'qkvo' else 'mlp'}/{k}_proj/linear/{i}" for i in range(12) for k in KINDS]
+    names.append("lm_head/linear/0")
+    for pattern, sparsity in scopes.items():
+        matched = [n for n in names if re.match(pattern, n)]  # NNCF uses re.match
+        assert len(matched) == 1, (pattern, matched)
+        kind, layer = re.search(r"/(\w+)_proj/linear/(\d+)$", matched[0]).groups()
+        assert plan["projections"][int(layer) * 7 + KINDS.index(kind)]["sparsity"] == sparsity
+
+
+def test_nncf_accepts_the_export():
+    """Only where NNCF is installed (not a dependency): its sparsifiers get the plan's sparsities."""
+    nncf = pytest.importorskip("nncf")
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from nncf.experimental.torch.sparsify_activations import TargetScope, sparsify_activations
+    from nncf.experimental.torch.sparsify_activations.torch_backend import ActivationsSparsifier
+    from nncf.torch.function_hook.wrapper import get_hook_storage
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                   num_key_value_heads=1, num_hidden_layers=3, use_cache=False)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    plan = plan_from_analysis(analysis(num_layers=3, hidden=16, inter=32, kv=8), 0.5)
+    data = nncf.Dataset([torch.randint(0, 64, (1, 8)) for _ in range(2)])
+    scopes = {TargetScope(patterns=[k]): v for k, v in nncf_scopes(plan).items()}
+    sparse = sparsify_activations(model, data, target_sparsity_by_scope=scopes)
+    got = {}
+    for name, hook in get_hook_storage(sparse).named_hooks():
+        if isinstance(hook, ActivationsSparsifier):
+            proj, layer = re.search(r"/(\w+)_proj/linear/(\d+)__", name).groups()
+            got[f"layers.{layer}.{proj}"] = hook.target_sparsity
+    assert got == pytest.approx({e["key"]: e["sparsity"] for e in plan["projections"]})
+
+
+def test_teal_folder(plan, tmp_path):
+    out = tmp_path / "teal"
+    written = export(plan, "teal", out)
+    assert len(written) == 12 and sorted(p.name for p in out.iterdir()) == sorted(f"layer-{i}" for i in range(12))
+    with open(out / "layer-5" / "results.csv", newline="") as f:
+        table = list(csv.reader(f))
+    assert table[0] == TEAL_COLUMNS and len(table) == 2
+    row = dict(zip(table[0], table[1]))
+    assert row["Activation Error"] == "" and row["Baseline Error"] == ""
+    assert float(row["Effective Sparsity"]) == pytest.approx(layer_mean(plan, 5), rel=1e-12)
+    for kind in KINDS:
+        assert float(row[kind]) == plan["projections"][5 * 7 + KINDS.index(kind)]["sparsity"]
+    # exporting again replaces the folder; a foreign folder is refused, untouched
+    export(plan_from_analysis(analysis(num_layers=12, seed=3), 0.4), "teal", out)
+    with open(out / "layer-5" / "results.csv", newline="") as f:
+        assert float(list(csv.reader(f))[1][0]) != float(row["Effective Sparsity"])
+    assert [p.name for p in tmp_path.iterdir()] == ["teal"]  # no temporary folders left
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(ActTailError, match="not a TEAL lookup folder"):
+        export(plan, "teal", tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_teal_needs_every_kind(plan, tmp_path):
+    plan["projections"] = [e for e in plan["projections"] if e["kind"] != "v"]
+    with pytest.raises(ActTailError, match="layer 0 lacks v"):
+        export(plan, "teal", tmp_path / "teal")
+    assert not (tmp_path / "teal").exists()
+
+
+def test_cli_export(plan, tmp_path):
+    path = tmp_path / "plan.json"
+    P.save_plan(plan, path)
+    runner = CliRunner()
+    for fmt, out in [("gemma3n", "g.json"), ("nncf", "n.json"), ("teal", "teal")]:
+        res = runner.invoke(main, ["export", str(path), "--to", fmt, "-o", str(tmp_path / out)])
+        assert res.exit_code == 0, res.output
+        assert (tmp_path / out).exists()
+    res = runner.invoke(main, ["export", str(tmp_path / "g.json"), "--to", "teal", "-o", str(tmp_path / "t2")])
+    assert res.exit_code == 2 and "not an acttail plan" in res.output and not (tmp_path / "t2").exists()
+    res = runner.invoke(main, ["export", str(path), "--to", "onnx", "-o", str(tmp_path / "x")])
+    assert res.exit_code == 2
+
+
+# ---- examples/hf_hooks.py -----------------------------------------------------------------------------
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("hf_hooks", ROOT / "examples" / "hf_hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny random Llama with a word-level tokenizer, saved as a HF folder."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    words = "the a of and to in is was it for on that with as by at from this be are".split()
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>")
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                   num_key_value_heads=2, num_hidden_layers=2, bos_token_id=1, eos_token_id=2)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def tiny_plan(threshold):
+    plan = plan_from_analysis(analysis(num_layers=2, hidden=32, inter=64, kv=16), 0.5)
+    return P.with_thresholds(plan, {e["key"]: threshold for e in plan["projections"]})
+
+
+def median_thresholds(model, ids):
+    """A stand-in for calibration: each projection's median |input| on ``ids`` (dense pass)."""
+    import torch
+
+    hf = load_example()
+    found, handles = {}, []
+    for layer, block in enumerate(model.model.layers):
+        for kind, name in hf.MODULES.items():
+            def grab(m, args, key=f"layers.{layer}.{kind}"):
+                found[key] = float(args[0].abs().median())
+            handles.append(block.get_submodule(name).register_forward_pre_hook(grab))
+    with torch.no_grad():
+        model(ids)
+    for h in handles:
+        h.remove()
+    return found
+
+
+def test_hooks_zero_small_inputs_exactly(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = load_example()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    ids = torch.tensor([[1, 3, 4, 5, 6, 7, 8, 9, 10, 3, 4]])
+    thresholds = median_thresholds(model, ids)
+    plan = P.with_thresholds(tiny_plan(0.0), thresholds)
+    sp = hf.Sparsifier()
+    sp.attach(model, plan)
+    assert len(sp.handles) == 14
+    seen = {}
+    down = model.model.layers[1].mlp.down_proj
+    down.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].clone()))  # runs after ours
+    with torch.no_grad():
+        model(ids)
+    x, t = seen["x"], thresholds["layers.1.down"]
+    assert ((x == 0) | (x.abs() > t)).all() and (x == 0).any() and (x != 0).any()
+    measured = sp.measured()
+    assert set(measured) == set(KINDS) and all(0.2 < v < 0.8 for v in measured.values()), measured
+    assert measured["q"] == pytest.approx(0.5, abs=0.05)  # layer-0 q sees the same input as in the dense pass
+
+
+def test_hf_hooks_script(tiny_model, tmp_path, capsys):
+    hf = load_example()
+    plan_path = tmp_path / "plan.json"
+    P.save_plan(tiny_plan(0.2), plan_path)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(["the cat is on the mat and it was in a box"] * 20))
+    hf.main([str(tiny_model), str(plan_path), "--text", str(text), "--tokens", "64", "--prompt", "the",
+             "--max-new-tokens", "4"])
+    out = capsys.readouterr().out
+    assert "14 hooks" in out and "perplexity over 64 tokens" in out and "generation:" in out
+    dense, sparse = map(float, re.search(r"dense ([\d.]+)\s+sparse ([\d.]+)", out).groups())
+    assert dense != sparse
+    uncalibrated = tmp_path / "raw.json"
+    P.save_plan(plan_from_analysis(analysis(num_layers=2, hidden=32, inter=64, kv=16), 0.5), uncalibrated)
+    with pytest.raises(SystemExit, match="no thresholds"):
+        hf.main([str(tiny_model), str(uncalibrated)])
