@@ -1,0 +1,331 @@
+"""Stage 4: turn an analysis (and optionally plans and eval results) into figures and one HTML page.
+
+``build_report`` reads and cross-checks the inputs (every plan and eval result must be for the analysed
+model), recomputes the eigenvalues of a bounded number of projections for the ESD figures, draws the
+figures, and writes ``DIR/index.html`` (self-contained) plus ``DIR/figures/*.png|svg`` atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..errors import ActTailError
+from ..files import read_json, write_text
+from ..plan import is_calibrated, load_plan
+from . import figures as F
+from .html import render_report
+
+MAX_GRID = 12  # thumbnails in an ESD small-multiples grid
+
+
+@dataclass
+class Plan:
+    """A plan file as the report needs it: a label, the budget, the method, rows by key."""
+
+    path: Path
+    label: str
+    budget: float
+    method: dict
+    rows: list[dict]
+    calibrated: bool
+    raw: dict
+
+
+@dataclass
+class Report:
+    """Everything ``render_report`` draws on: inputs, figures (as PNG bytes) and report-level warnings."""
+
+    analysis: dict
+    plans: list[Plan]
+    evals: list[dict]
+    figures: list[dict] = field(default_factory=list)  # {"section", "name", "title", "caption", "png"}
+    warnings: list[str] = field(default_factory=list)
+    esd_keys: list[str] = field(default_factory=list)
+
+
+# ---- inputs ----------------------------------------------------------------------------------------
+
+def load_analysis(path) -> dict:
+    """Read analysis.json and check the fields the report uses."""
+    a = read_json(path, "analysis")
+    if not isinstance(a, dict) or a.get("format") != "acttail-analysis":
+        raise ActTailError(f"{path} is not an acttail analysis (format is not 'acttail-analysis')")
+    if a.get("version") != 1:
+        raise ActTailError(f"{path}: analysis version {a.get('version')!r} is not supported (expected 1)")
+    rows = a.get("projections")
+    if not isinstance(a.get("model"), dict) or not a["model"].get("fingerprint"):
+        raise ActTailError(f"{path}: analysis has no model fingerprint")
+    if not isinstance(rows, list) or not rows:
+        raise ActTailError(f"{path}: analysis has no projections")
+    for r in rows:
+        missing = [k for k in ("key", "layer", "kind", "out_features", "in_features", "params", "alpha")
+                   if k not in r]
+        if missing:
+            raise ActTailError(f"{path}: projection {r.get('key', '?')} lacks {', '.join(missing)}")
+    return a
+
+
+def _plan_budget(plan: dict) -> float:
+    b = plan.get("budget")
+    if isinstance(b, dict):
+        b = b.get("sparsity", b.get("target"))
+    if not isinstance(b, (int, float)) or isinstance(b, bool):
+        raise ActTailError("plan has no numeric budget")
+    return float(b)
+
+
+def load_plan_for(path, analysis: dict) -> Plan:
+    """Read a plan (validated by acttail.plan) and check it belongs to the analysed model."""
+    raw = load_plan(path, expect_fingerprint=analysis["model"]["fingerprint"])
+    keys = {r["key"] for r in analysis["projections"]}
+    unknown = [r["key"] for r in raw["projections"] if r["key"] not in keys]
+    if unknown:
+        raise ActTailError(f"plan {path} does not match the analysis (unknown projections: {', '.join(unknown[:3])})")
+    budget, method = float(raw["budget"]), raw["method"]
+    label = f"{Path(path).stem} ({method_name(method)} {budget:.0%})"
+    return Plan(Path(path), label, budget, method, raw["projections"], is_calibrated(raw), raw)
+
+
+def method_name(method) -> str:
+    """A short allocation-method name ('acttail', 'uniform', ...) from a plan's method field."""
+    if isinstance(method, str):
+        return method
+    if isinstance(method, dict):
+        for k in ("name", "allocator", "method", "kind", "type"):
+            if isinstance(method.get(k), str):
+                return method[k]
+    return "plan"
+
+
+def load_eval_for(path, analysis: dict, plans: list[Plan]) -> dict:
+    """Read an eval result and check it is for the analysed model (and, if named, for a given plan)."""
+    e = read_json(path, "eval result")
+    if not isinstance(e, dict) or not isinstance(e.get("perplexity"), (int, float)):
+        raise ActTailError(f"{path} is not an acttail eval result (no numeric 'perplexity')")
+    fp, want = (e.get("model") or {}).get("fingerprint"), analysis["model"]["fingerprint"]
+    if fp != want:
+        raise ActTailError(f"eval result {path} is for another model (fingerprint {fp}, analysis has {want})")
+    summary = e.get("plan")
+    if summary is not None:
+        if not isinstance(summary, dict):
+            raise ActTailError(f"eval result {path}: 'plan' is neither null nor an object")
+        try:
+            summary["budget"] = _plan_budget(summary)
+        except ActTailError:
+            raise ActTailError(f"eval result {path}: its plan summary has no numeric budget") from None
+        _check_eval_plan(path, summary, plans)
+    e["_path"] = str(path)
+    return e
+
+
+def _check_eval_plan(path, summary: dict, plans: list[Plan]) -> None:
+    """An eval result that names one of the given plan files must agree with that plan."""
+    ident = {k: summary.get(k) for k in ("fingerprint", "sha256", "id", "path") if summary.get(k)}
+    for p in plans:
+        same_file = ident.get("path") and Path(ident["path"]).resolve() == p.path.resolve()
+        if not same_file:
+            continue
+        mine = {k: p.raw.get(k) for k in ident if k != "path" and p.raw.get(k)}
+        if any(ident[k] != v for k, v in mine.items()) or not math.isclose(summary["budget"], p.budget):
+            raise ActTailError(f"eval result {path} was made with another version of plan {p.path} "
+                               f"(budget {summary['budget']} vs {p.budget})")
+
+
+# ---- spectra ---------------------------------------------------------------------------------------
+
+def choose_esd_keys(analysis: dict, keys: list[str]) -> list[str]:
+    """The projections drawn full-size: those asked for, else the one with the lowest alpha."""
+    rows = analysis["projections"]
+    known = {r["key"] for r in rows}
+    bad = [k for k in keys if k not in known]
+    if bad:
+        raise ActTailError(f"--esd {bad[0]}: no such projection in the analysis (e.g. {rows[0]['key']})")
+    if keys:
+        return list(keys)
+    fitted = [r for r in rows if r.get("alpha") is not None]
+    return [min(fitted, key=lambda r: r["alpha"])["key"] if fitted else rows[0]["key"]]
+
+
+def grid_keys(analysis: dict, layer: int | None, kind: str | None) -> tuple[str, list[str]]:
+    """Keys for the small-multiples grid: every kind of one layer, or one kind over <= MAX_GRID layers."""
+    rows = analysis["projections"]
+    if kind is not None:
+        picked = [r for r in rows if r["kind"] == kind]
+        if not picked:
+            raise ActTailError(f"--esd-kind {kind}: no such projection kind in the analysis")
+        idx = np.unique(np.linspace(0, len(picked) - 1, min(MAX_GRID, len(picked))).round().astype(int))
+        return f"ESD of {kind} across layers", [picked[i]["key"] for i in idx]
+    layers = sorted({r["layer"] for r in rows})
+    if layer not in layers:
+        raise ActTailError(f"--esd-layer {layer}: the model has layers {layers[0]}..{layers[-1]}")
+    return f"ESD of every projection in layer {layer}", [r["key"] for r in rows if r["layer"] == layer][:MAX_GRID]
+
+
+def compute_spectra(analysis: dict, keys: list[str]) -> tuple[dict, str | None]:
+    """Recompute eigenvalues for ``keys`` from the analysed model folder; (spectra, warning or None)."""
+    path = analysis["model"].get("path")
+    if not path or not Path(path).exists():
+        return {}, f"model folder {path!r} not found: ESD figures skipped (alpha and allocation figures still drawn)"
+    from ..checkpoint import Checkpoint
+    from ..esd import eigenvalues
+
+    try:
+        ckpt = Checkpoint.open(path)
+    except ActTailError as e:
+        return {}, f"cannot open model folder ({e}): ESD figures skipped"
+    if ckpt.fingerprint != analysis["model"]["fingerprint"]:
+        return {}, (f"model folder {path} changed since the analysis (fingerprint {ckpt.fingerprint}): "
+                    "ESD figures skipped")
+    settings = analysis.get("settings") or {}
+    dtype = getattr(torch, str(settings.get("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ActTailError(f"analysis settings.dtype {settings.get('dtype')!r} is not a torch dtype")
+    device = _usable_device(settings.get("device", "cpu"))
+    by_key = {p.key: p for p in ckpt.projections()}
+    spectra = {}
+    for key in tqdm(keys, desc="eigenvalues", unit="proj", leave=False, disable=None):
+        evals = np.asarray(eigenvalues(ckpt.load(by_key[key]), dtype=dtype, device=device))
+        spectra[key] = evals[evals > (settings.get("eval_floor") or 0.0)]  # the eigenvalues the fit saw
+    return spectra, None
+
+
+def _usable_device(device: str) -> str:
+    """The analysis device, or the CPU when this machine lacks it (the spectrum is the same)."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return "cpu"
+    return device
+
+
+# ---- figures ---------------------------------------------------------------------------------------
+
+def draw_figures(rep: Report, folder: Path, esd_keys: list[str], grid_title: str, grid: list[str]) -> None:
+    """Draw every figure the inputs allow into ``folder`` and record them (PNG bytes) in ``rep``."""
+    rows = rep.analysis["projections"]
+    by_key = {r["key"]: r for r in rows}
+
+    def add(section, name, title, caption, fig):
+        png = F.save(fig, folder, name)
+        rep.figures.append({"section": section, "name": name, "title": title, "caption": caption, "png": png})
+
+    spectra, warning = compute_spectra(rep.analysis, list(dict.fromkeys(esd_keys + grid)))
+    if warning:
+        rep.warnings.append(warning)
+    for key in esd_keys:
+        if key in spectra:
+            add("spectra", f"esd_{key.replace('.', '_')}", f"ESD of {key}",
+                "Eigenvalues of WᵀW: histogram with logarithmic bins and complementary CDF, with the "
+                "power law fitted from xmin (dashed) drawn over the tail.", F.esd_figure(spectra[key], by_key[key]))
+    if grid and all(k in spectra for k in grid):
+        add("spectra", "esd_grid", grid_title,
+            "Thumbnails: complementary CDF per projection with the fitted power law (red) and xmin (dashed).",
+            F.esd_grid_figure([(by_key[k], spectra[k]) for k in grid], grid_title))
+    rep.esd_keys = [k for k in esd_keys if k in spectra]
+
+    add("alpha", "alpha_heatmap", "Alpha per layer and projection kind",
+        "Diverging scale centred on the HT-SR band 2 ≤ α ≤ 6 (pale). × marks a projection with a warning; "
+        "grey cells have no fit.", F.alpha_heatmap(rows))
+    if not rep.plans:
+        return
+    for i, p in enumerate(rep.plans):
+        add("allocation", f"sparsity_heatmap_{i}", f"Sparsity of {p.label}",
+            "Planned activation sparsity (share of input activations skipped) per projection.",
+            F.sparsity_heatmap(_plan_rows(p, by_key), f"Sparsity per layer and kind — {p.label}"))
+    add("allocation", "kind_bars", "Sparsity per kind: plans vs uniform",
+        "Parameter-weighted mean sparsity per projection kind (whiskers: min–max over layers) beside a "
+        "uniform allocation at the same budget.",
+        F.kind_bars([(p.label, _plan_rows(p, by_key), p.budget) for p in rep.plans]))
+    add("allocation", "alpha_vs_sparsity", "Alpha vs sparsity",
+        "Each point is one projection: the allocation maps alpha to sparsity; flat runs show clipping "
+        "to the plan's minimum or maximum sparsity.",
+        F.alpha_sparsity_scatter([(p.label, _plan_rows(p, by_key), p.method.get("metric", "alpha"))
+                                  for p in rep.plans]))
+    for i, p in enumerate(rep.plans):
+        if p.calibrated:
+            add("calibration", f"calibration_{i}", f"Calibration of {p.label}",
+                "Left: sparsity measured on the calibration text against the plan's target. Right: the "
+                "calibrated magnitude threshold per layer.", F.calibration_figure(_plan_rows(p, by_key), p.label))
+
+
+def _plan_rows(plan: Plan, by_key: dict) -> list[dict]:
+    """Plan rows completed with layer, kind and params from the analysis (the plan may omit them)."""
+    return [{**{k: by_key[r["key"]][k] for k in ("layer", "kind", "params")}, **r} for r in plan.rows]
+
+
+def draw_accuracy(rep: Report, folder: Path) -> None:
+    """Perplexity vs budget for the given eval results, one line per allocation method."""
+    if not rep.evals:
+        return
+    series, dense = {}, []
+    for e in rep.evals:
+        if e.get("plan") is None:
+            dense.append(e["perplexity"])
+        else:
+            series.setdefault(method_name(e["plan"].get("method")), []).append(
+                (e["plan"]["budget"], e["perplexity"]))
+    texts = {str((e.get("settings") or {}).get("text")) for e in rep.evals}
+    if len(texts) > 1:
+        rep.warnings.append(f"eval results were measured on different texts ({', '.join(sorted(texts))}): "
+                            "their perplexities are not comparable")
+    if not series:
+        return
+    text = texts.pop() if len(texts) == 1 else "mixed texts"
+    fig = F.perplexity_figure(series, dense, f"Perplexity vs sparsity budget ({text})")
+    png = F.save(fig, folder, "perplexity_vs_budget")
+    rep.figures.append({"section": "accuracy", "name": "perplexity_vs_budget", "title": "Perplexity vs budget",
+                        "caption": "Perplexity (log scale) of each allocation method at each budget; the "
+                                   "dotted line is the dense model.", "png": png})
+
+
+# ---- output ----------------------------------------------------------------------------------------
+
+def build_report(analysis_path, plan_paths=(), eval_paths=(), out_dir="report", esd=(), esd_layer=None,
+                 esd_kind=None) -> Path:
+    """Write ``out_dir/index.html`` and ``out_dir/figures/``; return the path of index.html."""
+    start = time.perf_counter()
+    analysis = load_analysis(analysis_path)
+    plans = [load_plan_for(p, analysis) for p in plan_paths]
+    evals = [load_eval_for(e, analysis, plans) for e in eval_paths]
+    esd_keys = choose_esd_keys(analysis, list(esd))
+    layer = esd_layer if esd_layer is not None else next(
+        r["layer"] for r in analysis["projections"] if r["key"] == esd_keys[0])
+    grid_title, grid = grid_keys(analysis, layer, esd_kind)
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ActTailError(f"output {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    rep = Report(analysis, plans, evals)
+    tmp = Path(tempfile.mkdtemp(prefix=".figures.", dir=out))
+    tmp.chmod(0o755)
+    try:
+        draw_figures(rep, tmp, esd_keys, grid_title, grid)
+        draw_accuracy(rep, tmp)
+        html = render_report(rep, seconds=time.perf_counter() - start)
+        _replace_folder(tmp, out / "figures")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    index = out / "index.html"
+    write_text(index, html)
+    return index
+
+
+def _replace_folder(new: Path, dest: Path) -> None:
+    """Put folder ``new`` at ``dest`` by renames only, so ``dest`` is never half-written."""
+    old = None
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(prefix=".figures.old.", dir=dest.parent))
+        os.replace(dest, old / "figures")
+    os.replace(new, dest)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
