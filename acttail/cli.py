@@ -122,7 +122,7 @@ def allocate_cmd(analysis, budget, output, method, scope, metric, epsilon, direc
         epsilon=epsilon, direction=direction, weight=weight, min_sparsity=min_sparsity, max_sparsity=max_sparsity,
     )
     save_plan(plan, output)
-    click.echo("\n".join(format_summary(plan).splitlines()[:13]))
+    click.echo(format_summary(plan).split("\n\nlayer")[0])  # header and per-kind table
     click.echo(f"wrote {output}")
 
 
