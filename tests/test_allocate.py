@@ -252,3 +252,22 @@ def test_plan_from_analysis_records_everything():
     assert abs(weighted_mean(plan["projections"], [e["sparsity"] for e in plan["projections"]]) - 0.7) <= 1e-9
     uniform = plan_from_analysis(an, 0.7, method="uniform")
     assert set(uniform["method"]) == {"name", "metric", "weight", "min_sparsity", "max_sparsity"}
+
+
+def test_allocation_table_script(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "allocation_table.py"
+    spec = importlib.util.spec_from_file_location("allocation_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    an = tmp_path / "analysis.json"
+    an.write_text(json.dumps(analysis(num_layers=6, null_every=9)))
+    out = tmp_path / "allocation.md"
+    module.main([str(an), "-o", str(out), "--budgets", "0.5", "0.8"])
+    text = out.read_text()
+    assert "## Budget 50%" in text and "## Budget 80%" in text and "epsilon 0.3 (ratios in [0.7, 1.3])" in text
+    assert text.count("**0.500000**") == 4 and text.count("**0.800000**") == 4
+    assert sum(line.startswith("| up |") for line in text.splitlines()) == 2
