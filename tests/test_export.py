@@ -38,6 +38,19 @@ def test_gemma3n_pattern(plan, tmp_path):
     assert len(set(pattern)) == 12  # real per-layer numbers, not the budget repeated
 
 
+def test_gemma3n_pattern_loads_in_transformers(plan, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "gemma3n.json"
+    export(plan, "gemma3n", out)
+    pattern = json.loads(out.read_text())["activation_sparsity_pattern"]
+    cfg = transformers.Gemma3nTextConfig(num_hidden_layers=12, layer_types=["full_attention"] * 12,
+                                         activation_sparsity_pattern=pattern)
+    assert cfg.activation_sparsity_pattern == pattern
+    with pytest.raises(ValueError, match="every layer"):  # one value per layer, checked by transformers
+        transformers.Gemma3nTextConfig(num_hidden_layers=11, layer_types=["full_attention"] * 11,
+                                       activation_sparsity_pattern=pattern)
+
+
 def test_nncf_scopes_match_one_node_each(plan, tmp_path):
     out = tmp_path / "nncf.json"
     export(plan, "nncf", out)
