@@ -98,25 +98,34 @@ def _gather_gemv(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tb, idx_ptr,
         acc2 = tl.zeros([BK, BN], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_B, BN], dtype=tl.float32)
-    for j in range(0, nnz, BK):
-        rj = j + tl.arange(0, BK)
-        jm = rj < nnz
-        kk = tl.load(idx_ptr + rj, mask=jm, other=0)
-        w = tl.load(w_ptr + kk[:, None] * stride_wk + cols[None, :], mask=jm[:, None] & col_mask[None, :],
-                    other=0.0)
-        xv = tl.load(x_ptr + rb[:, None] * stride_xb + kk[None, :], mask=bmask[:, None] & jm[None, :],
-                     other=0.0)
-        xv = tl.where(tl.abs(xv.to(tl.float32)) > thr[:, None], xv, 0.0)
+    # software prefetch: the rows of block j+1 are in flight while block j is multiplied
+    w, xv = _load_block(x_ptr, stride_xb, w_ptr, stride_wk, idx_ptr, rb, bmask, thr, 0, nnz, cols, col_mask, BK)
+    for j in range(BK, nnz + BK, BK):
+        w_next, xv_next = _load_block(x_ptr, stride_xb, w_ptr, stride_wk, idx_ptr, rb, bmask, thr, j, nnz,
+                                      cols, col_mask, BK)
         if BLOCK_B == 1:
             acc2 += w.to(tl.float32) * tl.sum(xv.to(tl.float32), axis=0)[:, None]
+        elif DOT_F32:  # the interpreter's dot is wrong for bf16; fp32 operands hold the same values
+            acc = tl.dot(xv.to(tl.float32), w.to(tl.float32), acc)
         else:
-            if DOT_F32:  # the interpreter's dot is wrong for bf16; fp32 operands hold the same values
-                acc = tl.dot(xv.to(tl.float32), w.to(tl.float32), acc)
-            else:
-                acc = tl.dot(xv.to(w.dtype), w, acc)
+            acc = tl.dot(xv.to(w.dtype), w, acc)
+        w, xv = w_next, xv_next
     if BLOCK_B == 1:
         acc = tl.sum(acc2, axis=0)[None, :]
     return acc
+
+
+@triton.jit
+def _load_block(x_ptr, stride_xb, w_ptr, stride_wk, idx_ptr, rb, bmask, thr, j, nnz, cols, col_mask,
+                BK: tl.constexpr):
+    """Gathered weight rows idx[j:j+BK] and the matching sparsified activations (zeros past nnz)."""
+    rj = j + tl.arange(0, BK)
+    jm = rj < nnz
+    kk = tl.load(idx_ptr + rj, mask=jm, other=0)
+    w = tl.load(w_ptr + kk[:, None] * stride_wk + cols[None, :], mask=jm[:, None] & col_mask[None, :], other=0.0)
+    xv = tl.load(x_ptr + rb[:, None] * stride_xb + kk[None, :], mask=bmask[:, None] & jm[None, :], other=0.0)
+    xv = tl.where(tl.abs(xv.to(tl.float32)) > thr[:, None], xv, 0.0)
+    return w, xv
 
 
 @triton.jit

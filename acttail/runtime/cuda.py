@@ -1,0 +1,248 @@
+"""GPU decode path: a compact Llama decoder whose projections run the sparse Triton kernels.
+
+Same weights and thresholds as the CPU reference (``acttail.runtime.model``), kept input-major (W.T
+contiguous) in fp16/bf16 so a skipped activation skips a contiguous weight row. Prefill runs dense matmuls;
+each decode step is one token, static KV cache, and can be captured once in a CUDA graph and replayed
+(the next token and the position are updated on the device, no host round trip per token).
+
+Per projection group (qkv, o, gate/up, down) the step uses the sparse kernel when any of its projections
+has a threshold (or a top-k keep count), else dense cuBLAS on the same input-major weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from acttail.kernels import sparse_linear, sparse_swiglu, topk_thresholds
+from acttail.kernels.decode_ops import add_rmsnorm, rope_cache_write
+
+GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
+
+
+@dataclass
+class Dims:
+    vocab_size: int
+    dim: int
+    n_layer: int
+    n_head: int
+    n_kv: int
+    head_dim: int
+    inter: int
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+
+    @property
+    def qkv_sizes(self):
+        return (self.n_head * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim)
+
+    def layer_params(self) -> int:
+        return self.dim * sum(self.qkv_sizes) + self.n_head * self.head_dim * self.dim + 3 * self.dim * self.inter
+
+
+LLAMA2_7B = Dims(32000, 4096, 32, 32, 32, 128, 11008)
+SMOLLM2_135M = Dims(49152, 576, 30, 9, 3, 64, 1536)
+
+
+class CudaDecoder:
+    """Weights per layer: wqkv [dim, q+k+v], wo [q, dim], w13 [dim, 2*inter] = [gate | up], w2 [inter, dim]."""
+
+    def __init__(self, dims: Dims, weights: dict, max_seq: int, rope: tuple | None = None):
+        self.dims, self.w, self.max_seq = dims, weights, max_seq
+        dev, dtype = weights["tok_embeddings"].device, weights["tok_embeddings"].dtype
+        self.device, self.dtype = dev, dtype
+        if rope is None:
+            d = dims.head_dim
+            inv = 1.0 / (dims.rope_base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+            f = torch.outer(torch.arange(max_seq, dtype=torch.float32), inv)
+            rope = (torch.cat([f, f], -1).cos(), torch.cat([f, f], -1).sin())
+        self.cos, self.sin = (r[:max_seq].float().contiguous().to(dev) for r in rope)
+        shape = (dims.n_layer, dims.n_kv, max_seq, dims.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=dev)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=dev)
+        self.tok = torch.zeros(1, dtype=torch.long, device=dev)  # static decode inputs (graph replay)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.generated = torch.zeros(max_seq + 1, dtype=torch.long, device=dev)
+        self.arange = torch.arange(max_seq, device=dev)
+        self.set_sparsity()
+        self.graph = None
+
+    # ---- construction ------------------------------------------------------------------------------
+
+    @classmethod
+    def random(cls, dims: Dims, dtype=torch.float16, device="cuda", max_seq=512, seed=0):
+        """Random weights of the model's shapes made on the device (speed does not depend on the values)."""
+        g = torch.Generator(device=device).manual_seed(seed)
+
+        def rnd(*shape, scale):
+            return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * scale).to(dtype)
+
+        d, q = dims.dim, dims.n_head * dims.head_dim
+        w = {"tok_embeddings": rnd(dims.vocab_size, d, scale=1.0),
+             "norm": torch.ones(d, dtype=dtype, device=device),
+             "output": rnd(dims.vocab_size, d, scale=d ** -0.5)}
+        for i in range(dims.n_layer):
+            w[f"{i}.wqkv"] = rnd(d, sum(dims.qkv_sizes), scale=d ** -0.5)
+            w[f"{i}.wo"] = rnd(q, d, scale=q ** -0.5)
+            w[f"{i}.w13"] = rnd(d, 2 * dims.inter, scale=d ** -0.5)
+            w[f"{i}.w2"] = rnd(dims.inter, d, scale=dims.inter ** -0.5)
+            w[f"{i}.attention_norm"] = torch.ones(d, dtype=dtype, device=device)
+            w[f"{i}.ffn_norm"] = torch.ones(d, dtype=dtype, device=device)
+        return cls(dims, w, max_seq)
+
+    @classmethod
+    def from_model(cls, model, dtype=torch.float16, device="cuda", max_seq=None):
+        """The CPU reference ``Transformer``'s weights, input-major, in dtype on device (no qkv bias)."""
+        a = model.args
+        if a.qkv_bias:
+            raise ValueError("the GPU decode path has no qkv bias (Qwen2) yet")
+        dims = Dims(a.vocab_size, a.dim, a.n_layer, a.n_head, a.n_local_heads, a.head_dim,
+                    a.intermediate_size, a.norm_eps)
+        cv = lambda t: t.detach().to(device=device, dtype=dtype).contiguous()  # noqa: E731
+        w = {"tok_embeddings": cv(model.tok_embeddings.weight), "norm": cv(model.norm.weight),
+             "output": cv(model.output.weight)}
+        for i, blk in enumerate(model.layers):
+            w[f"{i}.wqkv"] = cv(blk.attention.wqkv.weight.t())
+            w[f"{i}.wo"] = cv(blk.attention.wo.weight.t())
+            w[f"{i}.w13"] = cv(blk.feed_forward.w13.weight.t())
+            w[f"{i}.w2"] = cv(blk.feed_forward.w2.weight.t())
+            w[f"{i}.attention_norm"] = cv(blk.attention_norm.weight)
+            w[f"{i}.ffn_norm"] = cv(blk.ffn_norm.weight)
+        max_seq = max_seq or a.max_seq_len
+        return cls(dims, w, max_seq, rope=(model.rope_cos, model.rope_sin))
+
+    def set_sparsity(self, thresholds: dict | None = None, keeps: dict | None = None):
+        """thresholds: {(layer, kind): t} (threshold mode) or keeps: {(layer, kind): n} (top-k mode).
+
+        A group with no entry stays dense; a missing member of a sparse group keeps every row."""
+        self.t, self.keeps = {}, {}
+        for i in range(self.dims.n_layer):
+            for g, kinds in GROUPS.items():
+                if thresholds and any((i, k) in thresholds for k in kinds):
+                    vals = [thresholds.get((i, k)) for k in kinds]
+                    self.t[i, g] = torch.tensor([-1.0 if v is None else float(v) for v in vals],
+                                                dtype=torch.float32, device=self.device)
+                if keeps and any((i, k) in keeps for k in kinds):
+                    self.keeps[i, g] = [int(keeps.get((i, k), 1 << 30)) for k in kinds]
+        self.graph = None
+
+    # ---- one decode step ---------------------------------------------------------------------------
+
+    def _project(self, i, group, x, w, record):
+        if record is not None:
+            record(i, group, x)
+        if (i, group) in self.keeps:
+            t = topk_thresholds(x, self.keeps[i, group])
+        else:
+            t = self.t.get((i, group))
+        if t is None:  # dense cuBLAS on the same input-major weights
+            y = x @ w
+            if group == "gate_up":
+                g, u = y.split(self.dims.inter, dim=-1)
+                return F.silu(g) * u
+            return y
+        if group == "gate_up":
+            return sparse_swiglu(x, w, t)
+        return sparse_linear(x, w, t, splits=self.dims.qkv_sizes if group == "qkv" else None)
+
+    def forward_token(self, tok, pos, record=None):
+        """Logits [1, vocab] for one token at position pos (both [1] device tensors); updates the cache."""
+        d, w = self.dims, self.w
+        x = w["tok_embeddings"][tok]  # [1, dim]
+        mask = (self.arange <= pos)[None, None, None, :]
+        r = None
+        for i in range(d.n_layer):
+            h = add_rmsnorm(x, r, w[f"{i}.attention_norm"], d.norm_eps)
+            qkv = self._project(i, "qkv", h, w[f"{i}.wqkv"], record)
+            q = rope_cache_write(qkv, self.cos, self.sin, pos, self.k_cache[i], self.v_cache[i],
+                                 d.n_head, d.n_kv, d.head_dim)
+            a = F.scaled_dot_product_attention(q[None, :, None], self.k_cache[i][None], self.v_cache[i][None],
+                                               attn_mask=mask, enable_gqa=d.n_kv != d.n_head)
+            o = self._project(i, "o", a.reshape(1, -1), w[f"{i}.wo"], record)
+            h = add_rmsnorm(x, o, w[f"{i}.ffn_norm"], d.norm_eps)
+            hg = self._project(i, "gate_up", h, w[f"{i}.w13"], record)
+            r = self._project(i, "down", hg, w[f"{i}.w2"], record)
+        h = add_rmsnorm(x, r, w["norm"], d.norm_eps)
+        return F.linear(h, w["output"])
+
+    def _step(self):
+        logits = self.forward_token(self.tok, self.pos)
+        nxt = logits.argmax(-1)
+        self.tok.copy_(nxt)
+        self.generated.index_copy_(0, self.pos + 1, nxt)
+        self.pos.add_(1)
+
+    # ---- prefill and generation --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Dense prefill of a prompt [T] from position 0: fills the caches, returns the last logits [1, V]."""
+        d, w = self.dims, self.w
+        T = tokens.shape[0]
+        x = w["tok_embeddings"][tokens]  # [T, dim]
+        cos, sin = self.cos[:T].to(self.dtype), self.sin[:T].to(self.dtype)
+
+        def rope(t):  # [H, T, D]
+            t1, t2 = t.chunk(2, dim=-1)
+            return (t.float() * cos.float() + torch.cat([-t2, t1], -1).float() * sin.float()).to(t.dtype)
+
+        r = None
+        for i in range(d.n_layer):
+            h = add_rmsnorm(x, r, w[f"{i}.attention_norm"], d.norm_eps)
+            q, k, v = (h @ w[f"{i}.wqkv"]).split(d.qkv_sizes, dim=-1)
+            q = rope(q.view(T, d.n_head, d.head_dim).transpose(0, 1))
+            k = rope(k.view(T, d.n_kv, d.head_dim).transpose(0, 1))
+            v = v.view(T, d.n_kv, d.head_dim).transpose(0, 1)
+            self.k_cache[i, :, :T] = k
+            self.v_cache[i, :, :T] = v
+            a = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True,
+                                               enable_gqa=d.n_kv != d.n_head)
+            o = a[0].transpose(0, 1).reshape(T, -1) @ w[f"{i}.wo"]
+            h = add_rmsnorm(x, o, w[f"{i}.ffn_norm"], d.norm_eps)
+            g, u = (h @ w[f"{i}.w13"]).split(d.inter, dim=-1)
+            r = (F.silu(g) * u) @ w[f"{i}.w2"]
+        h = add_rmsnorm(x, r, w["norm"], d.norm_eps)
+        logits = F.linear(h[-1:], w["output"])
+        self.tok.copy_(logits.argmax(-1))
+        self.pos.fill_(T)
+        self.generated[T] = self.tok[0]
+        return logits
+
+    def capture(self):
+        """Capture one decode step in a CUDA graph (warm-up first, outside capture)."""
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        saved = (self.tok.clone(), self.pos.clone(), self.k_cache.clone(), self.v_cache.clone())
+        with torch.cuda.stream(s), torch.no_grad():
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self._step()
+        self.tok.copy_(saved[0])
+        self.pos.copy_(saved[1])
+        self.k_cache.copy_(saved[2])
+        self.v_cache.copy_(saved[3])
+
+    @torch.no_grad()
+    def decode(self, n: int, use_graph: bool = True) -> None:
+        """n greedy decode steps after a prefill; tokens land in self.generated."""
+        if use_graph and self.graph is None:
+            self.capture()
+        for _ in range(n):
+            if use_graph:
+                self.graph.replay()
+            else:
+                self._step()
+
+    def generate(self, prompt: torch.Tensor, n: int, use_graph: bool = True) -> list[int]:
+        """Greedy: prompt [T] tokens -> the n tokens that follow."""
+        if prompt.shape[0] + n > self.max_seq:
+            raise ValueError(f"{prompt.shape[0]} + {n} tokens exceed the cache of {self.max_seq}")
+        self.prefill(prompt.to(self.device))
+        self.decode(n - 1, use_graph)
+        T = prompt.shape[0]
+        return self.generated[T:T + n].tolist()

@@ -1,0 +1,102 @@
+"""Small fused kernels of a decode step: residual add + RMSNorm, and RoPE + KV-cache write.
+
+Each replaces a handful of tiny torch launches per layer; in a CUDA-graph-replayed decode step the launch
+count, not the bytes, is what these cost. Plain torch references sit beside them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def add_rmsnorm_ref(x, r, w, eps):
+    """(x + r, rmsnorm(x + r) * w) in the reference model's rounding (normalise in fp32, cast, scale)."""
+    if r is not None:
+        x = (x.float() + r.float()).to(x.dtype)
+    x32 = x.float()
+    h = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+    return x, h
+
+
+@triton.jit
+def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, D, eps, HAS_R: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    c = tl.arange(0, BLOCK)
+    m = c < D
+    x = tl.load(x_ptr + row * D + c, mask=m, other=0.0)
+    if HAS_R:
+        x = (x.to(tl.float32) + tl.load(r_ptr + row * D + c, mask=m, other=0.0).to(tl.float32)).to(x.dtype)
+        tl.store(x_ptr + row * D + c, x, mask=m)
+    x32 = x.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=0) / D + eps)
+    w = tl.load(w_ptr + c, mask=m, other=0.0)
+    h = (x32 * inv).to(x.dtype) * w
+    tl.store(h_ptr + row * D + c, h, mask=m)
+
+
+def add_rmsnorm(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """In place x += r (when given); returns rmsnorm(x) * w. x, r [rows, D] contiguous, w [D]."""
+    h = torch.empty_like(x)
+    D = x.shape[-1]
+    block = triton.next_power_of_2(D)
+    warps = 1 if x.device.type != "cuda" else max(1, min(8, block // 512))
+    _add_rmsnorm_kernel[(x.shape[0],)](x, r if r is not None else x, w, h, D, eps, HAS_R=r is not None,
+                                       BLOCK=block, num_warps=warps)
+    return h
+
+
+def rope_cache_write_ref(qkv, cos, sin, pos, k_cache, v_cache, n_head, n_kv, head_dim):
+    """q rotated [n_head, D]; k rotated and v written into the caches [n_kv, T, D] at position pos[0]."""
+    q, k, v = qkv.view(-1, head_dim).split([n_head, n_kv, n_kv])
+    c, s = cos[pos].float(), sin[pos].float()
+
+    def rot(t):
+        t32 = t.float()
+        t1, t2 = t32.chunk(2, dim=-1)
+        return (t32 * c + torch.cat([-t2, t1], dim=-1) * s).to(t.dtype)
+
+    k_cache[:, pos[0]] = rot(k)
+    v_cache[:, pos[0]] = v
+    return rot(q)
+
+
+@triton.jit
+def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, T,
+                       NH: tl.constexpr, D: tl.constexpr):
+    h = tl.program_id(0)  # 0..NH-1: a query head; NH..: a key/value head
+    half = tl.arange(0, D // 2)
+    pos = tl.load(pos_ptr)
+    c1 = tl.load(cos_ptr + pos * D + half)
+    c2 = tl.load(cos_ptr + pos * D + D // 2 + half)
+    s1 = tl.load(sin_ptr + pos * D + half)
+    s2 = tl.load(sin_ptr + pos * D + D // 2 + half)
+    src = qkv_ptr + h * D
+    a = tl.load(src + half).to(tl.float32)
+    b = tl.load(src + D // 2 + half).to(tl.float32)
+    ra = (a * c1 - b * s1).to(q_ptr.dtype.element_ty)
+    rb = (b * c2 + a * s2).to(q_ptr.dtype.element_ty)
+    if h < NH:
+        tl.store(q_ptr + h * D + half, ra)
+        tl.store(q_ptr + h * D + D // 2 + half, rb)
+    else:
+        kv = h - NH
+        NKV = (tl.num_programs(0) - NH)
+        dst = k_ptr + (kv * T + pos) * D
+        tl.store(dst + half, ra)
+        tl.store(dst + D // 2 + half, rb)
+        vsrc = qkv_ptr + (NH + NKV + kv) * D
+        vdst = v_ptr + (kv * T + pos) * D
+        tl.store(vdst + half, tl.load(vsrc + half))
+        tl.store(vdst + D // 2 + half, tl.load(vsrc + D // 2 + half))
+
+
+def rope_cache_write(qkv, cos, sin, pos, k_cache, v_cache, n_head, n_kv, head_dim):
+    """One token: returns q rotated [n_head, D]; writes rotated k and v to the caches [n_kv, T, D] at pos.
+
+    qkv [1, (n_head + 2 n_kv) D]; cos/sin fp32 [max_T, D]; pos int64 [1] on the device (graph-safe)."""
+    q = torch.empty(n_head, head_dim, dtype=qkv.dtype, device=qkv.device)
+    _rope_cache_kernel[(n_head + n_kv,)](qkv, cos, sin, pos, q, k_cache, v_cache, k_cache.shape[1],
+                                         NH=n_head, D=head_dim, num_warps=1)
+    return q
