@@ -76,7 +76,11 @@ def analyze_cmd(model, output, csv_path, fit, dtype, device, backend, force, as_
     import json
 
     from . import analyze
+    from .files import check_output
 
+    for path in (output, csv_path):
+        if path:
+            check_output(path)
     doc, cached = analyze.run_analysis(model, fit, dtype, device, backend, force, progress=not as_json)
     if output:
         analyze.save(doc, output, csv_path)
@@ -154,6 +158,69 @@ def export_cmd(plan_path, fmt, output):
 
 
 # ---- stage 3: calibration, evaluation and generation (calibrate, eval, generate) ---------------------
+
+@main.command("calibrate")
+@click.argument("model", type=click.Path())
+@click.argument("plan_path", metavar="PLAN", type=click.Path())
+@click.option("--text", required=True, help="Calibration text: a UTF-8 file, or c4 / wiki (fetched). Calibrate on c4.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Calibrated plan to write.")
+@click.option("--tokens", type=int, default=65536, show_default=True, help="Calibration tokens.")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Window length (tokens).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Windows per forward pass.")
+def calibrate_cmd(model, plan_path, text, output, tokens, ctx, batch_size):
+    """Set each projection's threshold so its sparsity holds in the sparse run on TEXT."""
+    from .calibrate import calibrate_plan
+    from .plan import save_plan
+
+    plan, run = calibrate_plan(model, plan_path, text, tokens, ctx, batch_size)
+    save_plan(plan, output)
+    click.echo(f"calibrated {len(plan['projections'])} projections on {run['n_tokens']} tokens of {text}; "
+               f"max |achieved - target| = {run['max_abs_deviation']:.4f}; wrote {output}")
+
+
+@main.command("eval")
+@click.argument("model", type=click.Path())
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False), help="Sparsity plan (none: dense).")
+@click.option("--text", required=True, help="Evaluation text: a UTF-8 file, or wiki / c4 (fetched).")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Window length (tokens).")
+@click.option("--tokens", type=int, default=32768, show_default=True, help="Tokens to evaluate.")
+@click.option("--mode", type=click.Choice(["threshold", "topk"]), default="threshold", show_default=True)
+@click.option("--prefill", type=click.Choice(["all", "half"]), default="all", show_default=True,
+              help="all: sparsify every position; half: first half of each window dense (TEAL).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Windows per forward pass.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the result as JSON here.")
+def eval_cmd(model, plan_path, text, ctx, tokens, mode, prefill, batch_size, output):
+    """Perplexity of the dense or planned-sparse model on TEXT."""
+    from .files import write_json
+    from .runtime.perplexity import evaluate
+
+    r = evaluate(model, text, plan_path, ctx, tokens, mode, prefill, batch_size)
+    line = f"perplexity {r['perplexity']:.4f} on {r['predictions']} predictions ({r['settings']['windows']} x {ctx})"
+    if r["achieved"]:
+        a = r["achieved"]
+        line += (f"; sparsity achieved {a['weighted_achieved']:.4f} vs target {a['weighted_target']:.4f} "
+                 f"(max |dev| {a['max_abs_deviation']:.4f})")
+    click.echo(line)
+    if output:
+        write_json(output, r)
+
+
+@main.command("generate")
+@click.argument("model", type=click.Path())
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False), help="Sparsity plan (none: dense).")
+@click.option("--prompt", required=True)
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
+@click.option("--seed", type=int, default=None, help="Seed for sampling.")
+@click.option("--mode", type=click.Choice(["threshold", "topk"]), default="threshold", show_default=True)
+@click.option("--prefill", type=click.Choice(["all", "half", "none"]), default="half", show_default=True,
+              help="Which prompt positions are sparsified (decoded tokens always are).")
+def generate_cmd(model, plan_path, prompt, max_new_tokens, temperature, seed, mode, prefill):
+    """Continue PROMPT with the dense or planned-sparse model."""
+    from .runtime.generate import generate_text
+
+    click.echo(generate_text(model, prompt, plan_path, max_new_tokens, temperature, seed, mode, prefill))
+
 
 
 # ---- stage 4: reports (report) ------------------------------------------------------------------------

@@ -25,13 +25,15 @@ def eigenvalues(w: torch.Tensor, dtype: torch.dtype = torch.float32, device: str
     """Eigenvalues of W^T W (squared singular values of W), ascending, as float64 numpy.
 
     The Gram matrix of the smaller side is formed in ``dtype`` on ``device`` and diagonalised with
-    ``torch.linalg.eigvalsh``; round-off can make tiny eigenvalues slightly negative, so they are clipped
-    at zero. For an (m, n) matrix this returns min(m, n) values.
+    ``torch.linalg.eigvalsh``. Values under the Gram matrix's round-off level, lambda_max * max(m, n) *
+    eps(dtype) (numpy's rank tolerance), are numerically zero and set to zero, so a rank-deficient matrix
+    grows no spurious eigenvalues above the fit floor. For an (m, n) matrix this returns min(m, n) values.
     """
     w = w.to(device=device, dtype=dtype)
     gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
     evals = torch.linalg.eigvalsh(gram)
-    return evals.clamp_min_(0).double().cpu().numpy()
+    noise = evals[-1].clamp_min(0) * max(w.shape) * torch.finfo(dtype).eps
+    return torch.where(evals > noise, evals, 0.0).double().cpu().numpy()
 
 
 @dataclass

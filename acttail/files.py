@@ -17,6 +17,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ACTTAIL_CACHE", Path.home() / ".cache" / "acttail"))
 
 
+def check_output(path: str | os.PathLike) -> Path:
+    """Fail early, before long work, if ``path`` cannot be written; returns its folder."""
+    parent = Path(path).parent
+    if not parent.is_dir():
+        raise ActTailError(f"output folder does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise ActTailError(f"output folder is not writable: {parent}")
+    return parent
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -30,11 +40,7 @@ def atomic_path(path: str | os.PathLike):
     The block may replace the temporary file by a folder (for outputs that are folders).
     """
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise ActTailError(f"output folder does not exist: {parent}")
-    if not os.access(parent, os.W_OK):
-        raise ActTailError(f"output folder is not writable: {parent}")
+    parent = check_output(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
     try:
