@@ -200,10 +200,13 @@ def thresholds(plan: dict) -> dict[str, float | None]:
 def _stats(entries: list[dict]) -> dict:
     s = [e["sparsity"] for e in entries]
     t = [e["threshold"] for e in entries if e["threshold"] is not None]
+    achieved = [(e.get("calibration") or {}).get("achieved_sparsity") for e in entries]
     return {
         "n": len(entries),
         "params": sum(e["params"] for e in entries),
         "mean": weighted_sparsity(entries),
+        "achieved": (sum(a * e["params"] for a, e in zip(achieved, entries)) / sum(e["params"] for e in entries)
+                     if all(a is not None for a in achieved) else None),
         "min": min(s),
         "max": max(s),
         "threshold_min": min(t) if t else None,
@@ -244,10 +247,14 @@ def format_summary(plan: dict) -> str:
         f"projections {s['overall']['n']}   sparsity min {s['overall']['min']:.4f}  max {s['overall']['max']:.4f}",
         f"calibrated {'yes' if s['calibrated'] else 'no (thresholds are null)'}",
         "",
-        f"{'kind':<6}{'n':>5}{'params':>12}{'mean':>9}{'min':>9}{'max':>9}" + ("   threshold min..max" if s["calibrated"] else ""),
+        f"{'kind':<6}{'n':>5}{'params':>12}{'mean':>9}{'min':>9}{'max':>9}"
+        + (f"{'achieved':>10}" if s["overall"]["achieved"] is not None else "")
+        + ("   threshold min..max" if s["calibrated"] else ""),
     ]
     for kind, st in s["per_kind"].items():
         line = f"{kind:<6}{st['n']:>5}{st['params']:>12}{st['mean']:>9.4f}{st['min']:>9.4f}{st['max']:>9.4f}"
+        if st["achieved"] is not None:
+            line += f"{st['achieved']:>10.4f}"
         if s["calibrated"]:
             line += f"   {st['threshold_min']:.4g}..{st['threshold_max']:.4g}"
         lines.append(line)

@@ -108,6 +108,10 @@ def test_with_thresholds(plan, tmp_path):
     path = tmp_path / "cal.json"
     P.save_plan(cal, path)
     assert P.load_plan(path) == cal
+    text = P.format_summary(cal)
+    assert "calibrated yes" in text and "achieved" in text
+    up_line = next(line for line in text.splitlines() if line.startswith("up "))
+    assert up_line.split()[6] == "0.5000"  # achieved column
     with pytest.raises(ActTailError, match="no threshold for 1 projections"):
         P.with_thresholds(plan, {k: 0.1 for k in keys[1:]})
     with pytest.raises(ActTailError, match="not in the plan: layers.99.q"):
