@@ -272,7 +272,7 @@ def test_cli_prints_index_path_and_regenerates_atomically(inputs, tmp_path):
 
 def test_large_model_page_stays_bounded(tmp_path):
     """80 layers, 560 projections: a bounded number of ESD plots, a readable heatmap, every table row."""
-    model = write_tiny_model(tmp_path / "big", layers=80, hidden=32, heads=4, kv_heads=2, inter=48)
+    model = write_tiny_model(tmp_path / "big", layers=80, hidden=16, heads=2, kv_heads=1, inter=24)
     paths = write_inputs(tmp_path / "in", make_analysis(model), evals=False)
     html = build_report(paths["analysis"], paths["plans"], [], tmp_path / "out").read_text()
     names = [p.stem for p in (tmp_path / "out" / "figures").glob("*.png")]
@@ -280,3 +280,11 @@ def test_large_model_page_stays_bounded(tmp_path):
     assert table_rows(html) == 560
     for png in images(html):
         assert png_size(png)[0] <= 14 * F.DPI  # fits a laptop screen
+
+
+def test_kind_bars_survive_a_uniform_plan():
+    """All sparsities equal up to round-off (a uniform plan): whiskers are zero, never negative."""
+    rows = [{"kind": k, "sparsity": s, "params": 10} for k in ("q", "up") for s in (0.3, 0.1 + 0.2, 0.3)]
+    fig = F.kind_bars([("uniform", rows, 0.3)])
+    heights = [p.get_height() for p in fig.axes[0].patches]
+    assert heights == pytest.approx([30.0] * 4)

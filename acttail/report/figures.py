@@ -190,6 +190,8 @@ def alpha_heatmap(rows: list[dict]) -> Figure:
     fig, cbar = _heatmap(values, kinds, layers, "RdBu", BandNorm(vmin, vmax), ".1f", "alpha",
                          "Heavy-tail exponent alpha (pale: HT-SR band 2–6; red: heavier tail; "
                          "blue: closer to random)")
+    upper = [float(f"{v:.2g}") for v in np.geomspace(ALPHA_BAND[1], vmax, 4)[1:]]
+    cbar.set_ticks(sorted({round(vmin, 1), *ALPHA_BAND, 4.0, *upper}))
     for a in ALPHA_BAND:
         cbar.ax.axhline(a, color="black", lw=0.8)
     ax = fig.axes[0]
@@ -232,13 +234,13 @@ def kind_bars(plans: list[tuple[str, list[dict], float]]) -> Figure:
         hi = np.array([max(r["sparsity"] for r in by_kind[k]) for k in kinds])
         base = x - 0.4 + width * (2 * p + 0.5)
         ax.bar(base, 100 * mean, width, color="#3182bd", alpha=1.0 - 0.45 * p / max(1, len(plans)),
-               yerr=[100 * (mean - lo), 100 * (hi - mean)], capsize=2, error_kw={"lw": 0.8},
+               yerr=np.clip([100 * (mean - lo), 100 * (hi - mean)], 0, None), capsize=2, error_kw={"lw": 0.8},
                label=f"{label} (min–max)")
         ax.bar(base + width, np.full(len(kinds), 100 * budget), width, color="#bdbdbd",
                edgecolor="#636363", lw=0.5, label=f"uniform {budget:.0%}")
     ax.set_xticks(x, kinds)
     ax.set(ylabel="sparsity (%)", ylim=(0, 100), title="Sparsity per projection kind: plan vs uniform")
-    ax.legend(fontsize=7, ncols=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 

@@ -11,8 +11,10 @@ import datetime as dt
 import struct
 from collections import defaultdict
 from html import escape
+from pathlib import Path
 from statistics import median
 
+from ..plan import weighted_sparsity
 from .figures import ALPHA_BAND
 
 CSS = """
@@ -50,7 +52,8 @@ tr.warn td:first-child { border-left:3px solid #e37400; }
 .warnings li { margin:3px 0; }
 .row { display:flex; flex-wrap:wrap; gap:12px 40px; align-items:flex-start; }
 .row h3 { margin-top:0; }
-td.w { min-width:260px; font-size:12px; color:#8a4b00; }
+td.w { white-space:nowrap; font-size:12px; color:#8a4b00; }
+td code { white-space:nowrap; }
 .note { color:var(--muted); font-size:13px; }
 .bad { color:#b3261e; }
 code { font-size:12.5px; }
@@ -140,28 +143,6 @@ def model_section(rep) -> str:
              ("analysis", f"{fmt(a.get('created'))}, acttail {fmt(a.get('tool_version'))}")]
     html = (f'<div class="row"><div><h3>Model</h3>{kv_table(pairs)}</div>'
             f'<div><h3>ESD settings</h3>{kv_table([(k, fmt(v, "")) for k, v in s.items()])}</div></div>')
-    if rep.plans:
-        rows = []
-        for p in rep.plans:
-            total = sum(r["params"] for r in p.rows if "params" in r) or 0
-            mean = (sum(r["sparsity"] * r["params"] for r in p.rows if "params" in r) / total) if total else None
-            rows.append([f"<td><code>{escape(str(p.path))}</code></td>", f"<td>{escape(p.label)}</td>",
-                         num_cell(p.budget, ".1%"), num_cell(mean, ".1%"),
-                         f"<td>{escape(_method_text(p.method))}</td>",
-                         f"<td>{'yes' if p.calibrated else 'no'}</td>"])
-        html += "<h3>Plans</h3>" + plain_table(
-            ["file", "label", "budget", "param-weighted sparsity", "method", "calibrated"], rows)
-    if rep.evals:
-        rows = []
-        for e in rep.evals:
-            plan = e.get("plan")
-            rows.append([f"<td><code>{escape(e['_path'])}</code></td>",
-                         f"<td>{'dense' if plan is None else escape(_method_text(plan.get('method')))}</td>",
-                         num_cell(None if plan is None else plan["budget"], ".0%"),
-                         num_cell(e["perplexity"], ".3f"),
-                         f"<td>{escape(_settings_text(e.get('settings')))}</td>"])
-        html += "<h3>Evaluation results</h3>" + plain_table(
-            ["file", "method", "budget", "perplexity", "settings"], rows)
     return html
 
 
@@ -175,6 +156,32 @@ def _settings_text(settings) -> str:
     if not isinstance(settings, dict):
         return ""
     return ", ".join(f"{k}={v}" for k, v in settings.items() if not isinstance(v, (dict, list)))
+
+
+def inputs_tables(rep) -> str:
+    """The plans and eval results given, one row each."""
+    html = ""
+    if rep.plans:
+        rows = []
+        for p in rep.plans:
+            calibration = f"yes ({_settings_text(p.raw.get('calibration'))})" if p.calibrated else "no"
+            rows.append([f'<td title="{escape(str(p.path))}"><code>{escape(p.path.name)}</code></td>',
+                         num_cell(p.budget, ".1%"), num_cell(weighted_sparsity(p.rows), ".2%"),
+                         f"<td>{escape(_method_text(p.method))}</td>", f"<td>{escape(calibration)}</td>"])
+        html += "<h3>Plans</h3>" + plain_table(
+            ["file", "budget", "weighted sparsity", "method", "calibrated"], rows)
+    if rep.evals:
+        rows = []
+        for e in rep.evals:
+            plan = e.get("plan")
+            rows.append([f'<td title="{escape(e["_path"])}"><code>{escape(Path(e["_path"]).name)}</code></td>',
+                         f"<td>{'dense' if plan is None else escape(_method_text(plan.get('method')))}</td>",
+                         num_cell(None if plan is None else plan["budget"], ".0%"),
+                         num_cell(e["perplexity"], ".3f"),
+                         f"<td>{escape(_settings_text(e.get('settings')))}</td>"])
+        html += "<h3>Evaluation results</h3>" + plain_table(
+            ["file", "method", "budget", "perplexity", "settings"], rows)
+    return html
 
 
 def summary_section(rep) -> str:
@@ -197,12 +204,18 @@ def summary_section(rep) -> str:
         name = "dense" if e.get("plan") is None else f"{e['plan']['budget']:.0%}"
         best.setdefault(name, e["perplexity"])
     cards += [card(f"{v:.2f}", f"perplexity, {k}") for k, v in list(best.items())[:6]]
+    html = f'<div class="cards">{"".join(cards)}</div>' + inputs_tables(rep)
     extra = rep.analysis.get("summary")
-    html = f'<div class="cards">{"".join(cards)}</div>'
     if isinstance(extra, dict):
         flat = [(k, fmt(v)) for k, v in extra.items() if not isinstance(v, (dict, list))]
-        if flat:
-            html += "<h3>Analysis summary</h3>" + kv_table(flat)
+        nested = [(k, v) for k, v in extra.items() if isinstance(v, dict) and v
+                  and all(isinstance(x, dict) for x in v.values())]
+        parts = [f"<div><h3>Analysis summary</h3>{kv_table(flat)}</div>"] if flat else []
+        for name, table in nested:  # e.g. per_kind: {"q": {"n": 30, "mean": 3.4, ...}, ...}
+            cols = list(dict.fromkeys(c for row in table.values() for c in row))
+            rows = [[f"<td>{escape(str(k))}</td>"] + [num_cell(row.get(c)) for c in cols] for k, row in table.items()]
+            parts.append(f"<div><h3>Analysis summary: {escape(name)}</h3>{plain_table(['', *cols], rows)}</div>")
+        html += f'<div class="row">{"".join(parts)}</div>'
     return html
 
 
@@ -235,7 +248,7 @@ def table_section(rep) -> str:
                  f'<td class="n" data-v="{r["params"]}">{r["out_features"]}×{r["in_features"]}</td>',
                  num_cell(r["params"], ","), num_cell(r.get("n_evals"), ","), num_cell(r.get("alpha"), ".3f"),
                  num_cell(r.get("xmin")), num_cell(r.get("n_tail"), ","), num_cell(r.get("ks_distance"), ".4f"),
-                 num_cell(r.get("lambda_max")), num_cell(r.get("stable_rank")), num_cell(r.get("log_norm")),
+                 num_cell(r.get("lambda_max"), ".4g"), num_cell(r.get("stable_rank")), num_cell(r.get("log_norm")),
                  num_cell(r.get("alpha_weighted"))]
         for p, rows in zip(rep.plans, plan_maps):
             pr = rows.get(r["key"]) or {}
