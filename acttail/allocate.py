@@ -21,7 +21,7 @@ dtype bytes = params x itemsize and the two weightings give the same allocation.
 ``bytes`` column (mixed precision); without it ``weight="bytes"`` uses params.
 
 New methods: register a function ``fn(rows, *, scope, metric, epsilon, direction) -> ratios`` with
-``@method("name")``; any numeric analysis column (e.g. a per-projection ``sensitivity``) can be read with
+``@register_method("name")``; any numeric analysis column (e.g. a per-projection ``sensitivity``) can be read with
 ``metric_values(rows, "sensitivity", scope)``.
 """
 
@@ -46,7 +46,7 @@ TOLERANCE = 1e-9  # |weighted mean - budget| after fit_budget
 METHODS: dict[str, Callable[..., np.ndarray]] = {}
 
 
-def method(name: str):
+def register_method(name: str):
     """Register an allocation method: ``fn(rows, *, scope, metric, epsilon, direction) -> ratios``."""
 
     def register(fn):
@@ -207,13 +207,13 @@ def linear_map(t: np.ndarray, epsilon: float, direction: str = "increasing") -> 
     return (1.0 - epsilon) + 2.0 * epsilon * t
 
 
-@method("uniform")
+@register_method("uniform")
 def uniform_ratios(rows, **_) -> np.ndarray:
     """Every projection gets the budget (TEAL's uniform baseline)."""
     return np.ones(len(rows))
 
 
-@method("acttail")
+@register_method("acttail")
 def acttail_ratios(rows, *, scope="global", metric="alpha", epsilon=0.3, direction="increasing") -> np.ndarray:
     """Lower metric (alpha) -> lower sparsity, linearly within each normalisation group."""
     values = metric_values(rows, metric, scope)
@@ -266,11 +266,13 @@ def allocate(
     weight: str = "params",
     min_sparsity: float = 0.0,
     max_sparsity: float = 0.99,
+    **params,
 ) -> list[float]:
     """One sparsity per row (same order), weighted mean = budget within 1e-9, bounds respected.
 
     Rows are analysis projections (dicts with key, layer, kind, params and the metric column). The work
-    is done in key order, so the result does not depend on the order of ``rows``.
+    is done in key order, so the result does not depend on the order of ``rows``. Extra keyword
+    ``params`` go to the method function (for methods registered by later stages).
     """
     check_rows(rows)
     check_bounds(budget, min_sparsity, max_sparsity)
@@ -280,7 +282,10 @@ def allocate(
         raise ActTailError(f"unknown scope {scope!r} (choose from {', '.join(SCOPES)})")
     order = sorted(range(len(rows)), key=lambda i: str(rows[i]["key"]))
     ordered = [rows[i] for i in order]
-    ratios = METHODS[method](ordered, scope=scope, metric=metric, epsilon=epsilon, direction=direction)
+    ratios = METHODS[method](ordered, scope=scope, metric=metric, epsilon=epsilon, direction=direction, **params)
+    ratios = np.asarray(ratios, dtype=np.float64)
+    if ratios.shape != (len(rows),) or not np.isfinite(ratios).all() or (ratios < 0).any():
+        raise ActTailError(f"method {method!r} gave invalid ratios (need one finite value >= 0 per projection)")
     s = fit_budget(ratios, budget_weights(ordered, weight), budget, min_sparsity, max_sparsity)
     out = [0.0] * len(rows)
     for pos, i in enumerate(order):
@@ -288,26 +293,21 @@ def allocate(
     return out
 
 
-def method_record(method: str = "acttail", **options) -> dict:
+def method_record(method: str = "acttail", scope="global", metric="alpha", epsilon=0.3, direction="increasing",
+                  weight="params", min_sparsity=0.0, max_sparsity=0.99, **params) -> dict:
     """The plan's ``method`` object: the name and every parameter that shaped the allocation."""
-    rec = {"name": method, "metric": options.get("metric", "alpha")}  # the column in projections[].metric
+    rec = {"name": method, "metric": metric}  # metric: the column copied into projections[].metric
     if method != "uniform":
-        rec.update(
-            scope=options.get("scope", "global"),
-            epsilon=options.get("epsilon", 0.3),
-            direction=options.get("direction", "increasing"),
-            null_metric=NULL_METRIC,
-        )
-    rec.update(
-        weight=options.get("weight", "params"),
-        min_sparsity=options.get("min_sparsity", 0.0),
-        max_sparsity=options.get("max_sparsity", 0.99),
-    )
+        rec.update(scope=scope, epsilon=epsilon, direction=direction, null_metric=NULL_METRIC)
+    rec.update(weight=weight, min_sparsity=min_sparsity, max_sparsity=max_sparsity, **params)
     return rec
 
 
 def plan_from_analysis(analysis: dict, budget: float, *, analysis_path: str | None = None, **options) -> dict:
-    """A plan (see ``acttail.plan``) for an analysis: one entry per projection with its sparsity."""
+    """A plan (see ``acttail.plan``) for an analysis: one entry per projection with its sparsity.
+
+    ``options`` are those of ``allocate`` (method, scope, metric, epsilon, ...), all recorded in the plan.
+    """
     rows = analysis["projections"]
     sparsities = allocate(rows, budget, **options)
     metric = options.get("metric", "alpha")

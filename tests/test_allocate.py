@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from acttail.allocate import METHODS, allocate, fit_budget, metric_values, method, plan_from_analysis
+from acttail.allocate import METHODS, allocate, fit_budget, metric_values, plan_from_analysis, register_method
 from acttail.errors import ActTailError
 from stage2_synthetic import KINDS, analysis, rows as make_rows
 
@@ -228,14 +228,19 @@ def test_fit_budget_directly():
 def test_a_new_method_plugs_in():
     """Another stage can register a method (e.g. sensitivity-aware) reading any numeric column."""
 
-    @method("test-sensitivity")
-    def sensitivity_ratios(rows, **_):
-        return 1.0 / metric_values(rows, "sensitivity")  # more sensitive -> denser
+    @register_method("test-sensitivity")
+    def sensitivity_ratios(rows, power=1.0, **_):
+        return metric_values(rows, "sensitivity") ** -power  # more sensitive -> denser
 
     try:
         rows = [dict(r, sensitivity=float(i + 1)) for i, r in enumerate(make_rows(2))]
-        s = allocate(rows, 0.4, method="test-sensitivity")
+        s = allocate(rows, 0.4, method="test-sensitivity", power=0.5)
         assert s == sorted(s, reverse=True) and abs(weighted_mean(rows, s) - 0.4) <= 1e-9
+        an = dict(analysis(num_layers=2), projections=rows)
+        plan = plan_from_analysis(an, 0.4, method="test-sensitivity", metric="sensitivity", power=0.5)
+        assert plan["method"]["power"] == 0.5 and plan["projections"][3]["metric"] == 4.0
+        with pytest.raises(ActTailError, match="invalid ratios"):
+            allocate(rows, 0.4, method="test-sensitivity", power=float("nan"))
     finally:
         METHODS.pop("test-sensitivity")
 
