@@ -1,0 +1,54 @@
+"""The sparse runtime (CPU reference path): a Llama-family decoder, plan-driven sparsification at every
+projection input, perplexity and generation. A GPU path replaces the sparsify functions and the
+grouped projections (qkv, gate/up) with kernels; everything here stays the reference it is checked against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..errors import ActTailError
+from .model import Transformer, load_model
+from .sparsify import MODES, Sparsifier
+
+__all__ = ["Transformer", "Sparsifier", "load_model", "open_model", "plan_sparsifier", "achieved_report"]
+
+
+def open_model(path, dtype: torch.dtype = torch.float32) -> tuple[Checkpoint, Transformer]:
+    """Open a model folder and build its decoder (float32 on CPU by default)."""
+    ckpt = Checkpoint.open(path)
+    return ckpt, load_model(ckpt, dtype)
+
+
+def plan_sparsifier(plan: dict, mode: str, where: str = "plan", dense_before: int = 0) -> Sparsifier:
+    """The Sparsifier a plan asks for: its thresholds (threshold mode) or its sparsities (topk mode)."""
+    if mode not in MODES:
+        raise ActTailError(f"unknown sparsity mode {mode!r} (choose from {', '.join(MODES)})")
+    rows = plan["projections"]
+    if mode == "threshold":
+        missing = [p["key"] for p in rows if p["threshold"] is None]
+        if missing:
+            raise ActTailError(f"{where} has no thresholds ({len(missing)} projections uncalibrated, e.g. "
+                               f"{missing[0]}): run `acttail calibrate` first, or use --mode topk")
+        return Sparsifier(mode, thresholds={(p["layer"], p["kind"]): p["threshold"] for p in rows},
+                          dense_before=dense_before)
+    return Sparsifier(mode, sparsities={(p["layer"], p["kind"]): p["sparsity"] for p in rows},
+                      dense_before=dense_before)
+
+
+def achieved_report(plan: dict, sp: Sparsifier) -> dict:
+    """Measured sparsity per projection against the plan's target, and its parameter-weighted mean."""
+    got = sp.achieved()
+    rows = [{"key": p["key"], "target": p["sparsity"], "threshold": p["threshold"],
+             "achieved": got.get((p["layer"], p["kind"]))} for p in plan["projections"]]
+    measured = [(r, p["params"]) for r, p in zip(rows, plan["projections"]) if r["achieved"] is not None]
+    total = sum(w for _, w in measured) or 1
+    dev = [abs(r["achieved"] - r["target"]) for r, _ in measured]
+    return {
+        "weighted_target": sum(r["target"] * w for r, w in measured) / total,
+        "weighted_achieved": sum(r["achieved"] * w for r, w in measured) / total,
+        "max_abs_deviation": max(dev) if dev else None,
+        "mean_abs_deviation": sum(dev) / len(dev) if dev else None,
+        "projections": rows,
+    }

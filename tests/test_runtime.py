@@ -1,0 +1,176 @@
+"""The runtime: dense logits against HF transformers, KV-cache decode, and the sparsifier's contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from acttail.checkpoint import Checkpoint
+from acttail.errors import ActTailError
+from acttail.runtime import load_model, open_model, plan_sparsifier
+from acttail.runtime.generate import dense_prefix, generate
+from acttail.runtime.model import ModelArgs, rope_inv_freq
+from acttail.runtime.sparsify import Sparsifier, threshold_sparsify, topk_sparsify
+
+from runtime_tiny import write_hf_model
+
+transformers = pytest.importorskip("transformers")
+
+MODELS = Path.home() / ".cache" / "acttail" / "models"
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 32}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """name -> (folder, HF model) for the architectures and rope settings the runtime supports."""
+    root = tmp_path_factory.mktemp("tiny")
+    specs = {"llama": dict(arch="llama"), "qwen2": dict(arch="qwen2", tie=False),
+             "llama3-rope": dict(arch="llama", rope_scaling=LLAMA3, tie=False),
+             "linear-rope": dict(arch="llama", rope_scaling={"rope_type": "linear", "factor": 4.0})}
+    return {name: (root / name, write_hf_model(root / name, seed=i, **kw)) for i, (name, kw) in enumerate(specs.items())}
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "llama3-rope", "linear-rope"])
+def test_dense_logits_match_transformers(tiny, name):
+    folder, hf = tiny[name]
+    _, model = open_model(folder)
+    ids = torch.randint(0, 320, (2, 200), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert rel_err(model(ids), ref) < 1e-4
+
+
+def test_rope_scaling_is_applied(tiny):
+    """The llama3 model differs from the same weights without scaling (so the match above means something)."""
+    folder, hf = tiny["llama3-rope"]
+    ckpt = Checkpoint.open(folder)
+    plain = ModelArgs.from_config({**ckpt.config, "rope_parameters": {"rope_theta": 10000.0}}, ckpt.architecture)
+    scaled = ModelArgs.from_config(ckpt.config, ckpt.architecture)
+    assert not torch.allclose(rope_inv_freq(plain), rope_inv_freq(scaled))
+
+
+def test_unknown_rope_scaling_is_a_clear_error(tiny):
+    ckpt = Checkpoint.open(tiny["llama"][0])
+    args = ModelArgs.from_config({**ckpt.config, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}},
+                                 ckpt.architecture)
+    with pytest.raises(ActTailError, match="rope scaling type 'yarn'"):
+        rope_inv_freq(args)
+
+
+def test_unsupported_architecture_is_a_clear_error(tmp_path):
+    with pytest.raises(ActTailError, match="runtime runs"):
+        ModelArgs.from_config({"num_attention_heads": 4}, "GemmaForCausalLM")
+
+
+def test_kv_cache_decode_matches_one_forward(tiny):
+    """Prefill + token-by-token decode with the static cache gives the full forward's logits."""
+    _, model = open_model(tiny["qwen2"][0])
+    ids = torch.randint(0, 320, (1, 40), generator=torch.Generator().manual_seed(1))
+    full = model(ids)
+    model.setup_caches(1, 64)
+    steps = [model(ids[:, :30], torch.arange(30))]
+    for pos in range(30, 40):
+        steps.append(model(ids[:, pos : pos + 1], torch.tensor([pos])))
+    model.clear_caches()
+    assert rel_err(torch.cat(steps, dim=1), full) < 1e-5
+
+
+def test_greedy_generation_matches_transformers(tiny):
+    folder, hf = tiny["llama"]
+    _, model = open_model(folder)
+    prompt = torch.tensor([5, 17, 42, 99, 7])
+    ours = generate(model, prompt, 12, temperature=0.0)
+    with torch.no_grad():
+        ref = hf.generate(prompt[None], max_new_tokens=12, do_sample=False, eos_token_id=None)[0, 5:]
+    assert ours == ref.tolist()
+
+
+def test_context_longer_than_the_model_is_an_error(tiny):
+    _, model = open_model(tiny["llama"][0])
+    with pytest.raises(ActTailError, match="maximum context"):
+        model(torch.zeros(1, 257, dtype=torch.int64))
+    with pytest.raises(ActTailError, match="maximum context"):
+        model.setup_caches(1, 300)
+
+
+# ---- sparsification --------------------------------------------------------------------------------
+
+def test_threshold_and_topk_kernels():
+    x = torch.tensor([[0.125, -0.5, 0.25, -0.0625, 1.0, 0.375]])
+    assert threshold_sparsify(x, 0.25).tolist() == [[0.0, -0.5, 0.0, 0.0, 1.0, 0.375]]
+    assert topk_sparsify(x, 2).tolist() == [[0.0, -0.5, 0.0, 0.0, 1.0, 0.0]]
+    y = topk_sparsify(torch.randn(50, 128), 40)
+    assert ((y != 0).sum(-1) == 40).all()
+
+
+def test_shared_input_gets_one_copy_per_projection_and_counts():
+    sp = Sparsifier("threshold", thresholds={(0, "q"): 0.5, (0, "k"): 0.0, (0, "v"): 10.0})
+    x = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(0))
+    q, k, v = sp.group(0, ("q", "k", "v"), x)
+    assert torch.equal(q, threshold_sparsify(x, 0.5)) and torch.equal(k, x) and (v == 0).all()
+    got = sp.achieved()
+    assert got[(0, "q")] == pytest.approx(float((x.abs() <= 0.5).float().mean()))
+    assert got[(0, "k")] == 0.0 and got[(0, "v")] == 1.0
+    assert sp.one(1, "o", x) is x  # a projection without a threshold stays dense
+
+
+def test_topk_mode_keeps_exactly_its_share_per_token():
+    sp = Sparsifier("topk", sparsities={(0, "gate"): 0.25, (0, "up"): 0.75})
+    x = torch.randn(3, 5, 96)
+    g, u = sp.group(0, ("gate", "up"), x)
+    assert ((g != 0).sum(-1) == 72).all() and ((u != 0).sum(-1) == 24).all()
+    assert sp.achieved() == {(0, "gate"): 0.25, (0, "up"): 0.75}
+
+
+def test_prefill_policy_keeps_early_positions_dense():
+    assert [dense_prefix(10, p) for p in ("all", "half", "none")] == [0, 5, 10]
+    sp = Sparsifier("threshold", thresholds={(0, "down"): 1e9}, dense_before=4)
+    sp.set_positions(torch.arange(10))
+    x = torch.randn(2, 10, 16) + 5
+    y = sp.one(0, "down", x)
+    assert torch.equal(y[:, :4], x[:, :4]) and (y[:, 4:] == 0).all()
+    assert sp.achieved()[(0, "down")] == 1.0  # counted over the sparsified positions only
+
+
+def test_sparse_forward_uses_each_threshold(tiny):
+    """A huge threshold on v alone zeroes the attention output; on nothing it equals the dense run."""
+    _, model = open_model(tiny["llama"][0])
+    ids = torch.randint(0, 320, (1, 16))
+    dense = model(ids)
+    model.sparsifier = Sparsifier("threshold", thresholds={(0, "q"): 0.0, (0, "k"): 0.0})
+    assert torch.allclose(model(ids), dense, atol=1e-6)
+    model.sparsifier = Sparsifier("threshold", thresholds={(layer, "v"): 1e9 for layer in range(2)})
+    assert not torch.allclose(model(ids), dense, atol=1e-3)
+
+
+def test_plan_without_thresholds_is_refused_in_threshold_mode():
+    plan = {"projections": [{"key": "layers.0.q", "layer": 0, "kind": "q", "sparsity": 0.5, "threshold": None}]}
+    with pytest.raises(ActTailError, match="no thresholds"):
+        plan_sparsifier(plan, "threshold")
+    assert plan_sparsifier(plan, "topk").sparsities == {(0, "q"): 0.5}
+
+
+# ---- the real checkpoints (fetched by CI before the tests) -----------------------------------------
+
+@pytest.mark.parametrize("name,cls", [("smollm2-135m", "LlamaForCausalLM"),
+                                      ("qwen2.5-coder-0.5b", "Qwen2ForCausalLM")])
+def test_real_checkpoint_matches_transformers(name, cls):
+    folder = MODELS / name
+    if not (folder / "model.safetensors").is_file():
+        pytest.skip(f"{folder} absent (run `acttail fetch {name.split('-')[0] if 'smol' in name else name}`)")
+    hf = getattr(transformers, cls).from_pretrained(folder, dtype=torch.float32).eval()
+    model = load_model(Checkpoint.open(folder))
+    ids = torch.randint(0, 10000, (1, 128), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    del hf
+    err = rel_err(model(ids), ref)
+    print(f"{name}: relative logit error {err:.3e}")
+    assert err < 1e-4
