@@ -59,32 +59,32 @@ def _mle_alphas(x: np.ndarray) -> np.ndarray:
         return 1.0 + n / (tail_sums - n * logs)
 
 
-def _ks_distances(x: np.ndarray, alphas: np.ndarray, idx: np.ndarray, chunk: int = 256) -> np.ndarray:
+def _ks_distances(x: np.ndarray, alphas: np.ndarray, idx: np.ndarray, device: str = "cpu") -> np.ndarray:
     """KS distance D_i = max_{j>=i} |F_emp(x_j) - (1 - (x_j/x_i)^(1-alpha_i))| for each candidate i in idx.
 
     The empirical CDF of the tail is (j - i) / n_i, as in WeightWatcher and powerlaw. Candidates are
-    processed in chunks of rows of one (chunk x N) array: vectorised, memory bounded.
+    processed in chunks of rows of one (chunk x N) float64 array on ``device``: vectorised, memory bounded
+    (about 16 MiB per chunk).
     """
-    xt = torch.from_numpy(x)
     N = len(x)
-    j = torch.arange(N, dtype=torch.float64)
-    out = np.ones(len(idx))
+    chunk = max(1, (1 << 21) // N)
+    xt = torch.from_numpy(x).to(device)
+    j = torch.arange(N, dtype=torch.float64, device=device)
+    out = []
     for s in range(0, len(idx), chunk):
-        i = torch.from_numpy(idx[s:s + chunk]).to(torch.float64)
-        a = torch.from_numpy(alphas[idx[s:s + chunk]])
-        xi = xt[idx[s:s + chunk]]
-        n = N - i
-        theory = 1 - (xt[None, :] / xi[:, None]) ** (1 - a[:, None])
-        emp = (j[None, :] - i[:, None]) / n[:, None]
+        sel = torch.from_numpy(idx[s:s + chunk]).to(device)
+        a = torch.from_numpy(alphas[idx[s:s + chunk]]).to(device)
+        i = sel.to(torch.float64)
+        theory = 1 - (xt[None, :] / xt[sel][:, None]) ** (1 - a[:, None])
+        emp = (j[None, :] - i[:, None]) / (N - i)[:, None]
         diff = (theory - emp).abs().masked_fill_(j[None, :] < i[:, None], 0)
-        d = diff.max(dim=1).values.numpy()
-        out[s:s + chunk] = np.where(a.numpy() > 1, d, 1.0)
-    return out
+        out.append(torch.where(a > 1, diff.max(dim=1).values, 1.0))
+    return torch.cat(out).cpu().numpy()
 
 
-def _fit_at(x: np.ndarray, alphas: np.ndarray, candidates: np.ndarray) -> PowerLawFit:
+def _fit_at(x: np.ndarray, alphas: np.ndarray, candidates: np.ndarray, device: str = "cpu") -> PowerLawFit:
     """The fit among ``candidates`` (indices into x) with the smallest KS distance."""
-    ds = _ks_distances(x, alphas, candidates)
+    ds = _ks_distances(x, alphas, candidates, device)
     best = int(np.argmin(ds))
     i = int(candidates[best])
     n_tail = len(x) - i
@@ -92,17 +92,17 @@ def _fit_at(x: np.ndarray, alphas: np.ndarray, candidates: np.ndarray) -> PowerL
     return PowerLawFit(alpha, float(x[i]), n_tail, float(ds[best]), (alpha - 1) / math.sqrt(n_tail))
 
 
-def fit_ks(x: np.ndarray) -> PowerLawFit:
+def fit_ks(x: np.ndarray, device: str = "cpu") -> PowerLawFit:
     """WeightWatcher-compatible fit (its default ``ww`` power law, ``xmax`` = largest eigenvalue).
 
     For every candidate xmin = x_i (all but the largest eigenvalue): alpha_i = 1 + n_i / sum ln(x/x_i)
     (continuous MLE over the n_i eigenvalues >= x_i), then xmin = the candidate with the smallest KS
     distance; sigma = (alpha - 1) / sqrt(n_tail).
     """
-    return _fit_at(x, _mle_alphas(x), np.arange(len(x) - 1))
+    return _fit_at(x, _mle_alphas(x), np.arange(len(x) - 1), device)
 
 
-def fit_peak(x: np.ndarray, bins: int = 100, width: float = 0.05) -> PowerLawFit:
+def fit_peak(x: np.ndarray, device: str = "cpu", bins: int = 100, width: float = 0.05) -> PowerLawFit:
     """AlphaPruning's alpha_peak (WeightWatcher's ``fix_fingers='xmin_peak'``).
 
     xmin is searched only among eigenvalues within +-5% of the peak of the histogram of log10(lambda)
@@ -115,25 +115,26 @@ def fit_peak(x: np.ndarray, bins: int = 100, width: float = 0.05) -> PowerLawFit
     cand = cand[cand < len(x) - 1]
     if len(cand) == 0:
         cand = np.array([min(int(np.argmin(np.abs(x - peak))), len(x) - 2)])
-    return _fit_at(x, _mle_alphas(x), cand)
+    return _fit_at(x, _mle_alphas(x), cand, device)
 
 
-def fit_median(x: np.ndarray) -> PowerLawFit:
+def fit_median(x: np.ndarray, device: str = "cpu") -> PowerLawFit:
     """xmin = the median eigenvalue, no search: alpha = 1 + n / sum ln(x/xmin) over the upper half."""
     i = min(len(x) // 2, len(x) - 2)
-    return _fit_at(x, _mle_alphas(x), np.array([i]))
+    return _fit_at(x, _mle_alphas(x), np.array([i]), device)
 
 
 FIT_FUNCTIONS = {"ks": fit_ks, "peak": fit_peak, "median": fit_median}
 
 
-def fit_powerlaw(evals: np.ndarray, fit: str = "ks") -> PowerLawFit:
-    """Fit the tail of ``evals`` (any order; values <= EVAL_FLOOR are dropped) with method ``fit``."""
+def fit_powerlaw(evals: np.ndarray, fit: str = "ks", device: str = "cpu") -> PowerLawFit:
+    """Fit the tail of ``evals`` (any order; values <= EVAL_FLOOR are dropped) with method ``fit``; the KS
+    distances are computed on ``device``."""
     x = np.sort(np.asarray(evals, dtype=np.float64))
     x = x[x > EVAL_FLOOR]
     if len(x) < MIN_EVALS:
         raise ValueError(f"only {len(x)} eigenvalues above {EVAL_FLOOR}")
-    return FIT_FUNCTIONS[fit](x)
+    return FIT_FUNCTIONS[fit](x, device)
 
 
 def spectral_metrics(evals: np.ndarray) -> dict:
@@ -166,7 +167,7 @@ def analyze_matrix(w: torch.Tensor, fit: str = "ks", dtype: torch.dtype = torch.
         row["warnings"].append(f"too few eigenvalues: {n_above} above {EVAL_FLOOR} (need {MIN_EVALS})")
         return row
     try:
-        pl = fit_powerlaw(evals, fit)
+        pl = fit_powerlaw(evals, fit, device)
     except (ValueError, FloatingPointError) as e:
         row["warnings"].append(f"fit failed: {e}")
         return row

@@ -1,0 +1,129 @@
+"""Benchmark: `acttail analyze` vs weightwatcher 0.7.7's default analyze(), side by side in one run.
+
+1. SmolLM2-135M (the real converted checkpoint): both tools on all 210 projections; per-matrix alpha
+   agreement (median and max |difference|).
+2. A Llama-2-7B-shaped model (hidden 4096, intermediate 11008, bf16 random weights written to safetensors
+   by this script): both tools on one full layer (7 matrices); ours on the whole model (``--layers 32``,
+   e.g. on a GPU with ``--device cuda``), safetensors reads included.
+
+Prints a markdown table; ``--out FILE`` also writes it. Timings are wall-clock, on whatever else the
+machine is doing: the ratios are what matter, since both tools run in the same conditions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from acttail.analyze import analyze_checkpoint, settings
+from acttail.checkpoint import Checkpoint
+from acttail.esd import eigenvalues
+from acttail.reference import weightwatcher_fit
+
+SMOLLM2 = Path.home() / ".cache" / "acttail" / "models" / "smollm2-135m"
+
+
+def write_7b_shaped(folder: Path, layers: int, seed: int = 0) -> Path:
+    """A Llama-2-7B-shaped decoder (only the 7 projections per layer) with random bf16 weights, one shard
+    per layer, plus config.json."""
+    hidden, inter = 4096, 11008
+    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden),
+              "self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden),
+              "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    weight_map = {}
+    for i in range(layers):
+        fname = f"model-{i + 1:05d}-of-{layers:05d}.safetensors"
+        t = {f"model.layers.{i}.{n}.weight": (torch.randn(*s, generator=g) * 0.02).to(torch.bfloat16)
+             for n, s in shapes.items()}
+        save_file(t, str(folder / fname))
+        weight_map.update({n: fname for n in t})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 32,
+        "num_key_value_heads": 32}))
+    return folder
+
+
+def time_ours(folder: Path, device: str, layers: int | None = None) -> tuple[float, list[float]]:
+    """Seconds for our analysis of the first ``layers`` layers (all if None), reads included; alphas."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    ckpt = Checkpoint.open(folder)
+    if layers is not None:
+        ckpt.num_layers = layers
+    doc = analyze_checkpoint(ckpt, settings("ks", "float32", device), progress=False)
+    return time.perf_counter() - t, [r["alpha"] for r in doc["projections"]]
+
+
+def time_weightwatcher(folder: Path, layers: int | None = None) -> tuple[float, list[float]]:
+    """Seconds for weightwatcher's default analyze() of the same matrices (one tensor read at a time)."""
+    t = time.perf_counter()
+    ckpt = Checkpoint.open(folder)
+    alphas = [weightwatcher_fit(ckpt.load(p).float())["alpha"] for p in ckpt.projections()
+              if layers is None or p.layer < layers]
+    return time.perf_counter() - t, alphas
+
+
+def agreement(a: list[float], b: list[float]) -> str:
+    d = np.abs(np.array(a) - np.array(b))
+    return f"median {np.median(d):.1e}, max {np.max(d):.1e}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--layers", type=int, default=1, help="layers of the 7B-shaped model analysed by us")
+    ap.add_argument("--skip-smollm2", action="store_true")
+    ap.add_argument("--skip-reference", action="store_true", help="do not run weightwatcher")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    logging.disable(logging.WARNING)
+    rows = ["# ESD analysis speed: acttail vs weightwatcher 0.7.7",
+            "", f"{date.today()}, {platform.node()} ({platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} torch threads), device {args.device}"
+            + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""), "",
+            "| workload | acttail | weightwatcher | speed-up | alpha agreement |", "|---|---|---|---|---|"]
+    eigenvalues(torch.randn(256, 512), device=args.device)  # warm-up: library loading, CUDA context
+    if not args.skip_smollm2 and SMOLLM2.is_dir():
+        t_ours, a_ours = time_ours(SMOLLM2, args.device)
+        if args.skip_reference:
+            rows.append(f"| SmolLM2-135M, 210 matrices | {t_ours:.1f} s | - | - | - |")
+        else:
+            t_ww, a_ww = time_weightwatcher(SMOLLM2)
+            rows.append(f"| SmolLM2-135M, 210 matrices | {t_ours:.1f} s | {t_ww:.1f} s | {t_ww / t_ours:.1f}x | "
+                        f"{agreement(a_ours, a_ww)} |")
+        print("\n".join(rows), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_7b_shaped(Path(tmp) / "llama7b", args.layers)
+        t1, a1 = time_ours(folder, args.device, 1)
+        if args.skip_reference:
+            rows.append(f"| 7B-shaped, 1 layer (7 matrices, bf16) | {t1:.1f} s | - | - | - |")
+        else:
+            t_ww, a_ww = time_weightwatcher(folder, 1)
+            rows.append(f"| 7B-shaped, 1 layer (7 matrices, bf16) | {t1:.1f} s | {t_ww:.1f} s | {t_ww / t1:.1f}x | "
+                        f"{agreement(a1, a_ww)} |")
+        if args.layers > 1:
+            tn, _ = time_ours(folder, args.device)
+            rows.append(f"| 7B-shaped, {args.layers} layers ({7 * args.layers} matrices) | {tn:.1f} s | - | - | - |")
+    text = "\n".join(rows) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
