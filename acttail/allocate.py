@@ -20,8 +20,9 @@ projection skips one column of its weight, so the bytes saved are sparsity x wei
 dtype bytes = params x itemsize and the two weightings give the same allocation. Rows may carry a
 ``bytes`` column (mixed precision); without it ``weight="bytes"`` uses params.
 
-New methods: register a function ``fn(rows, *, scope, metric, epsilon, direction) -> ratios`` with
-``@register_method("name")``; any numeric analysis column (e.g. a per-projection ``sensitivity``) can be read with
+New methods: register ``fn(rows, *, scope, metric, epsilon, direction, **params) -> ratios`` with
+``@register_method("name")``; extra keyword arguments of ``allocate`` reach ``fn`` and are recorded in the
+plan. Any numeric column of the rows (e.g. a per-projection ``sensitivity``) is read with
 ``metric_values(rows, "sensitivity", scope)``.
 """
 

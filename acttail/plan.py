@@ -159,7 +159,8 @@ def _ordered(plan: dict) -> dict:
     out.update({k: v for k, v in plan.items() if k not in out})
     if isinstance(out.get("model"), dict):
         m = out["model"]
-        out["model"] = {**{k: m[k] for k in MODEL_KEYS if k in m}, **{k: v for k, v in m.items() if k not in MODEL_KEYS}}
+        out["model"] = {**{k: m[k] for k in MODEL_KEYS if k in m},
+                        **{k: v for k, v in m.items() if k not in MODEL_KEYS}}
     if isinstance(out.get("projections"), list):
         out["projections"] = [
             {**{k: e[k] for k in ENTRY_KEYS if k in e}, **{k: v for k, v in e.items() if k not in ENTRY_KEYS}}

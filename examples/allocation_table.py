@@ -30,7 +30,8 @@ def kind_table(analysis: dict, budget: float, metric: str) -> list[str]:
     summaries = [(label, plan_summary(p)) for label, p in plans]
     rows = analysis["projections"]
     total = sum(r["params"] for r in rows)
-    head = f"| kind | params | {metric} median (min-max) | " + " | ".join(f"{label} mean (min-max)" for label, _ in summaries) + " |"
+    head = (f"| kind | params | {metric} median (min-max) | "
+            + " | ".join(f"{label} mean (min-max)" for label, _ in summaries) + " |")
     lines = [head, "|" + "---|" * (3 + len(summaries))]
     for kind in [k for k in KINDS if any(r["kind"] == k for r in rows)]:
         vals = [r[metric] for r in rows if r["kind"] == kind and r.get(metric) is not None]
@@ -57,7 +58,8 @@ def report(analysis: dict, analysis_path: str, budgets: list[float], metric: str
     out = [
         f"# Allocation: {os.path.basename(m['path'].rstrip('/'))}",
         "",
-        f"Model `{_home(m['path'])}` ({m['architecture']}, {m['num_layers']} layers, fingerprint `{m['fingerprint']}`), "
+        f"Model `{_home(m['path'])}` ({m['architecture']}, {m['num_layers']} layers, "
+        f"fingerprint `{m['fingerprint']}`), "
         f"{len(analysis['projections'])} projections, {nulls} with no {metric} value (failed fit). "
         f"Analysis: fit `{st.get('fit')}`, dtype `{st.get('dtype')}`, backend `{st.get('backend')}`.",
         "",

@@ -159,7 +159,8 @@ def test_null_metric_gets_the_group_median():
     per_kind = metric_values(rows, "alpha", "per-kind")
     for i in nulls:
         kind = rows[i]["kind"]
-        assert per_kind[i] == statistics.median(r["alpha"] for r in rows if r["kind"] == kind and r["alpha"] is not None)
+        known = [r["alpha"] for r in rows if r["kind"] == kind and r["alpha"] is not None]
+        assert per_kind[i] == statistics.median(known)
     layer = metric_values(rows, "alpha", "layer")
     for i in nulls:  # the layer mean skips the null
         known = [r["alpha"] for r in rows if r["layer"] == rows[i]["layer"] and r["alpha"] is not None]
