@@ -28,9 +28,12 @@ data: install
 	$(BIN)/acttail fetch wiki
 	$(BIN)/acttail fetch c4
 
+# The main job on SmolLM2: ESD analysis -> a 50% plan -> the HTML report (its path is printed last).
 demo: data
 	@mkdir -p $(OUT)
 	$(BIN)/acttail analyze $(MODEL) -o $(OUT)/analysis.json
+	$(BIN)/acttail allocate $(OUT)/analysis.json --budget 0.5 -o $(OUT)/plan-50.json
+	$(BIN)/acttail report $(OUT)/analysis.json --plan $(OUT)/plan-50.json -o $(OUT)/report
 
 test: data system-deps
 	$(BIN)/python -m pytest -q
