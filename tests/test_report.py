@@ -76,9 +76,16 @@ def make_plan(analysis: dict, budget: float, name: str = "acttail", calibrated: 
 
 
 def make_eval(fingerprint: str, perplexity: float, budget: float | None = None, method: str = "acttail") -> dict:
-    plan = None if budget is None else {"budget": budget, "method": {"name": method}}
-    return {"perplexity": perplexity, "model": {"fingerprint": fingerprint}, "plan": plan,
-            "settings": {"text": "wiki", "ctx": 256}}
+    """An eval result shaped like ``acttail eval -o`` (acttail.runtime.perplexity.evaluate)."""
+    plan = None if budget is None else {"path": f"/elsewhere/plan-{budget}.json", "budget": budget,
+                                        "method": {"name": method, "metric": "alpha"}, "weighted_sparsity": budget,
+                                        "calibration": {"text": "c4"}}
+    return {"format": "acttail-eval", "version": 1, "tool_version": "0.1.0", "created": "2026-11-23T08:00:00+00:00",
+            "model": {"path": "model", "fingerprint": fingerprint, "architecture": "LlamaForCausalLM"},
+            "settings": {"text": "wiki", "ctx": 256, "tokens": 4096, "windows": 16,
+                         "mode": "threshold" if plan else "dense", "prefill": "all" if plan else None},
+            "perplexity": perplexity, "nll": float(np.log(perplexity)), "predictions": 4080, "plan": plan,
+            "achieved": None if plan is None else {"weighted_achieved": budget - 0.01, "weighted_target": budget}}
 
 
 def write_inputs(folder: Path, analysis: dict, evals: bool = True) -> dict:
@@ -208,7 +215,11 @@ def test_eval_of_another_model_is_refused(tmp_path):
     with pytest.raises(ActTailError, match="eval result .* is for another model"):
         build_report(paths["analysis"], [], [tmp_path / "e.json"], tmp_path / "out")
     (tmp_path / "e.json").write_text(json.dumps({"model": {"fingerprint": "sha256:synthetic"}}))
-    with pytest.raises(ActTailError, match="no numeric 'perplexity'"):
+    with pytest.raises(ActTailError, match="not an acttail eval result"):
+        build_report(paths["analysis"], [], [tmp_path / "e.json"], tmp_path / "out")
+    broken = make_eval("sha256:synthetic", 10.0) | {"perplexity": None}
+    (tmp_path / "e.json").write_text(json.dumps(broken))
+    with pytest.raises(ActTailError, match="no finite 'perplexity'"):
         build_report(paths["analysis"], [], [tmp_path / "e.json"], tmp_path / "out")
 
 
@@ -217,8 +228,17 @@ def test_eval_naming_a_given_plan_must_agree_with_it(tmp_path):
     e = make_eval("sha256:synthetic", 20.0, 0.3)
     e["plan"]["path"] = str(paths["plans"][0])  # says it ran the 50% plan, but at a 30% budget
     (tmp_path / "e.json").write_text(json.dumps(e))
-    with pytest.raises(ActTailError, match="another version of plan"):
+    with pytest.raises(ActTailError, match="another version of plan .*budget 0.3 there, 0.5 now"):
         build_report(paths["analysis"], paths["plans"], [tmp_path / "e.json"], tmp_path / "out")
+    e = make_eval("sha256:synthetic", 20.0, 0.8)
+    e["plan"]["path"] = str(paths["plans"][1])  # the 80% plan was calibrated again since
+    e["plan"]["calibration"] = {"text": "wiki", "tokens": 512}
+    (tmp_path / "e.json").write_text(json.dumps(e))
+    with pytest.raises(ActTailError, match="another version of plan .*calibration"):
+        build_report(paths["analysis"], paths["plans"], [tmp_path / "e.json"], tmp_path / "out")
+    e["plan"]["calibration"] = json.loads(paths["plans"][1].read_text())["calibration"]
+    (tmp_path / "e.json").write_text(json.dumps(e))
+    assert build_report(paths["analysis"], paths["plans"], [tmp_path / "e.json"], tmp_path / "out").is_file()
 
 
 def test_evals_on_different_texts_are_flagged(tmp_path):
@@ -227,7 +247,7 @@ def test_evals_on_different_texts_are_flagged(tmp_path):
     e["settings"]["text"] = "c4"
     paths["evals"][1].write_text(json.dumps(e))
     html = build_report(paths["analysis"], [], paths["evals"], tmp_path / "out").read_text()
-    assert "not comparable" in html
+    assert "differ in text (c4, wiki)" in html and "not comparable" in html
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path):

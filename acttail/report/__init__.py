@@ -75,15 +75,6 @@ def load_analysis(path) -> dict:
     return a
 
 
-def _plan_budget(plan: dict) -> float:
-    b = plan.get("budget")
-    if isinstance(b, dict):
-        b = b.get("sparsity", b.get("target"))
-    if not isinstance(b, (int, float)) or isinstance(b, bool):
-        raise ActTailError("plan has no numeric budget")
-    return float(b)
-
-
 def load_plan_for(path, analysis: dict) -> Plan:
     """Read a plan (validated by acttail.plan) and check it belongs to the analysed model."""
     raw = load_plan(path, expect_fingerprint=analysis["model"]["fingerprint"])
@@ -108,37 +99,37 @@ def method_name(method) -> str:
 
 
 def load_eval_for(path, analysis: dict, plans: list[Plan]) -> dict:
-    """Read an eval result and check it is for the analysed model (and, if named, for a given plan)."""
+    """Read an ``acttail eval -o`` result; it must be for the analysed model and, when it names one of
+    the given plan files, agree with that plan."""
     e = read_json(path, "eval result")
-    if not isinstance(e, dict) or not isinstance(e.get("perplexity"), (int, float)):
-        raise ActTailError(f"{path} is not an acttail eval result (no numeric 'perplexity')")
+    if not isinstance(e, dict) or e.get("format") != "acttail-eval":
+        raise ActTailError(f"{path} is not an acttail eval result (format is not 'acttail-eval')")
+    if e.get("version") != 1:
+        raise ActTailError(f"{path}: eval result version {e.get('version')!r} is not supported (expected 1)")
+    if not isinstance(e.get("perplexity"), (int, float)) or not math.isfinite(e["perplexity"]):
+        raise ActTailError(f"eval result {path} has no finite 'perplexity'")
     fp, want = (e.get("model") or {}).get("fingerprint"), analysis["model"]["fingerprint"]
     if fp != want:
         raise ActTailError(f"eval result {path} is for another model (fingerprint {fp}, analysis has {want})")
     summary = e.get("plan")
     if summary is not None:
-        if not isinstance(summary, dict):
-            raise ActTailError(f"eval result {path}: 'plan' is neither null nor an object")
-        try:
-            summary["budget"] = _plan_budget(summary)
-        except ActTailError:
-            raise ActTailError(f"eval result {path}: its plan summary has no numeric budget") from None
-        _check_eval_plan(path, summary, plans)
+        if not isinstance(summary, dict) or not isinstance(summary.get("budget"), (int, float)):
+            raise ActTailError(f"eval result {path}: its plan summary has no numeric budget")
+        for p in plans:
+            if summary.get("path") and Path(summary["path"]).resolve() == p.path.resolve():
+                _check_same_plan(path, summary, p)
     e["_path"] = str(path)
     return e
 
 
-def _check_eval_plan(path, summary: dict, plans: list[Plan]) -> None:
-    """An eval result that names one of the given plan files must agree with that plan."""
-    ident = {k: summary.get(k) for k in ("fingerprint", "sha256", "id", "path") if summary.get(k)}
-    for p in plans:
-        same_file = ident.get("path") and Path(ident["path"]).resolve() == p.path.resolve()
-        if not same_file:
-            continue
-        mine = {k: p.raw.get(k) for k in ident if k != "path" and p.raw.get(k)}
-        if any(ident[k] != v for k, v in mine.items()) or not math.isclose(summary["budget"], p.budget):
-            raise ActTailError(f"eval result {path} was made with another version of plan {p.path} "
-                               f"(budget {summary['budget']} vs {p.budget})")
+def _check_same_plan(path, summary: dict, plan: Plan) -> None:
+    """The eval ran ``plan``'s file: budget, method and calibration must still be those of the file."""
+    for field_, mine in (("budget", plan.budget), ("method", plan.method), ("calibration", plan.raw.get("calibration"))):
+        theirs = summary.get(field_)
+        same = math.isclose(theirs, mine) if field_ == "budget" else theirs == mine
+        if field_ in summary and not same:
+            raise ActTailError(f"eval result {path} was made with another version of plan {plan.path} "
+                               f"({field_} {theirs!r} there, {mine!r} now)")
 
 
 # ---- spectra ---------------------------------------------------------------------------------------
@@ -262,6 +253,24 @@ def _plan_rows(plan: Plan, by_key: dict) -> list[dict]:
     return [{**{k: by_key[r["key"]][k] for k in ("layer", "kind", "params")}, **r} for r in plan.rows]
 
 
+def eval_series(e: dict) -> str:
+    """The line an eval result belongs to: its allocation method, plus the runtime mode if not the default."""
+    name = method_name(e["plan"].get("method"))
+    mode = (e.get("settings") or {}).get("mode")
+    return name if mode in (None, "threshold") else f"{name} ({mode})"
+
+
+def comparability_warnings(evals: list[dict]) -> list[str]:
+    """Perplexities are comparable only on the same text, window length and token count."""
+    out = []
+    for key in ("text", "ctx", "tokens"):
+        values = {str((e.get("settings") or {}).get(key)) for e in evals}
+        if len(values) > 1:
+            out.append(f"eval results differ in {key} ({', '.join(sorted(values))}): "
+                       "their perplexities are not comparable")
+    return out
+
+
 def draw_accuracy(rep: Report, folder: Path) -> None:
     """Perplexity vs budget for the given eval results, one line per allocation method."""
     if not rep.evals:
@@ -271,15 +280,12 @@ def draw_accuracy(rep: Report, folder: Path) -> None:
         if e.get("plan") is None:
             dense.append(e["perplexity"])
         else:
-            series.setdefault(method_name(e["plan"].get("method")), []).append(
-                (e["plan"]["budget"], e["perplexity"]))
-    texts = {str((e.get("settings") or {}).get("text")) for e in rep.evals}
-    if len(texts) > 1:
-        rep.warnings.append(f"eval results were measured on different texts ({', '.join(sorted(texts))}): "
-                            "their perplexities are not comparable")
+            series.setdefault(eval_series(e), []).append((e["plan"]["budget"], e["perplexity"]))
+    rep.warnings += comparability_warnings(rep.evals)
     if not series:
         return
-    text = texts.pop() if len(texts) == 1 else "mixed texts"
+    texts = {str((e.get("settings") or {}).get("text")) for e in rep.evals}
+    text = Path(texts.pop()).name if len(texts) == 1 else "mixed texts"
     fig = F.perplexity_figure(series, dense, f"Perplexity vs sparsity budget ({text})")
     png = F.save(fig, folder, "perplexity_vs_budget")
     rep.figures.append({"section": "accuracy", "name": "perplexity_vs_budget", "title": "Perplexity vs budget",

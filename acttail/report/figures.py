@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 KIND_COLORS = dict(zip(KINDS, ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")))
@@ -108,11 +108,22 @@ def esd_figure(evals, row: dict) -> Figure:
     hist_ax.legend(fontsize=8)
     _ccdf(ccdf_ax, evals, row, label_fit=True)
     ccdf_ax.set(xlabel="eigenvalue λ", ylabel="P(Λ ≥ λ)", title="complementary CDF")
+    for ax in (hist_ax, ccdf_ax):
+        _sparse_log_ticks(ax.xaxis)
     ccdf_ax.legend(fontsize=8)
     shape = f"{row['out_features']}×{row['in_features']}"
     status = "" if alpha is not None else " — fit failed"
     fig.suptitle(f"ESD of {row['key']} ({shape}, {len(evals)} eigenvalues){status}", fontsize=11)
     return fig
+
+
+def _sparse_log_ticks(axis) -> None:
+    """At most a few labelled ticks on a narrow log axis (matplotlib would label every minor tick)."""
+    lo, hi = sorted(axis.get_view_interval())
+    subs = (1.0,) if hi / lo > 100 else (1.0, 2.0, 5.0)
+    axis.set_major_locator(LogLocator(base=10, subs=subs, numticks=5))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def esd_grid_figure(spectra: list[tuple[dict, np.ndarray]], title: str, ncols: int = 4) -> Figure:
@@ -129,6 +140,7 @@ def esd_grid_figure(spectra: list[tuple[dict, np.ndarray]], title: str, ncols: i
         text += f"  D={d:.3f}" if d is not None else ""
         ax.set_title(f"{row['key']}\n{text}", fontsize=8)
         ax.tick_params(labelsize=6)
+        _sparse_log_ticks(ax.xaxis)
     for ax in axes[n:]:
         ax.set_visible(False)
     fig.suptitle(title, fontsize=10)

@@ -152,6 +152,10 @@ def _method_text(method) -> str:
     return str(method)
 
 
+def _method_name(method) -> str:
+    return str(method.get("name")) if isinstance(method, dict) else str(method)
+
+
 def _settings_text(settings) -> str:
     if not isinstance(settings, dict):
         return ""
@@ -173,14 +177,15 @@ def inputs_tables(rep) -> str:
     if rep.evals:
         rows = []
         for e in rep.evals:
-            plan = e.get("plan")
+            plan, achieved = e.get("plan"), e.get("achieved") or {}
             rows.append([f'<td title="{escape(e["_path"])}"><code>{escape(Path(e["_path"]).name)}</code></td>',
-                         f"<td>{'dense' if plan is None else escape(_method_text(plan.get('method')))}</td>",
+                         f"<td>{'dense' if plan is None else escape(_method_name(plan.get('method')))}</td>",
                          num_cell(None if plan is None else plan["budget"], ".0%"),
+                         num_cell(achieved.get("weighted_achieved"), ".1%"),
                          num_cell(e["perplexity"], ".3f"),
                          f"<td>{escape(_settings_text(e.get('settings')))}</td>"])
         html += "<h3>Evaluation results</h3>" + plain_table(
-            ["file", "method", "budget", "perplexity", "settings"], rows)
+            ["file", "method", "budget", "achieved sparsity", "perplexity", "settings"], rows)
     return html
 
 
