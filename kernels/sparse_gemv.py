@@ -95,33 +95,45 @@ def _gather_gemv(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tb, idx_ptr,
     tl.debug_barrier()  # the whole program reads what all its threads wrote
 
     if BLOCK_B == 1:
+        # one token: FMA into a [BK, BN] accumulator, pipelined by hand. The row indices of block j+1 are
+        # loaded while the rows of block j are in flight, so the index load (L2) and the weight-row load
+        # (DRAM) overlap instead of adding up.
         acc2 = tl.zeros([BK, BN], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_B, BN], dtype=tl.float32)
-    # software prefetch: the rows of block j+1 are in flight while block j is multiplied
-    w, xv = _load_block(x_ptr, stride_xb, w_ptr, stride_wk, idx_ptr, rb, bmask, thr, 0, nnz, cols, col_mask, BK)
-    for j in range(BK, nnz + BK, BK):
-        w_next, xv_next = _load_block(x_ptr, stride_xb, w_ptr, stride_wk, idx_ptr, rb, bmask, thr, j, nnz,
-                                      cols, col_mask, BK)
-        if BLOCK_B == 1:
+        kk = _load_idx(idx_ptr, 0, nnz, BK)
+        w, xv = _load_rows(x_ptr, stride_xb, w_ptr, stride_wk, rb, bmask, thr, kk, 0, nnz, cols, col_mask, BK)
+        kk = _load_idx(idx_ptr, BK, nnz, BK)
+        for j in range(BK, nnz + BK, BK):
+            w_next, xv_next = _load_rows(x_ptr, stride_xb, w_ptr, stride_wk, rb, bmask, thr, kk, j, nnz, cols,
+                                         col_mask, BK)
+            kk = _load_idx(idx_ptr, j + BK, nnz, BK)
             acc2 += w.to(tl.float32) * tl.sum(xv.to(tl.float32), axis=0)[:, None]
-        elif DOT_F32:  # the interpreter's dot is wrong for bf16; fp32 operands hold the same values
-            acc = tl.dot(xv.to(tl.float32), w.to(tl.float32), acc)
-        else:
-            acc = tl.dot(xv.to(w.dtype), w, acc)
-        w, xv = w_next, xv_next
-    if BLOCK_B == 1:
+            w, xv = w_next, xv_next
         acc = tl.sum(acc2, axis=0)[None, :]
+    else:
+        # several tokens: tensor-core dot of [BLOCK_B, BK] activations with the [BK, BN] gathered rows
+        acc = tl.zeros([BLOCK_B, BN], dtype=tl.float32)
+        for j in range(0, nnz, BK):
+            kk = _load_idx(idx_ptr, j, nnz, BK)
+            w, xv = _load_rows(x_ptr, stride_xb, w_ptr, stride_wk, rb, bmask, thr, kk, j, nnz, cols, col_mask,
+                               BK)
+            if DOT_F32:  # the interpreter's dot is wrong for bf16; fp32 operands hold the same values
+                acc = tl.dot(xv.to(tl.float32), w.to(tl.float32), acc)
+            else:
+                acc = tl.dot(xv.to(w.dtype), w, acc)
     return acc
 
 
 @triton.jit
-def _load_block(x_ptr, stride_xb, w_ptr, stride_wk, idx_ptr, rb, bmask, thr, j, nnz, cols, col_mask,
-                BK: tl.constexpr):
-    """Gathered weight rows idx[j:j+BK] and the matching sparsified activations (zeros past nnz)."""
+def _load_idx(idx_ptr, j, nnz, BK: tl.constexpr):
+    """Compacted row indices idx[j:j+BK] (0 past nnz)."""
     rj = j + tl.arange(0, BK)
-    jm = rj < nnz
-    kk = tl.load(idx_ptr + rj, mask=jm, other=0)
+    return tl.load(idx_ptr + rj, mask=rj < nnz, other=0)
+
+
+@triton.jit
+def _load_rows(x_ptr, stride_xb, w_ptr, stride_wk, rb, bmask, thr, kk, j, nnz, cols, col_mask, BK: tl.constexpr):
+    """Gathered weight rows kk and the matching sparsified activations (zeros past nnz)."""
+    jm = (j + tl.arange(0, BK)) < nnz
     w = tl.load(w_ptr + kk[:, None] * stride_wk + cols[None, :], mask=jm[:, None] & col_mask[None, :], other=0.0)
     xv = tl.load(x_ptr + rb[:, None] * stride_xb + kk[None, :], mask=bmask[:, None] & jm[None, :], other=0.0)
     xv = tl.where(tl.abs(xv.to(tl.float32)) > thr[:, None], xv, 0.0)
@@ -129,38 +141,31 @@ def _load_block(x_ptr, stride_xb, w_ptr, stride_wk, idx_ptr, rb, bmask, thr, j, 
 
 
 @triton.jit
-def _finish(acc, acc2, y_ptr, stride_yb, part_ptr, part_stride_s, lock_ptr, pid_n, pid_k, rb, bmask,
-            ycols, pcols, pcols2, cmask,
-            SPLIT: tl.constexpr, GLU: tl.constexpr, BLOCK_B: tl.constexpr, BN: tl.constexpr):
-    """Deterministic split-K reduction (last program of the column block sums the partials) + epilogue."""
-    if SPLIT > 1:
-        m2 = bmask[:, None] & cmask[None, :]
-        pp = part_ptr + pid_k * part_stride_s + rb[:, None] * (part_stride_s // BLOCK_B)
-        tl.store(pp + pcols[None, :], acc, mask=m2)
-        if GLU:
-            tl.store(pp + pcols2[None, :], acc2, mask=m2)
-        tl.debug_barrier()  # every thread's partials are stored before the ticket is taken
-        ticket = tl.atomic_add(lock_ptr + pid_n, 1)  # acq_rel, gpu scope
-        if ticket == SPLIT - 1:
-            acc = tl.zeros([BLOCK_B, BN], dtype=tl.float32)
-            acc2 = tl.zeros([BLOCK_B, BN], dtype=tl.float32)
-            for s in range(SPLIT):
-                ps = part_ptr + s * part_stride_s + rb[:, None] * (part_stride_s // BLOCK_B)
-                acc += tl.load(ps + pcols[None, :], mask=m2, other=0.0, cache_modifier=".cg")
-                if GLU:
-                    acc2 += tl.load(ps + pcols2[None, :], mask=m2, other=0.0, cache_modifier=".cg")
-            _epilogue(acc, acc2, y_ptr, stride_yb, rb, bmask, ycols, cmask, GLU)
-            tl.store(lock_ptr + pid_n, 0)  # ready for the next launch (and the next graph replay)
+def _finish(acc, y_ptr, stride_yb, part_ptr, NT, lock_ptr, lock_id, pid_k, rb, bmask, cols, cmask, ycols,
+            TICKETS: tl.constexpr, SPLIT: tl.constexpr, GLU: tl.constexpr, BLOCK_B: tl.constexpr,
+            BN: tl.constexpr, HALF):
+    """Deterministic split-K reduction + epilogue. Each program stores its partial sums [BLOCK_B, BN] at
+    part[pid_k, :, cols]; the last of the TICKETS programs sharing lock_id adds them in chunk order and
+    writes y[:, ycols] (GLU: silu(gate) * up, the up columns HALF to the right of the gate columns)."""
+    m2 = bmask[:, None] & cmask[None, :]
+    if TICKETS == 1:
+        tl.store(y_ptr + rb[:, None] * stride_yb + ycols[None, :], acc.to(y_ptr.dtype.element_ty), mask=m2)
     else:
-        _epilogue(acc, acc2, y_ptr, stride_yb, rb, bmask, ycols, cmask, GLU)
-
-
-@triton.jit
-def _epilogue(acc, acc2, y_ptr, stride_yb, rb, bmask, ycols, cmask, GLU: tl.constexpr):
-    if GLU:
-        acc = acc / (1.0 + tl.exp(-acc)) * acc2  # silu(gate) * up, in fp32
-    tl.store(y_ptr + rb[:, None] * stride_yb + ycols[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=bmask[:, None] & cmask[None, :])
+        tl.store(part_ptr + pid_k * BLOCK_B * NT + rb[:, None] * NT + cols[None, :], acc, mask=m2)
+        tl.debug_barrier()  # every thread's partials are stored before the ticket is taken
+        ticket = tl.atomic_add(lock_ptr + lock_id, 1)  # acq_rel, gpu scope
+        if ticket == TICKETS - 1:
+            g = tl.zeros([BLOCK_B, BN], dtype=tl.float32)
+            u = tl.zeros([BLOCK_B, BN], dtype=tl.float32)
+            for s in range(SPLIT):
+                ps = part_ptr + s * BLOCK_B * NT + rb[:, None] * NT + ycols[None, :]
+                g += tl.load(ps, mask=m2, other=0.0, cache_modifier=".cg")
+                if GLU:
+                    u += tl.load(ps + HALF, mask=m2, other=0.0, cache_modifier=".cg")
+            if GLU:
+                g = g / (1.0 + tl.exp(-g)) * u  # silu(gate) * up, in fp32
+            tl.store(y_ptr + rb[:, None] * stride_yb + ycols[None, :], g.to(y_ptr.dtype.element_ty), mask=m2)
+            tl.store(lock_ptr + lock_id, 0)  # ready for the next launch (and the next graph replay)
 
 
 @triton.jit
@@ -169,36 +174,31 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
                         B, K, N, N1, N2, NB1, NB2,
                         SPLIT: tl.constexpr, GLU: tl.constexpr, BLOCK_B: tl.constexpr,
                         KC: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, DOT_F32: tl.constexpr):
-    """Grid (column blocks, SPLIT). Plain mode: up to 3 projections concatenated in wt's columns, split at
-    N1 and N2 (their first column blocks are NB1 and NB2), projection p using thresholds t[p]. GLU mode:
-    wt = [gate | up] with N1 columns each; output silu(gate) * up with N1 columns."""
+    """Grid (column blocks, SPLIT). Up to 3 projections concatenated in wt's columns, split at N1 and N2
+    (their first column blocks are NB1 and NB2), projection p using thresholds t[p]. GLU mode: wt = [gate |
+    up] (N1 = N/2 columns each, NB1 blocks each); gate block j and up block j share one ticket counter and
+    the last of their programs writes silu(gate) * up to y[:, block j]."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    n_blocks = tl.num_programs(0)
     k0 = pid_k * KC
     rb = tl.arange(0, BLOCK_B)
     bmask = rb < B
-    scratch = idx_ptr + (pid_k * n_blocks + pid_n).to(tl.int64) * (2 * KC)
+    scratch = idx_ptr + (pid_k * tl.num_programs(0) + pid_n).to(tl.int64) * KC
+    proj = (pid_n >= NB1).to(tl.int32) + (pid_n >= NB2).to(tl.int32)
+    col0 = tl.where(proj == 0, 0, tl.where(proj == 1, N1, N2))
+    blk0 = tl.where(proj == 0, 0, tl.where(proj == 1, NB1, NB2))
+    col_end = tl.where(proj == 0, N1, tl.where(proj == 1, N2, N))
+    cols = col0 + (pid_n - blk0) * BN + tl.arange(0, BN)
+    cmask = cols < col_end
+    acc = _gather_gemv(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr + proj * stride_tp, stride_tb, scratch,
+                       B, K, k0, cols, cmask, BLOCK_B, KC, BK, BN, DOT_F32)
     if GLU:
-        cols = pid_n * BN + tl.arange(0, BN)
-        cmask = cols < N1
-        acc = _gather_gemv(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tb, scratch,
-                           B, K, k0, cols, cmask, BLOCK_B, KC, BK, BN, DOT_F32)
-        acc2 = _gather_gemv(x_ptr, stride_xb, w_ptr + N1, stride_wk, t_ptr + stride_tp, stride_tb,
-                            scratch + KC, B, K, k0, cols, cmask, BLOCK_B, KC, BK, BN, DOT_F32)
-        _finish(acc, acc2, y_ptr, stride_yb, part_ptr, BLOCK_B * 2 * N1, lock_ptr, pid_n, pid_k, rb, bmask,
-                cols, cols, cols + N1, cmask, SPLIT, GLU, BLOCK_B, BN)
+        ycols = (pid_n - blk0) * BN + tl.arange(0, BN)
+        _finish(acc, y_ptr, stride_yb, part_ptr, N, lock_ptr, pid_n - blk0, pid_k, rb, bmask, cols, cmask,
+                ycols, 2 * SPLIT, SPLIT, GLU, BLOCK_B, BN, N1)
     else:
-        proj = (pid_n >= NB1).to(tl.int32) + (pid_n >= NB2).to(tl.int32)
-        col0 = tl.where(proj == 0, 0, tl.where(proj == 1, N1, N2))
-        blk0 = tl.where(proj == 0, 0, tl.where(proj == 1, NB1, NB2))
-        col_end = tl.where(proj == 0, N1, tl.where(proj == 1, N2, N))
-        cols = col0 + (pid_n - blk0) * BN + tl.arange(0, BN)
-        cmask = cols < col_end
-        acc = _gather_gemv(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr + proj * stride_tp, stride_tb, scratch,
-                           B, K, k0, cols, cmask, BLOCK_B, KC, BK, BN, DOT_F32)
-        _finish(acc, acc, y_ptr, stride_yb, part_ptr, BLOCK_B * N, lock_ptr, pid_n, pid_k, rb, bmask,
-                cols, cols, cols, cmask, SPLIT, GLU, BLOCK_B, BN)
+        _finish(acc, y_ptr, stride_yb, part_ptr, N, lock_ptr, pid_n, pid_k, rb, bmask, cols, cmask, cols,
+                SPLIT, SPLIT, GLU, BLOCK_B, BN, 0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -230,19 +230,21 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[key]
 
 
-def pick_config(B: int, K: int, n_blocks_of, device: torch.device, glu: bool = False) -> dict:
-    """Block sizes and K-split: enough programs (about 4 per SM) that every SM streams rows.
+def pick_config(B: int, K: int, n_blocks_of, device: torch.device) -> dict:
+    """Block sizes and K-split: about 3 programs per SM, each streaming a chunk of KC input rows.
 
-    n_blocks_of(BN) gives the number of column blocks for a column-block width BN."""
+    n_blocks_of(BN) gives the number of column blocks for a column-block width BN. Chosen from a sweep on an
+    H100 (benchmarks/gpu_kernels.py --sweep): fewer, longer programs amortise the compaction prologue and
+    the reduction epilogue; fewer than about 2 per SM leave bandwidth unused."""
     if device.type != "cuda":  # the interpreter: small blocks keep CPU tests fast and exercise every path
         return dict(BN=32, KC=32, BK=16, num_warps=1, num_stages=1)
     BN = 128
     n_blocks = n_blocks_of(BN)
-    target = 4 * _sm_count(device) // (2 if glu else 1)
+    target = 3 * _sm_count(device)
     KC = 256
     while KC < 2048 and n_blocks * triton.cdiv(K, KC) > target:
         KC *= 2
-    return dict(BN=BN, KC=KC, BK=32 if B == 1 else 64, num_warps=4, num_stages=3)
+    return dict(BN=BN, KC=KC, BK=64, num_warps=4, num_stages=1 if B == 1 else 3)
 
 
 def _launch(x, wt, t, splits, glu, config=None):
@@ -263,31 +265,24 @@ def _launch(x, wt, t, splits, glu, config=None):
     if glu:
         if N % 2:
             raise ValueError("gate/up weight needs an even number of columns [gate | up]")
-        n1 = N // 2
-        bounds = (n1, N, N)
-        n_blocks_of = lambda bn: triton.cdiv(n1, bn)  # noqa: E731
-        out_cols = n1
-    else:
-        cuts = [sum(splits[:i + 1]) for i in range(len(splits))] + [N] * (3 - len(splits))
-        bounds = tuple(cuts[:3])
-        widths = list(splits) + [0] * (3 - len(splits))
-        n_blocks_of = lambda bn: sum(triton.cdiv(w, bn) for w in widths)  # noqa: E731
-        out_cols = N
-    cfg = dict(pick_config(B, K, n_blocks_of, x.device, glu))
+        splits = (N // 2, N // 2)
+    cuts = [sum(splits[:i + 1]) for i in range(len(splits))] + [N] * (3 - len(splits))
+    bounds = tuple(cuts[:3])
+    widths = list(splits) + [0] * (3 - len(splits))
+    n_blocks_of = lambda bn: sum(triton.cdiv(w, bn) for w in widths)  # noqa: E731
+    out_cols = N // 2 if glu else N
+    cfg = dict(pick_config(B, K, n_blocks_of, x.device))
     if config:
         cfg.update(config)
     BN, KC = cfg["BN"], cfg["KC"]
     n_blocks = n_blocks_of(BN)
-    if glu:
-        NB1 = NB2 = n_blocks
-    else:
-        NB1 = triton.cdiv(widths[0], BN)
-        NB2 = NB1 + triton.cdiv(widths[1], BN)
+    NB1 = triton.cdiv(widths[0], BN)
+    NB2 = NB1 + triton.cdiv(widths[1], BN)
     split = triton.cdiv(K, KC)
     block_b = 1 if B == 1 else 16
     y = torch.empty(B, out_cols, dtype=x.dtype, device=x.device)
-    part = torch.empty(split * block_b * N if split > 1 else 1, dtype=torch.float32, device=x.device)
-    idx = torch.empty(split * n_blocks * 2 * KC, dtype=torch.int32, device=x.device)
+    part = torch.empty(split * block_b * N if (split > 1 or glu) else 1, dtype=torch.float32, device=x.device)
+    idx = torch.empty(split * n_blocks * KC, dtype=torch.int32, device=x.device)
     locks = _locks(x.device, n_blocks)
     _sparse_gemv_kernel[(n_blocks, split)](
         x, x.stride(0), wt, wt.stride(0), t, t.stride(0), t.stride(1),
@@ -313,6 +308,17 @@ def _thresholds_device(t, P, B, device):
     if tuple(t.shape) != (P, B):
         raise ValueError(f"thresholds must be [P] or [P, B] with P={P}, B={B}, got {tuple(t.shape)}")
     return t
+
+
+def use_sparse(sparsity: float, batch: int = 1) -> bool:
+    """Dispatch rule: run the sparse kernel, or dense cuBLAS (``x @ wt``) on the same weights?
+
+    Decided before the run from the planned sparsity, never from the data. The sparse kernel pays when the
+    expected fraction of weight rows it reads, 1 - s**B for independent token masks, is small enough: up to
+    0.8 for one token (FMA path), up to 0.6 for several (tensor-core path). Cut-offs read off the H100
+    table in reports/gpu/kernels.md (crossovers between 0% and 25% for B=1, above 50% for B=4)."""
+    rows_read = 1.0 - sparsity ** batch
+    return rows_read <= (0.8 if batch == 1 else 0.6)
 
 
 def sparse_linear(x, wt, thresholds, splits=None, config=None):

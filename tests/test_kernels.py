@@ -101,6 +101,13 @@ def test_swiglu_matches_reference(dtype, B):
     assert rel_err(h, sparse_swiglu_ref(x, wt, t)) < TOL[dtype]
 
 
+def test_swiglu_single_chunk():
+    # one K chunk: gate and up programs still meet at their shared ticket for the SwiGLU epilogue
+    x, wt = make(2, 20, 2 * 36, torch.float16, seed=9)
+    t = thr(0.2, 0.9)
+    assert rel_err(sparse_swiglu(x, wt, t), sparse_swiglu_ref(x, wt, t)) < TOL[torch.float16]
+
+
 def test_topk_thresholds_keep_exact_counts():
     B, K = 5, 150
     g = torch.Generator().manual_seed(5)

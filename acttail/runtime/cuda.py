@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from acttail.kernels import sparse_linear, sparse_swiglu, topk_thresholds
+from acttail.kernels import sparse_linear, sparse_swiglu, topk_thresholds, use_sparse
 from acttail.kernels.decode_ops import add_rmsnorm, rope_cache_write
 
 GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
@@ -113,13 +113,17 @@ class CudaDecoder:
         max_seq = max_seq or a.max_seq_len
         return cls(dims, w, max_seq, rope=(model.rope_cos, model.rope_sin))
 
-    def set_sparsity(self, thresholds: dict | None = None, keeps: dict | None = None):
+    def set_sparsity(self, thresholds: dict | None = None, keeps: dict | None = None, planned: dict | None = None):
         """thresholds: {(layer, kind): t} (threshold mode) or keeps: {(layer, kind): n} (top-k mode).
 
-        A group with no entry stays dense; a missing member of a sparse group keeps every row."""
+        A group with no entry stays dense; a missing member of a sparse group keeps every row. With planned
+        sparsities {(layer, kind): s}, a group whose mean planned sparsity is too low for the sparse kernel to
+        pay (``use_sparse``) runs dense."""
         self.t, self.keeps = {}, {}
         for i in range(self.dims.n_layer):
             for g, kinds in GROUPS.items():
+                if planned is not None and not use_sparse(sum(planned.get((i, k), 0.0) for k in kinds) / len(kinds)):
+                    continue
                 if thresholds and any((i, k) in thresholds for k in kinds):
                     vals = [thresholds.get((i, k)) for k in kinds]
                     self.t[i, g] = torch.tensor([-1.0 if v is None else float(v) for v in vals],
