@@ -114,6 +114,7 @@ def main(argv=None) -> None:
     sp.attach(model, plan)
     print(f"plan: {plan['method']['name']} budget {plan['budget']}, {len(sp.handles)} hooks on {args.model}")
 
+    on_text = {}
     if args.text:
         with open(args.text, encoding="utf-8") as f:
             ids = tok(f.read(), return_tensors="pt").input_ids[0, : args.tokens]
@@ -122,6 +123,7 @@ def main(argv=None) -> None:
         sp.enabled = True
         sp.reset()
         sparse = perplexity(model, ids)
+        on_text = sp.measured()
         print(f"perplexity over {len(ids)} tokens: dense {dense:.3f}  sparse {sparse:.3f}  ratio {sparse / dense:.3f}")
 
     sp.reset()
@@ -129,10 +131,12 @@ def main(argv=None) -> None:
     out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
     print("generation:", tok.decode(out[0], skip_special_tokens=True))
 
-    target = target_by_kind(plan)
-    print(f"{'kind':<6}{'target':>9}{'measured':>10}   (fraction of inputs zeroed during generation)")
-    for kind, frac in sp.measured().items():
-        print(f"{kind:<6}{target[kind]:>9.3f}{frac:>10.3f}")
+    target, on_generation = target_by_kind(plan), sp.measured()
+    print("fraction of inputs zeroed per kind: plan target, measured on --text, measured during generation")
+    print(f"{'kind':<6}{'target':>9}{'text':>9}{'generate':>10}")
+    for kind, frac in on_generation.items():
+        text = f"{on_text[kind]:>9.3f}" if kind in on_text else f"{'-':>9}"
+        print(f"{kind:<6}{target[kind]:>9.3f}{text}{frac:>10.3f}")
 
 
 if __name__ == "__main__":
