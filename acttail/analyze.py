@@ -6,13 +6,16 @@ under ``cache_dir()/analysis`` so a re-run is instant unless forced.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import hashlib
 import io
 import json
 import math
-from collections import defaultdict
+import os
+from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -45,21 +48,48 @@ def settings(fit: str = "ks", dtype: str = "float32", device: str = "cpu", backe
 
 
 def analyze_checkpoint(ckpt: Checkpoint, cfg: dict, progress: bool = True) -> dict:
-    """Analyse every projection of ``ckpt`` with settings ``cfg``; returns the analysis document."""
-    rows = []
+    """Analyse every projection of ``ckpt`` with settings ``cfg``; returns the analysis document.
+
+    On CPU the matrices are spread over one single-threaded worker per core: LAPACK's eigvalsh scales
+    poorly with threads at these sizes, so whole matrices in parallel is faster. Tensors are read in order
+    and at most two per worker are in memory at once.
+    """
     projs = ckpt.projections()
-    for proj in tqdm(projs, desc="ESD", unit="matrix", disable=not progress):
-        w = ckpt.load(proj)
-        row = {"key": proj.key, "layer": proj.layer, "kind": proj.kind, "out_features": proj.out_features,
-               "in_features": proj.in_features, "params": proj.params}
-        row.update(_analyze_one(w, cfg))
-        rows.append(row)
-        del w
+    workers = 1 if cfg["device"] != "cpu" else max(1, min(os.cpu_count() or 1, torch.get_num_threads()))
+    rows = []
+    with _single_threaded(workers > 1), ThreadPoolExecutor(workers) as pool, \
+            tqdm(total=len(projs), desc="ESD", unit="matrix", disable=not progress) as bar:
+        pending = deque()
+        for proj in projs:
+            pending.append((proj, pool.submit(_analyze_one, ckpt.load(proj), cfg)))
+            while len(pending) > 2 * workers or (pending and pending[0][1].done()):
+                rows.append(_row(*pending.popleft()))
+                bar.update()
+        while pending:
+            rows.append(_row(*pending.popleft()))
+            bar.update()
     return {"format": "acttail-analysis", "version": 1, "tool_version": __version__,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "model": {"path": str(ckpt.path), "fingerprint": ckpt.fingerprint, "architecture": ckpt.architecture,
                       "model_type": ckpt.model_type, "num_layers": ckpt.num_layers},
             "settings": cfg, "projections": rows, "summary": summarize(rows)}
+
+
+def _row(proj, future) -> dict:
+    return {"key": proj.key, "layer": proj.layer, "kind": proj.kind, "out_features": proj.out_features,
+            "in_features": proj.in_features, "params": proj.params, **future.result()}
+
+
+@contextlib.contextmanager
+def _single_threaded(on: bool):
+    """Run torch single-threaded inside the block (when ``on``), restoring the thread count after."""
+    n = torch.get_num_threads()
+    if on:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _analyze_one(w: torch.Tensor, cfg: dict) -> dict:
