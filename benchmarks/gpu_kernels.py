@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _kernels_path import ensure_kernels  # noqa: E402
@@ -25,7 +26,7 @@ ensure_kernels()
 from acttail.kernels import (  # noqa: E402
     sparse_linear, sparse_linear_ref, sparse_swiglu, sparse_swiglu_ref, topk_thresholds, topk_thresholds_ref)
 from acttail.kernels.sparse_gemv import pick_config, use_sparse  # noqa: E402
-from teal_baseline import teal_gemv  # noqa: E402
+from teal_baseline import CONFIGS as TEAL_CONFIGS, teal_gemv  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
 SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
@@ -115,14 +116,18 @@ def bench_gemv(K, N, dtype, B, s, copies_w, copies_wt, bw, with_teal):
     row["floor_us"] = need / bw * 1e6
     row["x_floor"] = t_ours / row["floor_us"]
     row["dense_floor_us"] = K * N * elem / bw * 1e6
-    row["dispatch_sparse"] = use_sparse(s, B)
+    row["dispatch_sparse"] = use_sparse(s, B, K * N * elem)
     row["us_dispatched"] = t_ours if row["dispatch_sparse"] else t_dense_t
     row["speedup_dispatched"] = t_dense / row["us_dispatched"]
     row["dense_x_floor"] = t_dense / row["dense_floor_us"]
     if with_teal and dtype == torch.float16 and B == 1:
         yt = teal_gemv(x, copies_wt[0], t_val)
         row["teal_rel_err"] = rel_err(yt, ref)
-        row["us_teal"], _ = time_graph(lambda i: teal_gemv(x, copies_wt[i], t_val), n)
+        teal = {}
+        for bk, bn, nw in TEAL_CONFIGS:
+            teal[f"{bk}x{bn}w{nw}"], _ = time_graph(lambda i: teal_gemv(x, copies_wt[i], t_val, bk, bn, nw), n)
+        row["teal_config"] = min(teal, key=teal.get)
+        row["us_teal"] = teal[row["teal_config"]]
         row["teal_speedup"] = t_dense / row["us_teal"]
     return row
 
@@ -205,27 +210,28 @@ def bench_fused(bw):
     return rows
 
 
-SWEEP = [dict(BN=bn, KC=kc, BK=bk, num_warps=nw, num_stages=1)
-         for bn in (128, 256) for kc in (512, 1024, 2048) for bk in (32, 64) for nw in (4, 8)]
-SWEEP_B4 = [dict(BN=bn, KC=kc, BK=bk, num_warps=nw, num_stages=ns)
-            for bn, kc, bk, nw, ns in [(128, 512, 32, 4, 3), (128, 1024, 32, 4, 3), (128, 1024, 64, 4, 3),
-                                       (64, 512, 64, 4, 3), (128, 512, 32, 4, 1), (256, 1024, 32, 8, 3)]]
+SWEEP = [None] + [dict(BN=bn, KC=kc, BK=bk, num_warps=nw, num_stages=1)
+                  for bn, kc, bk, nw in [(64, 0, 64, 4), (32, 0, 64, 2), (32, 0, 128, 4), (64, 0, 64, 2),
+                                         (64, 2048, 64, 4), (64, 4096, 64, 4), (32, 4096, 64, 2),
+                                         (128, 2048, 64, 4), (128, 4096, 64, 4)]]
 
 
 def sweep(bw):
+    """B=1 block configurations (KC=0: one chunk of all K rows, no split-K reduction)."""
     rows = []
-    for K, N in [(4096, 11008), (11008, 4096), (4096, 4096)]:
+    for K, N in [(4096, 11008), (11008, 4096), (4096, 4096), (4096, 14336)]:
         w, wt = make_copies(K, N, torch.float16)
-        for B, configs in ((1, SWEEP), (4, SWEEP_B4)):
-            x = torch.randn(B, K, device="cuda", dtype=torch.float16)
-            t_dense, _ = time_graph(lambda i: F.linear(x, w[i]), len(w))
-            for s in (0.5, 0.9):
-                t = torch.tensor([threshold_for(x, s)], device="cuda")
-                for cfg in configs:
-                    ok = rel_err(sparse_linear(x, wt[0], t, config=cfg), sparse_linear_ref(x, wt[0], t)) < 3e-3
-                    us, _ = time_graph(lambda i: sparse_linear(x, wt[i], t, config=cfg), len(wt), replays=7)
-                    rows.append(dict(K=K, N=N, B=B, s=s, **cfg, ok=ok, us=us, speedup=t_dense / us))
-                    print(f"sweep {K}x{N} B={B} s={s} {cfg} ok={ok} {us:.1f}us {t_dense / us:.2f}x", flush=True)
+        x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+        t_dense, _ = time_graph(lambda i: F.linear(x, w[i]), len(w))
+        for s in (0.0, 0.5, 0.9):
+            t = torch.tensor([threshold_for(x, s)], device="cuda")
+            for cfg in SWEEP:
+                if cfg is not None and cfg["KC"] == 0:
+                    cfg = dict(cfg, KC=triton.next_power_of_2(K))
+                ok = rel_err(sparse_linear(x, wt[0], t, config=cfg), sparse_linear_ref(x, wt[0], t)) < 3e-3
+                us, _ = time_graph(lambda i: sparse_linear(x, wt[i], t, config=cfg), len(wt), replays=7)
+                rows.append(dict(K=K, N=N, B=1, s=s, cfg=cfg, ok=ok, us=us, speedup=t_dense / us))
+                print(f"sweep {K}x{N} s={s} {cfg} ok={ok} {us:.1f}us {t_dense / us:.2f}x", flush=True)
         del w, wt
     return rows
 
@@ -236,7 +242,8 @@ def markdown(rows, fused, check_rows, bw, meta):
              f"- copy bandwidth (read + write): {bw / 1e12:.2f} TB/s; floor = bytes needed / that",
              "- times: median us per call over CUDA-graph replays rotating weight copies (> 512 MB per replay)",
              "- dense = F.linear(x, W[out,in]) (cuBLAS); dense(Wt) = x @ W^T[in,out]; "
-             "speedup = dense / ours; x floor = ours / floor; TEAL = TEAL-style split-K atomic kernel",
+             "speedup = dense / ours; x floor = ours / floor; TEAL = TEAL-style split-K atomic kernel "
+             "(fp16, B=1; fastest of its configs, timed in this run)",
              "- batch 4: one scalar threshold for all tokens; 'union keep' = fraction of weight rows read", ""]
     lines += ["- dispatched = what `use_sparse(sparsity, B)` runs (decided from the planned sparsity): ours, or dense "
               "x @ W^T on the same weights", ""]
@@ -270,7 +277,6 @@ def main():
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    import triton
     meta = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 command="python " + " ".join(sys.argv), torch=torch.__version__, triton=triton.__version__)
     torch.manual_seed(0)

@@ -310,15 +310,19 @@ def _thresholds_device(t, P, B, device):
     return t
 
 
-def use_sparse(sparsity: float, batch: int = 1) -> bool:
+def use_sparse(sparsity: float, batch: int = 1, nbytes: int | None = None) -> bool:
     """Dispatch rule: run the sparse kernel, or dense cuBLAS (``x @ wt``) on the same weights?
 
-    Decided before the run from the planned sparsity, never from the data. The sparse kernel pays when the
-    expected fraction of weight rows it reads, 1 - s**B for independent token masks, is small enough: up to
-    0.8 for one token (FMA path), up to 0.6 for several (tensor-core path). Cut-offs read off the H100
-    table in reports/gpu/kernels.md (crossovers between 0% and 25% for B=1, above 50% for B=4)."""
-    rows_read = 1.0 - sparsity ** batch
-    return rows_read <= (0.8 if batch == 1 else 0.6)
+    Decided before the run from the planned sparsity and the weight size, never from the data.
+    - The expected fraction of weight rows read, 1 - s**B for independent token masks, must be small
+      enough: up to 0.8 for one token (FMA path), up to 0.6 for several (tensor-core path).
+    - The bytes skipped, (s**B) * nbytes, must be worth the kernel's extra fixed cost over cuBLAS (a few
+      microseconds: compaction prologue, split-K ticket): at least 8 MB, about 2.7 us at 3 TB/s.
+    Both cut-offs are read off the H100 table in reports/gpu/kernels.md."""
+    skipped = sparsity ** batch
+    if 1.0 - skipped > (0.8 if batch == 1 else 0.6):
+        return False
+    return nbytes is None or skipped * nbytes >= 8e6
 
 
 def sparse_linear(x, wt, thresholds, splits=None, config=None):

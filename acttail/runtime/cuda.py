@@ -20,6 +20,7 @@ from acttail.kernels import sparse_linear, sparse_swiglu, topk_thresholds, use_s
 from acttail.kernels.decode_ops import add_rmsnorm, rope_cache_write
 
 GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
+WEIGHT = {"qkv": "wqkv", "o": "wo", "gate_up": "w13", "down": "w2"}
 
 
 @dataclass
@@ -122,8 +123,11 @@ class CudaDecoder:
         self.t, self.keeps = {}, {}
         for i in range(self.dims.n_layer):
             for g, kinds in GROUPS.items():
-                if planned is not None and not use_sparse(sum(planned.get((i, k), 0.0) for k in kinds) / len(kinds)):
-                    continue
+                if planned is not None:
+                    s = sum(planned.get((i, k), 0.0) for k in kinds) / len(kinds)
+                    w = self.w[f"{i}.{WEIGHT[g]}"]
+                    if not use_sparse(s, 1, w.numel() * w.element_size()):
+                        continue
                 if thresholds and any((i, k) in thresholds for k in kinds):
                     vals = [thresholds.get((i, k)) for k in kinds]
                     self.t[i, g] = torch.tensor([-1.0 if v is None else float(v) for v in vals],
