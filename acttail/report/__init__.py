@@ -184,10 +184,16 @@ def compute_spectra(analysis: dict, keys: list[str]) -> tuple[dict, str | None]:
     device = _usable_device(settings.get("device", "cpu"))
     by_key = {p.key: p for p in ckpt.projections()}
     spectra = {}
+    empty = []
     for key in tqdm(keys, desc="eigenvalues", unit="proj", leave=False, disable=None):
         evals = np.asarray(eigenvalues(ckpt.load(by_key[key]), dtype=dtype, device=device))
-        spectra[key] = evals[evals > (settings.get("eval_floor") or 0.0)]  # the eigenvalues the fit saw
-    return spectra, None
+        evals = evals[evals > (settings.get("eval_floor") or 0.0)]  # the eigenvalues the fit saw
+        if len(evals):
+            spectra[key] = evals
+        else:
+            empty.append(key)
+    warning = f"no eigenvalue above the floor for {', '.join(empty)}: no ESD drawn for them" if empty else None
+    return spectra, warning
 
 
 def _usable_device(device: str) -> str:
@@ -205,9 +211,12 @@ def draw_figures(rep: Report, folder: Path, esd_keys: list[str], grid_title: str
     rows = rep.analysis["projections"]
     by_key = {r["key"]: r for r in rows}
 
+    bar = tqdm(desc="figures", unit="fig", leave=False, disable=None)
+
     def add(section, name, title, caption, fig):
         png = F.save(fig, folder, name)
         rep.figures.append({"section": section, "name": name, "title": title, "caption": caption, "png": png})
+        bar.update()
 
     spectra, warning = compute_spectra(rep.analysis, list(dict.fromkeys(esd_keys + grid)))
     if warning:
@@ -217,17 +226,23 @@ def draw_figures(rep: Report, folder: Path, esd_keys: list[str], grid_title: str
             add("spectra", f"esd_{key.replace('.', '_')}", f"ESD of {key}",
                 "Eigenvalues of WᵀW: histogram with logarithmic bins and complementary CDF, with the "
                 "power law fitted from xmin (dashed) drawn over the tail.", F.esd_figure(spectra[key], by_key[key]))
-    if grid and all(k in spectra for k in grid):
+    thumbs = [(by_key[k], spectra[k]) for k in grid if k in spectra]
+    if thumbs:
         add("spectra", "esd_grid", grid_title,
             "Thumbnails: complementary CDF per projection with the fitted power law (red) and xmin (dashed).",
-            F.esd_grid_figure([(by_key[k], spectra[k]) for k in grid], grid_title))
+            F.esd_grid_figure(thumbs, grid_title))
     rep.esd_keys = [k for k in esd_keys if k in spectra]
 
     add("alpha", "alpha_heatmap", "Alpha per layer and projection kind",
         "Diverging scale centred on the HT-SR band 2 ≤ α ≤ 6 (pale). × marks a projection with a warning; "
         "grey cells have no fit.", F.alpha_heatmap(rows))
-    if not rep.plans:
-        return
+    if rep.plans:
+        draw_plan_figures(rep, by_key, add)
+    bar.close()
+
+
+def draw_plan_figures(rep: Report, by_key: dict, add) -> None:
+    """Sparsity maps, plan vs uniform per kind, alpha vs sparsity and, for calibrated plans, calibration."""
     for i, p in enumerate(rep.plans):
         add("allocation", f"sparsity_heatmap_{i}", f"Sparsity of {p.label}",
             "Planned activation sparsity (share of input activations skipped) per projection.",

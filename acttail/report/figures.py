@@ -324,7 +324,9 @@ def perplexity_figure(series: dict[str, list[tuple[float, float]]], dense: list[
         fmt, color = styles.get(name, ("^-", None))
         ax.plot(100 * x, y, fmt, color=color, label=name, ms=5)
     for ppl in dense[:1]:
-        ax.axhline(ppl, ls=":", color="black", lw=1, label=f"dense {ppl:.2f}")
+        ax.axhline(ppl, ls=":", color="black", lw=1)
+        ax.plot([0], [ppl], "*", ms=9, color="black", label=f"dense {ppl:.2f}")
+    ax.set_xlim(0, 100)
     ax.set_yscale("log")
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     ax.yaxis.set_major_formatter(plain)

@@ -156,10 +156,16 @@ def _method_name(method) -> str:
     return str(method.get("name")) if isinstance(method, dict) else str(method)
 
 
-def _settings_text(settings) -> str:
+def _settings_text(settings, keys=None) -> str:
+    """``k=v, ...`` for the scalar settings (only ``keys`` when given and present)."""
     if not isinstance(settings, dict):
         return ""
-    return ", ".join(f"{k}={v}" for k, v in settings.items() if not isinstance(v, (dict, list)))
+    if keys and any(k in settings for k in keys):
+        settings = {k: settings[k] for k in keys if k in settings}
+    def plain(v):  # the caller escapes
+        return format(v, ".3g") if isinstance(v, float) else "–" if v is None else str(v)
+
+    return ", ".join(f"{k}={plain(v)}" for k, v in settings.items() if not isinstance(v, (dict, list)))
 
 
 def inputs_tables(rep) -> str:
@@ -168,7 +174,8 @@ def inputs_tables(rep) -> str:
     if rep.plans:
         rows = []
         for p in rep.plans:
-            calibration = f"yes ({_settings_text(p.raw.get('calibration'))})" if p.calibrated else "no"
+            keys = ("text", "n_tokens", "tokens", "ctx", "max_abs_deviation")
+            calibration = f"yes ({_settings_text(p.raw.get('calibration'), keys)})" if p.calibrated else "no"
             rows.append([f'<td title="{escape(str(p.path))}"><code>{escape(p.path.name)}</code></td>',
                          num_cell(p.budget, ".1%"), num_cell(weighted_sparsity(p.rows), ".2%"),
                          f"<td>{escape(_method_text(p.method))}</td>", f"<td>{escape(calibration)}</td>"])
@@ -183,7 +190,7 @@ def inputs_tables(rep) -> str:
                          num_cell(None if plan is None else plan["budget"], ".0%"),
                          num_cell(achieved.get("weighted_achieved"), ".1%"),
                          num_cell(e["perplexity"], ".3f"),
-                         f"<td>{escape(_settings_text(e.get('settings')))}</td>"])
+                         f"<td>{escape(_settings_text(e.get('settings'), ('text', 'ctx', 'tokens', 'mode', 'prefill')))}</td>"])
         html += "<h3>Evaluation results</h3>" + plain_table(
             ["file", "method", "budget", "achieved sparsity", "perplexity", "settings"], rows)
     return html
@@ -206,7 +213,7 @@ def summary_section(rep) -> str:
         cards.append(card(f"{p.budget:.0%}", f"budget of {p.label}"))
     best = {}
     for e in rep.evals:
-        name = "dense" if e.get("plan") is None else f"{e['plan']['budget']:.0%}"
+        name = "dense" if e.get("plan") is None else f"{_method_name(e['plan'].get('method'))} {e['plan']['budget']:.0%}"
         best.setdefault(name, e["perplexity"])
     cards += [card(f"{v:.2f}", f"perplexity, {k}") for k, v in list(best.items())[:6]]
     html = f'<div class="cards">{"".join(cards)}</div>' + inputs_tables(rep)
