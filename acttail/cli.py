@@ -240,11 +240,14 @@ def generate_cmd(model, plan_path, prompt, max_new_tokens, temperature, seed, mo
               help="Layer for the ESD small-multiples grid (default: the layer of the first --esd).")
 @click.option("--esd-kind", default=None, type=click.Choice(["q", "k", "v", "o", "gate", "up", "down"]),
               help="Draw the grid for one kind across up to 12 layers instead of one layer.")
-def report(analysis, plans, evals, output, esd, esd_layer, esd_kind):
+@click.option("--model", type=click.Path(), default=None,
+              help="Model folder for the ESD figures (default: the analysis' path, then the acttail cache).")
+def report(analysis, plans, evals, output, esd, esd_layer, esd_kind, model):
     """Write a self-contained HTML report (figures inlined) of ANALYSIS, plans and eval results."""
     from .report import build_report
 
-    click.echo(build_report(analysis, plans, evals, output, esd=esd, esd_layer=esd_layer, esd_kind=esd_kind))
+    click.echo(build_report(analysis, plans, evals, output, esd=esd, esd_layer=esd_layer, esd_kind=esd_kind,
+                            model=model))
 
 
 if __name__ == "__main__":

@@ -191,12 +191,30 @@ def test_missing_model_folder_skips_esd_only(tmp_path, model_dir):
     assert "No evaluation result given" in html
 
 
+def test_moved_model_folder_is_found_in_the_cache_or_given(tmp_path, model_dir, monkeypatch):
+    """An analysis made elsewhere: the same folder name in the acttail cache, or --model, is used when
+    its fingerprint matches."""
+    analysis = make_analysis(model_dir)
+    analysis["model"]["path"] = "/elsewhere/models/tiny"
+    paths = write_inputs(tmp_path / "in", analysis, evals=False)
+    monkeypatch.setenv("ACTTAIL_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "models").mkdir(parents=True)
+    model_dir.rename(tmp_path / "cache" / "models" / "tiny")
+    build_report(paths["analysis"], [], [], tmp_path / "out", esd=["layers.1.v"])
+    assert (tmp_path / "out" / "figures" / "esd_layers_1_v.png").is_file()
+    (tmp_path / "cache" / "models" / "tiny").rename(tmp_path / "given")
+    build_report(paths["analysis"], [], [], tmp_path / "out2", esd=["layers.1.v"], model=tmp_path / "given")
+    assert (tmp_path / "out2" / "figures" / "esd_layers_1_v.png").is_file()
+    with pytest.raises(ActTailError, match="--model .*not found"):
+        build_report(paths["analysis"], [], [], tmp_path / "out3", model=tmp_path / "nowhere")
+
+
 def test_changed_model_folder_skips_esd(tmp_path, model_dir):
     analysis = make_analysis(model_dir)
     write_tiny_model(model_dir, layers=3, hidden=64, inter=96, seed=1)  # same shapes, other weights
     paths = write_inputs(tmp_path / "in", analysis, evals=False)
     html = build_report(paths["analysis"], [], [], tmp_path / "out").read_text()
-    assert "changed since the analysis" in html
+    assert "holds other weights than the analysis" in html
 
 
 def test_plan_of_another_model_is_refused(tmp_path):

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import ActTailError
-from ..files import read_json, write_text
+from ..files import cache_dir, read_json, write_text
 from ..plan import is_calibrated, load_plan
 from . import figures as F
 from .html import render_report
@@ -162,11 +162,26 @@ def grid_keys(analysis: dict, layer: int | None, kind: str | None) -> tuple[str,
     return f"ESD of every projection in layer {layer}", [r["key"] for r in rows if r["layer"] == layer][:MAX_GRID]
 
 
-def compute_spectra(analysis: dict, keys: list[str]) -> tuple[dict, str | None]:
-    """Recompute eigenvalues for ``keys`` from the analysed model folder; (spectra, warning or None)."""
+def model_folder(analysis: dict, model: str | None = None) -> tuple[str | None, list[str]]:
+    """Where the analysed weights are: ``model`` if given, else the analysis' path, else the same folder
+    name in the acttail cache (an analysis made on another machine). Returns (path or None, tried)."""
+    if model is not None:
+        if not Path(model).exists():
+            raise ActTailError(f"--model {model}: not found")
+        return str(model), [str(model)]
     path = analysis["model"].get("path")
-    if not path or not Path(path).exists():
-        return {}, f"model folder {path!r} not found: ESD figures skipped (alpha and allocation figures still drawn)"
+    tried = [path] if path else []
+    if path:
+        tried.append(str(cache_dir() / "models" / Path(path).name))
+    return next((p for p in tried if Path(p).exists()), None), tried
+
+
+def compute_spectra(analysis: dict, keys: list[str], model: str | None = None) -> tuple[dict, str | None]:
+    """Recompute eigenvalues for ``keys`` from the analysed model folder; (spectra, warning or None)."""
+    path, tried = model_folder(analysis, model)
+    if path is None:
+        return {}, (f"model folder not found (tried {', '.join(tried) or 'nothing: the analysis has no path'}): "
+                    "ESD figures skipped; give it with --model")
     from ..checkpoint import Checkpoint
     from ..esd import eigenvalues
 
@@ -175,8 +190,8 @@ def compute_spectra(analysis: dict, keys: list[str]) -> tuple[dict, str | None]:
     except ActTailError as e:
         return {}, f"cannot open model folder ({e}): ESD figures skipped"
     if ckpt.fingerprint != analysis["model"]["fingerprint"]:
-        return {}, (f"model folder {path} changed since the analysis (fingerprint {ckpt.fingerprint}): "
-                    "ESD figures skipped")
+        return {}, (f"model folder {path} holds other weights than the analysis (fingerprint {ckpt.fingerprint}, "
+                    f"analysis {analysis['model']['fingerprint']}): ESD figures skipped")
     settings = analysis.get("settings") or {}
     dtype = getattr(torch, str(settings.get("dtype", "float32")), None)
     if not isinstance(dtype, torch.dtype):
@@ -206,7 +221,8 @@ def _usable_device(device: str) -> str:
 
 # ---- figures ---------------------------------------------------------------------------------------
 
-def draw_figures(rep: Report, folder: Path, esd_keys: list[str], grid_title: str, grid: list[str]) -> None:
+def draw_figures(rep: Report, folder: Path, esd_keys: list[str], grid_title: str, grid: list[str],
+                 model: str | None = None) -> None:
     """Draw every figure the inputs allow into ``folder`` and record them (PNG bytes) in ``rep``."""
     rows = rep.analysis["projections"]
     by_key = {r["key"]: r for r in rows}
@@ -218,7 +234,7 @@ def draw_figures(rep: Report, folder: Path, esd_keys: list[str], grid_title: str
         rep.figures.append({"section": section, "name": name, "title": title, "caption": caption, "png": png})
         bar.update()
 
-    spectra, warning = compute_spectra(rep.analysis, list(dict.fromkeys(esd_keys + grid)))
+    spectra, warning = compute_spectra(rep.analysis, list(dict.fromkeys(esd_keys + grid)), model)
     if warning:
         rep.warnings.append(warning)
     for key in esd_keys:
@@ -311,7 +327,7 @@ def draw_accuracy(rep: Report, folder: Path) -> None:
 # ---- output ----------------------------------------------------------------------------------------
 
 def build_report(analysis_path, plan_paths=(), eval_paths=(), out_dir="report", esd=(), esd_layer=None,
-                 esd_kind=None) -> Path:
+                 esd_kind=None, model=None) -> Path:
     """Write ``out_dir/index.html`` and ``out_dir/figures/``; return the path of index.html."""
     start = time.perf_counter()
     analysis = load_analysis(analysis_path)
@@ -330,7 +346,7 @@ def build_report(analysis_path, plan_paths=(), eval_paths=(), out_dir="report", 
     tmp = Path(tempfile.mkdtemp(prefix=".figures.", dir=out))
     tmp.chmod(0o755)
     try:
-        draw_figures(rep, tmp, esd_keys, grid_title, grid)
+        draw_figures(rep, tmp, esd_keys, grid_title, grid, model)
         draw_accuracy(rep, tmp)
         html = render_report(rep, seconds=time.perf_counter() - start)
         _replace_folder(tmp, out / "figures")
