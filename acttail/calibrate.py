@@ -7,11 +7,11 @@ of tokens, and the quantile error is at most one bin's mass (far below the 1% to
 needs neither and resolves the threshold finer than its drift from one text to another.
 
 Order: layer by layer, and inside a layer input by input (q/k/v, o, gate/up, down), with every earlier
-threshold already switched on. Sparsifying earlier projections shrinks and reshapes later inputs, so
+threshold already switched on (each block runs once; its intermediate activations wait between groups). Sparsifying earlier projections shrinks and reshapes later inputs, so
 thresholds taken from dense activations overshoot deep in the model; taken in this order each threshold
 sees exactly the inputs of the sparse run, and the achieved sparsity matches its target by construction.
-Memory: the residual stream of the calibration tokens at one layer ([tokens, hidden] floats), not every
-activation. All positions are sparsified, as in the perplexity runs.
+Memory: the residual stream and the intermediate activations of one layer for the calibration tokens
+([tokens, hidden + intermediate] floats), not every activation of the model. All positions are sparsified, as in the perplexity runs.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class LogHistogram:
 
     def add(self, x: Tensor) -> None:
         logs = x.detach().abs().float().clamp_(math.exp(LO), math.exp(HI) * 0.999).log_()
-        self.counts += torch.histc(logs, bins=BINS, min=LO, max=HI).double()
+        self.counts += torch.histc(logs, bins=BINS, min=LO, max=HI).double().cpu()
         self.n += x.numel()
 
     def threshold(self, sparsity: float) -> float:
@@ -53,58 +53,58 @@ class LogHistogram:
         return math.exp(LO + (i + min(max(frac, 0.0), 1.0)) * width)
 
 
-class _Seen(Exception):
-    """Raised by the observer once the input of interest is recorded: the rest of the block is skipped."""
-
-
 @torch.no_grad()
 def calibrate(model, wins: Tensor, targets: dict, batch_size: int = 8, progress: bool = True) -> dict:
     """Thresholds for ``targets`` {(layer, kind): sparsity} on windows [n, ctx], layer by layer.
 
-    Returns {(layer, kind): {"threshold": t, "achieved": measured sparsity in the sparse run}}.
+    Returns {(layer, kind): {"threshold": t, "achieved": measured sparsity in the sparse run}}. Each block
+    runs once, input group by input group; the intermediate activations of one layer are kept between
+    groups (a projection absent from ``targets`` stays dense).
     """
     sp = Sparsifier("threshold")
     model.sparsifier = sp
-    L = model.args.n_layer
-    hs = [model.tok_embeddings(wins[i : i + batch_size]) for i in range(0, len(wins), batch_size)]
+    dev = model.output.weight.device
+    T = wins.shape[1]
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    hs = [model.tok_embeddings(wins[i : i + batch_size].to(dev)) for i in range(0, len(wins), batch_size)]
     results = {}
-    bar = tqdm(total=L * len(GROUPS), desc="calibrate", unit="input", disable=not progress)
-    for layer in range(L):
-        block = range(layer, layer + 1)
-        for kinds in GROUPS:
-            if all(targets.get((layer, k)) is None for k in kinds):
-                bar.update()
-                continue
-            hist = LogHistogram()
 
-            def observe(l, ks, x, layer=layer, kinds=kinds, hist=hist):
-                if l == layer and ks == kinds:
-                    hist.add(x)
-                    raise _Seen
+    def fit(layer, kinds, hist):
+        for k in kinds:
+            if targets.get((layer, k)) is not None:
+                sp.thresholds[(layer, k)] = hist.threshold(targets[(layer, k)])
 
-            sp.observer = observe
-            for h in hs:
-                try:
-                    model.hidden(None, layers=block, h=h)
-                except _Seen:
-                    pass
-            sp.observer = None
-            for k in kinds:
-                if targets.get((layer, k)) is not None:
-                    sp.thresholds[(layer, k)] = hist.threshold(targets[(layer, k)])
-            bar.update()
-        sp.reset_counts()
-        hs = [model.hidden(None, layers=block, h=h) for h in hs]  # the sparse run of this layer, counted
-        done = sp.achieved()
-        bar.set_postfix(max_dev=f"{max(abs(done[k] - targets[k]) for k in done):.4f}")
+    def observed(layer, kinds, xs):
+        hist = LogHistogram()
+        for x in xs:
+            hist.add(x)
+        fit(layer, kinds, hist)
+
+    bar = tqdm(total=model.args.n_layer, desc="calibrate", unit="layer", disable=not progress)
+    for layer, blk in enumerate(model.layers):
+        att, ffn = blk.attention, blk.feed_forward
+        observed(layer, ("q", "k", "v"), (blk.attention_norm(h) for h in hs))
+        ys = [att.core(blk.attention_norm(h), cos, sin, None, sp) for h in hs]
+        observed(layer, ("o",), ys)
+        hs = [h + att.wo(sp.one(layer, "o", y)) for h, y in zip(hs, ys)]
+        del ys
+        observed(layer, ("gate", "up"), (blk.ffn_norm(h) for h in hs))
+        acts = [ffn.gate_up(blk.ffn_norm(h), sp) for h in hs]
+        observed(layer, ("down",), acts)
+        hs = [h + ffn.w2(sp.one(layer, "down", a)) for h, a in zip(hs, acts)]
+        del acts
+        done = {key: a for key, a in sp.achieved().items() if key[0] == layer}
         results.update({key: {"threshold": sp.thresholds[key], "achieved": a} for key, a in done.items()})
+        if done:
+            bar.set_postfix(max_dev=f"{max(abs(done[k] - targets[k]) for k in done):.4f}")
+        bar.update()
     bar.close()
     model.sparsifier = Sparsifier.dense()
     return results
 
 
 def calibrate_plan(model_path, plan_path, text, tokens: int = 65536, ctx: int = 512, batch_size: int = 8,
-                   progress: bool = True) -> tuple[dict, dict]:
+                   progress: bool = True, device: str = "cpu") -> tuple[dict, dict]:
     """The plan at ``plan_path`` with thresholds calibrated on ``text``; and a summary of the run.
 
     Each entry's ``calibration`` records the sparsity achieved in the sparse run on the calibration text
@@ -116,7 +116,7 @@ def calibrate_plan(model_path, plan_path, text, tokens: int = 65536, ctx: int = 
     from .runtime import open_model
     from .runtime.perplexity import load_tokenizer, text_tokens, windows
 
-    ckpt, model = open_model(model_path)
+    ckpt, model = open_model(model_path, device=device)
     plan = plan_io.load_plan(plan_path, expect_fingerprint=ckpt.fingerprint)
     tok = load_tokenizer(ckpt.path if ckpt.path.is_dir() else ckpt.path.parent)
     wins = windows(text_tokens(tok, text, tokens), ctx, model.args.max_seq_len, text)

@@ -67,10 +67,11 @@ def run_one(model_dir: Path, out: Path, name: str, opts: dict, budget: float, ar
     raw = out / "plans" / f"{slug(name, budget)}.json"
     plan_io.save_plan(plan, raw)
     t0 = time.time()
-    calibrated, run = calibrate_plan(model_dir, raw, "c4", args.calib_tokens, args.ctx, progress=not args.quiet)
+    calibrated, run = calibrate_plan(model_dir, raw, "c4", args.calib_tokens, args.ctx, progress=not args.quiet,
+                                     device=args.device)
     plan_io.save_plan(calibrated, raw)
     t1 = time.time()
-    r = evaluate(model_dir, "wiki", raw, args.ctx, args.eval_tokens, progress=not args.quiet)
+    r = evaluate(model_dir, "wiki", raw, args.ctx, args.eval_tokens, progress=not args.quiet, device=args.device)
     r["study"] = {"name": name, "options": opts, "budget": budget, "calibration": run,
                   "seconds": {"calibrate": t1 - t0, "eval": time.time() - t1}}
     write_json(result, r)
@@ -81,10 +82,27 @@ def dense(model_dir: Path, out: Path, args) -> dict:
     result = out / "runs" / "dense.json"
     if not result.is_file():
         t0 = time.time()
-        r = evaluate(model_dir, "wiki", None, args.ctx, args.eval_tokens, progress=not args.quiet)
+        r = evaluate(model_dir, "wiki", None, args.ctx, args.eval_tokens, progress=not args.quiet, device=args.device)
         r["study"] = {"name": "dense", "seconds": {"eval": time.time() - t0}}
         write_json(result, r)
     return json.loads(result.read_text())
+
+
+def measure_sensitivity(model_dir: Path, path: Path, args) -> None:
+    """Loss increase on c4 when one projection alone is sparsified (top-k at 50% and 80%)."""
+    from acttail.runtime import open_model
+    from acttail.runtime.perplexity import load_tokenizer, text_tokens, windows
+    from acttail.sensitivity import sensitivity
+
+    ckpt, model = open_model(model_dir, device=args.device)
+    wins = windows(text_tokens(load_tokenizer(model_dir), "c4", args.sens_tokens), args.ctx, model.args.max_seq_len)
+    keys = [(p.layer, p.kind) for p in ckpt.projections()]
+    t0 = time.time()
+    r = sensitivity(model, wins, keys, levels=(0.5, 0.8), progress=not args.quiet)
+    write_json(path, {"model": {"fingerprint": ckpt.fingerprint}, "text": "c4", "tokens": int(wins.numel()),
+                      "mode": "topk", "dense_nll": r["dense_nll"], "seconds": time.time() - t0,
+                      "projections": [{"key": f"layers.{l}.{k}", "layer": l, "kind": k,
+                                       "dnll_50": d[0.5], "dnll_80": d[0.8]} for (l, k), d in r["dnll"].items()]})
 
 
 # ---- tables ----------------------------------------------------------------------------------------
@@ -113,16 +131,23 @@ def main() -> None:
     p.add_argument("--grid", choices=("full", "core", "small"), default="full")
     p.add_argument("--eval-tokens", type=int, default=32768)
     p.add_argument("--calib-tokens", type=int, default=16384)
+    p.add_argument("--sens-tokens", type=int, default=16384)
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--out", type=Path, default=Path("reports/accuracy"))
     p.add_argument("--tables-only", action="store_true", help="only rebuild the tables from saved runs")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu (the reference) or cuda (same float32 code, faster)")
+    p.add_argument("--sensitivity", action="store_true", help="also measure per-projection sensitivity on c4")
     args = p.parse_args()
     name = {"smollm2": "smollm2-135m"}.get(args.model, args.model)
     model_dir = cache_dir() / "models" / name
     out = args.out / name
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "plans").mkdir(parents=True, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 on a GPU too
+    torch.backends.cudnn.allow_tf32 = False
+    if args.sensitivity and not (out / "sensitivity.json").is_file():
+        measure_sensitivity(model_dir, out / "sensitivity.json", args)
     if not args.tables_only:
         print(f"[{datetime.now(timezone.utc):%H:%M:%S}] dense", flush=True)
         dense(model_dir, out, args)

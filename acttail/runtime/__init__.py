@@ -15,10 +15,10 @@ from .sparsify import MODES, Sparsifier
 __all__ = ["Transformer", "Sparsifier", "load_model", "open_model", "plan_sparsifier", "achieved_report"]
 
 
-def open_model(path, dtype: torch.dtype = torch.float32) -> tuple[Checkpoint, Transformer]:
+def open_model(path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[Checkpoint, Transformer]:
     """Open a model folder and build its decoder (float32 on CPU by default)."""
     ckpt = Checkpoint.open(path)
-    return ckpt, load_model(ckpt, dtype)
+    return ckpt, load_model(ckpt, dtype, device)
 
 
 def plan_sparsifier(plan: dict, mode: str, where: str = "plan", dense_before: int = 0) -> Sparsifier:

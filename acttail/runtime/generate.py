@@ -33,12 +33,12 @@ def sample(logits: Tensor, temperature: float, generator: torch.Generator | None
 
 def prefill(model, prompt: Tensor, temperature: float, generator) -> Tensor:
     """Run the prompt [1, T] through the model, filling the caches; return the first new token [1]."""
-    logits = model(prompt, torch.arange(prompt.shape[1]))
+    logits = model(prompt, torch.arange(prompt.shape[1], device=prompt.device))
     return sample(logits[:, -1], temperature, generator)
 
 
 def decode_one_token(model, token: Tensor, pos: int, temperature: float, generator) -> Tensor:
-    logits = model(token.view(1, 1), torch.tensor([pos]))
+    logits = model(token.view(1, 1), torch.tensor([pos], device=token.device))
     return sample(logits[:, -1], temperature, generator)
 
 
@@ -51,7 +51,7 @@ def generate(model, prompt: Tensor, max_new_tokens: int, temperature: float = 0.
     model.setup_caches(1, T + max_new_tokens)
     model.sparsifier.dense_before = dense_prefix(T, prefill_policy)
     try:
-        token = prefill(model, prompt.view(1, -1), temperature, generator)
+        token = prefill(model, prompt.view(1, -1).to(model.output.weight.device), temperature, generator)
         out = [int(token)]
         for pos in range(T, T + max_new_tokens - 1):
             if eos_id is not None and out[-1] == eos_id:

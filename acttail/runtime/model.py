@@ -155,6 +155,10 @@ class Attention(nn.Module):
         return tuple(F.linear(xi, w, b) for xi, w, b in zip(xs, ws, bs))
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, sp: Sparsifier) -> Tensor:
+        return self.wo(sp.one(self.layer, "o", self.core(x, cos, sin, input_pos, sp)))
+
+    def core(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, sp: Sparsifier) -> Tensor:
+        """Attention up to the input of the output projection o: [B, T, heads * head_dim]."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x, sp)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -165,10 +169,9 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_head)
         else:
             k, v = self.kv_cache.update(input_pos, k, v)
-            mask = torch.arange(k.shape[2]) <= input_pos[:, None]  # [T, max_seq_len]
+            mask = torch.arange(k.shape[2], device=x.device) <= input_pos[:, None]  # [T, max_seq_len]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)
-        y = y.transpose(1, 2).reshape(B, T, -1)
-        return self.wo(sp.one(self.layer, "o", y))
+        return y.transpose(1, 2).reshape(B, T, -1)
 
 
 class FeedForward(nn.Module):
@@ -226,9 +229,10 @@ class Transformer(nn.Module):
         """Allocate static KV caches for generation (length <= max_seq_len)."""
         if length > self.args.max_seq_len:
             raise ActTailError(f"{length} tokens exceed the model's maximum context of {self.args.max_seq_len}")
-        dtype = self.output.weight.dtype
+        w = self.output.weight
         for block in self.layers:
-            block.attention.kv_cache = KVCache(batch, length, self.args.n_local_heads, self.args.head_dim, dtype)
+            cache = KVCache(batch, length, self.args.n_local_heads, self.args.head_dim, w.dtype)
+            block.attention.kv_cache = cache.to(w.device)
 
     def clear_caches(self) -> None:
         for block in self.layers:
@@ -244,8 +248,8 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         else:
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
-        self.sparsifier.set_positions(input_pos if input_pos is not None else torch.arange(T))
         x = self.tok_embeddings(idx) if h is None else h
+        self.sparsifier.set_positions(input_pos if input_pos is not None else torch.arange(T, device=x.device))
         for i in layers if layers is not None else range(self.args.n_layer):
             x = self.layers[i](x, cos, sin, input_pos, self.sparsifier)
         return x
@@ -262,7 +266,7 @@ def _hf_names(i: int) -> dict[str, str]:
     return {k: f"{p}.self_attn.{k}_proj" for k in "qkvo"} | {k: f"{p}.mlp.{k}_proj" for k in ("gate", "up", "down")}
 
 
-def load_model(ckpt, dtype: torch.dtype = torch.float32) -> Transformer:
+def load_model(ckpt, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Transformer:
     """Build the decoder for an opened ``Checkpoint`` and load its weights (float32 on CPU by default)."""
     args = ModelArgs.from_config(ckpt.config, ckpt.architecture)
     with torch.device("meta"):
@@ -291,4 +295,4 @@ def load_model(ckpt, dtype: torch.dtype = torch.float32) -> Transformer:
     if missing:
         raise ActTailError(f"{ckpt.path}: the runtime found no weights for {', '.join(missing[:3])}")
     model.sparsifier = Sparsifier.dense()
-    return model.eval().requires_grad_(False)
+    return model.to(device).eval().requires_grad_(False)

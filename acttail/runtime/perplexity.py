@@ -68,12 +68,14 @@ def perplexity(model, wins: torch.Tensor, batch_size: int = 8, progress: bool = 
     nll, count = 0.0, 0
     bar = tqdm(total=len(wins) * wins.shape[1], unit="tok", desc="perplexity", disable=not progress)
     for i in range(0, len(wins), batch_size):
-        batch = wins[i : i + batch_size]
-        logits = model(batch)
-        if not torch.isfinite(logits).all():
-            raise ActTailError(f"the model produced NaN or infinite logits (window {i}); the plan breaks it")
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
-        nll += float(loss)
+        batch = wins[i : i + batch_size].to(model.output.weight.device)
+        h = model.norm(model.hidden(batch))[:, :-1].flatten(0, 1)
+        targets = batch[:, 1:].flatten()
+        for j in range(0, len(h), 1024):  # the LM head in slices: [1024, vocab] logits at a time
+            logits = model.output(h[j : j + 1024]).float()
+            if not torch.isfinite(logits).all():
+                raise ActTailError(f"the model produced NaN or infinite logits (window {i}); the plan breaks it")
+            nll += float(F.cross_entropy(logits, targets[j : j + 1024], reduction="sum"))
         count += batch[:, 1:].numel()
         bar.update(batch.numel())
         bar.set_postfix(ppl=f"{math.exp(nll / count):.3f}")
@@ -82,7 +84,7 @@ def perplexity(model, wins: torch.Tensor, batch_size: int = 8, progress: bool = 
 
 
 def evaluate(model_path, text, plan_path=None, ctx: int = 512, tokens: int = 32768, mode: str = "threshold",
-             prefill: str = "all", batch_size: int = 8, progress: bool = True) -> dict:
+             prefill: str = "all", batch_size: int = 8, progress: bool = True, device: str = "cpu") -> dict:
     """Perplexity of a dense or planned-sparse run on ``text``; the eval result (JSON-ready dict).
 
     ``prefill="half"`` keeps the first half of each window dense (TEAL's policy; see generate.py) and
@@ -94,7 +96,7 @@ def evaluate(model_path, text, plan_path=None, ctx: int = 512, tokens: int = 327
     from . import achieved_report, open_model, plan_sparsifier
     from .generate import dense_prefix
 
-    ckpt, model = open_model(model_path)
+    ckpt, model = open_model(model_path, device=device)
     plan = plan_io.load_plan(plan_path, expect_fingerprint=ckpt.fingerprint) if plan_path else None
     tok = load_tokenizer(ckpt.path if ckpt.path.is_dir() else ckpt.path.parent)
     wins = windows(text_tokens(tok, text, tokens), ctx, model.args.max_seq_len, text)
@@ -107,7 +109,7 @@ def evaluate(model_path, text, plan_path=None, ctx: int = 512, tokens: int = 327
         "model": {"path": str(model_path), "fingerprint": ckpt.fingerprint, "architecture": ckpt.architecture},
         "settings": {"text": str(text), "ctx": ctx, "tokens": int(wins.numel()), "windows": len(wins),
                      "mode": mode if plan else "dense", "prefill": prefill if plan else None,
-                     "dtype": "float32", "device": "cpu", "batch_size": batch_size},
+                     "dtype": "float32", "device": device, "batch_size": batch_size},
         "perplexity": result["perplexity"], "nll": result["nll"], "predictions": result["predictions"],
         "plan": None, "achieved": None,
     }

@@ -14,8 +14,6 @@ The two kernels below are plain functions so a GPU path can replace them.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable
-
 import torch
 from torch import Tensor
 
@@ -39,8 +37,7 @@ class Sparsifier:
     """Applies per-projection thresholds (or top-k ratios) and counts the zeros it produced.
 
     ``thresholds`` / ``sparsities`` map (layer, kind) to a value; a projection absent from the map stays
-    dense. ``observer(layer, kinds, x)``, when set, sees each projection input before it is sparsified
-    (calibration uses it).
+    dense.
     """
 
     def __init__(self, mode: str = "dense", thresholds: dict | None = None, sparsities: dict | None = None,
@@ -52,7 +49,6 @@ class Sparsifier:
         self.sparsities = dict(sparsities or {})
         self.dense_before = dense_before
         self.measure = measure
-        self.observer: Callable | None = None
         self.rows: Tensor | None = None  # positions that get sparsified, or None for all
         self.reset_counts()
 
@@ -62,7 +58,7 @@ class Sparsifier:
 
     @property
     def active(self) -> bool:
-        return self.mode != "dense" or self.observer is not None
+        return self.mode != "dense"
 
     def reset_counts(self) -> None:
         self.zeros: dict = defaultdict(int)
@@ -83,8 +79,6 @@ class Sparsifier:
 
     def group(self, layer: int, kinds: tuple[str, ...], x: Tensor) -> tuple[Tensor, ...]:
         """One sparsified copy of the shared input x per projection in ``kinds``."""
-        if self.observer is not None:
-            self.observer(layer, kinds, x)
         if self.mode == "dense":
             return (x,) * len(kinds)
         return tuple(self._apply((layer, kind), x) for kind in kinds)

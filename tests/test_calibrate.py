@@ -1,0 +1,113 @@
+"""Calibration: thresholds hit their targets in the sparse run, the histogram's quantiles, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from acttail import allocate, plan as plan_io
+from acttail.calibrate import LogHistogram, calibrate
+from acttail.checkpoint import Checkpoint
+from acttail.cli import main
+from acttail.runtime import open_model, plan_sparsifier
+from acttail.runtime.perplexity import load_tokenizer, perplexity, text_tokens, windows
+
+from runtime_tiny import write_hf_model, write_text
+
+pytest.importorskip("transformers")
+
+
+def test_histogram_threshold_matches_the_exact_quantile():
+    x = torch.randn(200_000, generator=torch.Generator().manual_seed(0)) * 3
+    h = LogHistogram()
+    for chunk in x.split(30_000):
+        h.add(chunk)
+    for s in (0.1, 0.5, 0.9, 0.99):
+        t = h.threshold(s)
+        assert abs(float((x.abs() <= t).float().mean()) - s) < 1e-3
+    assert h.threshold(0.0) == 0.0
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny 4-layer model, calibration and held-out texts, and an uncalibrated plan at budget 0.6."""
+    root = tmp_path_factory.mktemp("cal")
+    folder = root / "model"
+    write_hf_model(folder, "llama", layers=4, seed=3, scale=0.3)
+    ckpt = Checkpoint.open(folder)
+    rows = [{"key": p.key, "layer": p.layer, "kind": p.kind, "in_features": p.in_features,
+             "out_features": p.out_features, "params": p.params, "alpha": 2.0 + ((p.layer * 7 + i) % 5) / 2}
+            for i, p in enumerate(ckpt.projections())]
+    analysis = {"model": {"fingerprint": ckpt.fingerprint, "architecture": ckpt.architecture,
+                          "model_type": ckpt.model_type, "num_layers": ckpt.num_layers, "path": str(folder)},
+                "projections": rows}
+    plan = allocate.plan_from_analysis(analysis, 0.6, method="acttail", epsilon=0.5)
+    plan_io.save_plan(plan, root / "plan.json")
+    return {"root": root, "model": folder, "plan": root / "plan.json", "ckpt": ckpt,
+            "cal": write_text(root / "cal.txt", 6000, seed=5), "held": write_text(root / "held.txt", 6000, seed=6)}
+
+
+def test_sparse_run_hits_every_target_on_the_calibration_text(setup):
+    """Layer-by-layer calibration: in the full sparse run every projection is within 1% of its target."""
+    _, model = open_model(setup["model"])
+    plan = plan_io.load_plan(setup["plan"])
+    wins = windows(text_tokens(load_tokenizer(setup["model"]), setup["cal"], 4096), 128, 256)
+    targets = {(e["layer"], e["kind"]): e["sparsity"] for e in plan["projections"]}
+    found = calibrate(model, wins, targets, progress=False)
+    assert max(abs(r["achieved"] - targets[k]) for k, r in found.items()) < 0.01
+    # the same thresholds in the ordinary sparse forward pass, measured independently
+    model.sparsifier = plan_sparsifier({"projections": [{**e, "threshold": found[(e["layer"], e["kind"])]["threshold"]}
+                                                        for e in plan["projections"]]}, "threshold")
+    perplexity(model, wins, progress=False)
+    got = model.sparsifier.achieved()
+    assert max(abs(got[k] - targets[k]) for k in targets) < 0.01
+
+
+def test_dense_thresholds_would_overshoot(setup):
+    """What layer-by-layer calibration fixes: thresholds from dense activations miss deep in the model."""
+    _, model = open_model(setup["model"])
+    plan = plan_io.load_plan(setup["plan"])
+    wins = windows(text_tokens(load_tokenizer(setup["model"]), setup["cal"], 4096), 128, 256)
+    targets = {(e["layer"], e["kind"]): e["sparsity"] for e in plan["projections"]}
+    layered = calibrate(model, wins, targets, progress=False)
+    dense_t = {}
+    for layer in range(4):  # each layer calibrated with every other layer dense
+        one = {k: v for k, v in targets.items() if k[0] == layer}
+        dense_t.update({k: r["threshold"] for k, r in calibrate(model, wins, one, progress=False).items()})
+    assert any(abs(dense_t[k] - layered[k]["threshold"]) > 1e-3 * layered[k]["threshold"] for k in targets if k[0] > 0)
+
+
+def test_cli_calibrate_writes_thresholds_and_stats(setup, tmp_path):
+    out = tmp_path / "calibrated.json"
+    r = CliRunner().invoke(main, ["calibrate", str(setup["model"]), str(setup["plan"]), "--text", str(setup["cal"]),
+                                  "--tokens", "2048", "--ctx", "128", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    plan = plan_io.load_plan(out)
+    assert plan_io.is_calibrated(plan)
+    assert plan["calibration"]["n_tokens"] == 2048 and plan["calibration"]["max_abs_deviation"] < 0.01
+    for e in plan["projections"]:
+        assert abs(e["calibration"]["achieved_sparsity"] - e["sparsity"]) < 0.01
+        assert e["calibration"]["n_tokens"] == 2048
+
+
+def test_cli_calibrate_bad_inputs(setup, tmp_path):
+    run = lambda *a: CliRunner().invoke(main, ["calibrate", *map(str, a)])  # noqa: E731
+    short = tmp_path / "short.txt"
+    short.write_text("the cat sat.")
+    out = tmp_path / "p.json"
+    r = run(setup["model"], setup["plan"], "--text", short, "--ctx", "128", "-o", out)
+    assert r.exit_code == 2 and "shorter than one context" in r.output and not out.exists()
+    r = run(setup["model"], setup["plan"], "--text", setup["cal"], "--ctx", "1024", "-o", out)
+    assert r.exit_code == 2 and "exceeds the model's maximum" in r.output
+    other = tmp_path / "other"
+    write_hf_model(other, "llama", layers=4, seed=9)
+    r = run(other, setup["plan"], "--text", setup["cal"], "-o", out)
+    assert r.exit_code == 2 and "another checkpoint" in r.output
+    r = run(setup["model"], tmp_path / "missing.json", "--text", setup["cal"], "-o", out)
+    assert r.exit_code == 2 and "not found" in r.output
+    r = run(setup["model"], setup["plan"], "--text", tmp_path / "none.txt", "-o", out)
+    assert r.exit_code == 2 and "not found" in r.output
+    assert not out.exists()
