@@ -19,7 +19,7 @@ from acttail.cli import main
 from acttail.errors import ActTailError
 from acttail.esd import analyze_matrix
 from acttail.plan import new_plan, save_plan, with_thresholds
-from acttail.report import build_report, figures as F
+from acttail.report import build_report, eval_labels, figures as F
 from acttail.report.html import png_size
 
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -327,3 +327,34 @@ def test_kind_bars_survive_a_uniform_plan():
     fig = F.kind_bars([("uniform", rows, 0.51)])
     heights = [p.get_height() for p in fig.axes[0].patches]
     assert heights == pytest.approx([51.0] * 4)
+
+
+def test_eval_runs_are_labelled_by_what_differs():
+    fp = "sha256:synthetic"
+    evals = [make_eval(fp, 12.0), make_eval(fp, 14.0, 0.5), make_eval(fp, 13.0, 0.3), make_eval(fp, 16.0, 0.5),
+             make_eval(fp, 15.0, 0.5, "uniform"), make_eval(fp, 17.0, 0.5)]
+    evals[3]["plan"]["method"]["epsilon"] = 0.6
+    evals[5]["study"] = {"name": "acttail fit=peak"}
+    evals[5]["settings"]["mode"] = "topk"
+    assert eval_labels(evals) == {1: "acttail", 2: "acttail", 3: "acttail epsilon=0.6", 4: "uniform",
+                                  5: "acttail fit=peak"}
+    evals[5].pop("study")
+    assert eval_labels(evals)[5] == "acttail (topk)"
+
+
+def test_calibration_figure_shows_the_eval_run_of_that_plan(tmp_path):
+    analysis = make_analysis(None)
+    paths = write_inputs(tmp_path / "in", analysis, evals=False)
+    plan80 = json.loads(paths["plans"][1].read_text())
+    e = make_eval("sha256:synthetic", 30.0, 0.8)
+    e["plan"].update(path=str(paths["plans"][1]), method=plan80["method"], calibration=plan80["calibration"])
+    e["achieved"]["projections"] = [{"key": r["key"], "target": r["sparsity"], "threshold": r["threshold"],
+                                     "achieved": r["sparsity"] - 0.05} for r in plan80["projections"]]
+    (tmp_path / "e.json").write_text(json.dumps(e))
+    html = build_report(paths["analysis"], paths["plans"], [tmp_path / "e.json"], tmp_path / "out").read_text()
+    assert "in the eval run on wiki (hollow)" in html
+    rows = [{**r, "calibration": {"achieved_sparsity": r["sparsity"]}} for r in plan80["projections"]]
+    fig = F.calibration_figure(rows, "t", {r["key"]: r["sparsity"] - 0.05 for r in rows}, "wiki")
+    hollow = fig.axes[0].collections[0]
+    assert len(hollow.get_offsets()) == 21
+    assert np.allclose(hollow.get_offsets()[:, 1], hollow.get_offsets()[:, 0] - 5)

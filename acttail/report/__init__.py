@@ -7,6 +7,7 @@ figures, and writes ``DIR/index.html`` (self-contained) plus ``DIR/figures/*.png
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -274,9 +275,23 @@ def draw_plan_figures(rep: Report, by_key: dict, add) -> None:
                                   for p in rep.plans]))
     for i, p in enumerate(rep.plans):
         if p.calibrated:
-            add("calibration", f"calibration_{i}", f"Calibration of {p.label}",
-                "Left: sparsity measured on the calibration text against the plan's target. Right: the "
-                "calibrated magnitude threshold per layer.", F.calibration_figure(_plan_rows(p, by_key), p.label))
+            measured, text = eval_achieved(rep.evals, p)
+            caption = ("Left: sparsity measured on the calibration text (filled, by kind) against the plan's "
+                       "target" + (f", and in the eval run on {text} (hollow)" if measured else "") +
+                       ". Right: the calibrated magnitude threshold per layer.")
+            add("calibration", f"calibration_{i}", f"Calibration of {p.label}", caption,
+                F.calibration_figure(_plan_rows(p, by_key), p.label, measured, text))
+
+
+def eval_achieved(evals: list[dict], plan: Plan) -> tuple[dict, str]:
+    """Per-projection sparsity achieved in the first eval run of ``plan``'s file (key -> value), its text."""
+    for e in evals:
+        summary = e.get("plan") or {}
+        if summary.get("path") and Path(summary["path"]).resolve() == plan.path.resolve():
+            rows = (e.get("achieved") or {}).get("projections") or []
+            text = Path(str((e.get("settings") or {}).get("text", "eval text"))).name
+            return {r["key"]: r.get("achieved") for r in rows if "key" in r}, text
+    return {}, ""
 
 
 def _plan_rows(plan: Plan, by_key: dict) -> list[dict]:
@@ -284,11 +299,24 @@ def _plan_rows(plan: Plan, by_key: dict) -> list[dict]:
     return [{**{k: by_key[r["key"]][k] for k in ("layer", "kind", "params")}, **r} for r in plan.rows]
 
 
-def eval_series(e: dict) -> str:
-    """The line an eval result belongs to: its allocation method, plus the runtime mode if not the default."""
-    name = method_name(e["plan"].get("method"))
-    mode = (e.get("settings") or {}).get("mode")
-    return name if mode in (None, "threshold") else f"{name} ({mode})"
+def eval_labels(evals: list[dict]) -> dict[int, str]:
+    """A series name per sparse eval result (by index): a study's own run name when recorded, else the
+    method name plus the method options that differ from the most common ones, plus a non-default mode."""
+    sparse = [(i, e) for i, e in enumerate(evals) if e.get("plan") is not None]
+    methods = [e["plan"].get("method") if isinstance(e["plan"].get("method"), dict) else {} for _, e in sparse]
+    keys = {k for m in methods for k in m}
+    values = {k: [json.dumps(m.get(k), sort_keys=True) for m in methods] for k in keys}  # absent = null
+    usual = {k: max(sorted(set(vs)), key=vs.count) for k, vs in values.items()}
+    labels = {}
+    for (i, e), m in zip(sparse, methods):
+        study = e.get("study") if isinstance(e.get("study"), dict) else {}
+        if isinstance(study.get("name"), str):
+            labels[i] = study["name"]
+            continue
+        extra = [f"{k}={v}" for k, v in m.items() if k != "name" and json.dumps(v, sort_keys=True) != usual.get(k)]
+        mode = (e.get("settings") or {}).get("mode")
+        labels[i] = " ".join([method_name(m), *extra] + ([f"({mode})"] if mode not in (None, "threshold") else []))
+    return labels
 
 
 def comparability_warnings(evals: list[dict]) -> list[str]:
@@ -311,7 +339,12 @@ def draw_accuracy(rep: Report, folder: Path) -> None:
         if e.get("plan") is None:
             dense.append(e["perplexity"])
         else:
-            series.setdefault(eval_series(e), []).append((e["plan"]["budget"], e["perplexity"]))
+            series.setdefault(e["_label"], []).append((e["plan"]["budget"], e["perplexity"]))
+    for name, pts in series.items():
+        budgets = [b for b, _ in pts]
+        if len(set(budgets)) < len(budgets):
+            rep.warnings.append(f"several eval results for '{name}' at one budget: their plans differ in "
+                                "something the eval result does not record (e.g. the ESD fit)")
     rep.warnings += comparability_warnings(rep.evals)
     if not series:
         return
@@ -333,6 +366,9 @@ def build_report(analysis_path, plan_paths=(), eval_paths=(), out_dir="report", 
     analysis = load_analysis(analysis_path)
     plans = [load_plan_for(p, analysis) for p in plan_paths]
     evals = [load_eval_for(e, analysis, plans) for e in eval_paths]
+    labels = eval_labels(evals)
+    for i, e in enumerate(evals):
+        e["_label"] = labels.get(i, "dense")
     esd_keys = choose_esd_keys(analysis, list(esd))
     layer = esd_layer if esd_layer is not None else next(
         r["layer"] for r in analysis["projections"] if r["key"] == esd_keys[0])

@@ -281,10 +281,21 @@ def alpha_sparsity_scatter(plans: list[tuple[str, list[dict], str]]) -> Figure:
 
 # ---- calibration ------------------------------------------------------------------------------------
 
-def calibration_figure(plan_rows: list[dict], title: str) -> Figure:
-    """Target vs achieved sparsity per projection (left) and the calibrated threshold per layer (right)."""
+def calibration_figure(plan_rows: list[dict], title: str, measured: dict | None = None,
+                       measured_text: str = "") -> Figure:
+    """Target vs achieved sparsity per projection (left) and the calibrated threshold per layer (right).
+
+    ``measured`` (key -> sparsity achieved in an eval run of this plan) adds hollow markers: how well the
+    thresholds set on the calibration text hold on the evaluation text.
+    """
     fig = Figure(figsize=(11, 4), layout="constrained")
     ax_t, ax_h = fig.subplots(1, 2)
+    if measured:
+        pts = [(r["sparsity"], measured[r["key"]]) for r in plan_rows if measured.get(r["key"]) is not None]
+        if pts:
+            t, a = np.array(pts).T
+            ax_t.scatter(100 * t, 100 * a, s=16, facecolors="none", edgecolors="#333333", lw=0.6,
+                         label=f"on {measured_text} (eval)", zorder=3)
     for kind in kinds_of(plan_rows):
         rows = [r for r in plan_rows if r["kind"] == kind]
         pts = [(r["sparsity"], r["calibration"]["achieved_sparsity"]) for r in rows

@@ -152,10 +152,6 @@ def _method_text(method) -> str:
     return str(method)
 
 
-def _method_name(method) -> str:
-    return str(method.get("name")) if isinstance(method, dict) else str(method)
-
-
 def _settings_text(settings, keys=None) -> str:
     """``k=v, ...`` for the scalar settings (only ``keys`` when given and present)."""
     if not isinstance(settings, dict):
@@ -186,13 +182,13 @@ def inputs_tables(rep) -> str:
         for e in rep.evals:
             plan, achieved = e.get("plan"), e.get("achieved") or {}
             rows.append([f'<td title="{escape(e["_path"])}"><code>{escape(Path(e["_path"]).name)}</code></td>',
-                         f"<td>{'dense' if plan is None else escape(_method_name(plan.get('method')))}</td>",
+                         f"<td>{escape(e['_label'])}</td>",
                          num_cell(None if plan is None else plan["budget"], ".0%"),
                          num_cell(achieved.get("weighted_achieved"), ".1%"),
                          num_cell(e["perplexity"], ".3f"),
                          f"<td>{escape(_settings_text(e.get('settings'), ('text', 'ctx', 'tokens', 'mode', 'prefill')))}</td>"])
         html += "<h3>Evaluation results</h3>" + plain_table(
-            ["file", "method", "budget", "achieved sparsity", "perplexity", "settings"], rows)
+            ["file", "run", "budget", "achieved sparsity", "perplexity", "settings"], rows)
     return html
 
 
@@ -213,7 +209,7 @@ def summary_section(rep) -> str:
         cards.append(card(f"{p.budget:.0%}", f"budget of {p.label}"))
     best = {}
     for e in rep.evals:
-        name = "dense" if e.get("plan") is None else f"{_method_name(e['plan'].get('method'))} {e['plan']['budget']:.0%}"
+        name = "dense" if e.get("plan") is None else f"{e['_label']} {e['plan']['budget']:.0%}"
         best.setdefault(name, e["perplexity"])
     cards += [card(f"{v:.2f}", f"perplexity, {k}") for k, v in list(best.items())[:6]]
     html = f'<div class="cards">{"".join(cards)}</div>' + inputs_tables(rep)
@@ -304,7 +300,9 @@ def render_report(rep, seconds: float) -> str:
                 ("figures", "Figures", figures_section(rep)),
                 ("table", "Projections", table_section(rep)),
                 ("warnings", f"Warnings ({n_warn})", warnings_section(rep))]
-    nav = "".join(f'<a href="#{sid}">{escape(title)}</a>' for sid, title, _ in sections)
+    present = [(sid, title) for sid, title in SECTIONS if any(f["section"] == sid for f in rep.figures)]
+    links = [(sid, title) for sid, title, _ in sections[:3]] + present + [(sid, title) for sid, title, _ in sections[3:]]
+    nav = "".join(f'<a href="#{sid}">{escape(title)}</a>' for sid, title in links)
     body = "".join(f'<section id="{sid}"><h2>{escape(title)}</h2>{html}</section>' for sid, title, html in sections)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
