@@ -230,8 +230,8 @@ def generate_cmd(model, plan_path, prompt, max_new_tokens, temperature, seed, mo
 @click.argument("analysis", type=click.Path(dir_okay=False))
 @click.option("--plan", "plans", multiple=True, type=click.Path(dir_okay=False),
               help="plan.json to show (repeatable), e.g. the 50% and 80% plans.")
-@click.option("--eval", "evals", multiple=True, type=click.Path(dir_okay=False),
-              help="Eval result JSON from `acttail eval -o` (repeatable): dense and sparse runs.")
+@click.option("--eval", "evals", multiple=True, type=click.Path(),
+              help="Eval result JSON from `acttail eval -o`, or a folder of them (repeatable).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
               help="Folder for index.html and figures/ (created if missing).")
 @click.option("--esd", "esd", multiple=True, metavar="KEY",

@@ -100,8 +100,9 @@ def write_inputs(folder: Path, analysis: dict, evals: bool = True) -> dict:
         fp = analysis["model"]["fingerprint"]
         runs = [(None, "dense", 12.0), (0.5, "uniform", 15.0), (0.5, "acttail", 14.0), (0.8, "uniform", 60.0),
                 (0.8, "acttail", 40.0)]
+        (folder / "runs").mkdir()
         for budget, method, ppl in runs:
-            p = folder / f"eval-{method}-{budget}.json"
+            p = folder / "runs" / f"eval-{method}-{budget}.json"
             p.write_text(json.dumps(make_eval(fp, ppl, budget, method)))
             paths["evals"].append(p)
     return paths
@@ -264,8 +265,9 @@ def test_evals_on_different_texts_are_flagged(tmp_path):
     e = json.loads(paths["evals"][1].read_text())
     e["settings"]["text"] = "c4"
     paths["evals"][1].write_text(json.dumps(e))
-    html = build_report(paths["analysis"], [], paths["evals"], tmp_path / "out").read_text()
+    html = build_report(paths["analysis"], [], [tmp_path / "in" / "runs"], tmp_path / "out").read_text()  # a folder
     assert "differ in text (c4, wiki)" in html and "not comparable" in html
+    assert html.count("<code>eval-") == len(paths["evals"])
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path):

@@ -123,6 +123,20 @@ def load_eval_for(path, analysis: dict, plans: list[Plan]) -> dict:
     return e
 
 
+def expand_folders(paths) -> list[Path]:
+    """Paths as given, a folder standing for the ``*.json`` files in it (e.g. a study's runs/)."""
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.glob("*.json"))
+            if not found:
+                raise ActTailError(f"--eval {p}: folder holds no .json file")
+            out += found
+        else:
+            out.append(p)
+    return out
+
+
 def _check_same_plan(path, summary: dict, plan: Plan) -> None:
     """The eval ran ``plan``'s file: budget, method and calibration must still be those of the file."""
     for field_, mine in (("budget", plan.budget), ("method", plan.method), ("calibration", plan.raw.get("calibration"))):
@@ -365,7 +379,7 @@ def build_report(analysis_path, plan_paths=(), eval_paths=(), out_dir="report", 
     start = time.perf_counter()
     analysis = load_analysis(analysis_path)
     plans = [load_plan_for(p, analysis) for p in plan_paths]
-    evals = [load_eval_for(e, analysis, plans) for e in eval_paths]
+    evals = [load_eval_for(e, analysis, plans) for e in expand_folders(eval_paths)]
     labels = eval_labels(evals)
     for i, e in enumerate(evals):
         e["_label"] = labels.get(i, "dense")
