@@ -137,6 +137,7 @@ def test_full_report_is_self_contained(inputs, tmp_path):
     # nothing to fetch: every src/href is inline data or an in-page anchor
     assert not re.findall(r'(?:src|href)="(?!data:|#)', html)
     assert "<link" not in html and "@import" not in html
+    assert html.count("<script") == 1 and "sortable" in html.split("<script>")[1]  # JS only sorts the table
     pngs = images(html)
     names = sorted(p.stem for p in (out / "figures").glob("*.png"))
     assert len(pngs) == len(names)
@@ -282,7 +283,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
              (["report", str(analysis), "--plan", str(tmp_path / "plan.json"), "-o", str(tmp_path / "o")],
               "plan"),
              (["report", str(analysis), "--esd", "layers.99.q", "-o", str(tmp_path / "o")], "no such projection"),
-             (["report", str(analysis), "--esd-layer", "7", "-o", str(tmp_path / "o")], "layers 0..2")]
+             (["report", str(analysis), "--esd-layer", "7", "-o", str(tmp_path / "o")], "layers 0..2"),
+             (["report", str(analysis), "-o", str(tmp_path / "bad.json" / "o")], "cannot create output folder")]
     for args, message in cases:
         result = runner.invoke(main, args)
         assert result.exit_code == 2, (args, result.output)

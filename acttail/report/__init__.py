@@ -391,7 +391,10 @@ def build_report(analysis_path, plan_paths=(), eval_paths=(), out_dir="report", 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ActTailError(f"output {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ActTailError(f"cannot create output folder {out}: {e.strerror}") from None
     rep = Report(analysis, plans, evals)
     tmp = Path(tempfile.mkdtemp(prefix=".figures.", dir=out))
     tmp.chmod(0o755)
