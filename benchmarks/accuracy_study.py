@@ -27,6 +27,7 @@ from acttail.analyze import run_analysis
 from acttail.calibrate import calibrate_plan
 from acttail.files import cache_dir, write_json, write_text
 from acttail.runtime.perplexity import evaluate
+from acttail.sensitivity import with_sensitivity  # also registers the acttail-sens and sensitivity methods
 
 BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7)
 DEFAULT = dict(fit="ks", method="acttail", scope="global", epsilon=0.3, direction="increasing")
@@ -47,6 +48,14 @@ def grid(kind: str) -> list[tuple[str, dict, float]]:
                      variant("acttail eps=0.1", epsilon=0.1), variant("acttail eps=0.6", epsilon=0.6),
                      variant("acttail direction=decreasing", direction="decreasing")]
         runs += [(n, o, 0.5) for n, o in ablations]
+        sens = [variant("acttail-sens", method="acttail-sens", scope="per-kind", gamma=0.5, max_sparsity=0.95),
+                variant("sensitivity only (no alpha)", method="sensitivity", gamma=0.5, max_sparsity=0.95)]
+        runs += [(n, o, b) for b in BUDGETS for n, o in sens]
+        runs += [(n, o, 0.5) for n, o in [
+            variant("acttail-sens eps=0 (kind levels only)", method="acttail-sens", scope="per-kind", epsilon=0.0,
+                    gamma=0.5, max_sparsity=0.95),
+            variant("acttail-sens direction=decreasing", method="acttail-sens", scope="per-kind", gamma=0.5,
+                    direction="decreasing", max_sparsity=0.95)]]
     elif kind == "small":
         runs = [(n, o, b) for n, o, b in runs if b in (0.3, 0.5, 0.7)]
     return runs
@@ -62,6 +71,8 @@ def run_one(model_dir: Path, out: Path, name: str, opts: dict, budget: float, ar
     if result.is_file():
         return json.loads(result.read_text())
     analysis, _ = run_analysis(model_dir, fit=opts["fit"], progress=False)
+    if opts["method"] in ("acttail-sens", "sensitivity"):
+        analysis = with_sensitivity(analysis, json.loads((out / "sensitivity.json").read_text()))
     options = {k: v for k, v in opts.items() if k != "fit"}
     plan = allocate.plan_from_analysis(analysis, budget, analysis_path=f"analyze --fit {opts['fit']}", **options)
     raw = out / "plans" / f"{slug(name, budget)}.json"
@@ -146,7 +157,8 @@ def main() -> None:
     (out / "plans").mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 on a GPU too
     torch.backends.cudnn.allow_tf32 = False
-    if args.sensitivity and not (out / "sensitivity.json").is_file():
+    needs = args.sensitivity or any(o["method"] in ("acttail-sens", "sensitivity") for _, o, _ in grid(args.grid))
+    if needs and not args.tables_only and not (out / "sensitivity.json").is_file():
         measure_sensitivity(model_dir, out / "sensitivity.json", args)
     if not args.tables_only:
         print(f"[{datetime.now(timezone.utc):%H:%M:%S}] dense", flush=True)
