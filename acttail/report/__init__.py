@@ -51,7 +51,6 @@ class Report:
     evals: list[dict]
     figures: list[dict] = field(default_factory=list)  # {"section", "name", "title", "caption", "png"}
     warnings: list[str] = field(default_factory=list)
-    esd_keys: list[str] = field(default_factory=list)
 
 
 # ---- inputs ----------------------------------------------------------------------------------------
@@ -69,6 +68,8 @@ def load_analysis(path) -> dict:
     if not isinstance(rows, list) or not rows:
         raise ActTailError(f"{path}: analysis has no projections")
     for r in rows:
+        if not isinstance(r, dict):
+            raise ActTailError(f"{path}: a projection row is not an object")
         missing = [k for k in ("key", "layer", "kind", "out_features", "in_features", "params", "alpha")
                    if k not in r]
         if missing:
@@ -89,14 +90,8 @@ def load_plan_for(path, analysis: dict) -> Plan:
 
 
 def method_name(method) -> str:
-    """A short allocation-method name ('acttail', 'uniform', ...) from a plan's method field."""
-    if isinstance(method, str):
-        return method
-    if isinstance(method, dict):
-        for k in ("name", "allocator", "method", "kind", "type"):
-            if isinstance(method.get(k), str):
-                return method[k]
-    return "plan"
+    """The allocation method's name ('acttail', 'uniform', ...) from a plan's or eval's method field."""
+    return str(method.get("name", "plan")) if isinstance(method, dict) else str(method)
 
 
 def load_eval_for(path, analysis: dict, plans: list[Plan]) -> dict:
@@ -191,9 +186,8 @@ def model_folder(analysis: dict, model: str | None = None) -> tuple[str | None, 
     return next((p for p in tried if Path(p).exists()), None), tried
 
 
-def compute_spectra(analysis: dict, keys: list[str], model: str | None = None) -> tuple[dict, str | None]:
-    """Recompute eigenvalues for ``keys`` from the analysed model folder; (spectra, warning or None)."""
-    path, tried = model_folder(analysis, model)
+def compute_spectra(analysis: dict, keys: list[str], path: str | None, tried: list[str]) -> tuple[dict, str | None]:
+    """Recompute eigenvalues for ``keys`` from the model folder ``path``; (spectra, warning or None)."""
     if path is None:
         return {}, (f"model folder not found (tried {', '.join(tried) or 'nothing: the analysis has no path'}): "
                     "ESD figures skipped; give it with --model")
@@ -237,7 +231,7 @@ def _usable_device(device: str) -> str:
 # ---- figures ---------------------------------------------------------------------------------------
 
 def draw_figures(rep: Report, folder: Path, esd_keys: list[str], grid_title: str, grid: list[str],
-                 model: str | None = None) -> None:
+                 model: tuple[str | None, list[str]]) -> None:
     """Draw every figure the inputs allow into ``folder`` and record them (PNG bytes) in ``rep``."""
     rows = rep.analysis["projections"]
     by_key = {r["key"]: r for r in rows}
@@ -249,7 +243,7 @@ def draw_figures(rep: Report, folder: Path, esd_keys: list[str], grid_title: str
         rep.figures.append({"section": section, "name": name, "title": title, "caption": caption, "png": png})
         bar.update()
 
-    spectra, warning = compute_spectra(rep.analysis, list(dict.fromkeys(esd_keys + grid)), model)
+    spectra, warning = compute_spectra(rep.analysis, list(dict.fromkeys(esd_keys + grid)), *model)
     if warning:
         rep.warnings.append(warning)
     for key in esd_keys:
@@ -262,30 +256,29 @@ def draw_figures(rep: Report, folder: Path, esd_keys: list[str], grid_title: str
         add("spectra", "esd_grid", grid_title,
             "Thumbnails: complementary CDF per projection with the fitted power law (red) and xmin (dashed).",
             F.esd_grid_figure(thumbs, grid_title))
-    rep.esd_keys = [k for k in esd_keys if k in spectra]
 
     add("alpha", "alpha_heatmap", "Alpha per layer and projection kind",
         "Diverging scale centred on the HT-SR band 2 ≤ α ≤ 6 (pale). × marks a projection with a warning; "
         "grey cells have no fit.", F.alpha_heatmap(rows))
     if rep.plans:
-        draw_plan_figures(rep, by_key, add)
+        draw_plan_figures(rep, add)
     bar.close()
 
 
-def draw_plan_figures(rep: Report, by_key: dict, add) -> None:
+def draw_plan_figures(rep: Report, add) -> None:
     """Sparsity maps, plan vs uniform per kind, alpha vs sparsity and, for calibrated plans, calibration."""
     for i, p in enumerate(rep.plans):
         add("allocation", f"sparsity_heatmap_{i}", f"Sparsity of {p.label}",
             "Planned activation sparsity (share of input activations skipped) per projection.",
-            F.sparsity_heatmap(_plan_rows(p, by_key), f"Sparsity per layer and kind — {p.label}"))
+            F.sparsity_heatmap(p.rows, f"Sparsity per layer and kind — {p.label}"))
     add("allocation", "kind_bars", "Sparsity per kind: plans vs uniform",
         "Parameter-weighted mean sparsity per projection kind (whiskers: min–max over layers) beside a "
         "uniform allocation at the same budget.",
-        F.kind_bars([(p.label, _plan_rows(p, by_key), p.budget) for p in rep.plans]))
+        F.kind_bars([(p.label, p.rows, p.budget) for p in rep.plans]))
     add("allocation", "alpha_vs_sparsity", "Alpha vs sparsity",
         "Each point is one projection: the allocation maps alpha to sparsity; flat runs show clipping "
         "to the plan's minimum or maximum sparsity.",
-        F.alpha_sparsity_scatter([(p.label, _plan_rows(p, by_key), p.method.get("metric", "alpha"))
+        F.alpha_sparsity_scatter([(p.label, p.rows, p.method.get("metric", "alpha"))
                                   for p in rep.plans]))
     for i, p in enumerate(rep.plans):
         if p.calibrated:
@@ -294,7 +287,7 @@ def draw_plan_figures(rep: Report, by_key: dict, add) -> None:
                        "target" + (f", and in the eval run on {text} (hollow)" if measured else "") +
                        ". Right: the calibrated magnitude threshold per layer.")
             add("calibration", f"calibration_{i}", f"Calibration of {p.label}", caption,
-                F.calibration_figure(_plan_rows(p, by_key), p.label, measured, text))
+                F.calibration_figure(p.rows, p.label, measured, text))
 
 
 def eval_achieved(evals: list[dict], plan: Plan) -> tuple[dict, str]:
@@ -306,11 +299,6 @@ def eval_achieved(evals: list[dict], plan: Plan) -> tuple[dict, str]:
             text = Path(str((e.get("settings") or {}).get("text", "eval text"))).name
             return {r["key"]: r.get("achieved") for r in rows if "key" in r}, text
     return {}, ""
-
-
-def _plan_rows(plan: Plan, by_key: dict) -> list[dict]:
-    """Plan rows completed with layer, kind and params from the analysis (the plan may omit them)."""
-    return [{**{k: by_key[r["key"]][k] for k in ("layer", "kind", "params")}, **r} for r in plan.rows]
 
 
 def eval_labels(evals: list[dict]) -> dict[int, str]:
@@ -387,6 +375,7 @@ def build_report(analysis_path, plan_paths=(), eval_paths=(), out_dir="report", 
     layer = esd_layer if esd_layer is not None else next(
         r["layer"] for r in analysis["projections"] if r["key"] == esd_keys[0])
     grid_title, grid = grid_keys(analysis, layer, esd_kind)
+    model_path = model_folder(analysis, model)
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -399,7 +388,7 @@ def build_report(analysis_path, plan_paths=(), eval_paths=(), out_dir="report", 
     tmp = Path(tempfile.mkdtemp(prefix=".figures.", dir=out))
     tmp.chmod(0o755)
     try:
-        draw_figures(rep, tmp, esd_keys, grid_title, grid, model)
+        draw_figures(rep, tmp, esd_keys, grid_title, grid, model_path)
         draw_accuracy(rep, tmp)
         html = render_report(rep, seconds=time.perf_counter() - start)
         _replace_folder(tmp, out / "figures")
