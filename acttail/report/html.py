@@ -83,6 +83,8 @@ document.querySelectorAll("table.sortable thead th").forEach(function (th, i) {
 });
 """
 
+EVAL_SETTINGS = ("text", "ctx", "tokens", "mode", "prefill")  # shown per eval result
+CALIBRATION_SETTINGS = ("text", "n_tokens", "tokens", "ctx", "max_abs_deviation")  # shown per calibrated plan
 SECTIONS = (("spectra", "Spectra (ESD)"), ("alpha", "Heavy-tail exponent"), ("allocation", "Allocation"),
             ("calibration", "Calibration"), ("accuracy", "Accuracy"))
 
@@ -158,6 +160,7 @@ def _settings_text(settings, keys=None) -> str:
         return ""
     if keys and any(k in settings for k in keys):
         settings = {k: settings[k] for k in keys if k in settings}
+
     def plain(v):  # the caller escapes
         return format(v, ".3g") if isinstance(v, float) else "–" if v is None else str(v)
 
@@ -170,8 +173,7 @@ def inputs_tables(rep) -> str:
     if rep.plans:
         rows = []
         for p in rep.plans:
-            keys = ("text", "n_tokens", "tokens", "ctx", "max_abs_deviation")
-            calibration = f"yes ({_settings_text(p.raw.get('calibration'), keys)})" if p.calibrated else "no"
+            calibration = f"yes ({_settings_text(p.raw.get('calibration'), CALIBRATION_SETTINGS)})" if p.calibrated else "no"
             rows.append([f'<td title="{escape(str(p.path))}"><code>{escape(p.path.name)}</code></td>',
                          num_cell(p.budget, ".1%"), num_cell(weighted_sparsity(p.rows), ".2%"),
                          f"<td>{escape(_method_text(p.method))}</td>", f"<td>{escape(calibration)}</td>"])
@@ -186,7 +188,7 @@ def inputs_tables(rep) -> str:
                          num_cell(None if plan is None else plan["budget"], ".0%"),
                          num_cell(achieved.get("weighted_achieved"), ".1%"),
                          num_cell(e["perplexity"], ".3f"),
-                         f"<td>{escape(_settings_text(e.get('settings'), ('text', 'ctx', 'tokens', 'mode', 'prefill')))}</td>"])
+                         f"<td>{escape(_settings_text(e.get('settings'), EVAL_SETTINGS))}</td>"])
         html += "<h3>Evaluation results</h3>" + plain_table(
             ["file", "run", "budget", "achieved sparsity", "perplexity", "settings"], rows)
     return html
