@@ -210,28 +210,33 @@ def bench_fused(bw):
     return rows
 
 
-SWEEP = [None] + [dict(BN=bn, KC=kc, BK=bk, num_warps=nw, num_stages=1)
-                  for bn, kc, bk, nw in [(64, 0, 64, 4), (32, 0, 64, 2), (32, 0, 128, 4), (64, 0, 64, 2),
-                                         (64, 2048, 64, 4), (64, 4096, 64, 4), (32, 4096, 64, 2),
-                                         (128, 2048, 64, 4), (128, 4096, 64, 4)]]
+SWEEP = {1: [None] + [dict(BN=bn, KC=kc, BK=bk, num_warps=nw, num_stages=1)
+                      for bn, kc, bk, nw in [(128, 512, 64, 4), (128, 2048, 64, 4), (64, 1024, 64, 4),
+                                             (128, 1024, 32, 4), (256, 1024, 32, 4)]],
+         4: [None] + [dict(BN=bn, KC=kc, BK=bk, num_warps=nw, num_stages=ns)
+                      for bn, kc, bk, nw, ns in [(128, 512, 32, 4, 3), (128, 1024, 64, 4, 1)]]}
 
 
 def sweep(bw):
-    """B=1 block configurations (KC=0: one chunk of all K rows, no split-K reduction)."""
+    """Block configurations against the default (None) and the TEAL-style kernel, side by side."""
     rows = []
-    for K, N in [(4096, 11008), (11008, 4096), (4096, 4096), (4096, 14336)]:
+    for K, N in [(4096, 11008), (11008, 4096), (4096, 4096)]:
         w, wt = make_copies(K, N, torch.float16)
-        x = torch.randn(1, K, device="cuda", dtype=torch.float16)
-        t_dense, _ = time_graph(lambda i: F.linear(x, w[i]), len(w))
-        for s in (0.0, 0.5, 0.9):
-            t = torch.tensor([threshold_for(x, s)], device="cuda")
-            for cfg in SWEEP:
-                if cfg is not None and cfg["KC"] == 0:
-                    cfg = dict(cfg, KC=triton.next_power_of_2(K))
-                ok = rel_err(sparse_linear(x, wt[0], t, config=cfg), sparse_linear_ref(x, wt[0], t)) < 3e-3
-                us, _ = time_graph(lambda i: sparse_linear(x, wt[i], t, config=cfg), len(wt), replays=7)
-                rows.append(dict(K=K, N=N, B=1, s=s, cfg=cfg, ok=ok, us=us, speedup=t_dense / us))
-                print(f"sweep {K}x{N} s={s} {cfg} ok={ok} {us:.1f}us {t_dense / us:.2f}x", flush=True)
+        for B in (1, 4):
+            x = torch.randn(B, K, device="cuda", dtype=torch.float16)
+            t_dense, _ = time_graph(lambda i: F.linear(x, w[i]), len(w))
+            for s in (0.0, 0.25, 0.5, 0.7, 0.8, 0.9):
+                tv = threshold_for(x, s)
+                t = torch.tensor([tv], device="cuda")
+                if B == 1:
+                    us, _ = time_graph(lambda i: teal_gemv(x, wt[i], tv), len(wt), replays=7)
+                    print(f"sweep {K}x{N} B={B} s={s} TEAL {us:.1f}us {t_dense / us:.2f}x", flush=True)
+                for cfg in SWEEP[B]:
+                    ok = rel_err(sparse_linear(x, wt[0], t, config=cfg), sparse_linear_ref(x, wt[0], t)) < 3e-3
+                    us, _ = time_graph(lambda i: sparse_linear(x, wt[i], t, config=cfg), len(wt), replays=7)
+                    rows.append(dict(K=K, N=N, B=B, s=s, cfg=cfg, ok=ok, us=us, speedup=t_dense / us))
+                    c = "compact-default" if cfg is None else str(cfg)
+                    print(f"sweep {K}x{N} B={B} s={s} {c} ok={ok} {us:.1f}us {t_dense / us:.2f}x", flush=True)
         del w, wt
     return rows
 
