@@ -33,20 +33,20 @@ from acttail.reference import weightwatcher_fit
 SMOLLM2 = Path.home() / ".cache" / "acttail" / "models" / "smollm2-135m"
 
 
-def write_7b_shaped(folder: Path, layers: int, seed: int = 0) -> Path:
-    """A Llama-2-7B-shaped decoder (only the 7 projections per layer) with random bf16 weights, one shard
-    per layer, plus config.json."""
+def write_7b_shaped(folder: Path, layers: int, device: str = "cpu", seed: int = 0) -> Path:
+    """A Llama-2-7B-shaped decoder (only the 7 projections per layer) with random bf16 weights (drawn on
+    ``device``, which is faster on a GPU), one shard per layer, plus config.json."""
     hidden, inter = 4096, 11008
     shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden),
               "self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden),
               "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
     folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device).manual_seed(seed)
     weight_map = {}
     for i in range(layers):
         fname = f"model-{i + 1:05d}-of-{layers:05d}.safetensors"
-        t = {f"model.layers.{i}.{n}.weight": (torch.randn(*s, generator=g) * 0.02).to(torch.bfloat16)
-             for n, s in shapes.items()}
+        t = {f"model.layers.{i}.{n}.weight": (torch.randn(*s, generator=g, device=device) * 0.02)
+             .to(torch.bfloat16).cpu() for n, s in shapes.items()}
         save_file(t, str(folder / fname))
         weight_map.update({n: fname for n in t})
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
@@ -108,7 +108,7 @@ def main():
                         f"{agreement(a_ours, a_ww)} |")
         print("\n".join(rows), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_7b_shaped(Path(tmp) / "llama7b", args.layers)
+        folder = write_7b_shaped(Path(tmp) / "llama7b", args.layers, args.device)
         t1, a1 = time_ours(folder, args.device, 1)
         if args.skip_reference:
             rows.append(f"| 7B-shaped, 1 layer (7 matrices, bf16) | {t1:.1f} s | - | - | - |")
