@@ -31,8 +31,8 @@ CONFIG = {"vocab_size": 96, "hidden_size": 64, "num_hidden_layers": 2, "num_atte
           "max_position_embeddings": 16, "tie_word_embeddings": False}
 
 
-def tiny_model(seed=0):
-    args = model_mod.ModelArgs.from_config(CONFIG, "LlamaForCausalLM")
+def tiny_model(seed=0, **overrides):
+    args = model_mod.ModelArgs.from_config({**CONFIG, **overrides}, "LlamaForCausalLM")
     torch.manual_seed(seed)
     model = model_mod.Transformer(args)
     with torch.no_grad():
@@ -82,6 +82,25 @@ def test_sparse_decode_agrees_with_cpu_reference():
     assert errs[len(errs) // 2] < 5e-3 and errs[-1] < 0.3, errs
     assert max(rel_err(a, b) for a, b in zip(dense, dense_ref)) < 5e-3
     assert rel_err(ref, dense_ref) > 0.1  # the thresholds change the logits: the comparison can fail
+
+
+def test_topk_decode_agrees_with_cpu_reference():
+    # top-k mode: per-token thresholds computed on the device keep round((1 - s) * d) entries per projection.
+    # A threshold cannot split exact ties (it keeps none of the tied entries at the boundary; torch.topk
+    # keeps some), and with GQA the attention output of the first token repeats v across the query heads
+    # of a group, so the o projection sees exact ties: use plain multi-head attention here.
+    model = tiny_model(3, num_key_value_heads=4)
+    dec = CudaDecoder.from_model(model, dtype=torch.float16, device="cpu", max_seq=16)
+    kinds = ("q", "k", "v", "o", "gate", "up", "down")
+    sp = {(i, k): 0.3 + 0.08 * j for i in range(CONFIG["num_hidden_layers"]) for j, k in enumerate(kinds)}
+    width = {"o": 64, "down": 96}
+    dec.set_sparsity(keeps={key: max(1, round((1 - s) * width.get(key[1], 64))) for key, s in sp.items()})
+    tokens = [7, 3, 50, 21, 64, 12]
+    ref, ours = decode_both(model, dec, tokens, sparsify_mod.Sparsifier("topk", sparsities=sp))
+    dense_ref, _ = decode_both(model, dec, tokens[:1], sparsify_mod.Sparsifier.dense())
+    errs = sorted(rel_err(a, b) for a, b in zip(ours, ref))
+    assert errs[len(errs) // 2] < 5e-3 and errs[-1] < 0.3, errs
+    assert rel_err(ref[:1], dense_ref) > 0.05  # top-k changes the logits
 
 
 def test_prefill_matches_reference_forward():
