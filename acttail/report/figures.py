@@ -310,7 +310,7 @@ def calibration_figure(plan_rows: list[dict], title: str, measured: dict | None 
     lim = [0, 100]
     ax_t.plot(lim, lim, "--", lw=0.8, color="black", label="achieved = target")
     ax_t.set(xlabel="target sparsity (%)", ylabel="achieved sparsity (%)", xlim=lim, ylim=lim,
-             title="target vs achieved (calibration text)")
+             title="target vs achieved sparsity per projection")
     ax_t.legend(fontsize=7, markerscale=1.5)
     thresholds = [r["threshold"] for r in plan_rows if r.get("threshold") is not None]
     if thresholds and min(thresholds) > 0:
@@ -337,7 +337,7 @@ def perplexity_figure(series: dict[str, list[tuple[float, float]]], dense: list[
     for ppl in dense[:1]:
         ax.axhline(ppl, ls=":", color="black", lw=1)
         ax.plot([0], [ppl], "*", ms=9, color="black", label=f"dense {ppl:.2f}")
-    ax.set_xlim(0, 100)
+    ax.set_xlim(-3, 100)
     ax.set_yscale("log")
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     ax.yaxis.set_major_formatter(plain)
@@ -345,5 +345,5 @@ def perplexity_figure(series: dict[str, list[tuple[float, float]]], dense: list[
     ax.yaxis.set_minor_formatter(plain if hi / lo < 20 else NullFormatter())
     ax.set(xlabel="sparsity budget (%)", ylabel="perplexity (log scale)", title=title)
     ax.grid(True, which="both", lw=0.3, alpha=0.5)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
     return fig
