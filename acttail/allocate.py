@@ -222,6 +222,38 @@ def acttail_ratios(rows, *, scope="global", metric="alpha", epsilon=0.3, directi
     return linear_map(normalise(values, groups), epsilon, direction)
 
 
+@register_method("acttail-sens")
+def acttail_sens_ratios(rows, *, scope="global", metric="alpha", epsilon=0.3, direction="increasing",
+                        **_) -> np.ndarray:
+    """The acttail map with its direction and strength set by measured sensitivity (column ``sensitivity``:
+    loss increase per parameter zeroed, from ``acttail sensitivity``) instead of assumed.
+
+    rho = Spearman(metric, sensitivity) over all projections. |rho| <= 2 / sqrt(n) (alpha does not rank
+    sensitivity better than chance): no map, every ratio 1 (uniform). Otherwise the acttail map with
+    ``epsilon``, sparsity decreasing in alpha when rho > 0 (higher alpha, more sensitive), increasing when
+    rho < 0. ``direction="decreasing"`` inverts the measured direction (ablation).
+    """
+    values = metric_values(rows, metric, "global")
+    sens = _column(rows, "sensitivity")
+    if np.isnan(sens).any():
+        raise ActTailError("method acttail-sens needs a 'sensitivity' value for every projection "
+                           "(run `acttail sensitivity` on the analysis first)")
+    rho = spearman(values, sens)
+    if abs(rho) <= 2.0 / math.sqrt(len(rows)):
+        return np.ones(len(rows))
+    chosen = "decreasing" if (rho > 0) != (direction == "decreasing") else "increasing"
+    return acttail_ratios(rows, scope=scope, metric=metric, epsilon=epsilon, direction=chosen)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (no tie correction; 0 when undefined)."""
+    if len(a) < 3:
+        return 0.0
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    c = np.corrcoef(ra, rb)[0, 1]
+    return float(c) if np.isfinite(c) else 0.0
+
+
 # ---- solver -----------------------------------------------------------------------------------------
 
 

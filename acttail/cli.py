@@ -205,6 +205,28 @@ def eval_cmd(model, plan_path, text, ctx, tokens, mode, prefill, batch_size, out
         write_json(output, r)
 
 
+@main.command("sensitivity")
+@click.argument("model", type=click.Path())
+@click.argument("analysis", type=click.Path(dir_okay=False))
+@click.option("--text", default="c4", show_default=True, help="Calibration text (never the evaluation text).")
+@click.option("--tokens", type=int, default=16384, show_default=True)
+@click.option("--ctx", type=int, default=512, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (1 + 2 x projections forward passes).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The analysis with a 'sensitivity' column, for `acttail allocate --method acttail-sens`.")
+def sensitivity_cmd(model, analysis, text, tokens, ctx, device, output):
+    """Measure each projection's loss increase when sparsified alone; add it to ANALYSIS."""
+    from .allocate import read_analysis
+    from .files import write_json
+    from .sensitivity import measure, with_sensitivity
+
+    doc = read_analysis(analysis)
+    out = with_sensitivity(doc, measure(model, text, tokens, ctx, device=device))
+    write_json(output, out)
+    click.echo(f"sensitivity of {len(out['projections'])} projections on {out['sensitivity']['tokens']} tokens "
+               f"of {text}; wrote {output}")
+
+
 @main.command("generate")
 @click.argument("model", type=click.Path())
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False), help="Sparsity plan (none: dense).")

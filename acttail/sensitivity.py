@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .allocate import metric_values, normalise, register_method
+from .allocate import register_method
 
 from .runtime.perplexity import perplexity
 from .runtime.sparsify import Sparsifier
@@ -37,6 +37,27 @@ def sensitivity(model, wins: torch.Tensor, keys: list[tuple[int, str]], levels=(
     return {"dense_nll": base, "dnll": out}
 
 
+def measure(model_path, text="c4", tokens: int = 16384, ctx: int = 512, levels=(0.5, 0.8), device: str = "cpu",
+            progress: bool = True) -> dict:
+    """The sensitivity document (JSON-ready) of a model on ``text``: one row per projection with
+    ``dnll_50``, ``dnll_80``, ... (loss increase at each top-k level). Costs 1 + n_projections x levels
+    forward passes over ``tokens``: minutes on a GPU, hours for a 135M model on two CPU cores."""
+    import time
+
+    from .runtime import open_model
+    from .runtime.perplexity import load_tokenizer, text_tokens, windows
+
+    ckpt, model = open_model(model_path, device=device)
+    wins = windows(text_tokens(load_tokenizer(model_path), text, tokens), ctx, model.args.max_seq_len, text)
+    keys = [(p.layer, p.kind) for p in ckpt.projections()]
+    t0 = time.time()
+    r = sensitivity(model, wins, keys, levels, progress=progress)
+    return {"model": {"fingerprint": ckpt.fingerprint}, "text": str(text), "tokens": int(wins.numel()),
+            "mode": "topk", "levels": list(levels), "dense_nll": r["dense_nll"], "seconds": time.time() - t0,
+            "projections": [{"key": f"layers.{l}.{k}", "layer": l, "kind": k,
+                             **{f"dnll_{round(100 * lv)}": d[lv] for lv in levels}} for (l, k), d in r["dnll"].items()]}
+
+
 # ---- allocation from alpha and sensitivity ---------------------------------------------------------
 
 def with_sensitivity(analysis: dict, sens: dict, level: str = "dnll_80") -> dict:
@@ -45,6 +66,10 @@ def with_sensitivity(analysis: dict, sens: dict, level: str = "dnll_80") -> dict
     value (a projection whose loss change is within noise of zero is nearly free to sparsify)."""
     import copy
 
+    from .errors import ActTailError
+
+    if sens["model"]["fingerprint"] != analysis["model"]["fingerprint"]:
+        raise ActTailError("the sensitivity measurement and the analysis are for different checkpoints")
     by_key = {p["key"]: p for p in sens["projections"]}
     out = copy.deepcopy(analysis)
     per_param = {k: p[level] / (float(level.split("_")[1]) / 100 * _params(out, k)) for k, p in by_key.items()}
@@ -52,6 +77,9 @@ def with_sensitivity(analysis: dict, sens: dict, level: str = "dnll_80") -> dict
     floor = positive[len(positive) // 2] * 1e-2 if positive else 1e-12
     for row in out["projections"]:
         row["sensitivity"] = max(per_param[row["key"]], floor)
+        row.update({k: v for k, v in by_key[row["key"]].items() if k.startswith("dnll_")})
+    out["sensitivity"] = {k: sens[k] for k in ("text", "tokens", "mode", "dense_nll") if k in sens}
+    out["sensitivity"]["level"] = level
     return out
 
 
@@ -59,45 +87,8 @@ def _params(analysis: dict, key: str) -> int:
     return next(r["params"] for r in analysis["projections"] if r["key"] == key)
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    if len(a) < 3:
-        return 0.0
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    c = np.corrcoef(ra, rb)[0, 1]
-    return 0.0 if not np.isfinite(c) else float(c)
-
-
-@register_method("acttail-sens")
-def acttail_sens_ratios(rows, *, scope="per-kind", metric="alpha", epsilon=0.3, direction="increasing",
-                        gamma=0.5, **_) -> np.ndarray:
-    """Alpha map inside each projection kind, its direction and strength set by sensitivity; kind levels
-    from sensitivity.
-
-    Within kind k: t = alpha normalised in [0, 1]; rho_k = Spearman(alpha, sensitivity) over the kind's
-    projections; ratio = (1 - eps |rho_k|) + 2 eps |rho_k| t', where t' = 1 - t if rho_k > 0 (sensitivity
-    grows with alpha: give high alpha less sparsity) else t. Across kinds: ratio x (S_k / S)^-gamma, with
-    S_k the geometric mean per-parameter sensitivity of the kind and S that of all projections. The
-    ``direction`` option flips t' (ablation).
-    """
-    alpha = metric_values(rows, metric, "per-kind")
-    sens = np.array([float(r["sensitivity"]) for r in rows])
-    kinds = np.array([r["kind"] for r in rows])
-    log_all = np.log(sens).mean()
-    out = np.empty(len(rows))
-    for k in dict.fromkeys(kinds):
-        idx = np.flatnonzero(kinds == k)
-        rho = _spearman(alpha[idx], sens[idx])
-        t = normalise(alpha[idx], [0] * len(idx))
-        if (rho > 0) != (direction == "decreasing"):
-            t = 1.0 - t
-        e = epsilon * abs(rho)
-        level = np.exp(np.log(sens[idx]).mean() - log_all) ** -gamma
-        out[idx] = level * ((1.0 - e) + 2.0 * e * t)
-    return out
-
-
 @register_method("sensitivity")
 def sensitivity_ratios(rows, *, gamma=0.5, **_) -> np.ndarray:
-    """Ablation without alpha: ratio = (sensitivity / geometric mean)^-gamma per projection."""
+    """Study ablation without alpha: ratio = (sensitivity / geometric mean)^-gamma per projection."""
     sens = np.array([float(r["sensitivity"]) for r in rows])
     return np.exp(np.log(sens) - np.log(sens).mean()) ** -gamma

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,16 +47,27 @@ def grid(kind: str) -> list[tuple[str, dict, float]]:
                      variant("acttail eps=0.1", epsilon=0.1), variant("acttail eps=0.6", epsilon=0.6),
                      variant("acttail direction=decreasing", direction="decreasing")]
         runs += [(n, o, 0.5) for n, o in ablations]
-        sens = [variant("acttail-sens", method="acttail-sens", scope="per-kind", gamma=0.5, max_sparsity=0.95),
+        sens = [variant("acttail-sens", method="acttail-sens"),
                 variant("sensitivity only (no alpha)", method="sensitivity", gamma=0.5, max_sparsity=0.95)]
         runs += [(n, o, b) for b in BUDGETS for n, o in sens]
+        for scope in ("global", "layer", "per-kind"):
+            for eps in (0.15, 0.3, 0.5):
+                name = f"acttail direction=decreasing scope={scope} eps={eps}"
+                if (scope, eps) == ("global", 0.3):
+                    name = "acttail direction=decreasing"
+                runs += [(name, {**DEFAULT, "direction": "decreasing", "scope": scope, "epsilon": eps}, b)
+                         for b in BUDGETS]
+        runs += [(f"acttail direction=decreasing fit={fit}", {**DEFAULT, "direction": "decreasing", "fit": fit}, 0.5)
+                 for fit in ("peak", "median")]
+    elif kind == "small":  # the larger model: the core, the measured-direction methods, a few ablations
+        more = [variant("acttail-sens", method="acttail-sens"),
+                variant("acttail direction=decreasing", direction="decreasing")]
+        runs += [(n, o, b) for b in BUDGETS for n, o in more]
         runs += [(n, o, 0.5) for n, o in [
-            variant("acttail-sens eps=0 (kind levels only)", method="acttail-sens", scope="per-kind", epsilon=0.0,
-                    gamma=0.5, max_sparsity=0.95),
-            variant("acttail-sens direction=decreasing", method="acttail-sens", scope="per-kind", gamma=0.5,
-                    direction="decreasing", max_sparsity=0.95)]]
-    elif kind == "small":
-        runs = [(n, o, b) for n, o, b in runs if b in (0.3, 0.5, 0.7)]
+            variant("acttail scope=layer", scope="layer"), variant("acttail scope=per-kind", scope="per-kind"),
+            variant("acttail eps=0.1", epsilon=0.1),
+            variant("acttail direction=decreasing scope=layer eps=0.3", direction="decreasing", scope="layer"),
+            variant("acttail direction=decreasing scope=per-kind eps=0.3", direction="decreasing", scope="per-kind")]]
     return runs
 
 
@@ -77,16 +87,39 @@ def run_one(model_dir: Path, out: Path, name: str, opts: dict, budget: float, ar
     plan = allocate.plan_from_analysis(analysis, budget, analysis_path=f"analyze --fit {opts['fit']}", **options)
     raw = out / "plans" / f"{slug(name, budget)}.json"
     plan_io.save_plan(plan, raw)
+    same = identical_run(out, plan)
+    if same is not None:  # calibration and evaluation are deterministic in the sparsities: reuse
+        r = {**same, "study": {**same["study"], "name": name, "options": opts, "reused_from": same["study"]["name"]}}
+        write_json(result, r)
+        return r
     t0 = time.time()
     calibrated, run = calibrate_plan(model_dir, raw, "c4", args.calib_tokens, args.ctx, progress=not args.quiet,
                                      device=args.device)
     plan_io.save_plan(calibrated, raw)
+    run["weighted_achieved"] = calibrated_mean(calibrated)
     t1 = time.time()
     r = evaluate(model_dir, "wiki", raw, args.ctx, args.eval_tokens, progress=not args.quiet, device=args.device)
     r["study"] = {"name": name, "options": opts, "budget": budget, "calibration": run,
                   "seconds": {"calibrate": t1 - t0, "eval": time.time() - t1}}
     write_json(result, r)
     return r
+
+
+def calibrated_mean(plan: dict) -> float:
+    """Parameter-weighted sparsity achieved on the calibration text (from the calibrated plan)."""
+    es = plan["projections"]
+    return sum(e["calibration"]["achieved_sparsity"] * e["params"] for e in es) / sum(e["params"] for e in es)
+
+
+def identical_run(out: Path, plan: dict) -> dict | None:
+    """A finished run whose plan had exactly these sparsities (e.g. a method that fell back to uniform)."""
+    want = [e["sparsity"] for e in plan["projections"]]
+    for f in sorted((out / "runs").glob("*.json")):
+        r = json.loads(f.read_text())
+        if r.get("achieved") and r["study"].get("budget") == plan["budget"] and "reused_from" not in r["study"]:
+            if [p["target"] for p in r["achieved"]["projections"]] == want:
+                return r
+    return None
 
 
 def dense(model_dir: Path, out: Path, args) -> dict:
@@ -101,38 +134,52 @@ def dense(model_dir: Path, out: Path, args) -> dict:
 
 def measure_sensitivity(model_dir: Path, path: Path, args) -> None:
     """Loss increase on c4 when one projection alone is sparsified (top-k at 50% and 80%)."""
-    from acttail.runtime import open_model
-    from acttail.runtime.perplexity import load_tokenizer, text_tokens, windows
-    from acttail.sensitivity import sensitivity
+    from acttail.sensitivity import measure
 
-    ckpt, model = open_model(model_dir, device=args.device)
-    wins = windows(text_tokens(load_tokenizer(model_dir), "c4", args.sens_tokens), args.ctx, model.args.max_seq_len)
-    keys = [(p.layer, p.kind) for p in ckpt.projections()]
-    t0 = time.time()
-    r = sensitivity(model, wins, keys, levels=(0.5, 0.8), progress=not args.quiet)
-    write_json(path, {"model": {"fingerprint": ckpt.fingerprint}, "text": "c4", "tokens": int(wins.numel()),
-                      "mode": "topk", "dense_nll": r["dense_nll"], "seconds": time.time() - t0,
-                      "projections": [{"key": f"layers.{l}.{k}", "layer": l, "kind": k,
-                                       "dnll_50": d[0.5], "dnll_80": d[0.8]} for (l, k), d in r["dnll"].items()]})
+    write_json(path, measure(model_dir, "c4", args.sens_tokens, args.ctx, (0.5, 0.8), args.device, not args.quiet))
 
 
 # ---- tables ----------------------------------------------------------------------------------------
 
 def table(model: str, results: list[dict], dense_r: dict) -> str:
-    """Markdown: one row per run, perplexity, change vs uniform at the same budget, achieved sparsity."""
-    uniform = {r["study"]["budget"]: r["perplexity"] for r in results if r["study"]["name"] == "uniform"}
+    """Markdown: perplexity per method and budget with the change vs uniform; then sparsity drift."""
+    by = {}
+    for r in results:
+        by.setdefault(r["study"]["name"], {})[r["study"]["budget"]] = r
+    uniform = {b: r["perplexity"] for b, r in by.get("uniform", {}).items()}
+    names = sorted(by, key=lambda n: (n != "uniform", n != "acttail", n != "acttail-sens", n))
+    budgets = sorted({b for rs in by.values() for b in rs})
+    st = dense_r["settings"]
     lines = [f"## {model}", "",
-             f"Dense perplexity: **{dense_r['perplexity']:.3f}** (wiki, {dense_r['settings']['tokens']} tokens, "
-             f"ctx {dense_r['settings']['ctx']}).", "",
-             "| method | budget | ppl | vs uniform | achieved on c4 (max dev) | achieved on wiki (max dev) |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in sorted(results, key=lambda r: (r["study"]["name"] != "uniform", r["study"]["name"], r["study"]["budget"])):
-        s, a = r["study"], r["achieved"]
-        base = uniform.get(s["budget"])
-        rel = f"{100 * (r['perplexity'] / base - 1):+.2f}%" if base and s["name"] != "uniform" else ""
-        cal = s["calibration"]["max_abs_deviation"]
-        lines.append(f"| {s['name']} | {s['budget']:.0%} | {r['perplexity']:.3f} | {rel} | "
-                     f"{s['budget']:.4f} ({cal:.4f}) | {a['weighted_achieved']:.4f} ({a['max_abs_deviation']:.4f}) |")
+             f"Dense perplexity **{dense_r['perplexity']:.3f}** on {st['tokens']} tokens of wiki at ctx {st['ctx']} "
+             f"({st['windows']} windows, every position sparsified in the plan runs; device {st['device']}).",
+             "Each cell: perplexity (change vs uniform at the same budget).", "",
+             "| method | " + " | ".join(f"{b:.0%}" for b in budgets) + " |",
+             "|---|" + "---:|" * len(budgets)]
+    for n in names:
+        cells = []
+        for b in budgets:
+            r = by[n].get(b)
+            if r is None:
+                cells.append("")
+                continue
+            rel = "" if n == "uniform" or b not in uniform else f" ({100 * (r['perplexity'] / uniform[b] - 1):+.1f}%)"
+            same = " =" if r["study"].get("reused_from") else ""
+            cells.append(f"{r['perplexity']:.2f}{rel}{same}")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines += ["", "`=`: the plan's sparsities are identical to another run's (the method fell back to that "
+              "allocation), so its measured result is shown.", "",
+              "Sparsity achieved (parameter-weighted mean; in brackets the largest |achieved - target| of any "
+              "projection) on the c4 calibration text and on the wiki evaluation text:", "",
+              "| method | budget | c4 (calibration) | wiki (held out) |", "|---|---:|---:|---:|"]
+    for n in names:
+        for b in budgets:
+            r = by[n].get(b)
+            if r is None or r["study"].get("reused_from"):
+                continue
+            a, cal = r["achieved"], r["study"]["calibration"]
+            lines.append(f"| {n} | {b:.0%} | {cal['weighted_achieved']:.4f} ({cal['max_abs_deviation']:.4f}) | "
+                         f"{a['weighted_achieved']:.4f} ({a['max_abs_deviation']:.4f}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -170,8 +217,9 @@ def main() -> None:
     results = [json.loads(f.read_text()) for f in sorted((out / "runs").glob("*.json"))]
     dense_r = next(r for r in results if r["study"]["name"] == "dense")
     runs = [r for r in results if r["study"]["name"] != "dense"]
-    head = (f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.machine()} "
-            f"({torch.get_num_threads()} threads), torch {torch.__version__}.\n\n")
+    devices = sorted({r["settings"]["device"] for r in results})
+    head = (f"Tables rebuilt {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from {len(results)} saved runs "
+            f"(measured with device {', '.join(devices)}; float32, TF32 off). Regenerate: see README.md.\n\n")
     write_text(args.out / f"{name}.md", head + table(name, runs, dense_r))
     print((args.out / f"{name}.md").read_text())
 
