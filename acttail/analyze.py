@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import threading
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +33,7 @@ BACKENDS = ("acttail", "weightwatcher", "powerlaw")
 METRICS = ("n_evals", "alpha", "xmin", "n_tail", "ks_distance", "sigma", "lambda_max", "spectral_norm",
            "stable_rank", "alpha_weighted", "log_norm")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+GPU_WORKERS = 4
 
 
 def settings(fit: str = "ks", dtype: str = "float32", device: str = "cpu", backend: str = "acttail") -> dict:
@@ -47,17 +49,20 @@ def settings(fit: str = "ks", dtype: str = "float32", device: str = "cpu", backe
     return {"fit": fit, "dtype": dtype, "device": device, "eval_floor": EVAL_FLOOR, "backend": backend}
 
 
-def analyze_checkpoint(ckpt: Checkpoint, cfg: dict, progress: bool = True) -> dict:
+def analyze_checkpoint(ckpt: Checkpoint, cfg: dict, progress: bool = True, workers: int | None = None) -> dict:
     """Analyse every projection of ``ckpt`` with settings ``cfg``; returns the analysis document.
 
-    On CPU the matrices are spread over one single-threaded worker per core: LAPACK's eigvalsh scales
-    poorly with threads at these sizes, so whole matrices in parallel is faster. Tensors are read in order
-    and at most two per worker are in memory at once.
+    Matrices are analysed by a few workers while the next tensors are read. On CPU: one single-threaded
+    worker per core (LAPACK's eigvalsh scales poorly with threads at these sizes, whole matrices in
+    parallel do better). On CUDA: ``GPU_WORKERS`` workers, each on its own stream, so that one matrix's
+    eigensolver overlaps another's. At most two tensors per worker are in memory at once.
     """
     projs = ckpt.projections()
-    workers = 1 if cfg["device"] != "cpu" else max(1, min(os.cpu_count() or 1, torch.get_num_threads()))
+    on_cpu = cfg["device"] == "cpu"
+    if workers is None:
+        workers = max(1, min(os.cpu_count() or 1, torch.get_num_threads())) if on_cpu else GPU_WORKERS
     rows = []
-    with _single_threaded(workers > 1), ThreadPoolExecutor(workers) as pool, \
+    with _single_threaded(on_cpu and workers > 1), ThreadPoolExecutor(workers) as pool, \
             tqdm(total=len(projs), desc="ESD", unit="matrix", disable=not progress) as bar:
         pending = deque()
         for proj in projs:
@@ -80,6 +85,16 @@ def _row(proj, future) -> dict:
             "in_features": proj.in_features, "params": proj.params, **future.result()}
 
 
+_local = threading.local()
+
+
+def _worker_stream(device: str):
+    """This worker thread's own CUDA stream (created once per thread)."""
+    if getattr(_local, "stream", None) is None:
+        _local.stream = torch.cuda.Stream(device)
+    return _local.stream
+
+
 @contextlib.contextmanager
 def _single_threaded(on: bool):
     """Run torch single-threaded inside the block (when ``on``), restoring the thread count after."""
@@ -93,6 +108,9 @@ def _single_threaded(on: bool):
 
 
 def _analyze_one(w: torch.Tensor, cfg: dict) -> dict:
+    if cfg["backend"] == "acttail" and cfg["device"] != "cpu":
+        with torch.cuda.stream(_worker_stream(cfg["device"])):
+            return analyze_matrix(w, cfg["fit"], DTYPES[cfg["dtype"]], cfg["device"])
     if cfg["backend"] == "acttail":
         return analyze_matrix(w, cfg["fit"], DTYPES[cfg["dtype"]], cfg["device"])
     from . import reference
