@@ -194,6 +194,19 @@ def inputs_tables(rep) -> str:
     return html
 
 
+def headline_evals(rep, limit: int = 7) -> list[tuple[str, dict]]:
+    """Eval results for the summary: dense first, then the runs at the given plans' budgets."""
+    budgets = {round(p.budget, 6) for p in rep.plans}
+
+    def order(e):
+        plan = e.get("plan")
+        return (plan is not None, plan is not None and round(plan["budget"], 6) not in budgets,
+                plan["budget"] if plan else 0, e["_label"])
+
+    picked = sorted(rep.evals, key=order)[:limit]
+    return [("dense" if e.get("plan") is None else f"{e['_label']} {e['plan']['budget']:.0%}", e) for e in picked]
+
+
 def summary_section(rep) -> str:
     rows = rep.analysis["projections"]
     alphas = [r["alpha"] for r in rows if r.get("alpha") is not None]
@@ -209,11 +222,7 @@ def summary_section(rep) -> str:
     cards.append(card(str(sum(1 for r in rows if r.get("warnings"))), "projections with warnings"))
     for p in rep.plans:
         cards.append(card(f"{p.budget:.0%}", f"budget of {p.label}"))
-    best = {}
-    for e in rep.evals:
-        name = "dense" if e.get("plan") is None else f"{e['_label']} {e['plan']['budget']:.0%}"
-        best.setdefault(name, e["perplexity"])
-    cards += [card(f"{v:.2f}", f"perplexity, {k}") for k, v in list(best.items())[:6]]
+    cards += [card(f"{e['perplexity']:.2f}", f"perplexity, {name}") for name, e in headline_evals(rep)]
     html = f'<div class="cards">{"".join(cards)}</div>' + inputs_tables(rep)
     extra = rep.analysis.get("summary")
     if isinstance(extra, dict):
