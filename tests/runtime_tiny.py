@@ -35,14 +35,17 @@ def write_tokenizer(folder: Path, vocab: int) -> None:
 
 def write_hf_model(folder: Path, arch: str = "llama", seed: int = 0, rope_scaling: dict | None = None,
                    layers: int = 2, vocab: int = 320, tie: bool | None = None, scale: float = 0.15):
-    """Save a random LlamaForCausalLM / Qwen2ForCausalLM (float32 safetensors) and a tokenizer; return it."""
+    """Save a random Llama / Mistral / Qwen2 ForCausalLM (float32 safetensors) and a tokenizer; return it."""
     import transformers
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
                   eos_token_id=0, bos_token_id=0)
-    if arch == "qwen2":
+    if arch == "mistral":
+        cfg = transformers.MistralConfig(**common, tie_word_embeddings=bool(tie), sliding_window=None)
+        model = transformers.MistralForCausalLM(cfg)
+    elif arch == "qwen2":
         cfg = transformers.Qwen2Config(**common, tie_word_embeddings=bool(tie), rope_theta=1e6)
         model = transformers.Qwen2ForCausalLM(cfg)
     else:

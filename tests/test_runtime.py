@@ -31,13 +31,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def tiny(tmp_path_factory):
     """name -> (folder, HF model) for the architectures and rope settings the runtime supports."""
     root = tmp_path_factory.mktemp("tiny")
-    specs = {"llama": dict(arch="llama"), "qwen2": dict(arch="qwen2", tie=False),
+    specs = {"llama": dict(arch="llama"), "qwen2": dict(arch="qwen2", tie=False), "mistral": dict(arch="mistral"),
              "llama3-rope": dict(arch="llama", rope_scaling=LLAMA3, tie=False),
              "linear-rope": dict(arch="llama", rope_scaling={"rope_type": "linear", "factor": 4.0})}
     return {name: (root / name, write_hf_model(root / name, seed=i, **kw)) for i, (name, kw) in enumerate(specs.items())}
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "llama3-rope", "linear-rope"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "llama3-rope", "linear-rope"])
 def test_dense_logits_match_transformers(tiny, name):
     folder, hf = tiny[name]
     _, model = open_model(folder)
