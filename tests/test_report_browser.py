@@ -32,7 +32,9 @@ window.addEventListener("load", function () {
   var r = document.documentElement, imgs = Array.prototype.slice.call(document.images);
   r.dataset.images = imgs.length;
   r.dataset.broken = imgs.filter(function (i) { return !i.complete || i.naturalWidth === 0; }).length;
-  r.dataset.minNatural = Math.min.apply(null, imgs.map(function (i) { return Math.min(i.naturalWidth, i.naturalHeight); }));
+  r.dataset.minNatural = Math.min.apply(null, imgs.map(function (i) {
+    return Math.min(i.naturalWidth, i.naturalHeight);
+  }));
   r.dataset.minShown = Math.min.apply(null, imgs.map(function (i) { return i.getBoundingClientRect().width; }));
   r.dataset.pageWidth = document.documentElement.scrollWidth;
   var rows = function () { return document.querySelectorAll("#projections tbody tr"); };

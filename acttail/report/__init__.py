@@ -134,7 +134,8 @@ def expand_folders(paths) -> list[Path]:
 
 def _check_same_plan(path, summary: dict, plan: Plan) -> None:
     """The eval ran ``plan``'s file: budget, method and calibration must still be those of the file."""
-    for field_, mine in (("budget", plan.budget), ("method", plan.method), ("calibration", plan.raw.get("calibration"))):
+    current = (("budget", plan.budget), ("method", plan.method), ("calibration", plan.raw.get("calibration")))
+    for field_, mine in current:
         theirs = summary.get(field_)
         same = math.isclose(theirs, mine) if field_ == "budget" else theirs == mine
         if field_ in summary and not same:

@@ -173,7 +173,9 @@ def inputs_tables(rep) -> str:
     if rep.plans:
         rows = []
         for p in rep.plans:
-            calibration = f"yes ({_settings_text(p.raw.get('calibration'), CALIBRATION_SETTINGS)})" if p.calibrated else "no"
+            calibration = "no"
+            if p.calibrated:
+                calibration = f"yes ({_settings_text(p.raw.get('calibration'), CALIBRATION_SETTINGS)})"
             rows.append([f'<td title="{escape(str(p.path))}"><code>{escape(p.path.name)}</code></td>',
                          num_cell(p.budget, ".1%"), num_cell(weighted_sparsity(p.rows), ".2%"),
                          f"<td>{escape(_method_text(p.method))}</td>", f"<td>{escape(calibration)}</td>"])
@@ -312,7 +314,8 @@ def render_report(rep, seconds: float) -> str:
                 ("table", "Projections", table_section(rep)),
                 ("warnings", f"Warnings ({n_warn})", warnings_section(rep))]
     present = [(sid, title) for sid, title in SECTIONS if any(f["section"] == sid for f in rep.figures)]
-    links = [(sid, title) for sid, title, _ in sections[:3]] + present + [(sid, title) for sid, title, _ in sections[3:]]
+    links = [(sid, title) for sid, title, _ in sections]
+    links = links[:3] + present + links[3:]  # figure sections right after "Figures"
     nav = "".join(f'<a href="#{sid}">{escape(title)}</a>' for sid, title in links)
     body = "".join(f'<section id="{sid}"><h2>{escape(title)}</h2>{html}</section>' for sid, title, html in sections)
     return f"""<!DOCTYPE html>
