@@ -167,12 +167,13 @@ def export_cmd(plan_path, fmt, output):
 @click.option("--tokens", type=int, default=65536, show_default=True, help="Calibration tokens.")
 @click.option("--ctx", type=int, default=512, show_default=True, help="Window length (tokens).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Windows per forward pass.")
-def calibrate_cmd(model, plan_path, text, output, tokens, ctx, batch_size):
+@click.option("--device", default="cpu", show_default=True, help="cpu (reference) or cuda: same float32 code.")
+def calibrate_cmd(model, plan_path, text, output, tokens, ctx, batch_size, device):
     """Set each projection's threshold so its sparsity holds in the sparse run on TEXT."""
     from .calibrate import calibrate_plan
     from .plan import save_plan
 
-    plan, run = calibrate_plan(model, plan_path, text, tokens, ctx, batch_size)
+    plan, run = calibrate_plan(model, plan_path, text, tokens, ctx, batch_size, device=device)
     save_plan(plan, output)
     click.echo(f"calibrated {len(plan['projections'])} projections on {run['n_tokens']} tokens of {text}; "
                f"max |achieved - target| = {run['max_abs_deviation']:.4f}; wrote {output}")
@@ -188,13 +189,14 @@ def calibrate_cmd(model, plan_path, text, output, tokens, ctx, batch_size):
 @click.option("--prefill", type=click.Choice(["all", "half"]), default="all", show_default=True,
               help="all: sparsify every position; half: first half of each window dense (TEAL).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Windows per forward pass.")
+@click.option("--device", default="cpu", show_default=True, help="cpu (reference) or cuda: same float32 code.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the result as JSON here.")
-def eval_cmd(model, plan_path, text, ctx, tokens, mode, prefill, batch_size, output):
+def eval_cmd(model, plan_path, text, ctx, tokens, mode, prefill, batch_size, device, output):
     """Perplexity of the dense or planned-sparse model on TEXT."""
     from .files import write_json
     from .runtime.perplexity import evaluate
 
-    r = evaluate(model, text, plan_path, ctx, tokens, mode, prefill, batch_size)
+    r = evaluate(model, text, plan_path, ctx, tokens, mode, prefill, batch_size, device=device)
     line = f"perplexity {r['perplexity']:.4f} on {r['predictions']} predictions ({r['settings']['windows']} x {ctx})"
     if r["achieved"]:
         a = r["achieved"]

@@ -106,6 +106,8 @@ def test_eval_bad_inputs(setup, tmp_path):
     out = tmp_path / "r.json"
     r = run("eval", setup["model"], "--plan", setup["plan"], "--text", setup["held"], "--ctx", "128", "-o", out)
     assert r.exit_code == 2 and "no thresholds" in r.output and "Traceback" not in r.output
+    r = run("eval", setup["model"], "--text", setup["held"], "--device", "gpu0", "-o", out)
+    assert r.exit_code == 2 and "unknown device" in r.output
     r = run("eval", setup["model"], "--text", setup["held"], "--ctx", "100000", "-o", out)
     assert r.exit_code == 2 and "exceeds the model's maximum" in r.output
     short = tmp_path / "short.txt"

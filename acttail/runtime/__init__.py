@@ -17,6 +17,12 @@ __all__ = ["Transformer", "Sparsifier", "load_model", "open_model", "plan_sparsi
 
 def open_model(path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[Checkpoint, Transformer]:
     """Open a model folder and build its decoder (float32 on CPU by default)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ActTailError(f"unknown device {device!r} (use cpu or cuda[:N])") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ActTailError("--device cuda asked for, but torch sees no CUDA GPU here")
     ckpt = Checkpoint.open(path)
     return ckpt, load_model(ckpt, dtype, device)
 
