@@ -239,7 +239,9 @@ def pick_config(B: int, K: int, n_blocks_of, device: torch.device) -> dict:
 
     n_blocks_of(BN) gives the number of column blocks for a column-block width BN. Chosen from a sweep on an
     H100 (benchmarks/gpu_kernels.py --sweep): fewer, longer programs amortise the compaction prologue and
-    the reduction epilogue; fewer than about 2 per SM leave bandwidth unused."""
+    the reduction epilogue; fewer than about 2 per SM leave bandwidth unused. On the H100 the one-token
+    kernel takes 165 registers a thread (read on the device), so 3 programs fit on an SM and these grids
+    run in one wave (reports/gpu/tune: other grids, tiles and reductions were not faster)."""
     if device.type != "cuda":  # the interpreter: small blocks keep CPU tests fast and exercise every path
         return dict(BN=32, KC=32, BK=16, num_warps=1, num_stages=1)
     BN = 128
