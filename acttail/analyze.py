@@ -33,7 +33,7 @@ BACKENDS = ("acttail", "weightwatcher", "powerlaw")
 METRICS = ("n_evals", "alpha", "xmin", "n_tail", "ks_distance", "sigma", "lambda_max", "spectral_norm",
            "stable_rank", "alpha_weighted", "log_norm")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-GPU_WORKERS = 4
+GPU_WORKERS = 8
 
 
 def settings(fit: str = "ks", dtype: str = "float32", device: str = "cpu", backend: str = "acttail") -> dict:
