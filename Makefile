@@ -28,11 +28,14 @@ data: install
 	$(BIN)/acttail fetch wiki
 	$(BIN)/acttail fetch c4
 
-# The main job on SmolLM2: ESD analysis -> a 50% plan -> the HTML report (its path is printed last).
+# The main job on SmolLM2: ESD analysis -> per-projection sensitivity (measured on a GPU, committed in
+# reports/accuracy/; `acttail sensitivity` without --measured re-measures it) -> a 50% plan -> the report.
 demo: data
 	@mkdir -p $(OUT)
 	$(BIN)/acttail analyze $(MODEL) -o $(OUT)/analysis.json
-	$(BIN)/acttail allocate $(OUT)/analysis.json --budget 0.5 -o $(OUT)/plan-50.json
+	$(BIN)/acttail sensitivity $(MODEL) $(OUT)/analysis.json \
+	  --measured reports/accuracy/smollm2-135m/sensitivity.json -o $(OUT)/analysis-sens.json
+	$(BIN)/acttail allocate $(OUT)/analysis-sens.json --budget 0.5 -o $(OUT)/plan-50.json
 	$(BIN)/acttail report $(OUT)/analysis.json --plan $(OUT)/plan-50.json -o $(OUT)/report
 
 test: data system-deps

@@ -103,14 +103,17 @@ def analyze_cmd(model, output, csv_path, fit, dtype, device, backend, force, as_
 @click.argument("analysis", type=click.Path(dir_okay=False))
 @click.option("--budget", type=float, required=True, help="Target parameter-weighted mean sparsity, in (0, 1).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Plan file to write.")
-@click.option("--method", default="acttail", show_default=True, help="acttail (alpha -> sparsity map) or uniform.")
+@click.option("--method", default="acttail", show_default=True,
+              help="acttail (alpha map; direction measured when the analysis has a sensitivity column, else "
+                   "--direction), acttail-sens (measured, required), alpha-map (--direction), or uniform.")
 @click.option("--scope", type=click.Choice(["global", "per-kind", "layer"]), default="global", show_default=True,
               help="Normalise the metric over all projections, within each kind, or per decoder layer.")
 @click.option("--metric", default="alpha", show_default=True,
               help="Analysis column driving the map: alpha, alpha_weighted, stable_rank, ...")
 @click.option("--epsilon", type=float, default=0.3, show_default=True, help="Ratios span [1-eps, 1+eps].")
 @click.option("--direction", type=click.Choice(["increasing", "decreasing"]), default="increasing",
-              show_default=True, help="Sparsity increasing in the metric (lower alpha -> lower sparsity) or not.")
+              show_default=True, help="Sparsity increasing in the metric (lower alpha -> lower sparsity) or not; "
+                                      "with measured sensitivity, 'decreasing' inverts the measured direction.")
 @click.option("--weight", type=click.Choice(["params", "bytes"]), default="params", show_default=True,
               help="Budget weighting (identical for one storage dtype).")
 @click.option("--min-sparsity", type=float, default=0.0, show_default=True)
@@ -118,11 +121,16 @@ def analyze_cmd(model, output, csv_path, fit, dtype, device, backend, force, as_
 def allocate_cmd(analysis, budget, output, method, scope, metric, epsilon, direction, weight, min_sparsity,
                  max_sparsity):
     """Allocate one activation sparsity per projection from an analysis; write a plan."""
-    from .allocate import plan_from_analysis, read_analysis
+    from .allocate import has_sensitivity, plan_from_analysis, read_analysis
     from .plan import format_summary, save_plan
 
+    doc = read_analysis(analysis)
+    if method == "acttail" and not has_sensitivity(doc["projections"]):
+        click.echo("acttail: warning: the analysis has no 'sensitivity' column, so the alpha map's direction is "
+                   "assumed, not measured (it lost to uniform on SmolLM2 and Qwen2.5: reports/accuracy/); "
+                   "run `acttail sensitivity` first", err=True)
     plan = plan_from_analysis(
-        read_analysis(analysis), budget, analysis_path=analysis, method=method, scope=scope, metric=metric,
+        doc, budget, analysis_path=analysis, method=method, scope=scope, metric=metric,
         epsilon=epsilon, direction=direction, weight=weight, min_sparsity=min_sparsity, max_sparsity=max_sparsity,
     )
     save_plan(plan, output)
@@ -214,16 +222,24 @@ def eval_cmd(model, plan_path, text, ctx, tokens, mode, prefill, batch_size, dev
 @click.option("--tokens", type=int, default=16384, show_default=True)
 @click.option("--ctx", type=int, default=512, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (1 + 2 x projections forward passes).")
+@click.option("--measured", type=click.Path(dir_okay=False),
+              help="Reuse a sensitivity.json measured earlier (e.g. on a GPU) instead of measuring now.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="The analysis with a 'sensitivity' column, for `acttail allocate --method acttail-sens`.")
-def sensitivity_cmd(model, analysis, text, tokens, ctx, device, output):
+              help="The analysis with a 'sensitivity' column, for `acttail allocate` (method acttail).")
+def sensitivity_cmd(model, analysis, text, tokens, ctx, device, measured, output):
     """Measure each projection's loss increase when sparsified alone; add it to ANALYSIS."""
     from .allocate import read_analysis
-    from .files import write_json
+    from .files import check_output, read_json, write_json
     from .sensitivity import measure, with_sensitivity
 
+    check_output(output)
     doc = read_analysis(analysis)
-    out = with_sensitivity(doc, measure(model, text, tokens, ctx, device=device))
+    sens = read_json(measured, "sensitivity file") if measured else measure(model, text, tokens, ctx, device=device)
+    rows = sens.get("projections") if isinstance(sens, dict) else None
+    if not rows or not isinstance(sens.get("model"), dict) or not all(
+            isinstance(r, dict) and "key" in r and isinstance(r.get("dnll_80"), (int, float)) for r in rows):
+        raise ActTailError(f"{measured} is not a sensitivity measurement (from `acttail sensitivity`)")
+    out = with_sensitivity(doc, sens)
     write_json(output, out)
     click.echo(f"sensitivity of {len(out['projections'])} projections on {out['sensitivity']['tokens']} tokens "
                f"of {text}; wrote {output}")
