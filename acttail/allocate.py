@@ -35,8 +35,8 @@ from typing import Callable
 import numpy as np
 
 from . import plan as plan_io
+from .analyze import load_analysis
 from .errors import ActTailError
-from .files import read_json
 
 SCOPES = ("global", "per-kind", "layer")
 DIRECTIONS = ("increasing", "decreasing")  # sparsity increasing (default) or decreasing in the metric
@@ -61,19 +61,8 @@ def register_method(name: str):
 
 
 def read_analysis(path: str | Path) -> dict:
-    """Read an ``acttail analyze`` output, checking the parts allocation relies on."""
-    analysis = read_json(path, "analysis")
-    if not isinstance(analysis, dict) or analysis.get("format") != "acttail-analysis":
-        raise ActTailError(f"{path} is not an acttail analysis (expected \"format\": \"acttail-analysis\")")
-    if analysis.get("version") != 1:
-        raise ActTailError(f"analysis {path} has version {analysis.get('version')!r}; this acttail reads version 1")
-    rows = analysis.get("projections")
-    if not isinstance(rows, list) or not rows:
-        raise ActTailError(f"analysis {path} has no projections")
-    model = analysis.get("model")
-    if not isinstance(model, dict) or "fingerprint" not in model:
-        raise ActTailError(f"analysis {path} has no model fingerprint")
-    return analysis
+    """Read an ``acttail analyze`` output (checked by the analysis stage's own reader)."""
+    return load_analysis(path)
 
 
 def check_rows(rows: list[dict]) -> None:

@@ -158,15 +158,28 @@ def run_analysis(model: str | Path, fit: str = "ks", dtype: str = "float32", dev
     return doc, False
 
 
+ROW_FIELDS = ("key", "layer", "kind", "out_features", "in_features", "params", "alpha")
+
+
 def load_analysis(path: str | Path) -> dict:
-    """Read an analysis.json, checking that it is one."""
-    doc = read_json(path, "analysis file")
+    """Read an analysis.json, checking what every later stage relies on: format, version, the model
+    fingerprint, and rows with the identity fields and alpha. The one reader for all stages."""
+    doc = read_json(path, "analysis")
     if not isinstance(doc, dict) or doc.get("format") != "acttail-analysis":
         raise ActTailError(f"{path} is not an acttail analysis (format field missing or different)")
     if doc.get("version") != 1:
         raise ActTailError(f"{path}: analysis version {doc.get('version')!r} is not supported (expected 1)")
-    if not isinstance(doc.get("projections"), list) or not doc["projections"]:
+    if not isinstance(doc.get("model"), dict) or not doc["model"].get("fingerprint"):
+        raise ActTailError(f"{path}: analysis has no model fingerprint")
+    rows = doc.get("projections")
+    if not isinstance(rows, list) or not rows:
         raise ActTailError(f"{path}: analysis has no projections")
+    for r in rows:
+        if not isinstance(r, dict):
+            raise ActTailError(f"{path}: a projection row is not an object")
+        missing = [k for k in ROW_FIELDS if k not in r]
+        if missing:
+            raise ActTailError(f"{path}: projection {r.get('key', '?')} lacks {', '.join(missing)}")
     return doc
 
 

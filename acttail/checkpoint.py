@@ -90,8 +90,9 @@ def read_header(path: Path) -> tuple[bytes, dict]:
             continue
         try:
             start, end = info["data_offsets"]
-            dtype, shape = info["dtype"], info["shape"]
-        except (TypeError, KeyError, ValueError):
+            if not {"dtype", "shape"} <= info.keys():
+                raise KeyError
+        except (TypeError, KeyError, ValueError, AttributeError):
             raise ActTailError(f"{path}: malformed header entry for tensor {name!r}") from None
         if end > data_len or start > end:
             raise ActTailError(f"{path} is truncated: tensor {name!r} ends at byte {end} of {data_len}")

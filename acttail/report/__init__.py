@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .. import analyze
 from ..errors import ActTailError
 from ..files import cache_dir, read_json, write_text
 from ..plan import is_calibrated, load_plan
@@ -56,25 +57,8 @@ class Report:
 # ---- inputs ----------------------------------------------------------------------------------------
 
 def load_analysis(path) -> dict:
-    """Read analysis.json and check the fields the report uses."""
-    a = read_json(path, "analysis")
-    if not isinstance(a, dict) or a.get("format") != "acttail-analysis":
-        raise ActTailError(f"{path} is not an acttail analysis (format is not 'acttail-analysis')")
-    if a.get("version") != 1:
-        raise ActTailError(f"{path}: analysis version {a.get('version')!r} is not supported (expected 1)")
-    rows = a.get("projections")
-    if not isinstance(a.get("model"), dict) or not a["model"].get("fingerprint"):
-        raise ActTailError(f"{path}: analysis has no model fingerprint")
-    if not isinstance(rows, list) or not rows:
-        raise ActTailError(f"{path}: analysis has no projections")
-    for r in rows:
-        if not isinstance(r, dict):
-            raise ActTailError(f"{path}: a projection row is not an object")
-        missing = [k for k in ("key", "layer", "kind", "out_features", "in_features", "params", "alpha")
-                   if k not in r]
-        if missing:
-            raise ActTailError(f"{path}: projection {r.get('key', '?')} lacks {', '.join(missing)}")
-    return a
+    """Read analysis.json with the analysis stage's reader (it checks the fields the report uses)."""
+    return analyze.load_analysis(path)
 
 
 def load_plan_for(path, analysis: dict) -> Plan:
