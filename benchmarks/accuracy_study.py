@@ -29,7 +29,7 @@ from acttail.runtime.perplexity import evaluate
 from acttail.sensitivity import with_sensitivity  # also registers the acttail-sens and sensitivity methods
 
 BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7)
-DEFAULT = dict(fit="ks", method="acttail", scope="global", epsilon=0.3, direction="increasing")
+DEFAULT = dict(fit="ks", method="alpha-map", scope="global", epsilon=0.3, direction="increasing")
 
 
 def variant(name: str, **kw) -> tuple[str, dict]:

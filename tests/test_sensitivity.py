@@ -30,8 +30,8 @@ def test_direction_follows_the_measured_correlation():
     alpha = rng.uniform(2, 8, 70)
     up = rows(alpha, alpha + rng.normal(0, 0.1, 70))  # sensitivity rises with alpha
     down = rows(alpha, -alpha + 20 + rng.normal(0, 0.1, 70))
-    dec = allocate.allocate(up, 0.5, method="acttail", direction="decreasing")
-    inc = allocate.allocate(up, 0.5, method="acttail", direction="increasing")
+    dec = allocate.allocate(up, 0.5, method="alpha-map", direction="decreasing")
+    inc = allocate.allocate(up, 0.5, method="alpha-map", direction="increasing")
     assert allocate.allocate(up, 0.5, method="acttail-sens") == dec
     assert allocate.allocate(down, 0.5, method="acttail-sens") == inc
     assert allocate.allocate(up, 0.5, method="acttail-sens", direction="decreasing") == inc  # the ablation flips
