@@ -5,7 +5,7 @@ BIN   := $(VENV)/bin
 MODEL := $(HOME)/.cache/acttail/models/smollm2-135m
 OUT   ?= out/smollm2-135m
 
-.PHONY: demo test install system-deps data
+.PHONY: demo test install system-deps data test-data
 
 # The local CPU build of torch is pinned here; setup.cfg keeps the open range torch>=2.4.
 $(BIN)/.installed: setup.cfg pyproject.toml
@@ -38,5 +38,9 @@ demo: data
 	$(BIN)/acttail allocate $(OUT)/analysis-sens.json --budget 0.5 -o $(OUT)/plan-50.json
 	$(BIN)/acttail report $(OUT)/analysis.json --plan $(OUT)/plan-50.json -o $(OUT)/report
 
-test: data system-deps
+# The tests also check our runtime against transformers on Qwen2.5-Coder-0.5B (six wheels, ~480 MB).
+test-data: data
+	$(BIN)/acttail fetch qwen2.5-coder-0.5b
+
+test: test-data system-deps
 	$(BIN)/python -m pytest -q
