@@ -243,16 +243,27 @@ def acttail_sens_ratios(rows, *, scope="global", metric="alpha", epsilon=0.3, di
     ``epsilon``, sparsity decreasing in alpha when rho > 0 (higher alpha, more sensitive), increasing when
     rho < 0. ``direction="decreasing"`` inverts the measured direction (ablation).
     """
+    chosen = measured_direction(rows, metric, direction)["direction"]
+    if chosen == "uniform":
+        return np.ones(len(rows))
+    return alpha_map_ratios(rows, scope=scope, metric=metric, epsilon=epsilon, direction=chosen)
+
+
+def measured_direction(rows, metric: str = "alpha", direction: str = "increasing") -> dict:
+    """How the measured sensitivity orients the map: Spearman rho of (metric, sensitivity), the chance
+    bound 2/sqrt(n), and the direction chosen ("uniform" when |rho| is within the bound)."""
     values = metric_values(rows, metric, "global")
     sens = _column(rows, "sensitivity")
     if np.isnan(sens).any():
         raise ActTailError("method acttail-sens needs a 'sensitivity' value for every projection "
                            "(run `acttail sensitivity` on the analysis first)")
     rho = spearman(values, sens)
-    if abs(rho) <= 2.0 / math.sqrt(len(rows)):
-        return np.ones(len(rows))
-    chosen = "decreasing" if (rho > 0) != (direction == "decreasing") else "increasing"
-    return alpha_map_ratios(rows, scope=scope, metric=metric, epsilon=epsilon, direction=chosen)
+    bound = 2.0 / math.sqrt(len(rows))
+    if abs(rho) <= bound:
+        chosen = "uniform"
+    else:
+        chosen = "decreasing" if (rho > 0) != (direction == "decreasing") else "increasing"
+    return {"spearman": rho, "chance_bound": bound, "direction": chosen}
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -356,4 +367,8 @@ def plan_from_analysis(analysis: dict, budget: float, *, analysis_path: str | No
     metric = options.get("metric", "alpha")
     entries = [plan_io.new_entry(row, metric=_finite(row.get(metric)), sparsity=s) for row, s in zip(rows, sparsities)]
     source = {"analysis": analysis_path, "settings": analysis.get("settings")}
+    method = options.get("method", "acttail")
+    if method == "acttail-sens" or (method == "acttail" and has_sensitivity(rows)):
+        source["direction"] = measured_direction(rows, options.get("metric", "alpha"),
+                                                 options.get("direction", "increasing"))
     return plan_io.new_plan(analysis["model"], budget, method_record(**options), entries, source=source)

@@ -135,6 +135,10 @@ def allocate_cmd(analysis, budget, output, method, scope, metric, epsilon, direc
     )
     save_plan(plan, output)
     click.echo(format_summary(plan).split("\n\nlayer")[0])  # header and per-kind table
+    measured = plan["source"].get("direction")
+    if measured:
+        click.echo(f"direction  measured: Spearman(alpha, sensitivity) = {measured['spearman']:+.3f} "
+                   f"(chance bound {measured['chance_bound']:.3f}) -> {measured['direction']}")
     click.echo(f"wrote {output}")
 
 

@@ -41,3 +41,14 @@ def test_sensitivity_unrelated_to_alpha_gives_uniform():
     alphas = np.array([r["alpha"] for r in rs])
     assert abs(spearman(alphas, np.array([r["sensitivity"] for r in rs]))) <= rho_bound  # chance level
     assert np.allclose(allocate(rs, 0.5), 0.5)
+
+
+def test_plan_records_the_measured_direction():
+    from acttail.allocate import plan_from_analysis
+    from stage2_synthetic import analysis
+
+    doc = analysis(num_layers=6, seed=4)
+    assert "direction" not in plan_from_analysis(doc, 0.5)["source"]
+    doc["projections"] = with_sensitivity(doc["projections"], 1.0)
+    rec = plan_from_analysis(doc, 0.5)["source"]["direction"]
+    assert rec["direction"] == "decreasing" and rec["spearman"] > rec["chance_bound"] > 0
