@@ -49,12 +49,18 @@ def setup(tmp_path_factory):
             "cal": write_text(root / "cal.txt", 6000, seed=5), "held": write_text(root / "held.txt", 6000, seed=6)}
 
 
-def test_sparse_run_hits_every_target_on_the_calibration_text(setup):
-    """Layer-by-layer calibration: in the full sparse run every projection is within 1% of its target."""
+def calibration_inputs(setup):
+    """The tiny model, its plan, 4096 calibration tokens in windows of 128, and the target per projection."""
     _, model = open_model(setup["model"])
     plan = plan_io.load_plan(setup["plan"])
     wins = windows(text_tokens(load_tokenizer(setup["model"]), setup["cal"], 4096), 128, 256)
     targets = {(e["layer"], e["kind"]): e["sparsity"] for e in plan["projections"]}
+    return model, plan, wins, targets
+
+
+def test_sparse_run_hits_every_target_on_the_calibration_text(setup):
+    """Layer-by-layer calibration: in the full sparse run every projection is within 1% of its target."""
+    model, plan, wins, targets = calibration_inputs(setup)
     found = calibrate(model, wins, targets, progress=False)
     assert max(abs(r["achieved"] - targets[k]) for k, r in found.items()) < 0.01
     # the same thresholds in the ordinary sparse forward pass, measured independently
@@ -67,10 +73,7 @@ def test_sparse_run_hits_every_target_on_the_calibration_text(setup):
 
 def test_dense_thresholds_would_overshoot(setup):
     """What layer-by-layer calibration fixes: thresholds from dense activations miss deep in the model."""
-    _, model = open_model(setup["model"])
-    plan = plan_io.load_plan(setup["plan"])
-    wins = windows(text_tokens(load_tokenizer(setup["model"]), setup["cal"], 4096), 128, 256)
-    targets = {(e["layer"], e["kind"]): e["sparsity"] for e in plan["projections"]}
+    model, plan, wins, targets = calibration_inputs(setup)
     layered = calibrate(model, wins, targets, progress=False)
     dense_t = {}
     for layer in range(4):  # each layer calibrated with every other layer dense
