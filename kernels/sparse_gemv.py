@@ -128,6 +128,23 @@ def _gather_gemv(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tb, idx_ptr,
 
 
 @triton.jit
+def _masked_gemv(x_ptr, w_ptr, stride_wk, t_ptr, K, k0, cols, col_mask,
+                 KC: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+    """One token, no compaction prologue: walk every row of the chunk with the weight loads masked to the
+    kept rows (a masked-off row moves no bytes, but its instructions are still issued)."""
+    thr = tl.load(t_ptr)
+    acc2 = tl.zeros([BK, BN], dtype=tl.float32)
+    for j in range(0, KC, BK):
+        rk = k0 + j + tl.arange(0, BK)
+        xv = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
+        kept = tl.abs(xv) > thr
+        w = tl.load(w_ptr + rk[:, None] * stride_wk + cols[None, :], mask=kept[:, None] & col_mask[None, :],
+                    other=0.0)
+        acc2 += w.to(tl.float32) * tl.where(kept, xv, 0.0)[:, None]
+    return tl.sum(acc2, axis=0)[None, :]
+
+
+@triton.jit
 def _load_idx(idx_ptr, j, nnz, BK: tl.constexpr):
     """Compacted row indices idx[j:j+BK] (0 past nnz)."""
     rj = j + tl.arange(0, BK)
@@ -177,11 +194,14 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
                         y_ptr, stride_yb, part_ptr, idx_ptr, lock_ptr,
                         B, K, N, N1, N2, NB1, NB2,
                         SPLIT: tl.constexpr, GLU: tl.constexpr, BLOCK_B: tl.constexpr,
-                        KC: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, DOT_F32: tl.constexpr):
+                        KC: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, DOT_F32: tl.constexpr,
+                        COMPACT: tl.constexpr, PDL: tl.constexpr):
     """Grid (column blocks, SPLIT). Up to 3 projections concatenated in wt's columns, split at N1 and N2
     (their first column blocks are NB1 and NB2), projection p using thresholds t[p]. GLU mode: wt = [gate |
     up] (N1 = N/2 columns each, NB1 blocks each); gate block j and up block j share one ticket counter and
     the last of their programs writes silu(gate) * up to y[:, block j]."""
+    if PDL:  # programmatic dependent launch: nothing before this reads what the previous kernel wrote
+        tl.extra.cuda.gdc_wait()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     k0 = pid_k * KC
@@ -194,8 +214,13 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
     col_end = tl.where(proj == 0, N1, tl.where(proj == 1, N2, N))
     cols = col0 + (pid_n - blk0) * BN + tl.arange(0, BN)
     cmask = cols < col_end
-    acc = _gather_gemv(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr + proj * stride_tp, stride_tb, scratch,
-                       B, K, k0, cols, cmask, BLOCK_B, KC, BK, BN, DOT_F32)
+    if COMPACT:
+        acc = _gather_gemv(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr + proj * stride_tp, stride_tb, scratch,
+                           B, K, k0, cols, cmask, BLOCK_B, KC, BK, BN, DOT_F32)
+    else:
+        acc = _masked_gemv(x_ptr, w_ptr, stride_wk, t_ptr + proj * stride_tp, K, k0, cols, cmask, KC, BK, BN)
+    if PDL:  # the next kernel may start its launch while this one reduces
+        tl.extra.cuda.gdc_launch_dependents()
     if GLU:
         ycols = (pid_n - blk0) * BN + tl.arange(0, BN)
         _finish(acc, y_ptr, stride_yb, part_ptr, N, lock_ptr, pid_n - blk0, pid_k, rb, bmask, cols, cmask,
@@ -281,6 +306,7 @@ def _launch(x, wt, t, splits, glu, config=None):
     if config:
         cfg.update(config)
     BN, KC = cfg["BN"], cfg["KC"]
+    pdl = bool(cfg.get("pdl", False)) and x.device.type == "cuda"
     n_blocks = n_blocks_of(BN)
     NB1 = triton.cdiv(widths[0], BN)
     NB2 = NB1 + triton.cdiv(widths[1], BN)
@@ -295,7 +321,8 @@ def _launch(x, wt, t, splits, glu, config=None):
         y, y.stride(0), part, idx, locks,
         B, K, N, bounds[0], bounds[1], NB1, NB2,
         SPLIT=split, GLU=glu, BLOCK_B=block_b, KC=KC, BK=cfg["BK"], BN=BN, DOT_F32=x.device.type != "cuda",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        COMPACT=cfg.get("compact", True) or B > 1, PDL=pdl,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **({"launch_pdl": True} if pdl else {}))
     return y
 
 
