@@ -10,6 +10,7 @@ Writes e2e.md and e2e.json under --out.
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -23,7 +24,7 @@ from _kernels_path import ensure_kernels  # noqa: E402
 
 ensure_kernels()
 from acttail.runtime.cuda import GROUPS, LLAMA2_7B, SMOLLM2_135M, CudaDecoder  # noqa: E402
-from gpu_kernels import copy_bandwidth  # noqa: E402
+from gpu_kernels import copy_bandwidth, warm_up  # noqa: E402
 
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 GROUP_OF = {k: g for g, ks in GROUPS.items() for k in ks}
@@ -112,6 +113,48 @@ def time_decode(dec, prompt, n_tokens, repeats=3):
     return statistics.median(rates), rates
 
 
+# decode-step versions timed side by side: the current one, and the previous one (torch SDPA over the masked
+# cache, launches without programmatic dependent launch)
+STEPS = {"current": ("kernel", "1"), "previous (SDPA, no PDL)": ("sdpa", "0")}
+
+
+def set_step(dec, step):
+    dec.attention, os.environ["ACTTAIL_PDL"] = STEPS[step]
+    dec.graph = None
+
+
+def step_agreement(dec, prompt):
+    """Relative difference of the first decode logits between the two step versions (dense)."""
+    outs = []
+    for step in STEPS:
+        set_step(dec, step)
+        dec.set_sparsity()
+        dec.prefill(prompt)
+        with torch.no_grad():
+            outs.append(dec.forward_token(dec.tok, dec.pos).float())
+    set_step(dec, "current")
+    return ((outs[0] - outs[1]).norm() / outs[1].norm()).item()
+
+
+def kernel_breakdown(dec, prompt, n=8):
+    """CUDA time per kernel name over n graph replays of the decode step (torch profiler), per token."""
+    from torch.profiler import ProfilerActivity, profile
+    dec.prefill(prompt)
+    if dec.graph is None:
+        dec.capture()
+    dec.decode(2)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        dec.decode(n)
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        if us > 0:
+            rows.append(dict(kernel=e.key[:90], calls_per_token=e.count / n, us_per_token=us / n))
+    return sorted(rows, key=lambda r: -r["us_per_token"])
+
+
 def run_model(name, dims, bw, n_tokens, calib_tokens):
     T = 16
     dec = CudaDecoder.random(dims, torch.float16, "cuda", max_seq=T + n_tokens + calib_tokens + 8)
@@ -125,35 +168,47 @@ def run_model(name, dims, bw, n_tokens, calib_tokens):
     dec.set_sparsity()
     eager = dec.generate(prompt, 12, use_graph=False)
     graph = dec.generate(prompt, 12, use_graph=True)
+    steps_rel_diff = step_agreement(dec, prompt)
     rows = []
     uniform = lambda s: {(i, k): s for i in range(dims.n_layer) for k in KINDS}  # noqa: E731
     # (label, planned sparsities, dispatch): without dispatch every group runs the sparse kernel
     variants = [("dense", None, False)] + [(f"uniform {int(s * 100)}%", uniform(s), False) for s in (0.5, 0.7, 0.9)] + \
         [("plan (per-projection, mean 50%)", synthetic_plan(dims), False),
          ("uniform 50%, use_sparse dispatch", uniform(0.5), True)]
-    dense_rate = None
+    dense_rate, breakdown = {}, {}
     for label, sp, dispatch in variants:
         th = thresholds_for(inputs, sp) if sp else {}
         dec.set_sparsity(thresholds=th, planned=sp if dispatch else None)
         n_sparse = len(dec.t)
         frac, mean_s = achieved(dec, prompt, th, 8, dims) if th else ({}, 0.0)
-        rate, rates = time_decode(dec, prompt, n_tokens)
-        dense_rate = dense_rate or rate
         need = sum((1 - frac.get((i, k), 0.0)) * P[k] * 2 for i in range(dims.n_layer) for k in KINDS) + head_bytes
         floor = bw / need
-        rows.append(dict(model=name, variant=label, target_mean_sparsity=(sum(sp[i, k] * P[k] for i, k in sp) /
-                                                                          (dims.n_layer * sum(P.values()))) if sp else 0.0,
-                         achieved_mean_sparsity=mean_s, tok_s=rate, tok_s_runs=rates, speedup=rate / dense_rate,
-                         floor_tok_s=floor, of_floor=rate / floor, bytes_per_token=need,
-                         sparse_groups=n_sparse, groups=4 * dims.n_layer,
-                         graph_matches_eager=(eager == graph) if label == "dense" else None))
-        print(f"{name} {label}: {rate:.1f} tok/s ({rate / dense_rate:.2f}x dense), achieved sparsity {mean_s:.3f}, "
-              f"floor {floor:.1f} tok/s ({rate / floor:.0%} of floor)", flush=True)
-        dec.graph = None
+        for step in STEPS:
+            set_step(dec, step)
+            rate, rates = time_decode(dec, prompt, n_tokens)
+            dense_rate.setdefault(step, rate)
+            rows.append(dict(model=name, variant=label, step=step,
+                             target_mean_sparsity=(sum(sp[i, k] * P[k] for i, k in sp) /
+                                                   (dims.n_layer * sum(P.values()))) if sp else 0.0,
+                             achieved_mean_sparsity=mean_s, tok_s=rate, tok_s_runs=rates,
+                             speedup=rate / dense_rate[step], floor_tok_s=floor, of_floor=rate / floor,
+                             bytes_per_token=need, sparse_groups=n_sparse, groups=4 * dims.n_layer,
+                             graph_matches_eager=(eager == graph) if label == "dense" else None))
+            print(f"{name} {label} [{step}]: {rate:.1f} tok/s ({rate / dense_rate[step]:.2f}x dense), achieved "
+                  f"sparsity {mean_s:.3f}, floor {floor:.1f} tok/s ({rate / floor:.0%} of floor)", flush=True)
+        set_step(dec, "current")
+        if label in ("dense", "uniform 50%", "uniform 90%"):
+            try:
+                breakdown[label] = kernel_breakdown(dec, prompt)
+                top = ", ".join(f"{r['kernel'][:40]} {r['us_per_token']:.0f}us" for r in breakdown[label][:6])
+                print(f"{name} {label} per-token kernel time: {top}", flush=True)
+            except Exception as e:  # the profiler is a diagnostic; its failure must not lose the timings
+                print(f"profiler failed: {type(e).__name__}: {e}", flush=True)
     del dec
     torch.cuda.empty_cache()
     return rows, dict(model=name, layer_bytes_total=dims.n_layer * layer_bytes, head_bytes=head_bytes,
-                      eager_tokens=eager, graph_tokens=graph)
+                      eager_tokens=eager, graph_tokens=graph, steps_logits_rel_diff=steps_rel_diff,
+                      kernel_breakdown=breakdown)
 
 
 def markdown(rows, info, bw, meta):
@@ -167,15 +222,28 @@ def markdown(rows, info, bw, meta):
              "- floor = copy bandwidth / bytes that must be read per token (kept weight rows + LM head)", "",
              "- 'sparse groups': projection groups (qkv, o, gate/up, down per layer) run by the sparse kernel; "
              "the last variant lets `use_sparse` send a group to dense cuBLAS when the kernel cannot pay", "",
-             "| model | variant | target sparsity | achieved | sparse groups | tok/s | vs dense | floor tok/s | of floor |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "- step: 'current' = the decode step as committed (Triton decode attention, programmatic dependent "
+             "launch on sm_90+); 'previous' = torch SDPA over the masked cache, no PDL. Speedups are against "
+             "dense with the same step", "",
+             "| model | variant | step | target sparsity | achieved | sparse groups | tok/s | vs dense | floor tok/s "
+             "| of floor |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['variant']} | {r['target_mean_sparsity']:.2f} | "
+        lines.append(f"| {r['model']} | {r['variant']} | {r['step']} | {r['target_mean_sparsity']:.2f} | "
                      f"{r['achieved_mean_sparsity']:.2f} | {r['sparse_groups']}/{r['groups']} | {r['tok_s']:.1f} | {r['speedup']:.2f}x | "
                      f"{r['floor_tok_s']:.1f} | {r['of_floor']:.0%} |")
     lines += ["", "Graph replay vs eager greedy tokens (dense, 12 tokens):", ""]
     for i in info:
-        lines.append(f"- {i['model']}: {'identical' if i['eager_tokens'] == i['graph_tokens'] else 'DIFFERENT'}")
+        lines.append(f"- {i['model']}: {'identical' if i['eager_tokens'] == i['graph_tokens'] else 'DIFFERENT'}; "
+                     f"first-step logits, current vs previous step: relative difference "
+                     f"{i['steps_logits_rel_diff']:.1e}")
+    for i in info:
+        for label, ks in i["kernel_breakdown"].items():
+            total = sum(r["us_per_token"] for r in ks)
+            lines += ["", f"Kernel time per token, {i['model']}, {label}, current step (torch profiler over graph "
+                      f"replays; {total:.0f} us of kernels per token):", "", "| kernel | launches/token | us/token |",
+                      "|---|---|---|"]
+            lines += [f"| `{r['kernel']}` | {r['calls_per_token']:.0f} | {r['us_per_token']:.1f} |" for r in ks[:12]]
     return "\n".join(lines) + "\n"
 
 
@@ -191,6 +259,7 @@ def main():
     meta = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 command="python " + " ".join(sys.argv), torch=torch.__version__, triton=triton.__version__)
     bw = copy_bandwidth()
+    warm_up()
     models = [("SmolLM2-135M shape", SMOLLM2_135M)] if args.quick else \
         [("Llama-2-7B shape", LLAMA2_7B), ("SmolLM2-135M shape", SMOLLM2_135M)]
     rows, info = [], []

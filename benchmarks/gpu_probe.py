@@ -2,10 +2,11 @@
 
 - read-only bandwidth (a streaming-sum kernel) next to the copy bandwidth: the honest floor for a GEMV,
   which reads W and writes almost nothing;
-- v1 (the kernel as committed) against: programmatic dependent launch (``pdl``), no compaction prologue
-  (``masked``: weight loads masked to kept rows, like TEAL but with the deterministic reduction), no split-K
-  (one program per column block walks all of K), and a kept-row index list built once per input by a small
-  kernel (``idx``; what a producer kernel such as RMSNorm could emit), with and without its own launch.
+- the committed kernel with and without programmatic dependent launch (``pdl``), no split-K (one program
+  per column block walks all of K), and a kept-row index list built once per input by a small kernel
+  (``idx``; what a producer kernel such as RMSNorm could emit), with and without its own launch.
+  (The first run, reports/gpu/probe/, also timed a no-compaction ``masked`` mode from commit c4b15e0:
+  slower than compaction everywhere but at 0%, so it was removed.)
 - ``--ncu``: a few plain launches of each, for ``ncu`` to report kernel durations without launch gaps.
 
     python benchmarks/gpu_probe.py --out OUT
@@ -145,10 +146,8 @@ def variants(K, N):
     """name -> (config or kind, pdl) for sparse_linear / the idx path."""
     kc1 = triton.next_power_of_2(K)
     return {
-        "v1": ("cfg", None),
+        "v1 no pdl": ("cfg", dict(pdl=False)),
         "v1 pdl": ("cfg", dict(pdl=True)),
-        "masked": ("cfg", dict(compact=False)),
-        "masked pdl": ("cfg", dict(compact=False, pdl=True)),
         "nosplit BN32": ("cfg", dict(BN=32, KC=kc1, BK=64, num_warps=4, num_stages=1)),
         "nosplit BN64 pdl": ("cfg", dict(BN=64, KC=kc1, BK=64, num_warps=4, num_stages=1, pdl=True)),
         "idx only": ("idx", False),
@@ -203,9 +202,8 @@ def ncu_launches():
         F.linear(x, w)
     for s in (0.5, 0.9):
         t = torch.tensor([threshold_for(x, s)], device="cuda")
-        for cfg in (None, dict(compact=False)):
-            for _ in range(2):
-                sparse_linear(x, wt, t, config=cfg)
+        for _ in range(2):
+            sparse_linear(x, wt, t, config=dict(pdl=False))
         idx, nnz = compact(x, t)
         for _ in range(2):
             gemv_idx(x, wt, idx, nnz)

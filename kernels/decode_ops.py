@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .sparse_gemv import pdl_enabled, pdl_launch
+
 
 def add_rmsnorm_ref(x, r, w, eps):
     """(x + r, rmsnorm(x + r) * w) in the reference model's rounding (normalise in fp32, cast, scale)."""
@@ -21,7 +23,11 @@ def add_rmsnorm_ref(x, r, w, eps):
 
 
 @triton.jit
-def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, D, eps, HAS_R: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, D, eps, HAS_R: tl.constexpr, BLOCK: tl.constexpr,
+                        PDL: tl.constexpr):
+    if PDL:  # wait for the producer of x and r, then let the next kernel start its launch
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     c = tl.arange(0, BLOCK)
     m = c < D
@@ -42,8 +48,9 @@ def add_rmsnorm(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: f
     D = x.shape[-1]
     block = triton.next_power_of_2(D)
     warps = 1 if x.device.type != "cuda" else max(1, min(8, block // 512))
+    pdl = pdl_enabled(x.device)
     _add_rmsnorm_kernel[(x.shape[0],)](x, r if r is not None else x, w, h, D, eps, HAS_R=r is not None,
-                                       BLOCK=block, num_warps=warps)
+                                       BLOCK=block, PDL=pdl, num_warps=warps, **pdl_launch(pdl))
     return h
 
 
@@ -64,7 +71,10 @@ def rope_cache_write_ref(qkv, cos, sin, pos, k_cache, v_cache, n_head, n_kv, hea
 
 @triton.jit
 def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, T,
-                       NH: tl.constexpr, D: tl.constexpr):
+                       NH: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     h = tl.program_id(0)  # 0..NH-1: a query head; NH..: a key/value head
     half = tl.arange(0, D // 2)
     pos = tl.load(pos_ptr)
@@ -97,6 +107,69 @@ def rope_cache_write(qkv, cos, sin, pos, k_cache, v_cache, n_head, n_kv, head_di
 
     qkv [1, (n_head + 2 n_kv) D]; cos/sin fp32 [max_T, D]; pos int64 [1] on the device (graph-safe)."""
     q = torch.empty(n_head, head_dim, dtype=qkv.dtype, device=qkv.device)
+    pdl = pdl_enabled(qkv.device)
     _rope_cache_kernel[(n_head + n_kv,)](qkv, cos, sin, pos, q, k_cache, v_cache, k_cache.shape[1],
-                                         NH=n_head, D=head_dim, num_warps=1)
+                                         NH=n_head, D=head_dim, PDL=pdl, num_warps=1, **pdl_launch(pdl))
     return q
+
+
+def decode_attention_ref(q, k_cache, v_cache, pos):
+    """Attention of one token: q [n_head, D] over the cache [n_kv, T, D] at positions 0..pos[0]; [1, n_head*D]."""
+    n_head, D = q.shape
+    n = int(pos[0]) + 1
+    k = k_cache[:, :n].float().repeat_interleave(n_head // k_cache.shape[0], dim=0)
+    v = v_cache[:, :n].float().repeat_interleave(n_head // k_cache.shape[0], dim=0)
+    p = torch.softmax((k @ q.float()[:, :, None])[..., 0] / D ** 0.5, dim=-1)
+    return (p[:, None, :] @ v)[:, 0].reshape(1, -1).to(q.dtype)
+
+
+@triton.jit
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, T, scale,
+                             G: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr):
+    """One program per key/value head: its G query heads against positions 0..pos, online softmax in fp32."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    kv = tl.program_id(0)
+    rg = tl.arange(0, G)
+    rd = tl.arange(0, D)
+    q = tl.load(q_ptr + (kv * G + rg[:, None]) * D + rd[None, :]).to(tl.float32) * scale  # [G, D]
+    n = tl.load(pos_ptr).to(tl.int32) + 1
+    m = tl.full([G], float("-inf"), tl.float32)
+    l = tl.zeros([G], dtype=tl.float32)
+    acc = tl.zeros([G, D], dtype=tl.float32)
+    base = kv.to(tl.int64) * T * D
+    for start in range(0, n, BLOCK_T):
+        rt = start + tl.arange(0, BLOCK_T)
+        tm = rt < n
+        k = tl.load(k_ptr + base + rt[:, None] * D + rd[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + base + rt[:, None] * D + rd[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
+        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, BLOCK_T]
+        s = tl.where(tm[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        m = m_new
+    o = acc / l[:, None]
+    tl.store(o_ptr + (kv * G + rg[:, None]) * D + rd[None, :], o.to(o_ptr.dtype.element_ty))
+
+
+def decode_attention(q, k_cache, v_cache, pos, block_t: int = 32):
+    """One token's attention over the static cache, positions 0..pos[0] (device tensor: graph-safe).
+
+    q [n_head, D] (rotated), k_cache / v_cache [n_kv, T, D]; returns [1, n_head * D]. Replaces
+    ``scaled_dot_product_attention`` with a mask over the whole cache: one launch, only the filled part of
+    the cache is read. One program per key/value head, so it suits the short contexts of these benchmarks;
+    long contexts would want the sequence split over programs (flash-decoding)."""
+    n_head, D = q.shape
+    n_kv, T = k_cache.shape[0], k_cache.shape[1]
+    G = n_head // n_kv
+    if n_head % n_kv or G & (G - 1) or D & (D - 1):
+        raise ValueError(f"need a power-of-two head dim and group size, got D={D}, {n_head} heads / {n_kv}")
+    o = torch.empty(1, n_head * D, dtype=q.dtype, device=q.device)
+    pdl = pdl_enabled(q.device)
+    _decode_attention_kernel[(n_kv,)](q, k_cache, v_cache, pos, o, T, D ** -0.5, G=G, D=D, BLOCK_T=block_t,
+                                      PDL=pdl, num_warps=4 if q.device.type == "cuda" else 1, **pdl_launch(pdl))
+    return o

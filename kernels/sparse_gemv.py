@@ -23,6 +23,8 @@ adds a fixed 5-7 us (prologue and reduction), so ``use_sparse`` sends low sparsi
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -128,23 +130,6 @@ def _gather_gemv(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tb, idx_ptr,
 
 
 @triton.jit
-def _masked_gemv(x_ptr, w_ptr, stride_wk, t_ptr, K, k0, cols, col_mask,
-                 KC: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
-    """One token, no compaction prologue: walk every row of the chunk with the weight loads masked to the
-    kept rows (a masked-off row moves no bytes, but its instructions are still issued)."""
-    thr = tl.load(t_ptr)
-    acc2 = tl.zeros([BK, BN], dtype=tl.float32)
-    for j in range(0, KC, BK):
-        rk = k0 + j + tl.arange(0, BK)
-        xv = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
-        kept = tl.abs(xv) > thr
-        w = tl.load(w_ptr + rk[:, None] * stride_wk + cols[None, :], mask=kept[:, None] & col_mask[None, :],
-                    other=0.0)
-        acc2 += w.to(tl.float32) * tl.where(kept, xv, 0.0)[:, None]
-    return tl.sum(acc2, axis=0)[None, :]
-
-
-@triton.jit
 def _load_idx(idx_ptr, j, nnz, BK: tl.constexpr):
     """Compacted row indices idx[j:j+BK] (0 past nnz)."""
     rj = j + tl.arange(0, BK)
@@ -195,7 +180,7 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
                         B, K, N, N1, N2, NB1, NB2,
                         SPLIT: tl.constexpr, GLU: tl.constexpr, BLOCK_B: tl.constexpr,
                         KC: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, DOT_F32: tl.constexpr,
-                        COMPACT: tl.constexpr, PDL: tl.constexpr):
+                        PDL: tl.constexpr):
     """Grid (column blocks, SPLIT). Up to 3 projections concatenated in wt's columns, split at N1 and N2
     (their first column blocks are NB1 and NB2), projection p using thresholds t[p]. GLU mode: wt = [gate |
     up] (N1 = N/2 columns each, NB1 blocks each); gate block j and up block j share one ticket counter and
@@ -214,11 +199,8 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
     col_end = tl.where(proj == 0, N1, tl.where(proj == 1, N2, N))
     cols = col0 + (pid_n - blk0) * BN + tl.arange(0, BN)
     cmask = cols < col_end
-    if COMPACT:
-        acc = _gather_gemv(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr + proj * stride_tp, stride_tb, scratch,
-                           B, K, k0, cols, cmask, BLOCK_B, KC, BK, BN, DOT_F32)
-    else:
-        acc = _masked_gemv(x_ptr, w_ptr, stride_wk, t_ptr + proj * stride_tp, K, k0, cols, cmask, KC, BK, BN)
+    acc = _gather_gemv(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr + proj * stride_tp, stride_tb, scratch,
+                       B, K, k0, cols, cmask, BLOCK_B, KC, BK, BN, DOT_F32)
     if PDL:  # the next kernel may start its launch while this one reduces
         tl.extra.cuda.gdc_launch_dependents()
     if GLU:
@@ -236,6 +218,26 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
 
 _LOCKS: dict = {}
 _SM_COUNT: dict = {}
+_PDL: dict = {}
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Launch with programmatic dependent launch? On Hopper and later (sm_90+), unless ACTTAIL_PDL=0.
+
+    A PDL launch may start while the previous kernel in the stream is still running; every kernel here
+    waits (``gdc_wait``) before it reads anything, so the overlap only hides launch latency and the
+    previous kernel's tail (0.2-0.8 us a launch on an H100: reports/gpu/probe)."""
+    if device.type != "cuda" or os.environ.get("ACTTAIL_PDL", "1") == "0":
+        return False
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _PDL:
+        _PDL[key] = torch.cuda.get_device_capability(key)[0] >= 9
+    return _PDL[key]
+
+
+def pdl_launch(pdl: bool) -> dict:
+    """Launch keyword for a Triton kernel: ``launch_pdl=True`` only when used (older Tritons lack it)."""
+    return {"launch_pdl": True} if pdl else {}
 
 
 def _locks(device: torch.device, n: int) -> torch.Tensor:
@@ -306,7 +308,7 @@ def _launch(x, wt, t, splits, glu, config=None):
     if config:
         cfg.update(config)
     BN, KC = cfg["BN"], cfg["KC"]
-    pdl = bool(cfg.get("pdl", False)) and x.device.type == "cuda"
+    pdl = cfg.get("pdl", pdl_enabled(x.device))
     n_blocks = n_blocks_of(BN)
     NB1 = triton.cdiv(widths[0], BN)
     NB2 = NB1 + triton.cdiv(widths[1], BN)
@@ -321,8 +323,7 @@ def _launch(x, wt, t, splits, glu, config=None):
         y, y.stride(0), part, idx, locks,
         B, K, N, bounds[0], bounds[1], NB1, NB2,
         SPLIT=split, GLU=glu, BLOCK_B=block_b, KC=KC, BK=cfg["BK"], BN=BN, DOT_F32=x.device.type != "cuda",
-        COMPACT=cfg.get("compact", True) or B > 1, PDL=pdl,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **({"launch_pdl": True} if pdl else {}))
+        PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(pdl))
     return y
 
 

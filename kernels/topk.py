@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .sparse_gemv import pdl_enabled, pdl_launch
+
 
 def topk_thresholds_ref(x: torch.Tensor, keeps) -> torch.Tensor:
     """[P, B] fp32: for each keep count, the (keep+1)-th largest |x| per token (-1 when keep >= K)."""
@@ -29,7 +31,10 @@ def topk_thresholds_ref(x: torch.Tensor, keeps) -> torch.Tensor:
 
 @triton.jit
 def _topk_threshold_kernel(x_ptr, stride_xb, t_ptr, stride_tp, K, KEEP0, KEEP1, KEEP2,
-                           BLOCK: tl.constexpr):
+                           BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     p = tl.program_id(1)
     keep = tl.where(p == 0, KEEP0, tl.where(p == 1, KEEP1, KEEP2))
@@ -64,6 +69,7 @@ def topk_thresholds(x: torch.Tensor, keeps, out: torch.Tensor | None = None) -> 
     padded = keeps + [0] * (3 - len(keeps))
     block = triton.next_power_of_2(K)
     warps = 1 if x.device.type != "cuda" else max(4, min(32, block // 512))
+    pdl = pdl_enabled(x.device)
     _topk_threshold_kernel[(B, len(keeps))](x, x.stride(0), out, out.stride(0), K, *padded, BLOCK=block,
-                                            num_warps=warps)
+                                            PDL=pdl, num_warps=warps, **pdl_launch(pdl))
     return out

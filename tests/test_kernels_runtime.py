@@ -23,7 +23,7 @@ from _kernels_path import ensure_kernels  # noqa: E402
 
 ensure_kernels()
 from acttail.kernels.decode_ops import (  # noqa: E402
-    add_rmsnorm, add_rmsnorm_ref, rope_cache_write, rope_cache_write_ref)
+    add_rmsnorm, add_rmsnorm_ref, decode_attention, decode_attention_ref, rope_cache_write, rope_cache_write_ref)
 from acttail.runtime.cuda import CudaDecoder  # noqa: E402
 
 CONFIG = {"vocab_size": 96, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -132,3 +132,23 @@ def test_decode_ops_match_references():
     qr = rope_cache_write_ref(qkv, cos, sin, pos, kr, vr, H, KV, D)
     assert rel_err(q, qr) < 2e-3 and rel_err(kc, kr) < 2e-3 and torch.equal(vc, vr)
     assert kc[:, :5].abs().sum() == 0  # nothing written outside pos
+
+
+@pytest.mark.parametrize("H,KV,D,T,p", [(4, 2, 16, 40, 0), (4, 2, 16, 40, 33), (2, 2, 8, 8, 7), (8, 2, 16, 64, 20)])
+def test_decode_attention_matches_reference(H, KV, D, T, p):
+    torch.manual_seed(p)
+    q = torch.randn(H, D).half()
+    kc, vc = torch.randn(KV, T, D).half(), torch.randn(KV, T, D).half()
+    pos = torch.tensor([p])
+    o = decode_attention(q, kc, vc, pos, block_t=16)
+    ref = decode_attention_ref(q, kc, vc, pos)
+    assert o.shape == (1, H * D) and rel_err(o, ref) < 3e-3
+    kc[:, p + 1:] = float("nan")  # positions past pos are never read
+    vc[:, p + 1:] = float("nan")
+    assert torch.equal(decode_attention(q, kc, vc, pos, block_t=16), o)
+
+
+def test_decode_attention_rejects_odd_groups():
+    with pytest.raises(ValueError, match="power-of-two"):
+        decode_attention(torch.randn(6, 16).half(), torch.randn(2, 8, 16).half(), torch.randn(2, 8, 16).half(),
+                         torch.tensor([1]))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from acttail.kernels import sparse_linear, sparse_swiglu, topk_thresholds, use_sparse
-from acttail.kernels.decode_ops import add_rmsnorm, rope_cache_write
+from acttail.kernels.decode_ops import add_rmsnorm, decode_attention, rope_cache_write
 
 GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
 WEIGHT = {"qkv": "wqkv", "o": "wo", "gate_up": "w13", "down": "w2"}
@@ -67,6 +67,7 @@ class CudaDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.generated = torch.zeros(max_seq + 1, dtype=torch.long, device=dev)
         self.arange = torch.arange(max_seq, device=dev)
+        self.attention = "kernel"  # or "sdpa": torch's attention with a mask over the whole cache
         self.set_sparsity()
         self.graph = None
 
@@ -159,16 +160,19 @@ class CudaDecoder:
         """Logits [1, vocab] for one token at position pos (both [1] device tensors); updates the cache."""
         d, w = self.dims, self.w
         x = w["tok_embeddings"][tok]  # [1, dim]
-        mask = (self.arange <= pos)[None, None, None, :]
+        mask = (self.arange <= pos)[None, None, None, :] if self.attention == "sdpa" else None
         r = None
         for i in range(d.n_layer):
             h = add_rmsnorm(x, r, w[f"{i}.attention_norm"], d.norm_eps)
             qkv = self._project(i, "qkv", h, w[f"{i}.wqkv"], record)
             q = rope_cache_write(qkv, self.cos, self.sin, pos, self.k_cache[i], self.v_cache[i],
                                  d.n_head, d.n_kv, d.head_dim)
-            a = F.scaled_dot_product_attention(q[None, :, None], self.k_cache[i][None], self.v_cache[i][None],
-                                               attn_mask=mask, enable_gqa=d.n_kv != d.n_head)
-            o = self._project(i, "o", a.reshape(1, -1), w[f"{i}.wo"], record)
+            if self.attention == "sdpa":
+                a = F.scaled_dot_product_attention(q[None, :, None], self.k_cache[i][None], self.v_cache[i][None],
+                                                   attn_mask=mask, enable_gqa=d.n_kv != d.n_head).reshape(1, -1)
+            else:
+                a = decode_attention(q, self.k_cache[i], self.v_cache[i], pos)
+            o = self._project(i, "o", a, w[f"{i}.wo"], record)
             h = add_rmsnorm(x, o, w[f"{i}.ffn_norm"], d.norm_eps)
             hg = self._project(i, "gate_up", h, w[f"{i}.w13"], record)
             r = self._project(i, "down", hg, w[f"{i}.w2"], record)
