@@ -125,19 +125,23 @@ def decode_attention_ref(q, k_cache, v_cache, pos):
 
 @triton.jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, T, scale,
-                             G: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr):
-    """One program per key/value head: its G query heads against positions 0..pos, online softmax in fp32."""
+                             G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
+                             PDL: tl.constexpr):
+    """One program per key/value head: its G query heads (padded to BLOCK_G) against positions 0..pos,
+    online softmax in fp32."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     kv = tl.program_id(0)
-    rg = tl.arange(0, G)
+    rg = tl.arange(0, BLOCK_G)
+    gm = rg < G
     rd = tl.arange(0, D)
-    q = tl.load(q_ptr + (kv * G + rg[:, None]) * D + rd[None, :]).to(tl.float32) * scale  # [G, D]
+    q = tl.load(q_ptr + (kv * G + rg[:, None]) * D + rd[None, :], mask=gm[:, None], other=0.0)
+    q = q.to(tl.float32) * scale  # [BLOCK_G, D]
     n = tl.load(pos_ptr).to(tl.int32) + 1
-    m = tl.full([G], float("-inf"), tl.float32)
-    l = tl.zeros([G], dtype=tl.float32)
-    acc = tl.zeros([G, D], dtype=tl.float32)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
     base = kv.to(tl.int64) * T * D
     for start in range(0, n, BLOCK_T):
         rt = start + tl.arange(0, BLOCK_T)
@@ -153,7 +157,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, T, scale,
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         m = m_new
     o = acc / l[:, None]
-    tl.store(o_ptr + (kv * G + rg[:, None]) * D + rd[None, :], o.to(o_ptr.dtype.element_ty))
+    tl.store(o_ptr + (kv * G + rg[:, None]) * D + rd[None, :], o.to(o_ptr.dtype.element_ty), mask=gm[:, None])
 
 
 def decode_attention(q, k_cache, v_cache, pos, block_t: int = 32):
@@ -166,10 +170,12 @@ def decode_attention(q, k_cache, v_cache, pos, block_t: int = 32):
     n_head, D = q.shape
     n_kv, T = k_cache.shape[0], k_cache.shape[1]
     G = n_head // n_kv
-    if n_head % n_kv or G & (G - 1) or D & (D - 1):
-        raise ValueError(f"need a power-of-two head dim and group size, got D={D}, {n_head} heads / {n_kv}")
+    if n_head % n_kv or D & (D - 1):
+        raise ValueError(f"need a power-of-two head dim and n_kv dividing n_head, got D={D}, "
+                         f"{n_head} heads / {n_kv}")
     o = torch.empty(1, n_head * D, dtype=q.dtype, device=q.device)
     pdl = pdl_enabled(q.device)
-    _decode_attention_kernel[(n_kv,)](q, k_cache, v_cache, pos, o, T, D ** -0.5, G=G, D=D, BLOCK_T=block_t,
+    _decode_attention_kernel[(n_kv,)](q, k_cache, v_cache, pos, o, T, D ** -0.5, G=G, BLOCK_G=triton.next_power_of_2(G),
+                                      D=D, BLOCK_T=block_t,
                                       PDL=pdl, num_warps=4 if q.device.type == "cuda" else 1, **pdl_launch(pdl))
     return o

@@ -134,7 +134,8 @@ def test_decode_ops_match_references():
     assert kc[:, :5].abs().sum() == 0  # nothing written outside pos
 
 
-@pytest.mark.parametrize("H,KV,D,T,p", [(4, 2, 16, 40, 0), (4, 2, 16, 40, 33), (2, 2, 8, 8, 7), (8, 2, 16, 64, 20)])
+@pytest.mark.parametrize("H,KV,D,T,p", [(4, 2, 16, 40, 0), (4, 2, 16, 40, 33), (2, 2, 8, 8, 7), (8, 2, 16, 64, 20),
+                                             (9, 3, 16, 24, 10)])
 def test_decode_attention_matches_reference(H, KV, D, T, p):
     torch.manual_seed(p)
     q = torch.randn(H, D).half()
@@ -148,7 +149,10 @@ def test_decode_attention_matches_reference(H, KV, D, T, p):
     assert torch.equal(decode_attention(q, kc, vc, pos, block_t=16), o)
 
 
-def test_decode_attention_rejects_odd_groups():
+def test_decode_attention_rejects_bad_shapes():
     with pytest.raises(ValueError, match="power-of-two"):
-        decode_attention(torch.randn(6, 16).half(), torch.randn(2, 8, 16).half(), torch.randn(2, 8, 16).half(),
+        decode_attention(torch.randn(6, 12).half(), torch.randn(2, 8, 12).half(), torch.randn(2, 8, 12).half(),
+                         torch.tensor([1]))
+    with pytest.raises(ValueError, match="dividing"):
+        decode_attention(torch.randn(5, 16).half(), torch.randn(2, 8, 16).half(), torch.randn(2, 8, 16).half(),
                          torch.tensor([1]))
