@@ -143,16 +143,20 @@ def gemv_idx(x, wt, idx, nnz, pdl=False, split=None, BN=128, BK=64):
 
 
 def variants(K, N):
-    """name -> (config or kind, pdl) for sparse_linear / the idx path."""
-    kc1 = triton.next_power_of_2(K)
+    """name -> (kind, config / pdl flag) for sparse_linear or the idx path."""
     return {
+        "v1": ("cfg", None),
         "v1 no pdl": ("cfg", dict(pdl=False)),
-        "v1 pdl": ("cfg", dict(pdl=True)),
-        "nosplit BN32": ("cfg", dict(BN=32, KC=kc1, BK=64, num_warps=4, num_stages=1)),
-        "nosplit BN64 pdl": ("cfg", dict(BN=64, KC=kc1, BK=64, num_warps=4, num_stages=1, pdl=True)),
-        "idx only": ("idx", False),
+        "w8": ("cfg", dict(num_warps=8)),
+        "w8 KC x2": ("cfg", dict(num_warps=8, KC=2 * pick_config(1, K, lambda bn: triton.cdiv(N, bn),
+                                                                     torch.device("cuda"))["KC"])),
+        "BN256 w8": ("cfg", dict(BN=256, num_warps=8,
+                                 KC=pick_config(1, K, lambda bn: triton.cdiv(N, 2 * bn), torch.device("cuda"))["KC"])),
+        "plain s3": ("cfg", dict(prefetch=False, num_stages=3)),
+        "plain s4 w8": ("cfg", dict(prefetch=False, num_stages=4, num_warps=8)),
+        "dot s3": ("cfg", dict(dot=True, num_stages=3)),
+        "dot s4": ("cfg", dict(dot=True, num_stages=4)),
         "idx only pdl": ("idx", True),
-        "compact+idx pdl": ("cidx", True),
     }
 
 

@@ -85,7 +85,7 @@ def _thresholds_2d(thresholds, P, B, device):
 def _gather_gemv(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tb, idx_ptr,
                  B, K, k0, cols, col_mask,
                  BLOCK_B: tl.constexpr, KC: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-                 DOT_F32: tl.constexpr):
+                 DOT_F32: tl.constexpr, PREFETCH: tl.constexpr):
     """fp32 [BLOCK_B, BN]: sparsify(x[:, k0:k0+KC]) @ wt[k0:k0+KC, cols], streaming only the kept rows."""
     rb = tl.arange(0, BLOCK_B)
     bmask = rb < B
@@ -100,7 +100,16 @@ def _gather_gemv(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tb, idx_ptr,
     tl.store(idx_ptr + pos - 1, rk, mask=row > 0)  # compacted kept-row indices
     tl.debug_barrier()  # the whole program reads what all its threads wrote
 
-    if BLOCK_B == 1:
+    if BLOCK_B == 1 and not PREFETCH:
+        # one token, plain loop: the compiler's software pipeliner (num_stages) may stage the loads
+        acc2 = tl.zeros([BK, BN], dtype=tl.float32)
+        for j in range(0, nnz, BK):
+            kk = _load_idx(idx_ptr, j, nnz, BK)
+            w, xv = _load_rows(x_ptr, stride_xb, w_ptr, stride_wk, rb, bmask, thr, kk, j, nnz, cols, col_mask,
+                               BK)
+            acc2 += w.to(tl.float32) * tl.sum(xv.to(tl.float32), axis=0)[:, None]
+        acc = tl.sum(acc2, axis=0)[None, :]
+    elif BLOCK_B == 1:
         # one token: FMA into a [BK, BN] accumulator, pipelined by hand. The row indices of block j+1 are
         # loaded while the rows of block j are in flight, so the index load (L2) and the weight-row load
         # (DRAM) overlap instead of adding up.
@@ -180,7 +189,7 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
                         B, K, N, N1, N2, NB1, NB2,
                         SPLIT: tl.constexpr, GLU: tl.constexpr, BLOCK_B: tl.constexpr,
                         KC: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, DOT_F32: tl.constexpr,
-                        PDL: tl.constexpr):
+                        PREFETCH: tl.constexpr, PDL: tl.constexpr):
     """Grid (column blocks, SPLIT). Up to 3 projections concatenated in wt's columns, split at N1 and N2
     (their first column blocks are NB1 and NB2), projection p using thresholds t[p]. GLU mode: wt = [gate |
     up] (N1 = N/2 columns each, NB1 blocks each); gate block j and up block j share one ticket counter and
@@ -200,7 +209,7 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
     cols = col0 + (pid_n - blk0) * BN + tl.arange(0, BN)
     cmask = cols < col_end
     acc = _gather_gemv(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr + proj * stride_tp, stride_tb, scratch,
-                       B, K, k0, cols, cmask, BLOCK_B, KC, BK, BN, DOT_F32)
+                       B, K, k0, cols, cmask, BLOCK_B, KC, BK, BN, DOT_F32, PREFETCH)
     if PDL:  # the next kernel may start its launch while this one reduces
         tl.extra.cuda.gdc_launch_dependents()
     if GLU:
@@ -313,7 +322,7 @@ def _launch(x, wt, t, splits, glu, config=None):
     NB1 = triton.cdiv(widths[0], BN)
     NB2 = NB1 + triton.cdiv(widths[1], BN)
     split = triton.cdiv(K, KC)
-    block_b = 1 if B == 1 else 16
+    block_b = 1 if B == 1 and not cfg.get("dot") else 16
     y = torch.empty(B, out_cols, dtype=x.dtype, device=x.device)
     part = torch.empty(split * block_b * N if (split > 1 or glu) else 1, dtype=torch.float32, device=x.device)
     idx = torch.empty(split * n_blocks * KC, dtype=torch.int32, device=x.device)
@@ -323,7 +332,7 @@ def _launch(x, wt, t, splits, glu, config=None):
         y, y.stride(0), part, idx, locks,
         B, K, N, bounds[0], bounds[1], NB1, NB2,
         SPLIT=split, GLU=glu, BLOCK_B=block_b, KC=KC, BK=cfg["BK"], BN=BN, DOT_F32=x.device.type != "cuda",
-        PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(pdl))
+        PREFETCH=cfg.get("prefetch", True), PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(pdl))
     return y
 
 
