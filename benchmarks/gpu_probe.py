@@ -29,7 +29,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_kernels import copy_bandwidth, rel_err, threshold_for, time_graph  # noqa: E402
 
-from acttail.kernels import sparse_linear, sparse_linear_ref  # noqa: E402
+from acttail.kernels import kept_rows_ref, sparse_linear, sparse_linear_ref  # noqa: E402
 from acttail.kernels.sparse_gemv import _finish, _locks, pick_config  # noqa: E402
 
 ROTATE = 512e6
@@ -143,20 +143,18 @@ def gemv_idx(x, wt, idx, nnz, pdl=False, split=None, BN=128, BK=64):
 
 
 def variants(K, N):
-    """name -> (kind, config / pdl flag) for sparse_linear or the idx path."""
+    """name -> (kind, config / pdl flag) for sparse_linear or the probe's own idx kernels.
+
+    Earlier runs of this script (reports/gpu/probe/README.md) also timed knobs since removed: a
+    no-compaction masked mode, 8 warps, 256-column blocks, the tensor-core path for one token and the
+    hand-written prefetch loop; their code is in the commits named there."""
     return {
-        "v1": ("cfg", None),
-        "v1 no pdl": ("cfg", dict(pdl=False)),
-        "w8": ("cfg", dict(num_warps=8)),
-        "w8 KC x2": ("cfg", dict(num_warps=8, KC=2 * pick_config(1, K, lambda bn: triton.cdiv(N, bn),
-                                                                     torch.device("cuda"))["KC"])),
-        "BN256 w8": ("cfg", dict(BN=256, num_warps=8,
-                                 KC=pick_config(1, K, lambda bn: triton.cdiv(N, 2 * bn), torch.device("cuda"))["KC"])),
-        "plain s3": ("cfg", dict(prefetch=False, num_stages=3)),
-        "plain s4 w8": ("cfg", dict(prefetch=False, num_stages=4, num_warps=8)),
-        "dot s3": ("cfg", dict(dot=True, num_stages=3)),
-        "dot s4": ("cfg", dict(dot=True, num_stages=4)),
+        "current": ("cfg", None),
+        "no pdl": ("cfg", dict(pdl=False)),
+        "num_stages 1": ("cfg", dict(num_stages=1)),
+        "kept lists": ("kept", None),
         "idx only pdl": ("idx", True),
+        "compact+idx pdl": ("cidx", True),
     }
 
 
@@ -175,6 +173,9 @@ def bench(K, N, sparsities, bw):
         for name, (kind, arg) in variants(K, N).items():
             if kind == "cfg":
                 fn = lambda i, c=arg: sparse_linear(x, wt[i], t, config=c)  # noqa: E731
+            elif kind == "kept":
+                kept = kept_rows_ref(x, t)
+                fn = lambda i, kp=kept: sparse_linear(x, wt[i], t, kept=kp)  # noqa: E731
             elif kind == "idx":
                 idx, nnz = compact(x, t)
                 fn = lambda i, p=arg, a=idx, b=nnz: gemv_idx(x, wt[i], a, b, pdl=p)  # noqa: E731

@@ -23,8 +23,8 @@ def add_rmsnorm_ref(x, r, w, eps):
 
 
 @triton.jit
-def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, D, eps, HAS_R: tl.constexpr, BLOCK: tl.constexpr,
-                        PDL: tl.constexpr):
+def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, t_ptr, idx_ptr, nnz_ptr, D, eps, HAS_R: tl.constexpr,
+                        BLOCK: tl.constexpr, P: tl.constexpr, PDL: tl.constexpr):
     if PDL:  # wait for the producer of x and r, then let the next kernel start its launch
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -37,21 +37,44 @@ def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, D, eps, HAS_R: tl.constexpr,
         tl.store(x_ptr + row * D + c, x, mask=m)
     x32 = x.to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=0) / D + eps)
-    w = tl.load(w_ptr + c, mask=m, other=0.0)
-    h = (x32 * inv).to(x.dtype) * w
+    w = tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32)
+    # normalise, round to x's dtype, scale: the product of two 16-bit floats is exact in fp32, so one
+    # rounding here equals the 16-bit multiply (and the interpreter has no bf16 arithmetic)
+    h = ((x32 * inv).to(x.dtype).to(tl.float32) * w).to(x.dtype)
     tl.store(h_ptr + row * D + c, h, mask=m)
+    # kept-row lists of h for the P thresholds of the projections that read it (one token)
+    a = tl.abs(h.to(tl.float32))
+    for p in tl.static_range(P):
+        keep = ((a > tl.load(t_ptr + p)) & m).to(tl.int32)
+        pos = tl.cumsum(keep, axis=0)
+        tl.store(idx_ptr + p * D + pos - 1, c, mask=keep > 0)
+        tl.store(nnz_ptr + p, tl.sum(keep, axis=0))
 
 
-def add_rmsnorm(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """In place x += r (when given); returns rmsnorm(x) * w. x, r [rows, D] contiguous, w [D]."""
+def add_rmsnorm(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: float, thresholds=None):
+    """In place x += r (when given); returns rmsnorm(x) * w. x, r [rows, D] contiguous, w [D].
+
+    With thresholds (a float32 device tensor [P], one token) also returns the kept-row lists of the result
+    for the sparse kernels, (idx [P, D], nnz [P]) int32, as ``kept_rows_ref`` defines them: built here, in
+    the one program that holds the whole row, they cost the GEMV no compaction prologue."""
     h = torch.empty_like(x)
     D = x.shape[-1]
     block = triton.next_power_of_2(D)
     warps = 1 if x.device.type != "cuda" else max(1, min(8, block // 512))
+    P = 0
+    idx = nnz = t = h
+    if thresholds is not None:
+        if x.shape[0] != 1 or thresholds.dim() != 1 or thresholds.dtype != torch.float32:
+            raise ValueError("kept-row lists need one token and float32 thresholds [P]")
+        P = thresholds.numel()
+        t = thresholds
+        idx = torch.empty(P, D, dtype=torch.int32, device=x.device)
+        nnz = torch.empty(P, dtype=torch.int32, device=x.device)
     pdl = pdl_enabled(x.device)
-    _add_rmsnorm_kernel[(x.shape[0],)](x, r if r is not None else x, w, h, D, eps, HAS_R=r is not None,
-                                       BLOCK=block, PDL=pdl, num_warps=warps, **pdl_launch(pdl))
-    return h
+    _add_rmsnorm_kernel[(x.shape[0],)](x, r if r is not None else x, w, h, t, idx, nnz, D, eps,
+                                       HAS_R=r is not None, BLOCK=block, P=P, PDL=pdl, num_warps=warps,
+                                       **pdl_launch(pdl))
+    return h if thresholds is None else (h, (idx, nnz))
 
 
 def rope_cache_write_ref(qkv, cos, sin, pos, k_cache, v_cache, n_head, n_kv, head_dim):
