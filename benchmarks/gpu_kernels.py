@@ -313,6 +313,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="two shapes, three sparsities")
     ap.add_argument("--sweep", action="store_true", help="time block configurations instead")
     ap.add_argument("--no-teal", action="store_true")
+    ap.add_argument("--fused-only", action="store_true", help="only the fused launches and small kernels")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -325,6 +326,10 @@ def main():
     if args.sweep:
         rows = sweep(bw)
         (out / "sweep.json").write_text(json.dumps(dict(meta=meta, copy_bw=bw, rows=rows), indent=1))
+        return
+    if args.fused_only:
+        for r in bench_fused(bw):
+            print("fused", {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
         return
     check_rows = checks()
     for c in check_rows:

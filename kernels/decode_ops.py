@@ -24,7 +24,7 @@ def add_rmsnorm_ref(x, r, w, eps):
 
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, t_ptr, idx_ptr, nnz_ptr, D, eps, HAS_R: tl.constexpr,
-                        BLOCK: tl.constexpr, P: tl.constexpr, PDL: tl.constexpr):
+                        BLOCK: tl.constexpr, P: tl.constexpr, PB: tl.constexpr, PDL: tl.constexpr):
     if PDL:  # wait for the producer of x and r, then let the next kernel start its launch
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -42,13 +42,16 @@ def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, t_ptr, idx_ptr, nnz_ptr, D, 
     # rounding here equals the 16-bit multiply (and the interpreter has no bf16 arithmetic)
     h = ((x32 * inv).to(x.dtype).to(tl.float32) * w).to(x.dtype)
     tl.store(h_ptr + row * D + c, h, mask=m)
-    # kept-row lists of h for the P thresholds of the projections that read it (one token)
-    a = tl.abs(h.to(tl.float32))
-    for p in tl.static_range(P):
-        keep = ((a > tl.load(t_ptr + p)) & m).to(tl.int32)
-        pos = tl.cumsum(keep, axis=0)
-        tl.store(idx_ptr + p * D + pos - 1, c, mask=keep > 0)
-        tl.store(nnz_ptr + p, tl.sum(keep, axis=0))
+    if P > 0:
+        # kept-row lists of h for the P thresholds of the projections that read it (one token): one
+        # [P, BLOCK] mask, one scan along the row, one scattered store
+        rp = tl.arange(0, PB)
+        pm = rp < P
+        t = tl.load(t_ptr + rp, mask=pm, other=float("inf"))
+        keep = ((tl.abs(h.to(tl.float32))[None, :] > t[:, None]) & m[None, :]).to(tl.int32)
+        pos = tl.cumsum(keep, axis=1)
+        tl.store(idx_ptr + rp[:, None] * D + pos - 1, c[None, :] + rp[:, None] * 0, mask=keep > 0)
+        tl.store(nnz_ptr + rp, tl.sum(keep, axis=1), mask=pm)
 
 
 def add_rmsnorm(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: float, thresholds=None):
@@ -72,7 +75,7 @@ def add_rmsnorm(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: f
         nnz = torch.empty(P, dtype=torch.int32, device=x.device)
     pdl = pdl_enabled(x.device)
     _add_rmsnorm_kernel[(x.shape[0],)](x, r if r is not None else x, w, h, t, idx, nnz, D, eps,
-                                       HAS_R=r is not None, BLOCK=block, P=P, PDL=pdl, num_warps=warps,
+                                       HAS_R=r is not None, BLOCK=block, P=P, PB=max(1, triton.next_power_of_2(P)), PDL=pdl, num_warps=warps,
                                        **pdl_launch(pdl))
     return h if thresholds is None else (h, (idx, nnz))
 
