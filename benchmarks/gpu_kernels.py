@@ -24,7 +24,7 @@ from _kernels_path import ensure_kernels  # noqa: E402
 
 ensure_kernels()
 from acttail.kernels import (  # noqa: E402
-    kept_rows_ref, sparse_linear, sparse_linear_ref, sparse_swiglu, sparse_swiglu_ref, topk_thresholds, topk_thresholds_ref)
+    sparse_linear, sparse_linear_ref, sparse_swiglu, sparse_swiglu_ref, topk_thresholds, topk_thresholds_ref)
 from acttail.kernels.sparse_gemv import pick_config, use_sparse  # noqa: E402
 from teal_baseline import CONFIGS as TEAL_CONFIGS, teal_gemv  # noqa: E402
 
@@ -115,18 +115,14 @@ def bench_gemv(K, N, dtype, B, s, copies_w, copies_wt, bw, with_teal):
     det = torch.equal(y, sparse_linear(x, copies_wt[0], t))
     n = len(copies_wt)
     t_ours, spread = time_graph(lambda i: sparse_linear(x, copies_wt[i], t), n)
-    t_nopdl = t_kept = float("nan")
+    t_nopdl = float("nan")
     if B == 1:
         t_nopdl = time_graph(lambda i: sparse_linear(x, copies_wt[i], t, config=dict(pdl=False)), n)[0]
-        kept = kept_rows_ref(x, t)  # the lists add_rmsnorm builds for q/k/v and gate/up
-        err = max(err, rel_err(sparse_linear(x, copies_wt[0], t, kept=kept), ref))
-        t_kept = time_graph(lambda i: sparse_linear(x, copies_wt[i], t, kept=kept), n)[0]
     t_dense, _ = time_graph(lambda i: F.linear(x, copies_w[i]), n)
     t_dense_t, _ = time_graph(lambda i: x @ copies_wt[i], n)
     row = dict(in_features=K, out_features=N, dtype=str(dtype).split(".")[-1], batch=B, sparsity=s,
                union_keep=union, rel_err=err, deterministic=det, us_ours=t_ours, us_ours_spread=spread,
-               us_dense=t_dense, us_dense_wt=t_dense_t, speedup=t_dense / t_ours, us_ours_nopdl=t_nopdl,
-               us_ours_kept=t_kept, speedup_kept=t_dense / t_kept)
+               us_dense=t_dense, us_dense_wt=t_dense_t, speedup=t_dense / t_ours, us_ours_nopdl=t_nopdl)
     elem = x.element_size()
     need = union * K * N * elem + B * (K + N) * elem
     row["eff_bw_TBps"] = need / (t_ours * 1e-6) / 1e12
@@ -218,21 +214,9 @@ def bench_fused(bw):
             t = torch.full((P,), tv, device="cuda")
             fn = (lambda i: sparse_swiglu(x, wt[i], t)) if glu else (lambda i: sparse_linear(x, wt[i], t, splits))
             t_ours, _ = time_graph(fn, n)
-            kept = kept_rows_ref(x, t)
-            fk = (lambda i: sparse_swiglu(x, wt[i], t, kept=kept)) if glu else \
-                (lambda i: sparse_linear(x, wt[i], t, splits, kept=kept))
-            t_kept, _ = time_graph(fk, n)
             rows.append(dict(launch=name, sparsity=s, us_dense=t_dense, us_ours=t_ours, speedup=t_dense / t_ours,
-                             us_kept=t_kept, speedup_kept=t_dense / t_kept,
                              floor_us=((1 - s) * K * N * 2) / bw * 1e6))
         del wt, w
-    # the price of the lists: add_rmsnorm alone and with three kept-row lists (q/k/v thresholds)
-    from acttail.kernels.decode_ops import add_rmsnorm
-    x, r, wn = (torch.randn(1, 4096, device="cuda", dtype=dtype) for _ in range(3))
-    t3 = torch.full((3,), threshold_for(x, 0.5), device="cuda")
-    for label, kw in (("add_rmsnorm D=4096", {}), ("add_rmsnorm D=4096 + 3 kept-row lists", dict(thresholds=t3))):
-        us, _ = time_graph(lambda i: add_rmsnorm(x, r, wn, 1e-5, **kw), 4)
-        rows.append(dict(launch=label, sparsity=0.5, us_ours=us))
     x = torch.randn(1, 11008, device="cuda", dtype=dtype)
     t_topk, _ = time_graph(lambda i: topk_thresholds(x, [5504, 5504]), 4)
     rows.append(dict(launch="topk_thresholds K=11008, 2 keep counts", sparsity=0.5, us_ours=t_topk))
@@ -278,28 +262,25 @@ def markdown(rows, fused, check_rows, bw, meta):
              "- dense = F.linear(x, W[out,in]) (cuBLAS); dense(Wt) = x @ W^T[in,out]; "
              "speedup = dense / ours; x floor = ours / floor; TEAL = TEAL-style split-K atomic kernel "
              "(fp16, B=1; fastest of its configs, timed in this run); ours uses programmatic dependent launch "
-             "on sm_90+ ('without PDL': the same kernel without it, B=1); 'kept lists': given the kept-row lists "
-             "that add_rmsnorm builds for q/k/v and gate/up (B=1; the lists are built once, outside the timing)",
+             "on sm_90+ ('without PDL': the same kernel without it, B=1)",
              "- batch 4: one scalar threshold for all tokens; 'union keep' = fraction of weight rows read", ""]
     lines += ["- dispatched = what `use_sparse(sparsity, B)` runs (decided from the planned sparsity): ours, or dense "
               "x @ W^T on the same weights", ""]
     lines += ["| in x out | dtype | B | sparsity | union keep | dense us | dense(Wt) us | ours us | speedup | "
-              "dispatched | eff TB/s | x floor | TEAL us | TEAL speedup | rel err | ours without PDL us | ours, kept lists us | "
-              "speedup, kept lists |", "|" + "---|" * 18]
+              "dispatched | eff TB/s | x floor | TEAL us | TEAL speedup | rel err | ours without PDL us |", "|" + "---|" * 16]
     for r in rows:
         lines.append(
             f"| {r['in_features']}x{r['out_features']} | {r['dtype']} | {r['batch']} | {r['sparsity']:.0%} | "
             f"{r['union_keep']:.2f} | {r['us_dense']:.1f} | {r['us_dense_wt']:.1f} | {r['us_ours']:.1f} | "
             f"{r['speedup']:.2f}x | {r['speedup_dispatched']:.2f}x | {r['eff_bw_TBps']:.2f} | {r['x_floor']:.2f} | "
             f"{r.get('us_teal', float('nan')):.1f} | {r.get('teal_speedup', float('nan')):.2f}x | "
-            f"{r['rel_err']:.1e} | {r['us_ours_nopdl']:.1f} | {r['us_ours_kept']:.1f} | {r['speedup_kept']:.2f}x |")
-    lines += ["", "## Fused launches (fp16, batch 1)", "", "| launch | sparsity | dense us | ours us | speedup | "
-              "ours, kept lists us | speedup, kept lists | floor us |", "|---|---|---|---|---|---|---|---|"]
+            f"{r['rel_err']:.1e} | {r['us_ours_nopdl']:.1f} |")
+    lines += ["", "## Fused launches (fp16, batch 1)", "", "| launch | sparsity | dense us | ours us | speedup | floor us |",
+              "|---|---|---|---|---|---|"]
     nan = float("nan")
     for r in fused:
         lines.append(f"| {r['launch']} | {r['sparsity']:.0%} | {r.get('us_dense', nan):.1f} | "
-                     f"{r['us_ours']:.1f} | {r.get('speedup', nan):.2f}x | {r.get('us_kept', nan):.1f} | "
-                     f"{r.get('speedup_kept', nan):.2f}x | {r.get('floor_us', nan):.1f} |")
+                     f"{r['us_ours']:.1f} | {r.get('speedup', nan):.2f}x | {r.get('floor_us', nan):.1f} |")
     lines += ["", "## Correctness checks on the GPU", "", "| check | dtype | B | result |", "|---|---|---|---|"]
     for c in check_rows:
         res = {k: v for k, v in c.items() if k not in ("check", "dtype", "batch")}

@@ -29,7 +29,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_kernels import copy_bandwidth, rel_err, threshold_for, time_graph  # noqa: E402
 
-from acttail.kernels import kept_rows_ref, sparse_linear, sparse_linear_ref  # noqa: E402
+from acttail.kernels import sparse_linear, sparse_linear_ref  # noqa: E402
 from acttail.kernels.sparse_gemv import _finish, _locks, pick_config  # noqa: E402
 
 ROTATE = 512e6
@@ -146,13 +146,13 @@ def variants(K, N):
     """name -> (kind, config / pdl flag) for sparse_linear or the probe's own idx kernels.
 
     Earlier runs of this script (reports/gpu/probe/README.md) also timed knobs since removed: a
-    no-compaction masked mode, 8 warps, 256-column blocks, the tensor-core path for one token and the
-    hand-written prefetch loop; their code is in the commits named there."""
+    no-compaction masked mode, 8 warps, 256-column blocks, the tensor-core path for one token, the
+    hand-written prefetch loop and kept-row lists built by add_rmsnorm; their code is in the commits
+    named there."""
     return {
         "current": ("cfg", None),
         "no pdl": ("cfg", dict(pdl=False)),
         "num_stages 1": ("cfg", dict(num_stages=1)),
-        "kept lists": ("kept", None),
         "idx only pdl": ("idx", True),
         "compact+idx pdl": ("cidx", True),
     }
@@ -173,9 +173,6 @@ def bench(K, N, sparsities, bw):
         for name, (kind, arg) in variants(K, N).items():
             if kind == "cfg":
                 fn = lambda i, c=arg: sparse_linear(x, wt[i], t, config=c)  # noqa: E731
-            elif kind == "kept":
-                kept = kept_rows_ref(x, t)
-                fn = lambda i, kp=kept: sparse_linear(x, wt[i], t, kept=kp)  # noqa: E731
             elif kind == "idx":
                 idx, nnz = compact(x, t)
                 fn = lambda i, p=arg, a=idx, b=nnz: gemv_idx(x, wt[i], a, b, pdl=p)  # noqa: E731

@@ -32,9 +32,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _interpreter_compat()
 
 from .sparse_gemv import (  # noqa: E402
-    MAX_BATCH, kept_rows_ref, sparse_linear, sparse_linear_ref, sparse_swiglu, sparse_swiglu_ref, sparsify_ref,
-    use_sparse)
+    MAX_BATCH, sparse_linear, sparse_linear_ref, sparse_swiglu, sparse_swiglu_ref, sparsify_ref, use_sparse)
 from .topk import topk_thresholds, topk_thresholds_ref  # noqa: E402
 
-__all__ = ["MAX_BATCH", "kept_rows_ref", "sparse_linear", "sparse_linear_ref", "sparse_swiglu", "sparse_swiglu_ref",
+__all__ = ["MAX_BATCH", "sparse_linear", "sparse_linear_ref", "sparse_swiglu", "sparse_swiglu_ref",
            "sparsify_ref", "topk_thresholds", "topk_thresholds_ref", "use_sparse"]

@@ -23,8 +23,8 @@ def add_rmsnorm_ref(x, r, w, eps):
 
 
 @triton.jit
-def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, t_ptr, idx_ptr, nnz_ptr, D, eps, HAS_R: tl.constexpr,
-                        BLOCK: tl.constexpr, P: tl.constexpr, PB: tl.constexpr, PDL: tl.constexpr):
+def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, D, eps, HAS_R: tl.constexpr, BLOCK: tl.constexpr,
+                        PDL: tl.constexpr):
     if PDL:  # wait for the producer of x and r, then let the next kernel start its launch
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -42,42 +42,18 @@ def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, t_ptr, idx_ptr, nnz_ptr, D, 
     # rounding here equals the 16-bit multiply (and the interpreter has no bf16 arithmetic)
     h = ((x32 * inv).to(x.dtype).to(tl.float32) * w).to(x.dtype)
     tl.store(h_ptr + row * D + c, h, mask=m)
-    if P > 0:
-        # kept-row lists of h for the P thresholds of the projections that read it (one token): one
-        # [P, BLOCK] mask, one scan along the row, one scattered store
-        rp = tl.arange(0, PB)
-        pm = rp < P
-        t = tl.load(t_ptr + rp, mask=pm, other=float("inf"))
-        keep = ((tl.abs(h.to(tl.float32))[None, :] > t[:, None]) & m[None, :]).to(tl.int32)
-        pos = tl.cumsum(keep, axis=1)
-        tl.store(idx_ptr + rp[:, None] * D + pos - 1, c[None, :] + rp[:, None] * 0, mask=keep > 0)
-        tl.store(nnz_ptr + rp, tl.sum(keep, axis=1), mask=pm)
 
 
-def add_rmsnorm(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: float, thresholds=None):
-    """In place x += r (when given); returns rmsnorm(x) * w. x, r [rows, D] contiguous, w [D].
-
-    With thresholds (a float32 device tensor [P], one token) also returns the kept-row lists of the result
-    for the sparse kernels, (idx [P, D], nnz [P]) int32, as ``kept_rows_ref`` defines them: built here, in
-    the one program that holds the whole row, they cost the GEMV no compaction prologue."""
+def add_rmsnorm(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """In place x += r (when given); returns rmsnorm(x) * w. x, r [rows, D] contiguous, w [D]."""
     h = torch.empty_like(x)
     D = x.shape[-1]
     block = triton.next_power_of_2(D)
     warps = 1 if x.device.type != "cuda" else max(1, min(8, block // 512))
-    P = 0
-    idx = nnz = t = h
-    if thresholds is not None:
-        if x.shape[0] != 1 or thresholds.dim() != 1 or thresholds.dtype != torch.float32:
-            raise ValueError("kept-row lists need one token and float32 thresholds [P]")
-        P = thresholds.numel()
-        t = thresholds
-        idx = torch.empty(P, D, dtype=torch.int32, device=x.device)
-        nnz = torch.empty(P, dtype=torch.int32, device=x.device)
     pdl = pdl_enabled(x.device)
-    _add_rmsnorm_kernel[(x.shape[0],)](x, r if r is not None else x, w, h, t, idx, nnz, D, eps,
-                                       HAS_R=r is not None, BLOCK=block, P=P, PB=max(1, triton.next_power_of_2(P)), PDL=pdl, num_warps=warps,
-                                       **pdl_launch(pdl))
-    return h if thresholds is None else (h, (idx, nnz))
+    _add_rmsnorm_kernel[(x.shape[0],)](x, r if r is not None else x, w, h, D, eps, HAS_R=r is not None,
+                                       BLOCK=block, PDL=pdl, num_warps=warps, **pdl_launch(pdl))
+    return h
 
 
 def rope_cache_write_ref(qkv, cos, sin, pos, k_cache, v_cache, n_head, n_kv, head_dim):

@@ -8,8 +8,6 @@ drops one contiguous row of ``wt``. Each program owns a block of output columns 
 2. it compacts the kept row indices with a cumulative sum into a private scratch buffer, so the weight
    stream below skips single rows, not blocks of rows (with random sparsity a block is rarely all zero);
 3. it streams only the gathered rows, accumulating in fp32 (FMA for one token, ``tl.dot`` for several);
-   (or, for one token, it takes its slice of kept-row lists that the producer of x built, ``kept``:
-   ``add_rmsnorm`` does for q/k/v and gate/up; that saves the compaction prologue, about 1 us a launch);
 4. the chunks of one column block are summed deterministically: each program writes its partial sums, and
    the last program to finish (a ticket counter, reset by that program) adds them in chunk order and writes
    the output. One launch, no atomics on the output, no zeroing pass, no host synchronisation, fixed grid:
@@ -66,20 +64,6 @@ def sparse_swiglu_ref(x, wt_gate_up, thresholds):
     g = sparsify_ref(x, t[0]) @ wt_gate_up[:, :inter].float()
     u = sparsify_ref(x, t[1]) @ wt_gate_up[:, inter:].float()
     return (torch.nn.functional.silu(g) * u).to(x.dtype)
-
-
-def kept_rows_ref(x: torch.Tensor, thresholds) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kept-row lists of one token x [1, K] for P thresholds: idx [P, K] int32 (the ascending indices k with
-    |x[k]| > t[p] first, the rest unspecified, here -1) and nnz [P] int32."""
-    t = torch.as_tensor(thresholds, dtype=torch.float32, device=x.device).reshape(-1)
-    a = x.float().abs().reshape(-1)
-    idx = torch.full((t.numel(), a.numel()), -1, dtype=torch.int32, device=x.device)
-    nnz = torch.zeros(t.numel(), dtype=torch.int32, device=x.device)
-    for p in range(t.numel()):
-        k = torch.nonzero(a > t[p]).flatten()
-        idx[p, :k.numel()] = k.to(torch.int32)
-        nnz[p] = k.numel()
-    return idx, nnz
 
 
 def _thresholds_2d(thresholds, P, B, device):
@@ -192,11 +176,11 @@ def _finish(acc, y_ptr, stride_yb, part_ptr, NT, lock_ptr, lock_id, pid_k, rb, b
 
 @triton.jit
 def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, stride_tb,
-                        y_ptr, stride_yb, part_ptr, idx_ptr, nnz_ptr, lock_ptr,
+                        y_ptr, stride_yb, part_ptr, idx_ptr, lock_ptr,
                         B, K, N, N1, N2, NB1, NB2,
                         SPLIT: tl.constexpr, GLU: tl.constexpr, BLOCK_B: tl.constexpr,
                         KC: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, DOT_F32: tl.constexpr,
-                        KEPT: tl.constexpr, PDL: tl.constexpr):
+                        PDL: tl.constexpr):
     """Grid (column blocks, SPLIT). Up to 3 projections concatenated in wt's columns, split at N1 and N2
     (their first column blocks are NB1 and NB2), projection p using thresholds t[p]. GLU mode: wt = [gate |
     up] (N1 = N/2 columns each, NB1 blocks each); gate block j and up block j share one ticket counter and
@@ -215,17 +199,8 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
     cols = col0 + (pid_n - blk0) * BN + tl.arange(0, BN)
     cmask = cols < col_end
     t_proj = t_ptr + proj * stride_tp
-    if KEPT:
-        # kept-row list built by the producer of x (one token): program k takes the k-th of SPLIT equal
-        # slices of it, so no prologue here and every program streams the same number of rows
-        total = tl.load(nnz_ptr + proj)
-        per = tl.cdiv(tl.cdiv(total, SPLIT), BK) * BK
-        lo = pid_k * per
-        rows = tl.minimum(tl.maximum(total - lo, 0), per)
-        rows_ptr = idx_ptr + proj * K + lo
-    else:
-        rows_ptr = idx_ptr + (pid_k * tl.num_programs(0) + pid_n).to(tl.int64) * KC  # private scratch
-        rows = _compact(x_ptr, stride_xb, t_proj, stride_tb, rows_ptr, B, K, k0, BLOCK_B, KC)
+    rows_ptr = idx_ptr + (pid_k * tl.num_programs(0) + pid_n).to(tl.int64) * KC  # private scratch
+    rows = _compact(x_ptr, stride_xb, t_proj, stride_tb, rows_ptr, B, K, k0, BLOCK_B, KC)
     acc = _stream_rows(x_ptr, stride_xb, w_ptr, stride_wk, t_proj, stride_tb, rows_ptr, rows, B, cols, cmask,
                        BLOCK_B, BK, BN, DOT_F32)
     if PDL:  # the next kernel may start its launch while this one reduces
@@ -307,7 +282,7 @@ def pick_config(B: int, K: int, n_blocks_of, device: torch.device) -> dict:
     return dict(BN=BN, KC=KC, BK=64, num_warps=4, num_stages=3)
 
 
-def _launch(x, wt, t, splits, glu, config=None, kept=None):
+def _launch(x, wt, t, splits, glu, config=None):
     if x.dim() != 2 or wt.dim() != 2 or x.shape[1] != wt.shape[0]:
         raise ValueError(f"need x [B, K] and wt [K, N], got {tuple(x.shape)} and {tuple(wt.shape)}")
     if x.dtype != wt.dtype or x.dtype not in (torch.float16, torch.bfloat16):
@@ -343,32 +318,16 @@ def _launch(x, wt, t, splits, glu, config=None, kept=None):
     block_b = 1 if B == 1 else 16
     y = torch.empty(B, out_cols, dtype=x.dtype, device=x.device)
     part = torch.empty(split * block_b * N if (split > 1 or glu) else 1, dtype=torch.float32, device=x.device)
-    if kept is not None:
-        idx, nnz = _check_kept(kept, P, B, K, x.device)
-    else:
-        idx = torch.empty(split * n_blocks * KC, dtype=torch.int32, device=x.device)
-        nnz = idx
+    idx = torch.empty(split * n_blocks * KC, dtype=torch.int32, device=x.device)
     locks = _locks(x.device, n_blocks)
     _sparse_gemv_kernel[(n_blocks, split)](
         x, x.stride(0), wt, wt.stride(0), t, t.stride(0), t.stride(1),
-        y, y.stride(0), part, idx, nnz, locks,
+        y, y.stride(0), part, idx, locks,
         B, K, N, bounds[0], bounds[1], NB1, NB2,
         SPLIT=split, GLU=glu, BLOCK_B=block_b, KC=KC, BK=cfg["BK"], BN=BN, DOT_F32=x.device.type != "cuda",
-        KEPT=kept is not None, PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **pdl_launch(pdl))
     return y
-
-
-def _check_kept(kept, P, B, K, device):
-    idx, nnz = kept
-    if B != 1:
-        raise ValueError("kept-row lists are for one token (batch 1)")
-    if idx.dtype != torch.int32 or nnz.dtype != torch.int32 or idx.device != device or nnz.device != device:
-        raise ValueError("kept-row lists must be int32 tensors on the activations' device")
-    if tuple(idx.shape) != (P, K) or tuple(nnz.shape) != (P,) or not idx.is_contiguous():
-        raise ValueError(f"kept-row lists must be idx [{P}, {K}] (contiguous) and nnz [{P}], "
-                         f"got {tuple(idx.shape)} and {tuple(nnz.shape)}")
-    return idx, nnz
 
 
 def _thresholds_device(t, P, B, device):
@@ -403,20 +362,16 @@ def use_sparse(sparsity: float, batch: int = 1, nbytes: int | None = None) -> bo
     return nbytes is None or skipped * nbytes >= 8e6
 
 
-def sparse_linear(x, wt, thresholds, splits=None, config=None, kept=None):
+def sparse_linear(x, wt, thresholds, splits=None, config=None):
     """y [B, N] = sparsify(x) @ wt for 1..3 projections concatenated in wt's columns.
 
     x [B, K] fp16/bf16 (B <= 8); wt [K, N] input-major, same dtype; thresholds a float32 device tensor of
     shape [P] (one per projection) or [P, B] (per token, e.g. from ``topk_thresholds``); a row of x is kept
-    where |x| > threshold. splits: the output widths of the P projections (q/k/v: (Nq, Nk, Nv)).
-    kept: optional (idx [P, K], nnz [P]) int32 kept-row lists of x for these thresholds, one token, as
-    ``add_rmsnorm`` builds them; the kernel then skips its own compaction (see ``kept_rows_ref``)."""
+    where |x| > threshold. splits: the output widths of the P projections (q/k/v: (Nq, Nk, Nv))."""
     splits = tuple(splits) if splits is not None else (wt.shape[1],)
-    return _launch(x, wt, thresholds, splits, glu=False, config=config, kept=kept)
+    return _launch(x, wt, thresholds, splits, glu=False, config=config)
 
 
-def sparse_swiglu(x, wt_gate_up, thresholds, config=None, kept=None):
-    """h [B, I] = silu(sparsify(x, t0) @ Wg) * (sparsify(x, t1) @ Wu), wt_gate_up = [Wg.T | Wu.T] [K, 2I].
-
-    kept: optional (idx [2, K], nnz [2]) kept-row lists for the gate and up thresholds (``sparse_linear``)."""
-    return _launch(x, wt_gate_up, thresholds, None, glu=True, config=config, kept=kept)
+def sparse_swiglu(x, wt_gate_up, thresholds, config=None):
+    """h [B, I] = silu(sparsify(x, t0) @ Wg) * (sparsify(x, t1) @ Wu), wt_gate_up = [Wg.T | Wu.T] [K, 2I]."""
+    return _launch(x, wt_gate_up, thresholds, None, glu=True, config=config)

@@ -19,9 +19,7 @@ from _kernels_path import ensure_kernels  # noqa: E402
 
 ensure_kernels()
 from acttail.kernels import (  # noqa: E402
-    kept_rows_ref, sparse_linear, sparse_linear_ref, sparse_swiglu, sparse_swiglu_ref, topk_thresholds,
-    topk_thresholds_ref)
-from acttail.kernels.decode_ops import add_rmsnorm, add_rmsnorm_ref  # noqa: E402
+    sparse_linear, sparse_linear_ref, sparse_swiglu, sparse_swiglu_ref, topk_thresholds, topk_thresholds_ref)
 
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
@@ -141,43 +139,3 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="thresholds"):
         sparse_linear(x[:2], wt, thr(0.1, 0.2), splits=(16, 8, 8))
 
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_rmsnorm_builds_kept_row_lists(dtype):
-    x, _ = make(1, 200, 8, dtype, seed=7)
-    r = torch.randn_like(x)
-    w = torch.rand(200, device=DEVICE).to(dtype) + 0.5
-    t = thr(0.5, -1.0, 1e9)  # about half kept, all kept, none kept
-    x_ref, h_ref = add_rmsnorm_ref(x.clone(), r, w, 1e-5)
-    h, (idx, nnz) = add_rmsnorm(x, r, w, 1e-5, thresholds=t)
-    assert rel_err(h, h_ref) < TOL[dtype] and rel_err(x, x_ref) < TOL[dtype]  # (the interpreter truncates bf16)
-    assert torch.equal(h, add_rmsnorm(x.clone(), None, w, 1e-5))  # the lists do not change h
-    ref_idx, ref_nnz = kept_rows_ref(h, t)  # lists of the h the kernel wrote
-    assert torch.equal(nnz, ref_nnz) and nnz.tolist()[1:] == [200, 0] and 60 < nnz[0] < 140
-    for p in range(3):
-        assert torch.equal(idx[p, :nnz[p]], ref_idx[p, :ref_nnz[p]])
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_prebuilt_kept_rows_give_the_same_product(dtype):
-    x, wt = make(1, 150, 72, dtype, seed=8)
-    t = thr(0.3, 1.2, -1.0)
-    kept = kept_rows_ref(x, t)
-    y = sparse_linear(x, wt, t, splits=(40, 16, 16), kept=kept)
-    assert rel_err(y, sparse_linear_ref(x, wt, t, splits=(40, 16, 16))) < TOL[dtype]
-    assert torch.equal(y, sparse_linear(x, wt, t, splits=(40, 16, 16)))  # same rows, same order, same sums
-    wgu = (torch.randn(150, 2 * 40) / 12).to(dtype).to(DEVICE)
-    t2 = thr(0.8, 0.2)
-    y = sparse_swiglu(x, wgu, t2, kept=kept_rows_ref(x, t2))
-    assert rel_err(y, sparse_swiglu_ref(x, wgu, t2)) < TOL[dtype]
-    none = thr(1e9)
-    assert sparse_linear(x, wt, none, kept=kept_rows_ref(x, none)).abs().max() == 0
-
-
-def test_kept_rows_need_one_token_and_matching_shapes():
-    x, wt = make(2, 32, 32, torch.float16)
-    kept = kept_rows_ref(x[:1], thr(0.1))
-    with pytest.raises(ValueError, match="one token"):
-        sparse_linear(x, wt, thr(0.1), kept=kept)
-    with pytest.raises(ValueError, match=r"idx \[2, 32\]"):
-        sparse_linear(x[:1], wt, thr(0.1, 0.2), splits=(16, 16), kept=kept)

@@ -122,6 +122,8 @@ def test_decode_ops_match_references():
     x2 = x.clone()
     h = add_rmsnorm(x2, r, w, 1e-5)
     assert torch.equal(x2, xr) and rel_err(h, hr) < 2e-3
+    xb, rb, wb = x.bfloat16(), r.bfloat16(), w.bfloat16()  # bf16 (the interpreter rounds it toward zero)
+    assert rel_err(add_rmsnorm(xb.clone(), rb, wb, 1e-5), add_rmsnorm_ref(xb.clone(), rb, wb, 1e-5)[1]) < 1e-2
     H, KV, D, T = 4, 2, 16, 8
     qkv = torch.randn(1, (H + 2 * KV) * D).half()
     cos, sin = torch.randn(T, D), torch.randn(T, D)

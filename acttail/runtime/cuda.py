@@ -6,9 +6,7 @@ each decode step is one token, static KV cache, and can be captured once in a CU
 (the next token and the position are updated on the device, no host round trip per token).
 
 Per projection group (qkv, o, gate/up, down) the step uses the sparse kernel when any of its projections
-has a threshold (or a top-k keep count), else dense cuBLAS on the same input-major weights. In threshold
-mode the RMSNorm before q/k/v and before gate/up also writes the kept-row lists of its output, so those two
-launches skip their compaction prologue. Attention is a Triton kernel over the filled part of the cache
+has a threshold (or a top-k keep count), else dense cuBLAS on the same input-major weights. Attention is a Triton kernel over the filled part of the cache
 (``attention = "sdpa"`` switches back to torch's), and on Hopper every Triton launch uses programmatic
 dependent launch.
 """
@@ -143,14 +141,7 @@ class CudaDecoder:
 
     # ---- one decode step ---------------------------------------------------------------------------
 
-    def _norm(self, x, r, i, norm, group):
-        """add_rmsnorm before a projection group; in threshold mode it also builds the group's kept-row lists."""
-        t = self.t.get((i, group)) if (i, group) not in self.keeps else None
-        if t is None:
-            return add_rmsnorm(x, r, self.w[norm], self.dims.norm_eps), None
-        return add_rmsnorm(x, r, self.w[norm], self.dims.norm_eps, thresholds=t)
-
-    def _project(self, i, group, x, w, record, kept=None):
+    def _project(self, i, group, x, w, record):
         if record is not None:
             record(i, group, x)
         if (i, group) in self.keeps:
@@ -164,8 +155,8 @@ class CudaDecoder:
                 return F.silu(g) * u
             return y
         if group == "gate_up":
-            return sparse_swiglu(x, w, t, kept=kept)
-        return sparse_linear(x, w, t, splits=self.dims.qkv_sizes if group == "qkv" else None, kept=kept)
+            return sparse_swiglu(x, w, t)
+        return sparse_linear(x, w, t, splits=self.dims.qkv_sizes if group == "qkv" else None)
 
     def forward_token(self, tok, pos, record=None):
         """Logits [1, vocab] for one token at position pos (both [1] device tensors); updates the cache."""
@@ -174,8 +165,8 @@ class CudaDecoder:
         mask = (self.arange <= pos)[None, None, None, :] if self.attention == "sdpa" else None
         r = None
         for i in range(d.n_layer):
-            h, kept = self._norm(x, r, i, f"{i}.attention_norm", "qkv")
-            qkv = self._project(i, "qkv", h, w[f"{i}.wqkv"], record, kept)
+            h = add_rmsnorm(x, r, w[f"{i}.attention_norm"], d.norm_eps)
+            qkv = self._project(i, "qkv", h, w[f"{i}.wqkv"], record)
             q = rope_cache_write(qkv, self.cos, self.sin, pos, self.k_cache[i], self.v_cache[i],
                                  d.n_head, d.n_kv, d.head_dim)
             if self.attention == "sdpa":
@@ -184,8 +175,8 @@ class CudaDecoder:
             else:
                 a = decode_attention(q, self.k_cache[i], self.v_cache[i], pos)
             o = self._project(i, "o", a, w[f"{i}.wo"], record)
-            h, kept = self._norm(x, o, i, f"{i}.ffn_norm", "gate_up")
-            hg = self._project(i, "gate_up", h, w[f"{i}.w13"], record, kept)
+            h = add_rmsnorm(x, o, w[f"{i}.ffn_norm"], d.norm_eps)
+            hg = self._project(i, "gate_up", h, w[f"{i}.w13"], record)
             r = self._project(i, "down", hg, w[f"{i}.w2"], record)
         h = add_rmsnorm(x, r, w["norm"], d.norm_eps)
         return F.linear(h, w["output"])
