@@ -56,8 +56,12 @@ def add_rmsnorm(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: f
     return h
 
 
-def rope_cache_write_ref(qkv, cos, sin, pos, k_cache, v_cache, n_head, n_kv, head_dim):
-    """q rotated [n_head, D]; k rotated and v written into the caches [n_kv, T, D] at position pos[0]."""
+def rope_cache_write_ref(qkv, cos, sin, pos, k_cache, v_cache, n_head, n_kv, head_dim, bias=None):
+    """q rotated [n_head, D]; k rotated and v written into the caches [n_kv, T, D] at position pos[0].
+
+    bias: the q/k/v bias (Qwen2), added in fp32 before the rotation."""
+    if bias is not None:
+        qkv = (qkv.float() + bias.float()).to(qkv.dtype)
     q, k, v = qkv.view(-1, head_dim).split([n_head, n_kv, n_kv])
     c, s = cos[pos].float(), sin[pos].float()
 
@@ -72,8 +76,8 @@ def rope_cache_write_ref(qkv, cos, sin, pos, k_cache, v_cache, n_head, n_kv, hea
 
 
 @triton.jit
-def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, T,
-                       NH: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
+def _rope_cache_kernel(qkv_ptr, b_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, T,
+                       NH: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -87,6 +91,9 @@ def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, 
     src = qkv_ptr + h * D
     a = tl.load(src + half).to(tl.float32)
     b = tl.load(src + D // 2 + half).to(tl.float32)
+    if HAS_BIAS:  # rounded to the activations' dtype like the biased projection output
+        a = (a + tl.load(b_ptr + h * D + half).to(tl.float32)).to(q_ptr.dtype.element_ty).to(tl.float32)
+        b = (b + tl.load(b_ptr + h * D + D // 2 + half).to(tl.float32)).to(q_ptr.dtype.element_ty).to(tl.float32)
     ra = (a * c1 - b * s1).to(q_ptr.dtype.element_ty)
     rb = (b * c2 + a * s2).to(q_ptr.dtype.element_ty)
     if h < NH:
@@ -100,18 +107,26 @@ def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, 
         tl.store(dst + D // 2 + half, rb)
         vsrc = qkv_ptr + (NH + NKV + kv) * D
         vdst = v_ptr + (kv * T + pos) * D
-        tl.store(vdst + half, tl.load(vsrc + half))
-        tl.store(vdst + D // 2 + half, tl.load(vsrc + D // 2 + half))
+        v1 = tl.load(vsrc + half)
+        v2 = tl.load(vsrc + D // 2 + half)
+        if HAS_BIAS:
+            vb = b_ptr + (NH + NKV + kv) * D
+            v1 = (v1.to(tl.float32) + tl.load(vb + half).to(tl.float32)).to(v1.dtype)
+            v2 = (v2.to(tl.float32) + tl.load(vb + D // 2 + half).to(tl.float32)).to(v2.dtype)
+        tl.store(vdst + half, v1)
+        tl.store(vdst + D // 2 + half, v2)
 
 
-def rope_cache_write(qkv, cos, sin, pos, k_cache, v_cache, n_head, n_kv, head_dim):
+def rope_cache_write(qkv, cos, sin, pos, k_cache, v_cache, n_head, n_kv, head_dim, bias=None):
     """One token: returns q rotated [n_head, D]; writes rotated k and v to the caches [n_kv, T, D] at pos.
 
-    qkv [1, (n_head + 2 n_kv) D]; cos/sin fp32 [max_T, D]; pos int64 [1] on the device (graph-safe)."""
+    qkv [1, (n_head + 2 n_kv) D]; cos/sin fp32 [max_T, D]; pos int64 [1] on the device (graph-safe);
+    bias [(n_head + 2 n_kv) D]: the q/k/v bias (Qwen2), added first."""
     q = torch.empty(n_head, head_dim, dtype=qkv.dtype, device=qkv.device)
     pdl = pdl_enabled(qkv.device)
-    _rope_cache_kernel[(n_head + n_kv,)](qkv, cos, sin, pos, q, k_cache, v_cache, k_cache.shape[1],
-                                         NH=n_head, D=head_dim, PDL=pdl, num_warps=1, **pdl_launch(pdl))
+    _rope_cache_kernel[(n_head + n_kv,)](qkv, bias if bias is not None else qkv, cos, sin, pos, q, k_cache,
+                                         v_cache, k_cache.shape[1], NH=n_head, D=head_dim,
+                                         HAS_BIAS=bias is not None, PDL=pdl, num_warps=1, **pdl_launch(pdl))
     return q
 
 

@@ -31,16 +31,18 @@ CONFIG = {"vocab_size": 96, "hidden_size": 64, "num_hidden_layers": 2, "num_atte
           "max_position_embeddings": 16, "tie_word_embeddings": False}
 
 
-def tiny_model(seed=0, **overrides):
-    args = model_mod.ModelArgs.from_config({**CONFIG, **overrides}, "LlamaForCausalLM")
+def tiny_model(seed=0, architecture="LlamaForCausalLM", **overrides):
+    args = model_mod.ModelArgs.from_config({**CONFIG, **overrides}, architecture)
     torch.manual_seed(seed)
     model = model_mod.Transformer(args)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) * p.shape[-1] ** -0.5 if p.dim() == 2 else p)
+            elif p.dim() == 2:
+                p.copy_(torch.randn_like(p) * p.shape[-1] ** -0.5)
+            elif name.endswith("bias"):
+                p.copy_(0.5 * torch.randn_like(p))
             p.copy_(p.half().float())  # both sides hold the same fp16-representable weights
     return model.eval().requires_grad_(False)
 
@@ -66,11 +68,13 @@ def decode_both(model, dec, tokens, sparsifier):
     return torch.stack(ref), torch.stack(ours)
 
 
-def test_sparse_decode_agrees_with_cpu_reference():
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
+def test_sparse_decode_agrees_with_cpu_reference(architecture):
     # fp16 vs fp32 rounding can move an activation across its threshold now and then (the fused SwiGLU
     # rounds once, the reference three times); such a flip perturbs that token's logits by a few percent.
     # So: most tokens agree to fp16 precision, none is far off; a broken path fails on every token.
-    model = tiny_model()
+    model = tiny_model(architecture=architecture)
+    assert model.args.qkv_bias == (architecture == "Qwen2ForCausalLM")
     dec = CudaDecoder.from_model(model, dtype=torch.float16, device="cpu", max_seq=16)
     tokens = [5, 17, 42, 8, 77, 30]
     th = thresholds(CONFIG["num_hidden_layers"])
@@ -103,8 +107,9 @@ def test_topk_decode_agrees_with_cpu_reference():
     assert rel_err(ref[:1], dense_ref) > 0.05  # top-k changes the logits
 
 
-def test_prefill_matches_reference_forward():
-    model = tiny_model(1)
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
+def test_prefill_matches_reference_forward(architecture):
+    model = tiny_model(1, architecture=architecture)
     dec = CudaDecoder.from_model(model, dtype=torch.float16, device="cpu", max_seq=16)
     prompt = torch.tensor([3, 9, 27, 81 % 96, 11])
     logits = dec.prefill(prompt)
@@ -134,6 +139,11 @@ def test_decode_ops_match_references():
     qr = rope_cache_write_ref(qkv, cos, sin, pos, kr, vr, H, KV, D)
     assert rel_err(q, qr) < 2e-3 and rel_err(kc, kr) < 2e-3 and torch.equal(vc, vr)
     assert kc[:, :5].abs().sum() == 0  # nothing written outside pos
+    bias = torch.randn((H + 2 * KV) * D).half()  # Qwen2's q/k/v bias
+    q = rope_cache_write(qkv, cos, sin, pos, kc, vc, H, KV, D, bias=bias)
+    qr = rope_cache_write_ref(qkv, cos, sin, pos, kr, vr, H, KV, D, bias=bias)
+    assert rel_err(q, qr) < 2e-3 and rel_err(kc, kr) < 2e-3 and torch.equal(vc, vr)
+    assert rel_err(qr, rope_cache_write_ref(qkv, cos, sin, pos, kr.clone(), vr.clone(), H, KV, D)) > 0.1
 
 
 @pytest.mark.parametrize("H,KV,D,T,p", [(4, 2, 16, 40, 0), (4, 2, 16, 40, 33), (2, 2, 8, 8, 7), (8, 2, 16, 64, 20),

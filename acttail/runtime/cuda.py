@@ -98,10 +98,8 @@ class CudaDecoder:
 
     @classmethod
     def from_model(cls, model, dtype=torch.float16, device="cuda", max_seq=None):
-        """The CPU reference ``Transformer``'s weights, input-major, in dtype on device (no qkv bias)."""
+        """The CPU reference ``Transformer``'s weights, input-major, in dtype on device (Qwen2's qkv bias too)."""
         a = model.args
-        if a.qkv_bias:
-            raise ValueError("the GPU decode path has no qkv bias (Qwen2) yet")
         dims = Dims(a.vocab_size, a.dim, a.n_layer, a.n_head, a.n_local_heads, a.head_dim,
                     a.intermediate_size, a.norm_eps)
         cv = lambda t: t.detach().to(device=device, dtype=dtype).contiguous()  # noqa: E731
@@ -109,6 +107,8 @@ class CudaDecoder:
              "output": cv(model.output.weight)}
         for i, blk in enumerate(model.layers):
             w[f"{i}.wqkv"] = cv(blk.attention.wqkv.weight.t())
+            if blk.attention.wqkv.bias is not None:  # Qwen2
+                w[f"{i}.bqkv"] = cv(blk.attention.wqkv.bias)
             w[f"{i}.wo"] = cv(blk.attention.wo.weight.t())
             w[f"{i}.w13"] = cv(blk.feed_forward.w13.weight.t())
             w[f"{i}.w2"] = cv(blk.feed_forward.w2.weight.t())
@@ -168,7 +168,7 @@ class CudaDecoder:
             h = add_rmsnorm(x, r, w[f"{i}.attention_norm"], d.norm_eps)
             qkv = self._project(i, "qkv", h, w[f"{i}.wqkv"], record)
             q = rope_cache_write(qkv, self.cos, self.sin, pos, self.k_cache[i], self.v_cache[i],
-                                 d.n_head, d.n_kv, d.head_dim)
+                                 d.n_head, d.n_kv, d.head_dim, bias=w.get(f"{i}.bqkv"))
             if self.attention == "sdpa":
                 a = F.scaled_dot_product_attention(q[None, :, None], self.k_cache[i][None], self.v_cache[i][None],
                                                    attn_mask=mask, enable_gqa=d.n_kv != d.n_head).reshape(1, -1)
@@ -205,7 +205,10 @@ class CudaDecoder:
         r = None
         for i in range(d.n_layer):
             h = add_rmsnorm(x, r, w[f"{i}.attention_norm"], d.norm_eps)
-            q, k, v = (h @ w[f"{i}.wqkv"]).split(d.qkv_sizes, dim=-1)
+            qkv = h @ w[f"{i}.wqkv"]
+            if f"{i}.bqkv" in w:
+                qkv = (qkv.float() + w[f"{i}.bqkv"].float()).to(qkv.dtype)
+            q, k, v = qkv.split(d.qkv_sizes, dim=-1)
             q = rope(q.view(T, d.n_head, d.head_dim).transpose(0, 1))
             k = rope(k.view(T, d.n_kv, d.head_dim).transpose(0, 1))
             v = v.view(T, d.n_kv, d.head_dim).transpose(0, 1)
