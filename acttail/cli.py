@@ -257,13 +257,31 @@ def sensitivity_cmd(model, analysis, text, tokens, ctx, device, measured, output
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
 @click.option("--seed", type=int, default=None, help="Seed for sampling.")
 @click.option("--mode", type=click.Choice(["threshold", "topk"]), default="threshold", show_default=True)
-@click.option("--prefill", type=click.Choice(["all", "half", "none"]), default="half", show_default=True,
-              help="Which prompt positions are sparsified (decoded tokens always are).")
-def generate_cmd(model, plan_path, prompt, max_new_tokens, temperature, seed, mode, prefill):
-    """Continue PROMPT with the dense or planned-sparse model."""
+@click.option("--prefill", type=click.Choice(["all", "half", "none"]), default=None,
+              help="Which prompt positions are sparsified (decoded tokens always are). Default: half on the "
+                   "reference backend; the kernel backend prefills densely (none).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--backend", type=click.Choice(["reference", "kernels"]), default=None,
+              help="reference: the float32 torch model; kernels: the Triton decode path (fp16/bf16, CUDA graphs, "
+                   "greedy). Default: kernels on cuda, reference on cpu.")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16"]), default="float16", show_default=True,
+              help="Weights and activations of the kernel backend.")
+def generate_cmd(model, plan_path, prompt, max_new_tokens, temperature, seed, mode, prefill, device, backend, dtype):
+    """Continue PROMPT with the dense or planned-sparse model; the speed goes to stderr."""
     from .runtime.generate import generate_text
 
-    click.echo(generate_text(model, prompt, plan_path, max_new_tokens, temperature, seed, mode, prefill))
+    text, info = generate_text(model, prompt, plan_path, max_new_tokens, temperature, seed, mode, prefill,
+                               device=device, backend=backend, dtype=dtype)
+    click.echo(text)
+    if info["backend"] == "kernels":
+        rate = info["decode_tokens_per_s"]
+        click.echo(f"{info['new_tokens']} new tokens, kernel backend on {info['device']} ({info['dtype']}, "
+                   f"{info['sparse_groups']}/{info['groups']} projection groups sparse): prefill "
+                   f"{info['prefill_s'] * 1e3:.1f} ms, graph capture {info['capture_s'] * 1e3:.1f} ms, decode "
+                   + (f"{rate:.1f} tok/s" if rate else "-"), err=True)
+    else:
+        click.echo(f"{info['new_tokens']} new tokens in {info['seconds']:.2f} s ({info['tokens_per_s']:.1f} tok/s "
+                   f"including the prompt), reference backend on {info['device']}", err=True)
 
 
 

@@ -1,10 +1,11 @@
 #!/bin/sh
-# All GPU measurements in one go (run from the repository root on a CUDA machine).
+# All GPU measurements and checks (run from the repository root on a CUDA machine).
 #   OUT=results sh benchmarks/run_gpu.sh
-# Writes $OUT/e2e/e2e.{md,json} and $OUT/kernels/kernels.{md,json}; logs to $OUT/*.log.
+# Writes $OUT/e2e/e2e.{md,json}, $OUT/kernels/kernels.{md,json}, $OUT/cli/cli_check.json; logs to $OUT/*.log.
 set -e
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python3 benchmarks/gpu_e2e.py --out "$OUT/e2e" 2>&1 | tee "$OUT/e2e.log"
+python3 benchmarks/gpu_cli_check.py --out "$OUT/cli" 2>&1 | tee "$OUT/cli.log"
 python3 benchmarks/gpu_kernels.py --out "$OUT/kernels" 2>&1 | grep -v '^check' | tee "$OUT/kernels.log"

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-import json
-import math
+import os
 
-import pytest
-import torch
-from click.testing import CliRunner
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernel backend test runs the Triton kernels on the CPU
 
-from acttail import allocate, plan as plan_io
-from acttail.checkpoint import Checkpoint
-from acttail.cli import main
-from acttail.runtime import open_model
-from acttail.runtime.perplexity import load_tokenizer, perplexity, text_tokens, windows
+import json  # noqa: E402
+import math  # noqa: E402
 
-from runtime_tiny import write_hf_model, write_text
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+from acttail import allocate, plan as plan_io  # noqa: E402
+from acttail.checkpoint import Checkpoint  # noqa: E402
+from acttail.cli import main  # noqa: E402
+from acttail.runtime import open_model  # noqa: E402
+from acttail.runtime.perplexity import load_tokenizer, perplexity, text_tokens, windows  # noqa: E402
+
+from runtime_tiny import write_hf_model, write_text  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -139,6 +143,25 @@ def test_generate_cli(setup):
             "--temperature", "0.8", "--seed", "3")
     b = run("generate", setup["model"], "--plan", setup["calibrated"], "--prompt", "the cat", "--max-new-tokens", "6",
             "--temperature", "0.8", "--seed", "3")
-    assert a.exit_code == 0 and a.output == b.output  # seeded sampling is reproducible
+    assert a.exit_code == 0 and a.stdout == b.stdout  # seeded sampling is reproducible
+    assert "tok/s" in a.stderr and "reference backend on cpu" in a.stderr
     r = run("generate", setup["model"], "--plan", setup["plan"], "--prompt", "the cat")
     assert r.exit_code == 2 and "no thresholds" in r.output
+
+
+def test_generate_kernel_backend(setup):
+    """The Triton decode path behind `acttail generate` (under the interpreter here; --device cuda on a GPU)."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the kernels under TRITON_INTERPRET=1")
+    args = ["generate", setup["model"], "--plan", setup["calibrated"], "--prompt", "the cat sat on"]
+    r = run(*args, "--max-new-tokens", "5", "--backend", "kernels")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() and "kernel backend on cpu (float16" in r.stderr and "decode" in r.stderr
+    assert "/8 projection groups sparse" in r.stderr  # 2 layers x (qkv, o, gate/up, down)
+    r = run(*args, "--backend", "kernels", "--temperature", "0.7")
+    assert r.exit_code == 2 and "greedily" in r.output
+    r = run(*args, "--backend", "kernels", "--prefill", "half")
+    assert r.exit_code == 2 and "prefills the prompt densely" in r.output
+    r = run(*args, "--backend", "kernels", "--max-new-tokens", "100000")
+    assert r.exit_code == 2 and "exceed" in r.output

@@ -139,6 +139,19 @@ class CudaDecoder:
                     self.keeps[i, g] = [int(keeps.get((i, k), 1 << 30)) for k in kinds]
         self.graph = None
 
+    def set_plan(self, plan: dict, mode: str = "threshold"):
+        """Sparsity from an acttail plan: its thresholds (threshold mode) or keep counts round((1 - s) * in)
+        (topk mode); a group whose planned sparsity the kernel cannot pay for runs dense (``use_sparse``)."""
+        rows = plan["projections"]
+        planned = {(p["layer"], p["kind"]): p["sparsity"] for p in rows}
+        if mode == "threshold":
+            self.set_sparsity(thresholds={(p["layer"], p["kind"]): p["threshold"] for p in rows}, planned=planned)
+        else:
+            d = self.dims
+            width = {"o": d.n_head * d.head_dim, "down": d.inter}
+            keeps = {key: max(1, round((1 - s) * width.get(key[1], d.dim))) for key, s in planned.items()}
+            self.set_sparsity(keeps=keeps, planned=planned)
+
     # ---- one decode step ---------------------------------------------------------------------------
 
     def _project(self, i, group, x, w, record):

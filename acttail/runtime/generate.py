@@ -64,9 +64,19 @@ def generate(model, prompt: Tensor, max_new_tokens: int, temperature: float = 0.
     return out
 
 
+BACKENDS = ("reference", "kernels")
+
+
 def generate_text(model_path, prompt: str, plan_path=None, max_new_tokens: int = 64, temperature: float = 0.0,
-                  seed: int | None = None, mode: str = "threshold", prefill_policy: str = "half") -> str:
-    """The prompt's continuation as text, from the dense or planned-sparse model."""
+                  seed: int | None = None, mode: str = "threshold", prefill_policy: str | None = None,
+                  device: str = "cpu", backend: str | None = None, dtype: str = "float16") -> tuple[str, dict]:
+    """The prompt's continuation as text, from the dense or planned-sparse model, and what the run measured.
+
+    backend ``reference`` (default on CPU): the float32 torch model; ``kernels`` (default on CUDA): the
+    Triton decode path (``runtime.cuda.CudaDecoder``: fp16/bf16 input-major weights, dense prefill, CUDA
+    graph per decoded token, greedy). On the CPU the kernels run only under TRITON_INTERPRET=1 (slowly)."""
+    import time
+
     from .. import plan as plan_io
     from ..errors import ActTailError
     from . import open_model, plan_sparsifier
@@ -74,15 +84,88 @@ def generate_text(model_path, prompt: str, plan_path=None, max_new_tokens: int =
 
     if max_new_tokens < 1:
         raise ActTailError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    ckpt, model = open_model(model_path)
+    backend = backend or ("kernels" if str(device).startswith("cuda") else "reference")
+    if backend not in BACKENDS:
+        raise ActTailError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    if backend == "kernels":
+        _check_kernel_run(device, temperature, prefill_policy)
+    ckpt, model = open_model(model_path, device=device if backend == "reference" else "cpu")
     tok = load_tokenizer(ckpt.path if ckpt.path.is_dir() else ckpt.path.parent)
-    if plan_path:
-        plan = plan_io.load_plan(plan_path, expect_fingerprint=ckpt.fingerprint)
-        model.sparsifier = plan_sparsifier(plan, mode, f"plan {plan_path}")
+    plan = plan_io.load_plan(plan_path, expect_fingerprint=ckpt.fingerprint) if plan_path else None
+    if plan is not None:
+        model.sparsifier = plan_sparsifier(plan, mode, f"plan {plan_path}")  # also checks thresholds exist
     ids = tok.encode(prompt, add_special_tokens=False).ids
     if not ids:
         raise ActTailError("the prompt is empty after tokenization")
     eos = ckpt.config.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) else eos
-    out = generate(model, torch.tensor(ids), max_new_tokens, temperature, seed, prefill_policy, eos)
-    return tok.decode(out)
+    if backend == "kernels":
+        out, info = _generate_kernels(model, plan, mode, ids, max_new_tokens, device, dtype)
+        if eos is not None and eos in out:
+            out = out[:out.index(eos) + 1]
+    else:
+        t0 = time.perf_counter()
+        out = generate(model, torch.tensor(ids), max_new_tokens, temperature, seed, prefill_policy or "half", eos)
+        sec = time.perf_counter() - t0
+        info = {"backend": "reference", "device": str(device), "new_tokens": len(out), "seconds": sec,
+                "tokens_per_s": len(out) / sec}
+    return tok.decode(out), info
+
+
+def _check_kernel_run(device, temperature, prefill_policy):
+    import os
+
+    from ..errors import ActTailError
+
+    if temperature > 0:
+        raise ActTailError("the kernel backend decodes greedily: use --temperature 0 (or --backend reference)")
+    if prefill_policy not in (None, "none"):
+        raise ActTailError(f"the kernel backend prefills the prompt densely: --prefill {prefill_policy} needs "
+                           "--backend reference")
+    if not str(device).startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ActTailError("the kernel backend needs --device cuda (on the CPU it runs only under "
+                           "TRITON_INTERPRET=1, for checking)")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise ActTailError("the kernel backend needs triton: pip install 'acttail[triton]'") from None
+
+
+def _generate_kernels(model, plan, mode, ids, max_new_tokens, device, dtype):
+    """Greedy tokens from the Triton decode path, with the decode rate measured around the graph replays."""
+    import time
+
+    from ..errors import ActTailError
+    from .cuda import CudaDecoder
+
+    dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise ActTailError(f"--dtype must be float16 or bfloat16, got {dtype!r}")
+    n = len(ids) + max_new_tokens
+    if n > model.args.max_seq_len:
+        raise ActTailError(f"{len(ids)} prompt + {max_new_tokens} new tokens exceed the model's "
+                           f"{model.args.max_seq_len} positions")
+    dec = CudaDecoder.from_model(model, dtype=dtypes[dtype], device=device, max_seq=n)
+    if plan is not None:
+        dec.set_plan(plan, mode)
+    on_gpu = dec.device.type == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        dec.prefill(torch.tensor(ids, device=dec.device))
+        sync()
+        t1 = time.perf_counter()
+        if on_gpu:
+            dec.capture()
+        sync()
+        t2 = time.perf_counter()
+        dec.decode(max_new_tokens - 1, use_graph=on_gpu)
+        sync()
+        t3 = time.perf_counter()
+    T = len(ids)
+    out = dec.generated[T:T + max_new_tokens].tolist()
+    info = {"backend": "kernels", "device": str(dec.device), "dtype": dtype, "new_tokens": len(out),
+            "prefill_s": t1 - t0, "capture_s": t2 - t1, "decode_s": t3 - t2,
+            "decode_tokens_per_s": (max_new_tokens - 1) / (t3 - t2) if max_new_tokens > 1 else None,
+            "sparse_groups": len(dec.t) + len(dec.keeps), "groups": 4 * dec.dims.n_layer}
+    return out, info
