@@ -277,7 +277,8 @@ def generate_cmd(model, plan_path, prompt, max_new_tokens, temperature, seed, mo
         rate = info["decode_tokens_per_s"]
         click.echo(f"{info['new_tokens']} new tokens, kernel backend on {info['device']} ({info['dtype']}, "
                    f"{info['sparse_groups']}/{info['groups']} projection groups sparse): prefill "
-                   f"{info['prefill_s'] * 1e3:.1f} ms, graph capture {info['capture_s'] * 1e3:.1f} ms, decode "
+                   f"{info['prefill_s'] * 1e3:.1f} ms and graph capture {info['capture_s'] * 1e3:.1f} ms (first calls "
+                   f"compile the kernels), decode "
                    + (f"{rate:.1f} tok/s" if rate else "-"), err=True)
     else:
         click.echo(f"{info['new_tokens']} new tokens in {info['seconds']:.2f} s ({info['tokens_per_s']:.1f} tok/s "
