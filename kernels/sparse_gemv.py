@@ -106,14 +106,20 @@ def _stream_rows(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tb, idx_ptr, 
     bmask = rb < B
     thr = tl.load(t_ptr + rb * stride_tb, mask=bmask, other=float("inf"))
     if BLOCK_B == 1:
-        # one token: FMA into a [BK, BN] accumulator (summed once at the end, no per-block reduction); the
-        # compiler's pipeliner (num_stages) keeps the next blocks' index and row loads in flight
+        # one token: FMA into a [BK, BN] accumulator (summed once at the end), pipelined by hand: the row
+        # indices of block j+1 are loaded while the rows of block j are in flight, so the index load (L2)
+        # and the weight-row load (DRAM) overlap. (Leaving it to the compiler's pipeliner, num_stages 3, was
+        # as fast on 4096/11008-wide shapes and 4-6% slower on 14336-wide ones: reports/gpu/probe.)
         acc2 = tl.zeros([BK, BN], dtype=tl.float32)
-        for j in range(0, nnz, BK):
-            kk = _load_idx(idx_ptr, j, nnz, BK)
-            w, xv = _load_rows(x_ptr, stride_xb, w_ptr, stride_wk, rb, bmask, thr, kk, j, nnz, cols, col_mask,
-                               BK)
+        kk = _load_idx(idx_ptr, 0, nnz, BK)
+        w, xv = _load_rows(x_ptr, stride_xb, w_ptr, stride_wk, rb, bmask, thr, kk, 0, nnz, cols, col_mask, BK)
+        kk = _load_idx(idx_ptr, BK, nnz, BK)
+        for j in range(BK, nnz + BK, BK):
+            w_next, xv_next = _load_rows(x_ptr, stride_xb, w_ptr, stride_wk, rb, bmask, thr, kk, j, nnz, cols,
+                                         col_mask, BK)
+            kk = _load_idx(idx_ptr, j + BK, nnz, BK)
             acc2 += w.to(tl.float32) * tl.sum(xv.to(tl.float32), axis=0)[:, None]
+            w, xv = w_next, xv_next
         acc = tl.sum(acc2, axis=0)[None, :]
     else:
         # several tokens: tensor-core dot of [BLOCK_B, BK] activations with the [BK, BN] gathered rows
@@ -279,7 +285,7 @@ def pick_config(B: int, K: int, n_blocks_of, device: torch.device) -> dict:
     KC = 256
     while KC < 2048 and n_blocks * triton.cdiv(K, KC) > target:
         KC *= 2
-    return dict(BN=BN, KC=KC, BK=64, num_warps=4, num_stages=3)
+    return dict(BN=BN, KC=KC, BK=64, num_warps=4, num_stages=1 if B == 1 else 3)
 
 
 def _launch(x, wt, t, splits, glu, config=None):
