@@ -110,7 +110,7 @@ def _stream_rows(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tb, idx_ptr, 
         # one token: FMA into a [BK, BN] accumulator (summed once at the end), pipelined by hand: the row
         # indices of block j+1 are loaded while the rows of block j are in flight, so the index load (L2)
         # and the weight-row load (DRAM) overlap. (Leaving it to the compiler's pipeliner, num_stages 3, was
-        # as fast on 4096/11008-wide shapes and 4-6% slower on 14336-wide ones: reports/gpu/probe.)
+        # as fast on 4096/11008-wide shapes and 4-7% slower on 14336-wide ones: reports/gpu/README.md.)
         acc2 = tl.zeros([BK, BN], dtype=tl.float32)
         kk = _load_idx(idx_ptr, 0, nnz, BK)
         w, xv = _load_rows(x_ptr, stride_xb, w_ptr, stride_wk, rb, bmask, thr, kk, 0, nnz, cols, col_mask, BK)
@@ -228,6 +228,10 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
 _LOCKS: dict = {}
 _SM_COUNT: dict = {}
 _PDL: dict = {}
+try:
+    _HAS_GDC = hasattr(tl.extra.cuda, "gdc_wait")
+except AttributeError:  # a Triton without the CUDA extras
+    _HAS_GDC = False
 
 
 def pdl_enabled(device: torch.device) -> bool:
@@ -235,8 +239,9 @@ def pdl_enabled(device: torch.device) -> bool:
 
     A PDL launch may start while the previous kernel in the stream is still running; every kernel here
     waits (``gdc_wait``) before it reads anything, so the overlap only hides launch latency and the
-    previous kernel's tail (0.2-0.8 us a launch on an H100: reports/gpu/probe)."""
-    if device.type != "cuda" or os.environ.get("ACTTAIL_PDL", "1") == "0":
+    previous kernel's tail (0.1-0.9 us a launch on an H100: reports/gpu/probe). Needs a Triton with
+    ``gdc_wait`` (3.3 and later)."""
+    if device.type != "cuda" or os.environ.get("ACTTAIL_PDL", "1") == "0" or not _HAS_GDC:
         return False
     key = device.index if device.index is not None else torch.cuda.current_device()
     if key not in _PDL:

@@ -168,3 +168,15 @@ def test_decode_attention_rejects_bad_shapes():
     with pytest.raises(ValueError, match="dividing"):
         decode_attention(torch.randn(5, 16).half(), torch.randn(2, 8, 16).half(), torch.randn(2, 8, 16).half(),
                          torch.tensor([1]))
+
+
+def test_decode_attention_kernel_equals_sdpa_in_the_decoder():
+    model = tiny_model(4)
+    outs = {}
+    for attention in ("kernel", "sdpa"):
+        dec = CudaDecoder.from_model(model, dtype=torch.float16, device="cpu", max_seq=16)
+        dec.attention = attention
+        dec.prefill(torch.tensor([4, 8, 15, 16]))
+        with torch.no_grad():
+            outs[attention] = torch.stack([dec.forward_token(dec.tok, dec.pos + k)[0] for k in range(3)])
+    assert rel_err(outs["kernel"], outs["sdpa"]) < 3e-3
