@@ -14,8 +14,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
@@ -23,26 +21,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _kernels_path import ensure_kernels  # noqa: E402
 
 ensure_kernels()
-
-
-def write_model(folder: Path):
-    import transformers
-    from runtime_tiny import write_tokenizer
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=4096, intermediate_size=11008, num_hidden_layers=2,
-                                   num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=512,
-                                   rms_norm_eps=1e-5, eos_token_id=0, bos_token_id=0, tie_word_embeddings=False)
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, p.shape[-1] ** -0.5 if p.dim() == 2 else 0.02)
-    folder.mkdir(parents=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    write_tokenizer(folder, 320)
 
 
 def cli(*args):
@@ -66,20 +44,14 @@ def main():
     out = Path(ap.parse_args().out)
     out.mkdir(parents=True, exist_ok=True)
     from acttail import allocate, plan as plan_io
-    from acttail.checkpoint import Checkpoint
-    from runtime_tiny import write_text
+    from runtime_tiny import synthetic_analysis, write_hf_model, write_text
 
     root = Path(tempfile.mkdtemp())
     folder = root / "model"
-    write_model(folder)
-    ckpt = Checkpoint.open(folder)
-    rows = [{"key": p.key, "layer": p.layer, "kind": p.kind, "in_features": p.in_features,
-             "out_features": p.out_features, "params": p.params, "alpha": 2.0 + (i % 7) / 3}
-            for i, p in enumerate(ckpt.projections())]
-    analysis = {"model": {"fingerprint": ckpt.fingerprint, "architecture": ckpt.architecture,
-                          "model_type": ckpt.model_type, "num_layers": ckpt.num_layers, "path": str(folder)},
-                "projections": rows}
-    plan_io.save_plan(allocate.plan_from_analysis(analysis, 0.5, method="alpha-map"), root / "plan.json")
+    write_hf_model(folder, "llama", layers=2, tie=False, scale=None, hidden=4096, inter=11008, heads=32,
+                   kv_heads=32)  # Llama-2-7B layer shapes
+    plan_io.save_plan(allocate.plan_from_analysis(synthetic_analysis(folder), 0.5, method="alpha-map"),
+                      root / "plan.json")
     text = write_text(root / "cal.txt", 20000, seed=7)
     results = {}
     r = cli("calibrate", folder, root / "plan.json", "--text", text, "--tokens", "4096", "--ctx", "256",

@@ -34,14 +34,17 @@ def write_tokenizer(folder: Path, vocab: int) -> None:
 
 
 def write_hf_model(folder: Path, arch: str = "llama", seed: int = 0, rope_scaling: dict | None = None,
-                   layers: int = 2, vocab: int = 320, tie: bool | None = None, scale: float = 0.15):
-    """Save a random Llama / Mistral / Qwen2 ForCausalLM (float32 safetensors) and a tokenizer; return it."""
+                   layers: int = 2, vocab: int = 320, tie: bool | None = None, scale: float | None = 0.15,
+                   hidden: int = 64, inter: int = 96, heads: int = 4, kv_heads: int = 2):
+    """Save a random Llama / Mistral / Qwen2 ForCausalLM (float32 safetensors) and a tokenizer; return it.
+
+    Weights are N(0, scale), or N(0, 1/fan_in) for matrices when scale is None (for large shapes)."""
     import transformers
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
-                  eos_token_id=0, bos_token_id=0)
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, eos_token_id=0, bos_token_id=0)
     if arch == "mistral":
         cfg = transformers.MistralConfig(**common, tie_word_embeddings=bool(tie), sliding_window=None)
         model = transformers.MistralForCausalLM(cfg)
@@ -56,9 +59,24 @@ def write_hf_model(folder: Path, arch: str = "llama", seed: int = 0, rope_scalin
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif scale is None:
+                p.normal_(0.0, p.shape[-1] ** -0.5 if p.dim() == 2 else 0.02)
             else:
                 p.normal_(0.0, scale)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     write_tokenizer(folder, vocab)
     return model.eval()
+
+
+def synthetic_analysis(folder: Path) -> dict:
+    """An analysis document for a model folder with made-up alphas (2.0-4.0), for planning tests."""
+    from acttail.checkpoint import Checkpoint
+
+    ckpt = Checkpoint.open(folder)
+    rows = [{"key": p.key, "layer": p.layer, "kind": p.kind, "in_features": p.in_features,
+             "out_features": p.out_features, "params": p.params, "alpha": 2.0 + (i % 7) / 3}
+            for i, p in enumerate(ckpt.projections())]
+    return {"model": {"fingerprint": ckpt.fingerprint, "architecture": ckpt.architecture,
+                      "model_type": ckpt.model_type, "num_layers": ckpt.num_layers, "path": str(folder)},
+            "projections": rows}

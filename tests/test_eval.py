@@ -19,7 +19,7 @@ from acttail.cli import main  # noqa: E402
 from acttail.runtime import open_model  # noqa: E402
 from acttail.runtime.perplexity import load_tokenizer, perplexity, text_tokens, windows  # noqa: E402
 
-from runtime_tiny import write_hf_model, write_text  # noqa: E402
+from runtime_tiny import synthetic_analysis, write_hf_model, write_text  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -29,14 +29,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     folder = root / "model"
     hf = write_hf_model(folder, "qwen2", layers=2, seed=4, tie=False, scale=0.3)
-    ckpt = Checkpoint.open(folder)
-    rows = [{"key": p.key, "layer": p.layer, "kind": p.kind, "in_features": p.in_features,
-             "out_features": p.out_features, "params": p.params, "alpha": 2.0 + (i % 7) / 3}
-            for i, p in enumerate(ckpt.projections())]
-    analysis = {"model": {"fingerprint": ckpt.fingerprint, "architecture": ckpt.architecture,
-                          "model_type": ckpt.model_type, "num_layers": ckpt.num_layers, "path": str(folder)},
-                "projections": rows}
-    plan_io.save_plan(allocate.plan_from_analysis(analysis, 0.5), root / "plan.json")
+    plan_io.save_plan(allocate.plan_from_analysis(synthetic_analysis(folder), 0.5), root / "plan.json")
     cal, held = write_text(root / "cal.txt", 5000, seed=7), write_text(root / "held.txt", 5000, seed=8)
     r = CliRunner().invoke(main, ["calibrate", str(folder), str(root / "plan.json"), "--text", str(cal),
                                   "--tokens", "2048", "--ctx", "128", "-o", str(root / "calibrated.json")])
