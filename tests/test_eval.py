@@ -158,3 +158,10 @@ def test_generate_kernel_backend(setup):
     assert r.exit_code == 2 and "prefills the prompt densely" in r.output
     r = run(*args, "--backend", "kernels", "--max-new-tokens", "100000")
     assert r.exit_code == 2 and "exceed" in r.output
+
+
+def test_generate_bad_device_is_one_line(setup):
+    for device, message in (("cuda:x", "unknown device"), ("mps", "unknown device")) + \
+            ((("cuda", "no CUDA GPU"),) if not torch.cuda.is_available() else ()):
+        r = run("generate", setup["model"], "--prompt", "the cat", "--device", device)
+        assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, (device, r.output)

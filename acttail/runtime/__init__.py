@@ -12,17 +12,28 @@ from ..errors import ActTailError
 from .model import Transformer, load_model
 from .sparsify import MODES, Sparsifier
 
-__all__ = ["Transformer", "Sparsifier", "load_model", "open_model", "plan_sparsifier", "achieved_report"]
+__all__ = ["Transformer", "Sparsifier", "check_device", "load_model", "open_model", "plan_sparsifier",
+           "achieved_report"]
 
 
-def open_model(path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[Checkpoint, Transformer]:
-    """Open a model folder and build its decoder (float32 on CPU by default)."""
+def check_device(device) -> torch.device:
+    """The torch device for a --device value, or one clear error (unknown name, no CUDA GPU here)."""
     try:
         dev = torch.device(device)
     except RuntimeError:
         raise ActTailError(f"unknown device {device!r} (use cpu or cuda[:N])") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ActTailError(f"unknown device {device!r} (use cpu or cuda[:N])")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ActTailError("--device cuda asked for, but torch sees no CUDA GPU here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ActTailError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA GPU(s) here")
+    return dev
+
+
+def open_model(path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[Checkpoint, Transformer]:
+    """Open a model folder and build its decoder (float32 on CPU by default)."""
+    check_device(device)
     ckpt = Checkpoint.open(path)
     return ckpt, load_model(ckpt, dtype, device)
 

@@ -79,11 +79,12 @@ def generate_text(model_path, prompt: str, plan_path=None, max_new_tokens: int =
 
     from .. import plan as plan_io
     from ..errors import ActTailError
-    from . import open_model, plan_sparsifier
+    from . import check_device, open_model, plan_sparsifier
     from .perplexity import load_tokenizer
 
     if max_new_tokens < 1:
         raise ActTailError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    check_device(device)
     backend = backend or ("kernels" if str(device).startswith("cuda") else "reference")
     if backend not in BACKENDS:
         raise ActTailError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
