@@ -275,7 +275,8 @@ def generate_cmd(model, plan_path, prompt, max_new_tokens, temperature, seed, mo
     click.echo(text)
     if info["backend"] == "kernels":
         rate = info["decode_tokens_per_s"]
-        click.echo(f"{info['new_tokens']} new tokens, kernel backend on {info['device']} ({info['dtype']}, "
+        click.echo(f"{info['new_tokens']} tokens decoded (the text stops at EOS), kernel backend on {info['device']} "
+                   f"({info['dtype']}, "
                    f"{info['sparse_groups']}/{info['groups']} projection groups sparse): prefill "
                    f"{info['prefill_s'] * 1e3:.1f} ms and graph capture {info['capture_s'] * 1e3:.1f} ms (first calls "
                    f"compile the kernels), decode "
