@@ -267,7 +267,8 @@ def markdown(rows, fused, check_rows, bw, meta):
     lines += ["- dispatched = what `use_sparse(sparsity, B)` runs (decided from the planned sparsity): ours, or dense "
               "x @ W^T on the same weights", ""]
     lines += ["| in x out | dtype | B | sparsity | union keep | dense us | dense(Wt) us | ours us | speedup | "
-              "dispatched | eff TB/s | x floor | TEAL us | TEAL speedup | rel err | ours without PDL us |", "|" + "---|" * 16]
+              "dispatched | eff TB/s | x floor | TEAL us | TEAL speedup | rel err | ours without PDL us |",
+              "|" + "---|" * 16]
     for r in rows:
         lines.append(
             f"| {r['in_features']}x{r['out_features']} | {r['dtype']} | {r['batch']} | {r['sparsity']:.0%} | "
@@ -275,8 +276,8 @@ def markdown(rows, fused, check_rows, bw, meta):
             f"{r['speedup']:.2f}x | {r['speedup_dispatched']:.2f}x | {r['eff_bw_TBps']:.2f} | {r['x_floor']:.2f} | "
             f"{r.get('us_teal', float('nan')):.1f} | {r.get('teal_speedup', float('nan')):.2f}x | "
             f"{r['rel_err']:.1e} | {r['us_ours_nopdl']:.1f} |")
-    lines += ["", "## Fused launches (fp16, batch 1)", "", "| launch | sparsity | dense us | ours us | speedup | floor us |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "## Fused launches (fp16, batch 1)", "",
+              "| launch | sparsity | dense us | ours us | speedup | floor us |", "|---|---|---|---|---|---|"]
     nan = float("nan")
     for r in fused:
         lines.append(f"| {r['launch']} | {r['sparsity']:.0%} | {r.get('us_dense', nan):.1f} | "

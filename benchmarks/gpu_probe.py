@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_kernels import copy_bandwidth, rel_err, threshold_for, time_graph  # noqa: E402
 
 from acttail.kernels import sparse_linear, sparse_linear_ref  # noqa: E402
-from acttail.kernels.sparse_gemv import _finish, _locks, pick_config  # noqa: E402
+from acttail.kernels.sparse_gemv import _finish, _locks, pdl_args, pick_config  # noqa: E402
 
 ROTATE = 512e6
 
@@ -125,8 +125,8 @@ def compact(x, t, pdl=False):
     idx = torch.empty(K, dtype=torch.int32, device=x.device)
     nnz = torch.empty(1, dtype=torch.int32, device=x.device)
     block = triton.next_power_of_2(K)
-    _compact_kernel[(1,)](x, t, idx, nnz, K, BLOCK=block, PDL=pdl, num_warps=16 if block > 4096 else 8,
-                          **({"launch_pdl": True} if pdl else {}))
+    _compact_kernel[(1,)](x, t, idx, nnz, K, BLOCK=block, num_warps=16 if block > 4096 else 8,
+                          **pdl_args(x.device, pdl))
     return idx, nnz
 
 
@@ -137,8 +137,8 @@ def gemv_idx(x, wt, idx, nnz, pdl=False, split=None, BN=128, BK=64):
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
     part = torch.empty(split * N, dtype=torch.float32, device=x.device)
     _gemv_idx_kernel[(nb, split)](x, wt, wt.stride(0), idx, nnz, y, part, _locks(x.device, nb), N,
-                                  SPLIT=split, BK=BK, BN=BN, PDL=pdl, num_warps=4, num_stages=1,
-                                  **({"launch_pdl": True} if pdl else {}))
+                                  SPLIT=split, BK=BK, BN=BN, num_warps=4, num_stages=1,
+                                  **pdl_args(x.device, pdl))
     return y
 
 

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_gemv import pdl_enabled, pdl_launch
+from .sparse_gemv import pdl_args
 
 
 def add_rmsnorm_ref(x, r, w, eps):
@@ -50,9 +50,8 @@ def add_rmsnorm(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: f
     D = x.shape[-1]
     block = triton.next_power_of_2(D)
     warps = 1 if x.device.type != "cuda" else max(1, min(8, block // 512))
-    pdl = pdl_enabled(x.device)
     _add_rmsnorm_kernel[(x.shape[0],)](x, r if r is not None else x, w, h, D, eps, HAS_R=r is not None,
-                                       BLOCK=block, PDL=pdl, num_warps=warps, **pdl_launch(pdl))
+                                       BLOCK=block, num_warps=warps, **pdl_args(x.device))
     return h
 
 
@@ -123,10 +122,9 @@ def rope_cache_write(qkv, cos, sin, pos, k_cache, v_cache, n_head, n_kv, head_di
     qkv [1, (n_head + 2 n_kv) D]; cos/sin fp32 [max_T, D]; pos int64 [1] on the device (graph-safe);
     bias [(n_head + 2 n_kv) D]: the q/k/v bias (Qwen2), added first."""
     q = torch.empty(n_head, head_dim, dtype=qkv.dtype, device=qkv.device)
-    pdl = pdl_enabled(qkv.device)
     _rope_cache_kernel[(n_head + n_kv,)](qkv, bias if bias is not None else qkv, cos, sin, pos, q, k_cache,
                                          v_cache, k_cache.shape[1], NH=n_head, D=head_dim,
-                                         HAS_BIAS=bias is not None, PDL=pdl, num_warps=1, **pdl_launch(pdl))
+                                         HAS_BIAS=bias is not None, num_warps=1, **pdl_args(qkv.device))
     return q
 
 
@@ -191,8 +189,7 @@ def decode_attention(q, k_cache, v_cache, pos, block_t: int = 32):
         raise ValueError(f"need a power-of-two head dim and n_kv dividing n_head, got D={D}, "
                          f"{n_head} heads / {n_kv}")
     o = torch.empty(1, n_head * D, dtype=q.dtype, device=q.device)
-    pdl = pdl_enabled(q.device)
-    _decode_attention_kernel[(n_kv,)](q, k_cache, v_cache, pos, o, T, D ** -0.5, G=G, BLOCK_G=triton.next_power_of_2(G),
-                                      D=D, BLOCK_T=block_t,
-                                      PDL=pdl, num_warps=4 if q.device.type == "cuda" else 1, **pdl_launch(pdl))
+    _decode_attention_kernel[(n_kv,)](q, k_cache, v_cache, pos, o, T, D ** -0.5, G=G,
+                                      BLOCK_G=triton.next_power_of_2(G), D=D, BLOCK_T=block_t,
+                                      num_warps=4 if q.device.type == "cuda" else 1, **pdl_args(q.device))
     return o

@@ -249,9 +249,11 @@ def pdl_enabled(device: torch.device) -> bool:
     return _PDL[key]
 
 
-def pdl_launch(pdl: bool) -> dict:
-    """Launch keyword for a Triton kernel: ``launch_pdl=True`` only when used (older Tritons lack it)."""
-    return {"launch_pdl": True} if pdl else {}
+def pdl_args(device: torch.device, pdl: bool | None = None) -> dict:
+    """Launch arguments of a kernel with a ``PDL`` constexpr: PDL=True plus ``launch_pdl=True`` when on
+    (``pdl_enabled`` unless pdl says otherwise), else PDL=False and no launch_pdl (older Tritons lack it)."""
+    pdl = pdl_enabled(device) if pdl is None else bool(pdl)
+    return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
 
 
 def _locks(device: torch.device, n: int) -> torch.Tensor:
@@ -322,7 +324,6 @@ def _launch(x, wt, t, splits, glu, config=None):
     if config:
         cfg.update(config)
     BN, KC = cfg["BN"], cfg["KC"]
-    pdl = cfg.get("pdl", pdl_enabled(x.device))
     n_blocks = n_blocks_of(BN)
     NB1 = triton.cdiv(widths[0], BN)
     NB2 = NB1 + triton.cdiv(widths[1], BN)
@@ -337,8 +338,7 @@ def _launch(x, wt, t, splits, glu, config=None):
         y, y.stride(0), part, idx, locks,
         B, K, N, bounds[0], bounds[1], NB1, NB2,
         SPLIT=split, GLU=glu, BLOCK_B=block_b, KC=KC, BK=cfg["BK"], BN=BN, DOT_F32=x.device.type != "cuda",
-        PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **pdl_launch(pdl))
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_args(x.device, cfg.get("pdl")))
     return y
 
 

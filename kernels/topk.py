@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_gemv import pdl_enabled, pdl_launch
+from .sparse_gemv import pdl_args
 
 
 def topk_thresholds_ref(x: torch.Tensor, keeps) -> torch.Tensor:
@@ -69,7 +69,6 @@ def topk_thresholds(x: torch.Tensor, keeps, out: torch.Tensor | None = None) -> 
     padded = keeps + [0] * (3 - len(keeps))
     block = triton.next_power_of_2(K)
     warps = 1 if x.device.type != "cuda" else max(4, min(32, block // 512))
-    pdl = pdl_enabled(x.device)
     _topk_threshold_kernel[(B, len(keeps))](x, x.stride(0), out, out.stride(0), K, *padded, BLOCK=block,
-                                            PDL=pdl, num_warps=warps, **pdl_launch(pdl))
+                                            num_warps=warps, **pdl_args(x.device))
     return out

@@ -6,9 +6,9 @@ each decode step is one token, static KV cache, and can be captured once in a CU
 (the next token and the position are updated on the device, no host round trip per token).
 
 Per projection group (qkv, o, gate/up, down) the step uses the sparse kernel when any of its projections
-has a threshold (or a top-k keep count), else dense cuBLAS on the same input-major weights. Attention is a Triton kernel over the filled part of the cache
-(``attention = "sdpa"`` switches back to torch's), and on Hopper every Triton launch uses programmatic
-dependent launch.
+has a threshold (or a top-k keep count), else dense cuBLAS on the same input-major weights. Attention is a
+Triton kernel over the filled part of the cache (``attention = "sdpa"`` switches back to torch's), and on
+Hopper every Triton launch uses programmatic dependent launch.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from acttail.kernels import sparse_linear, sparse_swiglu, topk_thresholds, use_sparse
 from acttail.kernels.decode_ops import add_rmsnorm, decode_attention, rope_cache_write
+
+from .sparsify import keep_count
 
 GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
 WEIGHT = {"qkv": "wqkv", "o": "wo", "gate_up": "w13", "down": "w2"}
@@ -98,7 +100,7 @@ class CudaDecoder:
 
     @classmethod
     def from_model(cls, model, dtype=torch.float16, device="cuda", max_seq=None):
-        """The CPU reference ``Transformer``'s weights, input-major, in dtype on device (Qwen2's qkv bias too)."""
+        """The CPU reference ``Transformer``'s weights, input-major, in dtype on device (with Qwen2's qkv bias)."""
         a = model.args
         dims = Dims(a.vocab_size, a.dim, a.n_layer, a.n_head, a.n_local_heads, a.head_dim,
                     a.intermediate_size, a.norm_eps)
@@ -147,9 +149,7 @@ class CudaDecoder:
         if mode == "threshold":
             self.set_sparsity(thresholds={(p["layer"], p["kind"]): p["threshold"] for p in rows}, planned=planned)
         else:
-            d = self.dims
-            width = {"o": d.n_head * d.head_dim, "down": d.inter}
-            keeps = {key: max(1, round((1 - s) * width.get(key[1], d.dim))) for key, s in planned.items()}
+            keeps = {(p["layer"], p["kind"]): keep_count(p["sparsity"], p["in_features"]) for p in rows}
             self.set_sparsity(keeps=keeps, planned=planned)
 
     # ---- one decode step ---------------------------------------------------------------------------

@@ -25,6 +25,11 @@ def threshold_sparsify(x: Tensor, t: float) -> Tensor:
     return x.masked_fill(x.abs() <= t, 0.0)
 
 
+def keep_count(sparsity: float, width: int) -> int:
+    """How many of a width-wide input's entries topk mode keeps: round((1 - s) * width), at least one."""
+    return max(1, round((1.0 - sparsity) * width))
+
+
 def topk_sparsify(x: Tensor, keep: int) -> Tensor:
     """x with only the ``keep`` largest magnitudes of each row (last dim) kept."""
     if keep >= x.shape[-1]:
@@ -93,7 +98,7 @@ class Sparsifier:
             s = self.sparsities.get(key)
             if s is None:
                 return x
-            y = topk_sparsify(x, max(1, round((1.0 - s) * x.shape[-1])))
+            y = topk_sparsify(x, keep_count(s, x.shape[-1]))
         if self.rows is not None:  # prefill policy: early positions stay dense
             y = torch.where(self.rows[:, None], y, x)
         if self.measure:
