@@ -5,26 +5,18 @@ dim 4096, 11008, 32 heads; a small trained tokenizer) as an HF folder, plans 50%
 the GPU, then generates with the kernel backend (Triton, fp16, CUDA graphs) and the float32 reference
 backend, and prints both continuations and the measured rates.
 
-    python benchmarks/gpu_cli_check.py --out OUT
+    python -m benchmarks.gpu_cli_check --out OUT
 """
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from _kernels_path import ensure_kernels  # noqa: E402
-
-ensure_kernels()
 
 
 def cli(*args):
-    """Run the CLI in this process (the device machine has no install; ensure_kernels maps the kernels)."""
+    """Run the CLI in this process (run from the repository root: python -m benchmarks.gpu_cli_check)."""
     from click.testing import CliRunner
 
     from acttail.cli import main
@@ -44,7 +36,7 @@ def main():
     out = Path(ap.parse_args().out)
     out.mkdir(parents=True, exist_ok=True)
     from acttail import allocate, plan as plan_io
-    from runtime_tiny import synthetic_analysis, write_hf_model, write_text
+    from tests.runtime_tiny import synthetic_analysis, write_hf_model, write_text
 
     root = Path(tempfile.mkdtemp())
     folder = root / "model"

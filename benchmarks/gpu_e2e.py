@@ -5,7 +5,7 @@ input-major weights), uniform 50/70/90% (per-projection thresholds calibrated on
 activations), and a per-projection plan. Each decode step is a CUDA-graph replay; prefill is dense.
 Writes e2e.md and e2e.json under --out.
 
-    python benchmarks/gpu_e2e.py --out OUT [--quick]
+    python -m benchmarks.gpu_e2e --out OUT [--quick]
 """
 
 import argparse
@@ -19,12 +19,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _kernels_path import ensure_kernels  # noqa: E402
-
-ensure_kernels()
-from acttail.runtime.cuda import GROUPS, LLAMA2_7B, SMOLLM2_135M, CudaDecoder  # noqa: E402
-from gpu_kernels import copy_bandwidth, warm_up  # noqa: E402
+from acttail.runtime.cuda import GROUPS, LLAMA2_7B, SMOLLM2_135M, CudaDecoder
+from benchmarks.gpu_kernels import copy_bandwidth, warm_up
 
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 GROUP_OF = {k: g for g, ks in GROUPS.items() for k in ks}

@@ -9,15 +9,14 @@
   slower than compaction everywhere but at 0%, so it was removed.)
 - ``--ncu``: a few plain launches of each, for ``ncu`` to report kernel durations without launch gaps.
 
-    python benchmarks/gpu_probe.py --out OUT
+    python -m benchmarks.gpu_probe --out OUT
     ncu --clock-control none --metrics gpu__time_duration.sum -k regex:'_kernel|gemv|gemm' \
-        python benchmarks/gpu_probe.py --ncu
+        python -m benchmarks.gpu_probe --ncu
 """
 
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -26,11 +25,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_kernels import copy_bandwidth, rel_err, threshold_for, time_graph  # noqa: E402
-
-from acttail.kernels import sparse_linear, sparse_linear_ref  # noqa: E402
-from acttail.kernels.sparse_gemv import _finish, _locks, pdl_args, pick_config  # noqa: E402
+from acttail.kernels import sparse_linear, sparse_linear_ref
+from acttail.kernels.sparse_gemv import _finish, _locks, pdl_args, pick_config
+from benchmarks.gpu_kernels import copy_bandwidth, rel_err, threshold_for, time_graph
 
 ROTATE = 512e6
 

@@ -6,6 +6,6 @@ set -e
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-python3 benchmarks/gpu_e2e.py --out "$OUT/e2e" 2>&1 | tee "$OUT/e2e.log"
-python3 benchmarks/gpu_cli_check.py --out "$OUT/cli" 2>&1 | tee "$OUT/cli.log"
-python3 benchmarks/gpu_kernels.py --out "$OUT/kernels" 2>&1 | grep -v '^check' | tee "$OUT/kernels.log"
+python3 -m benchmarks.gpu_e2e --out "$OUT/e2e" 2>&1 | tee "$OUT/e2e.log"
+python3 -m benchmarks.gpu_cli_check --out "$OUT/cli" 2>&1 | tee "$OUT/cli.log"
+python3 -m benchmarks.gpu_kernels --out "$OUT/kernels" 2>&1 | grep -v '^check' | tee "$OUT/kernels.log"

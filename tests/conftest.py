@@ -1,13 +1,44 @@
-"""Shared fixtures: tiny model folders written with safetensors (no hub, no transformers needed)."""
+"""Shared fixtures: tiny model folders written with safetensors (no hub, no transformers needed).
+
+Without a CUDA GPU the Triton kernels run under the interpreter (TRITON_INTERPRET=1, set before triton is
+imported anywhere), with the compatibility shim below.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _interpreter_compat():
+    """Triton 3.6's interpreter converts 1-element arrays with int(), which numpy >= 2.4 refuses; loops with
+    run-time bounds (``range(0, nnz, BK)``) then fail under TRITON_INTERPRET=1. Convert through .item()."""
+    try:
+        import triton.runtime.interpreter as interp
+    except Exception:  # triton missing or reorganised
+        return
+    orig = getattr(interp, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_acttail_compat", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._acttail_compat = True
+    interp._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_compat()
 
 SMOLLM2 = Path.home() / ".cache" / "acttail" / "models" / "smollm2-135m"
 

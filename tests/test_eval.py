@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernel backend test runs the Triton kernels on the CPU
+import pytest
+import torch
+from click.testing import CliRunner
 
-import json  # noqa: E402
-import math  # noqa: E402
+from acttail import allocate, plan as plan_io
+from acttail.checkpoint import Checkpoint
+from acttail.cli import main
+from acttail.runtime import open_model
+from acttail.runtime.perplexity import load_tokenizer, perplexity, text_tokens, windows
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from click.testing import CliRunner  # noqa: E402
-
-from acttail import allocate, plan as plan_io  # noqa: E402
-from acttail.checkpoint import Checkpoint  # noqa: E402
-from acttail.cli import main  # noqa: E402
-from acttail.runtime import open_model  # noqa: E402
-from acttail.runtime.perplexity import load_tokenizer, perplexity, text_tokens, windows  # noqa: E402
-
-from runtime_tiny import synthetic_analysis, write_hf_model, write_text  # noqa: E402
+from runtime_tiny import synthetic_analysis, write_hf_model, write_text
 
 transformers = pytest.importorskip("transformers")
 

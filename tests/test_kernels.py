@@ -2,23 +2,14 @@
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
-
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _kernels_path import ensure_kernels  # noqa: E402
-
-ensure_kernels()
-from acttail.kernels import (  # noqa: E402
+from acttail.kernels import (
     sparse_linear, sparse_linear_ref, sparse_swiglu, sparse_swiglu_ref, topk_thresholds, topk_thresholds_ref)
 
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"

@@ -4,13 +4,8 @@ Same random weights and thresholds in both; the reference runs in fp32, the kern
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
-
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1":
@@ -18,13 +13,9 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 model_mod = pytest.importorskip("acttail.runtime.model")
 sparsify_mod = pytest.importorskip("acttail.runtime.sparsify")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _kernels_path import ensure_kernels  # noqa: E402
-
-ensure_kernels()
-from acttail.kernels.decode_ops import (  # noqa: E402
+from acttail.kernels.decode_ops import (
     add_rmsnorm, add_rmsnorm_ref, decode_attention, decode_attention_ref, rope_cache_write, rope_cache_write_ref)
-from acttail.runtime.cuda import CudaDecoder  # noqa: E402
+from acttail.runtime.cuda import CudaDecoder
 
 CONFIG = {"vocab_size": 96, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
           "num_key_value_heads": 2, "intermediate_size": 96, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,

@@ -1,0 +1,14 @@
+"""Triton kernels for sparse decoding.
+
+- ``sparse_linear``: y = sparsify(x) @ Wt for 1..3 projections sharing x (q/k/v), each with its threshold.
+- ``sparse_swiglu``: silu(sparsify(x) @ Wg) * (sparsify(x) @ Wu), gate and up with their own thresholds.
+- ``topk_thresholds``: per-token thresholds for an exact keep count, on the device.
+Each has a plain torch reference beside it (``*_ref``).
+"""
+
+from .sparse_gemv import (
+    MAX_BATCH, sparse_linear, sparse_linear_ref, sparse_swiglu, sparse_swiglu_ref, sparsify_ref, use_sparse)
+from .topk import topk_thresholds, topk_thresholds_ref
+
+__all__ = ["MAX_BATCH", "sparse_linear", "sparse_linear_ref", "sparse_swiglu", "sparse_swiglu_ref",
+           "sparsify_ref", "topk_thresholds", "topk_thresholds_ref", "use_sparse"]
