@@ -9,7 +9,10 @@ import sys
 
 import click
 
+from .allocation import METHODS, SCOPES, AllocationConfig
 from .errors import ActTailError
+
+DEFAULTS = AllocationConfig()
 
 
 class _Group(click.Group):
@@ -75,21 +78,21 @@ def analyze_cmd(model, output, csv_path, fit, dtype, device, backend, force, as_
     """ESD of every q/k/v/o/gate/up/down projection and its power-law alpha."""
     import json
 
-    from . import analyze
+    from . import analysis
     from .files import check_output
 
     for path in (output, csv_path):
         if path:
             check_output(path)
-    doc, cached = analyze.run_analysis(model, fit, dtype, device, backend, force, progress=not as_json)
+    doc, cached = analysis.run_analysis(model, fit, dtype, device, backend, force, progress=not as_json)
     if output:
-        analyze.save(doc, output, csv_path)
+        analysis.save(doc, output, csv_path)
     elif csv_path:
-        analyze.save_csv(doc, csv_path)
+        analysis.save_csv(doc, csv_path)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
-    click.echo(analyze.format_summary(doc))
+    click.echo(analysis.format_summary(doc))
     if cached:
         click.echo("(cached result; --force recomputes)")
     if output:
@@ -103,39 +106,43 @@ def analyze_cmd(model, output, csv_path, fit, dtype, device, backend, force, as_
 @click.argument("analysis", type=click.Path(dir_okay=False))
 @click.option("--budget", type=float, required=True, help="Target parameter-weighted mean sparsity, in (0, 1).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Plan file to write.")
-@click.option("--method", default="acttail", show_default=True,
+@click.option("--method", type=click.Choice(sorted(METHODS)), default=DEFAULTS.method, show_default=True,
               help="acttail (alpha map; direction measured when the analysis has a sensitivity column, else "
-                   "--direction), acttail-sens (measured, required), alpha-map (--direction), or uniform.")
-@click.option("--scope", type=click.Choice(["global", "per-kind", "layer"]), default="global", show_default=True,
+                   "--direction), acttail-sens (measured, required), alpha-map (--direction), sensitivity "
+                   "(measured sensitivity alone), or uniform (TEAL).")
+@click.option("--scope", type=click.Choice(SCOPES), default=DEFAULTS.scope, show_default=True,
               help="Normalise the metric over all projections, within each kind, or per decoder layer.")
-@click.option("--metric", default="alpha", show_default=True,
+@click.option("--metric", default=DEFAULTS.metric, show_default=True,
               help="Analysis column driving the map: alpha, alpha_weighted, stable_rank, ...")
-@click.option("--epsilon", type=float, default=0.3, show_default=True, help="Ratios span [1-eps, 1+eps].")
-@click.option("--direction", type=click.Choice(["increasing", "decreasing"]), default="increasing",
+@click.option("--epsilon", type=float, default=DEFAULTS.epsilon, show_default=True, help="Ratios span [1-eps, 1+eps].")
+@click.option("--direction", type=click.Choice(["increasing", "decreasing"]), default=DEFAULTS.direction,
               show_default=True, help="Sparsity increasing in the metric (lower alpha -> lower sparsity) or not; "
                                       "with measured sensitivity, 'decreasing' inverts the measured direction.")
-@click.option("--weight", type=click.Choice(["params", "bytes"]), default="params", show_default=True,
+@click.option("--weight", type=click.Choice(["params", "bytes"]), default=DEFAULTS.weight, show_default=True,
               help="Budget weighting (identical for one storage dtype).")
-@click.option("--min-sparsity", type=float, default=0.0, show_default=True)
-@click.option("--max-sparsity", type=float, default=0.99, show_default=True)
+@click.option("--min-sparsity", type=float, default=DEFAULTS.min_sparsity, show_default=True)
+@click.option("--max-sparsity", type=float, default=DEFAULTS.max_sparsity, show_default=True)
+@click.option("--gamma", type=float, default=DEFAULTS.gamma, show_default=True,
+              help="Strength of the sensitivity method: ratio = (sensitivity / geometric mean)^-gamma.")
 def allocate_cmd(analysis, budget, output, method, scope, metric, epsilon, direction, weight, min_sparsity,
-                 max_sparsity):
+                 max_sparsity, gamma):
     """Allocate one activation sparsity per projection from an analysis; write a plan."""
-    from .allocate import has_sensitivity, plan_from_analysis, read_analysis
-    from .plan import format_summary, save_plan
+    from .allocation import has_sensitivity, plan_from_analysis
+    from .analysis import Analysis
+    from .files import check_output
 
-    doc = read_analysis(analysis)
-    if method == "acttail" and not has_sensitivity(doc["projections"]):
+    check_output(output)
+    doc = Analysis.load(analysis)
+    if method == "acttail" and not has_sensitivity(doc.projections):
         click.echo("acttail: warning: the analysis has no 'sensitivity' column, so the alpha map's direction is "
                    "assumed, not measured (it lost to uniform on SmolLM2 and Qwen2.5: reports/accuracy/); "
                    "run `acttail sensitivity` first", err=True)
-    plan = plan_from_analysis(
-        doc, budget, analysis_path=analysis, method=method, scope=scope, metric=metric,
-        epsilon=epsilon, direction=direction, weight=weight, min_sparsity=min_sparsity, max_sparsity=max_sparsity,
-    )
-    save_plan(plan, output)
-    click.echo(format_summary(plan).split("\n\nlayer")[0])  # header and per-kind table
-    measured = plan["source"].get("direction")
+    config = AllocationConfig(method=method, scope=scope, metric=metric, epsilon=epsilon, direction=direction,
+                              weight=weight, min_sparsity=min_sparsity, max_sparsity=max_sparsity, gamma=gamma)
+    plan = plan_from_analysis(doc, budget, config, analysis_path=analysis)
+    plan.save(output)
+    click.echo(plan.format_summary().split("\n\nlayer")[0])  # header and per-kind table
+    measured = plan.source.get("direction")
     if measured:
         click.echo(f"direction  measured: Spearman(alpha, sensitivity) = {measured['spearman']:+.3f} "
                    f"(chance bound {measured['chance_bound']:.3f}) -> {measured['direction']}")
@@ -151,9 +158,9 @@ def plan_group():
 @click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False))
 def plan_show(plan_path):
     """Print a plan's summary: per kind, per layer, min/max."""
-    from .plan import format_summary, load_plan
+    from .plan import Plan
 
-    click.echo(format_summary(load_plan(plan_path)))
+    click.echo(Plan.load(plan_path).format_summary())
 
 
 @main.command("export")
@@ -163,9 +170,9 @@ def plan_show(plan_path):
 def export_cmd(plan_path, fmt, output):
     """Write a plan in another runtime's format (each format's losses: see acttail/export.py)."""
     from .export import export
-    from .plan import load_plan
+    from .plan import Plan
 
-    written = export(load_plan(plan_path), fmt, output)
+    written = export(Plan.load(plan_path), fmt, output)
     click.echo(f"wrote {len(written)} file(s) to {output}")
 
 
@@ -178,17 +185,36 @@ def export_cmd(plan_path, fmt, output):
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Calibrated plan to write.")
 @click.option("--tokens", type=int, default=65536, show_default=True, help="Calibration tokens.")
 @click.option("--ctx", type=int, default=512, show_default=True, help="Window length (tokens).")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Windows per forward pass.")
+@click.option("--batch-size", type=int, default=None,
+              help="Windows per forward pass (default: all at once, each block runs once; smaller batches save "
+                   "memory at up to ~2.5x the compute).")
 @click.option("--device", default="cpu", show_default=True, help="cpu (reference) or cuda: same float32 code.")
 def calibrate_cmd(model, plan_path, text, output, tokens, ctx, batch_size, device):
     """Set each projection's threshold so its sparsity holds in the sparse run on TEXT."""
-    from .calibrate import calibrate_plan
-    from .plan import save_plan
+    from .calibration import calibrate
+    from .files import check_output
+    from .plan import Plan
+    from .runtime.tokens import text_tokens, windows
+    from .text import read_text
 
-    plan, run = calibrate_plan(model, plan_path, text, tokens, ctx, batch_size, device=device)
-    save_plan(plan, output)
-    click.echo(f"calibrated {len(plan['projections'])} projections on {run['n_tokens']} tokens of {text}; "
-               f"max |achieved - target| = {run['max_abs_deviation']:.4f}; wrote {output}")
+    check_output(output)
+    ckpt, net, tok = _open(model, device)
+    plan = Plan.load(plan_path, expect_fingerprint=ckpt.fingerprint)
+    wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text))
+    plan = calibrate(net, plan, wins, batch_size, text=str(text))
+    plan.save(output)
+    click.echo(f"calibrated {len(plan.projections)} projections on {plan.calibration['n_tokens']} tokens of {text}; "
+               f"max |achieved - target| = {plan.calibration['max_abs_deviation']:.4f}; wrote {output}")
+
+
+def _open(model, device):
+    """(checkpoint, our decoder, tokenizer) of a model folder, the device checked first."""
+    from .runtime import check_device, open_model
+    from .runtime.tokens import load_tokenizer
+
+    check_device(device)
+    ckpt, net = open_model(model, device=device)
+    return ckpt, net, load_tokenizer(ckpt.path if ckpt.path.is_dir() else ckpt.path.parent)
 
 
 @main.command("eval")
@@ -204,15 +230,30 @@ def calibrate_cmd(model, plan_path, text, output, tokens, ctx, batch_size, devic
 @click.option("--device", default="cpu", show_default=True, help="cpu (reference) or cuda: same float32 code.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the result as JSON here.")
 def eval_cmd(model, plan_path, text, ctx, tokens, mode, prefill, batch_size, device, output):
-    """Perplexity of the dense or planned-sparse model on TEXT."""
-    from .files import write_json
-    from .runtime.perplexity import evaluate
+    """Perplexity of the dense or planned-sparse model on TEXT; with a plan also its KL divergence to the
+    dense model and their top-1 agreement."""
+    from .evaluation import evaluate_windows, result
+    from .files import check_output, write_json
+    from .plan import Plan
+    from .runtime.tokens import text_tokens, windows
+    from .text import read_text
 
-    r = evaluate(model, text, plan_path, ctx, tokens, mode, prefill, batch_size, device=device)
-    line = f"perplexity {r['perplexity']:.4f} on {r['predictions']} predictions ({r['settings']['windows']} x {ctx})"
+    if output:
+        check_output(output)
+    ckpt, net, tok = _open(model, device)
+    plan = Plan.load(plan_path, expect_fingerprint=ckpt.fingerprint) if plan_path else None
+    wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text))
+    metrics = evaluate_windows(net, wins, plan, mode, prefill, batch_size)
+    settings = {"text": str(text), "ctx": ctx, "tokens": int(wins.numel()), "windows": len(wins),
+                "mode": mode if plan else "dense", "prefill": prefill if plan else None, "dtype": "float32",
+                "device": device, "batch_size": batch_size}
+    model_ref = {"path": str(model), "fingerprint": ckpt.fingerprint, "architecture": ckpt.architecture}
+    r = result(model_ref, settings, metrics, plan, plan_path)
+    line = f"perplexity {r['perplexity']:.4f} on {r['predictions']} predictions ({len(wins)} x {ctx})"
     if r["achieved"]:
         a = r["achieved"]
-        line += (f"; sparsity achieved {a['weighted_achieved']:.4f} vs target {a['weighted_target']:.4f} "
+        line += (f"; KL to dense {r['kl']:.4f} nats/token, top-1 agreement {r['top1_agreement']:.4f}; sparsity "
+                 f"achieved {a['weighted_achieved']:.4f} vs target {a['weighted_target']:.4f} "
                  f"(max |dev| {a['max_abs_deviation']:.4f})")
     click.echo(line)
     if output:
@@ -232,13 +273,21 @@ def eval_cmd(model, plan_path, text, ctx, tokens, mode, prefill, batch_size, dev
               help="The analysis with a 'sensitivity' column, for `acttail allocate` (method acttail).")
 def sensitivity_cmd(model, analysis, text, tokens, ctx, device, measured, output):
     """Measure each projection's loss increase when sparsified alone; add it to ANALYSIS."""
-    from .allocate import read_analysis
+    from .analysis import load_analysis
     from .files import check_output, read_json, write_json
     from .sensitivity import measure, with_sensitivity
 
     check_output(output)
-    doc = read_analysis(analysis)
-    sens = read_json(measured, "sensitivity file") if measured else measure(model, text, tokens, ctx, device=device)
+    doc = load_analysis(analysis)
+    if measured:
+        sens = read_json(measured, "sensitivity file")
+    else:
+        from .runtime.tokens import text_tokens, windows
+        from .text import read_text
+
+        ckpt, net, tok = _open(model, device)
+        wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text))
+        sens = measure(net, wins, ckpt.fingerprint, str(text))
     rows = sens.get("projections") if isinstance(sens, dict) else None
     if not rows or not isinstance(sens.get("model"), dict) or not all(
             isinstance(r, dict) and "key" in r and isinstance(r.get("dnll_80"), (int, float)) for r in rows):
@@ -268,10 +317,20 @@ def sensitivity_cmd(model, analysis, text, tokens, ctx, device, measured, output
               help="Weights and activations of the kernel backend.")
 def generate_cmd(model, plan_path, prompt, max_new_tokens, temperature, seed, mode, prefill, device, backend, dtype):
     """Continue PROMPT with the dense or planned-sparse model; the speed goes to stderr."""
-    from .runtime.generate import generate_text
+    from .plan import Plan
+    from .runtime import check_device
+    from .runtime.generate import check_kernel_run, generate_text
 
-    text, info = generate_text(model, prompt, plan_path, max_new_tokens, temperature, seed, mode, prefill,
-                               device=device, backend=backend, dtype=dtype)
+    check_device(device)
+    backend = backend or ("kernels" if device.startswith("cuda") else "reference")
+    if backend == "kernels":
+        check_kernel_run(device, temperature, prefill)
+    ckpt, net, tok = _open(model, device if backend == "reference" else "cpu")
+    plan = Plan.load(plan_path, expect_fingerprint=ckpt.fingerprint) if plan_path else None
+    eos = ckpt.config.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    text, info = generate_text(net, tok, prompt, plan, max_new_tokens, temperature, seed, mode, prefill,
+                               backend=backend, dtype=dtype, device=device, eos_id=eos)
     click.echo(text)
     if info["backend"] == "kernels":
         rate = info["decode_tokens_per_s"]

@@ -30,39 +30,40 @@ from pathlib import Path
 
 from .errors import ActTailError
 from .files import write_json
-from .plan import KINDS, weighted_sparsity
+from .layout import KINDS
+from .plan import Plan, PlanEntry, weighted_sparsity
 
 HF_NAMES = {"q": "self_attn/q_proj", "k": "self_attn/k_proj", "v": "self_attn/v_proj", "o": "self_attn/o_proj",
             "gate": "mlp/gate_proj", "up": "mlp/up_proj", "down": "mlp/down_proj"}
 TEAL_COLUMNS = ["Effective Sparsity", "Activation Error", "Baseline Error", *KINDS]
 
 
-def layer_entries(plan: dict) -> dict[int, list[dict]]:
+def layer_entries(plan: Plan) -> dict[int, list[PlanEntry]]:
     """Plan entries grouped by layer, every layer of the model present."""
-    by_layer = {i: [] for i in range(plan["model"]["num_layers"])}
-    for e in plan["projections"]:
-        by_layer[e["layer"]].append(e)
+    by_layer = {i: [] for i in range(plan.model["num_layers"])}
+    for e in plan.projections:
+        by_layer[e.layer].append(e)
     empty = [i for i, es in by_layer.items() if not es]
     if empty:
         raise ActTailError(f"plan has no projections for layer(s) {', '.join(map(str, empty[:5]))}")
     return by_layer
 
 
-def gemma3n_pattern(plan: dict) -> list[float]:
+def gemma3n_pattern(plan: Plan) -> list[float]:
     """One sparsity per layer: the parameter-weighted mean of the layer's projections."""
     return [weighted_sparsity(es) for _, es in sorted(layer_entries(plan).items())]
 
 
-def nncf_scopes(plan: dict) -> dict[str, float]:
+def nncf_scopes(plan: Plan) -> dict[str, float]:
     """Module-name regex -> sparsity, one per projection (NNCF matches with re.match, so we anchor at $)."""
-    return {f".*/{HF_NAMES[e['kind']]}/linear/{e['layer']}$": e["sparsity"] for e in plan["projections"]}
+    return {f".*/{HF_NAMES[e.kind]}/linear/{e.layer}$": e.sparsity for e in plan.projections}
 
 
-def teal_tables(plan: dict) -> dict[int, str]:
+def teal_tables(plan: Plan) -> dict[int, str]:
     """Layer -> text of its TEAL ``results.csv`` (one row: this plan's sparsities)."""
     tables = {}
     for layer, es in sorted(layer_entries(plan).items()):
-        by_kind = {e["kind"]: e["sparsity"] for e in es}
+        by_kind = {e.kind: e.sparsity for e in es}
         missing = [k for k in KINDS if k not in by_kind]
         if missing:
             raise ActTailError(f"TEAL needs all of {','.join(KINDS)}; layer {layer} lacks {','.join(missing)}")
@@ -74,17 +75,17 @@ def teal_tables(plan: dict) -> dict[int, str]:
     return tables
 
 
-def write_gemma3n(plan: dict, out: str | Path) -> list[Path]:
+def write_gemma3n(plan: Plan, out: str | Path) -> list[Path]:
     write_json(out, {"activation_sparsity_pattern": gemma3n_pattern(plan)})
     return [Path(out)]
 
 
-def write_nncf(plan: dict, out: str | Path) -> list[Path]:
+def write_nncf(plan: Plan, out: str | Path) -> list[Path]:
     write_json(out, nncf_scopes(plan))
     return [Path(out)]
 
 
-def write_teal(plan: dict, out: str | Path) -> list[Path]:
+def write_teal(plan: Plan, out: str | Path) -> list[Path]:
     """Write the folder beside ``out`` under a temporary name, then rename it into place."""
     out = Path(out)
     tables = teal_tables(plan)
@@ -126,7 +127,7 @@ def _is_teal_folder(path: Path) -> bool:
 EXPORTERS = {"gemma3n": write_gemma3n, "nncf": write_nncf, "teal": write_teal}
 
 
-def export(plan: dict, fmt: str, out: str | Path) -> list[Path]:
+def export(plan: Plan, fmt: str, out: str | Path) -> list[Path]:
     """Write ``plan`` as ``fmt`` to ``out`` (a JSON file, or a folder for teal); return the files written."""
     if fmt not in EXPORTERS:
         raise ActTailError(f"unknown export format {fmt!r} (choose from {', '.join(EXPORTERS)})")

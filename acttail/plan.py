@@ -4,6 +4,8 @@ This module is the only code that reads or writes plan files. A plan is JSON, ve
 (``"format": "acttail-plan", "version": 1``), described by ``schemas/plan.schema.json`` and validated on
 every read and write. One entry per projection holds its sparsity and, once calibrated, its magnitude
 threshold (inputs with |x| <= threshold are zeroed) and calibration statistics.
+
+In Python a plan is a ``Plan`` (``Plan.load`` / ``plan.save``) holding one ``PlanEntry`` per projection.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
@@ -20,10 +23,10 @@ import jsonschema
 from . import __version__
 from .errors import ActTailError
 from .files import read_json, write_json
+from .layout import KINDS, key as projection_key, order as projection_order, parse_key
 
 FORMAT = "acttail-plan"
 VERSION = 1
-KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 TOP_KEYS = ("format", "version", "tool_version", "created", "model", "budget", "method", "source",
             "projections", "calibration")
 MODEL_KEYS = ("fingerprint", "architecture", "model_type", "num_layers", "path")
@@ -37,71 +40,226 @@ def schema() -> dict:
     return json.loads((Path(__file__).parent / "schemas" / "plan.schema.json").read_text(encoding="utf-8"))
 
 
-# ---- building ---------------------------------------------------------------------------------------
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def new_entry(row: dict, metric: float | None, sparsity: float) -> dict:
-    """A plan entry for one projection (an analysis row), uncalibrated."""
+# ---- the typed plan ---------------------------------------------------------------------------------
+
+
+@dataclass
+class PlanEntry:
+    """One projection's sparsity; after calibration its threshold and what the calibration run measured."""
+
+    layer: int
+    kind: str
+    in_features: int
+    out_features: int
+    sparsity: float
+    metric: float | None = None
+    threshold: float | None = None
+    calibration: dict | None = None
+
+    @property
+    def key(self) -> str:
+        return projection_key(self.layer, self.kind)
+
+    @property
+    def params(self) -> int:
+        return self.in_features * self.out_features
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "layer": self.layer, "kind": self.kind, "in_features": self.in_features,
+                "out_features": self.out_features, "params": self.params, "metric": self.metric,
+                "sparsity": self.sparsity, "threshold": self.threshold, "calibration": self.calibration}
+
+    @classmethod
+    def from_dict(cls, e: dict) -> "PlanEntry":
+        return cls(layer=e["layer"], kind=e["kind"], in_features=e["in_features"], out_features=e["out_features"],
+                   sparsity=e["sparsity"], metric=e["metric"], threshold=e["threshold"],
+                   calibration=copy.deepcopy(e["calibration"]))
+
+
+@dataclass
+class Plan:
+    """A sparsity plan: the model it was made for, the budget, the method, and one entry per projection.
+
+    ``model`` is the analysis' model section (fingerprint, architecture, model_type, num_layers, path);
+    ``calibration`` describes the calibration run once thresholds are set (None before)."""
+
+    model: dict
+    budget: float
+    method: dict
+    projections: list[PlanEntry]
+    source: dict | None = None
+    calibration: dict | None = None
+    tool_version: str = __version__
+    created: str = field(default_factory=_now)
+
+    # ---- files and documents -----------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path, expect_fingerprint: str | None = None) -> "Plan":
+        """Read and validate a plan file; with ``expect_fingerprint``, refuse a plan made for other weights."""
+        plan = cls.from_dict(read_json(path, "plan"), where=f"plan {path}")
+        if expect_fingerprint is not None:
+            plan.check_model(expect_fingerprint, where=f"plan {path}")
+        return plan
+
+    def save(self, path: str | Path) -> None:
+        """Validate and write the plan atomically (keys in a stable order, indented by 2)."""
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, doc, where: str = "plan") -> "Plan":
+        """A Plan from a plan document (validated first: one clear error naming the field)."""
+        validate(doc, where)
+        return cls(model=dict(doc["model"]), budget=doc["budget"], method=dict(doc["method"]),
+                   projections=[PlanEntry.from_dict(e) for e in doc["projections"]],
+                   source=copy.deepcopy(doc.get("source")), calibration=copy.deepcopy(doc["calibration"]),
+                   tool_version=doc["tool_version"], created=doc["created"])
+
+    def to_dict(self) -> dict:
+        """The plan document (validated), as written to plan.json."""
+        doc = {"format": FORMAT, "version": VERSION, "tool_version": self.tool_version, "created": self.created,
+               "model": {k: self.model.get(k) for k in MODEL_KEYS}, "budget": float(self.budget),
+               "method": dict(self.method), "projections": [e.to_dict() for e in self.projections],
+               "calibration": copy.deepcopy(self.calibration)}
+        if self.source is not None:
+            doc["source"] = copy.deepcopy(self.source)
+        return validate(_ordered(doc))
+
+    def check_model(self, fingerprint: str, where: str = "plan") -> None:
+        """Refuse a plan made for other weights."""
+        if self.model["fingerprint"] != fingerprint:
+            raise ActTailError(f"{where} was made for another checkpoint (fingerprint {self.model['fingerprint']}, "
+                               f"this model has {fingerprint})")
+
+    # ---- reading -----------------------------------------------------------------------------------
+
+    def entry(self, layer: int, kind: str) -> PlanEntry:
+        for e in self.projections:
+            if e.layer == layer and e.kind == kind:
+                return e
+        raise KeyError(projection_key(layer, kind))
+
+    @property
+    def calibrated(self) -> bool:
+        """True when every projection has a threshold."""
+        return all(e.threshold is not None for e in self.projections)
+
+    @property
+    def weighted_sparsity(self) -> float:
+        return weighted_sparsity(self.projections)
+
+    def sparsities(self) -> dict[tuple[int, str], float]:
+        return {(e.layer, e.kind): e.sparsity for e in self.projections}
+
+    def thresholds(self) -> dict[tuple[int, str], float | None]:
+        return {(e.layer, e.kind): e.threshold for e in self.projections}
+
+    # ---- building ----------------------------------------------------------------------------------
+
+    def with_thresholds(self, thresholds: dict[str, float], stats: dict[str, dict] | None = None,
+                        calibration: dict | None = None) -> "Plan":
+        """A copy with a threshold (and optional statistics) for every projection.
+
+        ``thresholds`` and ``stats`` map projection keys ("layers.3.up") to a threshold >= 0 and to a dict
+        of statistics (e.g. {"achieved_sparsity": 0.49, "n_tokens": 4096}); ``calibration`` describes the run.
+        """
+        keys = {e.key for e in self.projections}
+        unknown = sorted(set(thresholds) - keys) + sorted(set(stats or {}) - keys)
+        if unknown:
+            raise ActTailError(f"thresholds for projections not in the plan: {', '.join(unknown[:5])}")
+        missing = sorted(keys - set(thresholds), key=lambda k: projection_order(*parse_key(k)))
+        if missing:
+            raise ActTailError(f"no threshold for {len(missing)} projections, e.g. {', '.join(missing[:5])}")
+        entries = []
+        for e in self.projections:
+            t = thresholds[e.key]
+            if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
+                raise ActTailError(f"threshold for {e.key} must be a finite number >= 0, got {t!r}")
+            stat = dict(stats[e.key]) if stats is not None and e.key in stats else e.calibration
+            entries.append(replace(e, threshold=float(t), calibration=stat))
+        out = replace(self, projections=entries,
+                      calibration=dict(calibration) if calibration is not None else self.calibration)
+        out.to_dict()  # validates
+        return out
+
+    # ---- summaries ---------------------------------------------------------------------------------
+
+    def summary(self) -> dict:
+        """Sparsity per kind and per layer (parameter-weighted mean, min, max) and the overall mean."""
+        entries = self.projections
+        kinds = [k for k in KINDS if any(e.kind == k for e in entries)]
+        per_layer = []
+        for layer in sorted({e.layer for e in entries}):
+            es = [e for e in entries if e.layer == layer]
+            per_layer.append({"layer": layer, **_stats(es), "by_kind": {e.kind: e.sparsity for e in es}})
+        return {
+            "budget": self.budget,
+            "weighted_sparsity": weighted_sparsity(entries),
+            "calibrated": self.calibrated,
+            "overall": _stats(entries),
+            "per_kind": {k: _stats([e for e in entries if e.kind == k]) for k in kinds},
+            "per_layer": per_layer,
+        }
+
+    def format_summary(self) -> str:
+        """A readable text summary for ``acttail plan show``."""
+        s, m, meth = self.summary(), self.model, self.method
+        params = ", ".join(f"{k}={v}" for k, v in meth.items() if k != "name")
+        lines = [
+            f"model      {m['path']}  ({m['architecture']}, {m['num_layers']} layers, fingerprint {m['fingerprint']})",
+            f"method     {meth['name']}  ({params})",
+            f"budget     {self.budget:.4f}   weighted mean sparsity {s['weighted_sparsity']:.6f}",
+            f"projections {s['overall']['n']}   sparsity min {s['overall']['min']:.4f}  max {s['overall']['max']:.4f}",
+            f"calibrated {'yes' if s['calibrated'] else 'no (thresholds are null)'}",
+            "",
+            f"{'kind':<6}{'n':>5}{'params':>12}{'mean':>9}{'min':>9}{'max':>9}"
+            + (f"{'achieved':>10}" if s["overall"]["achieved"] is not None else "")
+            + ("   threshold min..max" if s["calibrated"] else ""),
+        ]
+        for kind, st in s["per_kind"].items():
+            line = f"{kind:<6}{st['n']:>5}{st['params']:>12}{st['mean']:>9.4f}{st['min']:>9.4f}{st['max']:>9.4f}"
+            if st["achieved"] is not None:
+                line += f"{st['achieved']:>10.4f}"
+            if s["calibrated"]:
+                line += f"   {st['threshold_min']:.4g}..{st['threshold_max']:.4g}"
+            lines.append(line)
+        kinds = list(s["per_kind"])
+        lines += ["", f"{'layer':<6}{'mean':>8}{'min':>8}{'max':>8}  " + "".join(f"{k:>7}" for k in kinds)]
+        for row in s["per_layer"]:
+            cells = "".join(f"{row['by_kind'][k]:>7.3f}" if k in row["by_kind"] else f"{'-':>7}" for k in kinds)
+            lines.append(f"{row['layer']:<6}{row['mean']:>8.4f}{row['min']:>8.4f}{row['max']:>8.4f}  {cells}")
+        return "\n".join(lines)
+
+
+def weighted_sparsity(entries: list[PlanEntry]) -> float:
+    """Parameter-weighted mean sparsity of some plan entries."""
+    total = sum(e.params for e in entries)
+    return sum(e.sparsity * e.params for e in entries) / total
+
+
+def _stats(entries: list[PlanEntry]) -> dict:
+    s = [e.sparsity for e in entries]
+    t = [e.threshold for e in entries if e.threshold is not None]
+    achieved = [(e.calibration or {}).get("achieved_sparsity") for e in entries]
+    params = sum(e.params for e in entries)
     return {
-        "key": row["key"],
-        "layer": int(row["layer"]),
-        "kind": row["kind"],
-        "in_features": int(row["in_features"]),
-        "out_features": int(row["out_features"]),
-        "params": int(row["params"]),
-        "metric": metric,
-        "sparsity": float(sparsity),
-        "threshold": None,
-        "calibration": None,
+        "n": len(entries),
+        "params": params,
+        "mean": weighted_sparsity(entries),
+        "achieved": (sum(a * e.params for a, e in zip(achieved, entries)) / params
+                     if all(a is not None for a in achieved) else None),
+        "min": min(s),
+        "max": max(s),
+        "threshold_min": min(t) if t else None,
+        "threshold_max": max(t) if t else None,
     }
 
 
-def new_plan(model: dict, budget: float, method: dict, projections: list[dict], source: dict | None = None) -> dict:
-    """A validated, uncalibrated plan. ``model`` is the analysis' model section."""
-    plan = {
-        "format": FORMAT,
-        "version": VERSION,
-        "tool_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {k: model.get(k) for k in MODEL_KEYS},
-        "budget": float(budget),
-        "method": dict(method),
-        "projections": sorted(projections, key=_entry_order),
-        "calibration": None,
-    }
-    if source is not None:
-        plan["source"] = source
-    return validate(_ordered(plan))
-
-
-def with_thresholds(plan: dict, thresholds: dict[str, float], stats: dict[str, dict] | None = None,
-                    calibration: dict | None = None) -> dict:
-    """A copy of ``plan`` with a threshold (and optional statistics) for every projection.
-
-    ``thresholds`` and ``stats`` map projection keys ("layers.3.up") to a threshold >= 0 and to a dict
-    of statistics (e.g. {"achieved_sparsity": 0.49, "n_tokens": 4096}); ``calibration`` describes the run.
-    """
-    keys = {e["key"] for e in plan["projections"]}
-    unknown = sorted(set(thresholds) - keys) + sorted(set(stats or {}) - keys)
-    if unknown:
-        raise ActTailError(f"thresholds for projections not in the plan: {', '.join(unknown[:5])}")
-    missing = sorted(keys - set(thresholds), key=_key_order)
-    if missing:
-        raise ActTailError(f"no threshold for {len(missing)} projections, e.g. {', '.join(missing[:5])}")
-    out = copy.deepcopy(plan)
-    for e in out["projections"]:
-        t = thresholds[e["key"]]
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
-            raise ActTailError(f"threshold for {e['key']} must be a finite number >= 0, got {t!r}")
-        e["threshold"] = float(t)
-        if stats is not None and e["key"] in stats:
-            e["calibration"] = dict(stats[e["key"]])
-    if calibration is not None:
-        out["calibration"] = dict(calibration)
-    return validate(_ordered(out))
-
-
-# ---- validation and files ---------------------------------------------------------------------------
+# ---- validation of plan documents -------------------------------------------------------------------
 
 
 def validate(plan, where: str = "plan") -> dict:
@@ -126,7 +284,7 @@ def _check_consistency(plan: dict, where: str) -> None:
     seen = set()
     num_layers = plan["model"]["num_layers"]
     for i, e in enumerate(plan["projections"]):
-        if e["key"] != f"layers.{e['layer']}.{e['kind']}":
+        if e["key"] != projection_key(e["layer"], e["kind"]):
             raise ActTailError(f"{where}: field $.projections[{i}].key: {e['key']!r} does not match its layer and kind")
         if e["key"] in seen:
             raise ActTailError(f"{where}: field $.projections[{i}].key: {e['key']!r} appears twice")
@@ -137,131 +295,11 @@ def _check_consistency(plan: dict, where: str) -> None:
         seen.add(e["key"])
 
 
-def load_plan(path: str | Path, expect_fingerprint: str | None = None) -> dict:
-    """Read and validate a plan; with ``expect_fingerprint``, refuse a plan made for other weights."""
-    plan = validate(read_json(path, "plan"), where=f"plan {path}")
-    if expect_fingerprint is not None and plan["model"]["fingerprint"] != expect_fingerprint:
-        raise ActTailError(
-            f"plan {path} was made for another checkpoint (fingerprint {plan['model']['fingerprint']}, "
-            f"this model has {expect_fingerprint})"
-        )
-    return plan
-
-
-def save_plan(plan: dict, path: str | Path) -> None:
-    """Validate and write ``plan`` atomically, keys in a stable order, indented by 2."""
-    write_json(path, validate(_ordered(plan)))
-
-
 def _ordered(plan: dict) -> dict:
-    """The plan with its keys in the documented order (unknown keys kept last, for the schema to reject)."""
+    """The plan with its keys in the documented order, projections in layer/kind order."""
     out = {k: plan[k] for k in TOP_KEYS if k in plan}
     out.update({k: v for k, v in plan.items() if k not in out})
-    if isinstance(out.get("model"), dict):
-        m = out["model"]
-        out["model"] = {**{k: m[k] for k in MODEL_KEYS if k in m},
-                        **{k: v for k, v in m.items() if k not in MODEL_KEYS}}
-    if isinstance(out.get("projections"), list):
-        out["projections"] = [
-            {**{k: e[k] for k in ENTRY_KEYS if k in e}, **{k: v for k, v in e.items() if k not in ENTRY_KEYS}}
-            if isinstance(e, dict) else e
-            for e in out["projections"]
-        ]
+    out["projections"] = sorted(
+        ({**{k: e[k] for k in ENTRY_KEYS if k in e}, **{k: v for k, v in e.items() if k not in ENTRY_KEYS}}
+         for e in out["projections"]), key=lambda e: projection_order(e["layer"], e["kind"]))
     return out
-
-
-def _entry_order(e: dict):
-    return (e["layer"], KINDS.index(e["kind"]) if e["kind"] in KINDS else len(KINDS), e["key"])
-
-
-def _key_order(key: str):
-    _, layer, kind = key.split(".")
-    return (int(layer), KINDS.index(kind))
-
-
-# ---- reading ----------------------------------------------------------------------------------------
-
-
-def is_calibrated(plan: dict) -> bool:
-    """True when every projection has a threshold."""
-    return all(e["threshold"] is not None for e in plan["projections"])
-
-
-def weighted_sparsity(entries: list[dict]) -> float:
-    """Parameter-weighted mean sparsity of some plan entries."""
-    total = sum(e["params"] for e in entries)
-    return sum(e["sparsity"] * e["params"] for e in entries) / total
-
-
-def thresholds(plan: dict) -> dict[str, float | None]:
-    """Projection key -> threshold (None until calibrated)."""
-    return {e["key"]: e["threshold"] for e in plan["projections"]}
-
-
-def _stats(entries: list[dict]) -> dict:
-    s = [e["sparsity"] for e in entries]
-    t = [e["threshold"] for e in entries if e["threshold"] is not None]
-    achieved = [(e.get("calibration") or {}).get("achieved_sparsity") for e in entries]
-    return {
-        "n": len(entries),
-        "params": sum(e["params"] for e in entries),
-        "mean": weighted_sparsity(entries),
-        "achieved": (sum(a * e["params"] for a, e in zip(achieved, entries)) / sum(e["params"] for e in entries)
-                     if all(a is not None for a in achieved) else None),
-        "min": min(s),
-        "max": max(s),
-        "threshold_min": min(t) if t else None,
-        "threshold_max": max(t) if t else None,
-    }
-
-
-def plan_summary(plan: dict) -> dict:
-    """Sparsity per kind and per layer (parameter-weighted mean, min, max) and the overall mean."""
-    entries = plan["projections"]
-    kinds = [k for k in KINDS if any(e["kind"] == k for e in entries)]
-    layers = sorted({e["layer"] for e in entries})
-    per_layer = []
-    for layer in layers:
-        es = [e for e in entries if e["layer"] == layer]
-        row = {"layer": layer, **_stats(es)}
-        row["by_kind"] = {e["kind"]: e["sparsity"] for e in es}
-        per_layer.append(row)
-    return {
-        "budget": plan["budget"],
-        "weighted_sparsity": weighted_sparsity(entries),
-        "calibrated": is_calibrated(plan),
-        "overall": _stats(entries),
-        "per_kind": {k: _stats([e for e in entries if e["kind"] == k]) for k in kinds},
-        "per_layer": per_layer,
-    }
-
-
-def format_summary(plan: dict) -> str:
-    """A readable text summary for ``acttail plan show``."""
-    s = plan_summary(plan)
-    m, meth = plan["model"], plan["method"]
-    params = ", ".join(f"{k}={v}" for k, v in meth.items() if k != "name")
-    lines = [
-        f"model      {m['path']}  ({m['architecture']}, {m['num_layers']} layers, fingerprint {m['fingerprint']})",
-        f"method     {meth['name']}  ({params})",
-        f"budget     {plan['budget']:.4f}   weighted mean sparsity {s['weighted_sparsity']:.6f}",
-        f"projections {s['overall']['n']}   sparsity min {s['overall']['min']:.4f}  max {s['overall']['max']:.4f}",
-        f"calibrated {'yes' if s['calibrated'] else 'no (thresholds are null)'}",
-        "",
-        f"{'kind':<6}{'n':>5}{'params':>12}{'mean':>9}{'min':>9}{'max':>9}"
-        + (f"{'achieved':>10}" if s["overall"]["achieved"] is not None else "")
-        + ("   threshold min..max" if s["calibrated"] else ""),
-    ]
-    for kind, st in s["per_kind"].items():
-        line = f"{kind:<6}{st['n']:>5}{st['params']:>12}{st['mean']:>9.4f}{st['min']:>9.4f}{st['max']:>9.4f}"
-        if st["achieved"] is not None:
-            line += f"{st['achieved']:>10.4f}"
-        if s["calibrated"]:
-            line += f"   {st['threshold_min']:.4g}..{st['threshold_max']:.4g}"
-        lines.append(line)
-    kinds = list(s["per_kind"])
-    lines += ["", f"{'layer':<6}{'mean':>8}{'min':>8}{'max':>8}  " + "".join(f"{k:>7}" for k in kinds)]
-    for row in s["per_layer"]:
-        cells = "".join(f"{row['by_kind'][k]:>7.3f}" if k in row["by_kind"] else f"{'-':>7}" for k in kinds)
-        lines.append(f"{row['layer']:<6}{row['mean']:>8.4f}{row['min']:>8.4f}{row['max']:>8.4f}  {cells}")
-    return "\n".join(lines)

@@ -8,14 +8,12 @@ calibration text (c4), never on the evaluation text.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from .allocate import register_method
-
+from .layout import KINDS
 from .runtime.perplexity import perplexity
-from .runtime.sparsify import Sparsifier
+from .runtime.sparsify import ProjectionSparsity, Sparsifier, keep_count
 
 
 @torch.no_grad()
@@ -29,7 +27,8 @@ def sensitivity(model, wins: torch.Tensor, keys: list[tuple[int, str]], levels=(
     for key in keys:
         out[key] = {}
         for level in levels:
-            model.sparsifier = Sparsifier("topk", sparsities={key: level}, measure=False)
+            keep = keep_count(level, model.args.in_features(key[1]))
+            model.sparsifier = Sparsifier({key: ProjectionSparsity(keep=keep)}, measure=False)
             out[key][level] = perplexity(model, wins, batch_size, progress=False)["nll"] - base
             bar.update()
     bar.close()
@@ -37,22 +36,17 @@ def sensitivity(model, wins: torch.Tensor, keys: list[tuple[int, str]], levels=(
     return {"dense_nll": base, "dnll": out}
 
 
-def measure(model_path, text="c4", tokens: int = 16384, ctx: int = 512, levels=(0.5, 0.8), device: str = "cpu",
+def measure(model, wins: torch.Tensor, fingerprint: str, text: str = "c4", levels=(0.5, 0.8),
             progress: bool = True) -> dict:
-    """The sensitivity document (JSON-ready) of a model on ``text``: one row per projection with
-    ``dnll_50``, ``dnll_80``, ... (loss increase at each top-k level). Costs 1 + n_projections x levels
-    forward passes over ``tokens``: minutes on a GPU, hours for a 135M model on two CPU cores."""
+    """The sensitivity document (JSON-ready) of ``model`` (our decoder) on windows of ``text``: one row per
+    projection with ``dnll_50``, ``dnll_80``, ... (loss increase at each top-k level). Costs 1 +
+    n_projections x levels forward passes: minutes on a GPU, hours for a 135M model on two CPU cores."""
     import time
 
-    from .runtime import open_model
-    from .runtime.perplexity import load_tokenizer, text_tokens, windows
-
-    ckpt, model = open_model(model_path, device=device)
-    wins = windows(text_tokens(load_tokenizer(model_path), text, tokens), ctx, model.args.max_seq_len, text)
-    keys = [(p.layer, p.kind) for p in ckpt.projections()]
+    keys = [(layer, kind) for layer in range(model.args.n_layer) for kind in KINDS]
     t0 = time.time()
     r = sensitivity(model, wins, keys, levels, progress=progress)
-    return {"model": {"fingerprint": ckpt.fingerprint}, "text": str(text), "tokens": int(wins.numel()),
+    return {"model": {"fingerprint": fingerprint}, "text": str(text), "tokens": int(wins.numel()),
             "mode": "topk", "levels": list(levels), "dense_nll": r["dense_nll"], "seconds": time.time() - t0,
             "projections": [{"key": f"layers.{l}.{k}", "layer": l, "kind": k,
                              **{f"dnll_{round(100 * lv)}": d[lv] for lv in levels}} for (l, k), d in r["dnll"].items()]}
@@ -86,9 +80,3 @@ def with_sensitivity(analysis: dict, sens: dict, level: str = "dnll_80") -> dict
 def _params(analysis: dict, key: str) -> int:
     return next(r["params"] for r in analysis["projections"] if r["key"] == key)
 
-
-@register_method("sensitivity")
-def sensitivity_ratios(rows, *, gamma=0.5, **_) -> np.ndarray:
-    """Study ablation without alpha: ratio = (sensitivity / geometric mean)^-gamma per projection."""
-    sens = np.array([float(r["sensitivity"]) for r in rows])
-    return np.exp(np.log(sens) - np.log(sens).mean()) ** -gamma

@@ -19,17 +19,17 @@ from pathlib import Path
 
 import torch
 
-from acttail.runtime.cuda import GROUPS, LLAMA2_7B, SMOLLM2_135M, CudaDecoder
+from acttail.layout import GROUP_OF, GROUPS, KINDS
+from acttail.runtime.cuda import CudaDecoder
+from acttail.runtime.model import LLAMA2_7B, SMOLLM2_135M
 from benchmarks.gpu_kernels import copy_bandwidth, warm_up
-
-KINDS = ("q", "k", "v", "o", "gate", "up", "down")
-GROUP_OF = {k: g for g, ks in GROUPS.items() for k in ks}
 
 
 def kind_params(d):
-    q, kv = d.n_head * d.head_dim, d.n_kv * d.head_dim
+    q, kv = d.n_head * d.head_dim, d.n_local_heads * d.head_dim
+    i = d.intermediate_size
     return {"q": d.dim * q, "k": d.dim * kv, "v": d.dim * kv, "o": q * d.dim,
-            "gate": d.dim * d.inter, "up": d.dim * d.inter, "down": d.inter * d.dim}
+            "gate": d.dim * i, "up": d.dim * i, "down": i * d.dim}
 
 
 def synthetic_plan(d, mean=0.5):

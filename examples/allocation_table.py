@@ -3,7 +3,7 @@
     acttail analyze ~/.cache/acttail/models/smollm2-135m -o /tmp/smol_analysis.json
     python examples/allocation_table.py /tmp/smol_analysis.json -o reports/smollm2-135m/allocation.md
 
-Every number comes from ``acttail.allocate`` run on the given analysis; nothing is typed in.
+Every number comes from ``acttail.allocate`` (the Python API) run on the given analysis; nothing is typed in.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import argparse
 import os
 import statistics
 
-from acttail.allocate import plan_from_analysis, read_analysis
+import acttail
 from acttail.files import write_text
-from acttail.plan import KINDS, plan_summary
+from acttail.layout import KINDS
 
 VARIANTS = [  # (label, allocate options)
     ("uniform", dict(method="uniform")),
@@ -24,11 +24,11 @@ VARIANTS = [  # (label, allocate options)
 ]
 
 
-def kind_table(analysis: dict, budget: float, metric: str) -> list[str]:
+def kind_table(analysis: acttail.Analysis, budget: float, metric: str) -> list[str]:
     """One markdown table: a row per kind, mean/min/max sparsity per variant."""
-    plans = [(label, plan_from_analysis(analysis, budget, metric=metric, **opts)) for label, opts in VARIANTS]
-    summaries = [(label, plan_summary(p)) for label, p in plans]
-    rows = analysis["projections"]
+    plans = [(label, acttail.allocate(analysis, budget, metric=metric, **opts)) for label, opts in VARIANTS]
+    summaries = [(label, p.summary()) for label, p in plans]
+    rows = analysis.projections
     total = sum(r["params"] for r in rows)
     head = (f"| kind | params | {metric} median (min-max) | "
             + " | ".join(f"{label} mean (min-max)" for label, _ in summaries) + " |")
@@ -44,23 +44,23 @@ def kind_table(analysis: dict, budget: float, metric: str) -> list[str]:
     cells = ["all", "100%", ""]
     for (_, s), (_, p) in zip(summaries, plans):
         o = s["overall"]
-        at_max = sum(e["sparsity"] >= p["method"]["max_sparsity"] for e in p["projections"])
+        at_max = sum(e.sparsity >= p.method["max_sparsity"] for e in p.projections)
         cells.append(f"**{s['weighted_sparsity']:.6f}** ({o['min']:.3f}-{o['max']:.3f}), {at_max} at max")
     lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def report(analysis: dict, analysis_path: str, budgets: list[float], metric: str) -> str:
-    m, st = analysis["model"], analysis.get("settings", {})
-    nulls = sum(r.get(metric) is None for r in analysis["projections"])
-    meth = plan_from_analysis(analysis, budgets[0], metric=metric)["method"]  # the defaults, as recorded
+def report(analysis: acttail.Analysis, analysis_path: str, budgets: list[float], metric: str) -> str:
+    m, st = analysis.model, analysis.settings
+    nulls = sum(r.get(metric) is None for r in analysis.projections)
+    meth = acttail.allocate(analysis, budgets[0], metric=metric).method  # the defaults, as recorded
     eps, lo, hi = meth["epsilon"], meth["min_sparsity"], meth["max_sparsity"]
     out = [
         f"# Allocation: {os.path.basename(m['path'].rstrip('/'))}",
         "",
         f"Model `{_home(m['path'])}` ({m['architecture']}, {m['num_layers']} layers, "
         f"fingerprint `{m['fingerprint']}`), "
-        f"{len(analysis['projections'])} projections, {nulls} with no {metric} value (failed fit). "
+        f"{len(analysis.projections)} projections, {nulls} with no {metric} value (failed fit). "
         f"Analysis: fit `{st.get('fit')}`, dtype `{st.get('dtype')}`, backend `{st.get('backend')}`.",
         "",
         "Sparsity of the inputs of each projection kind: parameter-weighted mean (min-max over the layers). "
@@ -94,7 +94,7 @@ def main(argv=None) -> None:
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.8])
     p.add_argument("--metric", default="alpha")
     args = p.parse_args(argv)
-    write_text(args.output, report(read_analysis(args.analysis), args.analysis, args.budgets, args.metric))
+    write_text(args.output, report(acttail.Analysis.load(args.analysis), args.analysis, args.budgets, args.metric))
     print(f"wrote {args.output}")
 
 

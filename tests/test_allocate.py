@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from acttail.allocate import METHODS, allocate, fit_budget, metric_values, plan_from_analysis, register_method
+from acttail.allocation import METHODS, fit_budget, metric_values, plan_from_analysis, register_method, sparsities
 from acttail.errors import ActTailError
 from stage2_synthetic import KINDS, analysis, rows as make_rows
 
@@ -56,7 +56,7 @@ def test_budget_met_and_bounds_respected(rows, req, scope, direction, eps):
     budget, lo, hi = req
     if all(r["alpha"] is None for r in rows):
         rows[0]["alpha"] = 3.0
-    s = allocate(rows, budget, scope=scope, direction=direction, epsilon=eps, min_sparsity=lo, max_sparsity=hi)
+    s = sparsities(rows, budget, scope=scope, direction=direction, epsilon=eps, min_sparsity=lo, max_sparsity=hi)
     assert abs(weighted_mean(rows, s) - budget) <= 1e-9
     assert all(lo <= x <= hi for x in s)
 
@@ -65,7 +65,7 @@ def test_budget_met_and_bounds_respected(rows, req, scope, direction, eps):
 @given(rows=row_sets(nulls=False), req=requests(), scope=scopes, direction=directions, eps=epsilons)
 def test_monotone_in_metric(rows, req, scope, direction, eps):
     budget, lo, hi = req
-    s = allocate(rows, budget, scope=scope, direction=direction, epsilon=eps, min_sparsity=lo, max_sparsity=hi)
+    s = sparsities(rows, budget, scope=scope, direction=direction, epsilon=eps, min_sparsity=lo, max_sparsity=hi)
     m = metric_values(rows, "alpha", scope)  # the value that drives each row (layer mean for scope=layer)
     sign = 1 if direction == "increasing" else -1
     for i in range(len(rows)):
@@ -79,7 +79,7 @@ def test_monotone_in_metric(rows, req, scope, direction, eps):
 @given(rows=row_sets(nulls=False, equal=True), req=requests(), scope=scopes, eps=epsilons)
 def test_uniform_when_all_metrics_equal(rows, req, scope, eps):
     budget, lo, hi = req
-    s = allocate(rows, budget, scope=scope, epsilon=eps, min_sparsity=lo, max_sparsity=hi)
+    s = sparsities(rows, budget, scope=scope, epsilon=eps, min_sparsity=lo, max_sparsity=hi)
     assert max(abs(x - budget) for x in s) <= 1e-9
 
 
@@ -90,11 +90,11 @@ def test_deterministic_and_order_invariant(rows, req, scope, seed):
     if all(r["alpha"] is None for r in rows):
         rows[0]["alpha"] = 3.0
     kw = dict(scope=scope, min_sparsity=lo, max_sparsity=hi)
-    first = allocate(rows, budget, **kw)
-    assert allocate(rows, budget, **kw) == first
+    first = sparsities(rows, budget, **kw)
+    assert sparsities(rows, budget, **kw) == first
     shuffled = rows[:]
     random.Random(seed).shuffle(shuffled)
-    again = dict(zip((r["key"] for r in shuffled), allocate(shuffled, budget, **kw)))
+    again = dict(zip((r["key"] for r in shuffled), sparsities(shuffled, budget, **kw)))
     assert {r["key"]: x for r, x in zip(rows, first)} == again  # bit-identical, not just close
 
 
@@ -102,7 +102,7 @@ def test_deterministic_and_order_invariant(rows, req, scope, seed):
 @given(rows=row_sets(), req=requests())
 def test_uniform_method_gives_the_budget(rows, req):
     budget, lo, hi = req
-    s = allocate(rows, budget, method="uniform", min_sparsity=lo, max_sparsity=hi)
+    s = sparsities(rows, budget, method="uniform", min_sparsity=lo, max_sparsity=hi)
     assert max(abs(x - budget) for x in s) <= 1e-12
 
 
@@ -111,31 +111,31 @@ def test_uniform_method_gives_the_budget(rows, req):
 def test_alphapruning_map_without_clipping():
     """Unclipped, the sparsities are budget * r / mean(r): sparsest / densest = (1 + eps) / (1 - eps)."""
     rows = make_rows(30)
-    s = allocate(rows, 0.3, epsilon=0.3)
+    s = sparsities(rows, 0.3, epsilon=0.3)
     assert max(s) / min(s) == pytest.approx(1.3 / 0.7, rel=1e-12)
     lowest = min(range(len(rows)), key=lambda i: rows[i]["alpha"])
     highest = max(range(len(rows)), key=lambda i: rows[i]["alpha"])
     assert s[lowest] == min(s) and s[highest] == max(s)  # lower alpha -> lower sparsity
-    r = allocate(rows, 0.3, epsilon=0.3, direction="decreasing")
+    r = sparsities(rows, 0.3, epsilon=0.3, direction="decreasing")
     assert r[lowest] == max(r) and r[highest] == min(r)
 
 
 def test_high_budget_clips_and_redistributes():
     rows = make_rows(30)
-    s = allocate(rows, 0.85, max_sparsity=0.95)
+    s = sparsities(rows, 0.85, max_sparsity=0.95)
     assert max(s) == 0.95 and sum(x == 0.95 for x in s) > 1
     assert abs(weighted_mean(rows, s) - 0.85) <= 1e-9
 
 
 def test_budget_equal_to_a_bound_is_all_at_the_bound():
     rows = make_rows(4)
-    assert allocate(rows, 0.9, max_sparsity=0.9) == pytest.approx([0.9] * len(rows), abs=1e-12)
+    assert sparsities(rows, 0.9, max_sparsity=0.9) == pytest.approx([0.9] * len(rows), abs=1e-12)
 
 
 def test_per_kind_scope_normalises_within_each_kind():
     """Per kind, the lowest alpha of every kind gets the same (lowest) ratio when nothing clips."""
     rows = make_rows(30)
-    s = allocate(rows, 0.3, scope="per-kind", epsilon=0.3)
+    s = sparsities(rows, 0.3, scope="per-kind", epsilon=0.3)
     lows = []
     for kind in KINDS:
         idx = [i for i, r in enumerate(rows) if r["kind"] == kind]
@@ -146,7 +146,7 @@ def test_per_kind_scope_normalises_within_each_kind():
 
 def test_layer_scope_gives_one_sparsity_per_layer():
     rows = make_rows(30)
-    s = allocate(rows, 0.5, scope="layer")
+    s = sparsities(rows, 0.5, scope="layer")
     for layer in range(30):
         vals = {s[i] for i, r in enumerate(rows) if r["layer"] == layer}
         assert len(vals) == 1
@@ -180,13 +180,13 @@ def test_null_metric_falls_back_to_the_global_median():
 
 def test_other_metric_columns_and_weights():
     rows = make_rows(6)
-    by_rank = allocate(rows, 0.5, metric="stable_rank")
+    by_rank = sparsities(rows, 0.5, metric="stable_rank")
     order = sorted(range(len(rows)), key=lambda i: rows[i]["stable_rank"])
     assert [by_rank[i] for i in order] == sorted(by_rank)
     # bytes weighting: identical without a bytes column, different with a mixed-precision one
-    assert allocate(rows, 0.5, weight="bytes") == allocate(rows, 0.5)
+    assert sparsities(rows, 0.5, weight="bytes") == sparsities(rows, 0.5)
     mixed = [dict(r, bytes=r["params"] * (1 if r["kind"] == "down" else 2)) for r in rows]
-    s = allocate(mixed, 0.5, weight="bytes")
+    s = sparsities(mixed, 0.5, weight="bytes")
     assert abs(weighted_mean(mixed, s, "bytes") - 0.5) <= 1e-9
     assert abs(weighted_mean(mixed, s, "params") - 0.5) > 1e-6
 
@@ -206,19 +206,19 @@ def test_other_metric_columns_and_weights():
 ])
 def test_infeasible_or_bad_requests_are_clear_errors(kw, message):
     with pytest.raises(ActTailError, match=message):
-        allocate(make_rows(2), **kw)
+        sparsities(make_rows(2), **kw)
 
 
 def test_rows_must_be_usable():
     rows = make_rows(2)
     with pytest.raises(ActTailError, match="appears twice"):
-        allocate(rows + rows[:1], 0.5)
+        sparsities(rows + rows[:1], 0.5)
     with pytest.raises(ActTailError, match="every fit failed"):
-        allocate([dict(r, alpha=None) for r in rows], 0.5)
+        sparsities([dict(r, alpha=None) for r in rows], 0.5)
     with pytest.raises(ActTailError, match="non-positive"):
-        allocate([dict(rows[0], params=0)], 0.5)
+        sparsities([dict(rows[0], params=0)], 0.5)
     with pytest.raises(ActTailError, match="no projections"):
-        allocate([], 0.5)
+        sparsities([], 0.5)
 
 
 def test_fit_budget_directly():
@@ -235,20 +235,20 @@ def test_a_new_method_plugs_in():
 
     try:
         rows = [dict(r, sensitivity=float(i + 1)) for i, r in enumerate(make_rows(2))]
-        s = allocate(rows, 0.4, method="test-sensitivity", power=0.5)
+        s = sparsities(rows, 0.4, method="test-sensitivity", power=0.5)
         assert s == sorted(s, reverse=True) and abs(weighted_mean(rows, s) - 0.4) <= 1e-9
         an = dict(analysis(num_layers=2), projections=rows)
         plan = plan_from_analysis(an, 0.4, method="test-sensitivity", metric="sensitivity", power=0.5)
-        assert plan["method"]["power"] == 0.5 and plan["projections"][3]["metric"] == 4.0
+        assert plan.method["power"] == 0.5 and plan.projections[3].metric == 4.0
         with pytest.raises(ActTailError, match="invalid ratios"):
-            allocate(rows, 0.4, method="test-sensitivity", power=float("nan"))
+            sparsities(rows, 0.4, method="test-sensitivity", power=float("nan"))
     finally:
         METHODS.pop("test-sensitivity")
 
 
 def test_plan_from_analysis_records_everything():
     an = analysis(num_layers=3, null_every=5)
-    plan = plan_from_analysis(an, 0.7, analysis_path="a.json", scope="per-kind", epsilon=0.2)
+    plan = plan_from_analysis(an, 0.7, analysis_path="a.json", scope="per-kind", epsilon=0.2).to_dict()
     assert plan["method"] == {"name": "acttail", "metric": "alpha", "scope": "per-kind", "epsilon": 0.2,
                               "direction": "increasing", "null_metric": "median", "weight": "params",
                               "min_sparsity": 0.0, "max_sparsity": 0.99}
@@ -257,7 +257,7 @@ def test_plan_from_analysis_records_everything():
     assert [e["metric"] for e in plan["projections"]] == [r["alpha"] for r in an["projections"]]
     assert abs(weighted_mean(plan["projections"], [e["sparsity"] for e in plan["projections"]]) - 0.7) <= 1e-9
     uniform = plan_from_analysis(an, 0.7, method="uniform")
-    assert set(uniform["method"]) == {"name", "metric", "weight", "min_sparsity", "max_sparsity"}
+    assert set(uniform.method) == {"name", "metric", "weight", "min_sparsity", "max_sparsity"}
 
 
 def test_allocation_table_script(tmp_path):

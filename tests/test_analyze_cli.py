@@ -5,7 +5,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from acttail.analyze import load_analysis
+from acttail.analysis import load_analysis
 from acttail.cli import main
 from acttail.errors import ActTailError
 from conftest import write_tiny_model

@@ -7,12 +7,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from acttail import allocate, plan as plan_io
-from acttail.calibrate import LogHistogram, calibrate
+from acttail import allocation
+from acttail.calibration import LogHistogram, fit_thresholds
 from acttail.checkpoint import Checkpoint
 from acttail.cli import main
-from acttail.runtime import open_model, plan_sparsifier
-from acttail.runtime.perplexity import load_tokenizer, perplexity, text_tokens, windows
+from acttail.plan import Plan
+from acttail.runtime import open_model
+from acttail.runtime.perplexity import perplexity
+from acttail.runtime.sparsify import ProjectionSparsity, Sparsifier
+from acttail.runtime.tokens import load_tokenizer, text_tokens, windows
 
 from runtime_tiny import write_hf_model, write_text
 
@@ -43,8 +46,8 @@ def setup(tmp_path_factory):
     analysis = {"model": {"fingerprint": ckpt.fingerprint, "architecture": ckpt.architecture,
                           "model_type": ckpt.model_type, "num_layers": ckpt.num_layers, "path": str(folder)},
                 "projections": rows}
-    plan = allocate.plan_from_analysis(analysis, 0.6, method="acttail", epsilon=0.5)
-    plan_io.save_plan(plan, root / "plan.json")
+    plan = allocation.plan_from_analysis(analysis, 0.6, method="acttail", epsilon=0.5)
+    plan.save(root / "plan.json")
     return {"root": root, "model": folder, "plan": root / "plan.json", "ckpt": ckpt,
             "cal": write_text(root / "cal.txt", 6000, seed=5), "held": write_text(root / "held.txt", 6000, seed=6)}
 
@@ -52,33 +55,42 @@ def setup(tmp_path_factory):
 def calibration_inputs(setup):
     """The tiny model, its plan, 4096 calibration tokens in windows of 128, and the target per projection."""
     _, model = open_model(setup["model"])
-    plan = plan_io.load_plan(setup["plan"])
-    wins = windows(text_tokens(load_tokenizer(setup["model"]), setup["cal"], 4096), 128, 256)
-    targets = {(e["layer"], e["kind"]): e["sparsity"] for e in plan["projections"]}
-    return model, plan, wins, targets
+    plan = Plan.load(setup["plan"])
+    wins = windows(text_tokens(load_tokenizer(setup["model"]), setup["cal"].read_text(), 4096), 128, 256)
+    return model, plan, wins, plan.sparsities()
 
 
 def test_sparse_run_hits_every_target_on_the_calibration_text(setup):
     """Layer-by-layer calibration: in the full sparse run every projection is within 1% of its target."""
     model, plan, wins, targets = calibration_inputs(setup)
-    found = calibrate(model, wins, targets, progress=False)
+    found = fit_thresholds(model, wins, targets, progress=False)
     assert max(abs(r["achieved"] - targets[k]) for k, r in found.items()) < 0.01
     # the same thresholds in the ordinary sparse forward pass, measured independently
-    model.sparsifier = plan_sparsifier({"projections": [{**e, "threshold": found[(e["layer"], e["kind"])]["threshold"]}
-                                                        for e in plan["projections"]]}, "threshold")
+    model.sparsifier = Sparsifier({k: ProjectionSparsity(threshold=r["threshold"]) for k, r in found.items()})
     perplexity(model, wins, progress=False)
     got = model.sparsifier.achieved()
     assert max(abs(got[k] - targets[k]) for k in targets) < 0.01
 
 
+def test_smaller_batches_give_the_same_thresholds(setup):
+    """All windows in one pass, or a pass per group over batches of 8: the same histograms, same thresholds."""
+    model, plan, wins, targets = calibration_inputs(setup)
+    one = fit_thresholds(model, wins, targets, progress=False)
+    batched = fit_thresholds(model, wins, targets, batch_size=8, progress=False)
+    assert len(wins) > 8 and set(one) == set(batched) == set(targets)
+    for k in targets:
+        assert batched[k]["threshold"] == pytest.approx(one[k]["threshold"], rel=1e-3)
+        assert batched[k]["achieved"] == pytest.approx(one[k]["achieved"], abs=1e-3)
+
+
 def test_dense_thresholds_would_overshoot(setup):
     """What layer-by-layer calibration fixes: thresholds from dense activations miss deep in the model."""
     model, plan, wins, targets = calibration_inputs(setup)
-    layered = calibrate(model, wins, targets, progress=False)
+    layered = fit_thresholds(model, wins, targets, progress=False)
     dense_t = {}
     for layer in range(4):  # each layer calibrated with every other layer dense
         one = {k: v for k, v in targets.items() if k[0] == layer}
-        dense_t.update({k: r["threshold"] for k, r in calibrate(model, wins, one, progress=False).items()})
+        dense_t.update({k: r["threshold"] for k, r in fit_thresholds(model, wins, one, progress=False).items()})
     assert any(abs(dense_t[k] - layered[k]["threshold"]) > 1e-3 * layered[k]["threshold"] for k in targets if k[0] > 0)
 
 
@@ -87,12 +99,12 @@ def test_cli_calibrate_writes_thresholds_and_stats(setup, tmp_path):
     r = CliRunner().invoke(main, ["calibrate", str(setup["model"]), str(setup["plan"]), "--text", str(setup["cal"]),
                                   "--tokens", "2048", "--ctx", "128", "-o", str(out)])
     assert r.exit_code == 0, r.output
-    plan = plan_io.load_plan(out)
-    assert plan_io.is_calibrated(plan)
-    assert plan["calibration"]["n_tokens"] == 2048 and plan["calibration"]["max_abs_deviation"] < 0.01
-    for e in plan["projections"]:
-        assert abs(e["calibration"]["achieved_sparsity"] - e["sparsity"]) < 0.01
-        assert e["calibration"]["n_tokens"] == 2048
+    plan = Plan.load(out)
+    assert plan.calibrated
+    assert plan.calibration["n_tokens"] == 2048 and plan.calibration["max_abs_deviation"] < 0.01
+    for e in plan.projections:
+        assert abs(e.calibration["achieved_sparsity"] - e.sparsity) < 0.01
+        assert e.calibration["n_tokens"] == 2048
 
 
 def test_cli_calibrate_bad_inputs(setup, tmp_path):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from acttail.allocate import allocate
+from acttail.allocation import sparsities as allocate
 from acttail.errors import ActTailError
 from stage2_synthetic import rows
 
@@ -36,7 +36,7 @@ def test_sensitivity_unrelated_to_alpha_gives_uniform():
     rng = np.random.default_rng(0)
     rs = [{**r, "sensitivity": float(s)} for r, s in zip(rs, rng.permutation(len(rs)) + 1.0)]
     rho_bound = 2 / np.sqrt(len(rs))
-    from acttail.allocate import spearman
+    from acttail.allocation import spearman
 
     alphas = np.array([r["alpha"] for r in rs])
     assert abs(spearman(alphas, np.array([r["sensitivity"] for r in rs]))) <= rho_bound  # chance level
@@ -44,11 +44,11 @@ def test_sensitivity_unrelated_to_alpha_gives_uniform():
 
 
 def test_plan_records_the_measured_direction():
-    from acttail.allocate import plan_from_analysis
+    from acttail.allocation import plan_from_analysis
     from stage2_synthetic import analysis
 
     doc = analysis(num_layers=6, seed=4)
-    assert "direction" not in plan_from_analysis(doc, 0.5)["source"]
+    assert "direction" not in plan_from_analysis(doc, 0.5).source
     doc["projections"] = with_sensitivity(doc["projections"], 1.0)
-    rec = plan_from_analysis(doc, 0.5)["source"]["direction"]
+    rec = plan_from_analysis(doc, 0.5).source["direction"]
     assert rec["direction"] == "decreasing" and rec["spearman"] > rec["chance_bound"] > 0

@@ -10,11 +10,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from acttail import allocate, plan as plan_io
+from acttail import allocation
+from acttail.plan import Plan
 from acttail.checkpoint import Checkpoint
 from acttail.cli import main
 from acttail.runtime import open_model
-from acttail.runtime.perplexity import load_tokenizer, perplexity, text_tokens, windows
+from acttail.runtime.perplexity import perplexity
+from acttail.runtime.tokens import load_tokenizer, text_tokens, windows
 
 from runtime_tiny import synthetic_analysis, write_hf_model, write_text
 
@@ -26,7 +28,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     folder = root / "model"
     hf = write_hf_model(folder, "qwen2", layers=2, seed=4, tie=False, scale=0.3)
-    plan_io.save_plan(allocate.plan_from_analysis(synthetic_analysis(folder), 0.5), root / "plan.json")
+    allocation.plan_from_analysis(synthetic_analysis(folder), 0.5).save(root / "plan.json")
     cal, held = write_text(root / "cal.txt", 5000, seed=7), write_text(root / "held.txt", 5000, seed=8)
     r = CliRunner().invoke(main, ["calibrate", str(folder), str(root / "plan.json"), "--text", str(cal),
                                   "--tokens", "2048", "--ctx", "128", "-o", str(root / "calibrated.json")])
@@ -42,7 +44,7 @@ def run(*args):
 def test_dense_perplexity_matches_transformers(setup):
     """Our windowed perplexity equals exp(mean CE) of HF logits on the same windows."""
     tok = load_tokenizer(setup["model"])
-    wins = windows(text_tokens(tok, setup["held"], 1024), 128, 256)
+    wins = windows(text_tokens(tok, setup["held"].read_text(), 1024), 128, 256)
     _, model = open_model(setup["model"])
     ours = perplexity(model, wins, batch_size=3, progress=False)
     with torch.no_grad():
@@ -68,6 +70,8 @@ def test_eval_cli_dense_and_sparse_json(setup, tmp_path):
     # held-out text: the thresholds drift, but stay near their targets on this homogeneous text
     assert abs(s["achieved"]["weighted_achieved"] - 0.5) < 0.05
     assert s["perplexity"] != d["perplexity"]
+    # against the dense run: a positive KL and a top-1 agreement below 1 (the plan changes predictions)
+    assert d["kl"] is None and s["kl"] > 0 and 0.0 < s["top1_agreement"] < 1.0
 
 
 def test_eval_topk_mode_needs_no_thresholds_and_hits_targets(setup, tmp_path):
@@ -84,9 +88,9 @@ def test_prefill_half_keeps_the_first_half_dense(setup, tmp_path):
     from acttail.runtime import plan_sparsifier
 
     _, model = open_model(setup["model"])
-    wins = windows(text_tokens(load_tokenizer(setup["model"]), setup["held"], 256), 128, 256)
+    wins = windows(text_tokens(load_tokenizer(setup["model"]), setup["held"].read_text(), 256), 128, 256)
     dense = model(wins)
-    model.sparsifier = plan_sparsifier(plan_io.load_plan(setup["calibrated"]), "threshold", dense_before=64)
+    model.sparsifier = plan_sparsifier(Plan.load(setup["calibrated"]), "threshold", dense_before=64)
     half = model(wins)
     assert torch.allclose(half[:, :64], dense[:, :64], atol=1e-5)
     assert not torch.allclose(half[:, 64:], dense[:, 64:], atol=1e-3)

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from acttail import plan as P
-from acttail.allocate import plan_from_analysis
+from acttail.allocation import plan_from_analysis
 from acttail.cli import main
 from acttail.errors import ActTailError
 from acttail.export import TEAL_COLUMNS, export, gemma3n_pattern, nncf_scopes
@@ -25,8 +24,8 @@ def plan():
 
 
 def layer_mean(plan, layer):
-    es = [e for e in plan["projections"] if e["layer"] == layer]
-    return sum(e["sparsity"] * e["params"] for e in es) / sum(e["params"] for e in es)
+    es = [e for e in plan.projections if e.layer == layer]
+    return sum(e.sparsity * e.params for e in es) / sum(e.params for e in es)
 
 
 def test_gemma3n_pattern(plan, tmp_path):
@@ -63,7 +62,7 @@ def test_nncf_scopes_match_one_node_each(plan, tmp_path):
         matched = [n for n in names if re.match(pattern, n)]  # NNCF uses re.match
         assert len(matched) == 1, (pattern, matched)
         kind, layer = re.search(r"/(\w+)_proj/linear/(\d+)$", matched[0]).groups()
-        assert plan["projections"][int(layer) * 7 + KINDS.index(kind)]["sparsity"] == sparsity
+        assert plan.projections[int(layer) * 7 + KINDS.index(kind)].sparsity == sparsity
 
 
 def test_nncf_accepts_the_export():
@@ -88,7 +87,7 @@ def test_nncf_accepts_the_export():
         if isinstance(hook, ActivationsSparsifier):
             proj, layer = re.search(r"/(\w+)_proj/linear/(\d+)__", name).groups()
             got[f"layers.{layer}.{proj}"] = hook.target_sparsity
-    assert got == pytest.approx({e["key"]: e["sparsity"] for e in plan["projections"]})
+    assert got == pytest.approx({e.key: e.sparsity for e in plan.projections})
 
 
 def test_teal_folder(plan, tmp_path):
@@ -102,7 +101,7 @@ def test_teal_folder(plan, tmp_path):
     assert row["Activation Error"] == "" and row["Baseline Error"] == ""
     assert float(row["Effective Sparsity"]) == pytest.approx(layer_mean(plan, 5), rel=1e-12)
     for kind in KINDS:
-        assert float(row[kind]) == plan["projections"][5 * 7 + KINDS.index(kind)]["sparsity"]
+        assert float(row[kind]) == plan.projections[5 * 7 + KINDS.index(kind)].sparsity
     # exporting again replaces the folder; a foreign folder is refused, untouched
     export(plan_from_analysis(analysis(num_layers=12, seed=3), 0.4), "teal", out)
     with open(out / "layer-5" / "results.csv", newline="") as f:
@@ -116,7 +115,7 @@ def test_teal_folder(plan, tmp_path):
 
 
 def test_teal_needs_every_kind(plan, tmp_path):
-    plan["projections"] = [e for e in plan["projections"] if e["kind"] != "v"]
+    plan.projections = [e for e in plan.projections if e.kind != "v"]
     with pytest.raises(ActTailError, match="layer 0 lacks v"):
         export(plan, "teal", tmp_path / "teal")
     assert not (tmp_path / "teal").exists()
@@ -124,7 +123,7 @@ def test_teal_needs_every_kind(plan, tmp_path):
 
 def test_cli_export(plan, tmp_path):
     path = tmp_path / "plan.json"
-    P.save_plan(plan, path)
+    plan.save(path)
     runner = CliRunner()
     for fmt, out in [("gemma3n", "g.json"), ("nncf", "n.json"), ("teal", "teal")]:
         res = runner.invoke(main, ["export", str(path), "--to", fmt, "-o", str(tmp_path / out)])
@@ -169,7 +168,7 @@ def tiny_model(tmp_path_factory):
 
 def tiny_plan(threshold):
     plan = plan_from_analysis(analysis(num_layers=2, hidden=32, inter=64, kv=16), 0.5)
-    return P.with_thresholds(plan, {e["key"]: threshold for e in plan["projections"]})
+    return plan.with_thresholds({e.key: threshold for e in plan.projections})
 
 
 def median_thresholds(model, ids):
@@ -198,9 +197,9 @@ def test_hooks_zero_small_inputs_exactly(tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     ids = torch.tensor([[1, 3, 4, 5, 6, 7, 8, 9, 10, 3, 4]])
     thresholds = median_thresholds(model, ids)
-    plan = P.with_thresholds(tiny_plan(0.0), thresholds)
+    plan = tiny_plan(0.0).with_thresholds(thresholds)
     sp = hf.Sparsifier()
-    sp.attach(model, plan)
+    sp.attach(model, plan.to_dict())
     assert len(sp.handles) == 14
     seen = {}
     down = model.model.layers[1].mlp.down_proj
@@ -217,7 +216,7 @@ def test_hooks_zero_small_inputs_exactly(tiny_model):
 def test_hf_hooks_script(tiny_model, tmp_path, capsys):
     hf = load_example()
     plan_path = tmp_path / "plan.json"
-    P.save_plan(tiny_plan(0.2), plan_path)
+    tiny_plan(0.2).save(plan_path)
     text = tmp_path / "text.txt"
     text.write_text(" ".join(["the cat is on the mat and it was in a box"] * 20))
     hf.main([str(tiny_model), str(plan_path), "--text", str(text), "--tokens", "64", "--prompt", "the",
@@ -227,6 +226,6 @@ def test_hf_hooks_script(tiny_model, tmp_path, capsys):
     dense, sparse = map(float, re.search(r"dense ([\d.]+)\s+sparse ([\d.]+)", out).groups())
     assert dense != sparse
     uncalibrated = tmp_path / "raw.json"
-    P.save_plan(plan_from_analysis(analysis(num_layers=2, hidden=32, inter=64, kv=16), 0.5), uncalibrated)
+    plan_from_analysis(analysis(num_layers=2, hidden=32, inter=64, kv=16), 0.5).save(uncalibrated)
     with pytest.raises(SystemExit, match="no thresholds"):
         hf.main([str(tiny_model), str(uncalibrated)])

@@ -70,7 +70,8 @@ def test_sparse_decode_agrees_with_cpu_reference(architecture):
     tokens = [5, 17, 42, 8, 77, 30]
     th = thresholds(CONFIG["num_hidden_layers"])
     dec.set_sparsity(thresholds=th)
-    ref, ours = decode_both(model, dec, tokens, sparsify_mod.Sparsifier("threshold", thresholds=th))
+    ref, ours = decode_both(model, dec, tokens, sparsify_mod.Sparsifier(
+        {k: sparsify_mod.ProjectionSparsity(threshold=t) for k, t in th.items()}))
     dense_ref, dense = decode_both(model, CudaDecoder.from_model(model, torch.float16, "cpu", 16), tokens,
                                    sparsify_mod.Sparsifier.dense())
     errs = sorted(rel_err(a, b) for a, b in zip(ours, ref))
@@ -88,10 +89,11 @@ def test_topk_decode_agrees_with_cpu_reference():
     dec = CudaDecoder.from_model(model, dtype=torch.float16, device="cpu", max_seq=16)
     kinds = ("q", "k", "v", "o", "gate", "up", "down")
     sp = {(i, k): 0.3 + 0.08 * j for i in range(CONFIG["num_hidden_layers"]) for j, k in enumerate(kinds)}
-    width = {"o": 64, "down": 96}
-    dec.set_sparsity(keeps={key: max(1, round((1 - s) * width.get(key[1], 64))) for key, s in sp.items()})
+    keeps = {key: sparsify_mod.keep_count(s, model.args.in_features(key[1])) for key, s in sp.items()}
+    dec.set_sparsity(keeps=keeps)
     tokens = [7, 3, 50, 21, 64, 12]
-    ref, ours = decode_both(model, dec, tokens, sparsify_mod.Sparsifier("topk", sparsities=sp))
+    ref, ours = decode_both(model, dec, tokens, sparsify_mod.Sparsifier(
+        {k: sparsify_mod.ProjectionSparsity(keep=n) for k, n in keeps.items()}))
     dense_ref, _ = decode_both(model, dec, tokens[:1], sparsify_mod.Sparsifier.dense())
     errs = sorted(rel_err(a, b) for a, b in zip(ours, ref))
     assert errs[len(errs) // 2] < 5e-3 and errs[-1] < 0.3, errs

@@ -7,7 +7,9 @@ import pytest
 from click.testing import CliRunner
 
 from acttail import plan as P
-from acttail.allocate import plan_from_analysis
+from acttail.allocation import plan_from_analysis
+from acttail.layout import KINDS
+from acttail.plan import Plan
 from acttail.cli import main
 from acttail.errors import ActTailError
 from stage2_synthetic import analysis
@@ -20,7 +22,7 @@ def plan():
 
 def edited(plan, path, edit):
     """Write a copy of ``plan`` changed by ``edit`` (bypassing validation) and return its path."""
-    doc = json.loads(json.dumps(plan))
+    doc = plan.to_dict()
     edit(doc)
     path.write_text(json.dumps(doc))
     return path
@@ -28,14 +30,14 @@ def edited(plan, path, edit):
 
 def test_round_trip_is_exact_and_ordered(plan, tmp_path):
     path = tmp_path / "plan.json"
-    P.save_plan(plan, path)
-    assert P.load_plan(path) == plan
+    plan.save(path)
+    assert Plan.load(path) == plan
     text = path.read_text()
     assert text.startswith('{\n  "format": "acttail-plan",\n  "version": 1,\n')
     assert list(json.loads(text)) == ["format", "version", "tool_version", "created", "model", "budget", "method",
                                       "source", "projections", "calibration"]
     assert list(json.loads(text)["projections"][0]) == list(P.ENTRY_KEYS)
-    P.save_plan(P.load_plan(path), tmp_path / "again.json")
+    Plan.load(path).save(tmp_path / "again.json")
     assert (tmp_path / "again.json").read_text() == text  # stable bytes
 
 
@@ -60,77 +62,76 @@ def test_schema_ships_in_the_package():
 def test_bad_plans_name_the_problem(plan, tmp_path, edit, message):
     path = edited(plan, tmp_path / "bad.json", edit)
     with pytest.raises(ActTailError, match=message):
-        P.load_plan(path)
+        Plan.load(path)
 
 
 def test_truncated_missing_and_foreign_files(plan, tmp_path):
     good = tmp_path / "plan.json"
-    P.save_plan(plan, good)
+    plan.save(good)
     truncated = tmp_path / "truncated.json"
     truncated.write_text(good.read_text()[:500])
     with pytest.raises(ActTailError, match="not valid JSON"):
-        P.load_plan(truncated)
+        Plan.load(truncated)
     with pytest.raises(ActTailError, match="not found"):
-        P.load_plan(tmp_path / "missing.json")
+        Plan.load(tmp_path / "missing.json")
     listing = tmp_path / "list.json"
     listing.write_text("[1, 2]")
     with pytest.raises(ActTailError, match="not an acttail plan"):
-        P.load_plan(listing)
+        Plan.load(listing)
 
 
 def test_fingerprint_mismatch(plan, tmp_path):
     path = tmp_path / "plan.json"
-    P.save_plan(plan, path)
-    assert P.load_plan(path, expect_fingerprint="synthetic-fp")["budget"] == 0.6
+    plan.save(path)
+    assert Plan.load(path, expect_fingerprint="synthetic-fp").budget == 0.6
     with pytest.raises(ActTailError, match="made for another checkpoint"):
-        P.load_plan(path, expect_fingerprint="other-fp")
+        Plan.load(path, expect_fingerprint="other-fp")
 
 
 def test_failed_save_leaves_the_old_file(plan, tmp_path):
     path = tmp_path / "plan.json"
-    P.save_plan(plan, path)
+    plan.save(path)
     before = path.read_text()
-    broken = json.loads(before)
-    broken["budget"] = 2.0
+    plan.budget = 2.0
     with pytest.raises(ActTailError, match="budget"):
-        P.save_plan(broken, path)
+        plan.save(path)
     assert path.read_text() == before and os.listdir(tmp_path) == ["plan.json"]
 
 
 def test_with_thresholds(plan, tmp_path):
-    keys = [e["key"] for e in plan["projections"]]
+    keys = [e.key for e in plan.projections]
     thresholds = {k: 0.01 * i for i, k in enumerate(keys)}
     stats = {k: {"achieved_sparsity": 0.5, "n_tokens": 128} for k in keys}
-    cal = P.with_thresholds(plan, thresholds, stats, {"text": "c4", "n_tokens": 128})
-    assert not P.is_calibrated(plan) and P.is_calibrated(cal)  # the input plan is not changed
-    assert P.thresholds(cal) == thresholds
-    assert cal["projections"][3]["calibration"] == {"achieved_sparsity": 0.5, "n_tokens": 128}
+    cal = plan.with_thresholds(thresholds, stats, {"text": "c4", "n_tokens": 128})
+    assert not plan.calibrated and cal.calibrated  # the input plan is not changed
+    assert {e.key: e.threshold for e in cal.projections} == thresholds
+    assert cal.projections[3].calibration == {"achieved_sparsity": 0.5, "n_tokens": 128}
     path = tmp_path / "cal.json"
-    P.save_plan(cal, path)
-    assert P.load_plan(path) == cal
-    text = P.format_summary(cal)
+    cal.save(path)
+    assert Plan.load(path) == cal
+    text = cal.format_summary()
     assert "calibrated yes" in text and "achieved" in text
     up_line = next(line for line in text.splitlines() if line.startswith("up "))
     assert up_line.split()[6] == "0.5000"  # achieved column
     with pytest.raises(ActTailError, match="no threshold for 1 projections"):
-        P.with_thresholds(plan, {k: 0.1 for k in keys[1:]})
+        plan.with_thresholds({k: 0.1 for k in keys[1:]})
     with pytest.raises(ActTailError, match="not in the plan: layers.99.q"):
-        P.with_thresholds(plan, {**thresholds, "layers.99.q": 0.1})
+        plan.with_thresholds({**thresholds, "layers.99.q": 0.1})
     with pytest.raises(ActTailError, match="finite number >= 0"):
-        P.with_thresholds(plan, {**thresholds, keys[0]: float("nan")})
+        plan.with_thresholds({**thresholds, keys[0]: float("nan")})
     with pytest.raises(ActTailError, match="achieved_sparsity"):
-        P.with_thresholds(plan, thresholds, {keys[0]: {"achieved_sparsity": 3.0}})
+        plan.with_thresholds(thresholds, {keys[0]: {"achieved_sparsity": 3.0}})
 
 
 def test_summary_numbers(plan):
-    s = P.plan_summary(plan)
+    s = plan.summary()
     assert abs(s["weighted_sparsity"] - 0.6) <= 1e-9
-    up = [e for e in plan["projections"] if e["kind"] == "up"]
+    up = [e for e in plan.projections if e.kind == "up"]
     assert s["per_kind"]["up"]["n"] == 4
-    assert s["per_kind"]["up"]["max"] == max(e["sparsity"] for e in up)
-    assert s["per_kind"]["up"]["mean"] == pytest.approx(sum(e["sparsity"] for e in up) / 4)  # equal params
+    assert s["per_kind"]["up"]["max"] == max(e.sparsity for e in up)
+    assert s["per_kind"]["up"]["mean"] == pytest.approx(sum(e.sparsity for e in up) / 4)  # equal params
     assert [row["layer"] for row in s["per_layer"]] == [0, 1, 2, 3]
-    assert s["per_layer"][2]["by_kind"]["gate"] == plan["projections"][2 * 7 + 4]["sparsity"]
+    assert s["per_layer"][2]["by_kind"]["gate"] == plan.projections[2 * 7 + 4].sparsity
 
 
 def test_cli_allocate_and_plan_show(tmp_path):
@@ -140,12 +141,12 @@ def test_cli_allocate_and_plan_show(tmp_path):
     runner = CliRunner()
     res = runner.invoke(main, ["allocate", str(an), "--budget", "0.7", "-o", str(out), "--scope", "per-kind"])
     assert res.exit_code == 0, res.output
-    plan = P.load_plan(out)
-    assert plan["method"]["scope"] == "per-kind" and abs(P.weighted_sparsity(plan["projections"]) - 0.7) <= 1e-9
+    plan = Plan.load(out)
+    assert plan.method["scope"] == "per-kind" and abs(plan.weighted_sparsity - 0.7) <= 1e-9
     show = runner.invoke(main, ["plan", "show", str(out)])
     assert show.exit_code == 0
     assert "weighted mean sparsity 0.700000" in show.output
-    assert sum(line.split()[0] in P.KINDS for line in show.output.splitlines() if line.strip()) == 7
+    assert sum(line.split()[0] in KINDS for line in show.output.splitlines() if line.strip()) == 7
     assert sum(line.split()[0].isdigit() for line in show.output.splitlines() if line.strip()) == 30
 
 
@@ -153,7 +154,7 @@ def test_cli_allocate_and_plan_show(tmp_path):
     (["--budget", "1.5"], "budget must be strictly between 0 and 1"),
     (["--budget", "0.5", "--min-sparsity", "0.6"], "infeasible"),
     (["--budget", "0.5", "--metric", "nope"], "no column 'nope'"),
-    (["--budget", "0.5", "--method", "magic"], "unknown method"),
+    (["--budget", "0.5", "--method", "magic"], "Invalid value for '--method'"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
     an = tmp_path / "analysis.json"

@@ -18,7 +18,7 @@ from acttail.checkpoint import Checkpoint
 from acttail.cli import main
 from acttail.errors import ActTailError
 from acttail.esd import analyze_matrix
-from acttail.plan import new_plan, save_plan, with_thresholds
+from acttail.plan import Plan, PlanEntry
 from acttail.report import build_report, eval_labels, figures as F
 from acttail.report.html import png_size
 
@@ -59,19 +59,20 @@ def make_analysis(model_dir: Path | None, layers: int = 3, seed: int = 0, finger
             "projections": rows, "summary": {"n_projections": len(rows)}}
 
 
-def make_plan(analysis: dict, budget: float, name: str = "acttail", calibrated: bool = False) -> dict:
+def make_plan(analysis: dict, budget: float, name: str = "acttail", calibrated: bool = False) -> Plan:
     """A schema-valid plan: sparsity rises with alpha around the budget; calibrated plans get thresholds."""
     entries = []
     for r in analysis["projections"]:
         a = r["alpha"]
         s = min(0.95, max(0.0, budget + ((a if a is not None else 4.5) - 4.5) * 0.04))
-        entries.append({k: r[k] for k in ("key", "layer", "kind", "in_features", "out_features", "params")}
-                       | {"metric": a, "sparsity": s, "threshold": None, "calibration": None})
-    plan = new_plan(analysis["model"], budget, {"name": name, "metric": "alpha"}, entries)
+        entries.append(PlanEntry(layer=r["layer"], kind=r["kind"], in_features=r["in_features"],
+                                 out_features=r["out_features"], sparsity=s, metric=a))
+    plan = Plan(model=dict(analysis["model"]), budget=budget, method={"name": name, "metric": "alpha"},
+                projections=entries)
     if calibrated:
-        plan = with_thresholds(plan, {e["key"]: 0.01 * (1 + e["layer"]) for e in entries},
-                               {e["key"]: {"achieved_sparsity": max(0.0, e["sparsity"] - 0.01)} for e in entries},
-                               {"text": "c4", "tokens": 2048})
+        plan = plan.with_thresholds({e.key: 0.01 * (1 + e.layer) for e in entries},
+                                    {e.key: {"achieved_sparsity": max(0.0, e.sparsity - 0.01)} for e in entries},
+                                    {"text": "c4", "tokens": 2048})
     return plan
 
 
@@ -94,8 +95,8 @@ def write_inputs(folder: Path, analysis: dict, evals: bool = True) -> dict:
     paths = {"analysis": folder / "analysis.json", "plans": [folder / "plan-50.json", folder / "plan-80.json"],
              "evals": []}
     paths["analysis"].write_text(json.dumps(analysis))
-    save_plan(make_plan(analysis, 0.5), paths["plans"][0])
-    save_plan(make_plan(analysis, 0.8, calibrated=True), paths["plans"][1])
+    make_plan(analysis, 0.5).save(paths["plans"][0])
+    make_plan(analysis, 0.8, calibrated=True).save(paths["plans"][1])
     if evals:
         fp = analysis["model"]["fingerprint"]
         runs = [(None, "dense", 12.0), (0.5, "uniform", 15.0), (0.5, "acttail", 14.0), (0.8, "uniform", 60.0),
@@ -223,7 +224,7 @@ def test_plan_of_another_model_is_refused(tmp_path):
     analysis = make_analysis(None)
     paths = write_inputs(tmp_path / "in", analysis, evals=False)
     other = make_analysis(None, fingerprint="sha256:other")
-    save_plan(make_plan(other, 0.5), tmp_path / "other.json")
+    make_plan(other, 0.5).save(tmp_path / "other.json")
     with pytest.raises(ActTailError, match="another checkpoint"):
         build_report(paths["analysis"], [tmp_path / "other.json"], [], tmp_path / "out")
     assert not (tmp_path / "out" / "index.html").exists()

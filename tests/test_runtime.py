@@ -10,9 +10,10 @@ import torch
 from acttail.checkpoint import Checkpoint
 from acttail.errors import ActTailError
 from acttail.runtime import load_model, open_model, plan_sparsifier
-from acttail.runtime.generate import dense_prefix, generate
+from acttail.plan import Plan, PlanEntry
+from acttail.runtime.generate import generate
 from acttail.runtime.model import ModelArgs, rope_inv_freq
-from acttail.runtime.sparsify import Sparsifier, threshold_sparsify, topk_sparsify
+from acttail.runtime.sparsify import ProjectionSparsity as PS, Sparsifier, dense_prefix, threshold_sparsify, topk_sparsify
 
 from runtime_tiny import write_hf_model
 
@@ -110,31 +111,39 @@ def test_threshold_and_topk_kernels():
     assert ((y != 0).sum(-1) == 40).all()
 
 
+def eye_linear(width: int, parts: int = 1) -> torch.nn.Linear:
+    """A fused projection whose every part passes its (sparsified) input through unchanged."""
+    linear = torch.nn.Linear(width, width * parts, bias=False)
+    linear.weight.data = torch.eye(width).repeat(parts, 1)
+    return linear
+
+
 def test_shared_input_gets_one_copy_per_projection_and_counts():
-    sp = Sparsifier("threshold", thresholds={(0, "q"): 0.5, (0, "k"): 0.0, (0, "v"): 10.0})
+    sp = Sparsifier({(0, "q"): PS(threshold=0.5), (0, "k"): PS(threshold=0.0), (0, "v"): PS(threshold=10.0)})
     x = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(0))
-    q, k, v = sp.group(0, ("q", "k", "v"), x)
+    q, k, v = sp.project(0, ("q", "k", "v"), x, eye_linear(64, 3), (64, 64, 64))
     assert torch.equal(q, threshold_sparsify(x, 0.5)) and torch.equal(k, x) and (v == 0).all()
     got = sp.achieved()
     assert got[(0, "q")] == pytest.approx(float((x.abs() <= 0.5).float().mean()))
     assert got[(0, "k")] == 0.0 and got[(0, "v")] == 1.0
-    assert sp.one(1, "o", x) is x  # a projection without a threshold stays dense
+    (o,) = sp.project(1, ("o",), x, eye_linear(64))
+    assert torch.equal(o, x) and (1, "o") not in sp.achieved()  # a projection without a setting stays dense
 
 
 def test_topk_mode_keeps_exactly_its_share_per_token():
-    sp = Sparsifier("topk", sparsities={(0, "gate"): 0.25, (0, "up"): 0.75})
+    sp = Sparsifier({(0, "gate"): PS(keep=72), (0, "up"): PS(keep=24)})
     x = torch.randn(3, 5, 96)
-    g, u = sp.group(0, ("gate", "up"), x)
+    g, u = sp.project(0, ("gate", "up"), x, eye_linear(96, 2), (96, 96))
     assert ((g != 0).sum(-1) == 72).all() and ((u != 0).sum(-1) == 24).all()
     assert sp.achieved() == {(0, "gate"): 0.25, (0, "up"): 0.75}
 
 
 def test_prefill_policy_keeps_early_positions_dense():
     assert [dense_prefix(10, p) for p in ("all", "half", "none")] == [0, 5, 10]
-    sp = Sparsifier("threshold", thresholds={(0, "down"): 1e9}, dense_before=4)
+    sp = Sparsifier({(0, "down"): PS(threshold=1e9)}, dense_before=4)
     sp.set_positions(torch.arange(10))
     x = torch.randn(2, 10, 16) + 5
-    y = sp.one(0, "down", x)
+    (y,) = sp.project(0, ("down",), x, eye_linear(16))
     assert torch.equal(y[:, :4], x[:, :4]) and (y[:, 4:] == 0).all()
     assert sp.achieved()[(0, "down")] == 1.0  # counted over the sparsified positions only
 
@@ -144,17 +153,18 @@ def test_sparse_forward_uses_each_threshold(tiny):
     _, model = open_model(tiny["llama"][0])
     ids = torch.randint(0, 320, (1, 16))
     dense = model(ids)
-    model.sparsifier = Sparsifier("threshold", thresholds={(0, "q"): 0.0, (0, "k"): 0.0})
+    model.sparsifier = Sparsifier({(0, "q"): PS(threshold=0.0), (0, "k"): PS(threshold=0.0)})
     assert torch.allclose(model(ids), dense, atol=1e-6)
-    model.sparsifier = Sparsifier("threshold", thresholds={(layer, "v"): 1e9 for layer in range(2)})
+    model.sparsifier = Sparsifier({(layer, "v"): PS(threshold=1e9) for layer in range(2)})
     assert not torch.allclose(model(ids), dense, atol=1e-3)
 
 
 def test_plan_without_thresholds_is_refused_in_threshold_mode():
-    plan = {"projections": [{"key": "layers.0.q", "layer": 0, "kind": "q", "sparsity": 0.5, "threshold": None}]}
+    plan = Plan(model={"fingerprint": "fp", "num_layers": 1}, budget=0.5, method={"name": "uniform"},
+                projections=[PlanEntry(layer=0, kind="q", in_features=64, out_features=64, sparsity=0.5)])
     with pytest.raises(ActTailError, match="no thresholds"):
         plan_sparsifier(plan, "threshold")
-    assert plan_sparsifier(plan, "topk").sparsities == {(0, "q"): 0.5}
+    assert plan_sparsifier(plan, "topk").settings == {(0, "q"): PS(keep=32)}
 
 
 # ---- the real checkpoints (fetched by CI before the tests) -----------------------------------------

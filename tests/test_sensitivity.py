@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from acttail import allocate
+from acttail import allocation as allocate
 from acttail.checkpoint import Checkpoint
 from acttail.cli import main
 from acttail.errors import ActTailError
 from acttail.runtime import open_model
-from acttail.runtime.perplexity import load_tokenizer, perplexity, text_tokens, windows
+from acttail.runtime.perplexity import perplexity
+from acttail.runtime.tokens import load_tokenizer, text_tokens, windows
 from acttail.sensitivity import sensitivity, with_sensitivity
 
 from runtime_tiny import write_hf_model, write_text
@@ -30,11 +31,11 @@ def test_direction_follows_the_measured_correlation():
     alpha = rng.uniform(2, 8, 70)
     up = rows(alpha, alpha + rng.normal(0, 0.1, 70))  # sensitivity rises with alpha
     down = rows(alpha, -alpha + 20 + rng.normal(0, 0.1, 70))
-    dec = allocate.allocate(up, 0.5, method="alpha-map", direction="decreasing")
-    inc = allocate.allocate(up, 0.5, method="alpha-map", direction="increasing")
-    assert allocate.allocate(up, 0.5, method="acttail-sens") == dec
-    assert allocate.allocate(down, 0.5, method="acttail-sens") == inc
-    assert allocate.allocate(up, 0.5, method="acttail-sens", direction="decreasing") == inc  # the ablation flips
+    dec = allocate.sparsities(up, 0.5, method="alpha-map", direction="decreasing")
+    inc = allocate.sparsities(up, 0.5, method="alpha-map", direction="increasing")
+    assert allocate.sparsities(up, 0.5, method="acttail-sens") == dec
+    assert allocate.sparsities(down, 0.5, method="acttail-sens") == inc
+    assert allocate.sparsities(up, 0.5, method="acttail-sens", direction="decreasing") == inc  # the ablation flips
 
 
 def test_no_signal_means_uniform():
@@ -42,14 +43,14 @@ def test_no_signal_means_uniform():
     noise = np.random.default_rng(1).permutation(70).astype(float)
     r = rows(alpha, noise)
     assert abs(allocate.spearman(alpha, noise)) <= 2 / np.sqrt(70)
-    assert allocate.allocate(r, 0.5, method="acttail-sens") == pytest.approx([0.5] * 70, abs=1e-12)
+    assert allocate.sparsities(r, 0.5, method="acttail-sens") == pytest.approx([0.5] * 70, abs=1e-12)
 
 
 def test_missing_sensitivity_is_a_clear_error():
     r = rows(np.arange(14.0), np.arange(14.0))
     del r[3]["sensitivity"]
     with pytest.raises(ActTailError, match="sensitivity"):
-        allocate.allocate(r, 0.5, method="acttail-sens")
+        allocate.sparsities(r, 0.5, method="acttail-sens")
 
 
 def test_probe_measures_one_projection_at_a_time(tmp_path):
@@ -58,7 +59,7 @@ def test_probe_measures_one_projection_at_a_time(tmp_path):
     write_hf_model(folder, "llama", layers=2, seed=5, scale=0.3)
     text = write_text(tmp_path / "c.txt", 3000, seed=2)
     _, model = open_model(folder)
-    wins = windows(text_tokens(load_tokenizer(folder), text, 512), 128, 256)
+    wins = windows(text_tokens(load_tokenizer(folder), text.read_text(), 512), 128, 256)
     r = sensitivity(model, wins, [(0, "down"), (1, "q")], levels=(0.5, 0.9), progress=False)
     assert r["dense_nll"] == pytest.approx(perplexity(model, wins, progress=False)["nll"])
     assert set(r["dnll"]) == {(0, "down"), (1, "q")} and all(v != 0 for d in r["dnll"].values() for v in d.values())

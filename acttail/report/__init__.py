@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .. import analyze
+from .. import analysis as analysis_stage
 from ..errors import ActTailError
 from ..files import cache_dir, read_json, write_text
-from ..plan import is_calibrated, load_plan
+from ..plan import Plan
 from . import figures as F
 from .html import render_report
 
@@ -31,8 +31,8 @@ MAX_GRID = 12  # thumbnails in an ESD small-multiples grid
 
 
 @dataclass
-class Plan:
-    """A plan file as the report needs it: a label, the budget, the method, rows by key."""
+class PlanView:
+    """A plan file as the report needs it: a label, the budget, the method, its entries as rows (dicts)."""
 
     path: Path
     label: str
@@ -40,6 +40,7 @@ class Plan:
     method: dict
     rows: list[dict]
     calibrated: bool
+    weighted_sparsity: float
     raw: dict
 
 
@@ -48,7 +49,7 @@ class Report:
     """Everything ``render_report`` draws on: inputs, figures (as PNG bytes) and report-level warnings."""
 
     analysis: dict
-    plans: list[Plan]
+    plans: list[PlanView]
     evals: list[dict]
     figures: list[dict] = field(default_factory=list)  # {"section", "name", "title", "caption", "png"}
     warnings: list[str] = field(default_factory=list)
@@ -58,19 +59,21 @@ class Report:
 
 def load_analysis(path) -> dict:
     """Read analysis.json with the analysis stage's reader (it checks the fields the report uses)."""
-    return analyze.load_analysis(path)
+    return analysis_stage.load_analysis(path)
 
 
-def load_plan_for(path, analysis: dict) -> Plan:
+def load_plan_for(path, analysis: dict) -> PlanView:
     """Read a plan (validated by acttail.plan) and check it belongs to the analysed model."""
-    raw = load_plan(path, expect_fingerprint=analysis["model"]["fingerprint"])
+    plan = Plan.load(path, expect_fingerprint=analysis["model"]["fingerprint"])
     keys = {r["key"] for r in analysis["projections"]}
-    unknown = [r["key"] for r in raw["projections"] if r["key"] not in keys]
+    unknown = [e.key for e in plan.projections if e.key not in keys]
     if unknown:
         raise ActTailError(f"plan {path} does not match the analysis (unknown projections: {', '.join(unknown[:3])})")
-    budget, method = float(raw["budget"]), raw["method"]
+    budget, method = float(plan.budget), plan.method
     label = f"{Path(path).stem} ({method_name(method)} {budget:.0%})"
-    return Plan(Path(path), label, budget, method, raw["projections"], is_calibrated(raw), raw)
+    raw = plan.to_dict()
+    return PlanView(Path(path), label, budget, method, raw["projections"], plan.calibrated, plan.weighted_sparsity,
+                    raw)
 
 
 def method_name(method) -> str:
@@ -78,7 +81,7 @@ def method_name(method) -> str:
     return str(method.get("name", "plan")) if isinstance(method, dict) else str(method)
 
 
-def load_eval_for(path, analysis: dict, plans: list[Plan]) -> dict:
+def load_eval_for(path, analysis: dict, plans: list[PlanView]) -> dict:
     """Read an ``acttail eval -o`` result; it must be for the analysed model and, when it names one of
     the given plan files, agree with that plan."""
     e = read_json(path, "eval result")
@@ -116,7 +119,7 @@ def expand_folders(paths) -> list[Path]:
     return out
 
 
-def _check_same_plan(path, summary: dict, plan: Plan) -> None:
+def _check_same_plan(path, summary: dict, plan: PlanView) -> None:
     """The eval ran ``plan``'s file: budget, method and calibration must still be those of the file."""
     current = (("budget", plan.budget), ("method", plan.method), ("calibration", plan.raw.get("calibration")))
     for field_, mine in current:
@@ -275,7 +278,7 @@ def draw_plan_figures(rep: Report, add) -> None:
                 F.calibration_figure(p.rows, p.label, measured, text))
 
 
-def eval_achieved(evals: list[dict], plan: Plan) -> tuple[dict, str]:
+def eval_achieved(evals: list[dict], plan: PlanView) -> tuple[dict, str]:
     """Per-projection sparsity achieved in the first eval run of ``plan``'s file (key -> value), its text."""
     for e in evals:
         summary = e.get("plan") or {}

@@ -14,7 +14,6 @@ from html import escape
 from pathlib import Path
 from statistics import median
 
-from ..plan import weighted_sparsity
 from .figures import ALPHA_BAND
 
 CSS = """
@@ -177,7 +176,7 @@ def inputs_tables(rep) -> str:
             if p.calibrated:
                 calibration = f"yes ({_settings_text(p.raw.get('calibration'), CALIBRATION_SETTINGS)})"
             rows.append([f'<td title="{escape(str(p.path))}"><code>{escape(p.path.name)}</code></td>',
-                         num_cell(p.budget, ".1%"), num_cell(weighted_sparsity(p.rows), ".2%"),
+                         num_cell(p.budget, ".1%"), num_cell(p.weighted_sparsity, ".2%"),
                          f"<td>{escape(_method_text(p.method))}</td>", f"<td>{escape(calibration)}</td>"])
         html += "<h3>Plans</h3>" + plain_table(
             ["file", "budget", "weighted sparsity", "method", "calibrated"], rows)

@@ -10,7 +10,7 @@ import torch
 from ..checkpoint import Checkpoint
 from ..errors import ActTailError
 from .model import Transformer, load_model
-from .sparsify import MODES, Sparsifier
+from .sparsify import Sparsifier, settings
 
 __all__ = ["Transformer", "Sparsifier", "check_device", "load_model", "open_model", "plan_sparsifier",
            "achieved_report"]
@@ -38,28 +38,17 @@ def open_model(path, dtype: torch.dtype = torch.float32, device: str = "cpu") ->
     return ckpt, load_model(ckpt, dtype, device)
 
 
-def plan_sparsifier(plan: dict, mode: str, where: str = "plan", dense_before: int = 0) -> Sparsifier:
-    """The Sparsifier a plan asks for: its thresholds (threshold mode) or its sparsities (topk mode)."""
-    if mode not in MODES:
-        raise ActTailError(f"unknown sparsity mode {mode!r} (choose from {', '.join(MODES)})")
-    rows = plan["projections"]
-    if mode == "threshold":
-        missing = [p["key"] for p in rows if p["threshold"] is None]
-        if missing:
-            raise ActTailError(f"{where} has no thresholds ({len(missing)} projections uncalibrated, e.g. "
-                               f"{missing[0]}): run `acttail calibrate` first, or use --mode topk")
-        return Sparsifier(mode, thresholds={(p["layer"], p["kind"]): p["threshold"] for p in rows},
-                          dense_before=dense_before)
-    return Sparsifier(mode, sparsities={(p["layer"], p["kind"]): p["sparsity"] for p in rows},
-                      dense_before=dense_before)
+def plan_sparsifier(plan, mode: str, where: str = "plan", dense_before: int = 0) -> Sparsifier:
+    """The Sparsifier a ``Plan`` asks for: its thresholds (threshold mode) or its keep counts (topk mode)."""
+    return Sparsifier(settings(plan, mode, where), dense_before=dense_before)
 
 
-def achieved_report(plan: dict, sp: Sparsifier) -> dict:
+def achieved_report(plan, sp: Sparsifier) -> dict:
     """Measured sparsity per projection against the plan's target, and its parameter-weighted mean."""
     got = sp.achieved()
-    rows = [{"key": p["key"], "target": p["sparsity"], "threshold": p["threshold"],
-             "achieved": got.get((p["layer"], p["kind"]))} for p in plan["projections"]]
-    measured = [(r, p["params"]) for r, p in zip(rows, plan["projections"]) if r["achieved"] is not None]
+    rows = [{"key": e.key, "target": e.sparsity, "threshold": e.threshold, "achieved": got.get((e.layer, e.kind))}
+            for e in plan.projections]
+    measured = [(r, e.params) for r, e in zip(rows, plan.projections) if r["achieved"] is not None]
     total = sum(w for _, w in measured) or 1
     dev = [abs(r["achieved"] - r["target"]) for r, _ in measured]
     return {

@@ -13,58 +13,28 @@ Hopper every Triton launch uses programmatic dependent launch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from acttail.kernels import sparse_linear, sparse_swiglu, topk_thresholds, use_sparse
 from acttail.kernels.decode_ops import add_rmsnorm, decode_attention, rope_cache_write
 
-from .sparsify import keep_count
+from ..layout import GROUPS
+from .model import ModelArgs, rope_cache
+from .sparsify import settings
 
-GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
 WEIGHT = {"qkv": "wqkv", "o": "wo", "gate_up": "w13", "down": "w2"}
-
-
-@dataclass
-class Dims:
-    vocab_size: int
-    dim: int
-    n_layer: int
-    n_head: int
-    n_kv: int
-    head_dim: int
-    inter: int
-    norm_eps: float = 1e-5
-    rope_base: float = 10000.0
-
-    @property
-    def qkv_sizes(self):
-        return (self.n_head * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim)
-
-    def layer_params(self) -> int:
-        return self.dim * sum(self.qkv_sizes) + self.n_head * self.head_dim * self.dim + 3 * self.dim * self.inter
-
-
-LLAMA2_7B = Dims(32000, 4096, 32, 32, 32, 128, 11008)
-SMOLLM2_135M = Dims(49152, 576, 30, 9, 3, 64, 1536)
 
 
 class CudaDecoder:
     """Weights per layer: wqkv [dim, q+k+v], wo [q, dim], w13 [dim, 2*inter] = [gate | up], w2 [inter, dim]."""
 
-    def __init__(self, dims: Dims, weights: dict, max_seq: int, rope: tuple | None = None):
-        self.dims, self.w, self.max_seq = dims, weights, max_seq
+    def __init__(self, args: ModelArgs, weights: dict, max_seq: int):
+        self.args, self.w, self.max_seq = args, weights, max_seq
         dev, dtype = weights["tok_embeddings"].device, weights["tok_embeddings"].dtype
         self.device, self.dtype = dev, dtype
-        if rope is None:
-            d = dims.head_dim
-            inv = 1.0 / (dims.rope_base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-            f = torch.outer(torch.arange(max_seq, dtype=torch.float32), inv)
-            rope = (torch.cat([f, f], -1).cos(), torch.cat([f, f], -1).sin())
-        self.cos, self.sin = (r[:max_seq].float().contiguous().to(dev) for r in rope)
-        shape = (dims.n_layer, dims.n_kv, max_seq, dims.head_dim)
+        self.cos, self.sin = (r.float().contiguous().to(dev) for r in rope_cache(args, max_seq))
+        shape = (args.n_layer, args.n_local_heads, max_seq, args.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=dev)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=dev)
         self.tok = torch.zeros(1, dtype=torch.long, device=dev)  # static decode inputs (graph replay)
@@ -78,32 +48,29 @@ class CudaDecoder:
     # ---- construction ------------------------------------------------------------------------------
 
     @classmethod
-    def random(cls, dims: Dims, dtype=torch.float16, device="cuda", max_seq=512, seed=0):
+    def random(cls, args: ModelArgs, dtype=torch.float16, device="cuda", max_seq=512, seed=0):
         """Random weights of the model's shapes made on the device (speed does not depend on the values)."""
         g = torch.Generator(device=device).manual_seed(seed)
 
         def rnd(*shape, scale):
             return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * scale).to(dtype)
 
-        d, q = dims.dim, dims.n_head * dims.head_dim
-        w = {"tok_embeddings": rnd(dims.vocab_size, d, scale=1.0),
+        d, q, inter = args.dim, args.n_head * args.head_dim, args.intermediate_size
+        w = {"tok_embeddings": rnd(args.vocab_size, d, scale=1.0),
              "norm": torch.ones(d, dtype=dtype, device=device),
-             "output": rnd(dims.vocab_size, d, scale=d ** -0.5)}
-        for i in range(dims.n_layer):
-            w[f"{i}.wqkv"] = rnd(d, sum(dims.qkv_sizes), scale=d ** -0.5)
+             "output": rnd(args.vocab_size, d, scale=d ** -0.5)}
+        for i in range(args.n_layer):
+            w[f"{i}.wqkv"] = rnd(d, sum(args.qkv_sizes), scale=d ** -0.5)
             w[f"{i}.wo"] = rnd(q, d, scale=q ** -0.5)
-            w[f"{i}.w13"] = rnd(d, 2 * dims.inter, scale=d ** -0.5)
-            w[f"{i}.w2"] = rnd(dims.inter, d, scale=dims.inter ** -0.5)
+            w[f"{i}.w13"] = rnd(d, 2 * inter, scale=d ** -0.5)
+            w[f"{i}.w2"] = rnd(inter, d, scale=inter ** -0.5)
             w[f"{i}.attention_norm"] = torch.ones(d, dtype=dtype, device=device)
             w[f"{i}.ffn_norm"] = torch.ones(d, dtype=dtype, device=device)
-        return cls(dims, w, max_seq)
+        return cls(args, w, max_seq)
 
     @classmethod
     def from_model(cls, model, dtype=torch.float16, device="cuda", max_seq=None):
         """The CPU reference ``Transformer``'s weights, input-major, in dtype on device (with Qwen2's qkv bias)."""
-        a = model.args
-        dims = Dims(a.vocab_size, a.dim, a.n_layer, a.n_head, a.n_local_heads, a.head_dim,
-                    a.intermediate_size, a.norm_eps)
         cv = lambda t: t.detach().to(device=device, dtype=dtype).contiguous()  # noqa: E731
         w = {"tok_embeddings": cv(model.tok_embeddings.weight), "norm": cv(model.norm.weight),
              "output": cv(model.output.weight)}
@@ -116,8 +83,7 @@ class CudaDecoder:
             w[f"{i}.w2"] = cv(blk.feed_forward.w2.weight.t())
             w[f"{i}.attention_norm"] = cv(blk.attention_norm.weight)
             w[f"{i}.ffn_norm"] = cv(blk.ffn_norm.weight)
-        max_seq = max_seq or a.max_seq_len
-        return cls(dims, w, max_seq, rope=(model.rope_cos, model.rope_sin))
+        return cls(model.args, w, max_seq or model.args.max_seq_len)
 
     def set_sparsity(self, thresholds: dict | None = None, keeps: dict | None = None, planned: dict | None = None):
         """thresholds: {(layer, kind): t} (threshold mode) or keeps: {(layer, kind): n} (top-k mode).
@@ -126,7 +92,7 @@ class CudaDecoder:
         sparsities {(layer, kind): s}, a group whose mean planned sparsity is too low for the sparse kernel to
         pay (``use_sparse``) runs dense."""
         self.t, self.keeps = {}, {}
-        for i in range(self.dims.n_layer):
+        for i in range(self.args.n_layer):
             for g, kinds in GROUPS.items():
                 if planned is not None:
                     s = sum(planned.get((i, k), 0.0) for k in kinds) / len(kinds)
@@ -141,16 +107,14 @@ class CudaDecoder:
                     self.keeps[i, g] = [int(keeps.get((i, k), 1 << 30)) for k in kinds]
         self.graph = None
 
-    def set_plan(self, plan: dict, mode: str = "threshold"):
-        """Sparsity from an acttail plan: its thresholds (threshold mode) or keep counts round((1 - s) * in)
-        (topk mode); a group whose planned sparsity the kernel cannot pay for runs dense (``use_sparse``)."""
-        rows = plan["projections"]
-        planned = {(p["layer"], p["kind"]): p["sparsity"] for p in rows}
-        if mode == "threshold":
-            self.set_sparsity(thresholds={(p["layer"], p["kind"]): p["threshold"] for p in rows}, planned=planned)
-        else:
-            keeps = {(p["layer"], p["kind"]): keep_count(p["sparsity"], p["in_features"]) for p in rows}
-            self.set_sparsity(keeps=keeps, planned=planned)
+    def set_plan(self, plan, mode: str = "threshold"):
+        """Sparsity from an acttail ``Plan`` through the runtime settings every backend shares
+        (``sparsify.settings``: thresholds, or keep counts round((1 - s) * in) in topk mode); a group whose
+        planned sparsity the kernel cannot pay for runs dense (``use_sparse``)."""
+        sets = settings(plan, mode)
+        self.set_sparsity(thresholds={k: s.threshold for k, s in sets.items() if s.threshold is not None},
+                          keeps={k: s.keep for k, s in sets.items() if s.keep is not None},
+                          planned=plan.sparsities())
 
     # ---- one decode step ---------------------------------------------------------------------------
 
@@ -164,16 +128,16 @@ class CudaDecoder:
         if t is None:  # dense cuBLAS on the same input-major weights
             y = x @ w
             if group == "gate_up":
-                g, u = y.split(self.dims.inter, dim=-1)
+                g, u = y.split(self.args.intermediate_size, dim=-1)
                 return F.silu(g) * u
             return y
         if group == "gate_up":
             return sparse_swiglu(x, w, t)
-        return sparse_linear(x, w, t, splits=self.dims.qkv_sizes if group == "qkv" else None)
+        return sparse_linear(x, w, t, splits=self.args.qkv_sizes if group == "qkv" else None)
 
     def forward_token(self, tok, pos, record=None):
         """Logits [1, vocab] for one token at position pos (both [1] device tensors); updates the cache."""
-        d, w = self.dims, self.w
+        d, w = self.args, self.w
         x = w["tok_embeddings"][tok]  # [1, dim]
         mask = (self.arange <= pos)[None, None, None, :] if self.attention == "sdpa" else None
         r = None
@@ -181,10 +145,10 @@ class CudaDecoder:
             h = add_rmsnorm(x, r, w[f"{i}.attention_norm"], d.norm_eps)
             qkv = self._project(i, "qkv", h, w[f"{i}.wqkv"], record)
             q = rope_cache_write(qkv, self.cos, self.sin, pos, self.k_cache[i], self.v_cache[i],
-                                 d.n_head, d.n_kv, d.head_dim, bias=w.get(f"{i}.bqkv"))
+                                 d.n_head, d.n_local_heads, d.head_dim, bias=w.get(f"{i}.bqkv"))
             if self.attention == "sdpa":
                 a = F.scaled_dot_product_attention(q[None, :, None], self.k_cache[i][None], self.v_cache[i][None],
-                                                   attn_mask=mask, enable_gqa=d.n_kv != d.n_head).reshape(1, -1)
+                                                   attn_mask=mask, enable_gqa=d.n_local_heads != d.n_head).reshape(1, -1)
             else:
                 a = decode_attention(q, self.k_cache[i], self.v_cache[i], pos)
             o = self._project(i, "o", a, w[f"{i}.wo"], record)
@@ -206,7 +170,7 @@ class CudaDecoder:
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
         """Dense prefill of a prompt [T] from position 0: fills the caches, returns the last logits [1, V]."""
-        d, w = self.dims, self.w
+        d, w = self.args, self.w
         T = tokens.shape[0]
         x = w["tok_embeddings"][tokens]  # [T, dim]
         cos, sin = self.cos[:T].to(self.dtype), self.sin[:T].to(self.dtype)
@@ -223,15 +187,15 @@ class CudaDecoder:
                 qkv = (qkv.float() + w[f"{i}.bqkv"].float()).to(qkv.dtype)
             q, k, v = qkv.split(d.qkv_sizes, dim=-1)
             q = rope(q.view(T, d.n_head, d.head_dim).transpose(0, 1))
-            k = rope(k.view(T, d.n_kv, d.head_dim).transpose(0, 1))
-            v = v.view(T, d.n_kv, d.head_dim).transpose(0, 1)
+            k = rope(k.view(T, d.n_local_heads, d.head_dim).transpose(0, 1))
+            v = v.view(T, d.n_local_heads, d.head_dim).transpose(0, 1)
             self.k_cache[i, :, :T] = k
             self.v_cache[i, :, :T] = v
             a = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True,
-                                               enable_gqa=d.n_kv != d.n_head)
+                                               enable_gqa=d.n_local_heads != d.n_head)
             o = a[0].transpose(0, 1).reshape(T, -1) @ w[f"{i}.wo"]
             h = add_rmsnorm(x, o, w[f"{i}.ffn_norm"], d.norm_eps)
-            g, u = (h @ w[f"{i}.w13"]).split(d.inter, dim=-1)
+            g, u = (h @ w[f"{i}.w13"]).split(d.intermediate_size, dim=-1)
             r = (F.silu(g) * u) @ w[f"{i}.w2"]
         h = add_rmsnorm(x, r, w["norm"], d.norm_eps)
         logits = F.linear(h[-1:], w["output"])

@@ -10,17 +10,14 @@ Decoded tokens are always sparsified.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import Tensor
 
-PREFILL = ("all", "half", "none")
-
-
-def dense_prefix(prompt_len: int, prefill: str) -> int:
-    """How many leading positions stay dense under a prefill policy."""
-    if prefill not in PREFILL:
-        raise ValueError(f"unknown prefill policy {prefill!r}")
-    return {"all": 0, "half": prompt_len // 2, "none": prompt_len}[prefill]
+from ..errors import ActTailError
+from .sparsify import Sparsifier, dense_prefix, settings
+from .tokens import encode
 
 
 def sample(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
@@ -67,56 +64,49 @@ def generate(model, prompt: Tensor, max_new_tokens: int, temperature: float = 0.
 BACKENDS = ("reference", "kernels")
 
 
-def generate_text(model_path, prompt: str, plan_path=None, max_new_tokens: int = 64, temperature: float = 0.0,
+def generate_text(model, tokenizer, prompt: str, plan=None, max_new_tokens: int = 64, temperature: float = 0.0,
                   seed: int | None = None, mode: str = "threshold", prefill_policy: str | None = None,
-                  device: str = "cpu", backend: str | None = None, dtype: str = "float16") -> tuple[str, dict]:
-    """The prompt's continuation as text, from the dense or planned-sparse model, and what the run measured.
+                  backend: str | None = None, dtype: str = "float16", device: str | None = None,
+                  eos_id: int | None = None) -> tuple[str, dict]:
+    """The prompt's continuation as text, from the dense or planned-sparse ``model``, and what the run measured.
 
-    backend ``reference`` (default on CPU): the float32 torch model; ``kernels`` (default on CUDA): the
-    Triton decode path (``runtime.cuda.CudaDecoder``: fp16/bf16 input-major weights, dense prefill, CUDA
-    graph per decoded token, greedy). On the CPU the kernels run only under TRITON_INTERPRET=1 (slowly)."""
-    import time
-
-    from .. import plan as plan_io
-    from ..errors import ActTailError
-    from . import check_device, open_model, plan_sparsifier
-    from .perplexity import load_tokenizer
-
+    backend ``reference`` (default on CPU): the float32 torch model where it lies; ``kernels`` (default
+    on CUDA): the Triton decode path (``runtime.cuda.CudaDecoder``: fp16/bf16 input-major weights, dense
+    prefill, CUDA graph per decoded token, greedy) on ``device``. On the CPU the kernels run only under
+    TRITON_INTERPRET=1 (slowly)."""
     if max_new_tokens < 1:
         raise ActTailError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    check_device(device)
-    backend = backend or ("kernels" if str(device).startswith("cuda") else "reference")
+    device = str(device or model.output.weight.device)
+    backend = backend or ("kernels" if device.startswith("cuda") else "reference")
     if backend not in BACKENDS:
         raise ActTailError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if backend == "kernels":
-        _check_kernel_run(device, temperature, prefill_policy)
-    ckpt, model = open_model(model_path, device=device if backend == "reference" else "cpu")
-    tok = load_tokenizer(ckpt.path if ckpt.path.is_dir() else ckpt.path.parent)
-    plan = plan_io.load_plan(plan_path, expect_fingerprint=ckpt.fingerprint) if plan_path else None
-    if plan is not None:
-        model.sparsifier = plan_sparsifier(plan, mode, f"plan {plan_path}")  # also checks thresholds exist
-    ids = tok.encode(prompt, add_special_tokens=False).ids
+        check_kernel_run(device, temperature, prefill_policy)
+    ids = encode(tokenizer, prompt)
     if not ids:
         raise ActTailError("the prompt is empty after tokenization")
-    eos = ckpt.config.get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) else eos
+    sets = settings(plan, mode) if plan is not None else {}
     if backend == "kernels":
         out, info = _generate_kernels(model, plan, mode, ids, max_new_tokens, device, dtype)
-        if eos is not None and eos in out:
-            out = out[:out.index(eos) + 1]
+        if eos_id is not None and eos_id in out:
+            out = out[:out.index(eos_id) + 1]
     else:
+        model.sparsifier = Sparsifier(sets)
         t0 = time.perf_counter()
-        out = generate(model, torch.tensor(ids), max_new_tokens, temperature, seed, prefill_policy or "half", eos)
+        try:
+            out = generate(model, torch.tensor(ids), max_new_tokens, temperature, seed, prefill_policy or "half",
+                           eos_id)
+        finally:
+            model.sparsifier = Sparsifier.dense()
         sec = time.perf_counter() - t0
-        info = {"backend": "reference", "device": str(device), "new_tokens": len(out), "seconds": sec,
+        info = {"backend": "reference", "device": device, "new_tokens": len(out), "seconds": sec,
                 "tokens_per_s": len(out) / sec}
-    return tok.decode(out), info
+    return tokenizer.decode(out), info
 
 
-def _check_kernel_run(device, temperature, prefill_policy):
+def check_kernel_run(device, temperature, prefill_policy):
+    """One clear error for what the kernel backend cannot do, before any model is loaded."""
     import os
-
-    from ..errors import ActTailError
 
     if temperature > 0:
         raise ActTailError("the kernel backend decodes greedily: use --temperature 0 (or --backend reference)")
@@ -134,9 +124,6 @@ def _check_kernel_run(device, temperature, prefill_policy):
 
 def _generate_kernels(model, plan, mode, ids, max_new_tokens, device, dtype):
     """Greedy tokens from the Triton decode path, with the decode rate measured around the graph replays."""
-    import time
-
-    from ..errors import ActTailError
     from .cuda import CudaDecoder
 
     dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -168,5 +155,5 @@ def _generate_kernels(model, plan, mode, ids, max_new_tokens, device, dtype):
     info = {"backend": "kernels", "device": str(dec.device), "dtype": dtype, "new_tokens": len(out),
             "prefill_s": t1 - t0, "capture_s": t2 - t1, "decode_s": t3 - t2,
             "decode_tokens_per_s": (max_new_tokens - 1) / (t3 - t2) if max_new_tokens > 1 else None,
-            "sparse_groups": len(dec.t) + len(dec.keeps), "groups": 4 * dec.dims.n_layer}
+            "sparse_groups": len(dec.t) + len(dec.keeps), "groups": 4 * dec.args.n_layer}
     return out, info

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ActTailError
+from ..layout import HF_MODULES
 from .sparsify import Sparsifier
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -37,6 +38,16 @@ class ModelArgs:
     max_seq_len: int
     tie_embeddings: bool
     qkv_bias: bool
+
+    @property
+    def qkv_sizes(self) -> tuple[int, int, int]:
+        """Output widths of q, k and v."""
+        kv = self.n_local_heads * self.head_dim
+        return (self.n_head * self.head_dim, kv, kv)
+
+    def in_features(self, kind: str) -> int:
+        """Width of a projection's input: the attention output for o, the MLP hidden for down, else dim."""
+        return {"o": self.n_head * self.head_dim, "down": self.intermediate_size}.get(kind, self.dim)
 
     @classmethod
     def from_config(cls, config: dict, architecture: str) -> "ModelArgs":
@@ -65,6 +76,17 @@ class ModelArgs:
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=architecture == "Qwen2ForCausalLM" or bool(config.get("attention_bias", False)),
         )
+
+
+def shape(vocab_size: int, dim: int, n_layer: int, n_head: int, n_kv: int, head_dim: int, inter: int,
+          norm_eps: float = 1e-5, rope_base: float = 10000.0, max_seq_len: int = 4096) -> ModelArgs:
+    """ModelArgs of a Llama-shaped decoder, for random-weight benchmarks and tests."""
+    return ModelArgs(vocab_size, dim, n_layer, n_head, n_kv, head_dim, inter, norm_eps, rope_base, None,
+                     max_seq_len, False, False)
+
+
+LLAMA2_7B = shape(32000, 4096, 32, 32, 32, 128, 11008)
+SMOLLM2_135M = shape(49152, 576, 30, 9, 3, 64, 1536, rope_base=100000.0)
 
 
 # ---- RoPE ------------------------------------------------------------------------------------------
@@ -139,28 +161,15 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv, self.head_dim = args.n_head, args.n_local_heads, args.head_dim
-        self.sizes = [args.n_head * args.head_dim, args.n_local_heads * args.head_dim, args.n_local_heads * args.head_dim]
+        self.sizes = args.qkv_sizes
         # q, k and v share one input: one weight [q+k+v, dim] (dense path: one matmul), split per kind.
         self.wqkv = nn.Linear(args.dim, sum(self.sizes), bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_head * args.head_dim, args.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def qkv(self, x: Tensor, sp: Sparsifier) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v from the shared input x, each from its own sparsified copy of x."""
-        if not sp.active:
-            return self.wqkv(x).split(self.sizes, dim=-1)
-        ws = self.wqkv.weight.split(self.sizes, dim=0)
-        bs = self.wqkv.bias.split(self.sizes) if self.wqkv.bias is not None else (None,) * 3
-        xs = sp.group(self.layer, ("q", "k", "v"), x)
-        return tuple(F.linear(xi, w, b) for xi, w, b in zip(xs, ws, bs))
-
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, sp: Sparsifier) -> Tensor:
-        return self.wo(sp.one(self.layer, "o", self.core(x, cos, sin, input_pos, sp)))
-
-    def core(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, sp: Sparsifier) -> Tensor:
-        """Attention up to the input of the output projection o: [B, T, heads * head_dim]."""
         B, T, _ = x.shape
-        q, k, v = self.qkv(x, sp)
+        q, k, v = sp.project(self.layer, ("q", "k", "v"), x, self.wqkv, self.sizes)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -171,7 +180,7 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v)
             mask = torch.arange(k.shape[2], device=x.device) <= input_pos[:, None]  # [T, max_seq_len]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)
-        return y.transpose(1, 2).reshape(B, T, -1)
+        return sp.project(self.layer, ("o",), y.transpose(1, 2).reshape(B, T, -1), self.wo)[0]
 
 
 class FeedForward(nn.Module):
@@ -183,18 +192,9 @@ class FeedForward(nn.Module):
         self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)
         self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
 
-    def gate_up(self, x: Tensor, sp: Sparsifier) -> Tensor:
-        """silu(gate(x)) * up(x), each projection from its own sparsified copy of x."""
-        if not sp.active:
-            g, u = self.w13(x).split(self.inter, dim=-1)
-        else:
-            wg, wu = self.w13.weight.split(self.inter, dim=0)
-            xg, xu = sp.group(self.layer, ("gate", "up"), x)
-            g, u = F.linear(xg, wg), F.linear(xu, wu)
-        return F.silu(g) * u
-
     def forward(self, x: Tensor, sp: Sparsifier) -> Tensor:
-        return self.w2(sp.one(self.layer, "down", self.gate_up(x, sp)))
+        g, u = sp.project(self.layer, ("gate", "up"), x, self.w13, (self.inter, self.inter))
+        return sp.project(self.layer, ("down",), F.silu(g) * u, self.w2)[0]
 
 
 class TransformerBlock(nn.Module):
@@ -262,8 +262,7 @@ class Transformer(nn.Module):
 # ---- loading ---------------------------------------------------------------------------------------
 
 def _hf_names(i: int) -> dict[str, str]:
-    p = f"model.layers.{i}"
-    return {k: f"{p}.self_attn.{k}_proj" for k in "qkvo"} | {k: f"{p}.mlp.{k}_proj" for k in ("gate", "up", "down")}
+    return {k: f"model.layers.{i}.{m}" for k, m in HF_MODULES.items()}
 
 
 def load_model(ckpt, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Transformer:

@@ -1,33 +1,75 @@
 """Activation sparsification at the input of every projection, and the count of what it zeroed.
 
-Two modes, per projection (layer, kind):
+A plan becomes runtime settings in one place, ``settings(plan, mode)``: one ``ProjectionSparsity`` per
+projection, read by the CPU reference (``Sparsifier``), the GPU decode path (``runtime.cuda``) and
+``acttail.apply`` on transformers models. Two modes:
 - ``threshold``: zero the entries with |x| <= t, t calibrated on text so that a target fraction is zeroed
   (TEAL, R-Sparse). The achieved fraction on other text drifts; the runtime measures it.
 - ``topk``: keep exactly the round((1 - s) * d) largest magnitudes of each token (ActTail, Q-Sparse).
 
-q/k/v read one input but each has its own threshold (likewise gate/up): ``Sparsifier.group`` returns one
-sparsified copy per projection. Prefill policy: positions before ``dense_before`` stay dense (0: every
-position is sparsified, as in the perplexity runs; see generate.py for the TEAL-like "half" policy).
-The two kernels below are plain functions so a GPU path can replace them.
+q/k/v read one input but each has its own setting (likewise gate/up): ``Sparsifier.project`` computes a
+group of projections from their shared input, each from its own sparsified copy. Prefill policy:
+positions before ``dense_before`` stay dense (0: every position is sparsified, as in the perplexity runs;
+see generate.py for the TEAL-like "half" policy). An ``observer`` sees every group's input before it is
+sparsified: that is how calibration measures the sparse run without a decoder of its own.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ActTailError
 
 MODES = ("threshold", "topk")
+PREFILL = ("all", "half", "none")  # which prompt positions a plan sparsifies (decoded tokens always are)
 
 
-def threshold_sparsify(x: Tensor, t: float) -> Tensor:
-    """x with every entry of magnitude <= t set to zero."""
-    return x.masked_fill(x.abs() <= t, 0.0)
+@dataclass(frozen=True)
+class ProjectionSparsity:
+    """What the runtime does at one projection's input: zero |x| <= threshold, or keep the ``keep``
+    largest magnitudes of each token."""
+
+    threshold: float | None = None
+    keep: int | None = None
 
 
 def keep_count(sparsity: float, width: int) -> int:
     """How many of a width-wide input's entries topk mode keeps: round((1 - s) * width), at least one."""
     return max(1, round((1.0 - sparsity) * width))
+
+
+def settings(plan, mode: str = "threshold", where: str = "plan") -> dict[tuple[int, str], ProjectionSparsity]:
+    """The runtime settings a plan asks for: its thresholds (threshold mode) or keep counts (topk mode).
+
+    The one mapping from a plan to what every runtime does; threshold mode needs a calibrated plan."""
+    if mode not in MODES:
+        raise ActTailError(f"unknown sparsity mode {mode!r} (choose from {', '.join(MODES)})")
+    if mode == "threshold":
+        missing = [e.key for e in plan.projections if e.threshold is None]
+        if missing:
+            raise ActTailError(f"{where} has no thresholds ({len(missing)} projections uncalibrated, e.g. "
+                               f"{missing[0]}): run `acttail calibrate` first, or use --mode topk")
+        return {(e.layer, e.kind): ProjectionSparsity(threshold=e.threshold) for e in plan.projections}
+    return {(e.layer, e.kind): ProjectionSparsity(keep=keep_count(e.sparsity, e.in_features))
+            for e in plan.projections}
+
+
+def dense_prefix(prompt_len: int, prefill: str) -> int:
+    """How many leading positions stay dense under a prefill policy: all (none dense), half, none (all)."""
+    if prefill not in PREFILL:
+        raise ActTailError(f"unknown prefill policy {prefill!r} (choose from {', '.join(PREFILL)})")
+    return {"all": 0, "half": prompt_len // 2, "none": prompt_len}[prefill]
+
+
+def threshold_sparsify(x: Tensor, t: float) -> Tensor:
+    """x with every entry of magnitude <= t set to zero."""
+    return x.masked_fill(x.abs() <= t, 0.0)
 
 
 def topk_sparsify(x: Tensor, keep: int) -> Tensor:
@@ -38,32 +80,33 @@ def topk_sparsify(x: Tensor, keep: int) -> Tensor:
     return torch.zeros_like(x).scatter_(-1, idx, x.gather(-1, idx))
 
 
-class Sparsifier:
-    """Applies per-projection thresholds (or top-k ratios) and counts the zeros it produced.
+def sparsify(x: Tensor, s: ProjectionSparsity) -> Tensor:
+    """x sparsified as one projection's setting says."""
+    if s.threshold is not None:
+        return threshold_sparsify(x, s.threshold)
+    if s.keep is not None:
+        return topk_sparsify(x, s.keep)
+    return x
 
-    ``thresholds`` / ``sparsities`` map (layer, kind) to a value; a projection absent from the map stays
-    dense.
+
+class Sparsifier:
+    """Computes the projections of a decoder with per-projection settings, counting the zeros it produced.
+
+    ``settings`` maps (layer, kind) to a ``ProjectionSparsity``; a projection absent from it stays dense.
     """
 
-    def __init__(self, mode: str = "dense", thresholds: dict | None = None, sparsities: dict | None = None,
-                 dense_before: int = 0, measure: bool = True):
-        if mode not in ("dense",) + MODES:
-            raise ValueError(f"unknown sparsity mode {mode!r}")
-        self.mode = mode
-        self.thresholds = dict(thresholds or {})
-        self.sparsities = dict(sparsities or {})
+    def __init__(self, settings: dict | None = None, dense_before: int = 0, measure: bool = True,
+                 observer: Callable[[int, tuple[str, ...], Tensor], None] | None = None):
+        self.settings = dict(settings or {})
         self.dense_before = dense_before
         self.measure = measure
+        self.observer = observer
         self.rows: Tensor | None = None  # positions that get sparsified, or None for all
         self.reset_counts()
 
     @classmethod
     def dense(cls) -> "Sparsifier":
-        return cls("dense")
-
-    @property
-    def active(self) -> bool:
-        return self.mode != "dense"
+        return cls()
 
     def reset_counts(self) -> None:
         self.zeros: dict = defaultdict(int)
@@ -77,28 +120,27 @@ class Sparsifier:
         """Measured sparsity per (layer, kind): zeros / entries over the sparsified positions so far."""
         return {key: self.zeros[key] / self.total[key] for key in self.total if self.total[key]}
 
-    # ---- applying ----------------------------------------------------------------------------------
+    # ---- computing projections ---------------------------------------------------------------------
 
-    def one(self, layer: int, kind: str, x: Tensor) -> Tensor:
-        return self.group(layer, (kind,), x)[0]
+    def project(self, layer: int, kinds: tuple[str, ...], x: Tensor, linear: nn.Linear,
+                sizes: tuple[int, ...] | None = None) -> tuple[Tensor, ...]:
+        """The outputs of the projections ``kinds`` that share input x and one fused ``linear`` (their
+        weights stacked in the order of ``kinds``, ``sizes`` rows each): one matmul when all are dense,
+        else each from its own sparsified copy of x."""
+        sizes = tuple(sizes) if sizes is not None else (linear.out_features,)
+        if self.observer is not None:
+            self.observer(layer, kinds, x)
+        found = [self.settings.get((layer, k)) for k in kinds]
+        if not any(found):
+            return linear(x).split(sizes, dim=-1)
+        ws = linear.weight.split(sizes, dim=0)
+        bs = linear.bias.split(sizes) if linear.bias is not None else (None,) * len(kinds)
+        return tuple(F.linear(self._apply((layer, k), x, s), w, b) for k, s, w, b in zip(kinds, found, ws, bs))
 
-    def group(self, layer: int, kinds: tuple[str, ...], x: Tensor) -> tuple[Tensor, ...]:
-        """One sparsified copy of the shared input x per projection in ``kinds``."""
-        if self.mode == "dense":
-            return (x,) * len(kinds)
-        return tuple(self._apply((layer, kind), x) for kind in kinds)
-
-    def _apply(self, key: tuple[int, str], x: Tensor) -> Tensor:
-        if self.mode == "threshold":
-            t = self.thresholds.get(key)
-            if t is None:
-                return x
-            y = threshold_sparsify(x, t)
-        else:
-            s = self.sparsities.get(key)
-            if s is None:
-                return x
-            y = topk_sparsify(x, keep_count(s, x.shape[-1]))
+    def _apply(self, key: tuple[int, str], x: Tensor, s: ProjectionSparsity | None) -> Tensor:
+        if s is None:
+            return x
+        y = sparsify(x, s)
         if self.rows is not None:  # prefill policy: early positions stay dense
             y = torch.where(self.rows[:, None], y, x)
         if self.measure:
@@ -106,13 +148,3 @@ class Sparsifier:
             self.zeros[key] += int((counted == 0).sum())
             self.total[key] += counted.numel()
         return y
-
-
-def from_plan(plan: dict, mode: str, dense_before: int = 0) -> Sparsifier:
-    """A Sparsifier for a plan's projections: thresholds (threshold mode) or sparsities (topk mode)."""
-    rows = plan["projections"]
-    if mode == "threshold":
-        return Sparsifier(mode, thresholds={(p["layer"], p["kind"]): p["threshold"] for p in rows},
-                          dense_before=dense_before)
-    return Sparsifier(mode, sparsities={(p["layer"], p["kind"]): p["sparsity"] for p in rows},
-                      dense_before=dense_before)

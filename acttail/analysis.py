@@ -1,7 +1,10 @@
 """The analysis stage: ESD metrics of every projection of a checkpoint -> ``analysis.json``.
 
 Projections are streamed one at a time from the checkpoint. Results are cached by (fingerprint, settings)
-under ``cache_dir()/analysis`` so a re-run is instant unless forced.
+under ``cache_dir()/analysis`` so a re-run is instant unless forced. In Python the result is an
+``Analysis`` (``Analysis.load`` / ``analysis.save``): the model it describes, the settings, and one row per
+projection (a dict: key, layer, kind, shapes, alpha, xmin, ... and any column a later stage adds, such as
+``sensitivity``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import threading
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +28,13 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .checkpoint import KINDS, Checkpoint
+from .checkpoint import Checkpoint
 from .errors import ActTailError
+from .layout import KINDS
 from .esd import EVAL_FLOOR, FITS, analyze_matrix
 from .files import cache_dir, read_json, write_json, write_text
 
+FORMAT, VERSION = "acttail-analysis", 1
 BACKENDS = ("acttail", "weightwatcher", "powerlaw")
 METRICS = ("n_evals", "alpha", "xmin", "n_tail", "ks_distance", "sigma", "lambda_max", "spectral_norm",
            "stable_rank", "alpha_weighted", "log_norm")
@@ -73,7 +79,7 @@ def analyze_checkpoint(ckpt: Checkpoint, cfg: dict, progress: bool = True, worke
         while pending:
             rows.append(_row(*pending.popleft()))
             bar.update()
-    return {"format": "acttail-analysis", "version": 1, "tool_version": __version__,
+    return {"format": FORMAT, "version": VERSION, "tool_version": __version__,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "model": {"path": str(ckpt.path), "fingerprint": ckpt.fingerprint, "architecture": ckpt.architecture,
                       "model_type": ckpt.model_type, "num_layers": ckpt.num_layers},
@@ -181,6 +187,44 @@ def load_analysis(path: str | Path) -> dict:
         if missing:
             raise ActTailError(f"{path}: projection {r.get('key', '?')} lacks {', '.join(missing)}")
     return doc
+
+
+@dataclass
+class Analysis:
+    """ESD metrics of every projection of one checkpoint; ``projections`` holds one row (dict) each."""
+
+    model: dict
+    settings: dict
+    projections: list[dict]
+    summary: dict
+    tool_version: str = __version__
+    created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    extra: dict = field(default_factory=dict)  # further top-level sections, e.g. "sensitivity"
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Analysis":
+        """Read and check an analysis.json (the one reader every stage uses)."""
+        return cls.from_dict(load_analysis(path))
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> "Analysis":
+        known = ("format", "version", "tool_version", "created", "model", "settings", "projections", "summary")
+        return cls(model=doc["model"], settings=doc.get("settings") or {}, projections=doc["projections"],
+                   summary=doc.get("summary") or summarize(doc["projections"]),
+                   tool_version=doc.get("tool_version", __version__), created=doc.get("created", ""),
+                   extra={k: v for k, v in doc.items() if k not in known})
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "tool_version": self.tool_version, "created": self.created,
+                "model": self.model, "settings": self.settings, "projections": self.projections,
+                "summary": self.summary, **self.extra}
+
+    def save(self, path: str | Path, csv_path: str | Path | None = None) -> None:
+        """Write analysis.json (and the CSV when asked), each atomically."""
+        save(self.to_dict(), path, csv_path)
+
+    def format_summary(self) -> str:
+        return format_summary(self.to_dict())
 
 
 def to_csv(doc: dict) -> str:

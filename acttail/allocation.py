@@ -20,23 +20,22 @@ projection skips one column of its weight, so the bytes saved are sparsity x wei
 dtype bytes = params x itemsize and the two weightings give the same allocation. Rows may carry a
 ``bytes`` column (mixed precision); without it ``weight="bytes"`` uses params.
 
-New methods: register ``fn(rows, *, scope, metric, epsilon, direction, **params) -> ratios`` with
-``@register_method("name")``; extra keyword arguments of ``allocate`` reach ``fn`` and are recorded in the
-plan. Any numeric column of the rows (e.g. a per-projection ``sensitivity``) is read with
-``metric_values(rows, "sensitivity", scope)``.
+Every default lives once, in ``AllocationConfig``. New methods: register ``fn(rows, *, scope, metric,
+epsilon, direction, **params) -> ratios`` with ``@register_method("name")``; extra keyword arguments reach
+``fn`` and are recorded in the plan. Any numeric column of the rows (e.g. a per-projection
+``sensitivity``) is read with ``metric_values(rows, "sensitivity", scope)``.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
+from dataclasses import dataclass, fields, replace
 from typing import Callable
 
 import numpy as np
 
-from . import plan as plan_io
-from .analyze import load_analysis
 from .errors import ActTailError
+from .plan import Plan, PlanEntry
 
 SCOPES = ("global", "per-kind", "layer")
 DIRECTIONS = ("increasing", "decreasing")  # sparsity increasing (default) or decreasing in the metric
@@ -45,6 +44,36 @@ NULL_METRIC = "median"  # what a failed fit gets; recorded in the plan
 TOLERANCE = 1e-9  # |weighted mean - budget| after fit_budget
 
 METHODS: dict[str, Callable[..., np.ndarray]] = {}
+
+
+@dataclass(frozen=True)
+class AllocationConfig:
+    """How sparsity is spread over projections; each field is a CLI option of ``acttail allocate``.
+
+    method: uniform (TEAL's baseline), acttail (the alpha map, direction measured from a ``sensitivity``
+    column when present, else assumed), alpha-map (assumed direction), acttail-sens (measured, required),
+    sensitivity (measured sensitivity alone, no alpha). scope: where the metric is normalised. epsilon:
+    ratios span [1 - eps, 1 + eps]. direction: sparsity increasing in the metric or not. weight: budget
+    weighting. min/max_sparsity: bounds of every projection. gamma: strength of the sensitivity method.
+    """
+
+    method: str = "acttail"
+    scope: str = "global"
+    metric: str = "alpha"
+    epsilon: float = 0.3
+    direction: str = "increasing"
+    weight: str = "params"
+    min_sparsity: float = 0.0
+    max_sparsity: float = 0.99
+    gamma: float = 0.5
+
+    def updated(self, **options) -> "AllocationConfig":
+        """A copy with some fields changed; an unknown option is an error."""
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ActTailError(f"unknown allocation option(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+        return replace(self, **options)
 
 
 def register_method(name: str):
@@ -58,11 +87,6 @@ def register_method(name: str):
 
 
 # ---- inputs -----------------------------------------------------------------------------------------
-
-
-def read_analysis(path: str | Path) -> dict:
-    """Read an ``acttail analyze`` output (checked by the analysis stage's own reader)."""
-    return load_analysis(path)
 
 
 def check_rows(rows: list[dict]) -> None:
@@ -203,7 +227,7 @@ def uniform_ratios(rows, **_) -> np.ndarray:
     return np.ones(len(rows))
 
 
-def alpha_map_ratios(rows, *, scope="global", metric="alpha", epsilon=0.3, direction="increasing") -> np.ndarray:
+def alpha_map_ratios(rows, *, scope, metric, epsilon, direction, **_) -> np.ndarray:
     """AlphaPruning's map with an assumed direction: lower metric (alpha) -> lower sparsity, linearly within
     each normalisation group (``direction="decreasing"`` reverses it)."""
     values = metric_values(rows, metric, scope)
@@ -212,7 +236,7 @@ def alpha_map_ratios(rows, *, scope="global", metric="alpha", epsilon=0.3, direc
 
 
 @register_method("acttail")
-def acttail_ratios(rows, *, scope="global", metric="alpha", epsilon=0.3, direction="increasing", **_) -> np.ndarray:
+def acttail_ratios(rows, *, scope, metric, epsilon, direction, **_) -> np.ndarray:
     """The default: the alpha map, with its direction measured (``acttail-sens``) when the rows carry a
     ``sensitivity`` column, else assumed (``alpha-map``: lower alpha -> lower sparsity).
 
@@ -233,8 +257,7 @@ def has_sensitivity(rows) -> bool:
 
 
 @register_method("acttail-sens")
-def acttail_sens_ratios(rows, *, scope="global", metric="alpha", epsilon=0.3, direction="increasing",
-                        **_) -> np.ndarray:
+def acttail_sens_ratios(rows, *, scope, metric, epsilon, direction, **_) -> np.ndarray:
     """The acttail map with its direction and strength set by measured sensitivity (column ``sensitivity``:
     loss increase per parameter zeroed, from ``acttail sensitivity``) instead of assumed.
 
@@ -249,7 +272,7 @@ def acttail_sens_ratios(rows, *, scope="global", metric="alpha", epsilon=0.3, di
     return alpha_map_ratios(rows, scope=scope, metric=metric, epsilon=epsilon, direction=chosen)
 
 
-def measured_direction(rows, metric: str = "alpha", direction: str = "increasing") -> dict:
+def measured_direction(rows, metric: str, direction: str) -> dict:
     """How the measured sensitivity orients the map: Spearman rho of (metric, sensitivity), the chance
     bound 2/sqrt(n), and the direction chosen ("uniform" when |rho| is within the bound)."""
     values = metric_values(rows, metric, "global")
@@ -266,6 +289,16 @@ def measured_direction(rows, metric: str = "alpha", direction: str = "increasing
     return {"spearman": rho, "chance_bound": bound, "direction": chosen}
 
 
+@register_method("sensitivity")
+def sensitivity_ratios(rows, *, gamma, **_) -> np.ndarray:
+    """Study ablation without alpha: ratio = (sensitivity / geometric mean)^-gamma per projection."""
+    if not has_sensitivity(rows):
+        raise ActTailError("method sensitivity needs a 'sensitivity' value for every projection "
+                           "(run `acttail sensitivity` on the analysis first)")
+    sens = np.array([float(r["sensitivity"]) for r in rows])
+    return np.exp(np.log(sens) - np.log(sens).mean()) ** -gamma
+
+
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman rank correlation (no tie correction; 0 when undefined)."""
     if len(a) < 3:
@@ -278,7 +311,8 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 # ---- solver -----------------------------------------------------------------------------------------
 
 
-def fit_budget(ratios, weights, budget: float, min_sparsity: float = 0.0, max_sparsity: float = 0.99):
+def fit_budget(ratios, weights, budget: float, min_sparsity: float = AllocationConfig.min_sparsity,
+               max_sparsity: float = AllocationConfig.max_sparsity):
     """Sparsities clip(budget * r / mean_w(r) + c) with the shift c found so the weighted mean = budget."""
     check_bounds(budget, min_sparsity, max_sparsity)
     r = np.asarray(ratios, dtype=np.float64)
@@ -306,69 +340,72 @@ def fit_budget(ratios, weights, budget: float, min_sparsity: float = 0.0, max_sp
     return s
 
 
-# ---- public API -------------------------------------------------------------------------------------
+# ---- allocation -------------------------------------------------------------------------------------
 
 
-def allocate(
-    rows: list[dict],
-    budget: float,
-    method: str = "acttail",
-    scope: str = "global",
-    metric: str = "alpha",
-    epsilon: float = 0.3,
-    direction: str = "increasing",
-    weight: str = "params",
-    min_sparsity: float = 0.0,
-    max_sparsity: float = 0.99,
-    **params,
-) -> list[float]:
+def sparsities(rows: list[dict], budget: float, config: AllocationConfig | None = None, **options) -> list[float]:
     """One sparsity per row (same order), weighted mean = budget within 1e-9, bounds respected.
 
-    Rows are analysis projections (dicts with key, layer, kind, params and the metric column). The work
-    is done in key order, so the result does not depend on the order of ``rows``. Extra keyword
-    ``params`` go to the method function (for methods registered by later stages).
+    Rows are analysis projections (dicts with key, layer, kind, params and the metric column). ``options``
+    change fields of ``config`` (AllocationConfig() by default); options that are not fields go to the
+    method function (for registered methods). The work is done in key order, so the result does not depend
+    on the order of ``rows``.
     """
+    cfg, params = _split_options(config, options)
     check_rows(rows)
-    check_bounds(budget, min_sparsity, max_sparsity)
-    if method not in METHODS:
-        raise ActTailError(f"unknown method {method!r} (choose from {', '.join(sorted(METHODS))})")
-    if scope not in SCOPES:
-        raise ActTailError(f"unknown scope {scope!r} (choose from {', '.join(SCOPES)})")
+    check_bounds(budget, cfg.min_sparsity, cfg.max_sparsity)
+    if cfg.method not in METHODS:
+        raise ActTailError(f"unknown method {cfg.method!r} (choose from {', '.join(sorted(METHODS))})")
+    if cfg.scope not in SCOPES:
+        raise ActTailError(f"unknown scope {cfg.scope!r} (choose from {', '.join(SCOPES)})")
     order = sorted(range(len(rows)), key=lambda i: str(rows[i]["key"]))
     ordered = [rows[i] for i in order]
-    ratios = METHODS[method](ordered, scope=scope, metric=metric, epsilon=epsilon, direction=direction, **params)
+    ratios = METHODS[cfg.method](ordered, scope=cfg.scope, metric=cfg.metric, epsilon=cfg.epsilon,
+                                 direction=cfg.direction, gamma=cfg.gamma, **params)
     ratios = np.asarray(ratios, dtype=np.float64)
     if ratios.shape != (len(rows),) or not np.isfinite(ratios).all() or (ratios < 0).any():
-        raise ActTailError(f"method {method!r} gave invalid ratios (need one finite value >= 0 per projection)")
-    s = fit_budget(ratios, budget_weights(ordered, weight), budget, min_sparsity, max_sparsity)
+        raise ActTailError(f"method {cfg.method!r} gave invalid ratios (need one finite value >= 0 per projection)")
+    s = fit_budget(ratios, budget_weights(ordered, cfg.weight), budget, cfg.min_sparsity, cfg.max_sparsity)
     out = [0.0] * len(rows)
     for pos, i in enumerate(order):
         out[i] = float(s[pos])
     return out
 
 
-def method_record(method: str = "acttail", scope="global", metric="alpha", epsilon=0.3, direction="increasing",
-                  weight="params", min_sparsity=0.0, max_sparsity=0.99, **params) -> dict:
+def _split_options(config: AllocationConfig | None, options: dict) -> tuple[AllocationConfig, dict]:
+    """(config with the options that are its fields, the remaining options for the method)."""
+    names = {f.name for f in fields(AllocationConfig)}
+    cfg = (config or AllocationConfig()).updated(**{k: v for k, v in options.items() if k in names})
+    return cfg, {k: v for k, v in options.items() if k not in names}
+
+
+def method_record(cfg: AllocationConfig, **params) -> dict:
     """The plan's ``method`` object: the name and every parameter that shaped the allocation."""
-    rec = {"name": method, "metric": metric}  # metric: the column copied into projections[].metric
-    if method != "uniform":
-        rec.update(scope=scope, epsilon=epsilon, direction=direction, null_metric=NULL_METRIC)
-    rec.update(weight=weight, min_sparsity=min_sparsity, max_sparsity=max_sparsity, **params)
+    rec = {"name": cfg.method, "metric": cfg.metric}  # metric: the column copied into projections[].metric
+    if cfg.method == "sensitivity":
+        rec.update(gamma=cfg.gamma)
+    elif cfg.method != "uniform":
+        rec.update(scope=cfg.scope, epsilon=cfg.epsilon, direction=cfg.direction, null_metric=NULL_METRIC)
+    rec.update(weight=cfg.weight, min_sparsity=cfg.min_sparsity, max_sparsity=cfg.max_sparsity, **params)
     return rec
 
 
-def plan_from_analysis(analysis: dict, budget: float, *, analysis_path: str | None = None, **options) -> dict:
-    """A plan (see ``acttail.plan``) for an analysis: one entry per projection with its sparsity.
-
-    ``options`` are those of ``allocate`` (method, scope, metric, epsilon, ...), all recorded in the plan.
-    """
-    rows = analysis["projections"]
-    sparsities = allocate(rows, budget, **options)
-    metric = options.get("metric", "alpha")
-    entries = [plan_io.new_entry(row, metric=_finite(row.get(metric)), sparsity=s) for row, s in zip(rows, sparsities)]
-    source = {"analysis": analysis_path, "settings": analysis.get("settings")}
-    method = options.get("method", "acttail")
-    if method == "acttail-sens" or (method == "acttail" and has_sensitivity(rows)):
-        source["direction"] = measured_direction(rows, options.get("metric", "alpha"),
-                                                 options.get("direction", "increasing"))
-    return plan_io.new_plan(analysis["model"], budget, method_record(**options), entries, source=source)
+def plan_from_analysis(analysis, budget: float, config: AllocationConfig | None = None, *,
+                       analysis_path: str | None = None, **options) -> Plan:
+    """The uncalibrated ``Plan`` for an analysis (an ``Analysis`` or its document): one sparsity per
+    projection. ``options`` change fields of ``config``; everything that shaped the plan is recorded in it."""
+    doc = analysis.to_dict() if hasattr(analysis, "to_dict") else analysis
+    rows = doc["projections"]
+    cfg, params = _split_options(config, options)
+    values = sparsities(rows, budget, cfg, **params)
+    entries = [PlanEntry(layer=int(r["layer"]), kind=r["kind"], in_features=int(r["in_features"]),
+                         out_features=int(r["out_features"]), sparsity=float(s), metric=_finite(r.get(cfg.metric)))
+               for r, s in zip(rows, values)]
+    source = {"analysis": analysis_path, "settings": doc.get("settings")}
+    if cfg.method == "acttail-sens" or (cfg.method == "acttail" and has_sensitivity(rows)):
+        source["direction"] = measured_direction(rows, cfg.metric, cfg.direction)
+    plan = Plan(model={k: doc["model"].get(k) for k in ("fingerprint", "architecture", "model_type", "num_layers",
+                                                         "path")},
+                budget=float(budget), method=method_record(cfg, **params), projections=entries, source=source)
+    plan.to_dict()  # validates
+    return plan

@@ -1,0 +1,154 @@
+"""The Python API: one verb per stage, objects in and out (the command line adds only paths).
+
+    import acttail
+    analysis = acttail.analyze("path/to/model")             # Analysis: alpha etc. per projection
+    plan = acttail.allocate(analysis, budget=0.5)            # Plan: one sparsity per projection
+    plan = acttail.calibrate(model, plan, texts, tokenizer)  # thresholds fitted on text
+    with acttail.apply(model, plan):                         # the model's projections sparsified
+        result = acttail.evaluate(model, text, tokenizer)    # perplexity, KL, top-1 agreement
+
+``model`` is a stock transformers causal LM (Llama, Mistral, Qwen2, ... as loaded by
+``AutoModelForCausalLM``) or our decoder (``acttail.load``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .allocation import AllocationConfig, plan_from_analysis
+from .analysis import Analysis, run_analysis
+from .calibration import calibrate as calibrate_windows
+from .errors import ActTailError
+from .evaluation import evaluate_windows
+from .plan import Plan
+from .runtime import open_model
+from .runtime.hf import Applied, apply as apply_to_transformers, from_transformers, is_transformers_model
+from .runtime.model import Transformer
+from .runtime.tokens import load_tokenizer, text_tokens, windows
+
+
+def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Transformer:
+    """Our decoder for a model folder (config.json, safetensors, tokenizer.json), float32 on CPU by default;
+    its tokenizer is ``model.tokenizer`` when the folder has one."""
+    ckpt, model = open_model(path, dtype, device)
+    folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
+    model.tokenizer = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
+    model.fingerprint = ckpt.fingerprint
+    return model
+
+
+def analyze(model, fit: str = "ks", dtype: str = "float32", device: str = "cpu", backend: str = "acttail",
+            force: bool = False, progress: bool = True) -> Analysis:
+    """ESD metrics (alpha, xmin, KS distance, ...) of every projection of a checkpoint folder, a
+    .safetensors file or a .gguf file (dequantized first). Cached per weights and settings."""
+    if isinstance(model, torch.nn.Module):
+        raise ActTailError("acttail.analyze reads weights from disk: pass the model's folder (or .gguf file)")
+    doc, _ = run_analysis(model, fit, dtype, device, backend, force, progress)
+    return Analysis.from_dict(doc)
+
+
+def allocate(analysis: Analysis, budget: float, config: AllocationConfig | None = None, **options) -> Plan:
+    """A plan with one sparsity per projection whose weighted mean is ``budget``; ``options`` change fields
+    of ``config`` (``AllocationConfig``: method, scope, epsilon, ...)."""
+    return plan_from_analysis(analysis, budget, config, **options)
+
+
+def calibrate(model, plan: Plan, texts, tokenizer=None, tokens: int = 65536, ctx: int = 512,
+              batch_size: int | None = None, progress: bool = True) -> Plan:
+    """The plan with each projection's threshold fitted so its sparsity holds in the sparse run on ``texts``
+    (a string, a list of strings, or token ids). Calibrate on other text than you evaluate on."""
+    ours = _ours(model)
+    wins = _windows(ours, texts, tokenizer, tokens, ctx)
+    return calibrate_windows(ours, plan, wins, batch_size, progress)
+
+
+def apply(model, plan: Plan, mode: str = "threshold") -> Applied:
+    """Sparsify ``model`` in place as ``plan`` says; returns a handle whose ``remove()`` (or the end of a
+    ``with`` block) restores it. On CPU inputs are zeroed; on CUDA with fp16/bf16 weights decode steps
+    (batch <= 8) run through the Triton kernels and prefill runs dense."""
+    if isinstance(model, Transformer):
+        return _apply_ours(model, plan, mode)
+    if not is_transformers_model(model):
+        raise ActTailError(f"acttail.apply takes a transformers causal LM or an acttail model, not {type(model).__name__}")
+    return apply_to_transformers(model, plan, mode)
+
+
+def evaluate(model, text, tokenizer=None, plan: Plan | None = None, tokens: int = 32768, ctx: int = 512,
+             mode: str = "threshold", prefill: str = "all", batch_size: int = 8, progress: bool = True) -> dict:
+    """Perplexity of ``model`` on ``text`` (string or token ids) in windows of ``ctx``; with a plan (given
+    here, or already applied) also the KL divergence to the dense model, the top-1 agreement with it and the
+    achieved sparsity. Returns a dict of metrics."""
+    wins = _windows(model, text, tokenizer, tokens, ctx)
+    if isinstance(model, Transformer):
+        return evaluate_windows(model, wins, plan, mode, prefill, batch_size, progress)
+    from .runtime.perplexity import perplexity
+
+    if prefill != "all":
+        raise ActTailError("on a transformers model every position is sparsified (prefill='all')")
+    handle = apply(model, plan, mode) if plan is not None else getattr(model, "_acttail_applied", None)
+    try:
+        if handle is not None:
+            handle.reset_counts()
+        out = perplexity(model, wins, batch_size, progress, compare=handle is not None)
+        if handle is not None:
+            out["achieved"] = handle.achieved()
+    finally:
+        if plan is not None:
+            handle.remove()
+    return out
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+
+
+def _ours(model) -> Transformer:
+    if isinstance(model, Transformer):
+        return model
+    if is_transformers_model(model):
+        return from_transformers(model)
+    raise ActTailError(f"expected a transformers causal LM or an acttail model, not {type(model).__name__}")
+
+
+def _windows(model, texts, tokenizer, tokens: int, ctx: int) -> torch.Tensor:
+    """[n, ctx] token windows from a string, strings or token ids."""
+    if torch.is_tensor(texts):
+        ids = texts.flatten()[:tokens].long()
+    else:
+        tokenizer = tokenizer or getattr(model, "tokenizer", None)
+        if tokenizer is None:
+            raise ActTailError("text needs a tokenizer: pass tokenizer=... (or token ids)")
+        text = texts if isinstance(texts, str) else "\n\n".join(texts)
+        ids = text_tokens(tokenizer, text, tokens)
+    max_ctx = model.args.max_seq_len if isinstance(model, Transformer) else \
+        getattr(model.config, "max_position_embeddings", ctx)
+    return windows(ids, ctx, max_ctx)
+
+
+def _apply_ours(model: Transformer, plan: Plan, mode: str):
+    """Our decoder: install the plan's Sparsifier; the handle puts the dense one back."""
+    from .runtime import plan_sparsifier
+    from .runtime.sparsify import Sparsifier
+
+    model.sparsifier = plan_sparsifier(plan, mode)
+
+    class _Handle:
+        enabled = True
+
+        def remove(self):
+            model.sparsifier = Sparsifier.dense()
+
+        def achieved(self):
+            return model.sparsifier.achieved()
+
+        def reset_counts(self):
+            model.sparsifier.reset_counts()
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.remove()
+
+    return _Handle()

@@ -1,0 +1,267 @@
+"""Plans on stock transformers models: ``apply`` (sparsify their projections in place, removable) and
+``from_transformers`` (our decoder built from their weights, for calibration).
+
+``apply`` wraps the forward of every q/k/v/o/gate/up/down ``nn.Linear`` of each decoder layer (Phi-3's
+fused ``qkv_proj`` / ``gate_up_proj`` too: each part gets its own sparsified copy of the input). On the CPU,
+or for float32 weights, the input is zeroed as the plan says and the projection runs as before. On CUDA
+with fp16/bf16 weights, a decode step (one new token per sequence, batch <= 8) runs through the Triton
+sparse kernels (the weights are kept input-major for them, with the module's weight a transposed view of
+that storage, so the dense prefill still reads the same bytes); longer inputs run dense.
+"""
+
+from __future__ import annotations
+
+import types
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ActTailError
+from ..layout import HF_MODULES
+from .sparsify import ProjectionSparsity, settings, sparsify
+
+FUSED = {"qkv_proj": ("q", "k", "v"), "gate_up_proj": ("gate", "up")}
+
+
+def decoder_layers(model: nn.Module):
+    """The decoder layers of a transformers causal LM (``model.model.layers``), or one clear error."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None) or getattr(getattr(inner, "language_model", None), "layers", None)
+    if layers is None:
+        raise ActTailError(f"{type(model).__name__}: no decoder layers found at model.model.layers")
+    return layers
+
+
+def projection_modules(model: nn.Module) -> dict[nn.Linear, list[tuple[str, int, slice]]]:
+    """Each projection Linear -> the (kind, layer, output rows) it computes (several for fused modules)."""
+    out = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        for kind, name in HF_MODULES.items():
+            try:
+                out[layer.get_submodule(name)] = [(kind, i, slice(None))]
+            except AttributeError:
+                pass
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        for name, kinds in FUSED.items():
+            for parent in ("self_attn", "mlp"):
+                try:
+                    linear = layer.get_submodule(f"{parent}.{name}")
+                except AttributeError:
+                    continue
+                out[linear] = _fused_rows(i, kinds, cfg)
+    return out
+
+
+def _fused_rows(layer: int, kinds: tuple[str, ...], cfg) -> list[tuple[str, int, slice]]:
+    heads = cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    widths = {"q": heads * hd, "k": kv * hd, "v": kv * hd, "gate": cfg.intermediate_size,
+              "up": cfg.intermediate_size}
+    rows, start = [], 0
+    for k in kinds:
+        rows.append((k, layer, slice(start, start + widths[k])))
+        start += widths[k]
+    return rows
+
+
+class Applied:
+    """A plan applied to a model's projections; ``remove()`` restores them, ``enabled`` switches it off
+    for a while (e.g. for a dense reference run). ``achieved()`` is the measured sparsity per projection."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.enabled = True
+        self.measure = True
+        self.zeros: dict = defaultdict(int)
+        self.total: dict = defaultdict(int)
+        self._restore: list = []
+
+    def achieved(self) -> dict:
+        return {k: self.zeros[k] / self.total[k] for k in self.total if self.total[k]}
+
+    def reset_counts(self) -> None:
+        self.zeros.clear()
+        self.total.clear()
+
+    def remove(self) -> None:
+        """Give every projection its own forward (and contiguous weights) back."""
+        for undo in reversed(self._restore):
+            undo()
+        self._restore.clear()
+        if getattr(self.model, "_acttail_applied", None) is self:
+            del self.model._acttail_applied
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def apply(model: nn.Module, plan, mode: str = "threshold") -> Applied:
+    """Sparsify ``model``'s projections as ``plan`` says (threshold or topk mode); returns the handle."""
+    if getattr(model, "_acttail_applied", None) is not None:
+        raise ActTailError("a plan is already applied to this model: remove() it first")
+    sets = settings(plan, mode)
+    modules = projection_modules(model)
+    _check_shapes(model, plan, modules)
+    handle = Applied(model)
+    kernels = _use_kernels(model)
+    for linear, parts in modules.items():
+        found = [(kind, rows, sets.get((layer, kind)), (layer, kind)) for kind, layer, rows in parts]
+        if not any(s for _, _, s, _ in found):
+            continue
+        if kernels:
+            _input_major(linear, handle)
+        forward = _sparse_forward(handle, found, kernels)
+        linear.forward = types.MethodType(forward, linear)
+        handle._restore.append(lambda m=linear: m.__dict__.pop("forward", None))
+    model._acttail_applied = handle
+    return handle
+
+
+def _check_shapes(model, plan, modules) -> None:
+    """The plan must describe this model: same layer count and the same shape for every projection."""
+    layers = len(decoder_layers(model))
+    if plan.model["num_layers"] != layers:
+        raise ActTailError(f"the plan is for {plan.model['num_layers']} layers, the model has {layers}")
+    shapes = {}
+    for linear, parts in modules.items():
+        for kind, layer, rows in parts:
+            out = linear.out_features if rows == slice(None) else rows.stop - rows.start
+            shapes[(layer, kind)] = (linear.in_features, out)
+    for e in plan.projections:
+        got = shapes.get((e.layer, e.kind))
+        if got != (e.in_features, e.out_features):
+            raise ActTailError(f"{e.key} is {got} (in, out) in the model but {(e.in_features, e.out_features)} "
+                               "in the plan")
+
+
+def _use_kernels(model) -> bool:
+    p = next(model.parameters())
+    if p.device.type != "cuda" or p.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _input_major(linear: nn.Linear, handle: Applied) -> None:
+    """Store the weight input-major ([in, out] contiguous) for the kernels; the module keeps a [out, in] view."""
+    wt = linear.weight.data.t().contiguous()
+    linear.weight.data = wt.t()
+    linear._acttail_wt = wt
+
+    def undo(m=linear):
+        m.weight.data = m.weight.data.contiguous()
+        del m._acttail_wt
+
+    handle._restore.append(undo)
+
+
+def _sparse_forward(handle: Applied, parts, kernels: bool):
+    """The forward of one Linear computing ``parts`` [(kind, output rows, setting, key)]."""
+
+    def forward(self, x):
+        if not handle.enabled:
+            return F.linear(x, self.weight, self.bias)
+        if kernels and _is_decode(x):
+            return _kernel_linear(self, x, parts, handle)
+        outs = []
+        for kind, rows, s, key in parts:
+            w = self.weight[rows]
+            b = self.bias[rows] if self.bias is not None else None
+            xs = sparsify(x, s) if s is not None else x
+            if s is not None and handle.measure:
+                handle.zeros[key] += int((xs == 0).sum())
+                handle.total[key] += xs.numel()
+            outs.append(F.linear(xs, w, b))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+    return forward
+
+
+def _is_decode(x: torch.Tensor) -> bool:
+    """One new token per sequence, at most MAX_BATCH sequences: the shape the kernels serve."""
+    from ..kernels import MAX_BATCH
+
+    tokens = x.shape[:-1]
+    return x.dim() >= 2 and (x.dim() == 2 or tokens[-1] == 1) and int(torch.tensor(tokens).prod()) <= MAX_BATCH
+
+
+def _kernel_linear(linear, x, parts, handle):
+    from ..kernels import sparse_linear, topk_thresholds
+
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    wt = linear._acttail_wt
+    splits, ts, keeps = [], [], []
+    for kind, rows, s, key in parts:
+        width = (rows.stop - rows.start) if rows != slice(None) else wt.shape[1]
+        splits.append(width)
+        keeps.append(s.keep if s is not None and s.keep is not None else None)
+        ts.append(s.threshold if s is not None and s.threshold is not None else -1.0)
+    if any(k is not None for k in keeps):
+        t = topk_thresholds(x2, [k if k is not None else 1 << 30 for k in keeps])
+    else:
+        t = torch.tensor(ts, dtype=torch.float32, device=x.device)
+    y = sparse_linear(x2, wt, t, splits=splits)
+    if linear.bias is not None:
+        y = (y.float() + linear.bias.float()).to(y.dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+# ---- our decoder from a transformers model -------------------------------------------------------------
+
+
+class _StateDict:
+    """A checkpoint-like view of a transformers model's weights (what ``load_model`` reads)."""
+
+    def __init__(self, model: nn.Module):
+        cfg = model.config
+        self.config = cfg.to_dict()
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        self.config.update(text.to_dict())
+        self.architecture = (cfg.architectures or [type(model).__name__])[0]
+        self.path = getattr(cfg, "_name_or_path", "") or type(model).__name__
+        sd = model.state_dict()
+        self._tensors = {n: t for n, t in sd.items()}
+        self.tensor_names = list(self._tensors)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name not in self._tensors:
+            raise ActTailError(f"{self.path}: the model has no tensor {name!r}")
+        return self._tensors[name]
+
+
+def from_transformers(model: nn.Module, dtype: torch.dtype = torch.float32):
+    """Our decoder (``runtime.model.Transformer``) with the weights of a stock transformers causal LM."""
+    from .model import load_model
+
+    dev = next(model.parameters()).device
+    return load_model(_StateDict(model), dtype, str(dev))
+
+
+def is_transformers_model(model) -> bool:
+    return hasattr(model, "config") and hasattr(model, "get_input_embeddings")
+
+
+def hf_position_logits(model, batch: torch.Tensor, dense: bool) -> torch.Tensor:
+    """Logits [B * (T - 1), vocab] of every predicting position of a transformers model, with the applied
+    plan switched off when ``dense``."""
+    handle = getattr(model, "_acttail_applied", None)
+    kept = handle.enabled if handle is not None else None
+    if handle is not None:
+        handle.enabled = not dense
+        handle.measure = not dense
+    try:
+        logits = model(input_ids=batch).logits
+    finally:
+        if handle is not None:
+            handle.enabled = kept
+            handle.measure = True
+    return logits[:, :-1].flatten(0, 1)
