@@ -21,12 +21,16 @@ from pathlib import Path
 
 import torch
 
-from acttail import allocate, plan as plan_io
-from acttail.analyze import run_analysis
-from acttail.calibrate import calibrate_plan
+from acttail.allocation import plan_from_analysis
+from acttail.analysis import run_analysis
+from acttail.calibration import calibrate
+from acttail.evaluation import evaluate_windows, result as eval_result
 from acttail.files import cache_dir, write_json, write_text
-from acttail.runtime.perplexity import evaluate
-from acttail.sensitivity import with_sensitivity  # also registers the acttail-sens and sensitivity methods
+from acttail.plan import Plan
+from acttail.runtime import open_model
+from acttail.runtime.tokens import load_tokenizer, text_tokens, windows
+from acttail.sensitivity import with_sensitivity
+from acttail.text import read_text
 
 BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7)
 DEFAULT = dict(fit="ks", method="alpha-map", scope="global", epsilon=0.3, direction="increasing")
@@ -84,39 +88,55 @@ def run_one(model_dir: Path, out: Path, name: str, opts: dict, budget: float, ar
     if opts["method"] in ("acttail-sens", "sensitivity"):
         analysis = with_sensitivity(analysis, json.loads((out / "sensitivity.json").read_text()))
     options = {k: v for k, v in opts.items() if k != "fit"}
-    plan = allocate.plan_from_analysis(analysis, budget, analysis_path=f"analyze --fit {opts['fit']}", **options)
+    plan = plan_from_analysis(analysis, budget, analysis_path=f"analyze --fit {opts['fit']}", **options)
     raw = out / "plans" / f"{slug(name, budget)}.json"
-    plan_io.save_plan(plan, raw)
+    plan.save(raw)
     same = identical_run(out, plan)
     if same is not None:  # calibration and evaluation are deterministic in the sparsities: reuse
         r = {**same, "study": {**same["study"], "name": name, "options": opts, "reused_from": same["study"]["name"]}}
         write_json(result, r)
         return r
     t0 = time.time()
-    calibrated, run = calibrate_plan(model_dir, raw, "c4", args.calib_tokens, args.ctx, progress=not args.quiet,
-                                     device=args.device)
-    plan_io.save_plan(calibrated, raw)
-    run["weighted_achieved"] = calibrated_mean(calibrated)
+    ckpt, model = open_model(model_dir, device=args.device)
+    calibrated = calibrate(model, plan, token_windows(model_dir, model, "c4", args.calib_tokens, args.ctx),
+                           progress=not args.quiet, text="c4")
+    calibrated.save(raw)
+    run = dict(calibrated.calibration, weighted_achieved=calibrated_mean(calibrated))
     t1 = time.time()
-    r = evaluate(model_dir, "wiki", raw, args.ctx, args.eval_tokens, progress=not args.quiet, device=args.device)
+    r = run_eval(ckpt, model, model_dir, calibrated, raw, args)
     r["study"] = {"name": name, "options": opts, "budget": budget, "calibration": run,
                   "seconds": {"calibrate": t1 - t0, "eval": time.time() - t1}}
     write_json(result, r)
     return r
 
 
-def calibrated_mean(plan: dict) -> float:
+def token_windows(model_dir: Path, model, text: str, tokens: int, ctx: int):
+    return windows(text_tokens(load_tokenizer(model_dir), read_text(text), tokens), ctx, model.args.max_seq_len)
+
+
+def run_eval(ckpt, model, model_dir: Path, plan, plan_path, args) -> dict:
+    """``acttail eval`` of a plan (or dense) on wiki, as a result document."""
+    wins = token_windows(model_dir, model, "wiki", args.eval_tokens, args.ctx)
+    metrics = evaluate_windows(model, wins, plan, progress=not args.quiet)
+    settings = {"text": "wiki", "ctx": args.ctx, "tokens": int(wins.numel()), "windows": len(wins),
+                "mode": "threshold" if plan else "dense", "prefill": "all" if plan else None, "dtype": "float32",
+                "device": args.device, "batch_size": 8}
+    ref = {"path": str(model_dir), "fingerprint": ckpt.fingerprint, "architecture": ckpt.architecture}
+    return eval_result(ref, settings, metrics, plan, plan_path)
+
+
+def calibrated_mean(plan: Plan) -> float:
     """Parameter-weighted sparsity achieved on the calibration text (from the calibrated plan)."""
-    es = plan["projections"]
-    return sum(e["calibration"]["achieved_sparsity"] * e["params"] for e in es) / sum(e["params"] for e in es)
+    es = plan.projections
+    return sum(e.calibration["achieved_sparsity"] * e.params for e in es) / sum(e.params for e in es)
 
 
-def identical_run(out: Path, plan: dict) -> dict | None:
+def identical_run(out: Path, plan: Plan) -> dict | None:
     """A finished run whose plan had exactly these sparsities (e.g. a method that fell back to uniform)."""
-    want = [e["sparsity"] for e in plan["projections"]]
+    want = [e.sparsity for e in plan.projections]
     for f in sorted((out / "runs").glob("*.json")):
         r = json.loads(f.read_text())
-        if r.get("achieved") and r["study"].get("budget") == plan["budget"] and "reused_from" not in r["study"]:
+        if r.get("achieved") and r["study"].get("budget") == plan.budget and "reused_from" not in r["study"]:
             if [p["target"] for p in r["achieved"]["projections"]] == want:
                 return r
     return None
@@ -126,7 +146,8 @@ def dense(model_dir: Path, out: Path, args) -> dict:
     result = out / "runs" / "dense.json"
     if not result.is_file():
         t0 = time.time()
-        r = evaluate(model_dir, "wiki", None, args.ctx, args.eval_tokens, progress=not args.quiet, device=args.device)
+        ckpt, model = open_model(model_dir, device=args.device)
+        r = run_eval(ckpt, model, model_dir, None, None, args)
         r["study"] = {"name": "dense", "seconds": {"eval": time.time() - t0}}
         write_json(result, r)
     return json.loads(result.read_text())
@@ -136,7 +157,9 @@ def measure_sensitivity(model_dir: Path, path: Path, args) -> None:
     """Loss increase on c4 when one projection alone is sparsified (top-k at 50% and 80%)."""
     from acttail.sensitivity import measure
 
-    write_json(path, measure(model_dir, "c4", args.sens_tokens, args.ctx, (0.5, 0.8), args.device, not args.quiet))
+    ckpt, model = open_model(model_dir, device=args.device)
+    wins = token_windows(model_dir, model, "c4", args.sens_tokens, args.ctx)
+    write_json(path, measure(model, wins, ckpt.fingerprint, "c4", (0.5, 0.8), not args.quiet))
 
 
 # ---- tables ----------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from acttail.analyze import analyze_checkpoint, settings
+from acttail.analysis import analyze_checkpoint, settings
 from acttail.checkpoint import Checkpoint
 from acttail.esd import eigenvalues
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from acttail.analyze import run_analysis
+from acttail.analysis import run_analysis
 from acttail.checkpoint import KINDS
 from acttail.files import write_text
 

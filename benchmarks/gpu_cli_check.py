@@ -35,15 +35,14 @@ def main():
     ap.add_argument("--out", required=True)
     out = Path(ap.parse_args().out)
     out.mkdir(parents=True, exist_ok=True)
-    from acttail import allocate, plan as plan_io
+    from acttail.allocation import plan_from_analysis
     from tests.runtime_tiny import synthetic_analysis, write_hf_model, write_text
 
     root = Path(tempfile.mkdtemp())
     folder = root / "model"
     write_hf_model(folder, "llama", layers=2, tie=False, scale=None, hidden=4096, inter=11008, heads=32,
                    kv_heads=32)  # Llama-2-7B layer shapes
-    plan_io.save_plan(allocate.plan_from_analysis(synthetic_analysis(folder), 0.5, method="alpha-map"),
-                      root / "plan.json")
+    plan_from_analysis(synthetic_analysis(folder), 0.5, method="alpha-map").save(root / "plan.json")
     text = write_text(root / "cal.txt", 20000, seed=7)
     results = {}
     r = cli("calibrate", folder, root / "plan.json", "--text", text, "--tokens", "4096", "--ctx", "256",
