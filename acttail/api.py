@@ -42,9 +42,14 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cp
 def analyze(model, fit: str = "ks", dtype: str = "float32", device: str = "cpu", backend: str = "acttail",
             force: bool = False, progress: bool = True) -> Analysis:
     """ESD metrics (alpha, xmin, KS distance, ...) of every projection of a checkpoint folder, a
-    .safetensors file or a .gguf file (dequantized first). Cached per weights and settings."""
+    .safetensors file, or a model in memory (a transformers causal LM or ours). Results for files are cached
+    per weights and settings."""
     if isinstance(model, torch.nn.Module):
-        raise ActTailError("acttail.analyze reads weights from disk: pass the model's folder (or .gguf file)")
+        from .analysis import analyze_checkpoint, settings
+        from .weights import ModuleWeights
+
+        return Analysis.from_dict(analyze_checkpoint(ModuleWeights(model), settings(fit, dtype, device, backend),
+                                                     progress))
     doc, _ = run_analysis(model, fit, dtype, device, backend, force, progress)
     return Analysis.from_dict(doc)
 

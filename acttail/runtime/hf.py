@@ -19,53 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ActTailError
-from ..layout import HF_MODULES
-from .sparsify import ProjectionSparsity, settings, sparsify
-
-FUSED = {"qkv_proj": ("q", "k", "v"), "gate_up_proj": ("gate", "up")}
-
-
-def decoder_layers(model: nn.Module):
-    """The decoder layers of a transformers causal LM (``model.model.layers``), or one clear error."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None) or getattr(getattr(inner, "language_model", None), "layers", None)
-    if layers is None:
-        raise ActTailError(f"{type(model).__name__}: no decoder layers found at model.model.layers")
-    return layers
-
-
-def projection_modules(model: nn.Module) -> dict[nn.Linear, list[tuple[str, int, slice]]]:
-    """Each projection Linear -> the (kind, layer, output rows) it computes (several for fused modules)."""
-    out = {}
-    for i, layer in enumerate(decoder_layers(model)):
-        for kind, name in HF_MODULES.items():
-            try:
-                out[layer.get_submodule(name)] = [(kind, i, slice(None))]
-            except AttributeError:
-                pass
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        for name, kinds in FUSED.items():
-            for parent in ("self_attn", "mlp"):
-                try:
-                    linear = layer.get_submodule(f"{parent}.{name}")
-                except AttributeError:
-                    continue
-                out[linear] = _fused_rows(i, kinds, cfg)
-    return out
-
-
-def _fused_rows(layer: int, kinds: tuple[str, ...], cfg) -> list[tuple[str, int, slice]]:
-    heads = cfg.num_attention_heads
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    widths = {"q": heads * hd, "k": kv * hd, "v": kv * hd, "gate": cfg.intermediate_size,
-              "up": cfg.intermediate_size}
-    rows, start = [], 0
-    for k in kinds:
-        rows.append((k, layer, slice(start, start + widths[k])))
-        start += widths[k]
-    return rows
-
+from ..weights import decoder_layers, projection_modules
+from .sparsify import settings, sparsify
 
 class Applied:
     """A plan applied to a model's projections; ``remove()`` restores them, ``enabled`` switches it off
