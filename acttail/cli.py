@@ -169,10 +169,13 @@ def plan_show(plan_path):
 @click.option("-o", "--output", type=click.Path(), required=True, help="JSON file (gemma3n, nncf) or folder (teal).")
 def export_cmd(plan_path, fmt, output):
     """Write a plan in another runtime's format (each format's losses: see acttail/export.py)."""
-    from .export import export
+    from .export import export, losses
     from .plan import Plan
 
-    written = export(Plan.load(plan_path), fmt, output)
+    plan = Plan.load(plan_path)
+    for lost in losses(plan, fmt):
+        click.echo(f"acttail: warning: not exported: {lost}", err=True)
+    written = export(plan, fmt, output)
     click.echo(f"wrote {len(written)} file(s) to {output}")
 
 

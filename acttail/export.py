@@ -17,6 +17,9 @@
   errors are left empty: we did not measure them). Loses: thresholds (TEAL recomputes them from its own
   activation histograms), calibration statistics, and the search ladder: TEAL picks the row nearest the
   sparsity it is asked for, and with one row per layer it always gets this plan's row.
+
+None of the three formats has a place for a score other than |x| or for compensation (biases, low-rank
+factors, refitted weights): ``losses`` names what an export drops, and the command line prints it.
 """
 
 from __future__ import annotations
@@ -125,6 +128,17 @@ def _is_teal_folder(path: Path) -> bool:
 
 
 EXPORTERS = {"gemma3n": write_gemma3n, "nncf": write_nncf, "teal": write_teal}
+
+
+def losses(plan: Plan, fmt: str) -> list[str]:
+    """What of this plan the format cannot express (beyond what every export of that format loses)."""
+    out = []
+    if plan.score != "magnitude":
+        out.append(f"the {plan.score} score (per-channel score weights): {fmt} ranks inputs by |x| only")
+    if plan.compensation != "none":
+        out.append(f"the {plan.compensation} compensation ({len(plan.tensors)} tensors): {fmt} has no place for it, "
+                   "so the exported sparsities will cost more quality than this plan does")
+    return out
 
 
 def export(plan: Plan, fmt: str, out: str | Path) -> list[Path]:

@@ -1,9 +1,16 @@
 """The sparsity plan: the one file format every runtime reads, ours and others'.
 
 This module is the only code that reads or writes plan files. A plan is JSON, versioned
-(``"format": "acttail-plan", "version": 1``), described by ``schemas/plan.schema.json`` and validated on
-every read and write. One entry per projection holds its sparsity and, once calibrated, its magnitude
-threshold (inputs with |x| <= threshold are zeroed) and calibration statistics.
+(``"format": "acttail-plan", "version": 2``; version 1 files are read too), described by
+``schemas/plan.schema.json`` and validated on every read and write. One entry per projection holds its
+sparsity and, once calibrated, its threshold (inputs whose score is <= threshold are zeroed) and calibration
+statistics. The plan's ``score`` says how inputs are ranked (magnitude |x|, or |x_i| s_i with per-channel
+weights s) and its ``compensation`` what restores the dropped inputs' contribution (none, an output bias,
+low-rank factors, refitted weights). Their tensors live in one safetensors file beside the plan, named in
+it with its sha256 (``<key>.score``, ``<key>.bias``, ``<key>.lowrank_u``/``lowrank_v``, ``<key>.weight``).
+
+Budgets count bytes: an entry's ``overhead`` is what its compensation adds to every token's reads, as a
+fraction of the projection's weight bytes, and the plan saves ``sparsity - overhead`` of each projection.
 
 In Python a plan is a ``Plan`` (``Plan.load`` / ``plan.save``) holding one ``PlanEntry`` per projection.
 """
@@ -11,6 +18,7 @@ In Python a plan is a ``Plan`` (``Plan.load`` / ``plan.save``) holding one ``Pla
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field, replace
@@ -19,19 +27,26 @@ from functools import lru_cache
 from pathlib import Path
 
 import jsonschema
+import torch
 
 from . import __version__
 from .errors import ActTailError
-from .files import read_json, write_json
+from .files import atomic_path, read_json, write_json
 from .layout import KINDS, key as projection_key, order as projection_order, parse_key
 
 FORMAT = "acttail-plan"
-VERSION = 1
-TOP_KEYS = ("format", "version", "tool_version", "created", "model", "budget", "method", "source",
-            "projections", "calibration")
+VERSION = 2
+READS = (1, 2)  # version 1: no score, compensation, tensors, overhead or rank (magnitude, none)
+TOP_KEYS = ("format", "version", "tool_version", "created", "model", "budget", "method", "score", "compensation",
+            "source", "projections", "calibration", "tensors")
 MODEL_KEYS = ("fingerprint", "architecture", "model_type", "num_layers", "path")
-ENTRY_KEYS = ("key", "layer", "kind", "in_features", "out_features", "params", "metric", "sparsity",
-              "threshold", "calibration")
+ENTRY_KEYS = ("key", "layer", "kind", "in_features", "out_features", "params", "metric", "sparsity", "overhead",
+              "rank", "threshold", "calibration")
+SCORES = ("magnitude", "weight", "attribution")
+COMPENSATIONS = ("none", "bias", "lowrank", "refit")
+# tensor name -> its shape from (in, out, rank)
+TENSORS = {"score": lambda i, o, r: (i,), "bias": lambda i, o, r: (o,), "lowrank_u": lambda i, o, r: (o, r),
+           "lowrank_v": lambda i, o, r: (r, i), "weight": lambda i, o, r: (o, i)}
 
 
 @lru_cache(maxsize=1)
@@ -59,6 +74,8 @@ class PlanEntry:
     metric: float | None = None
     threshold: float | None = None
     calibration: dict | None = None
+    overhead: float = 0.0
+    rank: int = 0
 
     @property
     def key(self) -> str:
@@ -71,13 +88,14 @@ class PlanEntry:
     def to_dict(self) -> dict:
         return {"key": self.key, "layer": self.layer, "kind": self.kind, "in_features": self.in_features,
                 "out_features": self.out_features, "params": self.params, "metric": self.metric,
-                "sparsity": self.sparsity, "threshold": self.threshold, "calibration": self.calibration}
+                "sparsity": self.sparsity, "overhead": self.overhead, "rank": self.rank, "threshold": self.threshold,
+                "calibration": self.calibration}
 
     @classmethod
     def from_dict(cls, e: dict) -> "PlanEntry":
         return cls(layer=e["layer"], kind=e["kind"], in_features=e["in_features"], out_features=e["out_features"],
                    sparsity=e["sparsity"], metric=e["metric"], threshold=e["threshold"],
-                   calibration=copy.deepcopy(e["calibration"]))
+                   calibration=copy.deepcopy(e["calibration"]), overhead=e.get("overhead", 0.0), rank=e.get("rank", 0))
 
 
 @dataclass
@@ -85,7 +103,8 @@ class Plan:
     """A sparsity plan: the model it was made for, the budget, the method, and one entry per projection.
 
     ``model`` is the analysis' model section (fingerprint, architecture, model_type, num_layers, path);
-    ``calibration`` describes the calibration run once thresholds are set (None before)."""
+    ``calibration`` describes the calibration run once thresholds are set (None before); ``tensors`` maps
+    ``<key>.<name>`` to the score weights, biases, low-rank factors or refitted weights calibration made."""
 
     model: dict
     budget: float
@@ -93,22 +112,49 @@ class Plan:
     projections: list[PlanEntry]
     source: dict | None = None
     calibration: dict | None = None
+    score: str = "magnitude"
+    compensation: str = "none"
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     tool_version: str = __version__
     created: str = field(default_factory=_now)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Plan):
+            return NotImplemented
+        same = self.to_dict() == other.to_dict()
+        return same and self.tensors.keys() == other.tensors.keys() and all(
+            torch.equal(t, other.tensors[k]) for k, t in self.tensors.items())
 
     # ---- files and documents -----------------------------------------------------------------------
 
     @classmethod
     def load(cls, path: str | Path, expect_fingerprint: str | None = None) -> "Plan":
-        """Read and validate a plan file; with ``expect_fingerprint``, refuse a plan made for other weights."""
-        plan = cls.from_dict(read_json(path, "plan"), where=f"plan {path}")
+        """Read and validate a plan file (and its tensors file); with ``expect_fingerprint``, refuse a plan
+        made for other weights."""
+        doc = read_json(path, "plan")
+        plan = cls.from_dict(doc, where=f"plan {path}")
         if expect_fingerprint is not None:
             plan.check_model(expect_fingerprint, where=f"plan {path}")
+        if doc.get("tensors"):
+            plan.tensors = _read_tensors(Path(path).parent / doc["tensors"]["file"], doc["tensors"]["sha256"],
+                                         f"plan {path}")
+            plan.check_tensors(f"plan {path}")
         return plan
 
     def save(self, path: str | Path) -> None:
-        """Validate and write the plan atomically (keys in a stable order, indented by 2)."""
-        write_json(path, self.to_dict())
+        """Validate and write the plan atomically (keys in a stable order, indented by 2); its tensors go to
+        ``<name>.safetensors`` beside it, named in the plan with their sha256."""
+        self.to_dict()  # validate before writing anything
+        self.check_tensors()
+        ref = None
+        if self.tensors:
+            from safetensors.torch import save as to_bytes
+
+            data = to_bytes({k: t.detach().contiguous().cpu() for k, t in sorted(self.tensors.items())})
+            ref = {"file": Path(path).with_suffix(".safetensors").name, "sha256": hashlib.sha256(data).hexdigest()}
+            with atomic_path(Path(path).parent / ref["file"]) as tmp:
+                tmp.write_bytes(data)
+        write_json(path, self.to_dict(ref))
 
     @classmethod
     def from_dict(cls, doc, where: str = "plan") -> "Plan":
@@ -117,17 +163,37 @@ class Plan:
         return cls(model=dict(doc["model"]), budget=doc["budget"], method=dict(doc["method"]),
                    projections=[PlanEntry.from_dict(e) for e in doc["projections"]],
                    source=copy.deepcopy(doc.get("source")), calibration=copy.deepcopy(doc["calibration"]),
+                   score=doc.get("score", "magnitude"), compensation=doc.get("compensation", "none"),
                    tool_version=doc["tool_version"], created=doc["created"])
 
-    def to_dict(self) -> dict:
-        """The plan document (validated), as written to plan.json."""
+    def to_dict(self, tensors_ref: dict | None = None) -> dict:
+        """The plan document (validated), as written to plan.json; ``tensors_ref`` names the tensors file."""
         doc = {"format": FORMAT, "version": VERSION, "tool_version": self.tool_version, "created": self.created,
                "model": {k: self.model.get(k) for k in MODEL_KEYS}, "budget": float(self.budget),
-               "method": dict(self.method), "projections": [e.to_dict() for e in self.projections],
-               "calibration": copy.deepcopy(self.calibration)}
+               "method": dict(self.method), "score": self.score, "compensation": self.compensation,
+               "projections": [e.to_dict() for e in self.projections],
+               "calibration": copy.deepcopy(self.calibration), "tensors": tensors_ref}
         if self.source is not None:
             doc["source"] = copy.deepcopy(self.source)
         return validate(_ordered(doc))
+
+    def check_tensors(self, where: str = "plan") -> None:
+        """Every tensor belongs to a projection of the plan and has the shape its name implies."""
+        entries = {e.key: e for e in self.projections}
+        for name, t in self.tensors.items():
+            key, _, kind = name.rpartition(".")
+            e = entries.get(key)
+            if e is None or kind not in TENSORS:
+                raise ActTailError(f"{where}: tensor {name!r} names no projection of the plan "
+                                   f"(expected <key>.{{{','.join(TENSORS)}}})")
+            want = TENSORS[kind](e.in_features, e.out_features, e.rank)
+            if tuple(t.shape) != want:
+                raise ActTailError(f"{where}: tensor {name} has shape {tuple(t.shape)}, expected {want}")
+            if not torch.isfinite(t).all():
+                raise ActTailError(f"{where}: tensor {name} holds NaN or infinite values")
+
+    def tensor(self, key: str, name: str) -> torch.Tensor | None:
+        return self.tensors.get(f"{key}.{name}")
 
     def check_model(self, fingerprint: str, where: str = "plan") -> None:
         """Refuse a plan made for other weights."""
@@ -151,6 +217,12 @@ class Plan:
     @property
     def weighted_sparsity(self) -> float:
         return weighted_sparsity(self.projections)
+
+    @property
+    def weighted_saving(self) -> float:
+        """Fraction of projection bytes not read per token, net of what compensation adds."""
+        total = sum(e.params for e in self.projections)
+        return sum((e.sparsity - e.overhead) * e.params for e in self.projections) / total
 
     def sparsities(self) -> dict[tuple[int, str], float]:
         return {(e.layer, e.kind): e.sparsity for e in self.projections}
@@ -267,10 +339,9 @@ def validate(plan, where: str = "plan") -> dict:
     if not isinstance(plan, dict) or plan.get("format") != FORMAT:
         found = plan.get("format") if isinstance(plan, dict) else type(plan).__name__
         raise ActTailError(f"{where} is not an acttail plan (format is {found!r}, expected {FORMAT!r})")
-    if plan.get("version") != VERSION:
-        raise ActTailError(
-            f"{where} has plan version {plan.get('version')!r}; acttail {__version__} reads version {VERSION}"
-        )
+    if plan.get("version") not in READS:
+        raise ActTailError(f"{where} has plan version {plan.get('version')!r}; acttail {__version__} reads "
+                           f"versions {', '.join(map(str, READS))}")
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema()).iter_errors(plan))
     if error is not None:
         message = error.message if len(error.message) < 160 else error.message[:157] + "..."
@@ -303,3 +374,18 @@ def _ordered(plan: dict) -> dict:
         ({**{k: e[k] for k in ENTRY_KEYS if k in e}, **{k: v for k, v in e.items() if k not in ENTRY_KEYS}}
          for e in out["projections"]), key=lambda e: projection_order(e["layer"], e["kind"]))
     return out
+
+
+def _read_tensors(path: Path, sha256: str, where: str) -> dict[str, torch.Tensor]:
+    """The plan's tensors file, checked against the sha256 the plan names."""
+    from safetensors.torch import load as from_bytes
+
+    if not path.is_file():
+        raise ActTailError(f"{where} names tensors file {path.name}, which is not beside it")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ActTailError(f"{where}: {path.name} does not match the sha256 the plan names (changed or replaced)")
+    try:
+        return from_bytes(data)
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise ActTailError(f"{where}: cannot read {path.name}: {e}") from None

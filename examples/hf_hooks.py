@@ -26,14 +26,17 @@ MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_p
 
 
 def read_plan(path: str) -> dict:
-    """A calibrated acttail plan (version 1); exits with one line if it is not one."""
+    """A calibrated acttail plan (version 1 or 2, magnitude score, no compensation); exits with one line if not."""
     try:
         with open(path, encoding="utf-8") as f:
             plan = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         sys.exit(f"hf_hooks: cannot read plan {path}: {e}")
-    if not isinstance(plan, dict) or plan.get("format") != "acttail-plan" or plan.get("version") != 1:
-        sys.exit(f"hf_hooks: {path} is not an acttail plan, version 1")
+    if not isinstance(plan, dict) or plan.get("format") != "acttail-plan" or plan.get("version") not in (1, 2):
+        sys.exit(f"hf_hooks: {path} is not an acttail plan, version 1 or 2")
+    if plan.get("score", "magnitude") != "magnitude" or plan.get("compensation", "none") != "none":
+        sys.exit(f"hf_hooks: {path} uses score {plan.get('score')!r} / compensation {plan.get('compensation')!r}; "
+                 "these hooks only zero small inputs (use acttail.apply for the rest)")
     if any(e["threshold"] is None for e in plan["projections"]):
         sys.exit(f"hf_hooks: {path} has no thresholds; run `acttail calibrate` on it first")
     return plan

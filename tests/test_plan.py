@@ -33,20 +33,22 @@ def test_round_trip_is_exact_and_ordered(plan, tmp_path):
     plan.save(path)
     assert Plan.load(path) == plan
     text = path.read_text()
-    assert text.startswith('{\n  "format": "acttail-plan",\n  "version": 1,\n')
+    assert text.startswith('{\n  "format": "acttail-plan",\n  "version": 2,\n')
     assert list(json.loads(text)) == ["format", "version", "tool_version", "created", "model", "budget", "method",
-                                      "source", "projections", "calibration"]
+                                      "score", "compensation", "source", "projections", "calibration", "tensors"]
     assert list(json.loads(text)["projections"][0]) == list(P.ENTRY_KEYS)
     Plan.load(path).save(tmp_path / "again.json")
     assert (tmp_path / "again.json").read_text() == text  # stable bytes
 
 
 def test_schema_ships_in_the_package():
-    assert P.schema()["properties"]["version"] == {"const": 1}
+    assert P.schema()["properties"]["version"] == {"enum": [1, 2]}
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda d: d.update(version=2), "plan version 2; acttail .* reads version 1"),
+    (lambda d: d.update(version=3), "plan version 3; acttail .* reads versions 1, 2"),
+    (lambda d: d.update(compensation="magic"), r"\$\.compensation"),
+    (lambda d: d["projections"][0].update(overhead=-0.1), r"\$\.projections\[0\]\.overhead"),
     (lambda d: d.update(format="something-else"), "not an acttail plan"),
     (lambda d: d["projections"][2].update(sparsity=1.5), r"\$\.projections\[2\]\.sparsity: 1.5 is greater than"),
     (lambda d: d["projections"][0].update(threshold=-1.0), r"\$\.projections\[0\]\.threshold"),
@@ -175,3 +177,51 @@ def test_cli_bad_files(tmp_path):
     assert res.exit_code == 2 and "version 2" in res.output
     res = runner.invoke(main, ["plan", "show", str(tmp_path / "v2.json")])
     assert res.exit_code == 2 and "not an acttail plan" in res.output
+
+
+def test_version_1_files_are_read(plan, tmp_path):
+    """A plan written by acttail before version 2 (no score, compensation, tensors, overhead, rank)."""
+    doc = plan.to_dict()
+    doc["version"] = 1
+    for k in ("score", "compensation", "tensors"):
+        doc.pop(k)
+    for e in doc["projections"]:
+        e.pop("overhead")
+        e.pop("rank")
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(doc))
+    old = Plan.load(path)
+    assert old.score == "magnitude" and old.compensation == "none" and old.tensors == {}
+    assert [e.sparsity for e in old.projections] == [e.sparsity for e in plan.projections]
+
+
+def test_tensors_travel_beside_the_plan_checked_by_sha256(plan, tmp_path):
+    import torch
+
+    e = plan.projections[4]
+    e.rank, e.overhead = 2, 2 * (e.in_features + e.out_features) / e.params
+    plan.compensation = "lowrank"
+    plan.tensors = {f"{e.key}.lowrank_u": torch.randn(e.out_features, 2),
+                    f"{e.key}.lowrank_v": torch.randn(2, e.in_features),
+                    f"{plan.projections[0].key}.bias": torch.randn(plan.projections[0].out_features)}
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    ref = json.loads(path.read_text())["tensors"]
+    assert ref["file"] == "plan.safetensors" and (tmp_path / "plan.safetensors").is_file()
+    assert Plan.load(path) == plan
+    assert plan.weighted_saving < plan.weighted_sparsity
+    data = bytearray((tmp_path / "plan.safetensors").read_bytes())
+    data[-1] ^= 1
+    (tmp_path / "plan.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ActTailError, match="does not match the sha256"):
+        Plan.load(path)
+    (tmp_path / "plan.safetensors").unlink()
+    with pytest.raises(ActTailError, match="not beside it"):
+        Plan.load(path)
+    plan.tensors[f"{e.key}.lowrank_u"] = torch.randn(3, 3)
+    with pytest.raises(ActTailError, match="expected"):
+        plan.save(tmp_path / "bad.json")
+    plan.tensors = {"layers.99.q.bias": torch.zeros(3)}
+    with pytest.raises(ActTailError, match="names no projection"):
+        plan.save(tmp_path / "bad.json")
+    assert not (tmp_path / "bad.json").exists()
