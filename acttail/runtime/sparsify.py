@@ -32,11 +32,21 @@ PREFILL = ("all", "half", "none")  # which prompt positions a plan sparsifies (d
 
 @dataclass(frozen=True)
 class ProjectionSparsity:
-    """What the runtime does at one projection's input: zero |x| <= threshold, or keep the ``keep``
-    largest magnitudes of each token."""
+    """What the runtime does at one projection: zero the inputs whose score is <= threshold, or keep the
+    ``keep`` highest scores of each token; the score is |x|, or |x_i| score_i with per-channel weights.
+    On sparsified positions ``weight`` (refitted) replaces the projection's weight, ``lowrank`` (U, V) adds
+    U (V (x - x_kept)) for the dropped inputs, and ``bias`` is added to the output."""
 
     threshold: float | None = None
     keep: int | None = None
+    score: Tensor | None = None
+    bias: Tensor | None = None
+    lowrank: tuple[Tensor, Tensor] | None = None
+    weight: Tensor | None = None
+
+    @property
+    def compensated(self) -> bool:
+        return self.bias is not None or self.lowrank is not None or self.weight is not None
 
 
 def keep_count(sparsity: float, width: int) -> int:
@@ -45,7 +55,8 @@ def keep_count(sparsity: float, width: int) -> int:
 
 
 def settings(plan, mode: str = "threshold", where: str = "plan") -> dict[tuple[int, str], ProjectionSparsity]:
-    """The runtime settings a plan asks for: its thresholds (threshold mode) or keep counts (topk mode).
+    """The runtime settings a plan asks for: its thresholds (threshold mode) or keep counts (topk mode), with
+    its score weights and compensation tensors.
 
     The one mapping from a plan to what every runtime does; threshold mode needs a calibrated plan."""
     if mode not in MODES:
@@ -55,9 +66,14 @@ def settings(plan, mode: str = "threshold", where: str = "plan") -> dict[tuple[i
         if missing:
             raise ActTailError(f"{where} has no thresholds ({len(missing)} projections uncalibrated, e.g. "
                                f"{missing[0]}): run `acttail calibrate` first, or use --mode topk")
-        return {(e.layer, e.kind): ProjectionSparsity(threshold=e.threshold) for e in plan.projections}
-    return {(e.layer, e.kind): ProjectionSparsity(keep=keep_count(e.sparsity, e.in_features))
-            for e in plan.projections}
+    out = {}
+    for e in plan.projections:
+        u, v = plan.tensor(e.key, "lowrank_u"), plan.tensor(e.key, "lowrank_v")
+        cut = dict(threshold=e.threshold) if mode == "threshold" else dict(keep=keep_count(e.sparsity, e.in_features))
+        out[(e.layer, e.kind)] = ProjectionSparsity(
+            **cut, score=plan.tensor(e.key, "score"), bias=plan.tensor(e.key, "bias"),
+            lowrank=(u, v) if u is not None else None, weight=plan.tensor(e.key, "weight"))
+    return out
 
 
 def dense_prefix(prompt_len: int, prefill: str) -> int:
@@ -81,12 +97,31 @@ def topk_sparsify(x: Tensor, keep: int) -> Tensor:
 
 
 def sparsify(x: Tensor, s: ProjectionSparsity) -> Tensor:
-    """x sparsified as one projection's setting says."""
+    """x sparsified as one projection's setting says (ranked by |x| or by |x_i| score_i)."""
+    if s.score is not None:
+        ranked = x.abs() * s.score.to(x.dtype)
+        if s.threshold is not None:
+            return x.masked_fill(ranked <= s.threshold, 0.0)
+        if s.keep is not None and s.keep < x.shape[-1]:
+            idx = ranked.topk(s.keep, dim=-1, sorted=False).indices
+            return torch.zeros_like(x).scatter_(-1, idx, x.gather(-1, idx))
+        return x
     if s.threshold is not None:
         return threshold_sparsify(x, s.threshold)
     if s.keep is not None:
         return topk_sparsify(x, s.keep)
     return x
+
+
+def sparse_linear(x: Tensor, xs: Tensor, w: Tensor, b: Tensor | None, s: ProjectionSparsity) -> Tensor:
+    """The projection of input x whose sparsified copy is xs, with the setting's compensation."""
+    y = F.linear(xs, s.weight if s.weight is not None else w, b)
+    if s.lowrank is not None:
+        u, v = s.lowrank
+        y = y + F.linear(F.linear(x - xs, v), u)
+    if s.bias is not None:
+        y = y + s.bias
+    return y
 
 
 class Sparsifier:
@@ -135,16 +170,20 @@ class Sparsifier:
             return linear(x).split(sizes, dim=-1)
         ws = linear.weight.split(sizes, dim=0)
         bs = linear.bias.split(sizes) if linear.bias is not None else (None,) * len(kinds)
-        return tuple(F.linear(self._apply((layer, k), x, s), w, b) for k, s, w, b in zip(kinds, found, ws, bs))
+        return tuple(self._project((layer, k), x, s, w, b) for k, s, w, b in zip(kinds, found, ws, bs))
 
-    def _apply(self, key: tuple[int, str], x: Tensor, s: ProjectionSparsity | None) -> Tensor:
+    def _project(self, key: tuple[int, str], x: Tensor, s: ProjectionSparsity | None, w: Tensor,
+                 b: Tensor | None) -> Tensor:
         if s is None:
-            return x
-        y = sparsify(x, s)
-        if self.rows is not None:  # prefill policy: early positions stay dense
-            y = torch.where(self.rows[:, None], y, x)
+            return F.linear(x, w, b)
+        xs = sparsify(x, s)
         if self.measure:
-            counted = y if self.rows is None else y[..., self.rows, :]
+            counted = xs if self.rows is None else xs[..., self.rows, :]
             self.zeros[key] += int((counted == 0).sum())
             self.total[key] += counted.numel()
-        return y
+        if self.rows is None:
+            return sparse_linear(x, xs, w, b, s)
+        # prefill policy: early positions stay dense (original weights, no compensation)
+        if not s.compensated:
+            return F.linear(torch.where(self.rows[:, None], xs, x), w, b)
+        return torch.where(self.rows[:, None], sparse_linear(x, xs, w, b, s), F.linear(x, w, b))
