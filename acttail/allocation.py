@@ -289,6 +289,22 @@ def measured_direction(rows, metric: str, direction: str) -> dict:
     return {"spearman": rho, "chance_bound": bound, "direction": chosen}
 
 
+@register_method("greedy")
+def greedy_ratios(rows, *, budget, greedy=None, **_) -> np.ndarray:
+    """TEAL's greedy allocation: each projection's sparsity in the step of its block's greedy path (from
+    ``acttail greedy``) whose weighted sparsity is nearest the budget; the solver then meets the budget."""
+    if not greedy or not greedy.get("layers"):
+        raise ActTailError("method greedy needs the greedy paths of `acttail greedy` in the analysis")
+    paths = greedy["layers"]
+    out = np.empty(len(rows))
+    for i, r in enumerate(rows):
+        if r["layer"] >= len(paths) or not paths[r["layer"]]:
+            raise ActTailError(f"the greedy paths have no step for layer {r['layer']}")
+        step = min(paths[r["layer"]], key=lambda s: abs(s["effective"] - budget))
+        out[i] = step["sparsity"][r["kind"]]
+    return out
+
+
 @register_method("sensitivity")
 def sensitivity_ratios(rows, *, gamma, **_) -> np.ndarray:
     """Study ablation without alpha: ratio = (sensitivity / geometric mean)^-gamma per projection."""
@@ -361,7 +377,7 @@ def sparsities(rows: list[dict], budget: float, config: AllocationConfig | None 
     order = sorted(range(len(rows)), key=lambda i: str(rows[i]["key"]))
     ordered = [rows[i] for i in order]
     ratios = METHODS[cfg.method](ordered, scope=cfg.scope, metric=cfg.metric, epsilon=cfg.epsilon,
-                                 direction=cfg.direction, gamma=cfg.gamma, **params)
+                                 direction=cfg.direction, gamma=cfg.gamma, budget=budget, **params)
     ratios = np.asarray(ratios, dtype=np.float64)
     if ratios.shape != (len(rows),) or not np.isfinite(ratios).all() or (ratios < 0).any():
         raise ActTailError(f"method {cfg.method!r} gave invalid ratios (need one finite value >= 0 per projection)")
@@ -397,6 +413,8 @@ def plan_from_analysis(analysis, budget: float, config: AllocationConfig | None 
     doc = analysis.to_dict() if hasattr(analysis, "to_dict") else analysis
     rows = doc["projections"]
     cfg, params = _split_options(config, options)
+    if cfg.method == "greedy":
+        params["greedy"] = doc.get("greedy")
     values = sparsities(rows, budget, cfg, **params)
     entries = [PlanEntry(layer=int(r["layer"]), kind=r["kind"], in_features=int(r["in_features"]),
                          out_features=int(r["out_features"]), sparsity=float(s), metric=_finite(r.get(cfg.metric)))
@@ -404,6 +422,9 @@ def plan_from_analysis(analysis, budget: float, config: AllocationConfig | None 
     source = {"analysis": analysis_path, "settings": doc.get("settings")}
     if cfg.method == "acttail-sens" or (cfg.method == "acttail" and has_sensitivity(rows)):
         source["direction"] = measured_direction(rows, cfg.metric, cfg.direction)
+    if cfg.method == "greedy":
+        g = params.pop("greedy")
+        source["greedy"] = {k: g[k] for k in ("text", "tokens", "base_step", "max_sparsity", "last_fraction")}
     plan = Plan(model={k: doc["model"].get(k) for k in ("fingerprint", "architecture", "model_type", "num_layers",
                                                          "path")},
                 budget=float(budget), method=method_record(cfg, **params), projections=entries, source=source)

@@ -135,7 +135,7 @@ def summarize(rows: list[dict]) -> dict:
                 for k in KINDS if (v := by_kind.get(k))}
     return {"n_projections": len(rows), "n_fitted": len(alphas),
             "n_alpha_above_8": sum(a > 8 for a in alphas), "n_alpha_below_2": sum(a < 2 for a in alphas),
-            "n_warnings": sum(bool(r["warnings"]) for r in rows),
+            "n_warnings": sum(bool(r.get("warnings")) for r in rows),
             "alpha_median": float(np.median(alphas)) if alphas else None, "per_kind": per_kind}
 
 

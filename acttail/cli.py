@@ -301,6 +301,39 @@ def sensitivity_cmd(model, analysis, text, tokens, ctx, device, measured, output
                f"of {text}; wrote {output}")
 
 
+@main.command("greedy")
+@click.argument("model", type=click.Path())
+@click.argument("analysis", type=click.Path(dir_okay=False))
+@click.option("--text", default="c4", show_default=True, help="Calibration text (never the evaluation text).")
+@click.option("--tokens", type=int, default=8192, show_default=True)
+@click.option("--ctx", type=int, default=512, show_default=True)
+@click.option("--base-step", type=float, default=0.025, show_default=True,
+              help="Sparsity step of q (other projections step by the same number of parameters), as TEAL.")
+@click.option("--max-sparsity", type=float, default=0.9, show_default=True, help="Where each block's path ends.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The analysis with TEAL's greedy paths, for `acttail allocate --method greedy`.")
+def greedy_cmd(model, analysis, text, tokens, ctx, base_step, max_sparsity, device, output):
+    """TEAL's block-wise greedy allocation: per block, the order in which its projections take sparsity."""
+    from .analysis import Analysis
+    from .files import check_output
+    from .greedy import measure
+    from .runtime.tokens import text_tokens, windows
+    from .text import read_text
+
+    check_output(output)
+    doc = Analysis.load(analysis)
+    ckpt, net, tok = _open(model, device)
+    if doc.model["fingerprint"] != ckpt.fingerprint:
+        raise ActTailError(f"{analysis} is the analysis of another checkpoint than {model}")
+    wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text))
+    doc.extra["greedy"] = measure(net, wins, ckpt.fingerprint, str(text), base_step, max_sparsity)
+    doc.save(output)
+    steps = sum(len(p) for p in doc.extra["greedy"]["layers"])
+    click.echo(f"greedy paths of {len(doc.extra['greedy']['layers'])} blocks ({steps} steps) on {wins.numel()} tokens "
+               f"of {text}; wrote {output}")
+
+
 @main.command("generate")
 @click.argument("model", type=click.Path())
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False), help="Sparsity plan (none: dense).")

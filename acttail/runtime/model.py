@@ -49,6 +49,11 @@ class ModelArgs:
         """Width of a projection's input: the attention output for o, the MLP hidden for down, else dim."""
         return {"o": self.n_head * self.head_dim, "down": self.intermediate_size}.get(kind, self.dim)
 
+    def out_features(self, kind: str) -> int:
+        """Width of a projection's output."""
+        q, k, v = self.qkv_sizes
+        return {"q": q, "k": k, "v": v, "gate": self.intermediate_size, "up": self.intermediate_size}.get(kind, self.dim)
+
     @classmethod
     def from_config(cls, config: dict, architecture: str) -> "ModelArgs":
         if architecture not in ARCHITECTURES:

@@ -1,0 +1,106 @@
+"""TEAL's block-wise greedy allocation (Liu et al. 2024, the peer's own method), measured on calibration text.
+
+For each decoder block, on the dense model's inputs to that block: start with every projection dense,
+then repeatedly raise by one step the sparsity of whichever projection costs the least error in the block's
+output, until the block's parameter-weighted sparsity reaches ``max_sparsity``. Each step adds the same
+number of skipped parameters (step_k = base_step x params_q / params_k, as TEAL does), thresholds come from
+the histograms of the block's dense inputs, and the error is TEAL's: the norm over the last quarter of the
+positions of the difference to the dense block output, averaged over windows and channels. Every step is
+recorded, so a plan at any budget takes the same path: ``acttail allocate --method greedy`` reads the row of
+each block's path nearest the budget and scales it to meet the budget exactly.
+
+Cost: about 7 x max_sparsity / base_step block forward passes per block over the greedy tokens (minutes
+on a GPU for a 7B model with the defaults; a 135M model takes minutes on two CPU cores with 4k tokens).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm import tqdm
+
+from .calibration import LogHistogram
+from .layout import GROUP_OF, GROUPS, KINDS
+from .runtime.sparsify import ProjectionSparsity, Sparsifier
+
+BASE_STEP, MAX_SPARSITY, LAST_FRACTION = 0.025, 0.9, 0.25  # TEAL's defaults (scripts/greedyopt.bash)
+
+
+@torch.no_grad()
+def greedy_paths(model, wins: torch.Tensor, base_step: float = BASE_STEP, max_sparsity: float = MAX_SPARSITY,
+                 last_fraction: float = LAST_FRACTION, batch_size: int = 8, progress: bool = True) -> list[list[dict]]:
+    """Per block, the greedy path: [{"effective": weighted sparsity, "error": block error, "sparsity":
+    {kind: s}}, ...] in the order the steps were taken."""
+    dev = model.output.weight.device
+    T = wins.shape[1]
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    params = {k: model.args.in_features(k) * model.args.out_features(k) for k in KINDS}
+    step = {k: base_step * params["q"] / params[k] for k in KINDS}
+    hs = [model.tok_embeddings(wins[i: i + batch_size].to(dev)) for i in range(0, len(wins), batch_size)]
+    paths = []
+    for layer, block in enumerate(tqdm(model.layers, desc="greedy", unit="layer", disable=not progress)):
+        run = lambda h, sp: block(h, cos, sin, None, sp)  # noqa: E731
+        hists = _input_histograms(run, layer, hs)
+        target = [run(h, Sparsifier()) for h in hs]
+        paths.append(_walk(run, layer, hs, target, hists, step, params, max_sparsity, last_fraction))
+        hs = target  # the next block sees the dense model's activations, as in TEAL
+    return paths
+
+
+def _input_histograms(run, layer: int, hs) -> dict[str, LogHistogram]:
+    """One histogram of |x| per input group of the block, from a dense pass."""
+    hists = {g: LogHistogram() for g in GROUPS}
+
+    def observe(lay, kinds, x):
+        if lay == layer:
+            hists[GROUP_OF[kinds[0]]].add(x)
+
+    sp = Sparsifier(observer=observe)
+    for h in hs:
+        run(h, sp)
+    return hists
+
+
+def _walk(run, layer, hs, target, hists, step, params, max_sparsity, last_fraction) -> list[dict]:
+    """The greedy steps of one block (see the module docstring)."""
+    sparsity = {k: 0.0 for k in KINDS}
+    total = sum(params.values())
+    path = []
+    while sum(sparsity[k] * params[k] for k in KINDS) / total < max_sparsity:
+        best = None
+        for kind in KINDS:
+            if sparsity[kind] + step[kind] > 0.999:
+                continue
+            trial = dict(sparsity, **{kind: sparsity[kind] + step[kind]})
+            err = _block_error(run, layer, hs, target, hists, trial, last_fraction)
+            if best is None or err < best[0]:
+                best = (err, kind)
+        if best is None:
+            break
+        sparsity[best[1]] += step[best[1]]
+        path.append({"effective": sum(sparsity[k] * params[k] for k in KINDS) / total, "error": best[0],
+                     "sparsity": dict(sparsity)})
+    return path
+
+
+def _block_error(run, layer, hs, target, hists, sparsity, last_fraction) -> float:
+    """TEAL's error: ||Y - Y'|| over the last positions, per window and channel, averaged."""
+    sets = {(layer, k): ProjectionSparsity(threshold=hists[GROUP_OF[k]].threshold(s))
+            for k, s in sparsity.items() if s > 0}
+    sp = Sparsifier(sets, measure=False)
+    errs = []
+    for h, y in zip(hs, target):
+        start = int(h.shape[1] * (1 - last_fraction))
+        errs.append(torch.linalg.vector_norm((y - run(h, sp))[:, start:].float(), dim=1).mean(-1))
+    return float(torch.cat(errs).mean())
+
+
+def measure(model, wins: torch.Tensor, fingerprint: str, text: str, base_step: float = BASE_STEP,
+            max_sparsity: float = MAX_SPARSITY, progress: bool = True) -> dict:
+    """The greedy section an analysis carries for ``acttail allocate --method greedy`` (JSON-ready)."""
+    t0 = time.time()
+    paths = greedy_paths(model, wins, base_step, max_sparsity, progress=progress)
+    return {"fingerprint": fingerprint, "text": str(text), "tokens": int(wins.numel()), "ctx": int(wins.shape[1]),
+            "base_step": base_step, "max_sparsity": max_sparsity, "last_fraction": LAST_FRACTION,
+            "seconds": time.time() - t0, "layers": paths}

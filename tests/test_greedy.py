@@ -1,0 +1,84 @@
+"""TEAL's greedy allocation: the paths it measures, and `acttail allocate --method greedy` from them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from acttail.allocation import plan_from_analysis
+from acttail.analysis import Analysis
+from acttail.cli import main
+from acttail.greedy import greedy_paths
+from acttail.layout import KINDS
+from acttail.runtime import open_model
+from acttail.runtime.tokens import load_tokenizer, text_tokens, windows
+
+from runtime_tiny import synthetic_analysis, write_hf_model, write_text
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("greedy")
+    folder = root / "model"
+    hf = write_hf_model(folder, "llama", layers=2, seed=21, scale=0.3)
+    with torch.no_grad():  # layer 0's attention adds nothing: sparsifying q/k/v/o there costs no error
+        hf.model.layers[0].self_attn.o_proj.weight.zero_()
+    hf.save_pretrained(folder, safe_serialization=True)
+    return {"root": root, "model": folder, "text": write_text(root / "cal.txt", 4000, seed=3)}
+
+
+def test_paths_step_by_equal_parameters_and_take_the_cheapest_first(tiny):
+    _, model = open_model(tiny["model"])
+    wins = windows(text_tokens(load_tokenizer(tiny["model"]), tiny["text"].read_text(), 1024), 64, 256)
+    paths = greedy_paths(model, wins, base_step=0.1, max_sparsity=0.6, progress=False)
+    assert len(paths) == 2
+    params = {k: model.args.in_features(k) * model.args.out_features(k) for k in KINDS}
+    for path in paths:
+        eff = [s["effective"] for s in path]
+        assert eff == sorted(eff) and eff[-1] >= 0.6 and eff[-2] < 0.6
+        steps = [eff[0]] + [b - a for a, b in zip(eff, eff[1:])]
+        assert max(steps) - min(steps) < 1e-9  # each step skips the same number of parameters
+        for s in path:
+            got = sum(s["sparsity"][k] * params[k] for k in KINDS) / sum(params.values())
+            assert got == pytest.approx(s["effective"])
+    attention, mlp = ("q", "k", "v", "o"), ("gate", "up", "down")
+    first_mlp = next(s for s in paths[0] if any(s["sparsity"][k] > 0 for k in mlp))
+    assert all(s["error"] == pytest.approx(0.0, abs=1e-6) for s in paths[0][:paths[0].index(first_mlp)])
+    step = {k: 0.1 * params["q"] / params[k] for k in KINDS}
+    assert all(first_mlp["sparsity"][k] + step[k] > 0.999 for k in attention)  # the free ones went first, to the cap
+    assert paths[0].index(first_mlp) > 4 and first_mlp["error"] > 0
+
+
+def test_cli_greedy_then_allocate(tiny):
+    root = tiny["root"]
+    Analysis.from_dict(synthetic_analysis(tiny["model"])).save(root / "analysis.json")
+    run = lambda *a: CliRunner().invoke(main, [str(x) for x in a])  # noqa: E731
+    r = run("greedy", tiny["model"], root / "analysis.json", "--text", tiny["text"], "--tokens", 512, "--ctx", 64,
+            "--base-step", 0.1, "-o", root / "analysis-greedy.json")
+    assert r.exit_code == 0, r.output
+    r = run("allocate", root / "analysis-greedy.json", "--method", "greedy", "--budget", 0.4, "-o", root / "plan.json")
+    assert r.exit_code == 0, r.output
+    plan = json.loads((root / "plan.json").read_text())
+    assert plan["method"]["name"] == "greedy" and plan["source"]["greedy"]["base_step"] == 0.1
+    s = {e["key"]: e["sparsity"] for e in plan["projections"]}
+    assert min(s[f"layers.0.{k}"] for k in "qkvo") > max(s[f"layers.0.{k}"] for k in ("gate", "up", "down"))
+    r = run("allocate", root / "analysis.json", "--method", "greedy", "--budget", 0.4, "-o", root / "p2.json")
+    assert r.exit_code == 2 and "acttail greedy" in r.output
+
+
+def test_greedy_budget_is_met_exactly():
+    rows = [{"key": f"layers.{i}.{k}", "layer": i, "kind": k, "params": 100 * (1 + j), "in_features": 10,
+             "out_features": 10 * (1 + j), "alpha": 3.0} for i in range(2) for j, k in enumerate(KINDS)]
+    path = [{"effective": e, "error": 0.0, "sparsity": {k: min(0.95, e * (1 + j / 7)) for j, k in enumerate(KINDS)}}
+            for e in (0.2, 0.4, 0.6)]
+    doc = {"model": {"fingerprint": "fp", "architecture": "LlamaForCausalLM", "model_type": "llama",
+                     "num_layers": 2, "path": None}, "projections": rows,
+           "greedy": {"layers": [path, path], "text": "c4", "tokens": 1, "base_step": 0.1, "max_sparsity": 0.6,
+                      "last_fraction": 0.25}}
+    plan = plan_from_analysis(doc, 0.45, method="greedy")
+    assert plan.weighted_sparsity == pytest.approx(0.45, abs=1e-9)
