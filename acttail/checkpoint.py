@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import ActTailError
+from .files import file_sha256
 
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -172,16 +173,14 @@ class Checkpoint:
         return n
 
     def _fingerprint(self) -> str:
-        """sha256 over the tensor index of every file (names, dtypes, shapes, offsets) and 64 KiB of data
-        from each file's start and end: cheap (no full read) yet different for fine-tunes of one base."""
+        """sha256 over the sha256 of every byte of every safetensors file, in file order: any change to
+        any weight (or header) changes it. Per-file hashes are cached (``files.file_sha256``)."""
         h = hashlib.sha256()
         for f in self.files:
-            raw, _ = read_header(f)
-            h.update(raw)
-            with open(f, "rb") as fh:
-                h.update(fh.read(8 + len(raw) + 65536)[8 + len(raw):])
-                fh.seek(max(0, f.stat().st_size - 65536))
-                h.update(fh.read())
+            try:
+                h.update(bytes.fromhex(file_sha256(f)))
+            except OSError as e:
+                raise ActTailError(f"cannot read {f}: {e.strerror}") from None
         return "sha256:" + h.hexdigest()[:32]
 
     # ---- tensors ----------------------------------------------------------------------------------

@@ -1,0 +1,189 @@
+"""Issue 13: every bad input is one clear line (exit 2) with nothing written, and the fingerprint sees
+every byte of the weights. One test (or more) per defect class D1-D17, on small broken fixtures made here
+from a tiny random Llama; plus what must keep holding (Ctrl-C, concurrent analyses)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from acttail import files
+from acttail.checkpoint import Checkpoint, read_header
+from acttail.cli import main
+from acttail.errors import ActTailError
+from conftest import write_tiny_model
+from runtime_tiny import write_hf_model, write_text
+
+transformers = pytest.importorskip("transformers")  # the tiny runtime model is written with it
+
+
+# ---- helpers -----------------------------------------------------------------------------------------
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def refused(r, *words):
+    """The command failed as promised: exit 2, one line 'acttail: error: ...' naming ``words`` (besides the
+    progress bars of work done before the failure)."""
+    lines = [ln for ln in r.output.strip().splitlines() if not re.search(r": +\d+%\|", ln)]
+    assert r.exit_code == 2, r.output
+    assert len(lines) == 1 and lines[0].startswith("acttail: error:"), r.output
+    assert "Traceback" not in r.output
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def listing(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def edited_json(src: Path, dest: Path, edit) -> Path:
+    doc = json.loads(src.read_text())
+    edit(doc)
+    dest.write_text(json.dumps(doc))  # json.dumps writes NaN and Infinity as Python's json does
+    return dest
+
+
+def copy_model(src: Path, dest: Path, **config) -> Path:
+    """A copy of a model folder with config.json fields replaced (a value None removes the field)."""
+    shutil.copytree(src, dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg.update(config)
+    (dest / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    return dest
+
+
+def poke(st: Path, name: str, value: float, index: int = 0) -> int:
+    """Overwrite one float32 of tensor ``name`` in place (same size, same modification time); the offset."""
+    raw, header = read_header(st)
+    assert header[name]["dtype"] == "F32"
+    offset = 8 + len(raw) + header[name]["data_offsets"][0] + 4 * index
+    stat = st.stat()
+    with open(st, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack("<f", value))
+    os.utime(st, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    return offset
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACTTAIL_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory):
+    """A tiny Llama with tokenizer, a text, its analysis, a plan, a calibrated plan and a sensitivity file."""
+    root = tmp_path_factory.mktemp("trust")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ACTTAIL_CACHE", str(root / "cache"))
+        model = root / "model"
+        write_hf_model(model, "llama", layers=2, seed=3, scale=0.3)
+        text = write_text(root / "text.txt", 3000, seed=2)
+        k = {"root": root, "model": model, "text": text, "analysis": root / "analysis.json",
+             "plan": root / "plan.json", "calibrated": root / "calibrated.json", "sens": root / "sens.json"}
+        assert run("analyze", model, "-o", k["analysis"]).exit_code == 0
+        assert run("allocate", k["analysis"], "--budget", "0.5", "-o", k["plan"]).exit_code == 0
+        r = run("calibrate", model, k["plan"], "--text", text, "--tokens", "512", "--ctx", "128", "-o", k["calibrated"])
+        assert r.exit_code == 0, r.output
+        rows = json.loads(k["analysis"].read_text())["projections"]
+        k["sens"].write_text(json.dumps({
+            "model": {"fingerprint": Checkpoint.open(model).fingerprint}, "text": "c4", "tokens": 512, "mode": "topk",
+            "projections": [{"key": r["key"], "layer": r["layer"], "kind": r["kind"], "dnll_50": 0.001 * i,
+                             "dnll_80": 0.002 * i} for i, r in enumerate(rows)]}))
+        yield k
+
+
+@pytest.fixture
+def out(tmp_path):
+    """An empty folder for outputs: after a refused command it must still be empty."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    return folder
+
+
+# ---- D1: the fingerprint sees every byte, and the analysis cache follows it ---------------------------
+
+def _middle_tensor(st: Path) -> tuple[str, int]:
+    """The tensor whose data is nearest the middle of the file, and the byte offset of its first value."""
+    raw, header = read_header(st)
+    size = st.stat().st_size
+    base = 8 + len(raw)
+    name = min((n for n in header if n != "__metadata__"),
+               key=lambda n: abs(base + sum(header[n]["data_offsets"]) / 2 - size / 2))
+    return name, base + header[name]["data_offsets"][0]
+
+
+def test_d1_fingerprint_changes_with_a_middle_tensor(tmp_path):
+    model = write_tiny_model(tmp_path / "m", hidden=128, inter=256, heads=4, kv_heads=4)
+    st = model / "model.safetensors"
+    before = Checkpoint.open(model).fingerprint
+    assert re.fullmatch(r"sha256:[0-9a-f]{32}", before)
+    name, offset = _middle_tensor(st)
+    raw, _ = read_header(st)
+    assert 8 + len(raw) + 65536 < offset < st.stat().st_size - 65536  # bytes the old fingerprint never read
+    poke(st, name, 0.125)
+    assert Checkpoint.open(model).fingerprint != before
+
+
+def test_d1_hash_memo_is_keyed_on_the_file(tmp_path, monkeypatch):
+    """The remembered hash is used for an unchanged file and never for a changed one (same size, same
+    modification time: only the status-change time tells)."""
+    monkeypatch.setattr(files, "SETTLED_NS", 0)
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"\0" * 100_000)
+    real = files.file_sha256(f)
+    memo = next((tmp_path / "cache" / "sha256").glob("*.json"))
+    doc = json.loads(memo.read_text())
+    memo.write_text(json.dumps({**doc, "sha256": "f" * 64}))
+    assert files.file_sha256(f) == "f" * 64  # unchanged file: the memo is used
+    time.sleep(0.05)
+    stat = f.stat()
+    with open(f, "r+b") as fh:
+        fh.seek(50_000)
+        fh.write(b"\1")
+    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    changed = files.file_sha256(f)
+    assert changed not in ("f" * 64, real)
+
+
+def test_d1_freshly_written_files_are_not_remembered(tmp_path):
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"\0" * 1000)
+    files.file_sha256(f)
+    assert not (tmp_path / "cache" / "sha256").exists()
+
+
+def test_d1_analysis_cache_follows_the_weights(tmp_path):
+    model = write_tiny_model(tmp_path / "m", hidden=128, inter=256, heads=4, kv_heads=4)
+    first = json.loads(run("analyze", model, "--json").output)
+    assert all(not r["warnings"] or "NaN" not in r["warnings"][0] for r in first["projections"])
+    poke(model / "model.safetensors", "model.layers.1.mlp.up_proj.weight", float("nan"), index=7)
+    r = run("analyze", model)
+    assert r.exit_code == 0 and "cached" not in r.output
+    again = json.loads(run("analyze", model, "--json").output)
+    up = next(p for p in again["projections"] if p["key"] == "layers.1.up")
+    assert up["alpha"] is None and "NaN" in up["warnings"][0]
+    assert again["model"]["fingerprint"] != first["model"]["fingerprint"]
+
+
+def test_d1_plan_for_edited_weights_is_refused(kit, tmp_path, out):
+    model = shutil.copytree(kit["model"], tmp_path / "m")
+    poke(model / "model.safetensors", "model.layers.0.mlp.down_proj.weight", 0.5, index=3)
+    refused(run("eval", model, "--plan", kit["calibrated"], "--text", kit["text"], "--ctx", "128",
+                "--tokens", "256", "-o", out / "r.json"), "another checkpoint")
+    assert listing(out) == set()
