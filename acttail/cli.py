@@ -233,16 +233,12 @@ def eval_cmd(model, plan_path, text, ctx, tokens, mode, prefill, batch_size, dev
 def sensitivity_cmd(model, analysis, text, tokens, ctx, device, measured, output):
     """Measure each projection's loss increase when sparsified alone; add it to ANALYSIS."""
     from .allocate import read_analysis
-    from .files import check_output, read_json, write_json
-    from .sensitivity import measure, with_sensitivity
+    from .files import check_output, write_json
+    from .sensitivity import load_sensitivity, measure, with_sensitivity
 
     check_output(output)
     doc = read_analysis(analysis)
-    sens = read_json(measured, "sensitivity file") if measured else measure(model, text, tokens, ctx, device=device)
-    rows = sens.get("projections") if isinstance(sens, dict) else None
-    if not rows or not isinstance(sens.get("model"), dict) or not all(
-            isinstance(r, dict) and "key" in r and isinstance(r.get("dnll_80"), (int, float)) for r in rows):
-        raise ActTailError(f"{measured} is not a sensitivity measurement (from `acttail sensitivity`)")
+    sens = load_sensitivity(measured) if measured else measure(model, text, tokens, ctx, device=device)
     out = with_sensitivity(doc, sens)
     write_json(output, out)
     click.echo(f"sensitivity of {len(out['projections'])} projections on {out['sensitivity']['tokens']} tokens "

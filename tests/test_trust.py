@@ -187,3 +187,119 @@ def test_d1_plan_for_edited_weights_is_refused(kit, tmp_path, out):
     refused(run("eval", model, "--plan", kit["calibrated"], "--text", kit["text"], "--ctx", "128",
                 "--tokens", "256", "-o", out / "r.json"), "another checkpoint")
     assert listing(out) == set()
+
+
+# ---- D3 / D5: plan and JSON documents with NaN, infinities, deep nesting --------------------------------
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "1e999"])
+def test_d3_non_finite_numbers_in_a_plan_are_refused(kit, tmp_path, out, value):
+    def edit(doc):
+        doc["projections"][3]["threshold"] = value if isinstance(value, float) else 0.0
+    path = edited_json(kit["calibrated"], tmp_path / "bad.json", edit)
+    if isinstance(value, str):
+        path.write_text(path.read_text().replace('"threshold": 0.0', f'"threshold": {value}', 1))
+    line = refused(run("plan", "show", path))
+    assert "NaN" in line or "Infinity" in line or "1e999" in line
+    refused(run("eval", kit["model"], "--plan", path, "--text", kit["text"], "--ctx", "128", "-o", out / "r.json"))
+    assert listing(out) == set()
+
+
+def test_d3_in_memory_plan_with_nan_fails_validation(kit):
+    from acttail import plan as P
+
+    plan = P.load_plan(kit["calibrated"])
+    plan["projections"][5]["threshold"] = float("nan")
+    with pytest.raises(ActTailError, match=r"\$\.projections\[5\]\.threshold: not a finite number"):
+        P.validate(plan)
+    plan["projections"][5]["threshold"] = 0.1
+    plan["model"]["num_layers"] = 2.0
+    with pytest.raises(ActTailError, match="num_layers.*not of type 'integer'"):
+        P.validate(plan)
+
+
+def test_d5_deep_json_is_one_line(kit, tmp_path, out):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    refused(run("plan", "show", deep), "nested too deeply")
+    refused(run("eval", kit["model"], "--plan", deep, "--text", kit["text"], "-o", out / "r.json"), "nested too deeply")
+    refused(run("report", deep, "-o", out / "rep"), "nested too deeply")
+    refused(run("allocate", deep, "--budget", "0.5", "-o", out / "p.json"), "nested too deeply")
+    refused(run("sensitivity", kit["model"], kit["analysis"], "--measured", deep, "-o", out / "s.json"),
+            "nested too deeply")
+    model = shutil.copytree(kit["model"], tmp_path / "m")
+    shutil.copy(deep, model / "config.json")
+    refused(run("analyze", model), "nested too deeply")
+    assert listing(out) == set()
+
+
+# ---- D7: a plan must cover every projection --------------------------------------------------------------
+
+def test_d7_plan_missing_a_projection(kit, tmp_path, out):
+    path = edited_json(kit["calibrated"], tmp_path / "p.json", lambda d: d["projections"].pop(9))
+    for args in (["plan", "show", path], ["export", path, "--to", "gemma3n", "-o", out / "g.json"],
+                 ["calibrate", kit["model"], path, "--text", kit["text"], "--tokens", "256", "--ctx", "128",
+                  "-o", out / "c.json"],
+                 ["eval", kit["model"], "--plan", path, "--text", kit["text"], "--ctx", "128", "-o", out / "r.json"],
+                 ["report", kit["analysis"], "--plan", path, "-o", out / "rep"]):
+        refused(run(*args), "1 of the model's 2 x 7 projections missing", "layers.1.v")
+    assert listing(out) == set()
+
+
+# ---- D9: sensitivity files ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda d: d["projections"].pop(4), ["missing", "layers.0.gate"]),
+    (lambda d: d.pop("model"), ["'model' is a required property"]),
+    (lambda d: d["model"].pop("fingerprint"), ["'fingerprint' is a required property"]),
+    (lambda d: d["projections"][2].update(dnll_80=float("nan")), ["NaN"]),
+    (lambda d: d["projections"][2].update(dnll_80="big"), ["$.projections[2].dnll_80"]),
+    (lambda d: d["projections"][2].pop("dnll_80"), ["'dnll_80' is a required property"]),
+    (lambda d: d["projections"].append(dict(d["projections"][0])), ["appear twice"]),
+    (lambda d: d["projections"].append({**d["projections"][0], "key": "layers.9.q", "layer": 9}),
+     ["not in the analysis", "layers.9.q"]),
+    (lambda d: d["model"].update(fingerprint="sha256:other"), ["different checkpoints"]),
+    (lambda d: d.update(projections={}), ["$.projections"]),
+])
+def test_d9_malformed_measured_sensitivity(kit, tmp_path, out, edit, words):
+    path = edited_json(kit["sens"], tmp_path / "s.json", edit)
+    refused(run("sensitivity", kit["model"], kit["analysis"], "--measured", path, "-o", out / "a.json"), *words)
+    assert listing(out) == set()
+
+
+def test_d9_a_good_sensitivity_file_still_works(kit, out):
+    r = run("sensitivity", kit["model"], kit["analysis"], "--measured", kit["sens"], "-o", out / "a.json")
+    assert r.exit_code == 0, r.output
+    assert all(row["sensitivity"] > 0 for row in json.loads((out / "a.json").read_text())["projections"])
+
+
+# ---- D10: analysis documents -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda d: d["projections"][0].update(layer="abc"), ["$.projections[0].layer", "'abc'"]),
+    (lambda d: d["projections"][0].update(alpha="x"), ["$.projections[0].alpha"]),
+    (lambda d: d["projections"][1].update(params=7), ["$.projections[1].params"]),
+    (lambda d: d["projections"][2].update(kind="mlp"), ["$.projections[2].kind"]),
+    (lambda d: d["projections"].pop(3), ["projections missing", "layers.0.o"]),
+    (lambda d: d["projections"].append(dict(d["projections"][0])), ["appears twice"]),
+    (lambda d: d["model"].update(num_layers="2"), ["$.model.num_layers"]),
+    (lambda d: d["model"].update(fingerprint=7), ["$.model.fingerprint"]),
+    (lambda d: d["projections"][5].update(stable_rank=float("inf")), ["Infinity is not a JSON number"]),
+])
+def test_d10_malformed_analysis(kit, tmp_path, out, edit, words):
+    path = edited_json(kit["analysis"], tmp_path / "a.json", edit)
+    refused(run("allocate", path, "--budget", "0.5", "-o", out / "p.json"), *words)
+    refused(run("report", path, "-o", out / "rep"), *words)
+    assert listing(out) == set()
+
+
+def test_d10_damaged_cache_entry_is_recomputed(tmp_path):
+    model = write_tiny_model(tmp_path / "m")
+    first = run("analyze", model, "--json")
+    for entry in (tmp_path / "cache" / "analysis").glob("*.json"):
+        doc = json.loads(entry.read_text())
+        doc["projections"][0]["layer"] = "abc"
+        entry.write_text(json.dumps(doc))
+    r = run("analyze", model)
+    assert r.exit_code == 0 and "cached" not in r.output
+    assert json.loads(run("analyze", model, "--json").output)["projections"] == \
+        json.loads(first.output)["projections"]
