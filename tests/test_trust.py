@@ -232,6 +232,54 @@ def test_d5_deep_json_is_one_line(kit, tmp_path, out):
     assert listing(out) == set()
 
 
+# ---- D4 / D14: config fields of the wrong type or range ---------------------------------------------------
+
+@pytest.mark.parametrize("field, value", [
+    ("num_hidden_layers", "30"), ("num_hidden_layers", 2.0), ("num_hidden_layers", 0), ("hidden_size", [64]),
+    ("num_attention_heads", 0), ("rope_theta", "big"), ("vocab_size", True), ("rms_norm_eps", -1),
+    ("architectures", "LlamaForCausalLM"), ("architectures", []), ("rope_scaling", {"rope_type": "llama3"}),
+    ("eos_token_id", "eos"),
+])
+def test_d4_config_field_types(kit, tmp_path, out, field, value):
+    model = copy_model(kit["model"], tmp_path / "m", **{field: value})
+    line = refused(run("analyze", model, "-o", out / "a.json"), f"$.{field}")
+    assert "unsupported architecture L" not in line
+    refused(run("generate", model, "--prompt", "the cat", "--max-new-tokens", "2"), f"$.{field}")
+    assert listing(out) == set()
+
+
+def test_d4_missing_fields_the_runtime_needs(kit, tmp_path):
+    model = copy_model(kit["model"], tmp_path / "m", vocab_size=None)
+    refused(run("generate", model, "--prompt", "the cat", "--max-new-tokens", "2"), "no vocab_size")
+
+
+def test_d4_layer_count_far_beyond_the_weights(kit, tmp_path):
+    model = copy_model(kit["model"], tmp_path / "m", num_hidden_layers=10**12)
+    t = time.perf_counter()
+    refused(run("analyze", model), "config says 1000000000000 layers")
+    assert time.perf_counter() - t < 30
+
+
+# ---- D6: config and weights disagree ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config", [{"hidden_size": 80}, {"intermediate_size": 128}, {"num_key_value_heads": 4},
+                                    {"head_dim": 8}])
+def test_d6_config_weight_mismatch(kit, tmp_path, out, config):
+    model = copy_model(kit["model"], tmp_path / "m", **config)
+    refused(run("analyze", model, "-o", out / "a.json"), "config.json does not match the weights")
+    refused(run("generate", model, "--prompt", "the cat", "--max-new-tokens", "2"),
+            "config.json does not match the weights")
+    refused(run("eval", model, "--text", kit["text"], "--ctx", "128", "-o", out / "r.json"),
+            "config.json does not match the weights")
+    assert listing(out) == set()
+
+
+def test_d6_vocab_mismatch_caught_by_the_runtime(kit, tmp_path):
+    model = copy_model(kit["model"], tmp_path / "m", vocab_size=400)
+    refused(run("generate", model, "--prompt", "the cat", "--max-new-tokens", "2"),
+            "config.json does not match the weights", "embeddings")
+
+
 # ---- D7: a plan must cover every projection --------------------------------------------------------------
 
 def test_d7_plan_missing_a_projection(kit, tmp_path, out):
@@ -303,3 +351,59 @@ def test_d10_damaged_cache_entry_is_recomputed(tmp_path):
     assert r.exit_code == 0 and "cached" not in r.output
     assert json.loads(run("analyze", model, "--json").output)["projections"] == \
         json.loads(first.output)["projections"]
+
+
+# ---- D16: shard paths stay inside the model folder ----------------------------------------------------------
+
+def _sharded(kit, tmp_path) -> Path:
+    model = shutil.copytree(kit["model"], tmp_path / "m")
+    names = read_header(model / "model.safetensors")[1]
+    index = {"metadata": {}, "weight_map": {n: "model.safetensors" for n in names if n != "__metadata__"}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    return model
+
+
+@pytest.mark.parametrize("shard", ["../../../../etc/passwd", "/etc/passwd", "sub/../../x.safetensors", ""])
+def test_d16_shard_names_outside_the_folder(kit, tmp_path, shard):
+    model = _sharded(kit, tmp_path)
+    idx = json.loads((model / "model.safetensors.index.json").read_text())
+    idx["weight_map"]["model.norm.weight"] = shard
+    (model / "model.safetensors.index.json").write_text(json.dumps(idx))
+    line = refused(run("analyze", model), "outside the model folder")
+    assert "root:x" not in line
+
+
+def test_d16_symlinked_shard_pointing_outside(kit, tmp_path):
+    model = _sharded(kit, tmp_path)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n" * 10)
+    (model / "evil.safetensors").symlink_to(secret)
+    idx = json.loads((model / "model.safetensors.index.json").read_text())
+    idx["weight_map"]["model.norm.weight"] = "evil.safetensors"
+    (model / "model.safetensors.index.json").write_text(json.dumps(idx))
+    line = refused(run("analyze", model), "links outside the model folder")
+    assert "root:x" not in line and "/bin/bash" not in line
+
+
+def test_d16_header_errors_never_echo_file_bytes(tmp_path):
+    model = write_tiny_model(tmp_path / "m")
+    content = b"root:x:0:0:root:/root:/bin/bash\n" * 10
+    (model / "model.safetensors").write_bytes(content)
+    line = refused(run("analyze", model), "corrupt or truncated")
+    assert str(struct.unpack("<Q", content[:8])[0]) not in line and "root:x" not in line
+
+
+def test_d16_hf_hub_cache_layout_still_opens(kit, tmp_path):
+    """Snapshot folders of an HF hub cache are links into ../../blobs: that stays allowed."""
+    repo = tmp_path / "models--x--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    for f in kit["model"].iterdir():
+        shutil.copy(f, repo / "blobs" / f.name)
+        (snap / f.name).symlink_to(Path("..") / ".." / "blobs" / f.name)
+    names = read_header(kit["model"] / "model.safetensors")[1]
+    (repo / "blobs" / "index").write_text(json.dumps(
+        {"weight_map": {n: "model.safetensors" for n in names if n != "__metadata__"}}))
+    (snap / "model.safetensors.index.json").symlink_to(Path("..") / ".." / "blobs" / "index")
+    assert Checkpoint.open(snap).fingerprint == Checkpoint.open(kit["model"]).fingerprint

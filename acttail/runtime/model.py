@@ -18,6 +18,7 @@ from ..errors import ActTailError
 from .sparsify import Sparsifier
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
 @dataclass
@@ -44,6 +45,9 @@ class ModelArgs:
             raise ActTailError(f"the runtime runs {', '.join(ARCHITECTURES)}; this model is {architecture}")
         if config.get("hidden_act", "silu") != "silu":
             raise ActTailError(f"hidden_act {config['hidden_act']!r} is not supported (SwiGLU with silu only)")
+        missing = [k for k in REQUIRED if k not in config]
+        if missing:
+            raise ActTailError(f"config.json has no {', '.join(missing)} (the runtime needs it)")
         heads = config["num_attention_heads"]
         rope = config.get("rope_parameters") or {}
         scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
@@ -266,6 +270,17 @@ def _hf_names(i: int) -> dict[str, str]:
     return {k: f"{p}.self_attn.{k}_proj" for k in "qkvo"} | {k: f"{p}.mlp.{k}_proj" for k in ("gate", "up", "down")}
 
 
+def check_shapes(model: Transformer, sd: dict[str, Tensor], where) -> None:
+    """One clear error if a weight's shape is not the one config.json implies."""
+    expected = model.state_dict()
+    for name, t in sd.items():
+        want = expected[name].shape
+        if t.shape != want:
+            raise ActTailError(f"{where}: config.json does not match the weights: {name} is {list(t.shape)}, "
+                               f"config.json implies {list(want)} (hidden_size, intermediate_size, heads, "
+                               "head_dim, vocab_size)")
+
+
 def load_model(ckpt, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Transformer:
     """Build the decoder for an opened ``Checkpoint`` and load its weights (float32 on CPU by default)."""
     args = ModelArgs.from_config(ckpt.config, ckpt.architecture)
@@ -288,6 +303,7 @@ def load_model(ckpt, dtype: torch.dtype = torch.float32, device: str = "cpu") ->
         sd[f"{p}.feed_forward.w2.weight"] = get(f"{n['down']}.weight")
         sd[f"{p}.attention_norm.weight"] = get(f"model.layers.{i}.input_layernorm.weight")
         sd[f"{p}.ffn_norm.weight"] = get(f"model.layers.{i}.post_attention_layernorm.weight")
+    check_shapes(model, sd, ckpt.path)
     model.load_state_dict(sd, strict=False, assign=True)
     cos, sin = rope_cache(args, args.max_seq_len)
     model.rope_cos, model.rope_sin = cos, sin
