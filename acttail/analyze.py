@@ -209,10 +209,8 @@ def to_csv(doc: dict) -> str:
 
 
 def save(doc: dict, out: str | Path, csv_path: str | Path | None = None) -> None:
-    """Write analysis.json (and the CSV if asked), each atomically."""
-    write_json(out, doc)
-    if csv_path:
-        save_csv(doc, csv_path)
+    """Write analysis.json (and the CSV if asked) atomically: both files appear, or neither."""
+    write_texts({out: to_json(doc), **({csv_path: to_csv(doc)} if csv_path else {})})
 
 
 def save_csv(doc: dict, path: str | Path) -> None:

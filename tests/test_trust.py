@@ -189,6 +189,87 @@ def test_d1_plan_for_edited_weights_is_refused(kit, tmp_path, out):
     assert listing(out) == set()
 
 
+# ---- D2 / D13: outputs checked before any work, all or nothing ----------------------------------------
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs Linux /proc")
+
+
+@needs_proc
+def test_d2_unwritable_outputs_refused_up_front(kit, monkeypatch):
+    """/proc takes no new file even for root: every command says so before it works."""
+    import acttail.analyze
+    import acttail.calibrate
+    import acttail.runtime.perplexity
+    import acttail.sensitivity
+
+    def boom(*a, **k):
+        raise AssertionError("work started before the output was checked")
+
+    for mod, fn in ((acttail.analyze, "run_analysis"), (acttail.calibrate, "calibrate_plan"),
+                    (acttail.runtime.perplexity, "evaluate"), (acttail.sensitivity, "measure")):
+        monkeypatch.setattr(mod, fn, boom)
+    m, a, p, t = kit["model"], kit["analysis"], kit["plan"], kit["text"]
+    for args in (["analyze", m, "-o", "/proc/a.json"], ["analyze", m, "--csv", "/proc/a.csv"],
+                 ["allocate", a, "--budget", "0.5", "-o", "/proc/p.json"],
+                 ["export", p, "--to", "gemma3n", "-o", "/proc/g.json"],
+                 ["export", p, "--to", "teal", "-o", "/proc/teal"],
+                 ["calibrate", m, p, "--text", t, "-o", "/proc/c.json"],
+                 ["eval", m, "--text", t, "-o", "/proc/r.json"],
+                 ["sensitivity", m, a, "-o", "/proc/s.json"],
+                 ["report", a, "-o", "/proc/report"],
+                 ["convert-gguf", "x.gguf", "/proc/converted"]):
+        refused(run(*args), "cannot write in output folder /proc")
+
+
+def test_d2_folder_as_file_output_and_file_as_folder_output(kit, out):
+    (out / "taken").mkdir()
+    (out / "file").write_text("x")
+    before = listing(out)
+    refused(run("analyze", kit["model"], "-o", out / "taken"), "is a folder")
+    refused(run("allocate", kit["analysis"], "--budget", "0.5", "-o", out / "taken"), "is a folder")
+    refused(run("eval", kit["model"], "--text", kit["text"], "-o", out / "taken"), "is a folder")
+    refused(run("export", kit["plan"], "--to", "nncf", "-o", out / "taken"), "is a folder")
+    refused(run("report", kit["analysis"], "-o", out / "file"), "not a folder")
+    refused(run("export", kit["plan"], "--to", "teal", "-o", out / "file"), "not a TEAL lookup folder")
+    refused(run("analyze", kit["model"], "-o", out / "file" / "a.json"), "not a folder")
+    assert listing(out) == before and (out / "file").read_text() == "x"
+
+
+def test_d2_a_failing_second_output_leaves_no_first(tmp_path):
+    ok, bad = tmp_path / "a.json", tmp_path / "gone" / "a.csv"
+    with pytest.raises(ActTailError, match="output folder does not exist"):
+        files.write_texts({ok: "{}", bad: "x"})
+    assert listing(tmp_path) == set()
+
+
+def test_d2_analyze_writes_both_outputs_or_neither(kit, out, monkeypatch):
+    import acttail.analyze
+
+    def fail(doc):
+        raise ActTailError("cannot write the CSV")
+
+    monkeypatch.setattr(acttail.analyze, "to_csv", fail)
+    refused(run("analyze", kit["model"], "-o", out / "a.json", "--csv", out / "a.csv"), "CSV")
+    assert listing(out) == set()
+    refused(run("analyze", kit["model"], "-o", out / "a.json", "--csv", out / "a.json"), "same file")
+
+
+def test_d13_missing_output_folder_before_any_work(kit, monkeypatch):
+    import acttail.calibrate
+    import acttail.convert
+
+    def boom(*a, **k):
+        raise AssertionError("work started before the output was checked")
+
+    monkeypatch.setattr(acttail.calibrate, "calibrate_plan", boom)
+    monkeypatch.setattr(acttail.convert, "open_gguf", boom)
+    refused(run("calibrate", kit["model"], kit["plan"], "--text", kit["text"], "-o", "/nonexistent/x.json"),
+            "output folder does not exist: /nonexistent")
+    refused(run("convert-gguf", "x.gguf", "/nonexistent/model"), "output folder does not exist")
+    with pytest.raises(ActTailError, match="does not exist"):
+        acttail.convert.convert_gguf("x.gguf", "/nonexistent/model")
+
+
 # ---- D3 / D5: plan and JSON documents with NaN, infinities, deep nesting --------------------------------
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), "1e999"])
@@ -293,6 +374,40 @@ def test_d7_plan_missing_a_projection(kit, tmp_path, out):
     assert listing(out) == set()
 
 
+# ---- D8 / D12 / D14: option values -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, words", [
+    (["eval", "{m}", "--text", "{t}", "--batch-size", "0"], "--batch-size"),
+    (["calibrate", "{m}", "{p}", "--text", "{t}", "--batch-size", "0", "-o", "{o}/c.json"], "--batch-size"),
+    (["eval", "{m}", "--text", "{t}", "--tokens", "-10"], "--tokens"),
+    (["calibrate", "{m}", "{p}", "--text", "{t}", "--tokens", "-10", "-o", "{o}/c.json"], "--tokens"),
+    (["eval", "{m}", "--text", "{t}", "--tokens", "0"], "--tokens"),
+    (["sensitivity", "{m}", "{a}", "--tokens", "0", "-o", "{o}/s.json"], "--tokens"),
+    (["eval", "{m}", "--text", "{t}", "--ctx", "1"], "--ctx"),
+    (["generate", "{m}", "--prompt", "x", "--temperature", "nan"], "--temperature"),
+    (["generate", "{m}", "--prompt", "x", "--temperature", "-1"], "--temperature"),
+    (["generate", "{m}", "--prompt", "x", "--temperature", "inf"], "--temperature"),
+    (["generate", "{m}", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["generate", "{m}", "--prompt", "x", "--seed", "-3"], "--seed"),
+    (["generate", "{m}", "--prompt", "x", "--device", "banana"], "unknown device"),
+    (["analyze", "{m}", "--force", "--device", "banana"], "unknown device"),
+    (["eval", "{m}", "--text", "{t}", "--device", "cuda:banana"], "--device"),
+    (["allocate", "{a}", "--budget", "nan", "-o", "{o}/p.json"], "--budget"),
+    (["allocate", "{a}", "--budget", "0.5", "--epsilon", "inf", "-o", "{o}/p.json"], "--epsilon"),
+    (["report", "{a}", "--esd-layer", "-1", "-o", "{o}/rep"], "--esd-layer"),
+])
+def test_d8_d12_bad_option_values(kit, out, args, words):
+    fill = {"m": kit["model"], "t": kit["text"], "p": kit["plan"], "a": kit["analysis"], "o": out}
+    line = refused(run(*[a.format(**fill) for a in args]), words)
+    assert "gives 0 tokens" not in line
+    assert listing(out) == set()
+
+
+def test_d14_too_few_tokens_says_why(kit):
+    line = refused(run("eval", kit["model"], "--text", kit["text"], "--tokens", "100", "--ctx", "128"))
+    assert "the 100 tokens taken from" in line and "shorter than one context of 128" in line
+
+
 # ---- D9: sensitivity files ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("edit, words", [
@@ -353,6 +468,55 @@ def test_d10_damaged_cache_entry_is_recomputed(tmp_path):
         json.loads(first.output)["projections"]
 
 
+# ---- D11: convert-gguf outputs ----------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_gguf(monkeypatch):
+    """convert_gguf's reading steps replaced by a tiny model, so that only its output handling runs."""
+    import acttail.convert as C
+
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "bos_token_id": 1, "eos_token_id": 2}
+    monkeypatch.setattr(C, "open_gguf", lambda path: object())
+    monkeypatch.setattr(C, "hf_config", lambda reader: dict(config))
+    monkeypatch.setattr(C, "hf_tokenizer_json", lambda reader: "{}")
+    monkeypatch.setattr(C, "hf_tensors", lambda reader, cfg: {"w": torch.zeros(2, 2)})
+    return C
+
+
+def test_d11_convert_into_a_file_or_a_full_folder(tmp_path, out, fake_gguf):
+    (out / "file").write_text("x")
+    (out / "full").mkdir()
+    (out / "full" / "keep.txt").write_text("y")
+    before = listing(out)
+    refused(run("convert-gguf", tmp_path / "m.gguf", out / "file"), "exists and is not a folder")
+    refused(run("convert-gguf", tmp_path / "m.gguf", out / "full"), "exists and is not empty")
+    assert listing(out) == before
+    (out / "empty").mkdir()
+    r = run("convert-gguf", tmp_path / "m.gguf", out / "empty")
+    assert r.exit_code == 0, r.output
+    assert {p.name for p in (out / "empty").iterdir()} == {"model.safetensors", "config.json", "tokenizer.json",
+                                                          "generation_config.json"}
+
+
+@pytest.mark.parametrize("winner", ["folder", "file"])
+def test_d11_losing_a_convert_race(tmp_path, out, fake_gguf, monkeypatch, winner):
+    """Another convert fills the target while this one works: a clear error, the winner's files kept,
+    no temporary folder left."""
+    target = out / "model"
+
+    def other_run_wins(reader, cfg):
+        if winner == "folder":
+            target.mkdir()
+            (target / "model.safetensors").write_text("the other run's")
+        else:
+            target.write_text("a file")
+        return {"w": torch.zeros(2, 2)}
+
+    monkeypatch.setattr(fake_gguf, "hf_tensors", other_run_wins)
+    refused(run("convert-gguf", tmp_path / "m.gguf", target), "while converting")
+    assert listing(out) == ({"model", "model/model.safetensors"} if winner == "folder" else {"model"})
+
+
 # ---- D16: shard paths stay inside the model folder ----------------------------------------------------------
 
 def _sharded(kit, tmp_path) -> Path:
@@ -407,3 +571,32 @@ def test_d16_hf_hub_cache_layout_still_opens(kit, tmp_path):
         {"weight_map": {n: "model.safetensors" for n in names if n != "__metadata__"}}))
     (snap / "model.safetensors.index.json").symlink_to(Path("..") / ".." / "blobs" / "index")
     assert Checkpoint.open(snap).fingerprint == Checkpoint.open(kit["model"]).fingerprint
+
+
+# ---- what must keep holding: Ctrl-C, concurrent analyses ---------------------------------------------------
+
+def test_ctrl_c_exits_130_and_leaves_nothing(kit, out, monkeypatch):
+    import acttail.analyze
+
+    def interrupted(doc):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(acttail.analyze, "to_csv", interrupted)  # while the outputs are being written
+    r = run("analyze", kit["model"], "-o", out / "a.json", "--csv", out / "a.csv")
+    assert r.exit_code == 130 and "interrupted" in r.output
+    assert listing(out) == set()
+
+
+def test_concurrent_analyses_of_one_model(tmp_path):
+    model = write_tiny_model(tmp_path / "m", hidden=96, inter=160)
+    env = {**os.environ, "ACTTAIL_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-m", "acttail.cli", "analyze", str(model), "-o",
+                               str(tmp_path / f"a{i}.json")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for i in range(3)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stdout.read().decode()
+    docs = [json.loads((tmp_path / f"a{i}.json").read_text()) for i in range(3)]
+    assert docs[0]["projections"] == docs[1]["projections"] == docs[2]["projections"]
+    assert all(math.isfinite(r["alpha"]) for r in docs[0]["projections"])
+    assert run("analyze", model).output.count("cached") == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

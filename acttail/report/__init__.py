@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .. import analyze
 from ..errors import ActTailError
-from ..files import cache_dir, read_json, write_text
+from ..files import atomic_path, cache_dir, read_json
 from ..plan import is_calibrated, load_plan
 from . import figures as F
 from .html import render_report
@@ -365,22 +365,28 @@ def build_report(analysis_path, plan_paths=(), eval_paths=(), out_dir="report", 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ActTailError(f"output {out} exists and is not a folder")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ActTailError(f"cannot create output folder {out}: {e.strerror}") from None
     rep = Report(analysis, plans, evals)
+    index = out / "index.html"
     tmp = Path(tempfile.mkdtemp(prefix=".figures.", dir=out))
     tmp.chmod(0o755)
     try:
         draw_figures(rep, tmp, esd_keys, grid_title, grid, model_path)
         draw_accuracy(rep, tmp)
         html = render_report(rep, seconds=time.perf_counter() - start)
-        _replace_folder(tmp, out / "figures")
+        with atomic_path(index) as tmp_index:  # index.html and figures/ are replaced together, or neither
+            tmp_index.write_text(html, encoding="utf-8")
+            _replace_folder(tmp, out / "figures")
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    index = out / "index.html"
-    write_text(index, html)
     return index
 
 
