@@ -517,6 +517,55 @@ def test_d11_losing_a_convert_race(tmp_path, out, fake_gguf, monkeypatch, winner
     assert listing(out) == ({"model", "model/model.safetensors"} if winner == "folder" else {"model"})
 
 
+# ---- D14: messages that name the real problem ------------------------------------------------------------
+
+def test_d14_nan_weights_without_a_plan_do_not_blame_a_plan(kit, tmp_path, out):
+    model = shutil.copytree(kit["model"], tmp_path / "m")
+    poke(model / "model.safetensors", "model.layers.1.mlp.down_proj.weight", float("nan"))
+    line = refused(run("eval", model, "--text", kit["text"], "--ctx", "128", "-o", out / "r.json"), "NaN")
+    assert "the plan" not in line and "model.layers.1.mlp.down_proj.weight" in line
+    assert listing(out) == set()
+
+
+def test_d14_overflowing_dense_model_does_not_blame_a_plan(kit):
+    from acttail.runtime import open_model
+    from acttail.runtime.perplexity import perplexity
+
+    _, model = open_model(kit["model"])
+    with torch.no_grad():
+        model.norm.weight.fill_(float("inf"))
+    wins = torch.randint(0, 300, (1, 16))
+    with pytest.raises(ActTailError, match="dense, without a plan"):
+        perplexity(model, wins, progress=False)
+
+
+# ---- D15: no silent success ---------------------------------------------------------------------------------
+
+def test_d15_generate_on_nan_weights_is_an_error(kit, tmp_path):
+    model = shutil.copytree(kit["model"], tmp_path / "m")
+    poke(model / "model.safetensors", "model.layers.0.self_attn.q_proj.weight", float("nan"), index=11)
+    refused(run("generate", model, "--prompt", "the cat", "--max-new-tokens", "3"), "NaN")
+
+
+def test_d15_sampling_refuses_non_finite_logits():
+    from acttail.runtime.generate import sample
+
+    with pytest.raises(ActTailError, match="NaN or infinite logits"):
+        sample(torch.tensor([[0.0, float("nan"), 1.0]]), 0.0, None)
+    tiny = sample(torch.tensor([[0.0, 30.0, 1.0]]), 1e-30, torch.Generator().manual_seed(0))  # no overflow
+    assert tiny.tolist() == [1]
+
+
+def test_d15_report_with_other_weights_is_an_error(kit, tmp_path, out):
+    other = tmp_path / "other"
+    write_hf_model(other, "llama", layers=2, seed=99, scale=0.3)
+    refused(run("report", kit["analysis"], "--model", other, "-o", out / "rep"), "holds other weights")
+    assert listing(out) == set()
+    r = run("report", kit["analysis"], "--model", kit["model"], "-o", out / "rep")
+    assert r.exit_code == 0, r.output
+    assert any(p.name.startswith("esd") for p in (out / "rep" / "figures").iterdir())
+
+
 # ---- D16: shard paths stay inside the model folder ----------------------------------------------------------
 
 def _sharded(kit, tmp_path) -> Path:

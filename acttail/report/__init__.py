@@ -182,10 +182,13 @@ def compute_spectra(analysis: dict, keys: list[str], path: str | None, tried: li
     try:
         ckpt = Checkpoint.open(path)
     except ActTailError as e:
+        if tried == [path]:  # given with --model: the user asked for this folder
+            raise
         return {}, f"cannot open model folder ({e}): ESD figures skipped"
     if ckpt.fingerprint != analysis["model"]["fingerprint"]:
-        return {}, (f"model folder {path} holds other weights than the analysis (fingerprint {ckpt.fingerprint}, "
-                    f"analysis {analysis['model']['fingerprint']}): ESD figures skipped")
+        raise ActTailError(f"model folder {path} holds other weights than the analysis (fingerprint "
+                           f"{ckpt.fingerprint}, analysis {analysis['model']['fingerprint']}): give the analysed "
+                           "model with --model, or analyse this one")
     settings = analysis.get("settings") or {}
     dtype = getattr(torch, str(settings.get("dtype", "float32")), None)
     if not isinstance(dtype, torch.dtype):

@@ -286,7 +286,13 @@ def load_model(ckpt, dtype: torch.dtype = torch.float32, device: str = "cpu") ->
     args = ModelArgs.from_config(ckpt.config, ckpt.architecture)
     with torch.device("meta"):
         model = Transformer(args)
-    get = lambda name: ckpt.tensor(name).to(dtype)  # noqa: E731
+
+    def get(name: str) -> Tensor:
+        t = ckpt.tensor(name).to(dtype)
+        if not torch.isfinite(t).all():  # the model could only produce NaN logits
+            raise ActTailError(f"{ckpt.path}: the weights {name} hold NaN or infinite values")
+        return t
+
     sd = {"tok_embeddings.weight": get("model.embed_tokens.weight"), "norm.weight": get("model.norm.weight")}
     names = set(ckpt.tensor_names)
     if "lm_head.weight" in names and not args.tie_embeddings:

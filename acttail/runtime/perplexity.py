@@ -38,6 +38,8 @@ def text_tokens(tokenizer, path: str | Path, n_tokens: int | None = None) -> tor
     Only a prefix of the text is encoded when that suffices (about 6 characters a token, doubled
     until enough tokens come out), so asking for 32k tokens of a large file stays quick.
     """
+    if n_tokens is not None and n_tokens < 1:
+        raise ActTailError(f"the number of tokens must be at least 1, got {n_tokens}")
     text = read_text(path)
     chars = len(text) if n_tokens is None else min(len(text), 6 * n_tokens + 1000)
     while True:
@@ -57,7 +59,8 @@ def windows(tokens: torch.Tensor, ctx: int, max_ctx: int, path: str | Path = "te
     if ctx > max_ctx:
         raise ActTailError(f"context {ctx} exceeds the model's maximum of {max_ctx} tokens")
     if len(tokens) < ctx:
-        raise ActTailError(f"{path} gives {len(tokens)} tokens, shorter than one context of {ctx}")
+        raise ActTailError(f"the {len(tokens)} tokens taken from {path} are shorter than one context of {ctx}: "
+                           "ask for more tokens, a shorter context, or give a longer text")
     n = len(tokens) // ctx
     return tokens[: n * ctx].view(n, ctx)
 
@@ -74,7 +77,8 @@ def perplexity(model, wins: torch.Tensor, batch_size: int = 8, progress: bool = 
         for j in range(0, len(h), 1024):  # the LM head in slices: [1024, vocab] logits at a time
             logits = model.output(h[j : j + 1024]).float()
             if not torch.isfinite(logits).all():
-                raise ActTailError(f"the model produced NaN or infinite logits (window {i}); the plan breaks it")
+                cause = "with the plan's sparsity" if model.sparsifier.active else "dense, without a plan"
+                raise ActTailError(f"the model produced NaN or infinite logits (window {i}, {cause})")
             nll += float(F.cross_entropy(logits, targets[j : j + 1024], reduction="sum"))
         count += batch[:, 1:].numel()
         bar.update(batch.numel())
