@@ -622,6 +622,36 @@ def test_d16_hf_hub_cache_layout_still_opens(kit, tmp_path):
     assert Checkpoint.open(snap).fingerprint == Checkpoint.open(kit["model"]).fingerprint
 
 
+# ---- D17: the speed claim names the peer's configuration -------------------------------------------------
+
+def test_d17_speed_claims_agree_with_the_benchmark_report():
+    root = Path(__file__).resolve().parents[1]
+    report = (root / "reports" / "esd-benchmark.md").read_text()
+    readme = (root / "README.md").read_text()
+    rows = re.findall(r"^\| (SmolLM2-135M|7B-shaped, 1 layer)[^|]*\| ([\d.]+) s \| ([\d.]+) s \| ([\d.]+)x \|",
+                      report, re.M)
+    current = rows[:2]  # the first table: the peer in its fastest configuration
+    assert [r[0] for r in current] == ["SmolLM2-135M", "7B-shaped, 1 layer"]
+    for _, ours, theirs, ratio in current:
+        assert float(ratio) == pytest.approx(float(theirs) / float(ours), rel=0.04)  # seconds are rounded
+        assert f"{ratio}x" in readme  # README quotes these ratios, not older ones
+    head = report.split("| workload")[0]
+    assert re.search(r"weightwatcher 0\.7\.7", head) and re.search(r"powerlaw 2\.\d", head)
+    assert "13.9x" not in readme and "9.5x" not in readme
+    assert "benchmarks/esd_speed.py" in report
+
+
+def test_d17_benchmark_records_versions():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "esd_speed.py"
+    spec = importlib.util.spec_from_file_location("esd_speed", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    line = mod.versions()
+    assert re.search(r"weightwatcher \S+, powerlaw \S+", line) and "torch " in line
+
+
 # ---- what must keep holding: Ctrl-C, concurrent analyses ---------------------------------------------------
 
 def test_ctrl_c_exits_130_and_leaves_nothing(kit, out, monkeypatch):
