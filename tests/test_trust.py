@@ -455,6 +455,25 @@ def test_d10_malformed_analysis(kit, tmp_path, out, edit, words):
     assert listing(out) == set()
 
 
+@pytest.mark.parametrize("edit, words", [
+    (lambda d: d.update(model=[1]), ["$.model"]),
+    (lambda d: d.update(perplexity="5"), ["perplexity"]),
+    (lambda d: d.update(plan={"budget": "0.5"}), ["$.plan.budget"]),
+    (lambda d: d.update(achieved={"projections": {"key": 1}}), ["$.achieved.projections"]),
+    (lambda d: d.update(settings={"ctx": 1.5}), ["$.settings.ctx"]),
+])
+def test_d10_malformed_eval_results(kit, tmp_path, out, edit, words):
+    """Eval results given to report have a schema too (acttail/schemas/eval.schema.json)."""
+    good = {"format": "acttail-eval", "version": 1, "perplexity": 5.0, "plan": None,
+            "model": {"fingerprint": json.loads(kit["analysis"].read_text())["model"]["fingerprint"]},
+            "settings": {"text": "wiki", "ctx": 128, "tokens": 256, "mode": "dense"}}
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    assert run("report", kit["analysis"], "--eval", tmp_path / "good.json", "-o", tmp_path / "rep").exit_code == 0
+    bad = edited_json(tmp_path / "good.json", tmp_path / "bad.json", edit)
+    refused(run("report", kit["analysis"], "--eval", bad, "-o", out / "rep"), *words)
+    assert listing(out) == set()
+
+
 def test_d10_damaged_cache_entry_is_recomputed(tmp_path):
     model = write_tiny_model(tmp_path / "m")
     first = run("analyze", model, "--json")

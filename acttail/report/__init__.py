@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .. import analyze
 from ..errors import ActTailError
-from ..files import atomic_path, cache_dir, read_json
+from ..files import atomic_path, cache_dir, check_schema, read_json
 from ..plan import is_calibrated, load_plan
 from . import figures as F
 from .html import render_report
@@ -88,6 +88,7 @@ def load_eval_for(path, analysis: dict, plans: list[Plan]) -> dict:
         raise ActTailError(f"{path}: eval result version {e.get('version')!r} is not supported (expected 1)")
     if not isinstance(e.get("perplexity"), (int, float)) or not math.isfinite(e["perplexity"]):
         raise ActTailError(f"eval result {path} has no finite 'perplexity'")
+    check_schema(e, "eval", f"eval result {path}")
     fp, want = (e.get("model") or {}).get("fingerprint"), analysis["model"]["fingerprint"]
     if fp != want:
         raise ActTailError(f"eval result {path} is for another model (fingerprint {fp}, analysis has {want})")
