@@ -341,6 +341,13 @@ def test_d4_layer_count_far_beyond_the_weights(kit, tmp_path):
     assert time.perf_counter() - t < 30
 
 
+def test_d4_huge_context_in_config_allocates_nothing_huge(kit, tmp_path):
+    """max_position_embeddings sizes the RoPE tables: 10^12 must not be a memory bomb."""
+    model = copy_model(kit["model"], tmp_path / "m", max_position_embeddings=10**12)
+    r = run("generate", model, "--prompt", "the cat", "--max-new-tokens", "2")
+    assert r.exit_code == 0, r.output
+
+
 # ---- D6: config and weights disagree ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("config", [{"hidden_size": 80}, {"intermediate_size": 128}, {"num_key_value_heads": 4},

@@ -19,6 +19,7 @@ from .sparsify import Sparsifier
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+MAX_POSITIONS = 1 << 20  # RoPE tables are built for the whole context: a config cannot make them huge
 
 
 @dataclass
@@ -51,7 +52,7 @@ class ModelArgs:
         heads = config["num_attention_heads"]
         rope = config.get("rope_parameters") or {}
         scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        max_len = config.get("max_position_embeddings", 2048)
+        max_len = min(config.get("max_position_embeddings", 2048), MAX_POSITIONS)
         if architecture == "MistralForCausalLM" and config.get("sliding_window"):
             max_len = min(max_len, config["sliding_window"])  # no sliding window here: stay inside it
         return cls(
