@@ -21,6 +21,7 @@ import threading
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from .checkpoint import Checkpoint
 from .errors import ActTailError
 from .layout import KINDS
 from .esd import EVAL_FLOOR, FITS, analyze_matrix
-from .files import cache_dir, read_json, write_json, write_text
+from .files import cache_dir, check_schema, read_json, to_json, write_json, write_text, write_texts
 
 FORMAT, VERSION = "acttail-analysis", 1
 BACKENDS = ("acttail", "weightwatcher", "powerlaw")
@@ -155,37 +156,28 @@ def run_analysis(model: str | Path, fit: str = "ks", dtype: str = "float32", dev
     ckpt = Checkpoint.open(model)
     cached = cache_path(ckpt.fingerprint, cfg)
     if cached.is_file() and not force:
-        doc = read_json(cached, "cached analysis")
-        doc["model"]["path"] = str(ckpt.path)
-        return doc, True
+        try:
+            doc = load_analysis(cached)
+        except ActTailError:  # a damaged cache entry is recomputed, never served
+            doc = None
+        if doc is not None and doc["model"]["fingerprint"] == ckpt.fingerprint:
+            doc["model"]["path"] = str(ckpt.path)
+            return doc, True
     doc = analyze_checkpoint(ckpt, cfg, progress)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    write_json(cached, doc)
+    with contextlib.suppress(OSError, ActTailError):  # an unwritable cache costs a recomputation, not the result
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        write_json(cached, doc)
     return doc, False
 
 
-ROW_FIELDS = ("key", "layer", "kind", "out_features", "in_features", "params", "alpha")
-
-
 def load_analysis(path: str | Path) -> dict:
-    """Read an analysis.json, checking what every later stage relies on: format, version, the model
-    fingerprint, and rows with the identity fields and alpha. The one reader for all stages."""
+    """Read an analysis.json and check it (``check_analysis``): the one reader for all stages."""
     doc = read_json(path, "analysis")
     if not isinstance(doc, dict) or doc.get("format") != "acttail-analysis":
         raise ActTailError(f"{path} is not an acttail analysis (format field missing or different)")
     if doc.get("version") != 1:
         raise ActTailError(f"{path}: analysis version {doc.get('version')!r} is not supported (expected 1)")
-    if not isinstance(doc.get("model"), dict) or not doc["model"].get("fingerprint"):
-        raise ActTailError(f"{path}: analysis has no model fingerprint")
-    rows = doc.get("projections")
-    if not isinstance(rows, list) or not rows:
-        raise ActTailError(f"{path}: analysis has no projections")
-    for r in rows:
-        if not isinstance(r, dict):
-            raise ActTailError(f"{path}: a projection row is not an object")
-        missing = [k for k in ROW_FIELDS if k not in r]
-        if missing:
-            raise ActTailError(f"{path}: projection {r.get('key', '?')} lacks {', '.join(missing)}")
+    check_analysis(doc, f"analysis {path}")
     return doc
 
 
@@ -220,11 +212,35 @@ class Analysis:
                 "summary": self.summary, **self.extra}
 
     def save(self, path: str | Path, csv_path: str | Path | None = None) -> None:
-        """Write analysis.json (and the CSV when asked), each atomically."""
-        save(self.to_dict(), path, csv_path)
+        """Check and write analysis.json (and the CSV when asked): both files appear, or neither."""
+        doc = self.to_dict()
+        check_analysis(doc)
+        save(doc, path, csv_path)
 
     def format_summary(self) -> str:
         return format_summary(self.to_dict())
+
+
+def check_analysis(doc: dict, where: str = "analysis") -> None:
+    """Raise one clear error unless ``doc`` follows schemas/analysis.schema.json and each of the model's
+    num_layers x 7 projections appears once, its key agreeing with its layer, kind and shape."""
+    check_schema(doc, "analysis", where)
+    n, seen = doc["model"]["num_layers"], set()
+    for i, r in enumerate(doc["projections"]):
+        at = f"{where}: field $.projections[{i}]"
+        if r["key"] != f"layers.{r['layer']}.{r['kind']}":
+            raise ActTailError(f"{at}.key: {r['key']!r} does not match its layer and kind")
+        if r["key"] in seen:
+            raise ActTailError(f"{at}.key: {r['key']!r} appears twice")
+        if r["layer"] >= n:
+            raise ActTailError(f"{at}.layer: {r['layer']} >= num_layers {n}")
+        if r["params"] != r["in_features"] * r["out_features"]:
+            raise ActTailError(f"{at}.params: not in_features x out_features")
+        seen.add(r["key"])
+    if len(seen) < n * len(KINDS):  # keys are unique and inside the model: some are missing
+        missing = (f"layers.{i}.{k}" for i in range(n) for k in KINDS if f"layers.{i}.{k}" not in seen)
+        raise ActTailError(f"{where}: field $.projections: {n * len(KINDS) - len(seen)} of the model's {n} x "
+                           f"{len(KINDS)} projections missing, e.g. {', '.join(islice(missing, 3))}")
 
 
 def to_csv(doc: dict) -> str:
@@ -239,10 +255,8 @@ def to_csv(doc: dict) -> str:
 
 
 def save(doc: dict, out: str | Path, csv_path: str | Path | None = None) -> None:
-    """Write analysis.json (and the CSV if asked), each atomically."""
-    write_json(out, doc)
-    if csv_path:
-        save_csv(doc, csv_path)
+    """Write analysis.json (and the CSV if asked) atomically: both files appear, or neither."""
+    write_texts({out: to_json(doc), **({csv_path: to_csv(doc)} if csv_path else {})})
 
 
 def save_csv(doc: dict, path: str | Path) -> None:

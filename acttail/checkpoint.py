@@ -13,12 +13,14 @@ import json
 import re
 import struct
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from .errors import ActTailError
+from .files import check_schema, file_sha256, read_json
 
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -73,14 +75,15 @@ def read_header(path: Path) -> tuple[bytes, dict]:
             if len(head) < 8:
                 raise ActTailError(f"{path} is not a safetensors file (shorter than its 8-byte header length)")
             (n,) = struct.unpack("<Q", head)
-            if n > min(_MAX_HEADER, size - 8):
-                raise ActTailError(f"{path} has a corrupt or truncated safetensors header (length {n})")
+            if n > min(_MAX_HEADER, size - 8):  # the length field is not echoed: it may be any file's bytes
+                raise ActTailError(f"{path} has a corrupt or truncated safetensors header (its length field "
+                                   "exceeds the file or 100 MiB)")
             raw = f.read(n)
     except OSError as e:
         raise ActTailError(f"cannot read {path}: {e.strerror}") from None
     try:
         header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ActTailError(f"{path} has a garbage safetensors header (not JSON)") from None
     if not isinstance(header, dict):
         raise ActTailError(f"{path} has a garbage safetensors header (not a JSON object)")
@@ -136,14 +139,14 @@ class Checkpoint:
             cfg_path = path / "config.json"
             if not cfg_path.is_file():
                 raise ActTailError(f"{path} has no config.json (not an HF model folder)")
-            try:
-                config = json.loads(cfg_path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ActTailError(f"{cfg_path} is not valid JSON ({e})") from None
+            config = read_json(cfg_path, "config")
+            check_schema(config, "config", str(cfg_path))
+            config = _text_config(config)
+            check_schema(config, "config", f"{cfg_path} (text_config)")
             files = _safetensors_files(path)
         headers = {f: read_header(f)[1] for f in files}
         index = {name: f for f, h in headers.items() for name in h if name != "__metadata__"}
-        return cls(path, _text_config(config), files, index, headers)
+        return cls(path, config, files, index, headers)
 
     def _architecture(self) -> str:
         archs = self.config.get("architectures")
@@ -166,22 +169,22 @@ class Checkpoint:
     def _num_layers(self) -> int:
         found = {int(m.group(2)) for n in self._index if (m := _LAYER_RE.match(n))}
         n = self.config.get("num_hidden_layers", max(found) + 1)
-        if found != set(range(n)):
-            missing = sorted(set(range(n)) - found)
-            raise ActTailError(f"{self.path}: config says {n} layers but weights are missing for layers {missing[:5]}")
+        if max(found) >= n:
+            raise ActTailError(f"{self.path}: config says {n} layers but the weights have layers up to {max(found)}")
+        if len(found) != n:
+            missing = list(islice((i for i in range(n) if i not in found), 5))
+            raise ActTailError(f"{self.path}: config says {n} layers but weights are missing for layers {missing}")
         return n
 
     def _fingerprint(self) -> str:
-        """sha256 over the tensor index of every file (names, dtypes, shapes, offsets) and 64 KiB of data
-        from each file's start and end: cheap (no full read) yet different for fine-tunes of one base."""
+        """sha256 over the sha256 of every byte of every safetensors file, in file order: any change to
+        any weight (or header) changes it. Per-file hashes are cached (``files.file_sha256``)."""
         h = hashlib.sha256()
         for f in self.files:
-            raw, _ = read_header(f)
-            h.update(raw)
-            with open(f, "rb") as fh:
-                h.update(fh.read(8 + len(raw) + 65536)[8 + len(raw):])
-                fh.seek(max(0, f.stat().st_size - 65536))
-                h.update(fh.read())
+            try:
+                h.update(bytes.fromhex(file_sha256(f)))
+            except OSError as e:
+                raise ActTailError(f"cannot read {f}: {e.strerror}") from None
         return "sha256:" + h.hexdigest()[:32]
 
     # ---- tensors ----------------------------------------------------------------------------------
@@ -218,9 +221,31 @@ class Checkpoint:
     # ---- projections ------------------------------------------------------------------------------
 
     def projections(self) -> list[Projection]:
-        """Every q/k/v/o/gate/up/down of every layer, ordered by layer then kind."""
-        return [Projection(layer, kind, *self._proj_shape(layer, kind))
-                for layer in range(self.num_layers) for kind in KINDS]
+        """Every q/k/v/o/gate/up/down of every layer, ordered by layer then kind; shapes must agree with
+        config.json (``expected_shapes``)."""
+        projs = [Projection(layer, kind, *self._proj_shape(layer, kind))
+                 for layer in range(self.num_layers) for kind in KINDS]
+        expected = self.expected_shapes()
+        for p in projs:
+            want = expected.get(p.kind)
+            if want is not None and tuple(p.shape) != want:
+                raise ActTailError(f"{self.path}: config.json does not match the weights: {p.key} is "
+                                   f"{p.out_features} x {p.in_features}, config.json implies {want[0]} x {want[1]} "
+                                   "(hidden_size, intermediate_size, heads, head_dim)")
+        return projs
+
+    def expected_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out_features, in_features) of each kind implied by config.json; kinds it cannot tell are absent."""
+        c = self.config
+        hidden, inter, heads = c.get("hidden_size"), c.get("intermediate_size"), c.get("num_attention_heads")
+        out = {}
+        if hidden and inter:
+            out.update(gate=(inter, hidden), up=(inter, hidden), down=(hidden, inter))
+        if hidden and heads:
+            hd = c.get("head_dim") or hidden // heads
+            kv = (c.get("num_key_value_heads") or heads) * hd
+            out.update(q=(heads * hd, hidden), k=(kv, hidden), v=(kv, hidden), o=(hidden, heads * hd))
+        return out
 
     def _proj_shape(self, layer: int, kind: str) -> tuple[int, int]:
         if self.architecture in FUSED:
@@ -273,11 +298,11 @@ def _safetensors_files(folder: Path) -> list[Path]:
     """The safetensors files of an HF folder: the index's shards, or the single model.safetensors."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ActTailError(f"{index} is not a valid safetensors index ({e})") from None
-        files = sorted({folder / f for f in weight_map.values()})
+        weight_map = read_json(index, "safetensors index")
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ActTailError(f"{index} is not a valid safetensors index (no weight_map of file names)")
+        files = sorted({_shard(folder, f, index) for f in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise ActTailError(f"{folder}: shards listed in the index are missing: {', '.join(missing)}")
@@ -289,3 +314,18 @@ def _safetensors_files(folder: Path) -> list[Path]:
     if others:
         return others
     raise ActTailError(f"{folder} has no safetensors weights (model.safetensors or an index)")
+
+
+def _shard(folder: Path, name: str, index: Path) -> Path:
+    """The path of a shard named in the index, which must stay inside the model folder: a relative name
+    without '..', and no symlink out of the folder (except into the blobs of an HF hub cache, whose
+    snapshot folders are made of such links)."""
+    shown = repr(name) if len(name) <= 80 else repr(name[:77] + "...")
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ActTailError(f"{index}: shard {shown} is outside the model folder")
+    path, root = folder / name, folder.resolve()
+    real = path.resolve()
+    hub_blobs = root.parent.name == "snapshots" and real.parent == root.parent.parent / "blobs"
+    if not (real.is_relative_to(root) or hub_blobs):
+        raise ActTailError(f"{index}: shard {shown} links outside the model folder")
+    return path

@@ -5,6 +5,8 @@ Every ``ActTailError`` becomes one line on stderr and exit status 2; no tracebac
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 
 import click
@@ -16,7 +18,7 @@ DEFAULTS = AllocationConfig()
 
 
 class _Group(click.Group):
-    """A click group that turns ActTailError into one clear line and a non-zero exit."""
+    """A click group that turns ActTailError and bad options into one clear line and exit status 2."""
 
     def invoke(self, ctx):
         try:
@@ -24,9 +26,65 @@ class _Group(click.Group):
         except ActTailError as e:
             click.echo(f"acttail: error: {e}", err=True)
             sys.exit(2)
+        except click.UsageError as e:
+            where = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
+            click.echo(f"acttail: error: {e.format_message()}{where}", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("acttail: interrupted", err=True)
             sys.exit(130)
+
+
+class _Output(click.Path):
+    """An output path, checked when the command line is read, before any work: its folder exists (or,
+    with ``parents``, will be created) and takes a new file (tried for real), and it is not a folder
+    (``folder=True``: not a file; ``None``: either)."""
+
+    def __init__(self, folder: bool | None = False, parents: bool = False):
+        super().__init__()
+        self.folder, self.parents = folder, parents
+
+    def convert(self, value, param, ctx):
+        from .files import check_output
+
+        path = super().convert(value, param, ctx)
+        try:
+            check_output(path, folder=self.folder, parents=self.parents)
+        except ActTailError as e:
+            self.fail(str(e), param, ctx)
+        return path
+
+
+class _Finite(click.FloatRange):
+    """A finite float, in a range if one is given (click's FloatRange lets NaN through). Allocation
+    bounds are checked by ``acttail.allocate`` itself, with messages that say why."""
+
+    def convert(self, value, param, ctx):
+        x = super().convert(value, param, ctx)
+        if not math.isfinite(x):
+            self.fail(f"{x} is not a finite number", param, ctx)
+        return x
+
+
+class _Device(click.ParamType):
+    """A torch device this machine has: cpu, cuda or cuda:N."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        from .runtime import check_device
+
+        try:
+            check_device(value)
+        except ActTailError as e:
+            self.fail(str(e), param, ctx)
+        return value
+
+
+TOKENS = click.IntRange(min=2)  # a window holds at least 2 tokens
+CTX = click.IntRange(min=2)
+BATCH = click.IntRange(min=1)
+DEVICE = _Device()
 
 
 @click.group(cls=_Group)
@@ -53,7 +111,7 @@ def fetch_cmd(name):
 
 @main.command("convert-gguf")
 @click.argument("gguf_file", type=click.Path())
-@click.argument("out_dir", type=click.Path())
+@click.argument("out_dir", type=_Output(folder=True))
 def convert_gguf_cmd(gguf_file, out_dir):
     """Convert a GGUF file into an HF model folder (config.json, model.safetensors, tokenizer.json)."""
     from .convert import convert_gguf
@@ -63,13 +121,13 @@ def convert_gguf_cmd(gguf_file, out_dir):
 
 @main.command("analyze")
 @click.argument("model", type=click.Path())
-@click.option("-o", "--output", type=click.Path(), help="Write analysis.json here.")
-@click.option("--csv", "csv_path", type=click.Path(), help="Also write the rows as CSV.")
+@click.option("-o", "--output", type=_Output(), help="Write analysis.json here.")
+@click.option("--csv", "csv_path", type=_Output(), help="Also write the rows as CSV.")
 @click.option("--fit", type=click.Choice(["ks", "peak", "median"]), default="ks", show_default=True,
               help="Power-law fit: ks (WeightWatcher's), peak (AlphaPruning's alpha_peak), median xmin.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
               help="Precision of the Gram matrix and its eigenvalues.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--backend", type=click.Choice(["acttail", "weightwatcher", "powerlaw"]), default="acttail",
               show_default=True, help="Run a reference implementation instead of ours.")
 @click.option("--force", is_flag=True, help="Recompute even if a cached result exists.")
@@ -79,11 +137,9 @@ def analyze_cmd(model, output, csv_path, fit, dtype, device, backend, force, as_
     import json
 
     from . import analysis
-    from .files import check_output
 
-    for path in (output, csv_path):
-        if path:
-            check_output(path)
+    if output and csv_path and os.path.realpath(output) == os.path.realpath(csv_path):
+        raise ActTailError("-o and --csv name the same file")
     doc, cached = analysis.run_analysis(model, fit, dtype, device, backend, force, progress=not as_json)
     if output:
         analysis.save(doc, output, csv_path)
@@ -104,8 +160,9 @@ def analyze_cmd(model, output, csv_path, fit, dtype, device, backend, force, as_
 
 @main.command("allocate")
 @click.argument("analysis", type=click.Path(dir_okay=False))
-@click.option("--budget", type=float, required=True, help="Target parameter-weighted mean sparsity, in (0, 1).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Plan file to write.")
+@click.option("--budget", type=_Finite(), required=True,
+              help="Target parameter-weighted mean sparsity, in (0, 1).")
+@click.option("-o", "--output", type=_Output(), required=True, help="Plan file to write.")
 @click.option("--method", type=click.Choice(sorted(METHODS)), default=DEFAULTS.method, show_default=True,
               help="acttail (alpha map; direction measured when the analysis has a sensitivity column, else "
                    "--direction), acttail-sens (measured, required), alpha-map (--direction), sensitivity "
@@ -114,24 +171,23 @@ def analyze_cmd(model, output, csv_path, fit, dtype, device, backend, force, as_
               help="Normalise the metric over all projections, within each kind, or per decoder layer.")
 @click.option("--metric", default=DEFAULTS.metric, show_default=True,
               help="Analysis column driving the map: alpha, alpha_weighted, stable_rank, ...")
-@click.option("--epsilon", type=float, default=DEFAULTS.epsilon, show_default=True, help="Ratios span [1-eps, 1+eps].")
+@click.option("--epsilon", type=_Finite(), default=DEFAULTS.epsilon, show_default=True,
+              help="Ratios span [1-eps, 1+eps].")
 @click.option("--direction", type=click.Choice(["increasing", "decreasing"]), default=DEFAULTS.direction,
               show_default=True, help="Sparsity increasing in the metric (lower alpha -> lower sparsity) or not; "
                                       "with measured sensitivity, 'decreasing' inverts the measured direction.")
 @click.option("--weight", type=click.Choice(["params", "bytes"]), default=DEFAULTS.weight, show_default=True,
               help="Budget weighting (identical for one storage dtype).")
-@click.option("--min-sparsity", type=float, default=DEFAULTS.min_sparsity, show_default=True)
-@click.option("--max-sparsity", type=float, default=DEFAULTS.max_sparsity, show_default=True)
-@click.option("--gamma", type=float, default=DEFAULTS.gamma, show_default=True,
+@click.option("--min-sparsity", type=_Finite(), default=DEFAULTS.min_sparsity, show_default=True)
+@click.option("--max-sparsity", type=_Finite(), default=DEFAULTS.max_sparsity, show_default=True)
+@click.option("--gamma", type=_Finite(), default=DEFAULTS.gamma, show_default=True,
               help="Strength of the sensitivity method: ratio = (sensitivity / geometric mean)^-gamma.")
 def allocate_cmd(analysis, budget, output, method, scope, metric, epsilon, direction, weight, min_sparsity,
                  max_sparsity, gamma):
     """Allocate one activation sparsity per projection from an analysis; write a plan."""
     from .allocation import has_sensitivity, plan_from_analysis
     from .analysis import Analysis
-    from .files import check_output
 
-    check_output(output)
     doc = Analysis.load(analysis)
     if method == "acttail" and not has_sensitivity(doc.projections):
         click.echo("acttail: warning: the analysis has no 'sensitivity' column, so the alpha map's direction is "
@@ -166,7 +222,8 @@ def plan_show(plan_path):
 @main.command("export")
 @click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False))
 @click.option("--to", "fmt", type=click.Choice(["gemma3n", "nncf", "teal"]), required=True)
-@click.option("-o", "--output", type=click.Path(), required=True, help="JSON file (gemma3n, nncf) or folder (teal).")
+@click.option("-o", "--output", type=_Output(folder=None), required=True,
+              help="JSON file (gemma3n, nncf) or folder (teal).")
 def export_cmd(plan_path, fmt, output):
     """Write a plan in another runtime's format (each format's losses: see acttail/export.py)."""
     from .export import export, losses
@@ -185,22 +242,21 @@ def export_cmd(plan_path, fmt, output):
 @click.argument("model", type=click.Path())
 @click.argument("plan_path", metavar="PLAN", type=click.Path())
 @click.option("--text", required=True, help="Calibration text: a UTF-8 file, or c4 / wiki (fetched). Calibrate on c4.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Calibrated plan to write.")
-@click.option("--tokens", type=int, default=65536, show_default=True, help="Calibration tokens.")
-@click.option("--ctx", type=int, default=512, show_default=True, help="Window length (tokens).")
-@click.option("--batch-size", type=int, default=None,
+@click.option("-o", "--output", required=True, type=_Output(), help="Calibrated plan to write.")
+@click.option("--tokens", type=TOKENS, default=65536, show_default=True, help="Calibration tokens.")
+@click.option("--ctx", type=CTX, default=512, show_default=True, help="Window length (tokens).")
+@click.option("--batch-size", type=BATCH, default=None,
               help="Windows per forward pass (default: all at once, each block runs once; smaller batches save "
                    "memory at up to ~2.5x the compute).")
-@click.option("--device", default="cpu", show_default=True, help="cpu (reference) or cuda: same float32 code.")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True,
+              help="cpu (reference) or cuda: same float32 code.")
 def calibrate_cmd(model, plan_path, text, output, tokens, ctx, batch_size, device):
     """Set each projection's threshold so its sparsity holds in the sparse run on TEXT."""
     from .calibration import calibrate
-    from .files import check_output
     from .plan import Plan
     from .runtime.tokens import text_tokens, windows
     from .text import read_text
 
-    check_output(output)
     ckpt, net, tok = _open(model, device)
     plan = Plan.load(plan_path, expect_fingerprint=ckpt.fingerprint)
     wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text))
@@ -224,25 +280,24 @@ def _open(model, device):
 @click.argument("model", type=click.Path())
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False), help="Sparsity plan (none: dense).")
 @click.option("--text", required=True, help="Evaluation text: a UTF-8 file, or wiki / c4 (fetched).")
-@click.option("--ctx", type=int, default=512, show_default=True, help="Window length (tokens).")
-@click.option("--tokens", type=int, default=32768, show_default=True, help="Tokens to evaluate.")
+@click.option("--ctx", type=CTX, default=512, show_default=True, help="Window length (tokens).")
+@click.option("--tokens", type=TOKENS, default=32768, show_default=True, help="Tokens to evaluate.")
 @click.option("--mode", type=click.Choice(["threshold", "topk"]), default="threshold", show_default=True)
 @click.option("--prefill", type=click.Choice(["all", "half"]), default="all", show_default=True,
               help="all: sparsify every position; half: first half of each window dense (TEAL).")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Windows per forward pass.")
-@click.option("--device", default="cpu", show_default=True, help="cpu (reference) or cuda: same float32 code.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the result as JSON here.")
+@click.option("--batch-size", type=BATCH, default=8, show_default=True, help="Windows per forward pass.")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True,
+              help="cpu (reference) or cuda: same float32 code.")
+@click.option("-o", "--output", type=_Output(), help="Write the result as JSON here.")
 def eval_cmd(model, plan_path, text, ctx, tokens, mode, prefill, batch_size, device, output):
     """Perplexity of the dense or planned-sparse model on TEXT; with a plan also its KL divergence to the
     dense model and their top-1 agreement."""
     from .evaluation import evaluate_windows, result
-    from .files import check_output, write_json
+    from .files import write_json
     from .plan import Plan
     from .runtime.tokens import text_tokens, windows
     from .text import read_text
 
-    if output:
-        check_output(output)
     ckpt, net, tok = _open(model, device)
     plan = Plan.load(plan_path, expect_fingerprint=ckpt.fingerprint) if plan_path else None
     wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text))
@@ -267,23 +322,23 @@ def eval_cmd(model, plan_path, text, ctx, tokens, mode, prefill, batch_size, dev
 @click.argument("model", type=click.Path())
 @click.argument("analysis", type=click.Path(dir_okay=False))
 @click.option("--text", default="c4", show_default=True, help="Calibration text (never the evaluation text).")
-@click.option("--tokens", type=int, default=16384, show_default=True)
-@click.option("--ctx", type=int, default=512, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (1 + 2 x projections forward passes).")
+@click.option("--tokens", type=TOKENS, default=16384, show_default=True)
+@click.option("--ctx", type=CTX, default=512, show_default=True)
+@click.option("--device", type=DEVICE, default="cpu", show_default=True,
+              help="cpu or cuda (1 + 2 x projections forward passes).")
 @click.option("--measured", type=click.Path(dir_okay=False),
               help="Reuse a sensitivity.json measured earlier (e.g. on a GPU) instead of measuring now.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+@click.option("-o", "--output", required=True, type=_Output(),
               help="The analysis with a 'sensitivity' column, for `acttail allocate` (method acttail).")
 def sensitivity_cmd(model, analysis, text, tokens, ctx, device, measured, output):
     """Measure each projection's loss increase when sparsified alone; add it to ANALYSIS."""
     from .analysis import load_analysis
-    from .files import check_output, read_json, write_json
-    from .sensitivity import measure, with_sensitivity
+    from .files import write_json
+    from .sensitivity import load_sensitivity, measure, with_sensitivity
 
-    check_output(output)
     doc = load_analysis(analysis)
     if measured:
-        sens = read_json(measured, "sensitivity file")
+        sens = load_sensitivity(measured)
     else:
         from .runtime.tokens import text_tokens, windows
         from .text import read_text
@@ -291,10 +346,6 @@ def sensitivity_cmd(model, analysis, text, tokens, ctx, device, measured, output
         ckpt, net, tok = _open(model, device)
         wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text))
         sens = measure(net, wins, ckpt.fingerprint, str(text))
-    rows = sens.get("projections") if isinstance(sens, dict) else None
-    if not rows or not isinstance(sens.get("model"), dict) or not all(
-            isinstance(r, dict) and "key" in r and isinstance(r.get("dnll_80"), (int, float)) for r in rows):
-        raise ActTailError(f"{measured} is not a sensitivity measurement (from `acttail sensitivity`)")
     out = with_sensitivity(doc, sens)
     write_json(output, out)
     click.echo(f"sensitivity of {len(out['projections'])} projections on {out['sensitivity']['tokens']} tokens "
@@ -305,23 +356,22 @@ def sensitivity_cmd(model, analysis, text, tokens, ctx, device, measured, output
 @click.argument("model", type=click.Path())
 @click.argument("analysis", type=click.Path(dir_okay=False))
 @click.option("--text", default="c4", show_default=True, help="Calibration text (never the evaluation text).")
-@click.option("--tokens", type=int, default=8192, show_default=True)
-@click.option("--ctx", type=int, default=512, show_default=True)
-@click.option("--base-step", type=float, default=0.025, show_default=True,
+@click.option("--tokens", type=TOKENS, default=8192, show_default=True)
+@click.option("--ctx", type=CTX, default=512, show_default=True)
+@click.option("--base-step", type=click.FloatRange(0.001, 0.5), default=0.025, show_default=True,
               help="Sparsity step of q (other projections step by the same number of parameters), as TEAL.")
-@click.option("--max-sparsity", type=float, default=0.9, show_default=True, help="Where each block's path ends.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+@click.option("--max-sparsity", type=click.FloatRange(0.01, 0.99), default=0.9, show_default=True,
+              help="Where each block's path ends.")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("-o", "--output", required=True, type=_Output(),
               help="The analysis with TEAL's greedy paths, for `acttail allocate --method greedy`.")
 def greedy_cmd(model, analysis, text, tokens, ctx, base_step, max_sparsity, device, output):
     """TEAL's block-wise greedy allocation: per block, the order in which its projections take sparsity."""
     from .analysis import Analysis
-    from .files import check_output
     from .greedy import measure
     from .runtime.tokens import text_tokens, windows
     from .text import read_text
 
-    check_output(output)
     doc = Analysis.load(analysis)
     ckpt, net, tok = _open(model, device)
     if doc.model["fingerprint"] != ckpt.fingerprint:
@@ -338,14 +388,14 @@ def greedy_cmd(model, analysis, text, tokens, ctx, base_step, max_sparsity, devi
 @click.argument("model", type=click.Path())
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False), help="Sparsity plan (none: dense).")
 @click.option("--prompt", required=True)
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
-@click.option("--seed", type=int, default=None, help="Seed for sampling.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--temperature", type=_Finite(min=0), default=0.0, show_default=True, help="0: greedy.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None, help="Seed for sampling.")
 @click.option("--mode", type=click.Choice(["threshold", "topk"]), default="threshold", show_default=True)
 @click.option("--prefill", type=click.Choice(["all", "half", "none"]), default=None,
               help="Which prompt positions are sparsified (decoded tokens always are). Default: half on the "
                    "reference backend; the kernel backend prefills densely (none).")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--backend", type=click.Choice(["reference", "kernels"]), default=None,
               help="reference: the float32 torch model; kernels: the Triton decode path (fp16/bf16, CUDA graphs, "
                    "greedy). Default: kernels on cuda, reference on cpu.")
@@ -391,11 +441,11 @@ def generate_cmd(model, plan_path, prompt, max_new_tokens, temperature, seed, mo
               help="plan.json to show (repeatable), e.g. the 50% and 80% plans.")
 @click.option("--eval", "evals", multiple=True, type=click.Path(),
               help="Eval result JSON from `acttail eval -o`, or a folder of them (repeatable).")
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+@click.option("-o", "--output", required=True, type=_Output(folder=True, parents=True),
               help="Folder for index.html and figures/ (created if missing).")
 @click.option("--esd", "esd", multiple=True, metavar="KEY",
               help="Projection to draw a full-size ESD for, e.g. layers.3.up (repeatable; default: lowest alpha).")
-@click.option("--esd-layer", type=int, default=None,
+@click.option("--esd-layer", type=click.IntRange(min=0), default=None,
               help="Layer for the ESD small-multiples grid (default: the layer of the first --esd).")
 @click.option("--esd-kind", default=None, type=click.Choice(["q", "k", "v", "o", "gate", "up", "down"]),
               help="Draw the grid for one kind across up to 12 layers instead of one layer.")

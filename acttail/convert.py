@@ -8,8 +8,12 @@ its interleaved rotary layout on Llama models; we undo that so the weights match
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +22,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .errors import ActTailError
-from .files import atomic_path
+from .files import check_output
 
 ARCHS = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2")}
 
@@ -170,20 +174,20 @@ def hf_tokenizer_json(reader) -> str:
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """Write ``out_dir`` (config.json, model.safetensors, tokenizer.json) from a GGUF file.
 
-    The folder appears complete or not at all: it is written under a temporary name, then renamed.
+    ``out_dir`` must be new or an empty folder, in an existing writable folder: checked before any work.
+    The folder appears complete or not at all: it is written into a temporary folder beside it, then
+    renamed; if another run created it meanwhile, this one stops with a clear error and leaves nothing.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
+    check_output(out_dir, folder=True)
+    if out_dir.is_dir() and any(out_dir.iterdir()):
         raise ActTailError(f"output folder {out_dir} exists and is not empty")
     reader = open_gguf(gguf_path)
     config = hf_config(reader)
     tokenizer = hf_tokenizer_json(reader)
     tensors = hf_tensors(reader, config)
-    if out_dir.exists():
-        out_dir.rmdir()
-    with atomic_path(out_dir) as tmp:
-        tmp.unlink()
-        tmp.mkdir()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "tokenizer.json").write_text(tokenizer)
@@ -192,4 +196,21 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         for f in tmp.iterdir():
             f.chmod(0o644)
         tmp.chmod(0o755)
+        _rename_into(tmp, out_dir)
+    except OSError as e:
+        raise ActTailError(f"cannot write {out_dir}: {e.strerror}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _rename_into(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished folder onto ``out_dir`` (replacing an empty folder, as POSIX rename does)."""
+    try:
+        os.rename(tmp, out_dir)
+    except (FileExistsError, NotADirectoryError, IsADirectoryError) as e:
+        raise ActTailError(f"{out_dir} appeared while converting (another run?): left as it is") from None
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise ActTailError(f"{out_dir} was filled while converting (another run?): left as it is") from None
+        raise

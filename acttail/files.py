@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
+import time
+from functools import lru_cache
 from pathlib import Path
+
+import jsonschema
 
 from .errors import ActTailError
 
@@ -17,13 +24,64 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ACTTAIL_CACHE", Path.home() / ".cache" / "acttail"))
 
 
-def check_output(path: str | os.PathLike) -> Path:
-    """Fail early, before long work, if ``path`` cannot be written; returns its folder."""
-    parent = Path(path).parent
+SETTLED_NS = 2 * 10**9  # a file unchanged this long (ns) has its hash remembered
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of every byte of a file, remembered in the cache folder against the file's identity.
+
+    A file is hashed again when its resolved path, size, inode, modification or status-change time
+    differ from when it was hashed (any write changes the status-change time, which no tool can set
+    back), so a cached hash never stands for other bytes. A file changed in the last few seconds is not
+    remembered: the file system's clock is coarse, and a write in the same tick would keep its times.
+    Hashing runs at about 0.5-1 GB/s.
+    """
+    path = Path(path).resolve()
+    st = path.stat()
+    ident = [str(path), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+    memo = cache_dir() / "sha256" / (hashlib.sha256(str(path).encode()).hexdigest()[:24] + ".json")
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        known = json.loads(memo.read_text(encoding="utf-8"))
+        if known["file"] == ident:
+            return known["sha256"]
+    settled = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > SETTLED_NS
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    if settled:
+        with contextlib.suppress(OSError, ActTailError):  # the memo is an optimisation: never fail for it
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            write_json(memo, {"file": ident, "sha256": h.hexdigest()})
+    return h.hexdigest()
+
+
+def check_output(path: str | os.PathLike, folder: bool | None = False, parents: bool = False) -> Path:
+    """Fail early, before long work, if ``path`` cannot be written; returns the folder it goes in.
+
+    Writing is tried for real (a file is created and removed in the folder): permission bits say
+    nothing for root, nor for /proc. A file output must not be an existing folder, a folder output
+    (``folder=True``) not an existing file; ``folder=None`` takes either. With ``parents``, missing
+    folders above ``path`` will be created: the nearest existing one is tried.
+    """
+    path = Path(path)
+    if folder is False and path.is_dir():
+        raise ActTailError(f"output {path} is a folder; give a file name")
+    if folder is True and path.exists() and not path.is_dir():
+        raise ActTailError(f"output {path} exists and is not a folder")
+    parent = path.parent
+    while parents and not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ActTailError(f"cannot create output{' folder' if folder else ''} {path}: {parent} is not a folder")
     if not parent.is_dir():
         raise ActTailError(f"output folder does not exist: {parent}")
-    if not os.access(parent, os.W_OK):
-        raise ActTailError(f"output folder is not writable: {parent}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".acttail-probe.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ActTailError(f"cannot write in output folder {parent}: {e.strerror}") from None
     return parent
 
 
@@ -41,13 +99,19 @@ def atomic_path(path: str | os.PathLike):
     """
     path = Path(path)
     parent = check_output(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise ActTailError(f"cannot write {path}: {e.strerror}") from None
     os.close(fd)
     try:
         yield Path(tmp)
-        if os.path.isfile(tmp):
-            os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        try:
+            if os.path.isfile(tmp):
+                os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
+        except OSError as e:
+            raise ActTailError(f"cannot write {path}: {e.strerror}") from None
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
@@ -57,21 +121,95 @@ def atomic_path(path: str | os.PathLike):
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
+    write_texts({path: text})
+
+
+def write_texts(outputs: dict) -> None:
+    """Write several files {path: text}, all or none: every text goes to a temporary file beside its
+    target first, and the renames follow only once all of them are written (a failed second output
+    leaves no first one behind)."""
+    with contextlib.ExitStack() as stack:
+        for path, text in outputs.items():
+            tmp = stack.enter_context(atomic_path(path))
+            try:
+                tmp.write_text(text, encoding="utf-8")
+            except OSError as e:
+                raise ActTailError(f"cannot write {path}: {e.strerror}") from None
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
     """Write ``obj`` as indented JSON (keys in insertion order) atomically."""
-    write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    write_text(path, to_json(obj))
+
+
+def to_json(obj) -> str:
+    """``obj`` as indented JSON text; NaN and infinities are refused (JSON has no such numbers)."""
+    try:
+        return json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    except ValueError as e:
+        raise ActTailError(f"cannot write a non-finite number as JSON ({e})") from None
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict:
-    """Read a JSON file, turning a missing or malformed file into one clear error."""
+    """Read a JSON file, turning a missing, unreadable or malformed file into one clear error.
+
+    NaN and Infinity (which Python's json accepts) are refused, and so is nesting too deep to parse.
+    """
     path = Path(path)
     if not path.is_file():
         raise ActTailError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant, parse_float=_finite)
+    except OSError as e:
+        raise ActTailError(f"cannot read {what} {path}: {e.strerror}") from None
+    except RecursionError:
+        raise ActTailError(f"{what} {path} is nested too deeply to read") from None
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
         raise ActTailError(f"{what} {path} is not valid JSON ({e})") from None
+
+
+# JSON Schema's "integer" admits 30.0; our readers index and count with these, so only true integers pass.
+_Validator = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=(
+    jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _, x: isinstance(x, int) and not isinstance(x, bool))))
+
+
+@lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
+def schema(name: str) -> dict:
+    """The JSON Schema of a file format, shipped in the package as ``schemas/<name>.schema.json``."""
+    return json.loads((Path(__file__).parent / "schemas" / f"{name}.schema.json").read_text(encoding="utf-8"))
+
+
+def check_schema(doc, name: str, where: str) -> None:
+    """One ActTailError naming the first field of ``doc`` that breaks schema ``name`` or is NaN/infinite."""
+    bad = nonfinite_path(doc)
+    if bad is not None:
+        raise ActTailError(f"{where}: field {bad}: not a finite number (NaN or infinite)")
+    error = jsonschema.exceptions.best_match(_Validator(schema(name)).iter_errors(doc))
+    if error is not None:
+        message = error.message if len(error.message) < 160 else error.message[:157] + "..."
+        raise ActTailError(f"{where}: field {error.json_path}: {message}")
+
+
+def nonfinite_path(doc, path: str = "$") -> str | None:
+    """The JSON path of the first NaN or infinite number in ``doc`` (JSON Schema's "number" admits them)."""
+    if isinstance(doc, float) and not math.isfinite(doc):
+        return path
+    items = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else ()
+    for k, v in items:
+        found = nonfinite_path(v, f"{path}[{k}]" if isinstance(k, int) else f"{path}.{k}")
+        if found is not None:
+            return found
+    return None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):
+        raise ValueError(f"{text} is too large for a float")
+    return x

@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from functools import lru_cache
+from itertools import islice
 from pathlib import Path
 
-import jsonschema
 import torch
 
 from . import __version__
 from .errors import ActTailError
-from .files import atomic_path, read_json, write_json
+from . import files
+from .files import atomic_path, check_schema, read_json, write_json
 from .layout import KINDS, key as projection_key, order as projection_order, parse_key
 
 FORMAT = "acttail-plan"
@@ -49,10 +48,9 @@ TENSORS = {"score": lambda i, o, r: (i,), "bias": lambda i, o, r: (o,), "lowrank
            "lowrank_v": lambda i, o, r: (r, i), "weight": lambda i, o, r: (o, i)}
 
 
-@lru_cache(maxsize=1)
 def schema() -> dict:
     """The plan JSON Schema shipped inside the package."""
-    return json.loads((Path(__file__).parent / "schemas" / "plan.schema.json").read_text(encoding="utf-8"))
+    return files.schema("plan")
 
 
 def _now() -> str:
@@ -342,16 +340,14 @@ def validate(plan, where: str = "plan") -> dict:
     if plan.get("version") not in READS:
         raise ActTailError(f"{where} has plan version {plan.get('version')!r}; acttail {__version__} reads "
                            f"versions {', '.join(map(str, READS))}")
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema()).iter_errors(plan))
-    if error is not None:
-        message = error.message if len(error.message) < 160 else error.message[:157] + "..."
-        raise ActTailError(f"{where}: field {error.json_path}: {message}")
+    check_schema(plan, "plan", where)  # also refuses NaN and infinities, which "number" admits
     _check_consistency(plan, where)
     return plan
 
 
 def _check_consistency(plan: dict, where: str) -> None:
-    """What a schema cannot say: unique keys that agree with layer and kind, layers inside the model."""
+    """What a schema cannot say: unique keys that agree with layer and kind, layers inside the model, and
+    every projection of the model present (a missing one would silently run dense)."""
     seen = set()
     num_layers = plan["model"]["num_layers"]
     for i, e in enumerate(plan["projections"]):
@@ -364,6 +360,10 @@ def _check_consistency(plan: dict, where: str) -> None:
         if e["params"] != e["in_features"] * e["out_features"]:
             raise ActTailError(f"{where}: field $.projections[{i}].params: not in_features x out_features")
         seen.add(e["key"])
+    if len(seen) < num_layers * len(KINDS):  # keys are unique and inside the model: some are missing
+        missing = (f"layers.{i}.{k}" for i in range(num_layers) for k in KINDS if f"layers.{i}.{k}" not in seen)
+        raise ActTailError(f"{where}: field $.projections: {num_layers * len(KINDS) - len(seen)} of the model's "
+                           f"{num_layers} x {len(KINDS)} projections missing, e.g. {', '.join(islice(missing, 3))}")
 
 
 def _ordered(plan: dict) -> dict:

@@ -60,10 +60,7 @@ def with_sensitivity(analysis: dict, sens: dict, level: str = "dnll_80") -> dict
     value (a projection whose loss change is within noise of zero is nearly free to sparsify)."""
     import copy
 
-    from .errors import ActTailError
-
-    if sens["model"]["fingerprint"] != analysis["model"]["fingerprint"]:
-        raise ActTailError("the sensitivity measurement and the analysis are for different checkpoints")
+    check_sensitivity(sens, analysis, level)
     by_key = {p["key"]: p for p in sens["projections"]}
     out = copy.deepcopy(analysis)
     per_param = {k: p[level] / (float(level.split("_")[1]) / 100 * _params(out, k)) for k, p in by_key.items()}
@@ -75,6 +72,37 @@ def with_sensitivity(analysis: dict, sens: dict, level: str = "dnll_80") -> dict
     out["sensitivity"] = {k: sens[k] for k in ("text", "tokens", "mode", "dense_nll") if k in sens}
     out["sensitivity"]["level"] = level
     return out
+
+
+def load_sensitivity(path) -> dict:
+    """Read a sensitivity.json written by ``acttail sensitivity``, checked against its schema."""
+    from .files import check_schema, read_json
+
+    sens = read_json(path, "sensitivity file")
+    check_schema(sens, "sensitivity", f"sensitivity file {path}")
+    return sens
+
+
+def check_sensitivity(sens, analysis: dict, level: str = "dnll_80", where: str = "sensitivity measurement") -> None:
+    """One clear error unless ``sens`` follows schemas/sensitivity.schema.json, is for the analysed
+    weights, and has ``level`` for exactly the analysis' projections."""
+    from .errors import ActTailError
+    from .files import check_schema
+
+    fingerprint = sens.get("model", {}).get("fingerprint") if isinstance(sens, dict) else None
+    if isinstance(fingerprint, str) and fingerprint != analysis["model"]["fingerprint"]:
+        raise ActTailError(f"the {where} and the analysis are for different checkpoints (fingerprint "
+                           f"{fingerprint}, analysis {analysis['model']['fingerprint']})")
+    check_schema(sens, "sensitivity", where)
+    keys = [p["key"] for p in sens["projections"]]
+    wanted = [r["key"] for r in analysis["projections"]]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    missing, extra = [k for k in wanted if k not in set(keys)], sorted(set(keys) - set(wanted))
+    no_level = [p["key"] for p in sens["projections"] if level not in p]
+    for problem, found in (("appear twice", twice), ("are missing", missing), ("are not in the analysis", extra),
+                           (f"have no {level}", no_level)):
+        if found:
+            raise ActTailError(f"{where}: {len(found)} projections {problem}, e.g. {', '.join(found[:3])}")
 
 
 def _params(analysis: dict, key: str) -> int:

@@ -1,4 +1,4 @@
-"""Benchmark: `acttail analyze` vs weightwatcher 0.7.7's default analyze(), side by side in one run.
+"""Benchmark: `acttail analyze` vs weightwatcher's default analyze(), side by side in one run.
 
 1. SmolLM2-135M (the real converted checkpoint): both tools on all 210 projections; per-matrix alpha
    agreement (median and max |difference|).
@@ -6,8 +6,11 @@
    by this script): both tools on one full layer (7 matrices); ours on the whole model (``--layers 32``,
    e.g. on a GPU with ``--device cuda``), safetensors reads included.
 
-Prints a markdown table; ``--out FILE`` also writes it. Timings are wall-clock, on whatever else the
-machine is doing: the ratios are what matter, since both tools run in the same conditions.
+Prints a markdown table; ``--out FILE`` also writes it, headed by the versions of both tools and of
+powerlaw (weightwatcher's fitter: powerlaw 2.0 makes it several times faster than 1.5) and the load
+average before and after. Timings are wall-clock, on whatever else the machine is doing: the ratios are
+what matter, since both tools run in the same conditions. Checkpoint fingerprints (a sha256 of the weights,
+cached after a model's first run) are computed before the timed runs and reported on their own.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import tempfile
 import time
 from datetime import date
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +96,27 @@ def time_weightwatcher(folder: Path, layers: int | None = None) -> tuple[float, 
     return elapsed, df["alpha"].tolist()
 
 
+def versions() -> str:
+    """The installed versions of the packages that decide the timings."""
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+    return ", ".join(f"{n} {version(n)}" for n in ("acttail", "weightwatcher", "powerlaw", "torch", "numpy", "scipy"))
+
+
+def fingerprint_seconds(folder: Path) -> float:
+    """Seconds to open a checkpoint, its fingerprint included; later opens reuse the cached hashes."""
+    t = time.perf_counter()
+    Checkpoint.open(folder)
+    return time.perf_counter() - t
+
+
+def load() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def agreement(a: list[float], b: list[float]) -> str:
     d = np.abs(np.array(a) - np.array(b))
     return f"median {np.median(d):.1e}, max {np.max(d):.1e}"
@@ -107,13 +133,16 @@ def main():
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     logging.disable(logging.WARNING)
-    rows = ["# ESD analysis speed: acttail vs weightwatcher 0.7.7",
+    rows = ["# ESD analysis speed: acttail vs weightwatcher",
             "", f"{date.today()}, {platform.node()} ({platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} torch threads), device {args.device}"
-            + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""), "",
+            f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads), device {args.device}"
+            + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""),
+            "", f"versions: {versions()}", "", f"load average (1/5/15 min) at the start: {load()}", "",
             "| workload | acttail | weightwatcher | speed-up | alpha agreement |", "|---|---|---|---|---|"]
+    notes = []
     eigenvalues(torch.randn(256, 512), device=args.device)  # warm-up: library loading, CUDA context
     if not args.skip_smollm2 and SMOLLM2.is_dir():
+        notes.append(f"fingerprint of SmolLM2-135M, untimed above: {fingerprint_seconds(SMOLLM2):.1f} s")
         t_ours, a_ours = time_ours(SMOLLM2, args.device)
         if args.skip_reference:
             rows.append(f"| SmolLM2-135M, 210 matrices | {t_ours:.1f} s | - | - | - |")
@@ -124,6 +153,8 @@ def main():
         print("\n".join(rows), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_7b_shaped(Path(tmp) / "llama7b", args.layers, args.device)
+        notes.append(f"fingerprint of the 7B-shaped model ({args.layers} layer(s)), untimed above: "
+                     f"{fingerprint_seconds(folder):.1f} s")
         t1, a1 = time_ours(folder, args.device, 1)
         if args.skip_reference:
             rows.append(f"| 7B-shaped, 1 layer (7 matrices, bf16) | {t1:.1f} s | - | - | - |")
@@ -138,6 +169,7 @@ def main():
                 tw, aw = time_ours(folder, args.device, workers=w)
                 rows.append(f"| same, {w} worker(s) instead of the default | {tw:.1f} s | - | - | "
                             f"{agreement(an, aw)} vs default |")
+    rows += ["", f"load average at the end: {load()}", ""] + notes
     text = "\n".join(rows) + "\n"
     print(text)
     if args.out:

@@ -100,7 +100,8 @@ def test_bad_input(tmp_path, case, match):
                   for k in ("gate", "up", "down")})
         save_file(t, str(st))
         cfg = json.loads((folder / "config.json").read_text())
-        cfg["num_hidden_layers"] = 1
+        cfg.update(num_hidden_layers=1, hidden_size=4, intermediate_size=4, num_attention_heads=1,
+                   num_key_value_heads=1)  # shapes agree with config.json: only the dtype is wrong
         (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ActTailError, match=match):
         ckpt = Checkpoint.open(folder)

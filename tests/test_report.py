@@ -212,12 +212,14 @@ def test_moved_model_folder_is_found_in_the_cache_or_given(tmp_path, model_dir, 
         build_report(paths["analysis"], [], [], tmp_path / "out3", model=tmp_path / "nowhere")
 
 
-def test_changed_model_folder_skips_esd(tmp_path, model_dir):
+def test_changed_model_folder_is_an_error(tmp_path, model_dir):
+    """Weights changed since the analysis: no report with figures of other weights, and nothing written."""
     analysis = make_analysis(model_dir)
     write_tiny_model(model_dir, layers=3, hidden=64, inter=96, seed=1)  # same shapes, other weights
     paths = write_inputs(tmp_path / "in", analysis, evals=False)
-    html = build_report(paths["analysis"], [], [], tmp_path / "out").read_text()
-    assert "holds other weights than the analysis" in html
+    with pytest.raises(ActTailError, match="holds other weights than the analysis"):
+        build_report(paths["analysis"], [], [], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_plan_of_another_model_is_refused(tmp_path):

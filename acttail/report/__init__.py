@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .. import analysis as analysis_stage
 from ..errors import ActTailError
-from ..files import cache_dir, read_json, write_text
+from ..files import atomic_path, cache_dir, check_schema, read_json
 from ..plan import Plan
 from . import figures as F
 from .html import render_report
@@ -91,6 +91,7 @@ def load_eval_for(path, analysis: dict, plans: list[PlanView]) -> dict:
         raise ActTailError(f"{path}: eval result version {e.get('version')!r} is not supported (expected 1)")
     if not isinstance(e.get("perplexity"), (int, float)) or not math.isfinite(e["perplexity"]):
         raise ActTailError(f"eval result {path} has no finite 'perplexity'")
+    check_schema(e, "eval", f"eval result {path}")
     fp, want = (e.get("model") or {}).get("fingerprint"), analysis["model"]["fingerprint"]
     if fp != want:
         raise ActTailError(f"eval result {path} is for another model (fingerprint {fp}, analysis has {want})")
@@ -185,10 +186,13 @@ def compute_spectra(analysis: dict, keys: list[str], path: str | None, tried: li
     try:
         ckpt = Checkpoint.open(path)
     except ActTailError as e:
+        if tried == [path]:  # given with --model: the user asked for this folder
+            raise
         return {}, f"cannot open model folder ({e}): ESD figures skipped"
     if ckpt.fingerprint != analysis["model"]["fingerprint"]:
-        return {}, (f"model folder {path} holds other weights than the analysis (fingerprint {ckpt.fingerprint}, "
-                    f"analysis {analysis['model']['fingerprint']}): ESD figures skipped")
+        raise ActTailError(f"model folder {path} holds other weights than the analysis (fingerprint "
+                           f"{ckpt.fingerprint}, analysis {analysis['model']['fingerprint']}): give the analysed "
+                           "model with --model, or analyse this one")
     settings = analysis.get("settings") or {}
     dtype = getattr(torch, str(settings.get("dtype", "float32")), None)
     if not isinstance(dtype, torch.dtype):
@@ -368,22 +372,28 @@ def build_report(analysis_path, plan_paths=(), eval_paths=(), out_dir="report", 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ActTailError(f"output {out} exists and is not a folder")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ActTailError(f"cannot create output folder {out}: {e.strerror}") from None
     rep = Report(analysis, plans, evals)
+    index = out / "index.html"
     tmp = Path(tempfile.mkdtemp(prefix=".figures.", dir=out))
     tmp.chmod(0o755)
     try:
         draw_figures(rep, tmp, esd_keys, grid_title, grid, model_path)
         draw_accuracy(rep, tmp)
         html = render_report(rep, seconds=time.perf_counter() - start)
-        _replace_folder(tmp, out / "figures")
+        with atomic_path(index) as tmp_index:  # index.html and figures/ are replaced together, or neither
+            tmp_index.write_text(html, encoding="utf-8")
+            _replace_folder(tmp, out / "figures")
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    index = out / "index.html"
-    write_text(index, html)
     return index
 
 

@@ -10,6 +10,7 @@ Decoded tokens are always sparsified.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -21,10 +22,18 @@ from .tokens import encode
 
 
 def sample(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
-    """Greedy when temperature is 0, else a draw from softmax(logits / temperature)."""
-    if temperature <= 0:
+    """Greedy when temperature is 0, else a draw from softmax(logits / temperature); NaN or infinite
+    logits are an error (an empty or arbitrary continuation would hide a broken model or plan)."""
+    from ..errors import ActTailError
+
+    if not torch.isfinite(logits).all():
+        raise ActTailError("the model produced NaN or infinite logits while generating")
+    if temperature < 0 or not math.isfinite(temperature):
+        raise ActTailError(f"temperature must be a finite number >= 0, got {temperature}")
+    if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()  # shifted by the maximum first, so a tiny temperature cannot overflow
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

@@ -19,6 +19,8 @@ from ..layout import HF_MODULES
 from .sparsify import Sparsifier
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+MAX_POSITIONS = 1 << 20  # RoPE tables are built for the whole context: a config cannot make them huge
 
 
 @dataclass
@@ -60,10 +62,13 @@ class ModelArgs:
             raise ActTailError(f"the runtime runs {', '.join(ARCHITECTURES)}; this model is {architecture}")
         if config.get("hidden_act", "silu") != "silu":
             raise ActTailError(f"hidden_act {config['hidden_act']!r} is not supported (SwiGLU with silu only)")
+        missing = [k for k in REQUIRED if k not in config]
+        if missing:
+            raise ActTailError(f"config.json has no {', '.join(missing)} (the runtime needs it)")
         heads = config["num_attention_heads"]
         rope = config.get("rope_parameters") or {}
         scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        max_len = config.get("max_position_embeddings", 2048)
+        max_len = min(config.get("max_position_embeddings", 2048), MAX_POSITIONS)
         if architecture == "MistralForCausalLM" and config.get("sliding_window"):
             max_len = min(max_len, config["sliding_window"])  # no sliding window here: stay inside it
         return cls(
@@ -270,12 +275,29 @@ def _hf_names(i: int) -> dict[str, str]:
     return {k: f"model.layers.{i}.{m}" for k, m in HF_MODULES.items()}
 
 
+def check_shapes(model: Transformer, sd: dict[str, Tensor], where) -> None:
+    """One clear error if a weight's shape is not the one config.json implies."""
+    expected = model.state_dict()
+    for name, t in sd.items():
+        want = expected[name].shape
+        if t.shape != want:
+            raise ActTailError(f"{where}: config.json does not match the weights: {name} is {list(t.shape)}, "
+                               f"config.json implies {list(want)} (hidden_size, intermediate_size, heads, "
+                               "head_dim, vocab_size)")
+
+
 def load_model(ckpt, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Transformer:
     """Build the decoder for an opened ``Checkpoint`` and load its weights (float32 on CPU by default)."""
     args = ModelArgs.from_config(ckpt.config, ckpt.architecture)
     with torch.device("meta"):
         model = Transformer(args)
-    get = lambda name: ckpt.tensor(name).to(dtype)  # noqa: E731
+
+    def get(name: str) -> Tensor:
+        t = ckpt.tensor(name).to(dtype)
+        if not torch.isfinite(t).all():  # the model could only produce NaN logits
+            raise ActTailError(f"{ckpt.path}: the weights {name} hold NaN or infinite values")
+        return t
+
     sd = {"tok_embeddings.weight": get("model.embed_tokens.weight"), "norm.weight": get("model.norm.weight")}
     names = set(ckpt.tensor_names)
     if "lm_head.weight" in names and not args.tie_embeddings:
@@ -292,6 +314,7 @@ def load_model(ckpt, dtype: torch.dtype = torch.float32, device: str = "cpu") ->
         sd[f"{p}.feed_forward.w2.weight"] = get(f"{n['down']}.weight")
         sd[f"{p}.attention_norm.weight"] = get(f"model.layers.{i}.input_layernorm.weight")
         sd[f"{p}.ffn_norm.weight"] = get(f"model.layers.{i}.post_attention_layernorm.weight")
+    check_shapes(model, sd, ckpt.path)
     model.load_state_dict(sd, strict=False, assign=True)
     cos, sin = rope_cache(args, args.max_seq_len)
     model.rope_cos, model.rope_sin = cos, sin

@@ -30,7 +30,9 @@ def perplexity(model, wins: torch.Tensor, batch_size: int = 8, progress: bool = 
     ``acttail.apply``, applies). With ``compare``, also ``kl`` (mean KL(dense || sparse) in nats) and
     ``top1_agreement`` against the same model run dense."""
     nll, kl, agree, count = 0.0, 0.0, 0, 0
-    slices = _hf_slices if is_transformers_model(model) else _our_slices
+    hf = is_transformers_model(model)
+    slices = _hf_slices if hf else _our_slices
+    planned = getattr(model, "_acttail_applied", None) is not None if hf else bool(model.sparsifier.settings)
     device = next(model.parameters()).device
     bar = tqdm(total=len(wins) * wins.shape[1], unit="tok", desc="perplexity", disable=not progress)
     for i in range(0, len(wins), batch_size):
@@ -38,10 +40,11 @@ def perplexity(model, wins: torch.Tensor, batch_size: int = 8, progress: bool = 
         targets = batch[:, 1:].flatten()
         refs = slices(model, batch, dense=True) if compare else None
         for j, logits in zip(range(0, len(targets), SLICE), slices(model, batch, dense=False)):
-            _check_finite(logits, i)
+            _check_finite(logits, i, planned)
             nll += float(F.cross_entropy(logits, targets[j: j + SLICE], reduction="sum"))
             if compare:
                 ref = next(refs)
+                _check_finite(ref, i, False)
                 kl += float(F.kl_div(logits.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="sum"))
                 agree += int((logits.argmax(-1) == ref.argmax(-1)).sum())
         count += batch[:, 1:].numel()
@@ -73,6 +76,7 @@ def _hf_slices(model, batch: torch.Tensor, dense: bool):
         yield logits[j: j + SLICE].float()
 
 
-def _check_finite(logits: torch.Tensor, window: int) -> None:
+def _check_finite(logits: torch.Tensor, window: int, planned: bool) -> None:
     if not torch.isfinite(logits).all():
-        raise ActTailError(f"the model produced NaN or infinite logits (window {window})")
+        cause = "with the plan's sparsity" if planned else "dense, without a plan"
+        raise ActTailError(f"the model produced NaN or infinite logits (window {window}, {cause})")

@@ -39,6 +39,8 @@ def text_tokens(tokenizer, text: str, n_tokens: int | None = None) -> torch.Tens
     Only a prefix of the text is encoded when that suffices (about 6 characters a token, doubled
     until enough tokens come out), so asking for 32k tokens of a large text stays quick.
     """
+    if n_tokens is not None and n_tokens < 1:
+        raise ActTailError(f"the number of tokens must be at least 1, got {n_tokens}")
     chars = len(text) if n_tokens is None else min(len(text), 6 * n_tokens + 1000)
     while True:
         ids = encode(tokenizer, text[:chars])
@@ -57,6 +59,7 @@ def windows(tokens: torch.Tensor, ctx: int, max_ctx: int, name: str = "the text"
     if ctx > max_ctx:
         raise ActTailError(f"context {ctx} exceeds the model's maximum of {max_ctx} tokens")
     if len(tokens) < ctx:
-        raise ActTailError(f"{name} gives {len(tokens)} tokens, shorter than one context of {ctx}")
+        raise ActTailError(f"the {len(tokens)} tokens taken from {name} are shorter than one context of {ctx}: "
+                           "ask for more tokens, a shorter context, or give a longer text")
     n = len(tokens) // ctx
     return tokens[: n * ctx].view(n, ctx)
