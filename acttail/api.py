@@ -20,6 +20,7 @@ import torch
 from .allocation import AllocationConfig, plan_from_analysis
 from .analysis import Analysis, run_analysis
 from .calibration import calibrate as calibrate_windows
+from .compensation import DEFAULT_COMPENSATION, LR, STEPS
 from .errors import ActTailError
 from .evaluation import evaluate_windows
 from .plan import Plan
@@ -61,12 +62,16 @@ def allocate(analysis: Analysis, budget: float, config: AllocationConfig | None 
 
 
 def calibrate(model, plan: Plan, texts, tokenizer=None, tokens: int = 65536, ctx: int = 512,
-              batch_size: int | None = None, progress: bool = True) -> Plan:
+              batch_size: int | None = None, progress: bool = True, score: str = "magnitude",
+              compensation: str = DEFAULT_COMPENSATION, rank: int = 32, steps: int = STEPS, lr: float = LR) -> Plan:
     """The plan with each projection's threshold fitted so its sparsity holds in the sparse run on ``texts``
-    (a string, a list of strings, or token ids). Calibrate on other text than you evaluate on."""
+    (a string, a list of strings, or token ids), with the score weights and compensation of
+    ``acttail.compensation`` (by default output biases learned end to end). Calibrate on other text than
+    you evaluate on."""
     ours = _ours(model)
     wins = _windows(ours, texts, tokenizer, tokens, ctx)
-    return calibrate_windows(ours, plan, wins, batch_size, progress)
+    return calibrate_windows(ours, plan, wins, batch_size, progress, score=score, compensation=compensation,
+                             rank=rank, steps=steps, lr=lr)
 
 
 def apply(model, plan: Plan, mode: str = "threshold") -> Applied:

@@ -21,13 +21,16 @@ All positions are sparsified, as in the perplexity runs.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .layout import GROUPS
+from .compensation import COMPENSATIONS, LR, SCORES, STEPS, learn_biases, lowrank_factors, overhead, score_weights
+from .errors import ActTailError
+from .layout import GROUPS, key as key_of
 from .runtime.sparsify import ProjectionSparsity, Sparsifier
 
 BINS, LO, HI = 1 << 16, -28.0, 10.0  # ln|x| range of the histogram (|x| from 7e-13 to 2.2e4)
@@ -64,13 +67,16 @@ class _Seen(Exception):
 
 @torch.no_grad()
 def fit_thresholds(model, wins: Tensor, targets: dict, batch_size: int | None = None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, base: dict | None = None) -> dict:
     """Thresholds for ``targets`` {(layer, kind): sparsity} on windows [n, ctx], layer by layer.
 
     Returns {(layer, kind): {"threshold": t, "achieved": measured sparsity in the sparse run}}. A
     projection absent from ``targets`` stays dense. ``batch_size``: windows per forward pass (None: all).
+    ``base`` {(layer, kind): ProjectionSparsity} brings score weights (the threshold is then on |x| score)
+    and compensation, in place while each later threshold is fitted.
     """
     sp = Sparsifier()
+    base = dict(base or {})
     model.sparsifier = sp
     dev = model.output.weight.device
     T = wins.shape[1]
@@ -83,7 +89,7 @@ def fit_thresholds(model, wins: Tensor, targets: dict, batch_size: int | None = 
     try:
         for layer, block in enumerate(model.layers):
             run = lambda h: block(h, cos, sin, None, sp)  # noqa: E731
-            hs = _calibrate_block(run, layer, hs, sp, targets)
+            hs = _calibrate_block(run, layer, hs, sp, targets, base)
             done = {key: a for key, a in sp.achieved().items() if key[0] == layer}
             results.update({key: {"threshold": sp.settings[key].threshold, "achieved": a} for key, a in done.items()})
             if done:
@@ -95,29 +101,38 @@ def fit_thresholds(model, wins: Tensor, targets: dict, batch_size: int | None = 
     return results
 
 
-def _calibrate_block(run, layer: int, hs: list[Tensor], sp: Sparsifier, targets: dict) -> list[Tensor]:
+def _calibrate_block(run, layer: int, hs: list[Tensor], sp: Sparsifier, targets: dict, base: dict) -> list[Tensor]:
     """Fit the thresholds of one block's groups in order; returns the block's outputs in the sparse run."""
 
-    def fit(kinds, hist):
-        for k in kinds:
+    def histograms(kinds):
+        return {k: LogHistogram() for k in kinds}
+
+    def add(hists, x):
+        for k, hist in hists.items():
+            s = base.get((layer, k))
+            hist.add(x if s is None or s.score is None else x * s.score.to(x.dtype))
+
+    def fit(hists):
+        for k, hist in hists.items():
             if targets.get((layer, k)) is not None:
-                sp.settings[(layer, k)] = ProjectionSparsity(threshold=hist.threshold(targets[(layer, k)]))
+                t = hist.threshold(targets[(layer, k)])
+                sp.settings[(layer, k)] = replace(base.get((layer, k), ProjectionSparsity()), threshold=t)
 
     if len(hs) == 1:  # one batch: each group is fitted when its input is seen, the block runs once
         def observe_and_fit(lay, kinds, x):
             if lay == layer:
-                hist = LogHistogram()
-                hist.add(x)
-                fit(kinds, hist)
+                hists = histograms(kinds)
+                add(hists, x)
+                fit(hists)
 
         sp.observer = observe_and_fit
     else:
         for kinds in GROUPS.values():
-            hist = LogHistogram()
+            hists = histograms(kinds)
 
-            def observe(lay, ks, x, kinds=kinds, hist=hist):
+            def observe(lay, ks, x, kinds=kinds, hists=hists):
                 if lay == layer and ks == kinds:
-                    hist.add(x)
+                    add(hists, x)
                     raise _Seen
 
             sp.observer = observe
@@ -126,7 +141,7 @@ def _calibrate_block(run, layer: int, hs: list[Tensor], sp: Sparsifier, targets:
                     run(h)
                 except _Seen:
                     pass
-            fit(kinds, hist)
+            fit(hists)
         sp.observer = None
     try:
         return [run(h) for h in hs]
@@ -135,21 +150,62 @@ def _calibrate_block(run, layer: int, hs: list[Tensor], sp: Sparsifier, targets:
 
 
 def calibrate(model, plan, wins: Tensor, batch_size: int | None = None, progress: bool = True,
-              text: str = "tokens"):
+              text: str = "tokens", score: str = "magnitude", compensation: str = "none", rank: int = 32,
+              steps: int = STEPS, lr: float = LR):
     """The ``Plan`` with thresholds calibrated on windows [n, ctx] of token ids, run through ``model``
-    (our decoder; ``acttail.calibrate`` accepts transformers models and text).
+    (our decoder; ``acttail.calibrate`` accepts transformers models and text), with the ``score`` weights
+    and the ``compensation`` of ``acttail.compensation`` fitted on the same windows.
 
+    Budgets count bytes: a projection whose compensation reads extra values per token (``overhead``) is
+    calibrated to that much more sparsity, so it still saves its planned share. With ``learned`` biases the
+    thresholds are fitted, the biases trained with them, then the thresholds fitted again with the biases on.
     Each entry's ``calibration`` records the sparsity achieved in the sparse run on the calibration text
     and the number of tokens; the plan's ``calibration`` records the settings and the largest deviation.
     """
-    targets = plan.sparsities()
-    found = fit_thresholds(model, wins, targets, batch_size, progress)
+    if score not in SCORES or compensation not in COMPENSATIONS:
+        raise ActTailError(f"score must be one of {', '.join(SCORES)} and compensation one of "
+                           f"{', '.join(COMPENSATIONS)}, got {score!r} and {compensation!r}")
+    entries = {(e.layer, e.kind): e for e in plan.projections}
+    costs = {key: overhead((e.in_features, e.out_features), compensation, rank) for key, e in entries.items()}
+    targets = {key: min(0.99, e.sparsity + costs[key]) for key, e in entries.items()}
+    scores = score_weights(model, score, wins)
+    factors = lowrank_factors(model, rank) if compensation == "lowrank" else {}
+    base = {key: ProjectionSparsity(score=scores.get(key), lowrank=factors.get(key)) for key in entries}
+    found = fit_thresholds(model, wins, targets, batch_size, progress, base)
+    learned = None
+    if compensation == "learned":
+        fitted = {key: replace(base[key], threshold=r["threshold"]) for key, r in found.items()}
+        biases, learned = learn_biases(model, fitted, wins, steps, lr, progress=progress)
+        base = {key: replace(base[key], bias=biases.get(key)) for key in entries}
+        found = fit_thresholds(model, wins, targets, batch_size, progress, base)
+    return _calibrated_plan(plan, found, targets, costs, base, wins, text, score, compensation, rank, learned)
+
+
+def _calibrated_plan(plan, found, targets, costs, base, wins, text, score, compensation, rank, learned):
+    """The plan with thresholds, statistics, overheads and tensors of a calibration run."""
     n = int(wins.numel())
-    thresholds = {f"layers.{l}.{k}": r["threshold"] for (l, k), r in found.items()}
-    stats = {f"layers.{l}.{k}": {"achieved_sparsity": r["achieved"], "n_tokens": n} for (l, k), r in found.items()}
-    devs = [abs(r["achieved"] - targets[key]) for key, r in found.items()]
+    thresholds = {key_of(*k): r["threshold"] for k, r in found.items()}
+    stats = {key_of(*k): {"achieved_sparsity": r["achieved"], "n_tokens": n} for k, r in found.items()}
+    devs = [abs(r["achieved"] - targets[k]) for k, r in found.items()]
     run = {"text": str(text), "n_tokens": n, "ctx": int(wins.shape[1]), "windows": len(wins), "positions": "all",
            "statistic": f"log-histogram, {BINS} bins over ln|x| in [{LO}, {HI}]",
            "order": "layer by layer, upstream thresholds on", "max_abs_deviation": max(devs),
            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    return plan.with_thresholds(thresholds, stats, run)
+    if learned is not None:
+        run["learned"] = learned
+    out = plan.with_thresholds(thresholds, stats, run)
+    out.score, out.compensation = score, compensation
+    tensors = {}
+    for e in out.projections:
+        s = base[(e.layer, e.kind)]
+        e.overhead = costs[(e.layer, e.kind)]
+        e.sparsity = targets[(e.layer, e.kind)]
+        e.rank = s.lowrank[0].shape[1] if s.lowrank is not None else 0
+        for name, t in (("score", s.score), ("bias", s.bias)) + (
+                (("lowrank_u", s.lowrank[0]), ("lowrank_v", s.lowrank[1])) if s.lowrank is not None else ()):
+            if t is not None:
+                tensors[f"{e.key}.{name}"] = t.detach().float().cpu()
+    out.tensors = tensors
+    out.check_tensors()
+    out.to_dict()
+    return out

@@ -12,6 +12,7 @@ import sys
 import click
 
 from .allocation import METHODS, SCOPES, AllocationConfig
+from .compensation import COMPENSATIONS, DEFAULT_COMPENSATION, LR, SCORES, STEPS
 from .errors import ActTailError
 
 DEFAULTS = AllocationConfig()
@@ -250,7 +251,18 @@ def export_cmd(plan_path, fmt, output):
                    "memory at up to ~2.5x the compute).")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True,
               help="cpu (reference) or cuda: same float32 code.")
-def calibrate_cmd(model, plan_path, text, output, tokens, ctx, batch_size, device):
+@click.option("--score", type=click.Choice(SCORES), default="magnitude", show_default=True,
+              help="Rank inputs by |x| (TEAL), by |x_i| ||W[:, i]|| (weight) or by |x_i| E|dL/dx_i| (attribution).")
+@click.option("--compensation", type=click.Choice(COMPENSATIONS), default=DEFAULT_COMPENSATION, show_default=True,
+              help="learned: output biases trained end to end to match the dense model (SPON); lowrank: the "
+                   "top --rank singular directions restore the dropped inputs (R-Sparse); none. Extra bytes count "
+                   "against the budget.")
+@click.option("--rank", type=click.IntRange(1, 4096), default=32, show_default=True, help="Rank for lowrank.")
+@click.option("--steps", type=click.IntRange(1, 100000), default=STEPS, show_default=True,
+              help="Training steps for learned biases (batches of 8 windows).")
+@click.option("--lr", type=click.FloatRange(1e-7, 1.0), default=LR, show_default=True, help="Adam learning rate.")
+def calibrate_cmd(model, plan_path, text, output, tokens, ctx, batch_size, device, score, compensation, rank, steps,
+                  lr):
     """Set each projection's threshold so its sparsity holds in the sparse run on TEXT."""
     from .calibration import calibrate
     from .plan import Plan
@@ -260,7 +272,8 @@ def calibrate_cmd(model, plan_path, text, output, tokens, ctx, batch_size, devic
     ckpt, net, tok = _open(model, device)
     plan = Plan.load(plan_path, expect_fingerprint=ckpt.fingerprint)
     wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text))
-    plan = calibrate(net, plan, wins, batch_size, text=str(text))
+    plan = calibrate(net, plan, wins, batch_size, text=str(text), score=score, compensation=compensation,
+                     rank=rank, steps=steps, lr=lr)
     plan.save(output)
     click.echo(f"calibrated {len(plan.projections)} projections on {plan.calibration['n_tokens']} tokens of {text}; "
                f"max |achieved - target| = {plan.calibration['max_abs_deviation']:.4f}; wrote {output}")

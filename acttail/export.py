@@ -19,7 +19,7 @@
   sparsity it is asked for, and with one row per layer it always gets this plan's row.
 
 None of the three formats has a place for a score other than |x| or for compensation (biases, low-rank
-factors, refitted weights): ``losses`` names what an export drops, and the command line prints it.
+factors): ``losses`` names what an export drops, and the command line prints it.
 """
 
 from __future__ import annotations

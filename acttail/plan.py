@@ -5,9 +5,9 @@ This module is the only code that reads or writes plan files. A plan is JSON, ve
 ``schemas/plan.schema.json`` and validated on every read and write. One entry per projection holds its
 sparsity and, once calibrated, its threshold (inputs whose score is <= threshold are zeroed) and calibration
 statistics. The plan's ``score`` says how inputs are ranked (magnitude |x|, or |x_i| s_i with per-channel
-weights s) and its ``compensation`` what restores the dropped inputs' contribution (none, an output bias,
-low-rank factors, refitted weights). Their tensors live in one safetensors file beside the plan, named in
-it with its sha256 (``<key>.score``, ``<key>.bias``, ``<key>.lowrank_u``/``lowrank_v``, ``<key>.weight``).
+weights s) and its ``compensation`` what restores the dropped inputs' contribution (none,
+learned output biases, low-rank factors). Their tensors live in one safetensors file beside the plan, named
+in it with its sha256 (``<key>.score``, ``<key>.bias``, ``<key>.lowrank_u``/``lowrank_v``).
 
 Budgets count bytes: an entry's ``overhead`` is what its compensation adds to every token's reads, as a
 fraction of the projection's weight bytes, and the plan saves ``sparsity - overhead`` of each projection.
@@ -41,11 +41,9 @@ TOP_KEYS = ("format", "version", "tool_version", "created", "model", "budget", "
 MODEL_KEYS = ("fingerprint", "architecture", "model_type", "num_layers", "path")
 ENTRY_KEYS = ("key", "layer", "kind", "in_features", "out_features", "params", "metric", "sparsity", "overhead",
               "rank", "threshold", "calibration")
-SCORES = ("magnitude", "weight", "attribution")
-COMPENSATIONS = ("none", "bias", "lowrank", "refit")
 # tensor name -> its shape from (in, out, rank)
 TENSORS = {"score": lambda i, o, r: (i,), "bias": lambda i, o, r: (o,), "lowrank_u": lambda i, o, r: (o, r),
-           "lowrank_v": lambda i, o, r: (r, i), "weight": lambda i, o, r: (o, i)}
+           "lowrank_v": lambda i, o, r: (r, i)}
 
 
 def schema() -> dict:
@@ -102,7 +100,7 @@ class Plan:
 
     ``model`` is the analysis' model section (fingerprint, architecture, model_type, num_layers, path);
     ``calibration`` describes the calibration run once thresholds are set (None before); ``tensors`` maps
-    ``<key>.<name>`` to the score weights, biases, low-rank factors or refitted weights calibration made."""
+    ``<key>.<name>`` to the score weights, biases or low-rank factors calibration made."""
 
     model: dict
     budget: float

@@ -27,7 +27,7 @@ class ModuleWeights:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self._weights = _projection_weights(model)  # (layer, kind) -> tensor [out, in]
+        self._weights = projection_weights(model)  # (layer, kind) -> tensor [out, in]
         self.num_layers = 1 + max(layer for layer, _ in self._weights)
         cfg = getattr(model, "config", None)
         self.architecture = ((getattr(cfg, "architectures", None) or [None])[0] or type(model).__name__)
@@ -86,7 +86,8 @@ def projection_modules(model: nn.Module) -> dict[nn.Linear, list[tuple[str, int,
     return out
 
 
-def _projection_weights(model: nn.Module) -> dict[tuple[int, str], torch.Tensor]:
+def projection_weights(model: nn.Module) -> dict[tuple[int, str], torch.Tensor]:
+    """Each projection's weight [out, in] of a transformers causal LM or our decoder (views, no copies)."""
     layers = getattr(model, "layers", None)
     if layers is not None and hasattr(layers[0], "attention") and hasattr(layers[0].attention, "wqkv"):
         return _ours(layers)

@@ -122,7 +122,8 @@ def test_python_api_example_matches_acttail_eval(smollm2, tmp_path):
     spec = importlib.util.spec_from_file_location("python_api", ROOT / "examples" / "python_api.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    r = example.main([str(smollm2), "--budget", "0.5", "--tokens", "1024", "--ctx", "256"])
+    r = example.main([str(smollm2), "--budget", "0.5", "--tokens", "1024", "--ctx", "256", "--steps", "3"])
+    assert r["plan"].compensation == "learned" and len(r["plan"].tensors) == 210  # one bias per projection
     r["plan"].save(tmp_path / "plan.json")
     out = tmp_path / "eval.json"
     cli("eval", smollm2, "--plan", tmp_path / "plan.json", "--text", "wiki", "--ctx", 256, "--tokens", 1024, "-o", out)

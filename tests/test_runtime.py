@@ -187,20 +187,20 @@ def test_real_checkpoint_matches_transformers(name, cls):
 
 
 def test_scores_and_compensation_on_sparse_positions_only():
-    """Per-channel score weights pick what is dropped; bias, low-rank factors and refitted weights act on
-    sparsified positions, and dense-prefill positions keep the original projection."""
+    """Per-channel score weights pick what is dropped; bias and low-rank factors act on sparsified positions,
+    and dense-prefill positions keep the original projection."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1, 6, 16, generator=g)
     lin = torch.nn.Linear(16, 8, bias=False)
     lin.weight.data = torch.randn(8, 16, generator=g)
     score = torch.rand(16, generator=g) + 0.5
     u, v = torch.randn(8, 2, generator=g), torch.randn(2, 16, generator=g)
-    s = PS(threshold=0.6, score=score, bias=torch.ones(8), lowrank=(u, v), weight=lin.weight * 2)
+    s = PS(threshold=0.6, score=score, bias=torch.ones(8), lowrank=(u, v))
     sp = Sparsifier({(0, "down"): s}, dense_before=2)
     sp.set_positions(torch.arange(6))
     (y,) = sp.project(0, ("down",), x, lin)
     kept = x * ((x.abs() * score) > 0.6)
-    want = kept @ (2 * lin.weight).T + (x - kept) @ v.T @ u.T + 1.0
+    want = kept @ lin.weight.T + (x - kept) @ v.T @ u.T + 1.0
     assert torch.allclose(y[:, 2:], want[:, 2:], atol=1e-5)
     assert torch.allclose(y[:, :2], lin(x)[:, :2], atol=1e-6)
     assert sp.achieved()[(0, "down")] == pytest.approx(float((kept[:, 2:] == 0).float().mean()))

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import ActTailError
 from ..weights import decoder_layers, projection_modules
-from .sparsify import settings, sparsify
+from .sparsify import settings, sparse_linear, sparsify
 
 class Applied:
     """A plan applied to a model's projections; ``remove()`` restores them, ``enabled`` switches it off
@@ -125,17 +125,20 @@ def _sparse_forward(handle: Applied, parts, kernels: bool):
     def forward(self, x):
         if not handle.enabled:
             return F.linear(x, self.weight, self.bias)
-        if kernels and _is_decode(x):
+        if kernels and _is_decode(x) and not any(s is not None and s.score is not None for _, _, s, _ in parts):
             return _kernel_linear(self, x, parts, handle)
         outs = []
         for kind, rows, s, key in parts:
             w = self.weight[rows]
             b = self.bias[rows] if self.bias is not None else None
-            xs = sparsify(x, s) if s is not None else x
-            if s is not None and handle.measure:
+            if s is None:
+                outs.append(F.linear(x, w, b))
+                continue
+            xs = sparsify(x, s)
+            if handle.measure:
                 handle.zeros[key] += int((xs == 0).sum())
                 handle.total[key] += xs.numel()
-            outs.append(F.linear(xs, w, b))
+            outs.append(sparse_linear(x, xs, w, b, s))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     return forward
@@ -150,7 +153,7 @@ def _is_decode(x: torch.Tensor) -> bool:
 
 
 def _kernel_linear(linear, x, parts, handle):
-    from ..kernels import sparse_linear, topk_thresholds
+    from ..kernels import sparse_linear as kernel_linear, topk_thresholds
 
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     wt = linear._acttail_wt
@@ -164,10 +167,27 @@ def _kernel_linear(linear, x, parts, handle):
         t = topk_thresholds(x2, [k if k is not None else 1 << 30 for k in keeps])
     else:
         t = torch.tensor(ts, dtype=torch.float32, device=x.device)
-    y = sparse_linear(x2, wt, t, splits=splits)
+    y = kernel_linear(x2, wt, t, splits=splits).float()
     if linear.bias is not None:
-        y = (y.float() + linear.bias.float()).to(y.dtype)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+        y = y + linear.bias.float()
+    y = y + _compensation(x2, t, parts, splits)
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _compensation(x2, t, parts, splits):
+    """What learned biases and low-rank factors add to the kernel's output (fp32, [B, sum(splits)])."""
+    outs = []
+    for (kind, rows, s, key), width, tp in zip(parts, splits, t):
+        y = torch.zeros(x2.shape[0], width, device=x2.device)
+        if s is not None and s.bias is not None:
+            y = y + s.bias.float()
+        if s is not None and s.lowrank is not None:
+            u, v = s.lowrank
+            thr = tp.reshape(-1, 1) if tp.dim() else tp
+            dropped = torch.where(x2.float().abs() > thr, 0.0, x2.float())
+            y = y + dropped @ v.float().T @ u.float().T
+        outs.append(y)
+    return torch.cat(outs, dim=-1)
 
 
 # ---- our decoder from a transformers model -------------------------------------------------------------

@@ -34,19 +34,18 @@ PREFILL = ("all", "half", "none")  # which prompt positions a plan sparsifies (d
 class ProjectionSparsity:
     """What the runtime does at one projection: zero the inputs whose score is <= threshold, or keep the
     ``keep`` highest scores of each token; the score is |x|, or |x_i| score_i with per-channel weights.
-    On sparsified positions ``weight`` (refitted) replaces the projection's weight, ``lowrank`` (U, V) adds
-    U (V (x - x_kept)) for the dropped inputs, and ``bias`` is added to the output."""
+    On sparsified positions ``lowrank`` (U, V) adds U (V (x - x_kept)) for the dropped inputs and ``bias``
+    is added to the output."""
 
     threshold: float | None = None
     keep: int | None = None
     score: Tensor | None = None
     bias: Tensor | None = None
     lowrank: tuple[Tensor, Tensor] | None = None
-    weight: Tensor | None = None
 
     @property
     def compensated(self) -> bool:
-        return self.bias is not None or self.lowrank is not None or self.weight is not None
+        return self.bias is not None or self.lowrank is not None
 
 
 def keep_count(sparsity: float, width: int) -> int:
@@ -72,7 +71,7 @@ def settings(plan, mode: str = "threshold", where: str = "plan") -> dict[tuple[i
         cut = dict(threshold=e.threshold) if mode == "threshold" else dict(keep=keep_count(e.sparsity, e.in_features))
         out[(e.layer, e.kind)] = ProjectionSparsity(
             **cut, score=plan.tensor(e.key, "score"), bias=plan.tensor(e.key, "bias"),
-            lowrank=(u, v) if u is not None else None, weight=plan.tensor(e.key, "weight"))
+            lowrank=(u, v) if u is not None else None)
     return out
 
 
@@ -115,7 +114,7 @@ def sparsify(x: Tensor, s: ProjectionSparsity) -> Tensor:
 
 def sparse_linear(x: Tensor, xs: Tensor, w: Tensor, b: Tensor | None, s: ProjectionSparsity) -> Tensor:
     """The projection of input x whose sparsified copy is xs, with the setting's compensation."""
-    y = F.linear(xs, s.weight if s.weight is not None else w, b)
+    y = F.linear(xs, w, b)
     if s.lowrank is not None:
         u, v = s.lowrank
         y = y + F.linear(F.linear(x - xs, v), u)
