@@ -73,16 +73,13 @@ def fit_thresholds(model, wins: Tensor, targets: dict, batch_size: int | None = 
     sp = Sparsifier()
     model.sparsifier = sp
     dev = model.output.weight.device
-    T = wins.shape[1]
-    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
     step = batch_size or len(wins)
-    sp.set_positions(torch.arange(T, device=dev))
-    hs = [model.tok_embeddings(wins[i: i + step].to(dev)) for i in range(0, len(wins), step)]
+    hs = [model.embed(wins[i: i + step].to(dev)) for i in range(0, len(wins), step)]
     results = {}
     bar = tqdm(total=model.args.n_layer, desc="calibrate", unit="layer", disable=not progress)
     try:
-        for layer, block in enumerate(model.layers):
-            run = lambda h: block(h, cos, sin, None, sp)  # noqa: E731
+        for layer in range(model.args.n_layer):
+            run = lambda h: model.hidden(None, layers=range(layer, layer + 1), h=h)  # noqa: E731
             hs = _calibrate_block(run, layer, hs, sp, targets)
             done = {key: a for key, a in sp.achieved().items() if key[0] == layer}
             results.update({key: {"threshold": sp.settings[key].threshold, "achieved": a} for key, a in done.items()})

@@ -64,7 +64,7 @@ def _our_slices(model, batch: torch.Tensor, dense: bool):
     finally:
         model.sparsifier = kept
     for j in range(0, len(h), SLICE):
-        yield model.output(h[j: j + SLICE]).float()
+        yield model.logits(h[j: j + SLICE]).float()
 
 
 def _hf_slices(model, batch: torch.Tensor, dense: bool):
