@@ -198,9 +198,9 @@ def calibrate_cmd(model, plan_path, text, output, tokens, ctx, batch_size, devic
     from .text import read_text
 
     check_output(output)
-    ckpt, net, tok = _open(model, device)
+    ckpt, net, tok, bos = _open(model, device)
     plan = Plan.load(plan_path, expect_fingerprint=ckpt.fingerprint)
-    wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text))
+    wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text), bos)
     plan = calibrate(net, plan, wins, batch_size, text=str(text))
     plan.save(output)
     click.echo(f"calibrated {len(plan.projections)} projections on {plan.calibration['n_tokens']} tokens of {text}; "
@@ -208,13 +208,14 @@ def calibrate_cmd(model, plan_path, text, output, tokens, ctx, batch_size, devic
 
 
 def _open(model, device):
-    """(checkpoint, our decoder, tokenizer) of a model folder, the device checked first."""
+    """(checkpoint, our decoder, tokenizer, BOS id or None) of a model folder, the device checked first."""
     from .runtime import check_device, open_model
-    from .runtime.tokens import load_tokenizer
+    from .runtime.tokens import bos_id, load_tokenizer
 
     check_device(device)
     ckpt, net = open_model(model, device=device)
-    return ckpt, net, load_tokenizer(ckpt.path if ckpt.path.is_dir() else ckpt.path.parent)
+    folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
+    return ckpt, net, load_tokenizer(folder), bos_id(folder)
 
 
 @main.command("eval")
@@ -240,11 +241,11 @@ def eval_cmd(model, plan_path, text, ctx, tokens, mode, prefill, batch_size, dev
 
     if output:
         check_output(output)
-    ckpt, net, tok = _open(model, device)
+    ckpt, net, tok, bos = _open(model, device)
     plan = Plan.load(plan_path, expect_fingerprint=ckpt.fingerprint) if plan_path else None
-    wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text))
+    wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text), bos)
     metrics = evaluate_windows(net, wins, plan, mode, prefill, batch_size)
-    settings = {"text": str(text), "ctx": ctx, "tokens": int(wins.numel()), "windows": len(wins),
+    settings = {"text": str(text), "ctx": ctx, "tokens": int(wins.numel()), "windows": len(wins), "bos": bos,
                 "mode": mode if plan else "dense", "prefill": prefill if plan else None, "dtype": "float32",
                 "device": device, "batch_size": batch_size}
     model_ref = {"path": str(model), "fingerprint": ckpt.fingerprint, "architecture": ckpt.architecture}
@@ -285,8 +286,8 @@ def sensitivity_cmd(model, analysis, text, tokens, ctx, device, measured, output
         from .runtime.tokens import text_tokens, windows
         from .text import read_text
 
-        ckpt, net, tok = _open(model, device)
-        wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text))
+        ckpt, net, tok, bos = _open(model, device)
+        wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text), bos)
         sens = measure(net, wins, ckpt.fingerprint, str(text))
     rows = sens.get("projections") if isinstance(sens, dict) else None
     if not rows or not isinstance(sens.get("model"), dict) or not all(
@@ -325,12 +326,12 @@ def generate_cmd(model, plan_path, prompt, max_new_tokens, temperature, seed, mo
     backend = backend or ("kernels" if device.startswith("cuda") else "reference")
     if backend == "kernels":
         check_kernel_run(device, temperature, prefill)
-    ckpt, net, tok = _open(model, device if backend == "reference" else "cpu")
+    ckpt, net, tok, bos = _open(model, device if backend == "reference" else "cpu")
     plan = Plan.load(plan_path, expect_fingerprint=ckpt.fingerprint) if plan_path else None
     eos = ckpt.config.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) else eos
     text, info = generate_text(net, tok, prompt, plan, max_new_tokens, temperature, seed, mode, prefill,
-                               backend=backend, dtype=dtype, device=device, eos_id=eos)
+                               backend=backend, dtype=dtype, device=device, eos_id=eos, bos_id=bos)
     click.echo(text)
     if info["backend"] == "kernels":
         rate = info["decode_tokens_per_s"]

@@ -20,17 +20,26 @@ def write_text(path: Path, n_words: int = 4000, seed: int = 0) -> Path:
     return path
 
 
-def write_tokenizer(folder: Path, vocab: int) -> None:
-    """A byte-level BPE tokenizer.json trained on the tiny text, with at most ``vocab`` tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def write_tokenizer(folder: Path, vocab: int, bos: bool = False) -> None:
+    """A byte-level BPE tokenizer.json trained on the tiny text, with at most ``vocab`` tokens. ``bos``: it
+    also has <bos> (id 1), which it puts before every text, and says so in tokenizer_config.json (as Gemma's
+    tokenizers do)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<eos>"])
+                                  special_tokens=["<eos>", "<bos>"] if bos else ["<eos>"])
     text = write_text(folder / "train.txt", 3000, seed=1).read_text().splitlines()
     tok.train_from_iterator(text, trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+        (folder / "tokenizer_config.json").write_text(json.dumps(
+            {"add_bos_token": True, "bos_token": "<bos>", "eos_token": "<eos>",
+             "tokenizer_class": "PreTrainedTokenizerFast"}))
     tok.save(str(folder / "tokenizer.json"))
 
 
@@ -75,9 +84,9 @@ def hf_config(arch: str, common: dict, tie: bool | None = None, rope_scaling: di
 
 def write_hf_model(folder: Path, arch: str = "llama", seed: int = 0, rope_scaling: dict | None = None,
                    layers: int = 2, vocab: int = 320, tie: bool | None = None, scale: float | None = 0.15,
-                   hidden: int = 64, inter: int = 96, heads: int = 4, kv_heads: int = 2):
-    """Save a random tiny causal LM of ``arch`` (float32 safetensors, see ``hf_config``) and a tokenizer;
-    return the transformers model.
+                   hidden: int = 64, inter: int = 96, heads: int = 4, kv_heads: int = 2, bos: bool = False):
+    """Save a random tiny causal LM of ``arch`` (float32 safetensors, see ``hf_config``) and a tokenizer
+    (one that asks for BOS with ``bos``); return the transformers model.
 
     Weights are N(0, scale), or N(0, 1/fan_in) for matrices when scale is None (for large shapes)."""
     import transformers
@@ -90,7 +99,7 @@ def write_hf_model(folder: Path, arch: str = "llama", seed: int = 0, rope_scalin
     randomize(model, scale)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
-    write_tokenizer(folder, vocab)
+    write_tokenizer(folder, vocab, bos)
     return model.eval()
 
 
