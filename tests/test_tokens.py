@@ -116,3 +116,26 @@ def test_generate_prompt_starts_with_bos(gemma3):
     with torch.no_grad():
         ref = gemma3["hf"].generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None)
     assert r.stdout.splitlines()[0] == gemma3["tok"].decode(ref[0, prompt.shape[1]:])
+
+
+def test_gemma3_270m_perplexity_equals_transformers(tmp_path):
+    """The real Gemma-3-270M (`acttail fetch gemma3-270m`): `acttail eval` on wiki text equals transformers'
+    perplexity on the windows its tokenizer gives (BOS + 127 tokens each), and BOS matters a lot."""
+    folder = cache_dir() / "models" / "gemma-3-270m"
+    wiki = cache_dir() / "text" / "wiki.txt"
+    if not (folder / "model.safetensors").is_file() or not wiki.is_file():
+        pytest.skip("run `acttail fetch gemma3-270m` and `acttail fetch wiki`")
+    out = tmp_path / "eval.json"
+    r = CliRunner().invoke(main, ["eval", str(folder), "--text", str(wiki), "--ctx", "128", "--tokens", "381",
+                                  "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    ids = tok(wiki.read_text()[:20000])["input_ids"]
+    assert ids[0] == 2 == doc["settings"]["bos"]
+    wins = torch.cat([torch.full((3, 1), 2), torch.tensor(ids[1:382]).view(3, 127)], dim=1)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ref = hf_perplexity(hf, wins)
+    print(f"Gemma-3-270M wiki perplexity, 3 x 128 with BOS: ours {doc['perplexity']:.4f}, transformers {ref:.4f}")
+    assert doc["perplexity"] == pytest.approx(ref, rel=1e-4)
+    assert hf_perplexity(hf, torch.tensor(ids[1:385]).view(3, 128)) > 1.3 * ref  # without BOS: far worse
