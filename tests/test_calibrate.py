@@ -125,3 +125,21 @@ def test_cli_calibrate_bad_inputs(setup, tmp_path):
     r = run(setup["model"], setup["plan"], "--text", tmp_path / "none.txt", "-o", out)
     assert r.exit_code == 2 and "not found" in r.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "phi3"])
+def test_calibration_runs_the_gemma_and_phi3_blocks(tmp_path, arch):
+    """The calibration watches these blocks through the Sparsifier like any other (sliding windows, local
+    rope, sandwich norms): each target is hit in the full sparse run, windows longer than the window."""
+    from runtime_tiny import synthetic_analysis
+
+    write_hf_model(tmp_path / arch, arch, seed=4, scale=0.3)
+    plan = allocation.plan_from_analysis(synthetic_analysis(tmp_path / arch), 0.5)
+    _, model = open_model(tmp_path / arch)
+    wins = windows(text_tokens(load_tokenizer(tmp_path / arch), write_text(tmp_path / "c.txt", 3000).read_text(),
+                               2048), 64, 256)
+    found = fit_thresholds(model, wins, plan.sparsities(), batch_size=8, progress=False)
+    model.sparsifier = Sparsifier({k: ProjectionSparsity(threshold=r["threshold"]) for k, r in found.items()})
+    perplexity(model, wins, progress=False)
+    got = model.sparsifier.achieved()
+    assert len(got) == len(plan.projections) and max(abs(got[k] - s) for k, s in plan.sparsities().items()) < 0.01
