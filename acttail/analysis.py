@@ -17,6 +17,7 @@ import io
 import json
 import math
 import os
+import tempfile
 import threading
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -148,12 +149,25 @@ def cache_path(fingerprint: str, cfg: dict) -> Path:
 
 def run_analysis(model: str | Path, fit: str = "ks", dtype: str = "float32", device: str = "cpu",
                  backend: str = "acttail", force: bool = False, progress: bool = True) -> tuple[dict, bool]:
-    """Analyse ``model`` (a folder or .safetensors file), reusing a cached result unless ``force``.
+    """Analyse ``model`` (a folder, a .safetensors file, or a .gguf file: converted into a temporary folder
+    first, so the fingerprint is that of the weights ``acttail convert-gguf`` writes), reusing a cached
+    result unless ``force``.
 
     Returns (analysis, was_cached).
     """
     cfg = settings(fit, dtype, device, backend)
-    ckpt = Checkpoint.open(model)
+    if str(model).endswith(".gguf"):
+        from .convert import check_architecture, convert_gguf
+
+        check_architecture(model)
+        with tempfile.TemporaryDirectory(prefix="acttail-gguf-") as tmp:
+            doc, cached = _run(Checkpoint.open(convert_gguf(model, Path(tmp) / "model")), cfg, force, progress)
+        doc["model"]["path"] = str(model)
+        return doc, cached
+    return _run(Checkpoint.open(model), cfg, force, progress)
+
+
+def _run(ckpt: Checkpoint, cfg: dict, force: bool, progress: bool) -> tuple[dict, bool]:
     cached = cache_path(ckpt.fingerprint, cfg)
     if cached.is_file() and not force:
         try:

@@ -27,15 +27,17 @@ from .plan import Plan
 from .runtime import open_model
 from .runtime.hf import Applied, apply as apply_to_transformers, from_transformers, is_transformers_model
 from .runtime.model import Transformer
-from .runtime.tokens import load_tokenizer, text_tokens, windows
+from .runtime.tokens import bos_id, load_tokenizer, text_tokens, tokenizer_bos, windows
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Transformer:
     """Our decoder for a model folder (config.json, safetensors, tokenizer.json), float32 on CPU by default;
-    its tokenizer is ``model.tokenizer`` when the folder has one."""
+    its tokenizer is ``model.tokenizer`` when the folder has one, and ``model.bos_id`` the BOS id each text
+    starts with (None: none; ``tokens.bos_id``)."""
     ckpt, model = open_model(path, dtype, device)
     folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
     model.tokenizer = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
+    model.bos_id = bos_id(folder) if model.tokenizer is not None else None
     model.fingerprint = ckpt.fingerprint
     return model
 
@@ -122,18 +124,24 @@ def _ours(model) -> Transformer:
 
 
 def _windows(model, texts, tokenizer, tokens: int, ctx: int) -> torch.Tensor:
-    """[n, ctx] token windows from a string, strings or token ids."""
+    """[n, ctx] token windows from a string, strings or token ids (taken as they are). Text windows start
+    with BOS when the tokenizer asks for it: ``model.bos_id`` for the tokenizer ``acttail.load`` gave the
+    model, else whether ``tokenizer`` puts one first."""
+    bos = None
     if torch.is_tensor(texts):
         ids = texts.flatten()[:tokens].long()
     else:
-        tokenizer = tokenizer or getattr(model, "tokenizer", None)
+        if tokenizer is None:
+            tokenizer, bos = getattr(model, "tokenizer", None), getattr(model, "bos_id", None)
+        else:
+            bos = tokenizer_bos(tokenizer)
         if tokenizer is None:
             raise ActTailError("text needs a tokenizer: pass tokenizer=... (or token ids)")
         text = texts if isinstance(texts, str) else "\n\n".join(texts)
         ids = text_tokens(tokenizer, text, tokens)
     max_ctx = model.args.max_seq_len if isinstance(model, Transformer) else \
         getattr(model.config, "max_position_embeddings", ctx)
-    return windows(ids, ctx, max_ctx)
+    return windows(ids, ctx, max_ctx, bos=bos)
 
 
 def _apply_ours(model: Transformer, plan: Plan, mode: str):

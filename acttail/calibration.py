@@ -79,16 +79,13 @@ def fit_thresholds(model, wins: Tensor, targets: dict, batch_size: int | None = 
     base = dict(base or {})
     model.sparsifier = sp
     dev = model.output.weight.device
-    T = wins.shape[1]
-    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
     step = batch_size or len(wins)
-    sp.set_positions(torch.arange(T, device=dev))
-    hs = [model.tok_embeddings(wins[i: i + step].to(dev)) for i in range(0, len(wins), step)]
+    hs = [model.embed(wins[i: i + step].to(dev)) for i in range(0, len(wins), step)]
     results = {}
     bar = tqdm(total=model.args.n_layer, desc="calibrate", unit="layer", disable=not progress)
     try:
-        for layer, block in enumerate(model.layers):
-            run = lambda h: block(h, cos, sin, None, sp)  # noqa: E731
+        for layer in range(model.args.n_layer):
+            run = lambda h: model.hidden(None, layers=range(layer, layer + 1), h=h)  # noqa: E731
             hs = _calibrate_block(run, layer, hs, sp, targets, base)
             done = {key: a for key, a in sp.achieved().items() if key[0] == layer}
             results.update({key: {"threshold": sp.settings[key].threshold, "achieved": a} for key, a in done.items()})
@@ -165,6 +162,9 @@ def calibrate(model, plan, wins: Tensor, batch_size: int | None = None, progress
     if score not in SCORES or compensation not in COMPENSATIONS:
         raise ActTailError(f"score must be one of {', '.join(SCORES)} and compensation one of "
                            f"{', '.join(COMPENSATIONS)}, got {score!r} and {compensation!r}")
+    if getattr(model, "stream", None) is not None and (score != "magnitude" or compensation != "none"):
+        raise ActTailError("a streamed model (one block in memory at a time) calibrates thresholds only: "
+                           "--score magnitude --compensation none (score weights and compensation need every block)")
     entries = {(e.layer, e.kind): e for e in plan.projections}
     costs = {key: overhead((e.in_features, e.out_features), compensation, rank) for key, e in entries.items()}
     targets = {key: min(0.99, e.sparsity + costs[key]) for key, e in entries.items()}

@@ -102,6 +102,18 @@ def read_header(path: Path) -> tuple[bytes, dict]:
     return raw, header
 
 
+def decoder_prefix(names) -> str | None:
+    """The prefix of the decoder layers' tensor names (``model.layers``), or None. A multimodal checkpoint
+    (Gemma 3) also holds a vision encoder's layers, with q/k/v but no MLP gate: the decoder's have one."""
+    found: dict[str, set] = {}
+    for name in names:
+        m = _LAYER_RE.match(name)
+        if m:
+            found.setdefault(m.group(1), set()).add(m.group(4))
+    gated = [p for p, modules in found.items() if modules & {"gate_proj", "gate_up_proj"}]
+    return (gated or list(found) or [None])[0]
+
+
 def _text_config(config: dict) -> dict:
     """Multimodal configs (Gemma 3) nest the decoder's settings in ``text_config``."""
     return {**config, **config["text_config"]} if isinstance(config.get("text_config"), dict) else config
@@ -160,14 +172,13 @@ class Checkpoint:
         return arch
 
     def _layer_prefix(self) -> str:
-        for name in self._index:
-            m = _LAYER_RE.match(name)
-            if m:
-                return m.group(1)
-        raise ActTailError(f"{self.path}: no decoder-layer weights (model.layers.N.*) found")
+        prefix = decoder_prefix(self._index)
+        if prefix is None:
+            raise ActTailError(f"{self.path}: no decoder-layer weights (model.layers.N.*) found")
+        return prefix
 
     def _num_layers(self) -> int:
-        found = {int(m.group(2)) for n in self._index if (m := _LAYER_RE.match(n))}
+        found = {int(m.group(2)) for n in self._index if (m := _LAYER_RE.match(n)) and m.group(1) == self.prefix}
         n = self.config.get("num_hidden_layers", max(found) + 1)
         if max(found) >= n:
             raise ActTailError(f"{self.path}: config says {n} layers but the weights have layers up to {max(found)}")

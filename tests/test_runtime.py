@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,10 @@ from acttail.errors import ActTailError
 from acttail.runtime import load_model, open_model, plan_sparsifier
 from acttail.plan import Plan, PlanEntry
 from acttail.runtime.generate import generate
-from acttail.runtime.model import ModelArgs, rope_inv_freq
+from acttail.runtime.model import ModelArgs, Transformer, rope_inv_freq
 from acttail.runtime.sparsify import ProjectionSparsity as PS, Sparsifier, dense_prefix, threshold_sparsify, topk_sparsify
 
-from runtime_tiny import write_hf_model
+from runtime_tiny import GEMMA3_LAYERS, SLIDING_WINDOW, hf_config, randomize, write_hf_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,18 +35,120 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     specs = {"llama": dict(arch="llama"), "qwen2": dict(arch="qwen2", tie=False), "mistral": dict(arch="mistral"),
              "llama3-rope": dict(arch="llama", rope_scaling=LLAMA3, tie=False),
-             "linear-rope": dict(arch="llama", rope_scaling={"rope_type": "linear", "factor": 4.0})}
+             "linear-rope": dict(arch="llama", rope_scaling={"rope_type": "linear", "factor": 4.0}),
+             "gemma": dict(arch="gemma"), "gemma2": dict(arch="gemma2"), "gemma3": dict(arch="gemma3"),
+             "phi3": dict(arch="phi3")}
     return {name: (root / name, write_hf_model(root / name, seed=i, **kw)) for i, (name, kw) in enumerate(specs.items())}
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "llama3-rope", "linear-rope"])
+NEW = ["gemma", "gemma2", "gemma3", "phi3"]
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "llama3-rope", "linear-rope", *NEW])
 def test_dense_logits_match_transformers(tiny, name):
+    """200 tokens: far past the sliding window of the Gemma 2/3 and Phi-3 configs."""
     folder, hf = tiny[name]
     _, model = open_model(folder)
     ids = torch.randint(0, 320, (2, 200), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = hf(ids).logits
+    err = rel_err(model(ids), ref)
+    print(f"{name}: relative logit error {err:.2e}")
+    assert err < 1e-4
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_kv_cache_decode_matches_transformers(tiny, name):
+    """Prefill 6 tokens, then decode 26 one at a time (the sliding window is 8): transformers' logits."""
+    folder, hf = tiny[name]
+    _, model = open_model(folder)
+    ids = torch.randint(0, 320, (1, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    model.setup_caches(1, 40)
+    steps = [model(ids[:, :6], torch.arange(6))]
+    steps += [model(ids[:, p: p + 1], torch.tensor([p])) for p in range(6, 32)]
+    model.clear_caches()
+    err = rel_err(torch.cat(steps, dim=1), ref)
+    print(f"{name}: relative logit error with the KV cache {err:.2e}")
+    assert err < 1e-4
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3", "phi3"])
+def test_greedy_generation_past_the_window_matches_transformers(tiny, name):
+    folder, hf = tiny[name]
+    _, model = open_model(folder)
+    prompt = torch.tensor([5, 17, 42, 99, 7])
+    ours = generate(model, prompt, 3 * SLIDING_WINDOW, temperature=0.0)
+    with torch.no_grad():
+        ref = hf.generate(prompt[None], max_new_tokens=3 * SLIDING_WINDOW, do_sample=False, eos_token_id=None)
+    assert ours == ref[0, 5:].tolist()
+
+
+@pytest.mark.parametrize("name,option,value", [
+    ("gemma", "embed_scale", None), ("gemma", "activation", "silu"), ("gemma", "norm_offset", 0.0),
+    ("gemma2", "attn_softcap", None), ("gemma2", "final_softcap", None), ("gemma2", "sliding_window", None),
+    ("gemma2", "attn_scale", None), ("gemma3", "local_rope_base", None), ("gemma3", "rope_scaling", None),
+    ("gemma3", "qk_norm", False), ("gemma3", "sliding_window", None), ("phi3", "rope_scaling", None),
+    ("phi3", "sliding_window", None)])
+def test_each_option_changes_the_logits(tiny, name, option, value):
+    """Without any one of its options the model strays from transformers: the matches above mean something."""
+    _, model = open_model(tiny[name][0])
+    other = Transformer(dataclasses.replace(model.args, **{option: value}))
+    other.load_state_dict(model.state_dict(), strict=False)
+    ids = torch.randint(0, 320, (1, 64), generator=torch.Generator().manual_seed(3))
+    assert rel_err(other.eval().requires_grad_(False)(ids), model(ids)) > 1e-2
+
+
+def test_gemma3_multimodal_checkpoint_runs_its_text_part(tmp_path):
+    """Gemma3ForConditionalGeneration: the decoder is found beside the vision tower's layers."""
+    common = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, eos_token_id=0,
+                  bos_token_id=0)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=hf_config("gemma3", common), vision_config=vision,
+                                    mm_tokens_per_image=4, image_token_index=300, boi_token_index=301,
+                                    eoi_token_index=302)
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(cfg)
+    randomize(hf)
+    hf.save_pretrained(tmp_path)
+    ckpt, model = open_model(tmp_path)
+    assert ckpt.num_layers == len(GEMMA3_LAYERS) and len(ckpt.projections()) == 7 * len(GEMMA3_LAYERS)
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf.eval()(input_ids=ids).logits
     assert rel_err(model(ids), ref) < 1e-4
+
+
+def test_gemma3_hub_style_config_reads_like_transformers():
+    """A config.json as on the hub (rope_theta, rope_local_base_freq, rope_scaling, the window pattern, a
+    multimodal text_config giving few keys) gives the options transformers reads from it."""
+    old = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 7, "vocab_size": 320,
+           "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "sliding_window": 16}
+    args = ModelArgs.from_config(old, "Gemma3ForConditionalGeneration")
+    ref = transformers.Gemma3TextConfig(**old)
+    assert args.layer_types == tuple(ref.layer_types) and args.layer_types[5] == "full_attention"
+    assert (args.n_head, args.n_local_heads, args.head_dim) == (ref.num_attention_heads, ref.num_key_value_heads,
+                                                                ref.head_dim)
+    assert args.rope_base == ref.rope_parameters["full_attention"]["rope_theta"] == 1e6
+    assert args.local_rope_base == ref.rope_parameters["sliding_attention"]["rope_theta"] == 1e4
+    assert args.rope_scaling["factor"] == 8.0 and args.attn_scale == 256 ** -0.5
+    assert (args.embed_scale, args.norm_offset, args.activation) == (8.0, 1.0, "gelu_tanh")
+
+
+@pytest.mark.parametrize("config,arch,match", [
+    ({"partial_rotary_factor": 0.75}, "Phi3ForCausalLM", "partial rotary"),
+    ({"hidden_act": "relu"}, "LlamaForCausalLM", "hidden activation 'relu'"),
+    ({"hidden_activation": "gelu"}, "Gemma2ForCausalLM", "hidden activation 'gelu'"),
+    ({"use_bidirectional_attention": True}, "Gemma3ForCausalLM", "bidirectional"),
+    ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 8}}, "Phi3ForCausalLM", "LongRoPE")])
+def test_unsupported_options_are_clear_errors(config, arch, match):
+    base = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "vocab_size": 320}
+    with pytest.raises(ActTailError, match=match):
+        ModelArgs.from_config({**base, **config}, arch)
 
 
 def test_rope_scaling_is_applied(tiny):
@@ -67,7 +170,7 @@ def test_unknown_rope_scaling_is_a_clear_error(tiny):
 
 def test_unsupported_architecture_is_a_clear_error(tmp_path):
     with pytest.raises(ActTailError, match="runtime runs"):
-        ModelArgs.from_config({"num_attention_heads": 4}, "GemmaForCausalLM")
+        ModelArgs.from_config({"num_attention_heads": 4}, "GPT2LMHeadModel")
 
 
 def test_kv_cache_decode_matches_one_forward(tiny):
@@ -169,15 +272,17 @@ def test_plan_without_thresholds_is_refused_in_threshold_mode():
 
 # ---- the real checkpoints (fetched by CI before the tests) -----------------------------------------
 
-@pytest.mark.parametrize("name,cls", [("smollm2-135m", "LlamaForCausalLM"),
-                                      ("qwen2.5-coder-0.5b", "Qwen2ForCausalLM")])
-def test_real_checkpoint_matches_transformers(name, cls):
+@pytest.mark.parametrize("name,key,cls,n", [("smollm2-135m", "smollm2", "LlamaForCausalLM", 128),
+                                            ("qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b", "Qwen2ForCausalLM", 128),
+                                            ("gemma-3-270m", "gemma3-270m", "Gemma3ForCausalLM", 600)])
+def test_real_checkpoint_matches_transformers(name, key, cls, n):
+    """n tokens: Gemma-3-270M's past its sliding window of 512."""
     folder = MODELS / name
     if not (folder / "model.safetensors").is_file():
-        pytest.skip(f"{folder} absent (run `acttail fetch {name.split('-')[0] if 'smol' in name else name}`)")
+        pytest.skip(f"{folder} absent (run `acttail fetch {key}`)")
     hf = getattr(transformers, cls).from_pretrained(folder, dtype=torch.float32).eval()
     model = load_model(Checkpoint.open(folder))
-    ids = torch.randint(0, 10000, (1, 128), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 10000, (1, n), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = hf(ids).logits
     del hf

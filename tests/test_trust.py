@@ -502,9 +502,10 @@ def fake_gguf(monkeypatch):
     import acttail.convert as C
 
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "bos_token_id": 1, "eos_token_id": 2}
+    monkeypatch.setattr(C, "check_architecture", lambda path: None)
     monkeypatch.setattr(C, "open_gguf", lambda path: object())
     monkeypatch.setattr(C, "hf_config", lambda reader: dict(config))
-    monkeypatch.setattr(C, "hf_tokenizer_json", lambda reader: "{}")
+    monkeypatch.setattr(C, "hf_tokenizer", lambda reader: ("{}", {"add_bos_token": False}))
     monkeypatch.setattr(C, "hf_tensors", lambda reader, cfg: {"w": torch.zeros(2, 2)})
     return C
 
@@ -521,7 +522,7 @@ def test_d11_convert_into_a_file_or_a_full_folder(tmp_path, out, fake_gguf):
     r = run("convert-gguf", tmp_path / "m.gguf", out / "empty")
     assert r.exit_code == 0, r.output
     assert {p.name for p in (out / "empty").iterdir()} == {"model.safetensors", "config.json", "tokenizer.json",
-                                                          "generation_config.json"}
+                                                          "tokenizer_config.json", "generation_config.json"}
 
 
 @pytest.mark.parametrize("winner", ["folder", "file"])

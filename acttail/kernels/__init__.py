@@ -1,14 +1,16 @@
 """Triton kernels for sparse decoding.
 
 - ``sparse_linear``: y = sparsify(x) @ Wt for 1..3 projections sharing x (q/k/v), each with its threshold.
-- ``sparse_swiglu``: silu(sparsify(x) @ Wg) * (sparsify(x) @ Wu), gate and up with their own thresholds.
+- ``sparse_glu``: act(sparsify(x) @ Wg) * (sparsify(x) @ Wu), gate and up with their own thresholds, act silu
+  (``sparse_swiglu``) or gelu_tanh (GeGLU).
 - ``topk_thresholds``: per-token thresholds for an exact keep count, on the device.
 Each has a plain torch reference beside it (``*_ref``).
 """
 
 from .sparse_gemv import (
-    MAX_BATCH, sparse_linear, sparse_linear_ref, sparse_swiglu, sparse_swiglu_ref, sparsify_ref, use_sparse)
+    GLU_ACTS, MAX_BATCH, sparse_glu, sparse_glu_ref, sparse_linear, sparse_linear_ref, sparse_swiglu,
+    sparse_swiglu_ref, sparsify_ref, use_sparse)
 from .topk import topk_thresholds, topk_thresholds_ref
 
-__all__ = ["MAX_BATCH", "sparse_linear", "sparse_linear_ref", "sparse_swiglu", "sparse_swiglu_ref",
-           "sparsify_ref", "topk_thresholds", "topk_thresholds_ref", "use_sparse"]
+__all__ = ["GLU_ACTS", "MAX_BATCH", "sparse_glu", "sparse_glu_ref", "sparse_linear", "sparse_linear_ref",
+           "sparse_swiglu", "sparse_swiglu_ref", "sparsify_ref", "topk_thresholds", "topk_thresholds_ref", "use_sparse"]

@@ -1,4 +1,4 @@
-"""Small fused kernels of a decode step: residual add + RMSNorm, and RoPE + KV-cache write.
+"""Small fused kernels of a decode step: residual add + RMSNorm, RoPE + KV-cache write, and attention.
 
 Each replaces a handful of tiny torch launches per layer; in a CUDA-graph-replayed decode step the launch
 count, not the bytes, is what these cost. Plain torch references sit beside them.
@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_gemv import pdl_args
+from .sparse_gemv import pdl_args, tanh
 
 
 def add_rmsnorm_ref(x, r, w, eps):
@@ -128,22 +128,29 @@ def rope_cache_write(qkv, cos, sin, pos, k_cache, v_cache, n_head, n_kv, head_di
     return q
 
 
-def decode_attention_ref(q, k_cache, v_cache, pos):
-    """Attention of one token: q [n_head, D] over the cache [n_kv, T, D] at positions 0..pos[0]; [1, n_head*D]."""
+def decode_attention_ref(q, k_cache, v_cache, pos, scale=None, softcap=None, window=None):
+    """Attention of one token: q [n_head, D] over the cache [n_kv, T, D] at positions 0..pos[0] (the last
+    ``window`` of them for a sliding layer); scores times scale (default D**-0.5), soft-capped to
+    softcap * tanh(s / softcap) when given; returns [1, n_head*D]."""
     n_head, D = q.shape
     n = int(pos[0]) + 1
-    k = k_cache[:, :n].float().repeat_interleave(n_head // k_cache.shape[0], dim=0)
-    v = v_cache[:, :n].float().repeat_interleave(n_head // k_cache.shape[0], dim=0)
-    p = torch.softmax((k @ q.float()[:, :, None])[..., 0] / D ** 0.5, dim=-1)
+    lo = max(0, n - window) if window else 0
+    k = k_cache[:, lo:n].float().repeat_interleave(n_head // k_cache.shape[0], dim=0)
+    v = v_cache[:, lo:n].float().repeat_interleave(n_head // k_cache.shape[0], dim=0)
+    s = (k @ q.float()[:, :, None])[..., 0] * (D ** -0.5 if scale is None else scale)
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
+    p = torch.softmax(s, dim=-1)
     return (p[:, None, :] @ v)[:, 0].reshape(1, -1).to(q.dtype)
 
 
 @triton.jit
-def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, T, scale,
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, T, scale, softcap, window,
                              G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
-                             PDL: tl.constexpr):
-    """One program per key/value head: its G query heads (padded to BLOCK_G) against positions 0..pos,
-    online softmax in fp32."""
+                             SOFTCAP: tl.constexpr, PDL: tl.constexpr):
+    """One program per key/value head: its G query heads (padded to BLOCK_G) against positions 0..pos (the
+    last ``window`` of them when window > 0), online softmax in fp32; SOFTCAP: scores -> softcap *
+    tanh(scores / softcap)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -154,16 +161,19 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, T, scale,
     q = tl.load(q_ptr + (kv * G + rg[:, None]) * D + rd[None, :], mask=gm[:, None], other=0.0)
     q = q.to(tl.float32) * scale  # [BLOCK_G, D]
     n = tl.load(pos_ptr).to(tl.int32) + 1
+    lo = tl.where(window > 0, tl.maximum(n - window, 0), 0)  # first visible position
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
     base = kv.to(tl.int64) * T * D
-    for start in range(0, n, BLOCK_T):
+    for start in range((lo // BLOCK_T) * BLOCK_T, n, BLOCK_T):  # every block holds a visible position
         rt = start + tl.arange(0, BLOCK_T)
-        tm = rt < n
+        tm = (rt < n) & (rt >= lo)
         k = tl.load(k_ptr + base + rt[:, None] * D + rd[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
         v = tl.load(v_ptr + base + rt[:, None] * D + rd[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
         s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, BLOCK_T]
+        if SOFTCAP:
+            s = softcap * tanh(s / softcap)
         s = tl.where(tm[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
@@ -175,10 +185,13 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, T, scale,
     tl.store(o_ptr + (kv * G + rg[:, None]) * D + rd[None, :], o.to(o_ptr.dtype.element_ty), mask=gm[:, None])
 
 
-def decode_attention(q, k_cache, v_cache, pos, block_t: int = 32):
+def decode_attention(q, k_cache, v_cache, pos, block_t: int = 32, scale: float | None = None,
+                     softcap: float | None = None, window: int | None = None):
     """One token's attention over the static cache, positions 0..pos[0] (device tensor: graph-safe).
 
-    q [n_head, D] (rotated), k_cache / v_cache [n_kv, T, D]; returns [1, n_head * D]. Replaces
+    q [n_head, D] (rotated), k_cache / v_cache [n_kv, T, D]; returns [1, n_head * D]. Scores are scaled by
+    ``scale`` (default D**-0.5) and soft-capped by ``softcap`` (Gemma 2); a sliding layer sees only the last
+    ``window`` positions (its own included), and only those are read. Replaces
     ``scaled_dot_product_attention`` with a mask over the whole cache: one launch, only the filled part of
     the cache is read. One program per key/value head, so it suits the short contexts of these benchmarks;
     long contexts would want the sequence split over programs (flash-decoding)."""
@@ -189,7 +202,9 @@ def decode_attention(q, k_cache, v_cache, pos, block_t: int = 32):
         raise ValueError(f"need a power-of-two head dim and n_kv dividing n_head, got D={D}, "
                          f"{n_head} heads / {n_kv}")
     o = torch.empty(1, n_head * D, dtype=q.dtype, device=q.device)
-    _decode_attention_kernel[(n_kv,)](q, k_cache, v_cache, pos, o, T, D ** -0.5, G=G,
+    _decode_attention_kernel[(n_kv,)](q, k_cache, v_cache, pos, o, T, D ** -0.5 if scale is None else scale,
+                                      float(softcap or 1.0), int(window or 0), G=G,
                                       BLOCK_G=triton.next_power_of_2(G), D=D, BLOCK_T=block_t,
+                                      SOFTCAP=bool(softcap),
                                       num_warps=4 if q.device.type == "cuda" else 1, **pdl_args(q.device))
     return o

@@ -14,8 +14,9 @@ drops one contiguous row of ``wt``. Each program owns a block of output columns 
    it can be captured in a CUDA graph.
 
 Several projections that share an input (q/k/v, or gate/up) run in one launch with their own thresholds:
-their weights are concatenated along the output dimension. ``sparse_swiglu`` also fuses silu(gate) * up:
-gate block j and up block j share one ticket, and the last of their programs writes silu(g) * u.
+their weights are concatenated along the output dimension. ``sparse_glu`` also fuses act(gate) * up, with
+act silu (SwiGLU: ``sparse_swiglu``) or gelu with the tanh approximation (GeGLU, Gemma): gate block j and up
+block j share one ticket, and the last of their programs writes act(g) * u.
 
 Measured on an H100 (reports/gpu/README.md): a kept row costs what the copy bandwidth allows; each launch
 adds a fixed 5.1-5.5 us (prologue and reduction), so ``use_sparse`` sends low sparsity to dense cuBLAS. On
@@ -31,6 +32,7 @@ import triton
 import triton.language as tl
 
 MAX_BATCH = 8
+GLU_ACTS = ("silu", "gelu_tanh")  # the gate activations of sparse_glu (the kernel's ACT: their index)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -58,13 +60,20 @@ def sparse_linear_ref(x, wt, thresholds, splits=None):
     return torch.cat(outs, dim=1).to(x.dtype)
 
 
-def sparse_swiglu_ref(x, wt_gate_up, thresholds):
-    """Reference of ``sparse_swiglu``: silu(sparsify(x, t0) @ Wg) * (sparsify(x, t1) @ Wu), fp32 math."""
+def sparse_glu_ref(x, wt_gate_up, thresholds, act="silu"):
+    """Reference of ``sparse_glu``: act(sparsify(x, t0) @ Wg) * (sparsify(x, t1) @ Wu), fp32 math; act is
+    silu or gelu_tanh (gelu with the tanh approximation)."""
     inter = wt_gate_up.shape[1] // 2
     t = _thresholds_2d(thresholds, 2, x.shape[0], x.device)
     g = sparsify_ref(x, t[0]) @ wt_gate_up[:, :inter].float()
     u = sparsify_ref(x, t[1]) @ wt_gate_up[:, inter:].float()
-    return (torch.nn.functional.silu(g) * u).to(x.dtype)
+    fn = {"silu": torch.nn.functional.silu, "gelu_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh")}
+    return (fn[act](g) * u).to(x.dtype)
+
+
+def sparse_swiglu_ref(x, wt_gate_up, thresholds):
+    """Reference of ``sparse_swiglu``: silu(sparsify(x, t0) @ Wg) * (sparsify(x, t1) @ Wu), fp32 math."""
+    return sparse_glu_ref(x, wt_gate_up, thresholds, "silu")
 
 
 def _thresholds_2d(thresholds, P, B, device):
@@ -154,12 +163,27 @@ def _load_rows(x_ptr, stride_xb, w_ptr, stride_wk, rb, bmask, thr, kk, j, nnz, c
 
 
 @triton.jit
+def tanh(x):
+    """tanh from exp, exact at both ends (exp overflow gives 1, underflow -1): Triton has no tanh of its own
+    on every backend (the interpreter included)."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _glu(g, u, ACT: tl.constexpr):
+    """act(g) * u in fp32: ACT 0 silu, 1 gelu with the tanh approximation (GLU_ACTS)."""
+    if ACT == 1:
+        return 0.5 * g * (1.0 + tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))) * u
+    return g / (1.0 + tl.exp(-g)) * u
+
+
+@triton.jit
 def _finish(acc, y_ptr, stride_yb, part_ptr, NT, lock_ptr, lock_id, pid_k, rb, bmask, cols, cmask, ycols,
-            TICKETS: tl.constexpr, SPLIT: tl.constexpr, GLU: tl.constexpr, BLOCK_B: tl.constexpr,
-            BN: tl.constexpr, HALF):
+            TICKETS: tl.constexpr, SPLIT: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr,
+            BLOCK_B: tl.constexpr, BN: tl.constexpr, HALF):
     """Deterministic split-K reduction + epilogue. Each program stores its partial sums [BLOCK_B, BN] at
     part[pid_k, :, cols]; the last of the TICKETS programs sharing lock_id adds them in chunk order and
-    writes y[:, ycols] (GLU: silu(gate) * up, the up columns HALF to the right of the gate columns)."""
+    writes y[:, ycols] (GLU: act(gate) * up, the up columns HALF to the right of the gate columns)."""
     m2 = bmask[:, None] & cmask[None, :]
     if TICKETS == 1:
         tl.store(y_ptr + rb[:, None] * stride_yb + ycols[None, :], acc.to(y_ptr.dtype.element_ty), mask=m2)
@@ -176,7 +200,7 @@ def _finish(acc, y_ptr, stride_yb, part_ptr, NT, lock_ptr, lock_id, pid_k, rb, b
                 if GLU:
                     u += tl.load(ps + HALF, mask=m2, other=0.0, cache_modifier=".cg")
             if GLU:
-                g = g / (1.0 + tl.exp(-g)) * u  # silu(gate) * up, in fp32
+                g = _glu(g, u, ACT)
             tl.store(y_ptr + rb[:, None] * stride_yb + ycols[None, :], g.to(y_ptr.dtype.element_ty), mask=m2)
             tl.store(lock_ptr + lock_id, 0)  # ready for the next launch (and the next graph replay)
 
@@ -185,13 +209,13 @@ def _finish(acc, y_ptr, stride_yb, part_ptr, NT, lock_ptr, lock_id, pid_k, rb, b
 def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, stride_tb,
                         y_ptr, stride_yb, part_ptr, idx_ptr, lock_ptr,
                         B, K, N, N1, N2, NB1, NB2,
-                        SPLIT: tl.constexpr, GLU: tl.constexpr, BLOCK_B: tl.constexpr,
+                        SPLIT: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr, BLOCK_B: tl.constexpr,
                         KC: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, DOT_F32: tl.constexpr,
                         PDL: tl.constexpr):
     """Grid (column blocks, SPLIT). Up to 3 projections concatenated in wt's columns, split at N1 and N2
     (their first column blocks are NB1 and NB2), projection p using thresholds t[p]. GLU mode: wt = [gate |
     up] (N1 = N/2 columns each, NB1 blocks each); gate block j and up block j share one ticket counter and
-    the last of their programs writes silu(gate) * up to y[:, block j]."""
+    the last of their programs writes act(gate) * up to y[:, block j]."""
     if PDL:  # programmatic dependent launch: nothing before this reads what the previous kernel wrote
         tl.extra.cuda.gdc_wait()
     pid_n = tl.program_id(0)
@@ -215,10 +239,10 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
     if GLU:
         ycols = (pid_n - blk0) * BN + tl.arange(0, BN)
         _finish(acc, y_ptr, stride_yb, part_ptr, N, lock_ptr, pid_n - blk0, pid_k, rb, bmask, cols, cmask,
-                ycols, 2 * SPLIT, SPLIT, GLU, BLOCK_B, BN, N1)
+                ycols, 2 * SPLIT, SPLIT, GLU, ACT, BLOCK_B, BN, N1)
     else:
         _finish(acc, y_ptr, stride_yb, part_ptr, N, lock_ptr, pid_n, pid_k, rb, bmask, cols, cmask, cols,
-                SPLIT, SPLIT, GLU, BLOCK_B, BN, 0)
+                SPLIT, SPLIT, GLU, ACT, BLOCK_B, BN, 0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -296,7 +320,7 @@ def pick_config(B: int, K: int, n_blocks_of, device: torch.device) -> dict:
     return dict(BN=BN, KC=KC, BK=64, num_warps=4, num_stages=1 if B == 1 else 3)
 
 
-def _launch(x, wt, t, splits, glu, config=None):
+def _launch(x, wt, t, splits, glu, config=None, act="silu"):
     if x.dim() != 2 or wt.dim() != 2 or x.shape[1] != wt.shape[0]:
         raise ValueError(f"need x [B, K] and wt [K, N], got {tuple(x.shape)} and {tuple(wt.shape)}")
     if x.dtype != wt.dtype or x.dtype not in (torch.float16, torch.bfloat16):
@@ -307,6 +331,8 @@ def _launch(x, wt, t, splits, glu, config=None):
         raise ValueError(f"batch must be 1..{MAX_BATCH}, got {B}")
     if x.stride(1) != 1 or wt.stride(1) != 1:
         raise ValueError("x and wt need contiguous rows (stride 1 along the last dimension)")
+    if act not in GLU_ACTS:
+        raise ValueError(f"unknown gate activation {act!r} (choose from {', '.join(GLU_ACTS)})")
     P = 2 if glu else len(splits)
     if not glu and (P > 3 or sum(splits) != N):
         raise ValueError(f"splits {splits} must be 1..3 widths summing to {N}")
@@ -337,7 +363,7 @@ def _launch(x, wt, t, splits, glu, config=None):
         x, x.stride(0), wt, wt.stride(0), t, t.stride(0), t.stride(1),
         y, y.stride(0), part, idx, locks,
         B, K, N, bounds[0], bounds[1], NB1, NB2,
-        SPLIT=split, GLU=glu, BLOCK_B=block_b, KC=KC, BK=cfg["BK"], BN=BN, DOT_F32=x.device.type != "cuda",
+        SPLIT=split, GLU=glu, ACT=GLU_ACTS.index(act), BLOCK_B=block_b, KC=KC, BK=cfg["BK"], BN=BN, DOT_F32=x.device.type != "cuda",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_args(x.device, cfg.get("pdl")))
     return y
 
@@ -384,6 +410,12 @@ def sparse_linear(x, wt, thresholds, splits=None, config=None):
     return _launch(x, wt, thresholds, splits, glu=False, config=config)
 
 
+def sparse_glu(x, wt_gate_up, thresholds, act="silu", config=None):
+    """h [B, I] = act(sparsify(x, t0) @ Wg) * (sparsify(x, t1) @ Wu), wt_gate_up = [Wg.T | Wu.T] [K, 2I];
+    act silu (SwiGLU) or gelu_tanh (GeGLU)."""
+    return _launch(x, wt_gate_up, thresholds, None, glu=True, config=config, act=act)
+
+
 def sparse_swiglu(x, wt_gate_up, thresholds, config=None):
     """h [B, I] = silu(sparsify(x, t0) @ Wg) * (sparsify(x, t1) @ Wu), wt_gate_up = [Wg.T | Wu.T] [K, 2I]."""
-    return _launch(x, wt_gate_up, thresholds, None, glu=True, config=config)
+    return sparse_glu(x, wt_gate_up, thresholds, "silu", config)

@@ -31,11 +31,13 @@ def check_device(device) -> torch.device:
     return dev
 
 
-def open_model(path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[Checkpoint, Transformer]:
-    """Open a model folder and build its decoder (float32 on CPU by default)."""
+def open_model(path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               stream: bool = False) -> tuple[Checkpoint, Transformer]:
+    """Open a model folder and build its decoder (float32 on CPU by default); ``stream`` keeps one decoder
+    block in memory at a time (``load_model``)."""
     check_device(device)
     ckpt = Checkpoint.open(path)
-    return ckpt, load_model(ckpt, dtype, device)
+    return ckpt, load_model(ckpt, dtype, device, stream)
 
 
 def plan_sparsifier(plan, mode: str, where: str = "plan", dense_before: int = 0) -> Sparsifier:

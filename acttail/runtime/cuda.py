@@ -1,4 +1,5 @@
-"""GPU decode path: a compact Llama decoder whose projections run the sparse Triton kernels.
+"""GPU decode path: a compact decoder whose projections run the sparse Triton kernels, built from the same
+``ModelArgs`` as the CPU reference (Llama, Mistral, Qwen2, Gemma 1/2/3, Phi-3).
 
 Same weights and thresholds as the CPU reference (``acttail.runtime.model``), kept input-major (W.T
 contiguous) in fp16/bf16 so a skipped activation skips a contiguous weight row. Prefill runs dense matmuls;
@@ -9,6 +10,11 @@ Per projection group (qkv, o, gate/up, down) the step uses the sparse kernel whe
 has a threshold (or a top-k keep count), else dense cuBLAS on the same input-major weights. Attention is a
 Triton kernel over the filled part of the cache (``attention = "sdpa"`` switches back to torch's), and on
 Hopper every Triton launch uses programmatic dependent launch.
+
+Gemma's options run here too: the (1 + weight) norms are folded into plain RMSNorm weights, the extra
+norms (after attention and the MLP, q/k per head) are the same add_rmsnorm kernel without a residual, the
+gate/up kernel takes GeGLU as a constexpr, and decode attention takes the score scale, the soft-cap and
+the sliding window (it reads only the window's part of the cache).
 """
 
 from __future__ import annotations
@@ -16,31 +22,37 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from acttail.kernels import sparse_linear, sparse_swiglu, topk_thresholds, use_sparse
+from acttail.kernels import sparse_glu, sparse_linear, topk_thresholds, use_sparse
 from acttail.kernels.decode_ops import add_rmsnorm, decode_attention, rope_cache_write
 
 from ..layout import GROUPS
-from .model import ModelArgs, rope_cache
+from .model import ACTIVATIONS, ModelArgs, RMSNorm, attention, attention_mask, rope_cache
 from .sparsify import settings
 
 WEIGHT = {"qkv": "wqkv", "o": "wo", "gate_up": "w13", "down": "w2"}
+NORMS = ("attention_norm", "ffn_norm", "post_attention_norm", "post_ffn_norm")  # those the block has
+QK_NORMS = ("q_norm", "k_norm")
 
 
 class CudaDecoder:
-    """Weights per layer: wqkv [dim, q+k+v], wo [q, dim], w13 [dim, 2*inter] = [gate | up], w2 [inter, dim]."""
+    """Weights per layer: wqkv [dim, q+k+v], wo [q, dim], w13 [dim, 2*inter] = [gate | up], w2 [inter, dim];
+    norm weights (attention_norm, ffn_norm; post_attention_norm, post_ffn_norm, q_norm, k_norm where the
+    model has them) with any (1 + weight) offset folded in."""
 
     def __init__(self, args: ModelArgs, weights: dict, max_seq: int):
         self.args, self.w, self.max_seq = args, weights, max_seq
         dev, dtype = weights["tok_embeddings"].device, weights["tok_embeddings"].dtype
         self.device, self.dtype = dev, dtype
         self.cos, self.sin = (r.float().contiguous().to(dev) for r in rope_cache(args, max_seq))
+        if args.local_rope_base is not None:  # Gemma 3's sliding layers
+            self.cos_local, self.sin_local = (r.float().contiguous().to(dev) for r in rope_cache(args, max_seq, True))
+        self.embed_scale = None if args.embed_scale is None else torch.tensor(args.embed_scale).to(dtype).to(dev)
         shape = (args.n_layer, args.n_local_heads, max_seq, args.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=dev)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=dev)
         self.tok = torch.zeros(1, dtype=torch.long, device=dev)  # static decode inputs (graph replay)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.generated = torch.zeros(max_seq + 1, dtype=torch.long, device=dev)
-        self.arange = torch.arange(max_seq, device=dev)
         self.attention = "kernel"  # or "sdpa": torch's attention with a mask over the whole cache
         self.set_sparsity()
         self.graph = None
@@ -64,15 +76,18 @@ class CudaDecoder:
             w[f"{i}.wo"] = rnd(q, d, scale=q ** -0.5)
             w[f"{i}.w13"] = rnd(d, 2 * inter, scale=d ** -0.5)
             w[f"{i}.w2"] = rnd(inter, d, scale=inter ** -0.5)
-            w[f"{i}.attention_norm"] = torch.ones(d, dtype=dtype, device=device)
-            w[f"{i}.ffn_norm"] = torch.ones(d, dtype=dtype, device=device)
+            for norm in NORMS if args.sandwich_norm else NORMS[:2]:
+                w[f"{i}.{norm}"] = torch.ones(d, dtype=dtype, device=device)
+            for norm in QK_NORMS if args.qk_norm else ():
+                w[f"{i}.{norm}"] = torch.ones(args.head_dim, dtype=dtype, device=device)
         return cls(args, w, max_seq)
 
     @classmethod
     def from_model(cls, model, dtype=torch.float16, device="cuda", max_seq=None):
         """The CPU reference ``Transformer``'s weights, input-major, in dtype on device (with Qwen2's qkv bias)."""
         cv = lambda t: t.detach().to(device=device, dtype=dtype).contiguous()  # noqa: E731
-        w = {"tok_embeddings": cv(model.tok_embeddings.weight), "norm": cv(model.norm.weight),
+        norm = lambda m: cv(m.weight.detach().float() + m.offset)  # noqa: E731  (offset + weight), rounded once
+        w = {"tok_embeddings": cv(model.tok_embeddings.weight), "norm": norm(model.norm),
              "output": cv(model.output.weight)}
         for i, blk in enumerate(model.layers):
             w[f"{i}.wqkv"] = cv(blk.attention.wqkv.weight.t())
@@ -81,8 +96,9 @@ class CudaDecoder:
             w[f"{i}.wo"] = cv(blk.attention.wo.weight.t())
             w[f"{i}.w13"] = cv(blk.feed_forward.w13.weight.t())
             w[f"{i}.w2"] = cv(blk.feed_forward.w2.weight.t())
-            w[f"{i}.attention_norm"] = cv(blk.attention_norm.weight)
-            w[f"{i}.ffn_norm"] = cv(blk.ffn_norm.weight)
+            modules = {**{n: getattr(blk, n) for n in NORMS}, "q_norm": blk.attention.q_norm,
+                       "k_norm": blk.attention.k_norm}
+            w.update({f"{i}.{n}": norm(m) for n, m in modules.items() if isinstance(m, RMSNorm)})
         return cls(model.args, w, max_seq or model.args.max_seq_len)
 
     def set_sparsity(self, thresholds: dict | None = None, keeps: dict | None = None, planned: dict | None = None):
@@ -129,34 +145,65 @@ class CudaDecoder:
             y = x @ w
             if group == "gate_up":
                 g, u = y.split(self.args.intermediate_size, dim=-1)
-                return F.silu(g) * u
+                return ACTIVATIONS[self.args.activation](g) * u
             return y
         if group == "gate_up":
-            return sparse_swiglu(x, w, t)
+            return sparse_glu(x, w, t, act=self.args.activation)
         return sparse_linear(x, w, t, splits=self.args.qkv_sizes if group == "qkv" else None)
+
+    def _embed(self, tokens):
+        x = self.w["tok_embeddings"][tokens]
+        return x if self.embed_scale is None else x * self.embed_scale
+
+    def _rope(self, i):
+        """cos, sin tables of layer i (Gemma 3's sliding layers have their own)."""
+        return (self.cos_local, self.sin_local) if self.args.local_rope(i) else (self.cos, self.sin)
+
+    def _post(self, i, name, y):
+        """Gemma 2/3: what attention or the MLP adds to the residual stream is normalised first."""
+        return add_rmsnorm(y, None, self.w[f"{i}.{name}"], self.args.norm_eps) if self.args.sandwich_norm else y
+
+    def _head_norm(self, i, name, t):
+        """Gemma 3's RMSNorm of every q or k head, t [rows, head_dim] contiguous."""
+        return add_rmsnorm(t, None, self.w[f"{i}.{name}"], self.args.norm_eps)
+
+    def _logits(self, h):
+        y = F.linear(h, self.w["output"])
+        cap = self.args.final_softcap
+        return y if cap is None else (torch.tanh(y.float() / cap) * cap).to(y.dtype)
+
+    def _attend(self, i, q, pos):
+        """One token's attention in layer i over its cache, q [n_head, D] rotated; [1, n_head * D]."""
+        d = self.args
+        kc, vc = self.k_cache[i], self.v_cache[i]
+        if self.attention == "sdpa":
+            mask = attention_mask(pos, self.max_seq, d.window(i))
+            return attention(q[None, :, None], kc[None], vc[None], mask, d.attn_scale, d.attn_softcap).reshape(1, -1)
+        return decode_attention(q, kc, vc, pos, scale=d.attn_scale, softcap=d.attn_softcap, window=d.window(i))
 
     def forward_token(self, tok, pos, record=None):
         """Logits [1, vocab] for one token at position pos (both [1] device tensors); updates the cache."""
         d, w = self.args, self.w
-        x = w["tok_embeddings"][tok]  # [1, dim]
-        mask = (self.arange <= pos)[None, None, None, :] if self.attention == "sdpa" else None
+        x = self._embed(tok)  # [1, dim]
         r = None
         for i in range(d.n_layer):
             h = add_rmsnorm(x, r, w[f"{i}.attention_norm"], d.norm_eps)
             qkv = self._project(i, "qkv", h, w[f"{i}.wqkv"], record)
-            q = rope_cache_write(qkv, self.cos, self.sin, pos, self.k_cache[i], self.v_cache[i],
+            if d.qk_norm:
+                nq, nk, _ = d.qkv_sizes
+                q, k = qkv[0, :nq].view(d.n_head, d.head_dim), qkv[0, nq:nq + nk].view(d.n_local_heads, d.head_dim)
+                q.copy_(self._head_norm(i, "q_norm", q))
+                k.copy_(self._head_norm(i, "k_norm", k))
+            cos, sin = self._rope(i)
+            q = rope_cache_write(qkv, cos, sin, pos, self.k_cache[i], self.v_cache[i],
                                  d.n_head, d.n_local_heads, d.head_dim, bias=w.get(f"{i}.bqkv"))
-            if self.attention == "sdpa":
-                a = F.scaled_dot_product_attention(q[None, :, None], self.k_cache[i][None], self.v_cache[i][None],
-                                                   attn_mask=mask, enable_gqa=d.n_local_heads != d.n_head).reshape(1, -1)
-            else:
-                a = decode_attention(q, self.k_cache[i], self.v_cache[i], pos)
+            a = self._attend(i, q, pos)
             o = self._project(i, "o", a, w[f"{i}.wo"], record)
-            h = add_rmsnorm(x, o, w[f"{i}.ffn_norm"], d.norm_eps)
+            h = add_rmsnorm(x, self._post(i, "post_attention_norm", o), w[f"{i}.ffn_norm"], d.norm_eps)
             hg = self._project(i, "gate_up", h, w[f"{i}.w13"], record)
-            r = self._project(i, "down", hg, w[f"{i}.w2"], record)
+            r = self._post(i, "post_ffn_norm", self._project(i, "down", hg, w[f"{i}.w2"], record))
         h = add_rmsnorm(x, r, w["norm"], d.norm_eps)
-        return F.linear(h, w["output"])
+        return self._logits(h)
 
     def _step(self):
         logits = self.forward_token(self.tok, self.pos)
@@ -171,13 +218,13 @@ class CudaDecoder:
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
         """Dense prefill of a prompt [T] from position 0: fills the caches, returns the last logits [1, V]."""
         d, w = self.args, self.w
-        T = tokens.shape[0]
-        x = w["tok_embeddings"][tokens]  # [T, dim]
-        cos, sin = self.cos[:T].to(self.dtype), self.sin[:T].to(self.dtype)
+        T, D = tokens.shape[0], d.head_dim
+        x = self._embed(tokens)  # [T, dim]
 
-        def rope(t):  # [H, T, D]
+        def rope(t, cos, sin):  # [H, T, D]
+            cos, sin = cos[:T].to(self.dtype).float(), sin[:T].to(self.dtype).float()
             t1, t2 = t.chunk(2, dim=-1)
-            return (t.float() * cos.float() + torch.cat([-t2, t1], -1).float() * sin.float()).to(t.dtype)
+            return (t.float() * cos + torch.cat([-t2, t1], -1).float() * sin).to(t.dtype)
 
         r = None
         for i in range(d.n_layer):
@@ -186,19 +233,24 @@ class CudaDecoder:
             if f"{i}.bqkv" in w:
                 qkv = (qkv.float() + w[f"{i}.bqkv"].float()).to(qkv.dtype)
             q, k, v = qkv.split(d.qkv_sizes, dim=-1)
-            q = rope(q.view(T, d.n_head, d.head_dim).transpose(0, 1))
-            k = rope(k.view(T, d.n_local_heads, d.head_dim).transpose(0, 1))
-            v = v.view(T, d.n_local_heads, d.head_dim).transpose(0, 1)
+            if d.qk_norm:
+                q = self._head_norm(i, "q_norm", q.reshape(-1, D).contiguous())
+                k = self._head_norm(i, "k_norm", k.reshape(-1, D).contiguous())
+            q = rope(q.reshape(T, d.n_head, D).transpose(0, 1), *self._rope(i))
+            k = rope(k.reshape(T, d.n_local_heads, D).transpose(0, 1), *self._rope(i))
+            v = v.view(T, d.n_local_heads, D).transpose(0, 1)
             self.k_cache[i, :, :T] = k
             self.v_cache[i, :, :T] = v
-            a = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True,
-                                               enable_gqa=d.n_local_heads != d.n_head)
+            window = d.window(i)
+            mask = None if window is None or T <= window else \
+                attention_mask(torch.arange(T, device=self.device), T, window)
+            a = attention(q[None], k[None], v[None], mask, d.attn_scale, d.attn_softcap)
             o = a[0].transpose(0, 1).reshape(T, -1) @ w[f"{i}.wo"]
-            h = add_rmsnorm(x, o, w[f"{i}.ffn_norm"], d.norm_eps)
+            h = add_rmsnorm(x, self._post(i, "post_attention_norm", o), w[f"{i}.ffn_norm"], d.norm_eps)
             g, u = (h @ w[f"{i}.w13"]).split(d.intermediate_size, dim=-1)
-            r = (F.silu(g) * u) @ w[f"{i}.w2"]
+            r = self._post(i, "post_ffn_norm", (ACTIVATIONS[d.activation](g) * u) @ w[f"{i}.w2"])
         h = add_rmsnorm(x, r, w["norm"], d.norm_eps)
-        logits = F.linear(h[-1:], w["output"])
+        logits = self._logits(h[-1:])
         self.tok.copy_(logits.argmax(-1))
         self.pos.fill_(T)
         self.generated[T] = self.tok[0]

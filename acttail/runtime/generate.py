@@ -76,8 +76,9 @@ BACKENDS = ("reference", "kernels")
 def generate_text(model, tokenizer, prompt: str, plan=None, max_new_tokens: int = 64, temperature: float = 0.0,
                   seed: int | None = None, mode: str = "threshold", prefill_policy: str | None = None,
                   backend: str | None = None, dtype: str = "float16", device: str | None = None,
-                  eos_id: int | None = None) -> tuple[str, dict]:
-    """The prompt's continuation as text, from the dense or planned-sparse ``model``, and what the run measured.
+                  eos_id: int | None = None, bos_id: int | None = None) -> tuple[str, dict]:
+    """The prompt's continuation as text, from the dense or planned-sparse ``model``, and what the run measured;
+    the prompt starts with ``bos_id`` when given (``tokens.bos_id``: the model's tokenizer asks for it).
 
     backend ``reference`` (default on CPU): the float32 torch model where it lies; ``kernels`` (default
     on CUDA): the Triton decode path (``runtime.cuda.CudaDecoder``: fp16/bf16 input-major weights, dense
@@ -91,7 +92,7 @@ def generate_text(model, tokenizer, prompt: str, plan=None, max_new_tokens: int 
         raise ActTailError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if backend == "kernels":
         check_kernel_run(device, temperature, prefill_policy)
-    ids = encode(tokenizer, prompt)
+    ids = ([bos_id] if bos_id is not None else []) + encode(tokenizer, prompt)
     if not ids:
         raise ActTailError("the prompt is empty after tokenization")
     sets = settings(plan, mode) if plan is not None else {}

@@ -34,6 +34,9 @@ def perplexity(model, wins: torch.Tensor, batch_size: int = 8, progress: bool = 
     slices = _hf_slices if hf else _our_slices
     planned = getattr(model, "_acttail_applied", None) is not None if hf else bool(model.sparsifier.settings)
     device = next(model.parameters()).device
+    if not hf and model.stream is not None:  # streamed: every window through one block at a time
+        finals = _layer_major(model, wins, batch_size, device, compare, progress)
+        slices = lambda model, batch, dense: _head_slices(model, finals[dense].pop(0))  # noqa: E731
     bar = tqdm(total=len(wins) * wins.shape[1], unit="tok", desc="perplexity", disable=not progress)
     for i in range(0, len(wins), batch_size):
         batch = wins[i: i + batch_size].to(device)
@@ -66,8 +69,30 @@ def _our_slices(model, batch: torch.Tensor, dense: bool):
         h = model.norm(model.hidden(batch))[:, :-1].flatten(0, 1)
     finally:
         model.sparsifier = kept
+    yield from _head_slices(model, h)
+
+
+def _layer_major(model, wins, batch_size, device, compare, progress) -> dict[bool, list[torch.Tensor]]:
+    """Final-norm states of every predicting position, per batch, computed block by block over all windows
+    (a streamed model reads each block once): {dense: [h per batch]} for the sparse run and, with compare,
+    the dense one."""
+    runs = {False: model.sparsifier, **({True: Sparsifier.dense()} if compare else {})}
+    hs = {d: [model.embed(wins[i: i + batch_size].to(device)) for i in range(0, len(wins), batch_size)]
+          for d in runs}
+    kept = model.sparsifier
+    try:
+        for layer in tqdm(range(model.args.n_layer), desc="layers", unit="layer", disable=not progress):
+            for dense, sp in runs.items():
+                model.sparsifier = sp
+                hs[dense] = [model.hidden(None, layers=range(layer, layer + 1), h=h) for h in hs[dense]]
+    finally:
+        model.sparsifier = kept
+    return {d: [model.norm(h)[:, :-1].flatten(0, 1) for h in hl] for d, hl in hs.items()}
+
+
+def _head_slices(model, h: torch.Tensor):
     for j in range(0, len(h), SLICE):
-        yield model.output(h[j: j + SLICE]).float()
+        yield model.logits(h[j: j + SLICE]).float()
 
 
 def _hf_slices(model, batch: torch.Tensor, dense: bool):

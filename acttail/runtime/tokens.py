@@ -1,4 +1,5 @@
-"""Text to token windows: the model folder's tokenizer, encoding a prefix of a text, non-overlapping windows.
+"""Text to token windows: the model folder's tokenizer, encoding a prefix of a text, non-overlapping windows,
+and the one rule for BOS (``bos_id``): each window starts with it when the model's tokenizer asks for it.
 
 The runtime takes text as a string (or token ids) and never fetches anything: naming ``wiki`` or ``c4``
 is resolved by the command line (``acttail.text``) before the runtime sees the text.
@@ -6,6 +7,7 @@ is resolved by the command line (``acttail.text``) before the runtime sees the t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -26,11 +28,57 @@ def load_tokenizer(model_dir: str | Path):
         raise ActTailError(f"cannot read {path}: {e}") from None
 
 
-def encode(tokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` without special tokens, from a ``tokenizers`` or a transformers tokenizer."""
+def encode(tokenizer, text: str, special: bool = False) -> list[int]:
+    """Token ids of ``text`` from a ``tokenizers`` or a transformers tokenizer, without special tokens (or
+    with those its post-processor adds, when ``special``)."""
     if hasattr(tokenizer, "encode") and not hasattr(tokenizer, "pad_token_id"):  # tokenizers.Tokenizer
-        return tokenizer.encode(text, add_special_tokens=False).ids
-    return list(tokenizer.encode(text, add_special_tokens=False))
+        return tokenizer.encode(text, add_special_tokens=special).ids
+    return list(tokenizer.encode(text, add_special_tokens=special))
+
+
+def tokenizer_bos(tokenizer) -> int | None:
+    """The id a tokenizer object puts before a text when it encodes with special tokens, or None."""
+    plain, full = encode(tokenizer, "a"), encode(tokenizer, "a", special=True)
+    return full[0] if len(full) > len(plain) and full[1:len(plain) + 1] == plain else None
+
+
+def bos_id(model_dir: str | Path) -> int | None:
+    """The BOS id that every text (every window) of this model starts with, or None: the one rule for BOS.
+
+    As transformers tokenizes: tokenizer_config.json's ``add_bos_token`` decides when it is there (the
+    token named by its ``bos_token``, else config.json's ``bos_token_id``); without it, the BOS that
+    tokenizer.json's post-processor puts first, if any; Gemma models (config.json's architectures) always
+    start with BOS. A converted GGUF carries its ``tokenizer.ggml.add_bos_token`` in tokenizer_config.json."""
+    folder = Path(model_dir)
+    tok_config, config = _json(folder / "tokenizer_config.json"), _json(folder / "config.json")
+    tokenizer = load_tokenizer(folder)
+    add = tok_config.get("add_bos_token")
+    if add is None:
+        probed = tokenizer_bos(tokenizer)
+        if probed is not None:
+            return probed
+        add = any(a.startswith("Gemma") for a in config.get("architectures") or [])
+    if not add:
+        return None
+    name = tok_config.get("bos_token")
+    name = name.get("content") if isinstance(name, dict) else name
+    found = tokenizer.token_to_id(name) if isinstance(name, str) else None
+    found = found if found is not None else config.get("bos_token_id", (config.get("text_config") or {}).get(
+        "bos_token_id"))
+    if not isinstance(found, int):
+        raise ActTailError(f"{folder}: the tokenizer asks for BOS but names no BOS token id (tokenizer_config.json "
+                           "bos_token, config.json bos_token_id)")
+    return found
+
+
+def _json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ActTailError(f"{path} is not valid JSON ({e})") from None
+    return doc if isinstance(doc, dict) else {}
 
 
 def text_tokens(tokenizer, text: str, n_tokens: int | None = None) -> torch.Tensor:
@@ -52,14 +100,19 @@ def text_tokens(tokenizer, text: str, n_tokens: int | None = None) -> torch.Tens
     return torch.tensor(ids, dtype=torch.int64)
 
 
-def windows(tokens: torch.Tensor, ctx: int, max_ctx: int, name: str = "the text") -> torch.Tensor:
-    """[n, ctx] non-overlapping windows of the token stream; the remainder is dropped."""
+def windows(tokens: torch.Tensor, ctx: int, max_ctx: int, name: str = "the text",
+            bos: int | None = None) -> torch.Tensor:
+    """[n, ctx] non-overlapping windows of the token stream; the remainder is dropped. With a ``bos`` id
+    (``bos_id``) each window is BOS and the next ctx - 1 tokens, as the tokenizer encodes each window's text
+    on its own; without, the stream cut into ctx-token pieces."""
     if ctx < 2:
         raise ActTailError(f"context must be at least 2 tokens, got {ctx}")
     if ctx > max_ctx:
         raise ActTailError(f"context {ctx} exceeds the model's maximum of {max_ctx} tokens")
-    if len(tokens) < ctx:
+    step = ctx if bos is None else ctx - 1
+    if len(tokens) < step:
         raise ActTailError(f"the {len(tokens)} tokens taken from {name} are shorter than one context of {ctx}: "
                            "ask for more tokens, a shorter context, or give a longer text")
-    n = len(tokens) // ctx
-    return tokens[: n * ctx].view(n, ctx)
+    n = len(tokens) // step
+    wins = tokens[: n * step].view(n, step)
+    return wins if bos is None else torch.cat([torch.full((n, 1), bos, dtype=wins.dtype), wins], dim=1)
