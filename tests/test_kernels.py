@@ -130,3 +130,35 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="thresholds"):
         sparse_linear(x[:2], wt, thr(0.1, 0.2), splits=(16, 8, 8))
 
+
+
+# Launch shapes the GPU picks (pick_config): chunks that are any multiple of BK (not a power of two), and the
+# first tile of each chunk read masked before the rest is compacted (FIRST, one token only).
+CONFIGS = [dict(BN=32, KC=48, BK=16, num_warps=1, num_stages=1, FIRST=False),
+           dict(BN=32, KC=48, BK=16, num_warps=1, num_stages=1, FIRST=True),
+           dict(BN=16, KC=32, BK=16, num_warps=1, num_stages=1, FIRST=True)]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["kc48", "kc48-first", "kc32-first"])
+@pytest.mark.parametrize("B", [1, 3])
+def test_launch_configs_match_reference(cfg, B):
+    dtype = torch.float16
+    x, wt = make(B, 100, 70, dtype, seed=11 + B)  # 100 rows: chunks of 48, 48 and 4 (32, 32, 32, 4)
+    for t in (thr(0.8), thr(-1.0), thr(float("inf"))):
+        y = sparse_linear(x, wt, t, config=cfg)
+        assert rel_err(y, sparse_linear_ref(x, wt, t)) < TOL[dtype] or torch.equal(y, torch.zeros_like(y))
+    splits = (40, 16, 14)
+    t3 = thr(0.2, 1.0, 1.6)
+    y = sparse_linear(x, wt, t3, splits=splits, config=cfg)
+    assert rel_err(y, sparse_linear_ref(x, wt, t3, splits=splits)) < TOL[dtype]
+    wgu = make(B, 100, 2 * 36, dtype, seed=21)[1]
+    t2 = thr(0.4, 1.1)
+    assert rel_err(sparse_swiglu(x, wgu, t2, config=cfg), sparse_swiglu_ref(x, wgu, t2)) < TOL[dtype]
+
+
+def test_first_tile_only_chunk():
+    # chunks of 32 and 8 rows: the second is no longer than the first tile, nothing is left to compact
+    x, wt = make(1, 40, 24, torch.bfloat16, seed=12)
+    t = thr(0.3)
+    y = sparse_linear(x, wt, t, config=dict(BN=32, KC=32, BK=16, num_warps=1, num_stages=1, FIRST=True))
+    assert rel_err(y, sparse_linear_ref(x, wt, t)) < TOL[torch.bfloat16]

@@ -83,13 +83,15 @@ def _thresholds_2d(thresholds, P, B, device):
 
 
 @triton.jit
-def _compact(x_ptr, stride_xb, t_ptr, stride_tb, idx_ptr, B, K, k0, BLOCK_B: tl.constexpr, KC: tl.constexpr):
-    """Kept rows of x[:, k0:k0+KC] (union over tokens), compacted in order into idx; returns their count."""
+def _compact(x_ptr, stride_xb, t_ptr, stride_tb, idx_ptr, B, kstart, kend, BLOCK_B: tl.constexpr,
+             KCP: tl.constexpr):
+    """Kept rows of x[:, kstart:kend] (union over tokens; kend - kstart <= KCP, a power of two), compacted
+    in order into idx; returns their count."""
     rb = tl.arange(0, BLOCK_B)
     bmask = rb < B
     thr = tl.load(t_ptr + rb * stride_tb, mask=bmask, other=float("inf"))
-    rk = k0 + tl.arange(0, KC)
-    kmask = rk < K
+    rk = kstart + tl.arange(0, KCP)
+    kmask = rk < kend
     xs = tl.load(x_ptr + rb[:, None] * stride_xb + rk[None, :], mask=bmask[:, None] & kmask[None, :], other=0.0)
     keep = (tl.abs(xs.to(tl.float32)) > thr[:, None]) & bmask[:, None] & kmask[None, :]
     row = tl.max(keep.to(tl.int32), axis=0)  # union of the tokens' masks
@@ -100,9 +102,25 @@ def _compact(x_ptr, stride_xb, t_ptr, stride_tb, idx_ptr, B, K, k0, BLOCK_B: tl.
 
 
 @triton.jit
+def _first_tile(x_ptr, w_ptr, stride_wk, t_ptr, k0, kend, cols, col_mask, BK: tl.constexpr):
+    """One token: the first BK rows of the chunk, read TEAL-style (loads masked to the kept rows, no
+    compaction), so weight bytes are in flight while the rest of the chunk is compacted. Returns the
+    sparsified activations (fp32 [BK]) and the rows (zeros where dropped)."""
+    rf = k0 + tl.arange(0, BK)
+    fm = rf < kend
+    xf = tl.load(x_ptr + rf, mask=fm, other=0.0).to(tl.float32)
+    keep = (tl.abs(xf) > tl.load(t_ptr)) & fm
+    wf = tl.load(w_ptr + rf[:, None] * stride_wk + cols[None, :], mask=keep[:, None] & col_mask[None, :],
+                 other=0.0)
+    return tl.where(keep, xf, 0.0), wf
+
+
+@triton.jit
 def _stream_rows(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tb, idx_ptr, nnz, B, cols, col_mask,
-                 BLOCK_B: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, DOT_F32: tl.constexpr):
-    """fp32 [BLOCK_B, BN]: sum over the nnz rows k listed in idx of sparsify(x[:, k]) * wt[k, cols]."""
+                 xf, wf, BLOCK_B: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, DOT_F32: tl.constexpr,
+                 FIRST: tl.constexpr):
+    """fp32 [BLOCK_B, BN]: sum over the nnz rows k listed in idx of sparsify(x[:, k]) * wt[k, cols] (one
+    token with FIRST: plus the first tile xf, wf read before the compaction)."""
     rb = tl.arange(0, BLOCK_B)
     bmask = rb < B
     thr = tl.load(t_ptr + rb * stride_tb, mask=bmask, other=float("inf"))
@@ -111,10 +129,13 @@ def _stream_rows(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tb, idx_ptr, 
         # indices of block j+1 are loaded while the rows of block j are in flight, so the index load (L2)
         # and the weight-row load (DRAM) overlap. (Leaving it to the compiler's pipeliner, num_stages 3, was
         # as fast on 4096/11008-wide shapes and 4-7% slower on 14336-wide ones: reports/gpu/README.md.)
-        acc2 = tl.zeros([BK, BN], dtype=tl.float32)
         kk = _load_idx(idx_ptr, 0, nnz, BK)
         w, xv = _load_rows(x_ptr, stride_xb, w_ptr, stride_wk, rb, bmask, thr, kk, 0, nnz, cols, col_mask, BK)
         kk = _load_idx(idx_ptr, BK, nnz, BK)
+        if FIRST:  # consumed only now, after the first compacted rows were requested
+            acc2 = wf.to(tl.float32) * xf[:, None]
+        else:
+            acc2 = tl.zeros([BK, BN], dtype=tl.float32)
         for j in range(BK, nnz + BK, BK):
             w_next, xv_next = _load_rows(x_ptr, stride_xb, w_ptr, stride_wk, rb, bmask, thr, kk, j, nnz, cols,
                                          col_mask, BK)
@@ -186,8 +207,8 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
                         y_ptr, stride_yb, part_ptr, idx_ptr, lock_ptr,
                         B, K, N, N1, N2, NB1, NB2,
                         SPLIT: tl.constexpr, GLU: tl.constexpr, BLOCK_B: tl.constexpr,
-                        KC: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, DOT_F32: tl.constexpr,
-                        PDL: tl.constexpr):
+                        KC: tl.constexpr, KCP: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+                        DOT_F32: tl.constexpr, FIRST: tl.constexpr, PDL: tl.constexpr):
     """Grid (column blocks, SPLIT). Up to 3 projections concatenated in wt's columns, split at N1 and N2
     (their first column blocks are NB1 and NB2), projection p using thresholds t[p]. GLU mode: wt = [gate |
     up] (N1 = N/2 columns each, NB1 blocks each); gate block j and up block j share one ticket counter and
@@ -206,10 +227,17 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
     cols = col0 + (pid_n - blk0) * BN + tl.arange(0, BN)
     cmask = cols < col_end
     t_proj = t_ptr + proj * stride_tp
+    kend = tl.minimum(K, k0 + KC)
     rows_ptr = idx_ptr + (pid_k * tl.num_programs(0) + pid_n).to(tl.int64) * KC  # private scratch
-    rows = _compact(x_ptr, stride_xb, t_proj, stride_tb, rows_ptr, B, K, k0, BLOCK_B, KC)
-    acc = _stream_rows(x_ptr, stride_xb, w_ptr, stride_wk, t_proj, stride_tb, rows_ptr, rows, B, cols, cmask,
-                       BLOCK_B, BK, BN, DOT_F32)
+    if FIRST and BLOCK_B == 1:
+        xf, wf = _first_tile(x_ptr, w_ptr, stride_wk, t_proj, k0, kend, cols, cmask, BK)
+        rows = _compact(x_ptr, stride_xb, t_proj, stride_tb, rows_ptr, B, k0 + BK, kend, BLOCK_B, KCP)
+        acc = _stream_rows(x_ptr, stride_xb, w_ptr, stride_wk, t_proj, stride_tb, rows_ptr, rows, B, cols,
+                           cmask, xf, wf, BLOCK_B, BK, BN, DOT_F32, True)
+    else:
+        rows = _compact(x_ptr, stride_xb, t_proj, stride_tb, rows_ptr, B, k0, kend, BLOCK_B, KCP)
+        acc = _stream_rows(x_ptr, stride_xb, w_ptr, stride_wk, t_proj, stride_tb, rows_ptr, rows, B, cols,
+                           cmask, 0.0, 0.0, BLOCK_B, BK, BN, DOT_F32, False)
     if PDL:  # the next kernel may start its launch while this one reduces
         tl.extra.cuda.gdc_launch_dependents()
     if GLU:
@@ -278,22 +306,23 @@ def _sm_count(device: torch.device) -> int:
 
 
 def pick_config(B: int, K: int, n_blocks_of, device: torch.device) -> dict:
-    """Block sizes and K-split: about 3 programs per SM, each streaming a chunk of KC input rows.
+    """Block sizes and K-split: one wave of about 3 programs per SM, each streaming a chunk of KC input rows.
 
-    n_blocks_of(BN) gives the number of column blocks for a column-block width BN. Chosen from a sweep on an
-    H100 (benchmarks/gpu_kernels.py --sweep): fewer, longer programs amortise the compaction prologue and
-    the reduction epilogue; fewer than about 2 per SM leave bandwidth unused. On the H100 the one-token
-    kernel takes 165 registers a thread (read on the device), so 3 programs fit on an SM and these grids
-    run in one wave (reports/gpu/tune: other grids, tiles and reductions were not faster)."""
+    n_blocks_of(BN) gives the number of column blocks for a column-block width BN. On the H100 the one-token
+    kernel takes about 165 registers a thread (read on the device), so 3 programs fit on an SM. The K split
+    is the largest that keeps the grid within 3 programs per SM, and KC any multiple of BK (at least 256
+    rows, at most 2048): power-of-two chunks left the 14336-wide shapes at 224 programs (1.7 per SM).
+    FIRST: the first BK rows of each chunk are read masked while the rest is compacted. maxnreg holds the
+    one-token kernel to 168 registers, so 3 programs of 4 warps fit on an SM: without it ptxas gave the
+    SwiGLU launch 204 (2 per SM, and its grid of 3 per SM ran in 1.3 waves), with it 168 and no spills."""
     if device.type != "cuda":  # the interpreter: small blocks keep CPU tests fast and exercise every path
-        return dict(BN=32, KC=32, BK=16, num_warps=1, num_stages=1)
-    BN = 128
+        return dict(BN=32, KC=32, BK=16, num_warps=1, num_stages=1, FIRST=False)
+    BN, BK = 128, 64
     n_blocks = n_blocks_of(BN)
-    target = 3 * _sm_count(device)
-    KC = 256
-    while KC < 2048 and n_blocks * triton.cdiv(K, KC) > target:
-        KC *= 2
-    return dict(BN=BN, KC=KC, BK=64, num_warps=4, num_stages=1 if B == 1 else 3)
+    split = max(1, (3 * _sm_count(device)) // n_blocks)
+    KC = min(2048, max(256, triton.cdiv(triton.cdiv(K, split), BK) * BK))
+    return dict(BN=BN, KC=KC, BK=BK, num_warps=4, num_stages=1 if B == 1 else 3, FIRST=False,
+                maxnreg=168 if B == 1 else None)
 
 
 def _launch(x, wt, t, splits, glu, config=None):
@@ -323,7 +352,10 @@ def _launch(x, wt, t, splits, glu, config=None):
     cfg = dict(pick_config(B, K, n_blocks_of, x.device))
     if config:
         cfg.update(config)
-    BN, KC = cfg["BN"], cfg["KC"]
+    BN, KC, BK = cfg["BN"], cfg["KC"], cfg["BK"]
+    first = bool(cfg.get("FIRST", False)) and B == 1 and KC > BK
+    if KC % BK:
+        raise ValueError(f"chunk KC={KC} must be a multiple of BK={BK}")
     n_blocks = n_blocks_of(BN)
     NB1 = triton.cdiv(widths[0], BN)
     NB2 = NB1 + triton.cdiv(widths[1], BN)
@@ -337,9 +369,15 @@ def _launch(x, wt, t, splits, glu, config=None):
         x, x.stride(0), wt, wt.stride(0), t, t.stride(0), t.stride(1),
         y, y.stride(0), part, idx, locks,
         B, K, N, bounds[0], bounds[1], NB1, NB2,
-        SPLIT=split, GLU=glu, BLOCK_B=block_b, KC=KC, BK=cfg["BK"], BN=BN, DOT_F32=x.device.type != "cuda",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_args(x.device, cfg.get("pdl")))
+        SPLIT=split, GLU=glu, BLOCK_B=block_b, KC=KC, KCP=triton.next_power_of_2(KC - BK if first else KC),
+        BK=BK, BN=BN, DOT_F32=x.device.type != "cuda", FIRST=first, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **_reg_args(cfg), **pdl_args(x.device, cfg.get("pdl")))
     return y
+
+
+def _reg_args(cfg):
+    """maxnreg only when set (the interpreter and older launch paths take no such option)."""
+    return {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
 
 
 def _thresholds_device(t, P, B, device):
