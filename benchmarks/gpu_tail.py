@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from acttail.kernels import sparse_linear, sparse_linear_ref, sparse_swiglu, sparse_swiglu_ref
-from acttail.kernels.sparse_gemv import _compact, _finish, _first_tile, _stream_rows, pick_config
+from acttail.kernels.sparse_gemv import _compact, _finish, _stream_rows, pick_config
 from benchmarks.gpu_kernels import copy_bandwidth, rel_err, threshold_for, time_graph, warm_up
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]
@@ -113,20 +113,21 @@ def variants(K, N, sms, splits=None):
     splits = splits or (N,)
     n_blocks_of = lambda bn: sum(triton.cdiv(w, bn) for w in splits)  # noqa: E731
     base = pick_config(1, K, n_blocks_of, torch.device("cuda"))
-    half = max(256, triton.cdiv(triton.cdiv(base["KC"], 2), 64) * 64)
-    kc256 = min(2048, max(256, triton.cdiv(triton.cdiv(K, max(1, 3 * sms // n_blocks_of(256))), 32) * 32))
+
+    def fill(per_sm, bn):
+        split = max(1, per_sm * sms // n_blocks_of(bn))
+        return min(2048, max(256, triton.cdiv(triton.cdiv(K, split), 64) * 64))
+
     return {
-        # the kernel as committed before issue 12: power-of-two chunks, registers left to ptxas
-        "v0": dict(base, KC=old_kc(K, n_blocks_of(128), sms), FIRST=False, maxnreg=None),
-        "fill": dict(base, FIRST=False),
-        "fill+first": dict(base, FIRST=True),
-        "fill+first nopdl": dict(base, FIRST=True, pdl=False),
-        "first 2wave": dict(base, KC=half, FIRST=True),
-        "bn256 bk32 first": dict(base, BN=256, BK=32, KC=kc256, FIRST=True),
+        # the launch rule committed before issue 12: power-of-two chunks, registers left to ptxas
+        "v0": dict(base, KC=old_kc(K, n_blocks_of(128), sms), maxnreg=None),
+        "current": dict(base),
+        "2/SM": dict(base, KC=fill(2, 128)),
+        "bn64": dict(base, BN=64, KC=fill(3, 64)),
     }
 
 
-DIST_VARIANTS = ["v0", "fill+first", "first 2wave"]
+DIST_VARIANTS = ["v0", "current"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -157,6 +158,59 @@ class Load:
 
 
 EVENTS_IN_GRAPH = [True]
+
+
+@triton.jit
+def _hog_kernel(src_ptr, out_ptr, n_per, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per SM streaming its own slice ITERS times: it holds one program slot on every SM (and
+    some bandwidth) for as long as it runs."""
+    pid = tl.program_id(0)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    base = pid.to(tl.int64) * n_per
+    for _ in range(ITERS):
+        for off in range(0, n_per, BLOCK):
+            acc += tl.load(src_ptr + base + off + tl.arange(0, BLOCK)).to(tl.float32)
+    tl.store(out_ptr + pid, tl.sum(acc, axis=0))
+
+
+class SlotLoad:
+    """A concurrent load that holds SM slots: one small program per SM on a second stream, re-launched when
+    the previous one has finished (about 2 ms each). Our one-token grid needs all 3 slots of every SM."""
+
+    def __init__(self, sms, target_ms=2.0):
+        self.sms, self.n_per = sms, 1 << 20
+        self.src = torch.randn(sms * self.n_per, device="cuda", dtype=torch.float16)
+        self.out = torch.empty(sms, device="cuda")
+        self.s = torch.cuda.Stream()
+        self.iters = 1
+        ms = self._time()
+        self.iters = max(1, int(target_ms / ms))
+        self.ms = self._time()
+        self.ev = None
+
+    def _launch(self):
+        _hog_kernel[(self.sms,)](self.src, self.out, self.n_per, ITERS=self.iters, BLOCK=2048, num_warps=4)
+
+    def _time(self):
+        with torch.cuda.stream(self.s):
+            self._launch()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            self._launch()
+            b.record()
+        b.synchronize()
+        return a.elapsed_time(b)
+
+    def push(self):
+        if self.ev is None or self.ev.query():
+            with torch.cuda.stream(self.s):
+                self._launch()
+                self.ev = torch.cuda.Event()
+                self.ev.record()
+
+    def drain(self):
+        self.s.synchronize()
+        self.ev = None
 
 
 def per_launch(call, n_copies, load=None, min_samples=MIN_SAMPLES):
@@ -242,7 +296,7 @@ def _smid():
 @triton.jit
 def _traced_kernel(x_ptr, w_ptr, stride_wk, t_ptr, y_ptr, part_ptr, idx_ptr, lock_ptr, tr_ptr, K, N,
                    SPLIT: tl.constexpr, KC: tl.constexpr, KCP: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-                   FIRST: tl.constexpr, PDL: tl.constexpr):
+                   PDL: tl.constexpr):
     """_sparse_gemv_kernel for one token and one projection, with timestamps per program."""
     t0 = _now()
     if PDL:
@@ -257,17 +311,9 @@ def _traced_kernel(x_ptr, w_ptr, stride_wk, t_ptr, y_ptr, part_ptr, idx_ptr, loc
     cols = pid_n * BN + tl.arange(0, BN)
     cmask = cols < N
     rows_ptr = idx_ptr + (pid_k * tl.num_programs(0) + pid_n).to(tl.int64) * KC
-    if FIRST:
-        xf, wf = _first_tile(x_ptr, w_ptr, stride_wk, t_ptr, k0, kend, cols, cmask, BK)
-        rows = _compact(x_ptr, K, t_ptr, 0, rows_ptr, 1, k0 + BK, kend, 1, KCP)
-        t2 = _now()
-        acc = _stream_rows(x_ptr, K, w_ptr, stride_wk, t_ptr, 0, rows_ptr, rows, 1, cols, cmask, xf, wf,
-                           1, BK, BN, False, True)
-    else:
-        rows = _compact(x_ptr, K, t_ptr, 0, rows_ptr, 1, k0, kend, 1, KCP)
-        t2 = _now()
-        acc = _stream_rows(x_ptr, K, w_ptr, stride_wk, t_ptr, 0, rows_ptr, rows, 1, cols, cmask, 0.0, 0.0,
-                           1, BK, BN, False, False)
+    rows = _compact(x_ptr, K, t_ptr, 0, rows_ptr, 1, k0, kend, 1, KCP)
+    t2 = _now()
+    acc = _stream_rows(x_ptr, K, w_ptr, stride_wk, t_ptr, 0, rows_ptr, rows, 1, cols, cmask, 1, BK, BN, False)
     t3 = _now()  # the loop consumed its last rows: they have arrived
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -285,7 +331,7 @@ def _traced_kernel(x_ptr, w_ptr, stride_wk, t_ptr, y_ptr, part_ptr, idx_ptr, loc
 
 def traced_launch(x, wt, t, cfg, trace):
     K, N = wt.shape
-    BN, KC, BK, first = cfg["BN"], cfg["KC"], cfg["BK"], cfg.get("FIRST", False)
+    BN, KC, BK = cfg["BN"], cfg["KC"], cfg["BK"]
     nb, split = triton.cdiv(N, BN), triton.cdiv(K, KC)
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
     part = torch.empty(split * N, dtype=torch.float32, device=x.device)
@@ -294,12 +340,12 @@ def traced_launch(x, wt, t, cfg, trace):
     locks = _locks(x.device, nb)
     pdl = pdl_args(x.device, cfg.get("pdl"))
     _traced_kernel[(nb, split)](x, wt, wt.stride(0), t, y, part, idx, locks, trace, K, N, SPLIT=split, KC=KC,
-                                KCP=triton.next_power_of_2(KC - BK if first else KC), BK=BK, BN=BN,
-                                FIRST=first, num_warps=4, num_stages=1, maxnreg=168, **pdl)
+                                KCP=triton.next_power_of_2(KC), BK=BK, BN=BN, num_warps=4, num_stages=1,
+                                maxnreg=168, **pdl)
     return y
 
 
-def timeline(x, wt_copies, t, cfg, load=None, replays=4):
+def timeline(x, wt_copies, t, cfg, load=None, replays=4, raw=None):
     """Per-launch summaries of program timestamps (microseconds from the launch's first program start)."""
     K, N = wt_copies[0].shape
     nb, split = triton.cdiv(N, cfg["BN"]), triton.cdiv(K, cfg["KC"])
@@ -322,6 +368,9 @@ def timeline(x, wt_copies, t, cfg, load=None, replays=4):
         g.replay()
         torch.cuda.synchronize()
         tr = traces.cpu()
+        if raw is not None and len(raw) < 2:  # per program: sm, resident, waited, compacted, streamed, finished
+            t0 = int(tr[0][:, 2].min())
+            raw.append([[int(v[0])] + [round((int(u) - t0) / 1e3, 3) for u in v[1:6]] for v in tr[0].tolist()])
         for i in range(n):
             a = tr[i].double()
             t0 = a[:, 2].min()  # the first program past its PDL wait: the launch's effective start
@@ -390,7 +439,7 @@ def bench_fused(sms, sparsities=(0.5, 0.7, 0.9)):
             dense = lambda i: F.linear(x, w[i])  # noqa: E731
         t_dense, _ = time_graph(dense, R)
         V = {k: v for k, v in variants(K, N, sms, (splits[0],) * 2 if glu else splits).items()
-             if k in ("v0", "fill", "fill+first")}
+             if k in ("v0", "current")}
         for s in sparsities:
             tv = threshold_for(x, s)
             P = 2 if glu else 3
@@ -408,6 +457,25 @@ def bench_fused(sms, sparsities=(0.5, 0.7, 0.9)):
             rows.append(row)
             log("fused", name, f"s={s:.0%} dense {t_dense:.1f} | "
                 + " ".join(f"{k} {v['us']:.1f} (err {v['rel_err']:.1e})" for k, v in row["ours"].items()))
+        del w, wt
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_bf16(sparsities=(0.4, 0.5, 0.7, 0.9)):
+    """bf16, one token: our kernel (current launch rule) against dense cuBLAS."""
+    rows = []
+    for K, N in SHAPES:
+        w, wt = make_copies(K, N, torch.bfloat16)
+        R = len(wt)
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        t_dense, _ = time_graph(lambda i: F.linear(x, w[i]), R)
+        for s in sparsities:
+            t = torch.tensor([threshold_for(x, s)], device="cuda")
+            err = rel_err(sparse_linear(x, wt[0], t), sparse_linear_ref(x, wt[0], t))
+            us, _ = time_graph(lambda i: sparse_linear(x, wt[i], t), R)
+            rows.append(dict(K=K, N=N, sparsity=s, us_dense=t_dense, us_ours=us, rel_err=err))
+            log(f"bf16 {K}x{N} s={s:.0%} dense {t_dense:.1f} ours {us:.1f} ({t_dense / us:.2f}x) err {err:.1e}")
         del w, wt
         torch.cuda.empty_cache()
     return rows
@@ -468,6 +536,8 @@ def main():
     teal_precompile(teal, sparsities)
     log("TEAL compiled")
     load = Load()
+    slots = SlotLoad(sms)
+    log(f"slot load: {sms} programs, {slots.ms:.2f} ms a launch")
     warm_up(1.0)
     rows, timelines = [], []
     result = dict(meta=meta, copy_bw=bw, sms=sms, rows=rows, timelines=timelines)
@@ -485,7 +555,8 @@ def main():
         log(f"{K}x{N}: compiled {len(V)} variants, R={R}")
         t_dense, _ = time_graph(lambda i: F.linear(xs, w[i]), R)
         dense_dist = dict(quiet=stats(per_launch(lambda i: F.linear(xs, w[i]), R)),
-                          load=stats(per_launch(lambda i: F.linear(xs, w[i]), R, load)))
+                          copy=stats(per_launch(lambda i: F.linear(xs, w[i]), R, load)),
+                          slots=stats(per_launch(lambda i: F.linear(xs, w[i]), R, slots)))
         for s in sparsities:
             x = torch.randn(1, K, device="cuda", dtype=torch.float16)
             tval = threshold_for(x, s)
@@ -502,30 +573,37 @@ def main():
             row["teal_rel_err"] = rel_err(yt, ref)
             row["us_teal"], row["teal_spread"] = time_graph(lambda i: teal_call(teal, x, wt[i], tval, s), R)
             row["teal_config"] = str(teal.splitk_sparse_gemv_kernel.best_config)
-            for name in DIST_VARIANTS:
-                cfg = V[name]
-                fn = lambda i: sparse_linear(x, wt[i], t, config=cfg)  # noqa: E731
-                row["dist"][name] = dict(quiet=stats(per_launch(fn, R)), load=stats(per_launch(fn, R, load)))
-            fn = lambda i: teal_call(teal, x, wt[i], tval, s)  # noqa: E731
-            row["dist"]["teal"] = dict(quiet=stats(per_launch(fn, R)), load=stats(per_launch(fn, R, load)))
+            fn = lambda i: sparse_linear(x, wt[i], t, config=V["v0"])  # noqa: E731
+            row["dist"]["v0"] = dict(quiet=stats(per_launch(fn, R)))
+            for name, fn in (("current", lambda i: sparse_linear(x, wt[i], t, config=V["current"])),
+                             ("teal", lambda i: teal_call(teal, x, wt[i], tval, s))):
+                row["dist"][name] = dict(quiet=stats(per_launch(fn, R)), copy=stats(per_launch(fn, R, load)),
+                                         slots=stats(per_launch(fn, R, slots)))
             rows.append(row)
-            o = row["ours"]
-            log(f"{K}x{N} s={s:.0%} dense {t_dense:.1f} teal {row['us_teal']:.1f} ({row['teal_config']}) | "
+            o, D = row["ours"], row["dist"]
+            log(f"{K}x{N} s={s:.0%} dense {t_dense:.1f} teal {row['us_teal']:.1f} | "
                 + " ".join(f"{k} {v['us']:.1f}" for k, v in o.items())
-                + " | p99/med quiet " + " ".join(f"{k} {v['quiet']['p99_over_median']:.2f}" for k, v in row["dist"].items())
-                + " | load med " + " ".join(f"{k} {v['load']['median']:.1f}/{v['load']['p99']:.1f}"
-                                            for k, v in row["dist"].items()))
-            if not args.no_trace and (K, N, s) in [(4096, 4096, 0.4), (4096, 11008, 0.6), (11008, 4096, 0.4),
-                                                   (4096, 14336, 0.5)]:
-                for name in ["v0", "fill+first"]:
-                    try:
-                        err, q = timeline(x, wt, t, V[name])
-                        _, l = timeline(x, wt, t, V[name], load)
-                        timelines.append(dict(K=K, N=N, sparsity=s, variant=name, rel_err=err,
-                                              quiet=summarize_timeline(q), load=summarize_timeline(l)))
-                        log("timeline", K, N, s, name, json.dumps(timelines[-1])[:1500])
-                    except Exception as e:  # diagnostics only
-                        log("timeline failed", repr(e)[:500])
+                + f" | teal/current {row['us_teal'] / o['current']['us']:.2f} | p99/med quiet "
+                + " ".join(f"{k} {v['quiet']['p99_over_median']:.2f}" for k, v in D.items())
+                + " | copy load med/p99 " + " ".join(f"{k} {D[k]['copy']['median']:.1f}/{D[k]['copy']['p99']:.0f}"
+                                                     for k in ("current", "teal"))
+                + " | slot load med/p99 " + " ".join(f"{k} {D[k]['slots']['median']:.1f}/{D[k]['slots']['p99']:.0f}"
+                                                     for k in ("current", "teal")))
+            if not args.no_trace and (K, N, s) in [(4096, 4096, 0.4), (4096, 11008, 0.5), (11008, 4096, 0.5)]:
+                try:
+                    raw = []
+                    err, q = timeline(x, wt, t, V["current"], raw=raw)
+                    _, sl = timeline(x, wt, t, V["current"], slots)
+                    timelines.append(dict(K=K, N=N, sparsity=s, variant="current", rel_err=err,
+                                          quiet=summarize_timeline(q), slots=summarize_timeline(sl), raw_quiet=raw))
+                    tq, ts = timelines[-1]["quiet"], timelines[-1]["slots"]
+                    log(f"timeline {K}x{N} {s:.0%}: quiet span {tq['median']['span']:.1f} (compact "
+                        f"{tq['median']['compact_med']:.2f}, stream {tq['median']['stream_med']:.1f} max "
+                        f"{tq['median']['stream_max']:.1f}, end spread {tq['median']['stream_end_spread']:.1f}, finish "
+                        f"{tq['median']['finish_med']:.2f}); slot load span {ts['median']['span']:.1f}, late starts "
+                        f"{ts['median']['late_starts']}, start spread {ts['median']['start_spread']:.1f}")
+                except Exception as e:  # diagnostics only
+                    log("timeline failed", repr(e)[:500])
             (out / "tail.json").write_text(json.dumps(result, indent=1))
         del w, wt
         torch.cuda.empty_cache()
@@ -533,12 +611,14 @@ def main():
     result["fused"] = bench_fused(sms)
     (out / "tail.json").write_text(json.dumps(result, indent=1))
     result["batch"] = bench_batch()
+    (out / "tail.json").write_text(json.dumps(result, indent=1))
+    result["bf16"] = bench_bf16()
     try:
         result["registers"] = compiled_registers()
     except Exception as e:  # noqa: BLE001  (diagnostics only)
         result["registers"] = [dict(error=repr(e)[:300])]
     for r in result["registers"]:
-        log("registers", r)
+        log("registers", r.get("kernel"), r.get("n_regs"), r.get("n_spills"), r.get("constants", "")[:160])
     (out / "tail.json").write_text(json.dumps(result, indent=1))
     log("done")
 

@@ -102,25 +102,9 @@ def _compact(x_ptr, stride_xb, t_ptr, stride_tb, idx_ptr, B, kstart, kend, BLOCK
 
 
 @triton.jit
-def _first_tile(x_ptr, w_ptr, stride_wk, t_ptr, k0, kend, cols, col_mask, BK: tl.constexpr):
-    """One token: the first BK rows of the chunk, read TEAL-style (loads masked to the kept rows, no
-    compaction), so weight bytes are in flight while the rest of the chunk is compacted. Returns the
-    sparsified activations (fp32 [BK]) and the rows (zeros where dropped)."""
-    rf = k0 + tl.arange(0, BK)
-    fm = rf < kend
-    xf = tl.load(x_ptr + rf, mask=fm, other=0.0).to(tl.float32)
-    keep = (tl.abs(xf) > tl.load(t_ptr)) & fm
-    wf = tl.load(w_ptr + rf[:, None] * stride_wk + cols[None, :], mask=keep[:, None] & col_mask[None, :],
-                 other=0.0)
-    return tl.where(keep, xf, 0.0), wf
-
-
-@triton.jit
 def _stream_rows(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tb, idx_ptr, nnz, B, cols, col_mask,
-                 xf, wf, BLOCK_B: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, DOT_F32: tl.constexpr,
-                 FIRST: tl.constexpr):
-    """fp32 [BLOCK_B, BN]: sum over the nnz rows k listed in idx of sparsify(x[:, k]) * wt[k, cols] (one
-    token with FIRST: plus the first tile xf, wf read before the compaction)."""
+                 BLOCK_B: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, DOT_F32: tl.constexpr):
+    """fp32 [BLOCK_B, BN]: sum over the nnz rows k listed in idx of sparsify(x[:, k]) * wt[k, cols]."""
     rb = tl.arange(0, BLOCK_B)
     bmask = rb < B
     thr = tl.load(t_ptr + rb * stride_tb, mask=bmask, other=float("inf"))
@@ -132,10 +116,7 @@ def _stream_rows(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tb, idx_ptr, 
         kk = _load_idx(idx_ptr, 0, nnz, BK)
         w, xv = _load_rows(x_ptr, stride_xb, w_ptr, stride_wk, rb, bmask, thr, kk, 0, nnz, cols, col_mask, BK)
         kk = _load_idx(idx_ptr, BK, nnz, BK)
-        if FIRST:  # consumed only now, after the first compacted rows were requested
-            acc2 = wf.to(tl.float32) * xf[:, None]
-        else:
-            acc2 = tl.zeros([BK, BN], dtype=tl.float32)
+        acc2 = tl.zeros([BK, BN], dtype=tl.float32)
         for j in range(BK, nnz + BK, BK):
             w_next, xv_next = _load_rows(x_ptr, stride_xb, w_ptr, stride_wk, rb, bmask, thr, kk, j, nnz, cols,
                                          col_mask, BK)
@@ -208,7 +189,7 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
                         B, K, N, N1, N2, NB1, NB2,
                         SPLIT: tl.constexpr, GLU: tl.constexpr, BLOCK_B: tl.constexpr,
                         KC: tl.constexpr, KCP: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-                        DOT_F32: tl.constexpr, FIRST: tl.constexpr, PDL: tl.constexpr):
+                        DOT_F32: tl.constexpr, PDL: tl.constexpr):
     """Grid (column blocks, SPLIT). Up to 3 projections concatenated in wt's columns, split at N1 and N2
     (their first column blocks are NB1 and NB2), projection p using thresholds t[p]. GLU mode: wt = [gate |
     up] (N1 = N/2 columns each, NB1 blocks each); gate block j and up block j share one ticket counter and
@@ -229,15 +210,9 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
     t_proj = t_ptr + proj * stride_tp
     kend = tl.minimum(K, k0 + KC)
     rows_ptr = idx_ptr + (pid_k * tl.num_programs(0) + pid_n).to(tl.int64) * KC  # private scratch
-    if FIRST and BLOCK_B == 1:
-        xf, wf = _first_tile(x_ptr, w_ptr, stride_wk, t_proj, k0, kend, cols, cmask, BK)
-        rows = _compact(x_ptr, stride_xb, t_proj, stride_tb, rows_ptr, B, k0 + BK, kend, BLOCK_B, KCP)
-        acc = _stream_rows(x_ptr, stride_xb, w_ptr, stride_wk, t_proj, stride_tb, rows_ptr, rows, B, cols,
-                           cmask, xf, wf, BLOCK_B, BK, BN, DOT_F32, True)
-    else:
-        rows = _compact(x_ptr, stride_xb, t_proj, stride_tb, rows_ptr, B, k0, kend, BLOCK_B, KCP)
-        acc = _stream_rows(x_ptr, stride_xb, w_ptr, stride_wk, t_proj, stride_tb, rows_ptr, rows, B, cols,
-                           cmask, 0.0, 0.0, BLOCK_B, BK, BN, DOT_F32, False)
+    rows = _compact(x_ptr, stride_xb, t_proj, stride_tb, rows_ptr, B, k0, kend, BLOCK_B, KCP)
+    acc = _stream_rows(x_ptr, stride_xb, w_ptr, stride_wk, t_proj, stride_tb, rows_ptr, rows, B, cols, cmask,
+                       BLOCK_B, BK, BN, DOT_F32)
     if PDL:  # the next kernel may start its launch while this one reduces
         tl.extra.cuda.gdc_launch_dependents()
     if GLU:
@@ -308,20 +283,19 @@ def _sm_count(device: torch.device) -> int:
 def pick_config(B: int, K: int, n_blocks_of, device: torch.device) -> dict:
     """Block sizes and K-split: one wave of about 3 programs per SM, each streaming a chunk of KC input rows.
 
-    n_blocks_of(BN) gives the number of column blocks for a column-block width BN. On the H100 the one-token
-    kernel takes about 165 registers a thread (read on the device), so 3 programs fit on an SM. The K split
-    is the largest that keeps the grid within 3 programs per SM, and KC any multiple of BK (at least 256
-    rows, at most 2048): power-of-two chunks left the 14336-wide shapes at 224 programs (1.7 per SM).
-    FIRST: the first BK rows of each chunk are read masked while the rest is compacted. maxnreg holds the
-    one-token kernel to 168 registers, so 3 programs of 4 warps fit on an SM: without it ptxas gave the
-    SwiGLU launch 204 (2 per SM, and its grid of 3 per SM ran in 1.3 waves), with it 168 and no spills."""
+    n_blocks_of(BN) gives the number of column blocks for a column-block width BN. The K split is the largest
+    that keeps the grid within 3 programs per SM, and KC any multiple of BK (at least 256 rows, at most
+    2048): power-of-two chunks left the 14336-wide shapes at 224 programs (1.7 per SM), 8% slower at 50% on
+    an H200 (reports/gpu/issue12). maxnreg holds the one-token kernel to 168 registers, so 3 programs of 4
+    warps fit on an SM: left to itself ptxas gave the SwiGLU launch 204 (2 per SM, so its grid ran in 1.3
+    waves; 28% slower at 50%), and with the cap it spills nothing."""
     if device.type != "cuda":  # the interpreter: small blocks keep CPU tests fast and exercise every path
-        return dict(BN=32, KC=32, BK=16, num_warps=1, num_stages=1, FIRST=False)
+        return dict(BN=32, KC=32, BK=16, num_warps=1, num_stages=1)
     BN, BK = 128, 64
     n_blocks = n_blocks_of(BN)
     split = max(1, (3 * _sm_count(device)) // n_blocks)
     KC = min(2048, max(256, triton.cdiv(triton.cdiv(K, split), BK) * BK))
-    return dict(BN=BN, KC=KC, BK=BK, num_warps=4, num_stages=1 if B == 1 else 3, FIRST=False,
+    return dict(BN=BN, KC=KC, BK=BK, num_warps=4, num_stages=1 if B == 1 else 3,
                 maxnreg=168 if B == 1 else None)
 
 
@@ -353,7 +327,6 @@ def _launch(x, wt, t, splits, glu, config=None):
     if config:
         cfg.update(config)
     BN, KC, BK = cfg["BN"], cfg["KC"], cfg["BK"]
-    first = bool(cfg.get("FIRST", False)) and B == 1 and KC > BK
     if KC % BK:
         raise ValueError(f"chunk KC={KC} must be a multiple of BK={BK}")
     n_blocks = n_blocks_of(BN)
@@ -369,8 +342,8 @@ def _launch(x, wt, t, splits, glu, config=None):
         x, x.stride(0), wt, wt.stride(0), t, t.stride(0), t.stride(1),
         y, y.stride(0), part, idx, locks,
         B, K, N, bounds[0], bounds[1], NB1, NB2,
-        SPLIT=split, GLU=glu, BLOCK_B=block_b, KC=KC, KCP=triton.next_power_of_2(KC - BK if first else KC),
-        BK=BK, BN=BN, DOT_F32=x.device.type != "cuda", FIRST=first, num_warps=cfg["num_warps"],
+        SPLIT=split, GLU=glu, BLOCK_B=block_b, KC=KC, KCP=triton.next_power_of_2(KC),
+        BK=BK, BN=BN, DOT_F32=x.device.type != "cuda", num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **_reg_args(cfg), **pdl_args(x.device, cfg.get("pdl")))
     return y
 
@@ -402,12 +375,14 @@ def use_sparse(sparsity: float, batch: int = 1, nbytes: int | None = None) -> bo
 
     Decided before the run from the planned sparsity and the weight size, never from the data.
     - The expected fraction of weight rows read, 1 - s**B for independent token masks, must be small
-      enough: up to 0.8 for one token (FMA path), up to 0.6 for several (tensor-core path).
+      enough: up to 0.8 for one token (FMA path); for several (tensor-core path) up to 0.6 for 2-4 tokens
+      and 0.45 for 5-8. On an H200 (reports/gpu/issue12) the several-token kernel broke even with cuBLAS
+      at a kept fraction of about 0.74 (2 tokens), 0.67 (4) and 0.56 (8): 8 tokens at 90% (0.57 kept) ran
+      at 0.96-0.98x dense under the old single cut-off of 0.6.
     - The bytes skipped, (s**B) * nbytes, must be worth the kernel's extra fixed cost over cuBLAS (a few
-      microseconds: compaction prologue, split-K ticket): at least 8 MB, about 2.7 us at 3 TB/s.
-    Both cut-offs are read off the H100 table in reports/gpu/kernels.md."""
+      microseconds: compaction prologue, split-K ticket): at least 8 MB, about 2.7 us at 3 TB/s."""
     skipped = sparsity ** batch
-    if 1.0 - skipped > (0.8 if batch == 1 else 0.6):
+    if 1.0 - skipped > (0.8 if batch == 1 else 0.6 if batch <= 4 else 0.45):
         return False
     return nbytes is None or skipped * nbytes >= 8e6
 

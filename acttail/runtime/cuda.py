@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from acttail.kernels import sparse_linear, sparse_swiglu, topk_thresholds, use_sparse
-from acttail.kernels.decode_ops import add_rmsnorm, decode_attention, rope_cache_write
+from acttail.kernels.decode_ops import add_rmsnorm, decode_attention, rope_cache_write, silu_mul
 
 from ..layout import GROUPS
 from .model import ModelArgs, rope_cache
@@ -127,9 +127,8 @@ class CudaDecoder:
             t = self.t.get((i, group))
         if t is None:  # dense cuBLAS on the same input-major weights
             y = x @ w
-            if group == "gate_up":
-                g, u = y.split(self.args.intermediate_size, dim=-1)
-                return F.silu(g) * u
+            if group == "gate_up":  # silu(gate) * up in one launch
+                return silu_mul(y, self.args.intermediate_size)
             return y
         if group == "gate_up":
             return sparse_swiglu(x, w, t)
