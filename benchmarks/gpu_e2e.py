@@ -111,22 +111,19 @@ def time_decode(dec, prompt, n_tokens, repeats=3):
     return statistics.median(rates), rates
 
 
-# kernel launch rules timed side by side (issue 12): the current one (pick_config) and the rule committed before
-# issue 12 (power-of-two chunks, registers left to ptxas: the SwiGLU launch then ran 2 programs per SM).
-STEPS = ("current", "committed launch rule (v0)")
+# one-token launch rules timed side by side (issue 12): pick_config as committed, and the accumulator of 8 rows
+# (RB=8) with grids of 3, 4 or 5 programs per SM ((per_sm, RB, maxnreg) for the one-token launches).
+STEPS = {"current": None, "rb8 3/SM": (3, 8, 128), "rb8 4/SM": (4, 8, 128), "rb8 5/SM": (5, 8, 96)}
 _PICK = SG.pick_config
 
 
 def _pick_for(step):
     def pick(B, K, n_blocks_of, device):
         cfg = dict(_PICK(B, K, n_blocks_of, device))
-        if device.type != "cuda" or step == "current":
+        if device.type != "cuda" or B > 1 or STEPS[step] is None:
             return cfg
-        else:
-            KC = 256
-            while KC < 2048 and n_blocks_of(128) * triton.cdiv(K, KC) > 3 * SG._sm_count(device):
-                KC *= 2
-            cfg.update(KC=KC, maxnreg=None)
+        per_sm, rb, regs = STEPS[step]
+        cfg.update(KC=SG.chunk_rows(K, n_blocks_of(128), per_sm, SG._sm_count(device)), RB=rb, maxnreg=regs)
         return cfg
     return pick
 
@@ -238,9 +235,9 @@ def markdown(rows, info, bw, meta):
              "- floor = copy bandwidth / bytes that must be read per token (kept weight rows + LM head)", "",
              "- 'sparse groups': projection groups (qkv, o, gate/up, down per layer) run by the sparse kernel; "
              "the last variant lets `use_sparse` send a group to dense cuBLAS when the kernel cannot pay", "",
-             "- step: the sparse kernel's launch rule: 'current' = pick_config; 'committed launch rule (v0)' = the "
-             "rule before issue 12 (power-of-two chunks, no register cap). Speedups are against dense with the "
-             "same step; the dense gate/up epilogue is one silu_mul launch in both", "",
+             "- step: the sparse kernel's one-token launch rule: 'current' = pick_config as committed; 'rb8 N/SM' = "
+             "the accumulator of 8 rows with a grid of N programs per SM. Speedups are against dense with the "
+             "same step (dense runs no sparse kernel)", "",
              "| model | variant | step | target sparsity | achieved | sparse groups | tok/s | vs dense | floor tok/s "
              "| of floor |",
              "|---|---|---|---|---|---|---|---|---|---|"]

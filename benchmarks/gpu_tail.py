@@ -110,24 +110,26 @@ def old_kc(K, n_blocks, sms):
 
 
 def variants(K, N, sms, splits=None):
+    """Launch configurations timed side by side (one token)."""
+    from acttail.kernels.sparse_gemv import chunk_rows
     splits = splits or (N,)
     n_blocks_of = lambda bn: sum(triton.cdiv(w, bn) for w in splits)  # noqa: E731
     base = pick_config(1, K, n_blocks_of, torch.device("cuda"))
-
-    def fill(per_sm, bn):
-        split = max(1, per_sm * sms // n_blocks_of(bn))
-        return min(2048, max(256, triton.cdiv(triton.cdiv(K, split), 64) * 64))
-
+    nb = n_blocks_of(128)
+    rb8 = lambda per_sm, regs: dict(base, KC=chunk_rows(K, nb, per_sm, sms), RB=8, maxnreg=regs)  # noqa: E731
     return {
         # the launch rule committed before issue 12: power-of-two chunks, registers left to ptxas
-        "v0": dict(base, KC=old_kc(K, n_blocks_of(128), sms), maxnreg=None),
-        "current": dict(base),
-        "2/SM": dict(base, KC=fill(2, 128)),
-        "bn64": dict(base, BN=64, KC=fill(3, 64)),
+        "v0": dict(base, KC=old_kc(K, nb, sms), RB=1, maxnreg=None),
+        # run 2's rule: chunks filling 3 programs per SM, [64, 128] accumulator, 168 registers
+        "current": dict(base, KC=chunk_rows(K, nb, 3, sms), RB=1, maxnreg=168),
+        # accumulator of 8 rows (96-119 registers): the same grid, or 4 or 5 programs per SM
+        "rb8 3/SM": rb8(3, 128),
+        "rb8 4/SM": rb8(4, 128),
+        "rb8 5/SM": rb8(5, 96),
     }
 
 
-DIST_VARIANTS = ["v0", "current"]
+DIST_VARIANTS = ["current", "rb8 3/SM", "rb8 4/SM", "rb8 5/SM"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -438,8 +440,7 @@ def bench_fused(sms, sparsities=(0.5, 0.7, 0.9)):
         else:
             dense = lambda i: F.linear(x, w[i])  # noqa: E731
         t_dense, _ = time_graph(dense, R)
-        V = {k: v for k, v in variants(K, N, sms, (splits[0],) * 2 if glu else splits).items()
-             if k in ("v0", "current")}
+        V = variants(K, N, sms, (splits[0],) * 2 if glu else splits)
         for s in sparsities:
             tv = threshold_for(x, s)
             P = 2 if glu else 3
@@ -462,20 +463,27 @@ def bench_fused(sms, sparsities=(0.5, 0.7, 0.9)):
     return rows
 
 
-def bench_bf16(sparsities=(0.4, 0.5, 0.7, 0.9)):
-    """bf16, one token: our kernel (current launch rule) against dense cuBLAS."""
+def bench_bf16(sms, sparsities=(0.4, 0.5, 0.7, 0.9), names=("current", "rb8 3/SM", "rb8 4/SM", "rb8 5/SM")):
+    """bf16, one token: our kernel against dense cuBLAS."""
     rows = []
     for K, N in SHAPES:
         w, wt = make_copies(K, N, torch.bfloat16)
         R = len(wt)
+        V = variants(K, N, sms)
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         t_dense, _ = time_graph(lambda i: F.linear(x, w[i]), R)
         for s in sparsities:
             t = torch.tensor([threshold_for(x, s)], device="cuda")
-            err = rel_err(sparse_linear(x, wt[0], t), sparse_linear_ref(x, wt[0], t))
-            us, _ = time_graph(lambda i: sparse_linear(x, wt[i], t), R)
-            rows.append(dict(K=K, N=N, sparsity=s, us_dense=t_dense, us_ours=us, rel_err=err))
-            log(f"bf16 {K}x{N} s={s:.0%} dense {t_dense:.1f} ours {us:.1f} ({t_dense / us:.2f}x) err {err:.1e}")
+            row = dict(K=K, N=N, sparsity=s, us_dense=t_dense, ours={})
+            for name in names:
+                cfg = V[name]
+                err = rel_err(sparse_linear(x, wt[0], t, config=cfg), sparse_linear_ref(x, wt[0], t))
+                us, _ = time_graph(lambda i: sparse_linear(x, wt[i], t, config=cfg), R)
+                row["ours"][name] = dict(us=us, rel_err=err)
+            rows.append(row)
+            log(f"bf16 {K}x{N} s={s:.0%} dense {t_dense:.1f} | "
+                + " ".join(f"{k} {v['us']:.1f} ({t_dense / v['us']:.2f}x, err {v['rel_err']:.1e})"
+                           for k, v in row["ours"].items()))
         del w, wt
         torch.cuda.empty_cache()
     return rows
@@ -575,20 +583,23 @@ def main():
             row["teal_config"] = str(teal.splitk_sparse_gemv_kernel.best_config)
             fn = lambda i: sparse_linear(x, wt[i], t, config=V["v0"])  # noqa: E731
             row["dist"]["v0"] = dict(quiet=stats(per_launch(fn, R)))
-            for name, fn in (("current", lambda i: sparse_linear(x, wt[i], t, config=V["current"])),
-                             ("teal", lambda i: teal_call(teal, x, wt[i], tval, s))):
+            for name in DIST_VARIANTS + ["teal"]:
+                if name == "teal":
+                    fn = lambda i: teal_call(teal, x, wt[i], tval, s)  # noqa: E731
+                else:
+                    fn = lambda i, c=V[name]: sparse_linear(x, wt[i], t, config=c)  # noqa: E731
                 row["dist"][name] = dict(quiet=stats(per_launch(fn, R)), copy=stats(per_launch(fn, R, load)),
                                          slots=stats(per_launch(fn, R, slots)))
             rows.append(row)
             o, D = row["ours"], row["dist"]
             log(f"{K}x{N} s={s:.0%} dense {t_dense:.1f} teal {row['us_teal']:.1f} | "
                 + " ".join(f"{k} {v['us']:.1f}" for k, v in o.items())
-                + f" | teal/current {row['us_teal'] / o['current']['us']:.2f} | p99/med quiet "
+                + " | teal/ours " + " ".join(f"{k} {row['us_teal'] / v['us']:.2f}" for k, v in o.items()) + " | p99/med quiet "
                 + " ".join(f"{k} {v['quiet']['p99_over_median']:.2f}" for k, v in D.items())
                 + " | copy load med/p99 " + " ".join(f"{k} {D[k]['copy']['median']:.1f}/{D[k]['copy']['p99']:.0f}"
-                                                     for k in ("current", "teal"))
+                                                     for k in D if "copy" in D[k])
                 + " | slot load med/p99 " + " ".join(f"{k} {D[k]['slots']['median']:.1f}/{D[k]['slots']['p99']:.0f}"
-                                                     for k in ("current", "teal")))
+                                                     for k in D if "slots" in D[k]))
             if not args.no_trace and (K, N, s) in [(4096, 4096, 0.4), (4096, 11008, 0.5), (11008, 4096, 0.5)]:
                 try:
                     raw = []
@@ -612,7 +623,7 @@ def main():
     (out / "tail.json").write_text(json.dumps(result, indent=1))
     result["batch"] = bench_batch()
     (out / "tail.json").write_text(json.dumps(result, indent=1))
-    result["bf16"] = bench_bf16()
+    result["bf16"] = bench_bf16(sms)
     try:
         result["registers"] = compiled_registers()
     except Exception as e:  # noqa: BLE001  (diagnostics only)

@@ -139,6 +139,40 @@ def _stream_rows(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tb, idx_ptr, 
 
 
 @triton.jit
+def _stream_rows_grouped(x_ptr, w_ptr, stride_wk, t_ptr, idx_ptr, nnz, cols, col_mask, RB: tl.constexpr,
+                         BKR: tl.constexpr, BN: tl.constexpr):
+    """One token, fp32 [1, BN], with an accumulator of RB rows instead of BK = RB * BKR: each tile of
+    gathered rows is loaded as [RB, BKR, BN] and summed over its BKR axis before it is added. Triton lays
+    the tile out with that axis inside each thread (threads over RB and BN, read in the TTGIR for sm_90), so
+    the sum is in registers and the accumulator takes 8 registers a thread instead of the 64 of the [BK, BN]
+    one in _stream_rows. Pipelined like _stream_rows: tile j+1 and the indices of tile j+2 are requested
+    before tile j is summed."""
+    thr = tl.load(t_ptr)
+    r2 = tl.arange(0, RB)[:, None] * BKR + tl.arange(0, BKR)[None, :]
+    BK = RB * BKR
+    kk = tl.load(idx_ptr + r2, mask=r2 < nnz, other=0)
+    w, xv = _load_rows_grouped(x_ptr, w_ptr, stride_wk, thr, kk, r2, 0, nnz, cols, col_mask)
+    kk = tl.load(idx_ptr + BK + r2, mask=(BK + r2) < nnz, other=0)
+    acc = tl.zeros([RB, BN], dtype=tl.float32)
+    for j in range(BK, nnz + BK, BK):
+        w_next, xv_next = _load_rows_grouped(x_ptr, w_ptr, stride_wk, thr, kk, r2, j, nnz, cols, col_mask)
+        kk = tl.load(idx_ptr + j + BK + r2, mask=(j + BK + r2) < nnz, other=0)
+        acc += tl.sum(w.to(tl.float32) * xv.to(tl.float32)[:, :, None], axis=1)
+        w, xv = w_next, xv_next
+    return tl.sum(acc, axis=0)[None, :]
+
+
+@triton.jit
+def _load_rows_grouped(x_ptr, w_ptr, stride_wk, thr, kk, r2, j, nnz, cols, col_mask):
+    """Gathered rows kk [RB, BKR] as [RB, BKR, BN] and their sparsified activations (zeros past nnz)."""
+    jm = (j + r2) < nnz
+    w = tl.load(w_ptr + kk[:, :, None] * stride_wk + cols[None, None, :],
+                mask=jm[:, :, None] & col_mask[None, None, :], other=0.0)
+    xv = tl.load(x_ptr + kk, mask=jm, other=0.0)
+    return w, tl.where(tl.abs(xv.to(tl.float32)) > thr, xv, 0.0)
+
+
+@triton.jit
 def _load_idx(idx_ptr, j, nnz, BK: tl.constexpr):
     """Compacted row indices idx[j:j+BK] (0 past nnz)."""
     rj = j + tl.arange(0, BK)
@@ -189,7 +223,7 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
                         B, K, N, N1, N2, NB1, NB2,
                         SPLIT: tl.constexpr, GLU: tl.constexpr, BLOCK_B: tl.constexpr,
                         KC: tl.constexpr, KCP: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-                        DOT_F32: tl.constexpr, PDL: tl.constexpr):
+                        DOT_F32: tl.constexpr, RB: tl.constexpr, PDL: tl.constexpr):
     """Grid (column blocks, SPLIT). Up to 3 projections concatenated in wt's columns, split at N1 and N2
     (their first column blocks are NB1 and NB2), projection p using thresholds t[p]. GLU mode: wt = [gate |
     up] (N1 = N/2 columns each, NB1 blocks each); gate block j and up block j share one ticket counter and
@@ -211,8 +245,11 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
     kend = tl.minimum(K, k0 + KC)
     rows_ptr = idx_ptr + (pid_k * tl.num_programs(0) + pid_n).to(tl.int64) * KC  # private scratch
     rows = _compact(x_ptr, stride_xb, t_proj, stride_tb, rows_ptr, B, k0, kend, BLOCK_B, KCP)
-    acc = _stream_rows(x_ptr, stride_xb, w_ptr, stride_wk, t_proj, stride_tb, rows_ptr, rows, B, cols, cmask,
-                       BLOCK_B, BK, BN, DOT_F32)
+    if BLOCK_B == 1 and RB > 1:
+        acc = _stream_rows_grouped(x_ptr, w_ptr, stride_wk, t_proj, rows_ptr, rows, cols, cmask, RB, BK // RB, BN)
+    else:
+        acc = _stream_rows(x_ptr, stride_xb, w_ptr, stride_wk, t_proj, stride_tb, rows_ptr, rows, B, cols,
+                           cmask, BLOCK_B, BK, BN, DOT_F32)
     if PDL:  # the next kernel may start its launch while this one reduces
         tl.extra.cuda.gdc_launch_dependents()
     if GLU:
@@ -280,23 +317,35 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[key]
 
 
-def pick_config(B: int, K: int, n_blocks_of, device: torch.device) -> dict:
-    """Block sizes and K-split: one wave of about 3 programs per SM, each streaming a chunk of KC input rows.
+# One-token launch: programs per SM the grid is sized for, row groups of the accumulator (RB > 1:
+# _stream_rows_grouped) and the register cap that lets that many programs share an SM.
+ONE_TOKEN = dict(per_sm=3, RB=1, maxnreg=168)
 
-    n_blocks_of(BN) gives the number of column blocks for a column-block width BN. The K split is the largest
-    that keeps the grid within 3 programs per SM, and KC any multiple of BK (at least 256 rows, at most
-    2048): power-of-two chunks left the 14336-wide shapes at 224 programs (1.7 per SM), 8% slower at 50% on
-    an H200 (reports/gpu/issue12). maxnreg holds the one-token kernel to 168 registers, so 3 programs of 4
-    warps fit on an SM: left to itself ptxas gave the SwiGLU launch 204 (2 per SM, so its grid ran in 1.3
-    waves; 28% slower at 50%), and with the cap it spills nothing."""
+
+def chunk_rows(K: int, n_blocks: int, per_sm: int, sms: int, BK: int = 64) -> int:
+    """KC for a grid of about per_sm programs per SM: the largest K split that fits, chunks any multiple of
+    BK (at least 256 rows, at most 2048)."""
+    split = max(1, (per_sm * sms) // n_blocks)
+    return min(2048, max(256, triton.cdiv(triton.cdiv(K, split), BK) * BK))
+
+
+def pick_config(B: int, K: int, n_blocks_of, device: torch.device) -> dict:
+    """Block sizes and K-split: one wave of programs, each streaming a chunk of KC input rows.
+
+    n_blocks_of(BN) gives the number of column blocks for a column-block width BN. Several tokens: 3
+    programs per SM. One token: ONE_TOKEN. Power-of-two chunks (the rule before issue 12) left the
+    14336-wide shapes at 224 programs (1.7 per SM), 8% slower at 50% on an H200 (reports/gpu/issue12).
+    maxnreg caps the registers so the planned programs fit on an SM: left to itself ptxas gave the SwiGLU
+    launch 204 a thread (2 programs per SM, so its grid of 3 per SM ran in 1.3 waves; 28% slower at 50%)."""
     if device.type != "cuda":  # the interpreter: small blocks keep CPU tests fast and exercise every path
         return dict(BN=32, KC=32, BK=16, num_warps=1, num_stages=1)
     BN, BK = 128, 64
-    n_blocks = n_blocks_of(BN)
-    split = max(1, (3 * _sm_count(device)) // n_blocks)
-    KC = min(2048, max(256, triton.cdiv(triton.cdiv(K, split), BK) * BK))
-    return dict(BN=BN, KC=KC, BK=BK, num_warps=4, num_stages=1 if B == 1 else 3,
-                maxnreg=168 if B == 1 else None)
+    sms = _sm_count(device)
+    if B > 1:
+        return dict(BN=BN, KC=chunk_rows(K, n_blocks_of(BN), 3, sms, BK), BK=BK, num_warps=4, num_stages=3)
+    one = ONE_TOKEN
+    return dict(BN=BN, KC=chunk_rows(K, n_blocks_of(BN), one["per_sm"], sms, BK), BK=BK, num_warps=4,
+                num_stages=1, RB=one["RB"], maxnreg=one["maxnreg"])
 
 
 def _launch(x, wt, t, splits, glu, config=None):
@@ -329,6 +378,8 @@ def _launch(x, wt, t, splits, glu, config=None):
     BN, KC, BK = cfg["BN"], cfg["KC"], cfg["BK"]
     if KC % BK:
         raise ValueError(f"chunk KC={KC} must be a multiple of BK={BK}")
+    if BK % int(cfg.get("RB", 1)):
+        raise ValueError(f"row groups RB={cfg['RB']} must divide BK={BK}")
     n_blocks = n_blocks_of(BN)
     NB1 = triton.cdiv(widths[0], BN)
     NB2 = NB1 + triton.cdiv(widths[1], BN)
@@ -343,7 +394,8 @@ def _launch(x, wt, t, splits, glu, config=None):
         y, y.stride(0), part, idx, locks,
         B, K, N, bounds[0], bounds[1], NB1, NB2,
         SPLIT=split, GLU=glu, BLOCK_B=block_b, KC=KC, KCP=triton.next_power_of_2(KC),
-        BK=BK, BN=BN, DOT_F32=x.device.type != "cuda", num_warps=cfg["num_warps"],
+        BK=BK, BN=BN, DOT_F32=x.device.type != "cuda", RB=int(cfg.get("RB", 1)) if B == 1 else 1,
+        num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **_reg_args(cfg), **pdl_args(x.device, cfg.get("pdl")))
     return y
 
