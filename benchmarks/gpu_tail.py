@@ -120,16 +120,17 @@ def variants(K, N, sms, splits=None):
     return {
         # the launch rule committed before issue 12: power-of-two chunks, registers left to ptxas
         "v0": dict(base, KC=old_kc(K, nb, sms), RB=1, maxnreg=None),
-        # run 2's rule: chunks filling 3 programs per SM, [64, 128] accumulator, 168 registers
-        "current": dict(base, KC=chunk_rows(K, nb, 3, sms), RB=1, maxnreg=168),
-        # accumulator of 8 rows (96-119 registers): the same grid, or 4 or 5 programs per SM
+        # chunks filling 3 programs per SM, [64, 128] accumulator, 168 registers (the idle-GPU optimum; in
+        # reports/gpu/issue12/run3 this column is named "current")
+        "rb1 3/SM": dict(base, KC=chunk_rows(K, nb, 3, sms), RB=1, maxnreg=168),
+        # accumulator of 8 rows (96-120 registers): 3 programs per SM (the default, pick_config), or 4 or 5
         "rb8 3/SM": rb8(3, 128),
         "rb8 4/SM": rb8(4, 128),
         "rb8 5/SM": rb8(5, 96),
     }
 
 
-DIST_VARIANTS = ["current", "rb8 3/SM", "rb8 4/SM", "rb8 5/SM"]
+DIST_VARIANTS = ["rb1 3/SM", "rb8 3/SM", "rb8 4/SM", "rb8 5/SM"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -463,7 +464,7 @@ def bench_fused(sms, sparsities=(0.5, 0.7, 0.9)):
     return rows
 
 
-def bench_bf16(sms, sparsities=(0.4, 0.5, 0.7, 0.9), names=("current", "rb8 3/SM", "rb8 4/SM", "rb8 5/SM")):
+def bench_bf16(sms, sparsities=(0.4, 0.5, 0.7, 0.9), names=("rb1 3/SM", "rb8 3/SM", "rb8 4/SM", "rb8 5/SM")):
     """bf16, one token: our kernel against dense cuBLAS."""
     rows = []
     for K, N in SHAPES:
@@ -603,9 +604,9 @@ def main():
             if not args.no_trace and (K, N, s) in [(4096, 4096, 0.4), (4096, 11008, 0.5), (11008, 4096, 0.5)]:
                 try:
                     raw = []
-                    err, q = timeline(x, wt, t, V["current"], raw=raw)
-                    _, sl = timeline(x, wt, t, V["current"], slots)
-                    timelines.append(dict(K=K, N=N, sparsity=s, variant="current", rel_err=err,
+                    err, q = timeline(x, wt, t, V["rb1 3/SM"], raw=raw)
+                    _, sl = timeline(x, wt, t, V["rb1 3/SM"], slots)
+                    timelines.append(dict(K=K, N=N, sparsity=s, variant="rb1 3/SM", rel_err=err,
                                           quiet=summarize_timeline(q), slots=summarize_timeline(sl), raw_quiet=raw))
                     tq, ts = timelines[-1]["quiet"], timelines[-1]["slots"]
                     log(f"timeline {K}x{N} {s:.0%}: quiet span {tq['median']['span']:.1f} (compact "

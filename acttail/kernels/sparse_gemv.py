@@ -8,6 +8,7 @@ drops one contiguous row of ``wt``. Each program owns a block of output columns 
 2. it compacts the kept row indices with a cumulative sum into a private scratch buffer, so the weight
    stream below skips single rows, not blocks of rows (with random sparsity a block is rarely all zero);
 3. it streams only the gathered rows, accumulating in fp32 (FMA for one token, ``tl.dot`` for several);
+   one token sums each tile of gathered rows inside the threads into an accumulator of RB rows;
 4. the chunks of one column block are summed deterministically: each program writes its partial sums, and
    the last program to finish (a ticket counter, reset by that program) adds them in chunk order and writes
    the output. One launch, no atomics on the output, no zeroing pass, no host synchronisation, fixed grid:
@@ -17,9 +18,12 @@ Several projections that share an input (q/k/v, or gate/up) run in one launch wi
 their weights are concatenated along the output dimension. ``sparse_swiglu`` also fuses silu(gate) * up:
 gate block j and up block j share one ticket, and the last of their programs writes silu(g) * u.
 
-Measured on an H100 (reports/gpu/README.md): a kept row costs what the copy bandwidth allows; each launch
-adds a fixed 5.1-5.5 us (prologue and reduction), so ``use_sparse`` sends low sparsity to dense cuBLAS. On
-Hopper the launch uses programmatic dependent launch: it waits (``gdc_wait``) before reading anything.
+The grid is one wave of about 3 programs per SM (``pick_config``), each program small enough in registers
+that a fourth would fit: a grid that needs every slot of every SM runs part of itself as a second wave
+whenever another kernel holds a slot, which was the cause of its fragile timings (reports/gpu/issue12).
+Each launch adds a fixed few microseconds (prologue and reduction), so ``use_sparse`` sends low sparsity to
+dense cuBLAS. On Hopper the launch uses programmatic dependent launch: it waits (``gdc_wait``) before reading
+anything.
 """
 
 from __future__ import annotations
@@ -318,8 +322,12 @@ def _sm_count(device: torch.device) -> int:
 
 
 # One-token launch: programs per SM the grid is sized for, row groups of the accumulator (RB > 1:
-# _stream_rows_grouped) and the register cap that lets that many programs share an SM.
-ONE_TOKEN = dict(per_sm=3, RB=1, maxnreg=168)
+# _stream_rows_grouped) and the register cap. RB=8 at 3 per SM (about 120 registers a thread, so 4 programs
+# would fit) leaves SM slots free: when another kernel holds a slot on every SM the grid still runs in one
+# wave (H200, reports/gpu/issue12: 20% faster than the [64, 128] accumulator under such a load, and as fast as
+# TEAL's kernel or faster; 0-4% slower when the GPU is otherwise idle). dict(per_sm=3, RB=1, maxnreg=168) is
+# the idle-GPU optimum: one wave of 3 programs of 168 registers, which needs every slot of every SM.
+ONE_TOKEN = dict(per_sm=3, RB=8, maxnreg=128)
 
 
 def chunk_rows(K: int, n_blocks: int, per_sm: int, sms: int, BK: int = 64) -> int:
@@ -338,7 +346,7 @@ def pick_config(B: int, K: int, n_blocks_of, device: torch.device) -> dict:
     maxnreg caps the registers so the planned programs fit on an SM: left to itself ptxas gave the SwiGLU
     launch 204 a thread (2 programs per SM, so its grid of 3 per SM ran in 1.3 waves; 28% slower at 50%)."""
     if device.type != "cuda":  # the interpreter: small blocks keep CPU tests fast and exercise every path
-        return dict(BN=32, KC=32, BK=16, num_warps=1, num_stages=1)
+        return dict(BN=32, KC=32, BK=16, num_warps=1, num_stages=1, RB=4 if ONE_TOKEN["RB"] > 1 else 1)
     BN, BK = 128, 64
     sms = _sm_count(device)
     if B > 1:
