@@ -324,7 +324,7 @@ def _sm_count(device: torch.device) -> int:
 # One-token launch: programs per SM the grid is sized for, row groups of the accumulator (RB > 1:
 # _stream_rows_grouped) and the register cap. RB=8 at 3 per SM (about 120 registers a thread, so 4 programs
 # would fit) leaves SM slots free: when another kernel holds a slot on every SM the grid still runs in one
-# wave (H200, reports/gpu/issue12: 20% faster than the [64, 128] accumulator under such a load, and as fast as
+# wave (H200, reports/gpu/issue12: 21-30% faster than the [64, 128] accumulator under such a load, as fast as
 # TEAL's kernel or faster; 0-6% slower when the GPU is otherwise idle). dict(per_sm=3, RB=1, maxnreg=168) is
 # the idle-GPU optimum: one wave of 3 programs of 168 registers, which needs every slot of every SM.
 ONE_TOKEN = dict(per_sm=3, RB=8, maxnreg=128)
