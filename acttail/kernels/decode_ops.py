@@ -55,6 +55,38 @@ def add_rmsnorm(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: f
     return h
 
 
+def silu_mul_ref(gu, inter):
+    """silu(gate) * up for gu = [gate | up] [rows, 2 * inter], in torch's rounding (F.silu(g) * u)."""
+    g, u = gu.split(inter, dim=-1)
+    return torch.nn.functional.silu(g) * u
+
+
+@triton.jit
+def _silu_mul_kernel(gu_ptr, h_ptr, I, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    row = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = c < I
+    g = tl.load(gu_ptr + row * 2 * I + c, mask=m, other=0.0)
+    u = tl.load(gu_ptr + row * 2 * I + I + c, mask=m, other=0.0)
+    g32 = g.to(tl.float32)
+    s = (g32 / (1.0 + tl.exp(-g32))).to(g.dtype)  # F.silu rounds to the input dtype, then the 16-bit product
+    tl.store(h_ptr + row * I + c, (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=m)
+
+
+def silu_mul(gu: torch.Tensor, inter: int) -> torch.Tensor:
+    """One launch for the dense gate/up epilogue: silu(gu[:, :inter]) * gu[:, inter:] (gu contiguous)."""
+    rows = gu.shape[0]
+    h = torch.empty(rows, inter, dtype=gu.dtype, device=gu.device)
+    block = 1024 if gu.device.type == "cuda" else 64
+    _silu_mul_kernel[(rows, triton.cdiv(inter, block))](gu, h, inter, BLOCK=block,
+                                                        num_warps=4 if gu.device.type == "cuda" else 1,
+                                                        **pdl_args(gu.device))
+    return h
+
+
 def rope_cache_write_ref(qkv, cos, sin, pos, k_cache, v_cache, n_head, n_kv, head_dim, bias=None):
     """q rotated [n_head, D]; k rotated and v written into the caches [n_kv, T, D] at position pos[0].
 

@@ -8,6 +8,7 @@ drops one contiguous row of ``wt``. Each program owns a block of output columns 
 2. it compacts the kept row indices with a cumulative sum into a private scratch buffer, so the weight
    stream below skips single rows, not blocks of rows (with random sparsity a block is rarely all zero);
 3. it streams only the gathered rows, accumulating in fp32 (FMA for one token, ``tl.dot`` for several);
+   one token sums each tile of gathered rows inside the threads into an accumulator of RB rows;
 4. the chunks of one column block are summed deterministically: each program writes its partial sums, and
    the last program to finish (a ticket counter, reset by that program) adds them in chunk order and writes
    the output. One launch, no atomics on the output, no zeroing pass, no host synchronisation, fixed grid:
@@ -18,9 +19,12 @@ their weights are concatenated along the output dimension. ``sparse_glu`` also f
 act silu (SwiGLU: ``sparse_swiglu``) or gelu with the tanh approximation (GeGLU, Gemma): gate block j and up
 block j share one ticket, and the last of their programs writes act(g) * u.
 
-Measured on an H100 (reports/gpu/README.md): a kept row costs what the copy bandwidth allows; each launch
-adds a fixed 5.1-5.5 us (prologue and reduction), so ``use_sparse`` sends low sparsity to dense cuBLAS. On
-Hopper the launch uses programmatic dependent launch: it waits (``gdc_wait``) before reading anything.
+The grid is one wave of about 3 programs per SM (``pick_config``), each program small enough in registers
+that a fourth would fit: a grid that needs every slot of every SM runs part of itself as a second wave
+whenever another kernel holds a slot, which was the cause of its fragile timings (reports/gpu/issue12).
+Each launch adds a fixed few microseconds (prologue and reduction), so ``use_sparse`` sends low sparsity to
+dense cuBLAS. On Hopper the launch uses programmatic dependent launch: it waits (``gdc_wait``) before reading
+anything.
 """
 
 from __future__ import annotations
@@ -92,13 +96,15 @@ def _thresholds_2d(thresholds, P, B, device):
 
 
 @triton.jit
-def _compact(x_ptr, stride_xb, t_ptr, stride_tb, idx_ptr, B, K, k0, BLOCK_B: tl.constexpr, KC: tl.constexpr):
-    """Kept rows of x[:, k0:k0+KC] (union over tokens), compacted in order into idx; returns their count."""
+def _compact(x_ptr, stride_xb, t_ptr, stride_tb, idx_ptr, B, kstart, kend, BLOCK_B: tl.constexpr,
+             KCP: tl.constexpr):
+    """Kept rows of x[:, kstart:kend] (union over tokens; kend - kstart <= KCP, a power of two), compacted
+    in order into idx; returns their count."""
     rb = tl.arange(0, BLOCK_B)
     bmask = rb < B
     thr = tl.load(t_ptr + rb * stride_tb, mask=bmask, other=float("inf"))
-    rk = k0 + tl.arange(0, KC)
-    kmask = rk < K
+    rk = kstart + tl.arange(0, KCP)
+    kmask = rk < kend
     xs = tl.load(x_ptr + rb[:, None] * stride_xb + rk[None, :], mask=bmask[:, None] & kmask[None, :], other=0.0)
     keep = (tl.abs(xs.to(tl.float32)) > thr[:, None]) & bmask[:, None] & kmask[None, :]
     row = tl.max(keep.to(tl.int32), axis=0)  # union of the tokens' masks
@@ -120,10 +126,10 @@ def _stream_rows(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tb, idx_ptr, 
         # indices of block j+1 are loaded while the rows of block j are in flight, so the index load (L2)
         # and the weight-row load (DRAM) overlap. (Leaving it to the compiler's pipeliner, num_stages 3, was
         # as fast on 4096/11008-wide shapes and 4-7% slower on 14336-wide ones: reports/gpu/README.md.)
-        acc2 = tl.zeros([BK, BN], dtype=tl.float32)
         kk = _load_idx(idx_ptr, 0, nnz, BK)
         w, xv = _load_rows(x_ptr, stride_xb, w_ptr, stride_wk, rb, bmask, thr, kk, 0, nnz, cols, col_mask, BK)
         kk = _load_idx(idx_ptr, BK, nnz, BK)
+        acc2 = tl.zeros([BK, BN], dtype=tl.float32)
         for j in range(BK, nnz + BK, BK):
             w_next, xv_next = _load_rows(x_ptr, stride_xb, w_ptr, stride_wk, rb, bmask, thr, kk, j, nnz, cols,
                                          col_mask, BK)
@@ -143,6 +149,40 @@ def _stream_rows(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tb, idx_ptr, 
             else:
                 acc = tl.dot(xv.to(w.dtype), w, acc)
     return acc
+
+
+@triton.jit
+def _stream_rows_grouped(x_ptr, w_ptr, stride_wk, t_ptr, idx_ptr, nnz, cols, col_mask, RB: tl.constexpr,
+                         BKR: tl.constexpr, BN: tl.constexpr):
+    """One token, fp32 [1, BN], with an accumulator of RB rows instead of BK = RB * BKR: each tile of
+    gathered rows is loaded as [RB, BKR, BN] and summed over its BKR axis before it is added. Triton lays
+    the tile out with that axis inside each thread (threads over RB and BN, read in the TTGIR for sm_90), so
+    the sum is in registers and the accumulator takes 8 registers a thread instead of the 64 of the [BK, BN]
+    one in _stream_rows. Pipelined like _stream_rows: tile j+1 and the indices of tile j+2 are requested
+    before tile j is summed."""
+    thr = tl.load(t_ptr)
+    r2 = tl.arange(0, RB)[:, None] * BKR + tl.arange(0, BKR)[None, :]
+    BK = RB * BKR
+    kk = tl.load(idx_ptr + r2, mask=r2 < nnz, other=0)
+    w, xv = _load_rows_grouped(x_ptr, w_ptr, stride_wk, thr, kk, r2, 0, nnz, cols, col_mask)
+    kk = tl.load(idx_ptr + BK + r2, mask=(BK + r2) < nnz, other=0)
+    acc = tl.zeros([RB, BN], dtype=tl.float32)
+    for j in range(BK, nnz + BK, BK):
+        w_next, xv_next = _load_rows_grouped(x_ptr, w_ptr, stride_wk, thr, kk, r2, j, nnz, cols, col_mask)
+        kk = tl.load(idx_ptr + j + BK + r2, mask=(j + BK + r2) < nnz, other=0)
+        acc += tl.sum(w.to(tl.float32) * xv.to(tl.float32)[:, :, None], axis=1)
+        w, xv = w_next, xv_next
+    return tl.sum(acc, axis=0)[None, :]
+
+
+@triton.jit
+def _load_rows_grouped(x_ptr, w_ptr, stride_wk, thr, kk, r2, j, nnz, cols, col_mask):
+    """Gathered rows kk [RB, BKR] as [RB, BKR, BN] and their sparsified activations (zeros past nnz)."""
+    jm = (j + r2) < nnz
+    w = tl.load(w_ptr + kk[:, :, None] * stride_wk + cols[None, None, :],
+                mask=jm[:, :, None] & col_mask[None, None, :], other=0.0)
+    xv = tl.load(x_ptr + kk, mask=jm, other=0.0)
+    return w, tl.where(tl.abs(xv.to(tl.float32)) > thr, xv, 0.0)
 
 
 @triton.jit
@@ -210,8 +250,8 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
                         y_ptr, stride_yb, part_ptr, idx_ptr, lock_ptr,
                         B, K, N, N1, N2, NB1, NB2,
                         SPLIT: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr, BLOCK_B: tl.constexpr,
-                        KC: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, DOT_F32: tl.constexpr,
-                        PDL: tl.constexpr):
+                        KC: tl.constexpr, KCP: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+                        DOT_F32: tl.constexpr, RB: tl.constexpr, PDL: tl.constexpr):
     """Grid (column blocks, SPLIT). Up to 3 projections concatenated in wt's columns, split at N1 and N2
     (their first column blocks are NB1 and NB2), projection p using thresholds t[p]. GLU mode: wt = [gate |
     up] (N1 = N/2 columns each, NB1 blocks each); gate block j and up block j share one ticket counter and
@@ -230,10 +270,14 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
     cols = col0 + (pid_n - blk0) * BN + tl.arange(0, BN)
     cmask = cols < col_end
     t_proj = t_ptr + proj * stride_tp
+    kend = tl.minimum(K, k0 + KC)
     rows_ptr = idx_ptr + (pid_k * tl.num_programs(0) + pid_n).to(tl.int64) * KC  # private scratch
-    rows = _compact(x_ptr, stride_xb, t_proj, stride_tb, rows_ptr, B, K, k0, BLOCK_B, KC)
-    acc = _stream_rows(x_ptr, stride_xb, w_ptr, stride_wk, t_proj, stride_tb, rows_ptr, rows, B, cols, cmask,
-                       BLOCK_B, BK, BN, DOT_F32)
+    rows = _compact(x_ptr, stride_xb, t_proj, stride_tb, rows_ptr, B, k0, kend, BLOCK_B, KCP)
+    if BLOCK_B == 1 and RB > 1:
+        acc = _stream_rows_grouped(x_ptr, w_ptr, stride_wk, t_proj, rows_ptr, rows, cols, cmask, RB, BK // RB, BN)
+    else:
+        acc = _stream_rows(x_ptr, stride_xb, w_ptr, stride_wk, t_proj, stride_tb, rows_ptr, rows, B, cols,
+                           cmask, BLOCK_B, BK, BN, DOT_F32)
     if PDL:  # the next kernel may start its launch while this one reduces
         tl.extra.cuda.gdc_launch_dependents()
     if GLU:
@@ -301,23 +345,39 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[key]
 
 
-def pick_config(B: int, K: int, n_blocks_of, device: torch.device) -> dict:
-    """Block sizes and K-split: about 3 programs per SM, each streaming a chunk of KC input rows.
+# One-token launch: programs per SM the grid is sized for, row groups of the accumulator (RB > 1:
+# _stream_rows_grouped) and the register cap. RB=8 at 3 per SM (about 120 registers a thread, so 4 programs
+# would fit) leaves SM slots free: when another kernel holds a slot on every SM the grid still runs in one
+# wave (H200, reports/gpu/issue12: 21-30% faster than the [64, 128] accumulator under such a load, as fast as
+# TEAL's kernel or faster; 0-6% slower when the GPU is otherwise idle). dict(per_sm=3, RB=1, maxnreg=168) is
+# the idle-GPU optimum: one wave of 3 programs of 168 registers, which needs every slot of every SM.
+ONE_TOKEN = dict(per_sm=3, RB=8, maxnreg=128)
 
-    n_blocks_of(BN) gives the number of column blocks for a column-block width BN. Chosen from a sweep on an
-    H100 (benchmarks/gpu_kernels.py --sweep): fewer, longer programs amortise the compaction prologue and
-    the reduction epilogue; fewer than about 2 per SM leave bandwidth unused. On the H100 the one-token
-    kernel takes 165 registers a thread (read on the device), so 3 programs fit on an SM and these grids
-    run in one wave (reports/gpu/tune: other grids, tiles and reductions were not faster)."""
+
+def chunk_rows(K: int, n_blocks: int, per_sm: int, sms: int, BK: int = 64) -> int:
+    """KC for a grid of about per_sm programs per SM: the largest K split that fits, chunks any multiple of
+    BK (at least 256 rows, at most 2048)."""
+    split = max(1, (per_sm * sms) // n_blocks)
+    return min(2048, max(256, triton.cdiv(triton.cdiv(K, split), BK) * BK))
+
+
+def pick_config(B: int, K: int, n_blocks_of, device: torch.device) -> dict:
+    """Block sizes and K-split: one wave of programs, each streaming a chunk of KC input rows.
+
+    n_blocks_of(BN) gives the number of column blocks for a column-block width BN. Several tokens: 3
+    programs per SM. One token: ONE_TOKEN. Power-of-two chunks (the rule before issue 12) left the
+    14336-wide shapes at 224 programs (1.7 per SM), 8% slower at 50% on an H200 (reports/gpu/issue12).
+    maxnreg caps the registers so the planned programs fit on an SM: left to itself ptxas gave the SwiGLU
+    launch 204 a thread (2 programs per SM, so its grid of 3 per SM ran in 1.3 waves; 28% slower at 50%)."""
     if device.type != "cuda":  # the interpreter: small blocks keep CPU tests fast and exercise every path
-        return dict(BN=32, KC=32, BK=16, num_warps=1, num_stages=1)
-    BN = 128
-    n_blocks = n_blocks_of(BN)
-    target = 3 * _sm_count(device)
-    KC = 256
-    while KC < 2048 and n_blocks * triton.cdiv(K, KC) > target:
-        KC *= 2
-    return dict(BN=BN, KC=KC, BK=64, num_warps=4, num_stages=1 if B == 1 else 3)
+        return dict(BN=32, KC=32, BK=16, num_warps=1, num_stages=1, RB=4 if ONE_TOKEN["RB"] > 1 else 1)
+    BN, BK = 128, 64
+    sms = _sm_count(device)
+    if B > 1:
+        return dict(BN=BN, KC=chunk_rows(K, n_blocks_of(BN), 3, sms, BK), BK=BK, num_warps=4, num_stages=3)
+    one = ONE_TOKEN
+    return dict(BN=BN, KC=chunk_rows(K, n_blocks_of(BN), one["per_sm"], sms, BK), BK=BK, num_warps=4,
+                num_stages=1, RB=one["RB"], maxnreg=one["maxnreg"])
 
 
 def _launch(x, wt, t, splits, glu, config=None, act="silu"):
@@ -349,7 +409,11 @@ def _launch(x, wt, t, splits, glu, config=None, act="silu"):
     cfg = dict(pick_config(B, K, n_blocks_of, x.device))
     if config:
         cfg.update(config)
-    BN, KC = cfg["BN"], cfg["KC"]
+    BN, KC, BK = cfg["BN"], cfg["KC"], cfg["BK"]
+    if KC % BK:
+        raise ValueError(f"chunk KC={KC} must be a multiple of BK={BK}")
+    if BK % int(cfg.get("RB", 1)):
+        raise ValueError(f"row groups RB={cfg['RB']} must divide BK={BK}")
     n_blocks = n_blocks_of(BN)
     NB1 = triton.cdiv(widths[0], BN)
     NB2 = NB1 + triton.cdiv(widths[1], BN)
@@ -363,9 +427,16 @@ def _launch(x, wt, t, splits, glu, config=None, act="silu"):
         x, x.stride(0), wt, wt.stride(0), t, t.stride(0), t.stride(1),
         y, y.stride(0), part, idx, locks,
         B, K, N, bounds[0], bounds[1], NB1, NB2,
-        SPLIT=split, GLU=glu, ACT=GLU_ACTS.index(act), BLOCK_B=block_b, KC=KC, BK=cfg["BK"], BN=BN, DOT_F32=x.device.type != "cuda",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_args(x.device, cfg.get("pdl")))
+        SPLIT=split, GLU=glu, ACT=GLU_ACTS.index(act), BLOCK_B=block_b, KC=KC, KCP=triton.next_power_of_2(KC),
+        BK=BK, BN=BN, DOT_F32=x.device.type != "cuda", RB=int(cfg.get("RB", 1)) if B == 1 else 1,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **_reg_args(cfg), **pdl_args(x.device, cfg.get("pdl")))
     return y
+
+
+def _reg_args(cfg):
+    """maxnreg only when set (the interpreter and older launch paths take no such option)."""
+    return {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
 
 
 def _thresholds_device(t, P, B, device):
@@ -390,12 +461,14 @@ def use_sparse(sparsity: float, batch: int = 1, nbytes: int | None = None) -> bo
 
     Decided before the run from the planned sparsity and the weight size, never from the data.
     - The expected fraction of weight rows read, 1 - s**B for independent token masks, must be small
-      enough: up to 0.8 for one token (FMA path), up to 0.6 for several (tensor-core path).
+      enough: up to 0.8 for one token (FMA path); for several (tensor-core path) up to 0.6 for 2-4 tokens
+      and 0.45 for 5-8. On an H200 (reports/gpu/issue12) the several-token kernel broke even with cuBLAS
+      at a kept fraction of about 0.74 (2 tokens), 0.67 (4) and 0.56 (8): 8 tokens at 90% (0.57 kept) ran
+      at 0.96-0.98x dense under the old single cut-off of 0.6.
     - The bytes skipped, (s**B) * nbytes, must be worth the kernel's extra fixed cost over cuBLAS (a few
-      microseconds: compaction prologue, split-K ticket): at least 8 MB, about 2.7 us at 3 TB/s.
-    Both cut-offs are read off the H100 table in reports/gpu/kernels.md."""
+      microseconds: compaction prologue, split-K ticket): at least 8 MB, about 2.7 us at 3 TB/s."""
     skipped = sparsity ** batch
-    if 1.0 - skipped > (0.8 if batch == 1 else 0.6):
+    if 1.0 - skipped > (0.8 if batch == 1 else 0.6 if batch <= 4 else 0.45):
         return False
     return nbytes is None or skipped * nbytes >= 8e6
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from acttail.kernels import sparse_glu, sparse_linear, topk_thresholds, use_sparse
-from acttail.kernels.decode_ops import add_rmsnorm, decode_attention, rope_cache_write
+from acttail.kernels.decode_ops import add_rmsnorm, decode_attention, rope_cache_write, silu_mul
 
 from ..layout import GROUPS
 from .model import ACTIVATIONS, ModelArgs, RMSNorm, attention, attention_mask, rope_cache
@@ -143,6 +143,8 @@ class CudaDecoder:
             t = self.t.get((i, group))
         if t is None:  # dense cuBLAS on the same input-major weights
             y = x @ w
+            if group == "gate_up" and self.args.activation == "silu":  # silu(gate) * up in one launch
+                return silu_mul(y, self.args.intermediate_size)
             if group == "gate_up":
                 g, u = y.split(self.args.intermediate_size, dim=-1)
                 return ACTIVATIONS[self.args.activation](g) * u
