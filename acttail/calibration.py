@@ -107,7 +107,7 @@ def _calibrate_block(run, layer: int, hs: list[Tensor], sp: Sparsifier, targets:
     def add(hists, x):
         for k, hist in hists.items():
             s = base.get((layer, k))
-            hist.add(x if s is None or s.score is None else x * s.score.to(x.dtype))
+            hist.add(x if s is None or s.score is None else x * s.score.to(x.device, x.dtype))
 
     def fit(hists):
         for k, hist in hists.items():

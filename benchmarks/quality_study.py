@@ -67,7 +67,7 @@ def run(args) -> None:
              "technical": windows_of(args.model, model, "technical", args.other_tokens, args.ctx)}
     if not (out / "dense.json").is_file():
         write_json(out / "dense.json", {t: evaluate_windows(model, w, progress=False) for t, w in texts.items()})
-    doc, _ = run_analysis(args.model, device=args.device, progress=False)
+    doc, _ = run_analysis(args.model, device="cpu", progress=False)  # the ESD does not depend on the device
     if not (out / "greedy.json").is_file():
         t0 = time.time()
         g = measure(model, cal[: args.greedy_tokens // cal.shape[1]], ckpt.fingerprint, "c4", progress=False)
@@ -174,8 +174,9 @@ def tables(root: Path) -> None:
             pts = [(r["wiki"]["saving"], r["wiki"]["perplexity"]) for r in by_b.values()]
             five, ten = (budget_within(pts, dense["wiki"]["perplexity"], s) for s in (0.05, 0.10))
             sp = speedup_at(five, e2e)
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {_pct(five)} | {_pct(ten)} | "
-                         + ("" if sp is None else f"{sp:.2f}x") + " |")
+            tail = (f" | {_pct(five)} | {_pct(ten)} | " + ("" if sp is None else f"{sp:.2f}x")) if len(pts) > 1 \
+                else " | (one budget) | | "
+            lines.append(f"| {name} | " + " | ".join(cells) + tail + " |")
         for key, label in (("wiki_half_dense", "wiki, first half of each window dense (decode after a dense prefill)"),
                            ("wiki_topk", "wiki, top-k mode"), ("technical", "technical (neither calibrated nor tuned on)")):
             base = dense["technical"]["perplexity"] if key == "technical" else dense["wiki"]["perplexity"]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from acttail.kernels import sparse_glu, sparse_linear, topk_thresholds, use_sparse
 from acttail.kernels.decode_ops import add_rmsnorm, decode_attention, rope_cache_write, silu_mul
 
+from ..errors import ActTailError
 from ..layout import GROUPS
 from .model import ACTIVATIONS, ModelArgs, RMSNorm, attention, attention_mask, rope_cache
 from .sparsify import settings
@@ -101,13 +102,16 @@ class CudaDecoder:
             w.update({f"{i}.{n}": norm(m) for n, m in modules.items() if isinstance(m, RMSNorm)})
         return cls(model.args, w, max_seq or model.args.max_seq_len)
 
-    def set_sparsity(self, thresholds: dict | None = None, keeps: dict | None = None, planned: dict | None = None):
+    def set_sparsity(self, thresholds: dict | None = None, keeps: dict | None = None, planned: dict | None = None,
+                     compensation: dict | None = None):
         """thresholds: {(layer, kind): t} (threshold mode) or keeps: {(layer, kind): n} (top-k mode).
 
         A group with no entry stays dense; a missing member of a sparse group keeps every row. With planned
         sparsities {(layer, kind): s}, a group whose mean planned sparsity is too low for the sparse kernel to
-        pay (``use_sparse``) runs dense."""
-        self.t, self.keeps = {}, {}
+        pay (``use_sparse``) runs dense. ``compensation`` {(layer, kind): ProjectionSparsity} brings learned
+        output biases and low-rank factors, applied where the group runs sparse (as the reference applies them
+        on sparsified positions)."""
+        self.t, self.keeps, self.comp = {}, {}, {}
         for i in range(self.args.n_layer):
             for g, kinds in GROUPS.items():
                 if planned is not None:
@@ -121,16 +125,30 @@ class CudaDecoder:
                                                 dtype=torch.float32, device=self.device)
                 if keeps and any((i, k) in keeps for k in kinds):
                     self.keeps[i, g] = [int(keeps.get((i, k), 1 << 30)) for k in kinds]
+                parts = [(compensation or {}).get((i, k)) for k in kinds]
+                if ((i, g) in self.t or (i, g) in self.keeps) and any(c is not None and c.compensated for c in parts):
+                    self.comp[i, g] = [self._on_device(c) for c in parts]
         self.graph = None
+
+    def _on_device(self, c):
+        """(bias fp32 or None, (U, V) in the weights' dtype or None) of one projection, on the device."""
+        if c is None:
+            return None, None
+        bias = c.bias.to(self.device, torch.float32) if c.bias is not None else None
+        lowrank = tuple(t.to(self.device, self.dtype).contiguous() for t in c.lowrank) if c.lowrank is not None else None
+        return bias, lowrank
 
     def set_plan(self, plan, mode: str = "threshold"):
         """Sparsity from an acttail ``Plan`` through the runtime settings every backend shares
         (``sparsify.settings``: thresholds, or keep counts round((1 - s) * in) in topk mode); a group whose
         planned sparsity the kernel cannot pay for runs dense (``use_sparse``)."""
         sets = settings(plan, mode)
+        if any(s.score is not None for s in sets.values()):
+            raise ActTailError(f"the kernel backend ranks inputs by |x|: a plan with {plan.score} score weights runs "
+                               "on the reference backend (--backend reference)")
         self.set_sparsity(thresholds={k: s.threshold for k, s in sets.items() if s.threshold is not None},
                           keeps={k: s.keep for k, s in sets.items() if s.keep is not None},
-                          planned=plan.sparsities())
+                          planned=plan.sparsities(), compensation=sets)
 
     # ---- one decode step ---------------------------------------------------------------------------
 
@@ -149,9 +167,34 @@ class CudaDecoder:
                 g, u = y.split(self.args.intermediate_size, dim=-1)
                 return ACTIVATIONS[self.args.activation](g) * u
             return y
-        if group == "gate_up":
+        comp = self.comp.get((i, group))
+        if group == "gate_up" and comp is None:
             return sparse_glu(x, w, t, act=self.args.activation)
-        return sparse_linear(x, w, t, splits=self.args.qkv_sizes if group == "qkv" else None)
+        splits = {"qkv": self.args.qkv_sizes, "gate_up": (self.args.intermediate_size,) * 2}.get(group)
+        y = sparse_linear(x, w, t, splits=splits)
+        if comp is not None:
+            y = self._compensate(x, y, t, comp, splits or (y.shape[-1],))  # fp32
+        if group == "gate_up":  # act(gate) * up in fp32, rounded once, as the fused kernel does
+            g, u = y.float().split(self.args.intermediate_size, dim=-1)
+            return (ACTIVATIONS[self.args.activation](g) * u).to(x.dtype)
+        return y.to(x.dtype)
+
+    def _compensate(self, x, y, t, comp, splits):
+        """y plus each projection's learned bias and low-rank term U (V x_dropped), x_dropped the inputs its
+        threshold (t [P], or per token [P, B]) zeroed; in fp32 (the caller rounds once)."""
+        outs, col = [], 0
+        for p, ((bias, lowrank), width) in enumerate(zip(comp, splits)):
+            part = y[:, col:col + width].float()
+            if bias is not None:
+                part = part + bias
+            if lowrank is not None:
+                u, v = lowrank
+                thr = t[p].reshape(-1, 1) if t.dim() > 1 else t[p]
+                dropped = torch.where(x.float().abs() > thr, 0.0, x.float()).to(x.dtype)
+                part = part + ((dropped @ v.t()) @ u.t()).float()
+            outs.append(part)
+            col += width
+        return torch.cat(outs, dim=-1)
 
     def _embed(self, tokens):
         x = self.w["tok_embeddings"][tokens]

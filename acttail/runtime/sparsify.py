@@ -98,7 +98,7 @@ def topk_sparsify(x: Tensor, keep: int) -> Tensor:
 def sparsify(x: Tensor, s: ProjectionSparsity) -> Tensor:
     """x sparsified as one projection's setting says (ranked by |x| or by |x_i| score_i)."""
     if s.score is not None:
-        ranked = x.abs() * s.score.to(x.dtype)
+        ranked = x.abs() * s.score.to(x.device, x.dtype)
         if s.threshold is not None:
             return x.masked_fill(ranked <= s.threshold, 0.0)
         if s.keep is not None and s.keep < x.shape[-1]:
@@ -116,10 +116,10 @@ def sparse_linear(x: Tensor, xs: Tensor, w: Tensor, b: Tensor | None, s: Project
     """The projection of input x whose sparsified copy is xs, with the setting's compensation."""
     y = F.linear(xs, w, b)
     if s.lowrank is not None:
-        u, v = s.lowrank
+        u, v = (t.to(x.device, x.dtype) for t in s.lowrank)
         y = y + F.linear(F.linear(x - xs, v), u)
     if s.bias is not None:
-        y = y + s.bias
+        y = y + s.bias.to(y.device, y.dtype)
     return y
 
 
