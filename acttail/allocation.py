@@ -50,14 +50,15 @@ METHODS: dict[str, Callable[..., np.ndarray]] = {}
 class AllocationConfig:
     """How sparsity is spread over projections; each field is a CLI option of ``acttail allocate``.
 
-    method: uniform (TEAL's baseline), acttail (the alpha map, direction measured from a ``sensitivity``
-    column when present, else assumed), alpha-map (assumed direction), acttail-sens (measured, required),
-    sensitivity (measured sensitivity alone, no alpha). scope: where the metric is normalised. epsilon:
+    method: greedy (TEAL's block-wise greedy allocation, from the paths ``acttail greedy`` adds to the
+    analysis: the best measured, reports/quality/), uniform (TEAL's baseline), acttail (the alpha map,
+    direction measured from a ``sensitivity`` column when present, else assumed), alpha-map (assumed
+    direction), acttail-sens (measured, required), sensitivity (measured sensitivity alone, no alpha). scope: where the metric is normalised. epsilon:
     ratios span [1 - eps, 1 + eps]. direction: sparsity increasing in the metric or not. weight: budget
     weighting. min/max_sparsity: bounds of every projection. gamma: strength of the sensitivity method.
     """
 
-    method: str = "acttail"
+    method: str = "greedy"
     scope: str = "global"
     metric: str = "alpha"
     epsilon: float = 0.3
@@ -415,6 +416,9 @@ def plan_from_analysis(analysis, budget: float, config: AllocationConfig | None 
     cfg, params = _split_options(config, options)
     if cfg.method == "greedy":
         params["greedy"] = doc.get("greedy")
+        if params["greedy"] and params["greedy"].get("fingerprint") not in (None, doc["model"]["fingerprint"]):
+            raise ActTailError("the greedy paths in the analysis were measured on other weights (fingerprint "
+                               f"{params['greedy']['fingerprint']}, analysis {doc['model']['fingerprint']})")
     values = sparsities(rows, budget, cfg, **params)
     entries = [PlanEntry(layer=int(r["layer"]), kind=r["kind"], in_features=int(r["in_features"]),
                          out_features=int(r["out_features"]), sparsity=float(s), metric=_finite(r.get(cfg.metric)))

@@ -59,7 +59,15 @@ def analyze(model, fit: str = "ks", dtype: str = "float32", device: str = "cpu",
 
 def allocate(analysis: Analysis, budget: float, config: AllocationConfig | None = None, **options) -> Plan:
     """A plan with one sparsity per projection whose weighted mean is ``budget``; ``options`` change fields
-    of ``config`` (``AllocationConfig``: method, scope, epsilon, ...)."""
+    of ``config`` (``AllocationConfig``: method, scope, epsilon, ...). The default method, greedy, needs the
+    greedy paths of ``acttail greedy`` in the analysis; without them the allocation is uniform, with a warning."""
+    cfg = (config or AllocationConfig()).updated(**{k: v for k, v in options.items() if k == "method"})
+    doc = analysis.to_dict() if hasattr(analysis, "to_dict") else analysis
+    if cfg.method == "greedy" and not doc.get("greedy"):
+        import warnings
+
+        warnings.warn("the analysis has no greedy paths (acttail greedy measures them): allocating uniformly")
+        options = {**options, "method": "uniform"}
     return plan_from_analysis(analysis, budget, config, **options)
 
 

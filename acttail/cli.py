@@ -166,9 +166,10 @@ def analyze_cmd(model, output, csv_path, fit, dtype, device, backend, force, as_
               help="Target parameter-weighted mean sparsity, in (0, 1).")
 @click.option("-o", "--output", type=_Output(), required=True, help="Plan file to write.")
 @click.option("--method", type=click.Choice(sorted(METHODS)), default=DEFAULTS.method, show_default=True,
-              help="acttail (alpha map; direction measured when the analysis has a sensitivity column, else "
+              help="greedy (TEAL's block-wise greedy, from `acttail greedy`; the best measured), uniform (TEAL), "
+                   "acttail (alpha map; direction measured when the analysis has a sensitivity column, else "
                    "--direction), acttail-sens (measured, required), alpha-map (--direction), sensitivity "
-                   "(measured sensitivity alone), or uniform (TEAL).")
+                   "(measured sensitivity alone).")
 @click.option("--scope", type=click.Choice(SCOPES), default=DEFAULTS.scope, show_default=True,
               help="Normalise the metric over all projections, within each kind, or per decoder layer.")
 @click.option("--metric", default=DEFAULTS.metric, show_default=True,
@@ -191,6 +192,10 @@ def allocate_cmd(analysis, budget, output, method, scope, metric, epsilon, direc
     from .analysis import Analysis
 
     doc = Analysis.load(analysis)
+    if method == "greedy" and "greedy" not in doc.extra:
+        click.echo("acttail: warning: the analysis has no greedy paths (`acttail greedy MODEL ANALYSIS -o ...` "
+                   "measures them): allocating uniformly (TEAL) instead", err=True)
+        method = "uniform"
     if method == "acttail" and not has_sensitivity(doc.projections):
         click.echo("acttail: warning: the analysis has no 'sensitivity' column, so the alpha map's direction is "
                    "assumed, not measured (it lost to uniform on SmolLM2 and Qwen2.5: reports/accuracy/); "
@@ -384,25 +389,30 @@ def sensitivity_cmd(model, analysis, text, tokens, ctx, device, measured, output
 @click.option("--max-sparsity", type=click.FloatRange(0.01, 0.99), default=0.9, show_default=True,
               help="Where each block's path ends.")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--measured", type=click.Path(dir_okay=False),
+              help="Reuse greedy paths measured earlier (e.g. on a GPU: reports/quality/<model>/greedy.json).")
 @click.option("-o", "--output", required=True, type=_Output(),
               help="The analysis with TEAL's greedy paths, for `acttail allocate --method greedy`.")
-def greedy_cmd(model, analysis, text, tokens, ctx, base_step, max_sparsity, device, output):
+def greedy_cmd(model, analysis, text, tokens, ctx, base_step, max_sparsity, device, measured, output):
     """TEAL's block-wise greedy allocation: per block, the order in which its projections take sparsity."""
     from .analysis import Analysis
-    from .greedy import measure
+    from .greedy import load_paths, measure
     from .runtime.tokens import text_tokens, windows
     from .text import read_text
 
     doc = Analysis.load(analysis)
-    ckpt, net, tok, bos = _open(model, device)
-    if doc.model["fingerprint"] != ckpt.fingerprint:
-        raise ActTailError(f"{analysis} is the analysis of another checkpoint than {model}")
-    wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text), bos)
-    doc.extra["greedy"] = measure(net, wins, ckpt.fingerprint, str(text), base_step, max_sparsity)
+    if measured:
+        doc.extra["greedy"] = load_paths(measured, doc.model)
+    else:
+        ckpt, net, tok, bos = _open(model, device)
+        if doc.model["fingerprint"] != ckpt.fingerprint:
+            raise ActTailError(f"{analysis} is the analysis of another checkpoint than {model}")
+        wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text), bos)
+        doc.extra["greedy"] = measure(net, wins, ckpt.fingerprint, str(text), base_step, max_sparsity)
     doc.save(output)
     steps = sum(len(p) for p in doc.extra["greedy"]["layers"])
-    click.echo(f"greedy paths of {len(doc.extra['greedy']['layers'])} blocks ({steps} steps) on {wins.numel()} tokens "
-               f"of {text}; wrote {output}")
+    click.echo(f"greedy paths of {len(doc.extra['greedy']['layers'])} blocks ({steps} steps) on "
+               f"{doc.extra['greedy']['tokens']} tokens of {doc.extra['greedy']['text']}; wrote {output}")
 
 
 @main.command("generate")

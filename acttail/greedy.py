@@ -112,3 +112,31 @@ def measure(model, wins: torch.Tensor, fingerprint: str, text: str, base_step: f
     return {"fingerprint": fingerprint, "text": str(text), "tokens": int(wins.numel()), "ctx": int(wins.shape[1]),
             "base_step": base_step, "max_sparsity": max_sparsity, "last_fraction": LAST_FRACTION,
             "seconds": time.time() - t0, "layers": paths}
+
+
+def load_paths(path, model: dict) -> dict:
+    """Greedy paths measured earlier (``measure``'s output as JSON), checked: for these weights, one
+    non-empty path per layer, each step a weighted sparsity and a sparsity per kind in [0, 1]."""
+    from .errors import ActTailError
+    from .files import read_json
+
+    doc = read_json(path, "greedy paths")
+    where = f"greedy paths {path}"
+    if not isinstance(doc, dict) or not isinstance(doc.get("layers"), list):
+        raise ActTailError(f"{where} is not a greedy measurement (from `acttail greedy`)")
+    if doc.get("fingerprint") != model["fingerprint"]:
+        raise ActTailError(f"{where} were measured on other weights (fingerprint {doc.get('fingerprint')}, "
+                           f"analysis {model['fingerprint']})")
+    if len(doc["layers"]) != model["num_layers"]:
+        raise ActTailError(f"{where} cover {len(doc['layers'])} layers, the model has {model['num_layers']}")
+    for i, steps in enumerate(doc["layers"]):
+        ok = isinstance(steps, list) and steps and all(
+            isinstance(st, dict) and _unit(st.get("effective")) and isinstance(st.get("sparsity"), dict)
+            and all(_unit(st["sparsity"].get(k)) for k in KINDS) for st in steps)
+        if not ok:
+            raise ActTailError(f"{where}: layer {i}: each step needs 'effective' and a sparsity in [0, 1] per kind")
+    return doc
+
+
+def _unit(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0.0 <= x <= 1.0

@@ -53,7 +53,7 @@ def kind_table(analysis: acttail.Analysis, budget: float, metric: str) -> list[s
 def report(analysis: acttail.Analysis, analysis_path: str, budgets: list[float], metric: str) -> str:
     m, st = analysis.model, analysis.settings
     nulls = sum(r.get(metric) is None for r in analysis.projections)
-    meth = acttail.allocate(analysis, budgets[0], metric=metric).method  # the defaults, as recorded
+    meth = acttail.allocate(analysis, budgets[0], metric=metric, method="acttail").method  # its defaults, as recorded
     eps, lo, hi = meth["epsilon"], meth["min_sparsity"], meth["max_sparsity"]
     out = [
         f"# Allocation: {os.path.basename(m['path'].rstrip('/'))}",

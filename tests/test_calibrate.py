@@ -134,7 +134,7 @@ def test_calibration_runs_the_gemma_and_phi3_blocks(tmp_path, arch):
     from runtime_tiny import synthetic_analysis
 
     write_hf_model(tmp_path / arch, arch, seed=4, scale=0.3)
-    plan = allocation.plan_from_analysis(synthetic_analysis(tmp_path / arch), 0.5)
+    plan = allocation.plan_from_analysis(synthetic_analysis(tmp_path / arch), 0.5, method="acttail")
     _, model = open_model(tmp_path / arch)
     wins = windows(text_tokens(load_tokenizer(tmp_path / arch), write_text(tmp_path / "c.txt", 3000).read_text(),
                                2048), 64, 256)

@@ -1,9 +1,14 @@
-"""The default `acttail` method: direction measured from a sensitivity column when present, else assumed."""
+"""The `acttail` method (the alpha map): direction measured from a sensitivity column when present, else
+assumed. (The default method is greedy: tests/test_greedy.py.)"""
 
 import numpy as np
 import pytest
 
-from acttail.allocation import sparsities as allocate
+from acttail import allocation
+
+
+def allocate(rows, budget, **kw):
+    return allocation.sparsities(rows, budget, **{"method": "acttail", **kw})
 from acttail.errors import ActTailError
 from stage2_synthetic import rows
 
@@ -48,7 +53,7 @@ def test_plan_records_the_measured_direction():
     from stage2_synthetic import analysis
 
     doc = analysis(num_layers=6, seed=4)
-    assert "direction" not in plan_from_analysis(doc, 0.5).source
+    assert "direction" not in plan_from_analysis(doc, 0.5, method="acttail").source
     doc["projections"] = with_sensitivity(doc["projections"], 1.0)
-    rec = plan_from_analysis(doc, 0.5).source["direction"]
+    rec = plan_from_analysis(doc, 0.5, method="acttail").source["direction"]
     assert rec["direction"] == "decreasing" and rec["spearman"] > rec["chance_bound"] > 0

@@ -28,7 +28,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     folder = root / "model"
     hf = write_hf_model(folder, "qwen2", layers=2, seed=4, tie=False, scale=0.3)
-    allocation.plan_from_analysis(synthetic_analysis(folder), 0.5).save(root / "plan.json")
+    allocation.plan_from_analysis(synthetic_analysis(folder), 0.5, method="acttail").save(root / "plan.json")
     cal, held = write_text(root / "cal.txt", 5000, seed=7), write_text(root / "held.txt", 5000, seed=8)
     r = CliRunner().invoke(main, ["calibrate", str(folder), str(root / "plan.json"), "--text", str(cal),
                                   "--tokens", "2048", "--ctx", "128", "-o", str(root / "calibrated.json")])

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def plan():
-    return plan_from_analysis(analysis(num_layers=12, seed=3), 0.6)
+    return plan_from_analysis(analysis(num_layers=12, seed=3), 0.6, method="acttail")
 
 
 def layer_mean(plan, layer):
@@ -78,7 +78,7 @@ def test_nncf_accepts_the_export():
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_attention_heads=2,
                                    num_key_value_heads=1, num_hidden_layers=3, use_cache=False)
     model = transformers.LlamaForCausalLM(cfg).eval()
-    plan = plan_from_analysis(analysis(num_layers=3, hidden=16, inter=32, kv=8), 0.5)
+    plan = plan_from_analysis(analysis(num_layers=3, hidden=16, inter=32, kv=8), 0.5, method="acttail")
     data = nncf.Dataset([torch.randint(0, 64, (1, 8)) for _ in range(2)])
     scopes = {TargetScope(patterns=[k]): v for k, v in nncf_scopes(plan).items()}
     sparse = sparsify_activations(model, data, target_sparsity_by_scope=scopes)
@@ -103,7 +103,7 @@ def test_teal_folder(plan, tmp_path):
     for kind in KINDS:
         assert float(row[kind]) == plan.projections[5 * 7 + KINDS.index(kind)].sparsity
     # exporting again replaces the folder; a foreign folder is refused, untouched
-    export(plan_from_analysis(analysis(num_layers=12, seed=3), 0.4), "teal", out)
+    export(plan_from_analysis(analysis(num_layers=12, seed=3), 0.4, method="acttail"), "teal", out)
     with open(out / "layer-5" / "results.csv", newline="") as f:
         assert float(list(csv.reader(f))[1][0]) != float(row["Effective Sparsity"])
     assert [p.name for p in tmp_path.iterdir()] == ["teal"]  # no temporary folders left
@@ -167,7 +167,7 @@ def tiny_model(tmp_path_factory):
 
 
 def tiny_plan(threshold):
-    plan = plan_from_analysis(analysis(num_layers=2, hidden=32, inter=64, kv=16), 0.5)
+    plan = plan_from_analysis(analysis(num_layers=2, hidden=32, inter=64, kv=16), 0.5, method="acttail")
     return plan.with_thresholds({e.key: threshold for e in plan.projections})
 
 
@@ -226,6 +226,6 @@ def test_hf_hooks_script(tiny_model, tmp_path, capsys):
     dense, sparse = map(float, re.search(r"dense ([\d.]+)\s+sparse ([\d.]+)", out).groups())
     assert dense != sparse
     uncalibrated = tmp_path / "raw.json"
-    plan_from_analysis(analysis(num_layers=2, hidden=32, inter=64, kv=16), 0.5).save(uncalibrated)
+    plan_from_analysis(analysis(num_layers=2, hidden=32, inter=64, kv=16), 0.5, method="acttail").save(uncalibrated)
     with pytest.raises(SystemExit, match="no thresholds"):
         hf.main([str(tiny_model), str(uncalibrated)])

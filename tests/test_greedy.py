@@ -67,8 +67,20 @@ def test_cli_greedy_then_allocate(tiny):
     assert plan["method"]["name"] == "greedy" and plan["source"]["greedy"]["base_step"] == 0.1
     s = {e["key"]: e["sparsity"] for e in plan["projections"]}
     assert min(s[f"layers.0.{k}"] for k in "qkvo") > max(s[f"layers.0.{k}"] for k in ("gate", "up", "down"))
-    r = run("allocate", root / "analysis.json", "--method", "greedy", "--budget", 0.4, "-o", root / "p2.json")
-    assert r.exit_code == 2 and "acttail greedy" in r.output
+    r = run("allocate", root / "analysis.json", "--budget", 0.4, "-o", root / "p2.json")  # greedy is the default
+    assert r.exit_code == 0 and "no greedy paths" in r.stderr and "allocating uniformly" in r.stderr
+    assert json.loads((root / "p2.json").read_text())["method"]["name"] == "uniform"
+    # the committed-measurement path: --measured reuses paths, checked against the analysed weights
+    (root / "paths.json").write_text(json.dumps(json.loads((root / "analysis-greedy.json").read_text())["greedy"]))
+    r = run("greedy", tiny["model"], root / "analysis.json", "--measured", root / "paths.json", "-o", root / "a3.json")
+    assert r.exit_code == 0, r.output
+    assert json.loads((root / "a3.json").read_text())["greedy"]["layers"] == \
+        json.loads((root / "analysis-greedy.json").read_text())["greedy"]["layers"]
+    bad = json.loads((root / "paths.json").read_text())
+    bad["fingerprint"] = "sha256:other"
+    (root / "bad.json").write_text(json.dumps(bad))
+    r = run("greedy", tiny["model"], root / "analysis.json", "--measured", root / "bad.json", "-o", root / "a4.json")
+    assert r.exit_code == 2 and "other weights" in r.output and not (root / "a4.json").exists()
 
 
 def test_greedy_budget_is_met_exactly():

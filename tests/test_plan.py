@@ -17,7 +17,7 @@ from stage2_synthetic import analysis
 
 @pytest.fixture
 def plan():
-    return plan_from_analysis(analysis(num_layers=4, null_every=6), 0.6, analysis_path="a.json")
+    return plan_from_analysis(analysis(num_layers=4, null_every=6), 0.6, analysis_path="a.json", method="acttail")
 
 
 def edited(plan, path, edit):
@@ -141,7 +141,8 @@ def test_cli_allocate_and_plan_show(tmp_path):
     an.write_text(json.dumps(analysis(num_layers=30, null_every=11)))
     out = tmp_path / "plan.json"
     runner = CliRunner()
-    res = runner.invoke(main, ["allocate", str(an), "--budget", "0.7", "-o", str(out), "--scope", "per-kind"])
+    res = runner.invoke(main, ["allocate", str(an), "--budget", "0.7", "-o", str(out), "--scope", "per-kind",
+                               "--method", "acttail"])
     assert res.exit_code == 0, res.output
     plan = Plan.load(out)
     assert plan.method["scope"] == "per-kind" and abs(plan.weighted_sparsity - 0.7) <= 1e-9
@@ -162,7 +163,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
     an = tmp_path / "analysis.json"
     an.write_text(json.dumps(analysis(num_layers=2)))
     out = tmp_path / "plan.json"
-    res = CliRunner().invoke(main, ["allocate", str(an), "-o", str(out), *args])
+    res = CliRunner().invoke(main, ["allocate", str(an), "-o", str(out), "--method", "acttail", *args])
     assert res.exit_code == 2
     assert message in res.output and "Traceback" not in res.output
     assert not out.exists()
