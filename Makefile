@@ -28,15 +28,22 @@ data: install
 	$(BIN)/acttail fetch wiki
 	$(BIN)/acttail fetch c4
 
-# The main job on SmolLM2: ESD analysis -> per-projection sensitivity (measured on a GPU, committed in
-# reports/accuracy/; `acttail sensitivity` without --measured re-measures it) -> a 50% plan -> the report.
+# The main job on SmolLM2, with the defaults the quality study chose (reports/quality/): ESD analysis ->
+# TEAL's greedy paths (measured on a GPU and committed; `acttail greedy` without --measured re-measures them,
+# about 6 minutes on an H200) -> a 50% plan -> thresholds and learned biases calibrated on c4 (a short CPU run:
+# 4k tokens, 10 training steps; the study used 64k tokens and 200 steps on a GPU) -> wiki evaluation -> report.
 demo: data
 	@mkdir -p $(OUT)
 	$(BIN)/acttail analyze $(MODEL) -o $(OUT)/analysis.json
-	$(BIN)/acttail sensitivity $(MODEL) $(OUT)/analysis.json \
-	  --measured reports/accuracy/smollm2-135m/sensitivity.json -o $(OUT)/analysis-sens.json
-	$(BIN)/acttail allocate $(OUT)/analysis-sens.json --budget 0.5 -o $(OUT)/plan-50.json
-	$(BIN)/acttail report $(OUT)/analysis.json --plan $(OUT)/plan-50.json -o $(OUT)/report
+	$(BIN)/acttail greedy $(MODEL) $(OUT)/analysis.json --measured reports/quality/smollm2-135m/greedy.json \
+	  -o $(OUT)/analysis-greedy.json
+	$(BIN)/acttail allocate $(OUT)/analysis-greedy.json --budget 0.5 -o $(OUT)/plan-50.json
+	$(BIN)/acttail calibrate $(MODEL) $(OUT)/plan-50.json --text c4 --tokens 4096 --ctx 256 --steps 10 \
+	  -o $(OUT)/plan-50-calibrated.json
+	$(BIN)/acttail eval $(MODEL) --plan $(OUT)/plan-50-calibrated.json --text wiki --tokens 2048 --ctx 256 \
+	  -o $(OUT)/eval-50.json
+	$(BIN)/acttail report $(OUT)/analysis.json --plan $(OUT)/plan-50-calibrated.json --eval $(OUT)/eval-50.json \
+	  -o $(OUT)/report
 
 # The tests also check our runtime against transformers on Qwen2.5-Coder-0.5B (six wheels, ~480 MB) and
 # Gemma-3-270M (a Q4_K_M GGUF in four wheels, ~240 MB).

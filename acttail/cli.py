@@ -482,12 +482,15 @@ def generate_cmd(model, plan_path, prompt, max_new_tokens, temperature, seed, mo
               help="Draw the grid for one kind across up to 12 layers instead of one layer.")
 @click.option("--model", type=click.Path(), default=None,
               help="Model folder for the ESD figures (default: the analysis' path, then the acttail cache).")
-def report(analysis, plans, evals, output, esd, esd_layer, esd_kind, model):
+@click.option("--speed", type=click.Path(dir_okay=False), default=None,
+              help="Decode speed table (benchmarks.gpu_e2e's e2e.json, e.g. reports/quality/e2e.json): draws "
+                   "quality against the measured speed-up.")
+def report(analysis, plans, evals, output, esd, esd_layer, esd_kind, model, speed):
     """Write a self-contained HTML report (figures inlined) of ANALYSIS, plans and eval results."""
     from .report import build_report
 
     click.echo(build_report(analysis, plans, evals, output, esd=esd, esd_layer=esd_layer, esd_kind=esd_kind,
-                            model=model))
+                            model=model, speed=speed))
 
 
 if __name__ == "__main__":

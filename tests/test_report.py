@@ -365,3 +365,27 @@ def test_calibration_figure_shows_the_eval_run_of_that_plan(tmp_path):
     hollow = fig.axes[0].collections[0]
     assert len(hollow.get_offsets()) == 21
     assert np.allclose(hollow.get_offsets()[:, 1], hollow.get_offsets()[:, 0] - 5)
+
+
+def test_frontier_against_budget_and_measured_speed(tmp_path):
+    """Eval results with KL draw the quality frontier; with --speed also against the measured speed-up."""
+    analysis = make_analysis(None)
+    paths = write_inputs(tmp_path / "in", analysis, evals=False)
+    fp, evals = analysis["model"]["fingerprint"], []
+    for i, (budget, method, ppl, kl) in enumerate([(None, "dense", 12.0, None), (0.3, "uniform", 13.0, 0.1),
+                                                   (0.5, "uniform", 15.0, 0.4), (0.3, "greedy", 12.5, 0.05),
+                                                   (0.5, "greedy", 13.5, 0.2)]):
+        e = make_eval(fp, ppl, budget, method)
+        e["kl"] = kl
+        evals.append(tmp_path / f"e{i}.json")
+        evals[-1].write_text(json.dumps(e))
+    speed = tmp_path / "e2e.json"
+    speed.write_text(json.dumps({"rows": [
+        {"model": "Llama-2-7B shape", "variant": f"uniform {int(100 * s)}%, use_sparse dispatch", "step": "current",
+         "target_mean_sparsity": s, "speedup": v} for s, v in ((0.3, 1.2), (0.5, 1.5), (0.7, 2.0))]}))
+    html = build_report(paths["analysis"], [], evals, tmp_path / "out", speed=speed).read_text()
+    assert "Quality against budget and speed" in html and "decode speed-up the GPU benchmark measured" in html
+    assert (tmp_path / "out" / "figures" / "frontier.png").is_file()
+    speed.write_text(json.dumps({"rows": []}))
+    with pytest.raises(ActTailError, match="no Llama-2-7B rows"):
+        build_report(paths["analysis"], [], evals, tmp_path / "out2", speed=speed)

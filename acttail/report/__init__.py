@@ -52,6 +52,7 @@ class Report:
     plans: list[PlanView]
     evals: list[dict]
     figures: list[dict] = field(default_factory=list)  # {"section", "name", "title", "caption", "png"}
+    speed: list[tuple[float, float]] | None = None  # (sparsity, decode speed-up) from benchmarks.gpu_e2e
     warnings: list[str] = field(default_factory=list)
 
 
@@ -349,12 +350,39 @@ def draw_accuracy(rep: Report, folder: Path) -> None:
     rep.figures.append({"section": "accuracy", "name": "perplexity_vs_budget", "title": "Perplexity vs budget",
                         "caption": "Perplexity (log scale) of each allocation method at each budget; the "
                                    "dotted line is the dense model.", "png": png})
+    points = {}
+    for e in rep.evals:
+        if e.get("plan") is not None:
+            points.setdefault(e["_label"], []).append((e["plan"]["budget"], e["perplexity"], e.get("kl")))
+    if dense and any(p[2] is not None for pts in points.values() for p in pts):
+        fig = F.frontier_figure(points, dense[0], rep.speed, f"What a budget costs ({text})")
+        png = F.save(fig, folder, "frontier")
+        rep.figures.append({"section": "accuracy", "name": "frontier", "title": "Quality against budget and speed",
+                            "caption": "Perplexity increase over dense and KL divergence to the dense model at each "
+                                       "budget" + (", and the perplexity increase against the decode speed-up the "
+                                                   "GPU benchmark measured at that sparsity (--speed)" if rep.speed
+                                                   else "") + ".", "png": png})
 
 
 # ---- output ----------------------------------------------------------------------------------------
 
+def load_speed(path) -> list[tuple[float, float]]:
+    """(uniform sparsity, decode speed-up) of the Llama-2-7B shape from ``benchmarks.gpu_e2e``'s e2e.json
+    (the rows with use_sparse dispatch, as the decoder runs a plan), with (0, 1) for dense."""
+    doc = read_json(path, "speed table")
+    try:
+        pts = [(0.0, 1.0)] + [(float(r["target_mean_sparsity"]), float(r["speedup"])) for r in doc["rows"]
+                              if str(r["variant"]).endswith("use_sparse dispatch") and r.get("step", "current") ==
+                              "current" and str(r["model"]).startswith("Llama-2-7B")]
+    except (KeyError, TypeError, ValueError):
+        raise ActTailError(f"{path} is not a speed table from benchmarks.gpu_e2e") from None
+    if len(pts) < 2:
+        raise ActTailError(f"{path} has no Llama-2-7B rows with use_sparse dispatch")
+    return pts
+
+
 def build_report(analysis_path, plan_paths=(), eval_paths=(), out_dir="report", esd=(), esd_layer=None,
-                 esd_kind=None, model=None) -> Path:
+                 esd_kind=None, model=None, speed=None) -> Path:
     """Write ``out_dir/index.html`` and ``out_dir/figures/``; return the path of index.html."""
     start = time.perf_counter()
     analysis = load_analysis(analysis_path)
@@ -377,7 +405,7 @@ def build_report(analysis_path, plan_paths=(), eval_paths=(), out_dir="report", 
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ActTailError(f"cannot create output folder {out}: {e.strerror}") from None
-    rep = Report(analysis, plans, evals)
+    rep = Report(analysis, plans, evals, speed=load_speed(speed) if speed else None)
     index = out / "index.html"
     tmp = Path(tempfile.mkdtemp(prefix=".figures.", dir=out))
     tmp.chmod(0o755)

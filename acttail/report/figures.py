@@ -347,3 +347,32 @@ def perplexity_figure(series: dict[str, list[tuple[float, float]]], dense: list[
     ax.grid(True, which="both", lw=0.3, alpha=0.5)
     ax.legend(fontsize=8, loc="upper left")
     return fig
+
+
+def frontier_figure(series: dict[str, list[tuple[float, float, float]]], dense: float,
+                    speed: list[tuple[float, float]] | None, title: str) -> Figure:
+    """What each method keeps at each budget: perplexity increase over dense and KL to dense against the
+    budget, and (with a measured speed table) the perplexity increase against the decode speed-up."""
+    panels = 3 if speed else 2
+    fig = Figure(figsize=(4.2 * panels, 3.8), layout="constrained")
+    axes = fig.subplots(1, panels)
+    for name, pts in sorted(series.items()):
+        pts = sorted(pts)
+        b = np.array([p[0] for p in pts])
+        inc = np.array([100 * (p[1] / dense - 1) for p in pts])
+        kl = np.array([np.nan if p[2] is None else p[2] for p in pts])
+        axes[0].plot(100 * b, inc, "o-", ms=4, label=name)
+        axes[1].plot(100 * b, kl, "o-", ms=4, label=name)
+        if speed:
+            axes[2].plot(np.interp(b, *np.array(sorted(speed)).T), inc, "o-", ms=4, label=name)
+    axes[0].set(xlabel="budget: projection bytes not read (%)", ylabel="perplexity increase over dense (%)",
+                yscale="log")
+    axes[1].set(xlabel="budget: projection bytes not read (%)", ylabel="KL to dense (nats/token)", yscale="log")
+    if speed:
+        axes[2].set(xlabel="decode speed-up (measured, GPU)", ylabel="perplexity increase over dense (%)",
+                    yscale="log")
+    for ax in axes:
+        ax.grid(True, which="both", lw=0.3, alpha=0.5)
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(title, fontsize=10)
+    return fig
