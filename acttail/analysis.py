@@ -22,7 +22,6 @@ import threading
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ from tqdm import tqdm
 from . import __version__
 from .checkpoint import Checkpoint
 from .errors import ActTailError
-from .layout import KINDS
+from .layout import KINDS, check_projections
 from .esd import EVAL_FLOOR, FITS, analyze_matrix
 from .files import cache_dir, check_schema, read_json, to_json, write_json, write_text, write_texts
 
@@ -239,22 +238,7 @@ def check_analysis(doc: dict, where: str = "analysis") -> None:
     """Raise one clear error unless ``doc`` follows schemas/analysis.schema.json and each of the model's
     num_layers x 7 projections appears once, its key agreeing with its layer, kind and shape."""
     check_schema(doc, "analysis", where)
-    n, seen = doc["model"]["num_layers"], set()
-    for i, r in enumerate(doc["projections"]):
-        at = f"{where}: field $.projections[{i}]"
-        if r["key"] != f"layers.{r['layer']}.{r['kind']}":
-            raise ActTailError(f"{at}.key: {r['key']!r} does not match its layer and kind")
-        if r["key"] in seen:
-            raise ActTailError(f"{at}.key: {r['key']!r} appears twice")
-        if r["layer"] >= n:
-            raise ActTailError(f"{at}.layer: {r['layer']} >= num_layers {n}")
-        if r["params"] != r["in_features"] * r["out_features"]:
-            raise ActTailError(f"{at}.params: not in_features x out_features")
-        seen.add(r["key"])
-    if len(seen) < n * len(KINDS):  # keys are unique and inside the model: some are missing
-        missing = (f"layers.{i}.{k}" for i in range(n) for k in KINDS if f"layers.{i}.{k}" not in seen)
-        raise ActTailError(f"{where}: field $.projections: {n * len(KINDS) - len(seen)} of the model's {n} x "
-                           f"{len(KINDS)} projections missing, e.g. {', '.join(islice(missing, 3))}")
+    check_projections(doc["projections"], doc["model"]["num_layers"], where)
 
 
 def to_csv(doc: dict) -> str:

@@ -275,17 +275,24 @@ def calibrate_cmd(model, plan_path, text, output, tokens, ctx, batch_size, devic
     """Set each projection's threshold so its sparsity holds in the sparse run on TEXT."""
     from .calibration import calibrate
     from .plan import Plan
-    from .runtime.tokens import text_tokens, windows
-    from .text import read_text
 
-    ckpt, net, tok, bos = _open(model, device, stream)
+    ckpt, net, wins, _ = _text_windows(model, device, text, tokens, ctx, stream)
     plan = Plan.load(plan_path, expect_fingerprint=ckpt.fingerprint)
-    wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text), bos)
     plan = calibrate(net, plan, wins, batch_size, text=str(text), score=score, compensation=compensation,
                      rank=rank, steps=steps, lr=lr)
     plan.save(output)
     click.echo(f"calibrated {len(plan.projections)} projections on {plan.calibration['n_tokens']} tokens of {text}; "
                f"max |achieved - target| = {plan.calibration['max_abs_deviation']:.4f}; wrote {output}")
+
+
+def _text_windows(model, device, text, tokens, ctx, stream: bool = False):
+    """(checkpoint, our decoder, windows [n, ctx] of TEXT's first tokens, BOS id or None) of a model folder."""
+    from .runtime.tokens import text_tokens, windows
+    from .text import read_text
+
+    ckpt, net, tok, bos = _open(model, device, stream)
+    wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text), bos)
+    return ckpt, net, wins, bos
 
 
 def _open(model, device, stream: bool = False):
@@ -321,12 +328,9 @@ def eval_cmd(model, plan_path, text, ctx, tokens, mode, prefill, batch_size, dev
     from .evaluation import evaluate_windows, result
     from .files import write_json
     from .plan import Plan
-    from .runtime.tokens import text_tokens, windows
-    from .text import read_text
 
-    ckpt, net, tok, bos = _open(model, device, stream)
+    ckpt, net, wins, bos = _text_windows(model, device, text, tokens, ctx, stream)
     plan = Plan.load(plan_path, expect_fingerprint=ckpt.fingerprint) if plan_path else None
-    wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text), bos)
     metrics = evaluate_windows(net, wins, plan, mode, prefill, batch_size)
     settings = {"text": str(text), "ctx": ctx, "tokens": int(wins.numel()), "windows": len(wins), "bos": bos,
                 "mode": mode if plan else "dense", "prefill": prefill if plan else None, "dtype": "float32",
@@ -366,11 +370,7 @@ def sensitivity_cmd(model, analysis, text, tokens, ctx, device, measured, output
     if measured:
         sens = load_sensitivity(measured)
     else:
-        from .runtime.tokens import text_tokens, windows
-        from .text import read_text
-
-        ckpt, net, tok, bos = _open(model, device)
-        wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text), bos)
+        ckpt, net, wins, _ = _text_windows(model, device, text, tokens, ctx)
         sens = measure(net, wins, ckpt.fingerprint, str(text))
     out = with_sensitivity(doc, sens)
     write_json(output, out)
@@ -397,17 +397,14 @@ def greedy_cmd(model, analysis, text, tokens, ctx, base_step, max_sparsity, devi
     """TEAL's block-wise greedy allocation: per block, the order in which its projections take sparsity."""
     from .analysis import Analysis
     from .greedy import load_paths, measure
-    from .runtime.tokens import text_tokens, windows
-    from .text import read_text
 
     doc = Analysis.load(analysis)
     if measured:
         doc.extra["greedy"] = load_paths(measured, doc.model)
     else:
-        ckpt, net, tok, bos = _open(model, device)
+        ckpt, net, wins, _ = _text_windows(model, device, text, tokens, ctx)
         if doc.model["fingerprint"] != ckpt.fingerprint:
             raise ActTailError(f"{analysis} is the analysis of another checkpoint than {model}")
-        wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text), bos)
         doc.extra["greedy"] = measure(net, wins, ckpt.fingerprint, str(text), base_step, max_sparsity)
     doc.save(output)
     steps = sum(len(p) for p in doc.extra["greedy"]["layers"])

@@ -7,6 +7,10 @@ groups in the order of ``GROUPS``, which is also the order calibration fits them
 
 from __future__ import annotations
 
+from itertools import islice
+
+from .errors import ActTailError
+
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
 GROUP_OF = {kind: group for group, kinds in GROUPS.items() for kind in kinds}
@@ -32,3 +36,25 @@ def parse_key(name: str) -> tuple[int, str]:
 def order(layer: int, kind: str) -> tuple[int, int]:
     """Sort key: by layer, then in the order a block computes its projections."""
     return (layer, KINDS.index(kind) if kind in KINDS else len(KINDS))
+
+
+def check_projections(rows: list[dict], num_layers: int, where: str) -> None:
+    """Every projection of a model (num_layers x KINDS) exactly once in a document's rows, each key agreeing
+    with its layer and kind and params = in_features x out_features: one clear error naming the field.
+    (What a schema cannot say; a missing projection would silently run dense.)"""
+    seen = set()
+    for i, r in enumerate(rows):
+        at = f"{where}: field $.projections[{i}]"
+        if r["key"] != key(r["layer"], r["kind"]):
+            raise ActTailError(f"{at}.key: {r['key']!r} does not match its layer and kind")
+        if r["key"] in seen:
+            raise ActTailError(f"{at}.key: {r['key']!r} appears twice")
+        if r["layer"] >= num_layers:
+            raise ActTailError(f"{at}.layer: {r['layer']} >= num_layers {num_layers}")
+        if r["params"] != r["in_features"] * r["out_features"]:
+            raise ActTailError(f"{at}.params: not in_features x out_features")
+        seen.add(r["key"])
+    if len(seen) < num_layers * len(KINDS):  # keys are unique and inside the model: some are missing
+        missing = (key(i, k) for i in range(num_layers) for k in KINDS if key(i, k) not in seen)
+        raise ActTailError(f"{where}: field $.projections: {num_layers * len(KINDS) - len(seen)} of the model's "
+                           f"{num_layers} x {len(KINDS)} projections missing, e.g. {', '.join(islice(missing, 3))}")

@@ -22,7 +22,6 @@ import hashlib
 import math
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from itertools import islice
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from . import __version__
 from .errors import ActTailError
 from . import files
 from .files import atomic_path, check_schema, read_json, write_json
-from .layout import KINDS, key as projection_key, order as projection_order, parse_key
+from .layout import KINDS, check_projections, key as projection_key, order as projection_order, parse_key
 
 FORMAT = "acttail-plan"
 VERSION = 2
@@ -344,24 +343,8 @@ def validate(plan, where: str = "plan") -> dict:
 
 
 def _check_consistency(plan: dict, where: str) -> None:
-    """What a schema cannot say: unique keys that agree with layer and kind, layers inside the model, and
-    every projection of the model present (a missing one would silently run dense)."""
-    seen = set()
-    num_layers = plan["model"]["num_layers"]
-    for i, e in enumerate(plan["projections"]):
-        if e["key"] != projection_key(e["layer"], e["kind"]):
-            raise ActTailError(f"{where}: field $.projections[{i}].key: {e['key']!r} does not match its layer and kind")
-        if e["key"] in seen:
-            raise ActTailError(f"{where}: field $.projections[{i}].key: {e['key']!r} appears twice")
-        if e["layer"] >= num_layers:
-            raise ActTailError(f"{where}: field $.projections[{i}].layer: {e['layer']} >= num_layers {num_layers}")
-        if e["params"] != e["in_features"] * e["out_features"]:
-            raise ActTailError(f"{where}: field $.projections[{i}].params: not in_features x out_features")
-        seen.add(e["key"])
-    if len(seen) < num_layers * len(KINDS):  # keys are unique and inside the model: some are missing
-        missing = (f"layers.{i}.{k}" for i in range(num_layers) for k in KINDS if f"layers.{i}.{k}" not in seen)
-        raise ActTailError(f"{where}: field $.projections: {num_layers * len(KINDS) - len(seen)} of the model's "
-                           f"{num_layers} x {len(KINDS)} projections missing, e.g. {', '.join(islice(missing, 3))}")
+    """What a schema cannot say: every projection of the model once, keys agreeing with layer and kind."""
+    check_projections(plan["projections"], plan["model"]["num_layers"], where)
 
 
 def _ordered(plan: dict) -> dict:
