@@ -1,0 +1,91 @@
+"""The package's shape: no import cycle among acttail's modules, the kernels inside the package, and the
+runtime never reaching for the network."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import acttail
+
+PACKAGE = Path(acttail.__file__).parent
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path, top_level_only: bool) -> set[str]:
+    """acttail modules a file imports (at module level only, or anywhere)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("acttail")}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            if base.startswith("acttail"):
+                found.add(base)
+                found |= {f"{base}.{a.name}" for a in node.names}
+    modules = {module_name(p) for p in PACKAGE.rglob("*.py")}
+    return {m for m in found if m in modules and m != name}
+
+
+def graph(top_level_only: bool) -> dict[str, set[str]]:
+    return {module_name(p): imports(p, top_level_only) for p in PACKAGE.rglob("*.py")}
+
+
+def cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle, or None (depth-first search)."""
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(edges.get(m, ())):
+            if n.startswith(m + ".") or m.startswith(n + "."):  # a package and its own modules
+                continue
+            if state.get(n) == 1:
+                return stack[stack.index(n):] + [n]
+            if state.get(n) is None:
+                found = visit(n)
+                if found:
+                    return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(edges):
+        if state.get(m) is None:
+            found = visit(m)
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycle():
+    assert cycle({"acttail.a": {"acttail.b"}, "acttail.b": {"acttail.a"}}) == ["acttail.a", "acttail.b", "acttail.a"]
+    edges = graph(top_level_only=True)
+    assert len(edges) > 25 and "acttail.runtime.sparsify" in edges["acttail.calibration"]  # the graph is real
+    assert cycle(edges) is None
+    assert cycle(graph(top_level_only=False)) is None  # deferred imports included
+
+
+def test_kernels_live_inside_the_package():
+    import acttail.kernels
+
+    assert Path(acttail.kernels.__file__).parent == PACKAGE / "kernels"
+    assert not (PACKAGE.parent / "kernels").exists()
+
+
+def test_the_runtime_never_downloads():
+    """Nothing under acttail/runtime imports the fetching code (texts are resolved by the command line)."""
+    runtime = {m: deps for m, deps in graph(top_level_only=False).items() if m.startswith("acttail.runtime")}
+    assert runtime and not any(d in ("acttail.fetch", "acttail.text") for deps in runtime.values() for d in deps)
