@@ -68,6 +68,8 @@ def analyze_checkpoint(ckpt: Checkpoint, cfg: dict, progress: bool = True, worke
     on_cpu = cfg["device"] == "cpu"
     if workers is None:
         workers = max(1, min(os.cpu_count() or 1, torch.get_num_threads())) if on_cpu else GPU_WORKERS
+    if not on_cpu and cfg["backend"] == "acttail":  # cuSOLVER loads lazily, and not safely from several
+        torch.linalg.eigvalsh(torch.eye(2, device=cfg["device"]))  # threads at once: load it here first
     rows = []
     with _single_threaded(on_cpu and workers > 1), ThreadPoolExecutor(workers) as pool, \
             tqdm(total=len(projs), desc="ESD", unit="matrix", disable=not progress) as bar:
