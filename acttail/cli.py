@@ -276,8 +276,9 @@ def calibrate_cmd(model, plan_path, text, output, tokens, ctx, batch_size, devic
     from .calibration import calibrate
     from .plan import Plan
 
-    ckpt, net, wins, _ = _text_windows(model, device, text, tokens, ctx, stream)
-    plan = Plan.load(plan_path, expect_fingerprint=ckpt.fingerprint)
+    ckpt, net, tok, bos = _open(model, device, stream)
+    plan = Plan.load(plan_path, expect_fingerprint=ckpt.fingerprint)  # a wrong plan is named before the text
+    wins = _windows(net, tok, bos, text, tokens, ctx)
     plan = calibrate(net, plan, wins, batch_size, text=str(text), score=score, compensation=compensation,
                      rank=rank, steps=steps, lr=lr)
     plan.save(output)
@@ -287,12 +288,16 @@ def calibrate_cmd(model, plan_path, text, output, tokens, ctx, batch_size, devic
 
 def _text_windows(model, device, text, tokens, ctx, stream: bool = False):
     """(checkpoint, our decoder, windows [n, ctx] of TEXT's first tokens, BOS id or None) of a model folder."""
+    ckpt, net, tok, bos = _open(model, device, stream)
+    return ckpt, net, _windows(net, tok, bos, text, tokens, ctx), bos
+
+
+def _windows(net, tok, bos, text, tokens, ctx):
+    """[n, ctx] windows of TEXT's first tokens (BOS first when the tokenizer asks for it)."""
     from .runtime.tokens import text_tokens, windows
     from .text import read_text
 
-    ckpt, net, tok, bos = _open(model, device, stream)
-    wins = windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text), bos)
-    return ckpt, net, wins, bos
+    return windows(text_tokens(tok, read_text(text), tokens), ctx, net.args.max_seq_len, str(text), bos)
 
 
 def _open(model, device, stream: bool = False):
@@ -329,8 +334,9 @@ def eval_cmd(model, plan_path, text, ctx, tokens, mode, prefill, batch_size, dev
     from .files import write_json
     from .plan import Plan
 
-    ckpt, net, wins, bos = _text_windows(model, device, text, tokens, ctx, stream)
+    ckpt, net, tok, bos = _open(model, device, stream)
     plan = Plan.load(plan_path, expect_fingerprint=ckpt.fingerprint) if plan_path else None
+    wins = _windows(net, tok, bos, text, tokens, ctx)
     metrics = evaluate_windows(net, wins, plan, mode, prefill, batch_size)
     settings = {"text": str(text), "ctx": ctx, "tokens": int(wins.numel()), "windows": len(wins), "bos": bos,
                 "mode": mode if plan else "dense", "prefill": prefill if plan else None, "dtype": "float32",
