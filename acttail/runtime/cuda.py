@@ -28,7 +28,7 @@ from acttail.kernels.decode_ops import add_rmsnorm, decode_attention, rope_cache
 from ..errors import ActTailError
 from ..layout import GROUPS
 from .model import ACTIVATIONS, ModelArgs, RMSNorm, attention, attention_mask, rope_cache
-from .sparsify import settings
+from .sparsify import compensation_term, settings
 
 WEIGHT = {"qkv": "wqkv", "o": "wo", "gate_up": "w13", "down": "w2"}
 NORMS = ("attention_norm", "ffn_norm", "post_attention_norm", "post_ffn_norm")  # those the block has
@@ -131,11 +131,11 @@ class CudaDecoder:
         self.graph = None
 
     def _on_device(self, c):
-        """(bias fp32 or None, (U, V) in the weights' dtype or None) of one projection, on the device."""
+        """(bias, (U, V)) of one projection, fp32 on the device (None where it has none)."""
         if c is None:
             return None, None
         bias = c.bias.to(self.device, torch.float32) if c.bias is not None else None
-        lowrank = tuple(t.to(self.device, self.dtype).contiguous() for t in c.lowrank) if c.lowrank is not None else None
+        lowrank = tuple(t.to(self.device, torch.float32) for t in c.lowrank) if c.lowrank is not None else None
         return bias, lowrank
 
     def set_plan(self, plan, mode: str = "threshold"):
@@ -184,15 +184,7 @@ class CudaDecoder:
         threshold (t [P], or per token [P, B]) zeroed; in fp32 (the caller rounds once)."""
         outs, col = [], 0
         for p, ((bias, lowrank), width) in enumerate(zip(comp, splits)):
-            part = y[:, col:col + width].float()
-            if bias is not None:
-                part = part + bias
-            if lowrank is not None:
-                u, v = lowrank
-                thr = t[p].reshape(-1, 1) if t.dim() > 1 else t[p]
-                dropped = torch.where(x.float().abs() > thr, 0.0, x.float()).to(x.dtype)
-                part = part + ((dropped @ v.t()) @ u.t()).float()
-            outs.append(part)
+            outs.append(y[:, col:col + width].float() + compensation_term(x, t[p], bias, lowrank))
             col += width
         return torch.cat(outs, dim=-1)
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import ActTailError
 from ..weights import decoder_layers, projection_modules
-from .sparsify import settings, sparse_linear, sparsify
+from .sparsify import compensation_term, settings, sparse_linear, sparsify
 
 class Applied:
     """A plan applied to a model's projections; ``remove()`` restores them, ``enabled`` switches it off
@@ -69,9 +69,10 @@ def apply(model: nn.Module, plan, mode: str = "threshold") -> Applied:
         found = [(kind, rows, sets.get((layer, kind)), (layer, kind)) for kind, layer, rows in parts]
         if not any(s for _, _, s, _ in found):
             continue
-        if kernels:
+        launch = _kernel_launch(linear, found) if kernels else None
+        if launch is not None:
             _input_major(linear, handle)
-        forward = _sparse_forward(handle, found, kernels)
+        forward = _sparse_forward(handle, found, launch)
         linear.forward = types.MethodType(forward, linear)
         handle._restore.append(lambda m=linear: m.__dict__.pop("forward", None))
     model._acttail_applied = handle
@@ -119,14 +120,29 @@ def _input_major(linear: nn.Linear, handle: Applied) -> None:
     handle._restore.append(undo)
 
 
-def _sparse_forward(handle: Applied, parts, kernels: bool):
-    """The forward of one Linear computing ``parts`` [(kind, output rows, setting, key)]."""
+def _kernel_launch(linear: nn.Linear, parts) -> dict | None:
+    """What a decode step of this Linear passes the kernel, fixed once: the output widths, the thresholds on
+    the device (threshold mode) or the keep counts (topk mode). None where the kernel cannot serve: per-channel
+    score weights (the kernel ranks by |x|)."""
+    if any(s is not None and s.score is not None for _, _, s, _ in parts):
+        return None
+    splits = [rows.stop - rows.start if rows != slice(None) else linear.out_features for _, rows, _, _ in parts]
+    keeps = [s.keep if s is not None else None for _, _, s, _ in parts]
+    if any(k is not None for k in keeps):
+        return {"splits": splits, "keeps": [k if k is not None else 1 << 30 for k in keeps], "t": None}
+    ts = [s.threshold if s is not None and s.threshold is not None else -1.0 for _, _, s, _ in parts]
+    return {"splits": splits, "keeps": None, "t": torch.tensor(ts, dtype=torch.float32, device=linear.weight.device)}
+
+
+def _sparse_forward(handle: Applied, parts, launch: dict | None):
+    """The forward of one Linear computing ``parts`` [(kind, output rows, setting, key)]; one-token steps go
+    to the kernel when ``launch`` is given."""
 
     def forward(self, x):
         if not handle.enabled:
             return F.linear(x, self.weight, self.bias)
-        if kernels and _is_decode(x) and not any(s is not None and s.score is not None for _, _, s, _ in parts):
-            return _kernel_linear(self, x, parts, handle)
+        if launch is not None and _is_decode(x):
+            return _kernel_linear(self, x, parts, launch)
         outs = []
         for kind, rows, s, key in parts:
             w = self.weight[rows]
@@ -152,42 +168,20 @@ def _is_decode(x: torch.Tensor) -> bool:
     return x.dim() >= 2 and (x.dim() == 2 or tokens[-1] == 1) and int(torch.tensor(tokens).prod()) <= MAX_BATCH
 
 
-def _kernel_linear(linear, x, parts, handle):
+def _kernel_linear(linear, x, parts, launch):
     from ..kernels import sparse_linear as kernel_linear, topk_thresholds
 
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    wt = linear._acttail_wt
-    splits, ts, keeps = [], [], []
-    for kind, rows, s, key in parts:
-        width = (rows.stop - rows.start) if rows != slice(None) else wt.shape[1]
-        splits.append(width)
-        keeps.append(s.keep if s is not None and s.keep is not None else None)
-        ts.append(s.threshold if s is not None and s.threshold is not None else -1.0)
-    if any(k is not None for k in keeps):
-        t = topk_thresholds(x2, [k if k is not None else 1 << 30 for k in keeps])
-    else:
-        t = torch.tensor(ts, dtype=torch.float32, device=x.device)
-    y = kernel_linear(x2, wt, t, splits=splits).float()
+    t = launch["t"] if launch["keeps"] is None else topk_thresholds(x2, launch["keeps"])
+    y = kernel_linear(x2, linear._acttail_wt, t, splits=launch["splits"]).float()
     if linear.bias is not None:
         y = y + linear.bias.float()
-    y = y + _compensation(x2, t, parts, splits)
+    col = 0
+    for (_, _, s, _), width, tp in zip(parts, launch["splits"], t):
+        if s is not None:
+            y[:, col:col + width] += compensation_term(x2, tp, s.bias, s.lowrank)
+        col += width
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
-
-
-def _compensation(x2, t, parts, splits):
-    """What learned biases and low-rank factors add to the kernel's output (fp32, [B, sum(splits)])."""
-    outs = []
-    for (kind, rows, s, key), width, tp in zip(parts, splits, t):
-        y = torch.zeros(x2.shape[0], width, device=x2.device)
-        if s is not None and s.bias is not None:
-            y = y + s.bias.float()
-        if s is not None and s.lowrank is not None:
-            u, v = s.lowrank
-            thr = tp.reshape(-1, 1) if tp.dim() else tp
-            dropped = torch.where(x2.float().abs() > thr, 0.0, x2.float())
-            y = y + dropped @ v.float().T @ u.float().T
-        outs.append(y)
-    return torch.cat(outs, dim=-1)
 
 
 # ---- our decoder from a transformers model -------------------------------------------------------------

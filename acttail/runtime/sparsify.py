@@ -112,6 +112,20 @@ def sparsify(x: Tensor, s: ProjectionSparsity) -> Tensor:
     return x
 
 
+def compensation_term(x: Tensor, threshold: Tensor, bias: Tensor | None, lowrank) -> Tensor | float:
+    """What a projection's learned bias and low-rank term add to a sparse kernel's output, in fp32 [B, out]:
+    bias + U (V x_dropped), x_dropped the inputs at or under ``threshold`` (a scalar, or one per token [B])."""
+    term = 0.0
+    if bias is not None:
+        term = term + bias.float()
+    if lowrank is not None:
+        u, v = lowrank
+        thr = threshold.reshape(-1, 1) if threshold.dim() else threshold
+        dropped = torch.where(x.float().abs() > thr, 0.0, x.float())
+        term = term + dropped @ v.float().T @ u.float().T
+    return term
+
+
 def sparse_linear(x: Tensor, xs: Tensor, w: Tensor, b: Tensor | None, s: ProjectionSparsity) -> Tensor:
     """The projection of input x whose sparsified copy is xs, with the setting's compensation."""
     y = F.linear(xs, w, b)
