@@ -34,6 +34,8 @@ ROWS = {
                                        (0.5,), False),
     "greedy + lowrank r16": (dict(method="greedy"), "magnitude", "lowrank", (0.5,), False),
     "greedy + weight score + learned": (dict(method="greedy"), "weight", "learned", (0.5,), False),
+    "greedy + learned biases and gains": (dict(method="greedy"), "magnitude", "learned+gain", BUDGETS, False),
+    "greedy + learned biases, gains, delta r8": (dict(method="greedy"), "magnitude", "learned+delta", BUDGETS, False),
 }
 
 
@@ -70,21 +72,22 @@ def run(args) -> None:
     doc, _ = run_analysis(args.model, device="cpu", progress=False)  # the ESD does not depend on the device
     if not (out / "greedy.json").is_file():
         t0 = time.time()
-        g = measure(model, cal[: args.greedy_tokens // cal.shape[1]], ckpt.fingerprint, "c4", progress=False)
+        g = measure(model, cal[: args.greedy_tokens // cal.shape[1]], ckpt.fingerprint, "c4",
+                    base_step=args.greedy_step, progress=False)
         write_json(out / "greedy.json", g)
         print(f"greedy paths in {time.time() - t0:.0f} s", flush=True)
     doc["greedy"] = json.loads((out / "greedy.json").read_text())
     for name, (opts, score, comp, budgets, extra) in ROWS.items():
         for b in budgets:
-            if (name, b) in done or name not in args.rows or (comp == "learned" and b not in args.learned_budgets):
+            if (name, b) in done or name not in args.rows or (comp.startswith("learned") and b not in args.learned_budgets):
                 continue
             if time.time() - t_start > args.deadline:
                 print("deadline reached; rerun to continue", flush=True)
                 return
             t0 = time.time()
             plan = plan_from_analysis(doc, b, **opts)
-            plan = calibrate(model, plan, cal, progress=False, text="c4", score=score, compensation=comp, rank=16,
-                             steps=args.steps)
+            plan = calibrate(model, plan, cal, progress=False, text="c4", score=score, compensation=comp,
+                             rank=8 if comp == "learned+delta" else 16, steps=args.steps, lr=args.lr)
             t1 = time.time()
             row = {"row": name, "budget": b, "score": score, "compensation": comp, "allocation": opts,
                    "calibration": plan.calibration, "seconds": {"calibrate": t1 - t0}}
@@ -205,6 +208,8 @@ def main() -> None:
     ap.add_argument("--rows", nargs="*", default=list(ROWS))
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--steps", type=int, default=200, help="training steps of learned biases")
+    ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of learned compensation")
+    ap.add_argument("--greedy-step", type=float, default=0.025, help="base step of TEAL's greedy paths")
     ap.add_argument("--calib-tokens", type=int, default=65536)
     ap.add_argument("--eval-tokens", type=int, default=32768)
     ap.add_argument("--other-tokens", type=int, default=16384)
