@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .compensation import COMPENSATIONS, LEARNED, LR, SCORES, STEPS, learn_biases, lowrank_factors, overhead, score_weights
+from .compensation import COMPENSATIONS, LR, SCORES, STEPS, learn_biases, lowrank_factors, overhead, score_weights
 from .errors import ActTailError
 from .layout import GROUPS, key as key_of
 from .runtime.sparsify import ProjectionSparsity, Sparsifier
@@ -173,19 +173,12 @@ def calibrate(model, plan, wins: Tensor, batch_size: int | None = None, progress
     base = {key: ProjectionSparsity(score=scores.get(key), lowrank=factors.get(key)) for key in entries}
     found = fit_thresholds(model, wins, targets, batch_size, progress, base)
     learned = None
-    if compensation in LEARNED:
+    if compensation == "learned":
         fitted = {key: replace(base[key], threshold=r["threshold"]) for key, r in found.items()}
-        trained, learned = learn_biases(model, fitted, wins, steps, lr, progress=progress, parts=LEARNED[compensation],
-                                        rank=rank)
-        base = {key: _with_trained(base[key], trained.get(key, {})) for key in entries}
+        biases, learned = learn_biases(model, fitted, wins, steps, lr, progress=progress)
+        base = {key: replace(base[key], bias=biases.get(key)) for key in entries}
         found = fit_thresholds(model, wins, targets, batch_size, progress, base)
     return _calibrated_plan(plan, found, targets, costs, base, wins, text, score, compensation, rank, learned)
-
-
-def _with_trained(s: ProjectionSparsity, p: dict) -> ProjectionSparsity:
-    """A setting with the trained compensation tensors of one projection."""
-    return replace(s, bias=p.get("bias"), gain=p.get("gain"),
-                   delta=(p["delta_a"], p["delta_b"]) if "delta_a" in p else None)
 
 
 def _calibrated_plan(plan, found, targets, costs, base, wins, text, score, compensation, rank, learned):
@@ -207,10 +200,9 @@ def _calibrated_plan(plan, found, targets, costs, base, wins, text, score, compe
         s = base[(e.layer, e.kind)]
         e.overhead = costs[(e.layer, e.kind)]
         e.sparsity = targets[(e.layer, e.kind)]
-        e.rank = s.lowrank[0].shape[1] if s.lowrank is not None else s.delta[0].shape[0] if s.delta is not None else 0
-        for name, t in (("score", s.score), ("bias", s.bias), ("gain", s.gain)) + (
-                (("lowrank_u", s.lowrank[0]), ("lowrank_v", s.lowrank[1])) if s.lowrank is not None else ()) + (
-                (("delta_a", s.delta[0]), ("delta_b", s.delta[1])) if s.delta is not None else ()):
+        e.rank = s.lowrank[0].shape[1] if s.lowrank is not None else 0
+        for name, t in (("score", s.score), ("bias", s.bias)) + (
+                (("lowrank_u", s.lowrank[0]), ("lowrank_v", s.lowrank[1])) if s.lowrank is not None else ()):
             if t is not None:
                 tensors[f"{e.key}.{name}"] = t.detach().float().cpu()
     out.tensors = tensors

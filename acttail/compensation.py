@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +33,7 @@ from .runtime.sparsify import ProjectionSparsity, Sparsifier
 from .weights import projection_weights
 
 SCORES = ("magnitude", "weight", "attribution")
-COMPENSATIONS = ("none", "learned", "lowrank", "learned+gain", "learned+delta")
-# what each trained compensation learns (learn_biases parts)
-LEARNED = {"learned": ("bias",), "learned+gain": ("bias", "gain"), "learned+delta": ("bias", "gain", "delta")}
+COMPENSATIONS = ("none", "learned", "lowrank")
 STEPS, LR, BATCH = 200, 1e-3, 8  # SPON training: Adam with a cosine schedule, windows per step
 DEFAULT_COMPENSATION = "learned"  # the best of the study (reports/quality/)
 
@@ -99,7 +96,7 @@ def lowrank_factors(model, rank: int) -> dict[tuple[int, str], tuple[Tensor, Ten
 def overhead(kind_shape: tuple[int, int], compensation: str, rank: int = 0) -> float:
     """Values the compensation reads per token, as a fraction of the projection's weight (in x out)."""
     n_in, n_out = kind_shape
-    if compensation in LEARNED:  # the bias is read; gains and deltas are folded into the weights
+    if compensation == "learned":
         return 1.0 / n_in
     if compensation == "lowrank":
         return min(rank, n_in, n_out) * (n_in + n_out) / (n_in * n_out)
@@ -110,41 +107,20 @@ def overhead(kind_shape: tuple[int, int], compensation: str, rank: int = 0) -> f
 
 
 def learn_biases(model, settings: dict, wins: Tensor, steps: int = STEPS, lr: float = LR, batch: int = BATCH,
-                 seed: int = 0, progress: bool = True, parts: tuple[str, ...] = ("bias",), rank: int = 8,
-                 ) -> tuple[dict[tuple[int, str], dict[str, Tensor]], dict]:
-    """Compensation for the sparsified projections, trained end to end: minimise KL(dense || sparse) of
+                 seed: int = 0, progress: bool = True) -> tuple[dict[tuple[int, str], Tensor], dict]:
+    """Output biases for the sparsified projections, trained end to end: minimise KL(dense || sparse) of
     the next-token distributions on random batches of ``wins``, the model frozen and each projection's
-    mask fixed by its setting (the gradient reaches the parameters through the kept inputs).
-
-    ``parts``: ``bias`` (an output bias, SPON), ``gain`` (a scale per input channel on the kept inputs,
-    foldable into the weight's columns) and ``delta`` (a rank-``rank`` weight update B A, LoRA-style,
-    mergeable into the weight). Returns {key: {part: tensor}} (delta as ``delta_a`` [r, in], ``delta_b``
-    [out, r]) and a record of the run (steps, lr, KL at the start and the end)."""
+    mask fixed by its setting (the gradient reaches the biases through the kept inputs). Returns the biases
+    and a record of the run (steps, lr, KL at the start and the end)."""
     dev = model.output.weight.device
-    g = torch.Generator().manual_seed(seed)
-    params: dict = {}
-    for key in settings:
-        n_in, n_out = model.args.in_features(key[1]), model.args.out_features(key[1])
-        p = {}
-        if "bias" in parts:
-            p["bias"] = torch.zeros(n_out)
-        if "gain" in parts:
-            p["gain"] = torch.ones(n_in)
-        if "delta" in parts:
-            p["delta_a"] = torch.randn(rank, n_in, generator=g) / math.sqrt(n_in)
-            p["delta_b"] = torch.zeros(n_out, rank)
-        params[key] = {k: t.to(dev).requires_grad_(True) for k, t in p.items()}
-    opt = torch.optim.Adam([t for p in params.values() for t in p.values()], lr=lr)
+    params = {key: torch.zeros(model.args.out_features(key[1]), device=dev, requires_grad=True) for key in settings}
+    opt = torch.optim.Adam(params.values(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-
-    def setting(key, s):
-        p = params[key]
-        return replace(s, bias=p.get("bias"), gain=p.get("gain"),
-                       delta=(p["delta_a"], p["delta_b"]) if "delta_a" in p else None)
-
-    sp = Sparsifier({key: setting(key, s) for key, s in settings.items()}, measure=False)
+    g = torch.Generator().manual_seed(seed)
+    sp = Sparsifier({key: ProjectionSparsity(threshold=s.threshold, keep=s.keep, score=s.score, bias=params[key],
+                                             lowrank=s.lowrank) for key, s in settings.items()}, measure=False)
     losses, t0 = [], time.time()
-    bar = tqdm(range(steps), desc="learn " + "+".join(parts), unit="step", disable=not progress)
+    bar = tqdm(range(steps), desc="learn biases", unit="step", disable=not progress)
     for _ in bar:
         b = wins[torch.randint(0, len(wins), (min(batch, len(wins)),), generator=g)].to(dev)
         with torch.no_grad():
@@ -162,10 +138,9 @@ def learn_biases(model, settings: dict, wins: Tensor, steps: int = STEPS, lr: fl
         bar.set_postfix(kl=f"{losses[-1]:.4f}")
     model.sparsifier = Sparsifier.dense()
     head, tail = losses[: max(1, steps // 10)], losses[-max(1, steps // 10):]
-    record = {"steps": steps, "lr": lr, "batch": batch, "parts": list(parts), "kl_first_steps": sum(head) / len(head),
+    record = {"steps": steps, "lr": lr, "batch": batch, "kl_first_steps": sum(head) / len(head),
               "kl_last_steps": sum(tail) / len(tail), "seconds": time.time() - t0}
-    if "delta" in parts:
-        record["rank"] = rank
     if not all(math.isfinite(x) for x in losses):
-        raise ActTailError("learning the compensation diverged (non-finite KL): try a smaller --lr")
-    return {key: {k: t.detach() for k, t in p.items()} for key, p in params.items()}, record
+        raise ActTailError("learning the biases diverged (non-finite KL): try a smaller --lr")
+    return {key: p.detach() for key, p in params.items()}, record
+

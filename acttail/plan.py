@@ -42,8 +42,7 @@ ENTRY_KEYS = ("key", "layer", "kind", "in_features", "out_features", "params", "
               "rank", "threshold", "calibration")
 # tensor name -> its shape from (in, out, rank)
 TENSORS = {"score": lambda i, o, r: (i,), "bias": lambda i, o, r: (o,), "lowrank_u": lambda i, o, r: (o, r),
-           "lowrank_v": lambda i, o, r: (r, i), "gain": lambda i, o, r: (i,), "delta_a": lambda i, o, r: (r, i),
-           "delta_b": lambda i, o, r: (o, r)}
+           "lowrank_v": lambda i, o, r: (r, i)}
 
 
 def schema() -> dict:

@@ -34,8 +34,6 @@ ROWS = {
                                        (0.5,), False),
     "greedy + lowrank r16": (dict(method="greedy"), "magnitude", "lowrank", (0.5,), False),
     "greedy + weight score + learned": (dict(method="greedy"), "weight", "learned", (0.5,), False),
-    "greedy + learned biases and gains": (dict(method="greedy"), "magnitude", "learned+gain", BUDGETS, False),
-    "greedy + learned biases, gains, delta r8": (dict(method="greedy"), "magnitude", "learned+delta", BUDGETS, False),
 }
 
 
@@ -79,7 +77,7 @@ def run(args) -> None:
     doc["greedy"] = json.loads((out / "greedy.json").read_text())
     for name, (opts, score, comp, budgets, extra) in ROWS.items():
         for b in budgets:
-            if (name, b) in done or name not in args.rows or (comp.startswith("learned") and b not in args.learned_budgets):
+            if (name, b) in done or name not in args.rows or (comp == "learned" and b not in args.learned_budgets):
                 continue
             if time.time() - t_start > args.deadline:
                 print("deadline reached; rerun to continue", flush=True)
@@ -87,7 +85,7 @@ def run(args) -> None:
             t0 = time.time()
             plan = plan_from_analysis(doc, b, **opts)
             plan = calibrate(model, plan, cal, progress=False, text="c4", score=score, compensation=comp,
-                             rank=8 if comp == "learned+delta" else 16, steps=args.steps, lr=args.lr)
+                             rank=16, steps=args.steps, lr=args.lr)
             t1 = time.time()
             row = {"row": name, "budget": b, "score": score, "compensation": comp, "allocation": opts,
                    "calibration": plan.calibration, "seconds": {"calibrate": t1 - t0}}

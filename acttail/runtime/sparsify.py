@@ -42,12 +42,10 @@ class ProjectionSparsity:
     score: Tensor | None = None
     bias: Tensor | None = None
     lowrank: tuple[Tensor, Tensor] | None = None
-    gain: Tensor | None = None
-    delta: tuple[Tensor, Tensor] | None = None
 
     @property
     def compensated(self) -> bool:
-        return self.bias is not None or self.lowrank is not None or self.gain is not None or self.delta is not None
+        return self.bias is not None or self.lowrank is not None
 
 
 def keep_count(sparsity: float, width: int) -> int:
@@ -70,12 +68,10 @@ def settings(plan, mode: str = "threshold", where: str = "plan") -> dict[tuple[i
     out = {}
     for e in plan.projections:
         u, v = plan.tensor(e.key, "lowrank_u"), plan.tensor(e.key, "lowrank_v")
-        da, db = plan.tensor(e.key, "delta_a"), plan.tensor(e.key, "delta_b")
         cut = dict(threshold=e.threshold) if mode == "threshold" else dict(keep=keep_count(e.sparsity, e.in_features))
         out[(e.layer, e.kind)] = ProjectionSparsity(
             **cut, score=plan.tensor(e.key, "score"), bias=plan.tensor(e.key, "bias"),
-            lowrank=(u, v) if u is not None else None, gain=plan.tensor(e.key, "gain"),
-            delta=(da, db) if da is not None else None)
+            lowrank=(u, v) if u is not None else None)
     return out
 
 
@@ -132,11 +128,7 @@ def compensation_term(x: Tensor, threshold: Tensor, bias: Tensor | None, lowrank
 
 def sparse_linear(x: Tensor, xs: Tensor, w: Tensor, b: Tensor | None, s: ProjectionSparsity) -> Tensor:
     """The projection of input x whose sparsified copy is xs, with the setting's compensation."""
-    xg = xs if s.gain is None else xs * s.gain.to(xs.device, xs.dtype)
-    y = F.linear(xg, w, b)
-    if s.delta is not None:
-        a, bb = (t.to(x.device, x.dtype) for t in s.delta)
-        y = y + F.linear(F.linear(xg, a), bb)
+    y = F.linear(xs, w, b)
     if s.lowrank is not None:
         u, v = (t.to(x.device, x.dtype) for t in s.lowrank)
         y = y + F.linear(F.linear(x - xs, v), u)
