@@ -56,6 +56,8 @@ class AllocationConfig:
     direction), acttail-sens (measured, required), sensitivity (measured sensitivity alone, no alpha). scope: where the metric is normalised. epsilon:
     ratios span [1 - eps, 1 + eps]. direction: sparsity increasing in the metric or not. weight: budget
     weighting. min/max_sparsity: bounds of every projection. gamma: strength of the sensitivity method.
+    rank_split: the alpha split of bytes between sparsity and rank (``alpha_ranks``): the largest rank of
+    low-rank compensation, given to the heaviest tail (0: no split).
     """
 
     method: str = "greedy"
@@ -67,6 +69,7 @@ class AllocationConfig:
     min_sparsity: float = 0.0
     max_sparsity: float = 0.99
     gamma: float = 0.5
+    rank_split: int = 0
 
     def updated(self, **options) -> "AllocationConfig":
         """A copy with some fields changed; an unknown option is an error."""
@@ -325,6 +328,26 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(c) if np.isfinite(c) else 0.0
 
 
+RANK_STEP = 8  # alpha_ranks rounds to multiples of this
+
+
+def alpha_ranks(rows, max_rank: int, metric: str = "alpha") -> np.ndarray:
+    """ActTail's split of each projection's bytes between sparsity and rank: rank r = max_rank (1 - t),
+    t the metric normalised over all projections (0 at the smallest alpha), rounded to a multiple of 8.
+
+    Why alpha: a heavy-tailed spectrum (small alpha) holds more of its energy in its top singular
+    directions, so the same rank restores more of what sparsity drops (R-Sparse's premise). The bytes a
+    rank adds, r (in + out) per token, are paid in sparsity at calibration (``PlanEntry.overhead``)."""
+    if max_rank < 0:
+        raise ActTailError(f"rank_split must be >= 0, got {max_rank}")
+    if max_rank == 0:
+        return np.zeros(len(rows), dtype=int)
+    t = normalise(metric_values(rows, metric, "global"), [0] * len(rows))
+    ranks = np.round(max_rank * (1.0 - t) / RANK_STEP).astype(int) * RANK_STEP
+    caps = np.array([min(int(r["in_features"]), int(r["out_features"])) for r in rows])
+    return np.minimum(ranks, caps)
+
+
 # ---- solver -----------------------------------------------------------------------------------------
 
 
@@ -404,6 +427,8 @@ def method_record(cfg: AllocationConfig, **params) -> dict:
     elif cfg.method != "uniform":
         rec.update(scope=cfg.scope, epsilon=cfg.epsilon, direction=cfg.direction, null_metric=NULL_METRIC)
     rec.update(weight=cfg.weight, min_sparsity=cfg.min_sparsity, max_sparsity=cfg.max_sparsity, **params)
+    if cfg.rank_split:
+        rec.update(rank_split=cfg.rank_split, rank_metric=cfg.metric)
     return rec
 
 
@@ -420,9 +445,10 @@ def plan_from_analysis(analysis, budget: float, config: AllocationConfig | None 
             raise ActTailError("the greedy paths in the analysis were measured on other weights (fingerprint "
                                f"{params['greedy']['fingerprint']}, analysis {doc['model']['fingerprint']})")
     values = sparsities(rows, budget, cfg, **params)
+    ranks = alpha_ranks(rows, cfg.rank_split, cfg.metric)
     entries = [PlanEntry(layer=int(r["layer"]), kind=r["kind"], in_features=int(r["in_features"]),
-                         out_features=int(r["out_features"]), sparsity=float(s), metric=_finite(r.get(cfg.metric)))
-               for r, s in zip(rows, values)]
+                         out_features=int(r["out_features"]), sparsity=float(s), metric=_finite(r.get(cfg.metric)),
+                         rank=int(k)) for r, s, k in zip(rows, values, ranks)]
     source = {"analysis": analysis_path, "settings": doc.get("settings")}
     if cfg.method == "acttail-sens" or (cfg.method == "acttail" and has_sensitivity(rows)):
         source["direction"] = measured_direction(rows, cfg.metric, cfg.direction)

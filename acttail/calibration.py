@@ -166,10 +166,15 @@ def calibrate(model, plan, wins: Tensor, batch_size: int | None = None, progress
         raise ActTailError("a streamed model (one block in memory at a time) calibrates thresholds only: "
                            "--score magnitude --compensation none (score weights and compensation need every block)")
     entries = {(e.layer, e.kind): e for e in plan.projections}
-    costs = {key: overhead((e.in_features, e.out_features), compensation, rank) for key, e in entries.items()}
+    split = {key: e.rank for key, e in entries.items()} if any(e.rank for e in entries.values()) else None
+    if split is not None and compensation != "lowrank":
+        raise ActTailError("the plan splits bytes between sparsity and rank (allocated with --rank-split): "
+                           "calibrate it with --compensation lowrank")
+    ranks = split or {key: rank for key in entries}
+    costs = {key: overhead((e.in_features, e.out_features), compensation, ranks[key]) for key, e in entries.items()}
     targets = {key: min(0.99, e.sparsity + costs[key]) for key, e in entries.items()}
     scores = score_weights(model, score, wins)
-    factors = lowrank_factors(model, rank) if compensation == "lowrank" else {}
+    factors = lowrank_factors(model, ranks) if compensation == "lowrank" else {}
     base = {key: ProjectionSparsity(score=scores.get(key), lowrank=factors.get(key)) for key in entries}
     found = fit_thresholds(model, wins, targets, batch_size, progress, base)
     learned = None

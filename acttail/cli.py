@@ -185,8 +185,12 @@ def analyze_cmd(model, output, csv_path, fit, dtype, device, backend, force, as_
 @click.option("--max-sparsity", type=_Finite(), default=DEFAULTS.max_sparsity, show_default=True)
 @click.option("--gamma", type=_Finite(), default=DEFAULTS.gamma, show_default=True,
               help="Strength of the sensitivity method: ratio = (sensitivity / geometric mean)^-gamma.")
+@click.option("--rank-split", type=click.IntRange(0, 4096), default=DEFAULTS.rank_split, show_default=True,
+              help="Split each projection's bytes between sparsity and low-rank compensation by alpha: rank up to "
+                   "this for the heaviest tail, 0 for the lightest, paid in sparsity (calibrate with "
+                   "--compensation lowrank). Measured: no gain on SmolLM2 (reports/quality/).")
 def allocate_cmd(analysis, budget, output, method, scope, metric, epsilon, direction, weight, min_sparsity,
-                 max_sparsity, gamma):
+                 max_sparsity, gamma, rank_split):
     """Allocate one activation sparsity per projection from an analysis; write a plan."""
     from .allocation import has_sensitivity, plan_from_analysis
     from .analysis import Analysis
@@ -201,7 +205,8 @@ def allocate_cmd(analysis, budget, output, method, scope, metric, epsilon, direc
                    "assumed, not measured (it lost to uniform on SmolLM2 and Qwen2.5: reports/accuracy/); "
                    "run `acttail sensitivity` first", err=True)
     config = AllocationConfig(method=method, scope=scope, metric=metric, epsilon=epsilon, direction=direction,
-                              weight=weight, min_sparsity=min_sparsity, max_sparsity=max_sparsity, gamma=gamma)
+                              weight=weight, min_sparsity=min_sparsity, max_sparsity=max_sparsity, gamma=gamma,
+                              rank_split=rank_split)
     plan = plan_from_analysis(doc, budget, config, analysis_path=analysis)
     plan.save(output)
     click.echo(plan.format_summary().split("\n\nlayer")[0])  # header and per-kind table
@@ -263,7 +268,7 @@ def export_cmd(plan_path, fmt, output):
               help="learned: output biases trained end to end to match the dense model (SPON); lowrank: the "
                    "top --rank singular directions restore the dropped inputs (R-Sparse); none. Extra bytes count "
                    "against the budget.")
-@click.option("--rank", type=click.IntRange(1, 4096), default=32, show_default=True, help="Rank for lowrank.")
+@click.option("--rank", type=click.IntRange(1, 4096), default=32, show_default=True, help="Rank for lowrank (a plan allocated with --rank-split carries its own).")
 @click.option("--steps", type=click.IntRange(1, 100000), default=STEPS, show_default=True,
               help="Training steps for learned biases (batches of 8 windows).")
 @click.option("--lr", type=click.FloatRange(1e-7, 1.0), default=LR, show_default=True, help="Adam learning rate.")

@@ -83,11 +83,14 @@ def _attribution(model, wins: Tensor, batch_size: int) -> dict[tuple[int, str], 
 # ---- low rank ---------------------------------------------------------------------------------------
 
 
-def lowrank_factors(model, rank: int) -> dict[tuple[int, str], tuple[Tensor, Tensor]]:
-    """(U_r S_r [out, r], V_r^T [r, in]) of every projection: its best rank-r approximation."""
+def lowrank_factors(model, rank: int | dict) -> dict[tuple[int, str], tuple[Tensor, Tensor]]:
+    """(U_r S_r [out, r], V_r^T [r, in]) of every projection: its best rank-r approximation. ``rank``: one
+    for all, or {(layer, kind): r} (a projection with r = 0 or absent gets none)."""
     out = {}
     for key, w in projection_weights(model).items():
-        r = min(rank, *w.shape)
+        r = min(rank if isinstance(rank, int) else rank.get(key, 0), *w.shape)
+        if r <= 0:
+            continue
         u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)
         out[key] = ((u[:, :r] * s[:r]).contiguous(), vh[:r].contiguous())
     return out

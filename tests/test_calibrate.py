@@ -48,7 +48,7 @@ def setup(tmp_path_factory):
                 "projections": rows}
     plan = allocation.plan_from_analysis(analysis, 0.6, method="acttail", epsilon=0.5)
     plan.save(root / "plan.json")
-    return {"root": root, "model": folder, "plan": root / "plan.json", "ckpt": ckpt,
+    return {"root": root, "model": folder, "plan": root / "plan.json", "ckpt": ckpt, "analysis": analysis,
             "cal": write_text(root / "cal.txt", 6000, seed=5), "held": write_text(root / "held.txt", 6000, seed=6)}
 
 
@@ -175,3 +175,32 @@ def test_cli_stream_option(setup, tmp_path):
     r = CliRunner().invoke(main, ["eval", str(setup["model"]), "--plan", str(out), "--text", str(setup["held"]),
                                   "--ctx", "128", "--tokens", "1024", "--stream"])
     assert r.exit_code == 0 and "perplexity" in r.output, r.output
+
+
+def test_alpha_split_between_sparsity_and_rank(setup):
+    """--rank-split: rank max_rank (1 - t) by normalised alpha in steps of 8 (heaviest tail most), paid in
+    sparsity at calibration; the split plan calibrates only with low-rank compensation."""
+    from acttail.calibration import calibrate
+    from acttail.errors import ActTailError
+
+    plan = allocation.plan_from_analysis(setup["analysis"], 0.5, method="uniform", rank_split=16)
+    alphas = {e.key: e.metric for e in plan.projections}
+    lo, hi = min(alphas.values()), max(alphas.values())
+    for e in plan.projections:
+        assert e.rank % 8 == 0 and 0 <= e.rank <= 16
+        assert e.rank == (16 if e.metric == lo else 0 if e.metric == hi else e.rank)
+    assert {e.rank for e in plan.projections} == {0, 8, 16} and plan.method["rank_split"] == 16
+    model, _, wins, _ = calibration_inputs(setup)
+    with pytest.raises(ActTailError, match="--compensation lowrank"):
+        calibrate(model, plan, wins[:4], progress=False, compensation="learned", steps=1)
+    cal = calibrate(model, plan, wins[:8], progress=False, compensation="lowrank", rank=4)  # the plan's ranks win
+    for before, e in zip(plan.projections, cal.projections):
+        cost = before.rank * (e.in_features + e.out_features) / (e.in_features * e.out_features)
+        assert e.rank == before.rank and e.overhead == pytest.approx(cost)
+        assert e.sparsity == pytest.approx(min(0.99, before.sparsity + cost))
+        u = cal.tensor(e.key, "lowrank_u")
+        assert (u is None) == (e.rank == 0) and (u is None or tuple(u.shape) == (e.out_features, e.rank))
+    path = setup["root"] / "split.json"
+    cal.save(path)
+    assert [e.rank for e in Plan.load(path).projections] == [e.rank for e in cal.projections]
+

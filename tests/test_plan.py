@@ -226,3 +226,17 @@ def test_tensors_travel_beside_the_plan_checked_by_sha256(plan, tmp_path):
     with pytest.raises(ActTailError, match="names no projection"):
         plan.save(tmp_path / "bad.json")
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_cli_allocate_rank_split(tmp_path):
+    """--rank-split gives each projection a rank by alpha (up to the option, multiples of 8) in the plan."""
+    an = tmp_path / "analysis.json"
+    an.write_text(json.dumps(analysis(num_layers=4)))
+    out = tmp_path / "plan.json"
+    res = CliRunner().invoke(main, ["allocate", str(an), "--budget", "0.5", "--method", "uniform", "--rank-split",
+                                    "24", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    ranks = [e.rank for e in Plan.load(out).projections]
+    assert max(ranks) == 24 and min(ranks) == 0 and all(r % 8 == 0 for r in ranks)
+    bad = CliRunner().invoke(main, ["allocate", str(an), "--budget", "0.5", "--rank-split", "-1", "-o", str(out)])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
