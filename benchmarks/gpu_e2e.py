@@ -147,7 +147,7 @@ def step_agreement(dec, prompt, th):
             outs.append(dec.forward_token(dec.tok, dec.pos).float())
     set_step(dec, "current")
     dec.set_sparsity()
-    return max(((o - outs[0]).norm() / outs[0].norm()).item() for o in outs[1:])
+    return max((((o - outs[0]).norm() / outs[0].norm()).item() for o in outs[1:]), default=0.0)
 
 
 def kernel_breakdown(dec, prompt, n=8):
@@ -169,7 +169,17 @@ def kernel_breakdown(dec, prompt, n=8):
     return sorted(rows, key=lambda r: -r["us_per_token"])
 
 
-def run_model(name, dims, bw, n_tokens, calib_tokens, sparsities=(0.5, 0.7, 0.9)):
+def random_biases(dims, seed=2):
+    """Learned output biases of every projection (fp32, random): what a plan calibrated with the default
+    compensation adds; only their cost is timed here."""
+    from acttail.runtime.sparsify import ProjectionSparsity
+
+    g = torch.Generator().manual_seed(seed)
+    return {(i, k): ProjectionSparsity(bias=0.01 * torch.randn(dims.out_features(k), generator=g))
+            for i in range(dims.n_layer) for k in KINDS}
+
+
+def run_model(name, dims, bw, n_tokens, calib_tokens, sparsities=(0.5, 0.7, 0.9), biases=False):
     T = 16
     dec = CudaDecoder.random(dims, torch.float16, "cuda", max_seq=T + n_tokens + calib_tokens + 8)
     g = torch.Generator().manual_seed(1)
@@ -185,14 +195,18 @@ def run_model(name, dims, bw, n_tokens, calib_tokens, sparsities=(0.5, 0.7, 0.9)
     rows = []
     uniform = lambda s: {(i, k): s for i in range(dims.n_layer) for k in KINDS}  # noqa: E731
     steps_rel_diff = step_agreement(dec, prompt, thresholds_for(inputs, uniform(0.5)))
-    # (label, planned sparsities, dispatch): without dispatch every group runs the sparse kernel
-    variants = [("dense", None, False)] + [(f"uniform {int(s * 100)}%", uniform(s), False) for s in sparsities] + \
-        [("plan (per-projection, mean 50%)", synthetic_plan(dims), False)] + \
-        [(f"uniform {int(s * 100)}%, use_sparse dispatch", uniform(s), True) for s in sparsities]
+    # (label, planned sparsities, dispatch, learned biases): without dispatch every group runs the sparse kernel
+    variants = [("dense", None, False, False)] + \
+        [(f"uniform {int(s * 100)}%", uniform(s), False, False) for s in sparsities] + \
+        [("plan (per-projection, mean 50%)", synthetic_plan(dims), False, False)] + \
+        [(f"uniform {int(s * 100)}%, use_sparse dispatch", uniform(s), True, False) for s in sparsities] + \
+        [(f"uniform {int(s * 100)}%, use_sparse dispatch, learned biases", uniform(s), True, True)
+         for s in (sparsities if biases else ())]
     dense_rate, breakdown = {}, {}
-    for label, sp, dispatch in variants:
+    comp = random_biases(dims) if biases else None
+    for label, sp, dispatch, with_bias in variants:
         th = thresholds_for(inputs, sp) if sp else {}
-        dec.set_sparsity(thresholds=th, planned=sp if dispatch else None)
+        dec.set_sparsity(thresholds=th, planned=sp if dispatch else None, compensation=comp if with_bias else None)
         n_sparse = len(dec.t)
         frac, mean_s = achieved(dec, prompt, th, 8, dims) if th else ({}, 0.0)
         need = sum((1 - frac.get((i, k), 0.0)) * P[k] * 2 for i in range(dims.n_layer) for k in KINDS) + head_bytes
@@ -269,7 +283,12 @@ def main():
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.9],
                     help="uniform sparsities to time (each with and without use_sparse dispatch)")
     ap.add_argument("--only-7b", action="store_true", help="the Llama-2-7B shape only")
+    ap.add_argument("--biases", action="store_true",
+                    help="also time each dispatch variant with learned output biases (the default compensation)")
+    ap.add_argument("--steps", nargs="+", choices=list(STEPS), default=list(STEPS), help="launch rules to time")
     args = ap.parse_args()
+    for step in set(STEPS) - set(args.steps):
+        del STEPS[step]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -281,7 +300,8 @@ def main():
         [("Llama-2-7B shape", LLAMA2_7B), ("SmolLM2-135M shape", SMOLLM2_135M)]
     rows, info = [], []
     for name, dims in models:
-        r, i = run_model(name, dims, bw, args.tokens // (4 if args.quick else 1), 8, tuple(args.sparsities))
+        r, i = run_model(name, dims, bw, args.tokens // (4 if args.quick else 1), 8, tuple(args.sparsities),
+                         args.biases)
         rows += r
         info.append(i)
     (out / "e2e.json").write_text(json.dumps(dict(meta=meta, copy_bw=bw, rows=rows, info=info), indent=1))

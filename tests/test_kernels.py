@@ -115,6 +115,33 @@ def test_swiglu_single_chunk():
     assert rel_err(sparse_swiglu(x, wt, t), sparse_swiglu_ref(x, wt, t)) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("B", [1, 3])
+def test_bias_epilogue_matches_reference(B):
+    """Learned output biases added in the epilogue: one chunk (no reduction), split-K, fused q/k/v and the
+    GLU (the up half of the bias HALF columns to the right), each against the fp32 reference."""
+    dtype = torch.float16
+    g = torch.Generator().manual_seed(5)
+    for K in (20, 100):
+        x, wt = make(B, K, 70, dtype, seed=K + B)
+        bias = torch.randn(70, generator=g).to(DEVICE)
+        t = thr(0.6)
+        ref = sparse_linear_ref(x, wt, t, bias=bias)
+        assert rel_err(sparse_linear(x, wt, t, bias=bias), ref) < TOL[dtype]
+        assert rel_err(sparse_linear_ref(x, wt, t), ref) > 0.1  # the bias matters at this size
+        t3, splits = thr(0.2, 1.0, 1.6), (40, 16, 14)
+        y = sparse_linear(x, wt, t3, splits=splits, bias=bias)
+        assert rel_err(y, sparse_linear_ref(x, wt, t3, splits=splits, bias=bias)) < TOL[dtype]
+        wgu = make(B, K, 2 * 36, dtype, seed=21)[1]
+        b2, t2 = torch.randn(72, generator=g).to(DEVICE), thr(0.4, 1.1)
+        h = sparse_glu(x, wgu, t2, bias=b2)
+        assert rel_err(h, sparse_glu_ref(x, wgu, t2, bias=b2)) < TOL[dtype]
+        assert rel_err(sparse_glu_ref(x, wgu, t2), sparse_glu_ref(x, wgu, t2, bias=b2)) > 0.1
+    with pytest.raises(ValueError, match="bias"):
+        sparse_linear(x, wt, t, bias=bias[:10])
+    with pytest.raises(ValueError, match="bias"):
+        sparse_linear(x, wt, t, bias=bias.half())
+
+
 def test_topk_thresholds_keep_exact_counts():
     B, K = 5, 150
     g = torch.Generator().manual_seed(5)

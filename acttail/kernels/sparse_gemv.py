@@ -50,27 +50,30 @@ def sparsify_ref(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     return torch.where(xf.abs() > t, xf, torch.zeros_like(xf))
 
 
-def sparse_linear_ref(x, wt, thresholds, splits=None):
+def sparse_linear_ref(x, wt, thresholds, splits=None, bias=None):
     """Reference of ``sparse_linear``: fp32 math, output in x's dtype.
 
     thresholds is [P] or [P, B] (one per projection, optionally per token); splits are the output widths of
-    the P projections concatenated in wt (default: one projection of all columns)."""
+    the P projections concatenated in wt (default: one projection of all columns); bias fp32 [N] or None."""
     splits = list(splits) if splits is not None else [wt.shape[1]]
     t = _thresholds_2d(thresholds, len(splits), x.shape[0], x.device)
     outs, col = [], 0
     for p, n in enumerate(splits):
         outs.append(sparsify_ref(x, t[p]) @ wt[:, col:col + n].float())
         col += n
-    return torch.cat(outs, dim=1).to(x.dtype)
+    y = torch.cat(outs, dim=1)
+    return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
-def sparse_glu_ref(x, wt_gate_up, thresholds, act="silu"):
-    """Reference of ``sparse_glu``: act(sparsify(x, t0) @ Wg) * (sparsify(x, t1) @ Wu), fp32 math; act is
-    silu or gelu_tanh (gelu with the tanh approximation)."""
+def sparse_glu_ref(x, wt_gate_up, thresholds, act="silu", bias=None):
+    """Reference of ``sparse_glu``: act(sparsify(x, t0) @ Wg + bg) * (sparsify(x, t1) @ Wu + bu), fp32 math;
+    act is silu or gelu_tanh (gelu with the tanh approximation); bias [bg | bu] fp32 [2I] or None."""
     inter = wt_gate_up.shape[1] // 2
     t = _thresholds_2d(thresholds, 2, x.shape[0], x.device)
     g = sparsify_ref(x, t[0]) @ wt_gate_up[:, :inter].float()
     u = sparsify_ref(x, t[1]) @ wt_gate_up[:, inter:].float()
+    if bias is not None:
+        g, u = g + bias[:inter].float(), u + bias[inter:].float()
     fn = {"silu": torch.nn.functional.silu, "gelu_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh")}
     return (fn[act](g) * u).to(x.dtype)
 
@@ -219,13 +222,16 @@ def _glu(g, u, ACT: tl.constexpr):
 
 @triton.jit
 def _finish(acc, y_ptr, stride_yb, part_ptr, NT, lock_ptr, lock_id, pid_k, rb, bmask, cols, cmask, ycols,
-            TICKETS: tl.constexpr, SPLIT: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr,
-            BLOCK_B: tl.constexpr, BN: tl.constexpr, HALF):
+            bias_ptr, TICKETS: tl.constexpr, SPLIT: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr,
+            BLOCK_B: tl.constexpr, BN: tl.constexpr, HALF, HAS_BIAS: tl.constexpr):
     """Deterministic split-K reduction + epilogue. Each program stores its partial sums [BLOCK_B, BN] at
-    part[pid_k, :, cols]; the last of the TICKETS programs sharing lock_id adds them in chunk order and
-    writes y[:, ycols] (GLU: act(gate) * up, the up columns HALF to the right of the gate columns)."""
+    part[pid_k, :, cols]; the last of the TICKETS programs sharing lock_id adds them in chunk order, adds
+    the fp32 bias (HAS_BIAS: a learned output bias, read once per column) and writes y[:, ycols] (GLU:
+    act(gate) * up, the up columns HALF to the right of the gate columns)."""
     m2 = bmask[:, None] & cmask[None, :]
     if TICKETS == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
         tl.store(y_ptr + rb[:, None] * stride_yb + ycols[None, :], acc.to(y_ptr.dtype.element_ty), mask=m2)
     else:
         tl.store(part_ptr + pid_k * BLOCK_B * NT + rb[:, None] * NT + cols[None, :], acc, mask=m2)
@@ -239,6 +245,10 @@ def _finish(acc, y_ptr, stride_yb, part_ptr, NT, lock_ptr, lock_id, pid_k, rb, b
                 g += tl.load(ps, mask=m2, other=0.0, cache_modifier=".cg")
                 if GLU:
                     u += tl.load(ps + HALF, mask=m2, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                g += tl.load(bias_ptr + ycols, mask=cmask, other=0.0)[None, :]
+                if GLU:
+                    u += tl.load(bias_ptr + ycols + HALF, mask=cmask, other=0.0)[None, :]
             if GLU:
                 g = _glu(g, u, ACT)
             tl.store(y_ptr + rb[:, None] * stride_yb + ycols[None, :], g.to(y_ptr.dtype.element_ty), mask=m2)
@@ -247,11 +257,11 @@ def _finish(acc, y_ptr, stride_yb, part_ptr, NT, lock_ptr, lock_id, pid_k, rb, b
 
 @triton.jit
 def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, stride_tb,
-                        y_ptr, stride_yb, part_ptr, idx_ptr, lock_ptr,
+                        y_ptr, stride_yb, part_ptr, idx_ptr, lock_ptr, bias_ptr,
                         B, K, N, N1, N2, NB1, NB2,
                         SPLIT: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr, BLOCK_B: tl.constexpr,
                         KC: tl.constexpr, KCP: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-                        DOT_F32: tl.constexpr, RB: tl.constexpr, PDL: tl.constexpr):
+                        DOT_F32: tl.constexpr, RB: tl.constexpr, PDL: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Grid (column blocks, SPLIT). Up to 3 projections concatenated in wt's columns, split at N1 and N2
     (their first column blocks are NB1 and NB2), projection p using thresholds t[p]. GLU mode: wt = [gate |
     up] (N1 = N/2 columns each, NB1 blocks each); gate block j and up block j share one ticket counter and
@@ -283,10 +293,10 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
     if GLU:
         ycols = (pid_n - blk0) * BN + tl.arange(0, BN)
         _finish(acc, y_ptr, stride_yb, part_ptr, N, lock_ptr, pid_n - blk0, pid_k, rb, bmask, cols, cmask,
-                ycols, 2 * SPLIT, SPLIT, GLU, ACT, BLOCK_B, BN, N1)
+                ycols, bias_ptr, 2 * SPLIT, SPLIT, GLU, ACT, BLOCK_B, BN, N1, HAS_BIAS)
     else:
         _finish(acc, y_ptr, stride_yb, part_ptr, N, lock_ptr, pid_n, pid_k, rb, bmask, cols, cmask, cols,
-                SPLIT, SPLIT, GLU, ACT, BLOCK_B, BN, 0)
+                bias_ptr, SPLIT, SPLIT, GLU, ACT, BLOCK_B, BN, 0, HAS_BIAS)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -380,7 +390,7 @@ def pick_config(B: int, K: int, n_blocks_of, device: torch.device) -> dict:
                 num_stages=1, RB=one["RB"], maxnreg=one["maxnreg"])
 
 
-def _launch(x, wt, t, splits, glu, config=None, act="silu"):
+def _launch(x, wt, t, splits, glu, config=None, act="silu", bias=None):
     if x.dim() != 2 or wt.dim() != 2 or x.shape[1] != wt.shape[0]:
         raise ValueError(f"need x [B, K] and wt [K, N], got {tuple(x.shape)} and {tuple(wt.shape)}")
     if x.dtype != wt.dtype or x.dtype not in (torch.float16, torch.bfloat16):
@@ -397,6 +407,9 @@ def _launch(x, wt, t, splits, glu, config=None, act="silu"):
     if not glu and (P > 3 or sum(splits) != N):
         raise ValueError(f"splits {splits} must be 1..3 widths summing to {N}")
     t = _thresholds_device(t, P, B, x.device)
+    if bias is not None and (bias.dtype != torch.float32 or bias.device != x.device or tuple(bias.shape) != (N,)
+                             or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous float32 [{N}] tensor on the activations' device")
     if glu:
         if N % 2:
             raise ValueError("gate/up weight needs an even number of columns [gate | up]")
@@ -425,12 +438,12 @@ def _launch(x, wt, t, splits, glu, config=None, act="silu"):
     locks = _locks(x.device, n_blocks)
     _sparse_gemv_kernel[(n_blocks, split)](
         x, x.stride(0), wt, wt.stride(0), t, t.stride(0), t.stride(1),
-        y, y.stride(0), part, idx, locks,
+        y, y.stride(0), part, idx, locks, bias if bias is not None else part,
         B, K, N, bounds[0], bounds[1], NB1, NB2,
         SPLIT=split, GLU=glu, ACT=GLU_ACTS.index(act), BLOCK_B=block_b, KC=KC, KCP=triton.next_power_of_2(KC),
         BK=BK, BN=BN, DOT_F32=x.device.type != "cuda", RB=int(cfg.get("RB", 1)) if B == 1 else 1,
         num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **_reg_args(cfg), **pdl_args(x.device, cfg.get("pdl")))
+        num_stages=cfg["num_stages"], HAS_BIAS=bias is not None, **_reg_args(cfg), **pdl_args(x.device, cfg.get("pdl")))
     return y
 
 
@@ -473,20 +486,21 @@ def use_sparse(sparsity: float, batch: int = 1, nbytes: int | None = None) -> bo
     return nbytes is None or skipped * nbytes >= 8e6
 
 
-def sparse_linear(x, wt, thresholds, splits=None, config=None):
-    """y [B, N] = sparsify(x) @ wt for 1..3 projections concatenated in wt's columns.
+def sparse_linear(x, wt, thresholds, splits=None, config=None, bias=None):
+    """y [B, N] = sparsify(x) @ wt (+ bias) for 1..3 projections concatenated in wt's columns.
 
     x [B, K] fp16/bf16 (B <= 8); wt [K, N] input-major, same dtype; thresholds a float32 device tensor of
     shape [P] (one per projection) or [P, B] (per token, e.g. from ``topk_thresholds``); a row of x is kept
-    where |x| > threshold. splits: the output widths of the P projections (q/k/v: (Nq, Nk, Nv))."""
+    where |x| > threshold. splits: the output widths of the P projections (q/k/v: (Nq, Nk, Nv)). bias: fp32
+    [N] (learned output biases), added in fp32 in the epilogue before the one rounding."""
     splits = tuple(splits) if splits is not None else (wt.shape[1],)
-    return _launch(x, wt, thresholds, splits, glu=False, config=config)
+    return _launch(x, wt, thresholds, splits, glu=False, config=config, bias=bias)
 
 
-def sparse_glu(x, wt_gate_up, thresholds, act="silu", config=None):
-    """h [B, I] = act(sparsify(x, t0) @ Wg) * (sparsify(x, t1) @ Wu), wt_gate_up = [Wg.T | Wu.T] [K, 2I];
-    act silu (SwiGLU) or gelu_tanh (GeGLU)."""
-    return _launch(x, wt_gate_up, thresholds, None, glu=True, config=config, act=act)
+def sparse_glu(x, wt_gate_up, thresholds, act="silu", config=None, bias=None):
+    """h [B, I] = act(sparsify(x, t0) @ Wg + bg) * (sparsify(x, t1) @ Wu + bu), wt_gate_up = [Wg.T | Wu.T]
+    [K, 2I]; act silu (SwiGLU) or gelu_tanh (GeGLU); bias [bg | bu] fp32 [2I] or None."""
+    return _launch(x, wt_gate_up, thresholds, None, glu=True, config=config, act=act, bias=bias)
 
 
 def sparse_swiglu(x, wt_gate_up, thresholds, config=None):

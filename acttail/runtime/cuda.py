@@ -110,8 +110,9 @@ class CudaDecoder:
         sparsities {(layer, kind): s}, a group whose mean planned sparsity is too low for the sparse kernel to
         pay (``use_sparse``) runs dense. ``compensation`` {(layer, kind): ProjectionSparsity} brings learned
         output biases and low-rank factors, applied where the group runs sparse (as the reference applies them
-        on sparsified positions)."""
-        self.t, self.keeps, self.comp = {}, {}, {}
+        on sparsified positions). Biases alone run in the sparse kernel's epilogue (one fp32 vector per group,
+        read once per column); low-rank terms run beside it."""
+        self.t, self.keeps, self.comp, self.bias = {}, {}, {}, {}
         for i in range(self.args.n_layer):
             for g, kinds in GROUPS.items():
                 if planned is not None:
@@ -127,7 +128,12 @@ class CudaDecoder:
                     self.keeps[i, g] = [int(keeps.get((i, k), 1 << 30)) for k in kinds]
                 parts = [(compensation or {}).get((i, k)) for k in kinds]
                 if ((i, g) in self.t or (i, g) in self.keeps) and any(c is not None and c.compensated for c in parts):
-                    self.comp[i, g] = [self._on_device(c) for c in parts]
+                    comp = [self._on_device(c) for c in parts]
+                    if any(lowrank is not None for _, lowrank in comp):
+                        self.comp[i, g] = comp
+                    else:  # biases only: the kernel adds them in its epilogue
+                        self.bias[i, g] = torch.cat([b if b is not None else torch.zeros(
+                            self.args.out_features(k), device=self.device) for (b, _), k in zip(comp, kinds)])
         self.graph = None
 
     def _on_device(self, c):
@@ -167,11 +173,11 @@ class CudaDecoder:
                 g, u = y.split(self.args.intermediate_size, dim=-1)
                 return ACTIVATIONS[self.args.activation](g) * u
             return y
-        comp = self.comp.get((i, group))
+        comp, bias = self.comp.get((i, group)), self.bias.get((i, group))
         if group == "gate_up" and comp is None:
-            return sparse_glu(x, w, t, act=self.args.activation)
+            return sparse_glu(x, w, t, act=self.args.activation, bias=bias)
         splits = {"qkv": self.args.qkv_sizes, "gate_up": (self.args.intermediate_size,) * 2}.get(group)
-        y = sparse_linear(x, w, t, splits=splits)
+        y = sparse_linear(x, w, t, splits=splits, bias=bias)
         if comp is not None:
             y = self._compensate(x, y, t, comp, splits or (y.shape[-1],))  # fp32
         if group == "gate_up":  # act(gate) * up in fp32, rounded once, as the fused kernel does

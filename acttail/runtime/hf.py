@@ -127,11 +127,27 @@ def _kernel_launch(linear: nn.Linear, parts) -> dict | None:
     if any(s is not None and s.score is not None for _, _, s, _ in parts):
         return None
     splits = [rows.stop - rows.start if rows != slice(None) else linear.out_features for _, rows, _, _ in parts]
+    bias = _epilogue_bias(linear, parts, splits)
     keeps = [s.keep if s is not None else None for _, _, s, _ in parts]
     if any(k is not None for k in keeps):
-        return {"splits": splits, "keeps": [k if k is not None else 1 << 30 for k in keeps], "t": None}
+        return {"splits": splits, "keeps": [k if k is not None else 1 << 30 for k in keeps], "t": None, "bias": bias}
     ts = [s.threshold if s is not None and s.threshold is not None else -1.0 for _, _, s, _ in parts]
-    return {"splits": splits, "keeps": None, "t": torch.tensor(ts, dtype=torch.float32, device=linear.weight.device)}
+    return {"splits": splits, "keeps": None, "t": torch.tensor(ts, dtype=torch.float32, device=linear.weight.device),
+            "bias": bias}
+
+
+def _epilogue_bias(linear: nn.Linear, parts, splits) -> torch.Tensor | None:
+    """The Linear's own bias plus the learned biases as one fp32 vector the kernel adds in its epilogue;
+    None when there is none, or when a low-rank term needs the separate compensation path."""
+    if any(s is not None and s.lowrank is not None for _, _, s, _ in parts):
+        return None
+    if linear.bias is None and not any(s is not None and s.bias is not None for _, _, s, _ in parts):
+        return None
+    dev = linear.weight.device
+    own = linear.bias.float() if linear.bias is not None else torch.zeros(sum(splits), device=dev)
+    learned = torch.cat([s.bias.to(dev, torch.float32) if s is not None and s.bias is not None
+                         else torch.zeros(w, device=dev) for (_, _, s, _), w in zip(parts, splits)])
+    return (own + learned).contiguous()
 
 
 def _sparse_forward(handle: Applied, parts, launch: dict | None):
@@ -173,6 +189,9 @@ def _kernel_linear(linear, x, parts, launch):
 
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     t = launch["t"] if launch["keeps"] is None else topk_thresholds(x2, launch["keeps"])
+    if launch.get("bias") is not None:  # biases in the kernel's epilogue
+        y = kernel_linear(x2, linear._acttail_wt, t, splits=launch["splits"], bias=launch["bias"])
+        return y.reshape(*x.shape[:-1], y.shape[-1])
     y = kernel_linear(x2, linear._acttail_wt, t, splits=launch["splits"]).float()
     if linear.bias is not None:
         y = y + linear.bias.float()
