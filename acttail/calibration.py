@@ -158,6 +158,7 @@ def calibrate(model, plan, wins: Tensor, batch_size: int | None = None, progress
     thresholds are fitted, the biases trained with them, then the thresholds fitted again with the biases on.
     Each entry's ``calibration`` records the sparsity achieved in the sparse run on the calibration text
     and the number of tokens; the plan's ``calibration`` records the settings and the largest deviation.
+    A plan allocated with ``rank_split`` carries one rank per projection: those ranks replace ``rank``.
     """
     if score not in SCORES or compensation not in COMPENSATIONS:
         raise ActTailError(f"score must be one of {', '.join(SCORES)} and compensation one of "

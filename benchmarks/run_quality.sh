@@ -14,7 +14,7 @@ mkdir -p "$RESULTS" "$M"
 python3 -m benchmarks.quality_study --model "$M/smollm2-135m" --name smollm2-135m --out "$RESULTS/smollm2-135m" \
     --device cuda
 python3 -m benchmarks.quality_study --model "$M/qwen2.5-coder-0.5b" --name qwen2.5-coder-0.5b \
-    --out "$RESULTS/qwen2.5-coder-0.5b" --device cuda --learned-budgets 0.4 0.5 0.6 \
-    --rows "TEAL (uniform, magnitude, none)" greedy "greedy + learned (default)" "greedy + lowrank r16"
+    --out "$RESULTS/qwen2.5-coder-0.5b" --device cuda --greedy-step 0.05 --greedy-tokens 4096 \
+    --rows "TEAL (uniform, magnitude, none)" greedy "greedy + learned (default)"
 python3 -m benchmarks.stream_memory --out "$RESULTS/stream" --shapes ${STREAM_SHAPES:-7b 13b}
 echo PIPELINE DONE
