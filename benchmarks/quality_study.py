@@ -34,6 +34,8 @@ ROWS = {
                                        (0.5,), False),
     "greedy + lowrank r16": (dict(method="greedy"), "magnitude", "lowrank", (0.5,), False),
     "greedy + weight score + learned": (dict(method="greedy"), "weight", "learned", (0.5,), False),
+    "greedy + alpha split r<=32 (lowrank)": (dict(method="greedy", rank_split=32), "magnitude", "lowrank", (0.3, 0.5),
+                                             False),
 }
 
 
