@@ -268,7 +268,8 @@ def export_cmd(plan_path, fmt, output):
               help="learned: output biases trained end to end to match the dense model (SPON); lowrank: the "
                    "top --rank singular directions restore the dropped inputs (R-Sparse); none. Extra bytes count "
                    "against the budget.")
-@click.option("--rank", type=click.IntRange(1, 4096), default=32, show_default=True, help="Rank for lowrank (a plan allocated with --rank-split carries its own).")
+@click.option("--rank", type=click.IntRange(1, 4096), default=32, show_default=True,
+              help="Rank for lowrank (a plan allocated with --rank-split carries its own).")
 @click.option("--steps", type=click.IntRange(1, 100000), default=STEPS, show_default=True,
               help="Training steps for learned biases (batches of 8 windows).")
 @click.option("--lr", type=click.FloatRange(1e-7, 1.0), default=LR, show_default=True, help="Adam learning rate.")

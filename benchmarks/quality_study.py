@@ -78,7 +78,7 @@ def run(args) -> None:
         print(f"greedy paths in {time.time() - t0:.0f} s", flush=True)
     doc["greedy"] = json.loads((out / "greedy.json").read_text())
     for name, (opts, score, comp, budgets, extra) in ROWS.items():
-        for b in budgets:
+        for b in args.budgets or budgets:
             if (name, b) in done or name not in args.rows or (comp == "learned" and b not in args.learned_budgets):
                 continue
             if time.time() - t_start > args.deadline:
@@ -216,6 +216,7 @@ def main() -> None:
     ap.add_argument("--greedy-tokens", type=int, default=8192)
     ap.add_argument("--learned-budgets", type=float, nargs="+", default=list(BUDGETS),
                     help="budgets at which rows with learned compensation run (each trains biases)")
+    ap.add_argument("--budgets", type=float, nargs="+", help="run these budgets instead of each row's own")
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds; stop starting new runs after this")
     ap.add_argument("--tables", help="write the markdown tables of this folder's runs instead")
     args = ap.parse_args()
