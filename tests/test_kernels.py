@@ -142,6 +142,26 @@ def test_bias_epilogue_matches_reference(B):
         sparse_linear(x, wt, t, bias=bias.half())
 
 
+def test_callers_own_ticket_counters():
+    """locks=: a caller's own counters are the ones the split-K launch uses (a dirty buffer breaks the
+    reduction, a clean one matches the reference and is left zero); a wrong buffer is a clear error."""
+    from acttail.kernels import new_locks
+
+    x, wt = make(1, 100, 70, torch.float16, seed=3)  # several K chunks: the tickets decide who reduces
+    t = thr(0.5)
+    ref = sparse_linear_ref(x, wt, t)
+    own = new_locks(DEVICE)
+    assert rel_err(sparse_linear(x, wt, t, locks=own), ref) < TOL[torch.float16]
+    assert int(own.abs().sum()) == 0
+    dirty = new_locks(DEVICE) + 1  # every ticket off by one: the reduction starts before the last partial
+    x2 = make(1, 100, 70, torch.float16, seed=4)[0]  # another input, so stale partials cannot look right
+    assert not rel_err(sparse_linear(x2, wt, t, locks=dirty), sparse_linear_ref(x2, wt, t)) < TOL[torch.float16]
+    with pytest.raises(ValueError, match="locks"):
+        sparse_linear(x, wt, t, locks=own[:1])
+    with pytest.raises(ValueError, match="locks"):
+        sparse_linear(x, wt, t, locks=own.long())
+
+
 def test_topk_thresholds_keep_exact_counts():
     B, K = 5, 150
     g = torch.Generator().manual_seed(5)

@@ -102,6 +102,25 @@ def first_flip(seen_ref, seen_dec, th) -> bool:
     return False
 
 
+def test_decoder_keeps_its_own_ticket_counters():
+    """Each decoder's sparse launches use its own split-K counters (never the per-device shared ones), so
+    decoders on different streams of one GPU cannot corrupt each other's reductions; they are left zero."""
+    import acttail.kernels.sparse_gemv as SG
+
+    model = tiny_model()
+    a = CudaDecoder.from_model(model, dtype=torch.float16, device="cpu", max_seq=16)
+    b = CudaDecoder.from_model(model, dtype=torch.float16, device="cpu", max_seq=16)
+    assert a.locks.data_ptr() != b.locks.data_ptr()
+    th = thresholds(CONFIG["num_hidden_layers"])
+    SG._LOCKS.clear()
+    for dec in (a, b):
+        dec.set_sparsity(thresholds=th)
+        dec.prefill(torch.tensor([5, 17, 42]))
+        dec.forward_token(dec.tok, dec.pos)
+        assert int(dec.locks.abs().sum()) == 0
+    assert not SG._LOCKS  # nothing fell back to the shared counters
+
+
 @pytest.mark.parametrize("architecture", list(ARCHS))
 def test_sparse_decode_agrees_with_cpu_reference(architecture):
     # fp16 vs fp32 rounding can move an activation across its threshold now and then (the fused SwiGLU

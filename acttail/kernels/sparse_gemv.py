@@ -334,14 +334,22 @@ def pdl_args(device: torch.device, pdl: bool | None = None) -> dict:
     return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
 
 
+def new_locks(device, n: int = 4096) -> torch.Tensor:
+    """Ticket counters for one caller of the kernels (``locks=``): zeros, one per column block of the widest
+    launch, left zero again by each launch. A decoder that may run beside another one on the same GPU (other
+    streams) passes its own: launches sharing counters at the same time would corrupt each other's."""
+    return torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+
+
 def _locks(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed ticket counters, kept per device; each launch leaves them zero again.
+    """Zeroed ticket counters shared by the callers that pass none, kept per device; each launch leaves them
+    zero again.
 
     Call the kernels once outside graph capture first (warm-up), so this buffer is not graph-owned."""
     key = (device.type, device.index)
     buf = _LOCKS.get(key)
     if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        buf = new_locks(device, n)
         _LOCKS[key] = buf
     return buf
 
@@ -390,7 +398,7 @@ def pick_config(B: int, K: int, n_blocks_of, device: torch.device) -> dict:
                 num_stages=1, RB=one["RB"], maxnreg=one["maxnreg"])
 
 
-def _launch(x, wt, t, splits, glu, config=None, act="silu", bias=None):
+def _launch(x, wt, t, splits, glu, config=None, act="silu", bias=None, locks=None):
     if x.dim() != 2 or wt.dim() != 2 or x.shape[1] != wt.shape[0]:
         raise ValueError(f"need x [B, K] and wt [K, N], got {tuple(x.shape)} and {tuple(wt.shape)}")
     if x.dtype != wt.dtype or x.dtype not in (torch.float16, torch.bfloat16):
@@ -435,7 +443,10 @@ def _launch(x, wt, t, splits, glu, config=None, act="silu", bias=None):
     y = torch.empty(B, out_cols, dtype=x.dtype, device=x.device)
     part = torch.empty(split * block_b * N if (split > 1 or glu) else 1, dtype=torch.float32, device=x.device)
     idx = torch.empty(split * n_blocks * KC, dtype=torch.int32, device=x.device)
-    locks = _locks(x.device, n_blocks)
+    if locks is None:
+        locks = _locks(x.device, n_blocks)
+    elif locks.dtype != torch.int32 or locks.device != x.device or locks.numel() < n_blocks:
+        raise ValueError(f"locks must be an int32 tensor of at least {n_blocks} zeros on the activations' device")
     _sparse_gemv_kernel[(n_blocks, split)](
         x, x.stride(0), wt, wt.stride(0), t, t.stride(0), t.stride(1),
         y, y.stride(0), part, idx, locks, bias if bias is not None else part,
@@ -486,21 +497,22 @@ def use_sparse(sparsity: float, batch: int = 1, nbytes: int | None = None) -> bo
     return nbytes is None or skipped * nbytes >= 8e6
 
 
-def sparse_linear(x, wt, thresholds, splits=None, config=None, bias=None):
+def sparse_linear(x, wt, thresholds, splits=None, config=None, bias=None, locks=None):
     """y [B, N] = sparsify(x) @ wt (+ bias) for 1..3 projections concatenated in wt's columns.
 
     x [B, K] fp16/bf16 (B <= 8); wt [K, N] input-major, same dtype; thresholds a float32 device tensor of
     shape [P] (one per projection) or [P, B] (per token, e.g. from ``topk_thresholds``); a row of x is kept
     where |x| > threshold. splits: the output widths of the P projections (q/k/v: (Nq, Nk, Nv)). bias: fp32
-    [N] (learned output biases), added in fp32 in the epilogue before the one rounding."""
+    [N] (learned output biases), added in fp32 in the epilogue before the one rounding. locks: the caller's
+    ticket counters (``new_locks``); default: one buffer per device."""
     splits = tuple(splits) if splits is not None else (wt.shape[1],)
-    return _launch(x, wt, thresholds, splits, glu=False, config=config, bias=bias)
+    return _launch(x, wt, thresholds, splits, glu=False, config=config, bias=bias, locks=locks)
 
 
-def sparse_glu(x, wt_gate_up, thresholds, act="silu", config=None, bias=None):
+def sparse_glu(x, wt_gate_up, thresholds, act="silu", config=None, bias=None, locks=None):
     """h [B, I] = act(sparsify(x, t0) @ Wg + bg) * (sparsify(x, t1) @ Wu + bu), wt_gate_up = [Wg.T | Wu.T]
     [K, 2I]; act silu (SwiGLU) or gelu_tanh (GeGLU); bias [bg | bu] fp32 [2I] or None."""
-    return _launch(x, wt_gate_up, thresholds, None, glu=True, config=config, act=act, bias=bias)
+    return _launch(x, wt_gate_up, thresholds, None, glu=True, config=config, act=act, bias=bias, locks=locks)
 
 
 def sparse_swiglu(x, wt_gate_up, thresholds, config=None):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from acttail.kernels import sparse_glu, sparse_linear, topk_thresholds, use_sparse
+from acttail.kernels import new_locks, sparse_glu, sparse_linear, topk_thresholds, use_sparse
 from acttail.kernels.decode_ops import add_rmsnorm, decode_attention, rope_cache_write, silu_mul
 
 from ..errors import ActTailError
@@ -55,6 +55,8 @@ class CudaDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.generated = torch.zeros(max_seq + 1, dtype=torch.long, device=dev)
         self.attention = "kernel"  # or "sdpa": torch's attention with a mask over the whole cache
+        # its own ticket counters: decoders on other streams of the same GPU never share them
+        self.locks = new_locks(dev, max(sum(args.qkv_sizes), 2 * args.intermediate_size, args.dim) // 16 + 3)
         self.set_sparsity()
         self.graph = None
 
@@ -175,9 +177,9 @@ class CudaDecoder:
             return y
         comp, bias = self.comp.get((i, group)), self.bias.get((i, group))
         if group == "gate_up" and comp is None:
-            return sparse_glu(x, w, t, act=self.args.activation, bias=bias)
+            return sparse_glu(x, w, t, act=self.args.activation, bias=bias, locks=self.locks)
         splits = {"qkv": self.args.qkv_sizes, "gate_up": (self.args.intermediate_size,) * 2}.get(group)
-        y = sparse_linear(x, w, t, splits=splits, bias=bias)
+        y = sparse_linear(x, w, t, splits=splits, bias=bias, locks=self.locks)
         if comp is not None:
             y = self._compensate(x, y, t, comp, splits or (y.shape[-1],))  # fp32
         if group == "gate_up":  # act(gate) * up in fp32, rounded once, as the fused kernel does

@@ -128,12 +128,16 @@ def _kernel_launch(linear: nn.Linear, parts) -> dict | None:
         return None
     splits = [rows.stop - rows.start if rows != slice(None) else linear.out_features for _, rows, _, _ in parts]
     bias = _epilogue_bias(linear, parts, splits)
+    from ..kernels import new_locks
+
+    locks = new_locks(linear.weight.device, linear.out_features // 16 + 3)  # this Linear's own ticket counters
     keeps = [s.keep if s is not None else None for _, _, s, _ in parts]
     if any(k is not None for k in keeps):
-        return {"splits": splits, "keeps": [k if k is not None else 1 << 30 for k in keeps], "t": None, "bias": bias}
+        return {"splits": splits, "keeps": [k if k is not None else 1 << 30 for k in keeps], "t": None, "bias": bias,
+                "locks": locks}
     ts = [s.threshold if s is not None and s.threshold is not None else -1.0 for _, _, s, _ in parts]
     return {"splits": splits, "keeps": None, "t": torch.tensor(ts, dtype=torch.float32, device=linear.weight.device),
-            "bias": bias}
+            "bias": bias, "locks": locks}
 
 
 def _epilogue_bias(linear: nn.Linear, parts, splits) -> torch.Tensor | None:
@@ -190,9 +194,10 @@ def _kernel_linear(linear, x, parts, launch):
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     t = launch["t"] if launch["keeps"] is None else topk_thresholds(x2, launch["keeps"])
     if launch.get("bias") is not None:  # biases in the kernel's epilogue
-        y = kernel_linear(x2, linear._acttail_wt, t, splits=launch["splits"], bias=launch["bias"])
+        y = kernel_linear(x2, linear._acttail_wt, t, splits=launch["splits"], bias=launch["bias"],
+                          locks=launch["locks"])
         return y.reshape(*x.shape[:-1], y.shape[-1])
-    y = kernel_linear(x2, linear._acttail_wt, t, splits=launch["splits"]).float()
+    y = kernel_linear(x2, linear._acttail_wt, t, splits=launch["splits"], locks=launch["locks"]).float()
     if linear.bias is not None:
         y = y + linear.bias.float()
     col = 0
