@@ -84,6 +84,30 @@ def calibrate(model, plan: Plan, texts, tokenizer=None, tokens: int = 65536, ctx
                              rank=rank, steps=steps, lr=lr)
 
 
+def tune(model, analysis: Analysis, texts, tokenizer=None, within: float = 0.05, tokens: int = 65536,
+         held_tokens: int = 16384, ctx: int = 512, config: AllocationConfig | None = None, progress: bool = True,
+         **calibrate_options) -> Plan:
+    """The calibrated plan at the largest budget whose perplexity on held-out text stays within ``within``
+    (0.05: +5%) of dense, by bisection (``acttail.tuning``): the first ``tokens`` of ``texts`` calibrate every
+    probe, the next ``held_tokens`` judge it. ``calibrate_options`` as for ``calibrate`` (compensation, ...)."""
+    from .tuning import tune as tune_windows
+
+    cfg = config or AllocationConfig()
+    doc = analysis.to_dict() if hasattr(analysis, "to_dict") else analysis
+    if cfg.method == "greedy" and not doc.get("greedy"):
+        import warnings
+
+        warnings.warn("the analysis has no greedy paths (acttail greedy measures them): probing uniformly")
+        cfg = cfg.updated(method="uniform")
+    ours = _ours(model)
+    wins = _windows(ours, texts, tokenizer, tokens + held_tokens, ctx)
+    n_cal = max(1, tokens // ctx)
+    if len(wins) <= n_cal:
+        raise ActTailError(f"the text gives {len(wins)} windows of {ctx}: not enough for {tokens} calibration "
+                           f"and {held_tokens} held-out tokens")
+    return tune_windows(ours, doc, wins[:n_cal], wins[n_cal:], within, cfg, progress=progress, **calibrate_options)
+
+
 def apply(model, plan: Plan, mode: str = "threshold") -> Applied:
     """Sparsify ``model`` in place as ``plan`` says; returns a handle whose ``remove()`` (or the end of a
     ``with`` block) restores it. On CPU inputs are zeroed; on CUDA with fp16/bf16 weights decode steps

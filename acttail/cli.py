@@ -292,6 +292,58 @@ def calibrate_cmd(model, plan_path, text, output, tokens, ctx, batch_size, devic
                f"max |achieved - target| = {plan.calibration['max_abs_deviation']:.4f}; wrote {output}")
 
 
+@main.command("tune")
+@click.argument("model", type=click.Path())
+@click.argument("analysis", type=click.Path(dir_okay=False))
+@click.option("--within", type=click.FloatRange(0.001, 10.0), default=0.05, show_default=True,
+              help="Perplexity increase over dense allowed on the held-out text (0.05: +5%).")
+@click.option("-o", "--output", required=True, type=_Output(), help="Calibrated plan to write (the largest budget).")
+@click.option("--text", default="c4", show_default=True,
+              help="Calibration text (a UTF-8 file, or c4 / wiki); the tokens after the calibration tokens are "
+                   "the held-out text. Keep the text you evaluate on out of it.")
+@click.option("--tokens", type=TOKENS, default=65536, show_default=True, help="Calibration tokens.")
+@click.option("--held-tokens", type=TOKENS, default=16384, show_default=True, help="Held-out tokens.")
+@click.option("--ctx", type=CTX, default=512, show_default=True, help="Window length (tokens).")
+@click.option("--method", type=click.Choice(sorted(METHODS)), default=DEFAULTS.method, show_default=True,
+              help="Allocation method of every probe (as `acttail allocate`).")
+@click.option("--compensation", type=click.Choice(COMPENSATIONS), default=DEFAULT_COMPENSATION, show_default=True,
+              help="Compensation of every probe (as `acttail calibrate`).")
+@click.option("--steps", type=click.IntRange(1, 100000), default=STEPS, show_default=True,
+              help="Training steps for learned biases.")
+@click.option("--tolerance", type=click.FloatRange(0.001, 0.5), default=0.01, show_default=True,
+              help="Width of the final budget bracket.")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu or cuda: same float32 code.")
+def tune_cmd(model, analysis, within, output, text, tokens, held_tokens, ctx, method, compensation, steps,
+             tolerance, device):
+    """The largest budget whose calibrated plan stays within --within of dense perplexity on held-out text."""
+    from .analysis import Analysis
+    from .runtime.tokens import text_tokens, windows
+    from .text import read_text
+    from .tuning import tune
+
+    doc = Analysis.load(analysis)
+    if method == "greedy" and "greedy" not in doc.extra:
+        click.echo("acttail: warning: the analysis has no greedy paths (`acttail greedy`): probing with uniform "
+                   "allocation (TEAL) instead", err=True)
+        method = "uniform"
+    ckpt, net, tok, bos = _open(model, device)
+    if doc.model["fingerprint"] != ckpt.fingerprint:
+        raise ActTailError(f"{analysis} was made for another checkpoint (fingerprint {doc.model['fingerprint']}, "
+                           f"this model has {ckpt.fingerprint})")
+    ids = text_tokens(tok, read_text(text), tokens + held_tokens)
+    if len(ids) < tokens + held_tokens:
+        raise ActTailError(f"{text} has {len(ids)} tokens, fewer than --tokens + --held-tokens ({tokens + held_tokens})")
+    cal, held = (windows(part, ctx, net.args.max_seq_len, str(text), bos) for part in (ids[:tokens], ids[tokens:]))
+    plan = tune(net, doc, cal, held, within, AllocationConfig(method=method), tolerance=tolerance,
+                text=str(text), compensation=compensation, steps=steps)
+    plan.save(output)
+    rec = plan.calibration["tune"]
+    ppl = next(p["perplexity"] for p in rec["probes"] if p["budget"] == plan.budget)
+    click.echo(f"largest budget within +{within:.1%} of dense on {held.numel()} held-out tokens of {text}: "
+               f"{plan.budget:.3f} (perplexity {ppl:.3f}, dense {rec['dense_perplexity']:.3f}; "
+               f"{len(rec['probes'])} probes); wrote {output}")
+
+
 def _text_windows(model, device, text, tokens, ctx, stream: bool = False):
     """(checkpoint, our decoder, windows [n, ctx] of TEXT's first tokens, BOS id or None) of a model folder."""
     ckpt, net, tok, bos = _open(model, device, stream)
