@@ -221,6 +221,12 @@ class Analysis:
                    tool_version=doc.get("tool_version", __version__), created=doc.get("created", ""),
                    extra={k: v for k, v in doc.items() if k not in known})
 
+    def check_model(self, fingerprint: str, where: str = "analysis") -> None:
+        """Refuse an analysis made of other weights."""
+        if self.model["fingerprint"] != fingerprint:
+            raise ActTailError(f"{where} was made for another checkpoint (fingerprint {self.model['fingerprint']}, "
+                               f"this model has {fingerprint})")
+
     def to_dict(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "tool_version": self.tool_version, "created": self.created,
                 "model": self.model, "settings": self.settings, "projections": self.projections,

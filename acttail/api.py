@@ -62,12 +62,8 @@ def allocate(analysis: Analysis, budget: float, config: AllocationConfig | None 
     of ``config`` (``AllocationConfig``: method, scope, epsilon, ...). The default method, greedy, needs the
     greedy paths of ``acttail greedy`` in the analysis; without them the allocation is uniform, with a warning."""
     cfg = (config or AllocationConfig()).updated(**{k: v for k, v in options.items() if k == "method"})
-    doc = analysis.to_dict() if hasattr(analysis, "to_dict") else analysis
-    if cfg.method == "greedy" and not doc.get("greedy"):
-        import warnings
-
-        warnings.warn("the analysis has no greedy paths (acttail greedy measures them): allocating uniformly")
-        options = {**options, "method": "uniform"}
+    method = _greedy_or_uniform(analysis, cfg.method, "allocating")
+    options = {**options, "method": method} if method != cfg.method else options
     return plan_from_analysis(analysis, budget, config, **options)
 
 
@@ -93,12 +89,8 @@ def tune(model, analysis: Analysis, texts, tokenizer=None, within: float = 0.05,
     from .tuning import tune as tune_windows
 
     cfg = config or AllocationConfig()
+    cfg = cfg.updated(method=_greedy_or_uniform(analysis, cfg.method, "probing"))
     doc = analysis.to_dict() if hasattr(analysis, "to_dict") else analysis
-    if cfg.method == "greedy" and not doc.get("greedy"):
-        import warnings
-
-        warnings.warn("the analysis has no greedy paths (acttail greedy measures them): probing uniformly")
-        cfg = cfg.updated(method="uniform")
     ours = _ours(model)
     wins = _windows(ours, texts, tokenizer, tokens + held_tokens, ctx)
     n_cal = max(1, tokens // ctx)
@@ -145,6 +137,18 @@ def evaluate(model, text, tokenizer=None, plan: Plan | None = None, tokens: int 
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
+
+
+def _greedy_or_uniform(analysis, method: str, doing: str) -> str:
+    """The method to use: greedy needs the greedy paths of ``acttail greedy`` in the analysis; without them,
+    uniform with a warning."""
+    doc = analysis.to_dict() if hasattr(analysis, "to_dict") else analysis
+    if method == "greedy" and not doc.get("greedy"):
+        import warnings
+
+        warnings.warn(f"the analysis has no greedy paths (acttail greedy measures them): {doing} uniformly")
+        return "uniform"
+    return method
 
 
 def _ours(model) -> Transformer:

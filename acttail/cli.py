@@ -196,10 +196,7 @@ def allocate_cmd(analysis, budget, output, method, scope, metric, epsilon, direc
     from .analysis import Analysis
 
     doc = Analysis.load(analysis)
-    if method == "greedy" and "greedy" not in doc.extra:
-        click.echo("acttail: warning: the analysis has no greedy paths (`acttail greedy MODEL ANALYSIS -o ...` "
-                   "measures them): allocating uniformly (TEAL) instead", err=True)
-        method = "uniform"
+    method = _greedy_or_uniform(doc, method, "allocating")
     if method == "acttail" and not has_sensitivity(doc.projections):
         click.echo("acttail: warning: the analysis has no 'sensitivity' column, so the alpha map's direction is "
                    "assumed, not measured (it lost to uniform on SmolLM2 and Qwen2.5: reports/accuracy/); "
@@ -215,6 +212,15 @@ def allocate_cmd(analysis, budget, output, method, scope, metric, epsilon, direc
         click.echo(f"direction  measured: Spearman(alpha, sensitivity) = {measured['spearman']:+.3f} "
                    f"(chance bound {measured['chance_bound']:.3f}) -> {measured['direction']}")
     click.echo(f"wrote {output}")
+
+
+def _greedy_or_uniform(doc, method: str, doing: str) -> str:
+    """The method to use: greedy needs the analysis' greedy paths; without them, uniform with a warning."""
+    if method == "greedy" and "greedy" not in doc.extra:
+        click.echo("acttail: warning: the analysis has no greedy paths (`acttail greedy MODEL ANALYSIS -o ...` "
+                   f"measures them): {doing} uniformly (TEAL) instead", err=True)
+        return "uniform"
+    return method
 
 
 @main.group("plan")
@@ -322,14 +328,9 @@ def tune_cmd(model, analysis, within, output, text, tokens, held_tokens, ctx, me
     from .tuning import tune
 
     doc = Analysis.load(analysis)
-    if method == "greedy" and "greedy" not in doc.extra:
-        click.echo("acttail: warning: the analysis has no greedy paths (`acttail greedy`): probing with uniform "
-                   "allocation (TEAL) instead", err=True)
-        method = "uniform"
+    method = _greedy_or_uniform(doc, method, "probing")
     ckpt, net, tok, bos = _open(model, device)
-    if doc.model["fingerprint"] != ckpt.fingerprint:
-        raise ActTailError(f"{analysis} was made for another checkpoint (fingerprint {doc.model['fingerprint']}, "
-                           f"this model has {ckpt.fingerprint})")
+    doc.check_model(ckpt.fingerprint, str(analysis))
     ids = text_tokens(tok, read_text(text), tokens + held_tokens)
     if len(ids) < tokens + held_tokens:
         raise ActTailError(f"{text} has {len(ids)} tokens, fewer than --tokens + --held-tokens ({tokens + held_tokens})")
@@ -467,8 +468,7 @@ def greedy_cmd(model, analysis, text, tokens, ctx, base_step, max_sparsity, devi
         doc.extra["greedy"] = load_paths(measured, doc.model)
     else:
         ckpt, net, wins, _ = _text_windows(model, device, text, tokens, ctx)
-        if doc.model["fingerprint"] != ckpt.fingerprint:
-            raise ActTailError(f"{analysis} is the analysis of another checkpoint than {model}")
+        doc.check_model(ckpt.fingerprint, str(analysis))
         doc.extra["greedy"] = measure(net, wins, ckpt.fingerprint, str(text), base_step, max_sparsity)
     doc.save(output)
     steps = sum(len(p) for p in doc.extra["greedy"]["layers"])

@@ -124,12 +124,12 @@ def _kernel_launch(linear: nn.Linear, parts) -> dict | None:
     """What a decode step of this Linear passes the kernel, fixed once: the output widths, the thresholds on
     the device (threshold mode) or the keep counts (topk mode). None where the kernel cannot serve: per-channel
     score weights (the kernel ranks by |x|)."""
+    from ..kernels import new_locks
+
     if any(s is not None and s.score is not None for _, _, s, _ in parts):
         return None
     splits = [rows.stop - rows.start if rows != slice(None) else linear.out_features for _, rows, _, _ in parts]
     bias = _epilogue_bias(linear, parts, splits)
-    from ..kernels import new_locks
-
     locks = new_locks(linear.weight.device, linear.out_features // 16 + 3)  # this Linear's own ticket counters
     keeps = [s.keep if s is not None else None for _, _, s, _ in parts]
     if any(k is not None for k in keeps):
