@@ -111,28 +111,33 @@ def time_decode(dec, prompt, n_tokens, repeats=3):
     return statistics.median(rates), rates
 
 
-# one-token launch rules timed side by side (issue 12), as (per_sm, RB, maxnreg) of the one-token launches:
-# pick_config as committed (RB=8, 3 per SM), and the [64, 128] accumulator of 168 registers (RB=1), faster on an
-# idle GPU, fragile when another kernel holds SM slots (reports/gpu/issue12). run3 also timed RB=8 at 4 and
-# 5 per SM (slower), and named the steps "rb8 3/SM" (= current) and "current" (= rb1 3/SM).
-STEPS = {"current": None, "rb1 3/SM": (3, 1, 168)}
+# decode steps timed side by side: (one-token launch rule as (per_sm, RB, maxnreg), or None for pick_config as
+# committed; fusion on). "current": the committed step (RB=8 at 3 per SM; each block's residual add + RMSNorm
+# fused into its sparse projections, RoPE + the cache write into attention); "unfused": the same kernels with
+# the norms and RoPE as separate launches (the step of issue 12's run3); "rb1 3/SM": the [64, 128]
+# accumulator of 168 registers, faster on an idle GPU, fragile when another kernel holds SM slots
+# (reports/gpu/issue12; run3 named it "current").
+STEPS = {"current": (None, True), "unfused": (None, False), "rb1 3/SM": ((3, 1, 168), True)}
+DEFAULT_STEPS = ["current", "unfused"]
 _PICK = SG.pick_config
 
 
 def _pick_for(step):
     def pick(B, K, n_blocks_of, device):
         cfg = dict(_PICK(B, K, n_blocks_of, device))
-        if device.type != "cuda" or B > 1 or STEPS[step] is None:
+        rule = STEPS[step][0]
+        if device.type != "cuda" or B > 1 or rule is None:
             return cfg
-        per_sm, rb, regs = STEPS[step]
+        per_sm, rb, regs = rule
         cfg.update(KC=SG.chunk_rows(K, n_blocks_of(128), per_sm, SG._sm_count(device)), RB=rb, maxnreg=regs)
         return cfg
     return pick
 
 
 def set_step(dec, step):
-    """Launch rule of the sparse kernel for the next capture (the benchmark swaps pick_config)."""
+    """Launch rule and fusion of the decode step for the next capture (the benchmark swaps pick_config)."""
     SG.pick_config = _pick_for(step)
+    dec.fuse = STEPS[step][1]
     dec.graph = None
 
 
@@ -145,7 +150,7 @@ def step_agreement(dec, prompt, th):
         dec.prefill(prompt)
         with torch.no_grad():
             outs.append(dec.forward_token(dec.tok, dec.pos).float())
-    set_step(dec, "current")
+    set_step(dec, next(iter(STEPS)))
     dec.set_sparsity()
     return max((((o - outs[0]).norm() / outs[0].norm()).item() for o in outs[1:]), default=0.0)
 
@@ -199,13 +204,17 @@ def run_model(name, dims, bw, n_tokens, calib_tokens, sparsities=(0.5, 0.7, 0.9)
     variants = [("dense", None, False, False)] + \
         [(f"uniform {int(s * 100)}%", uniform(s), False, False) for s in sparsities] + \
         [("plan (per-projection, mean 50%)", synthetic_plan(dims), False, False)] + \
+        [("every row kept, kernels forced (t = -1)", "all", False, False)] + \
         [(f"uniform {int(s * 100)}%, use_sparse dispatch", uniform(s), True, False) for s in sparsities] + \
         [(f"uniform {int(s * 100)}%, use_sparse dispatch, learned biases", uniform(s), True, True)
          for s in (sparsities if biases else ())]
     dense_rate, breakdown = {}, {}
     comp = random_biases(dims) if biases else None
     for label, sp, dispatch, with_bias in variants:
-        th = thresholds_for(inputs, sp) if sp else {}
+        if sp == "all":  # the sparse kernel (fused norms) in place of cuBLAS, nothing skipped
+            sp, th = None, {(i, k): -1.0 for i in range(dims.n_layer) for k in KINDS}
+        else:
+            th = thresholds_for(inputs, sp) if sp else {}
         dec.set_sparsity(thresholds=th, planned=sp if dispatch else None, compensation=comp if with_bias else None)
         n_sparse = len(dec.t)
         frac, mean_s = achieved(dec, prompt, th, 8, dims) if th else ({}, 0.0)
@@ -224,7 +233,7 @@ def run_model(name, dims, bw, n_tokens, calib_tokens, sparsities=(0.5, 0.7, 0.9)
                              graph_matches_eager=(eager == graph) if label == "dense" else None))
             print(f"{name} {label} [{step}]: {rate:.1f} tok/s ({rate / dense_rate[step]:.2f}x dense), achieved "
                   f"sparsity {mean_s:.3f}, floor {floor:.1f} tok/s ({rate / floor:.0%} of floor)", flush=True)
-        set_step(dec, "current")
+        set_step(dec, next(iter(STEPS)))
         if label in ("dense", "uniform 50%", "uniform 90%"):
             try:
                 breakdown[label] = kernel_breakdown(dec, prompt)
@@ -250,9 +259,10 @@ def markdown(rows, info, bw, meta):
              "- floor = copy bandwidth / bytes that must be read per token (kept weight rows + LM head)", "",
              "- 'sparse groups': projection groups (qkv, o, gate/up, down per layer) run by the sparse kernel; "
              "the last variant lets `use_sparse` send a group to dense cuBLAS when the kernel cannot pay", "",
-             "- step: the sparse kernel's one-token launch rule: 'current' = pick_config as committed (RB=8, 3 "
-             "programs per SM); 'rb1 3/SM' = the [64, 128] accumulator of 168 registers. Speedups are against "
-             "dense with the same step (dense runs no sparse kernel)", "",
+             "- step: 'current' = the committed decode step (pick_config's RB=8 at 3 programs per SM; residual "
+             "add + RMSNorm fused into the sparse projections, RoPE + cache write into attention); 'unfused' = "
+             "the same with norms and RoPE as separate launches; 'rb1 3/SM' = the [64, 128] accumulator of 168 "
+             "registers. Speedups are against dense with the same step", "",
              "| model | variant | step | target sparsity | achieved | sparse groups | tok/s | vs dense | floor tok/s "
              "| of floor |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -285,10 +295,13 @@ def main():
     ap.add_argument("--only-7b", action="store_true", help="the Llama-2-7B shape only")
     ap.add_argument("--biases", action="store_true",
                     help="also time each dispatch variant with learned output biases (the default compensation)")
-    ap.add_argument("--steps", nargs="+", choices=list(STEPS), default=list(STEPS), help="launch rules to time")
+    ap.add_argument("--steps", nargs="+", choices=list(STEPS), default=DEFAULT_STEPS,
+                    help="decode steps to time (the first is the reference of the profiles)")
     args = ap.parse_args()
     for step in set(STEPS) - set(args.steps):
         del STEPS[step]
+    for step in args.steps:  # in the order asked
+        STEPS[step] = STEPS.pop(step)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

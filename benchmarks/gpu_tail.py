@@ -297,7 +297,7 @@ def _smid():
 
 
 @triton.jit
-def _traced_kernel(x_ptr, w_ptr, stride_wk, t_ptr, y_ptr, part_ptr, idx_ptr, lock_ptr, tr_ptr, K, N,
+def _traced_kernel(x_ptr, w_ptr, stride_wk, t_ptr, y_ptr, part_ptr, idx_ptr, val_ptr, lock_ptr, tr_ptr, K, N,
                    SPLIT: tl.constexpr, KC: tl.constexpr, KCP: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
                    PDL: tl.constexpr):
     """_sparse_gemv_kernel for one token and one projection, with timestamps per program."""
@@ -313,15 +313,17 @@ def _traced_kernel(x_ptr, w_ptr, stride_wk, t_ptr, y_ptr, part_ptr, idx_ptr, loc
     bmask = rb < 1
     cols = pid_n * BN + tl.arange(0, BN)
     cmask = cols < N
-    rows_ptr = idx_ptr + (pid_k * tl.num_programs(0) + pid_n).to(tl.int64) * KC
-    rows = _compact(x_ptr, K, t_ptr, 0, rows_ptr, 1, k0, kend, 1, KCP)
+    scratch = (pid_k * tl.num_programs(0) + pid_n).to(tl.int64) * KC
+    rows = _compact(x_ptr, K, t_ptr, 0, idx_ptr + scratch, val_ptr + scratch, 1, k0, kend, x_ptr, x_ptr, x_ptr,
+                    tl.zeros([1], dtype=tl.float32), pid_n, 1, KC, KCP, False, False)
     t2 = _now()
-    acc = _stream_rows(x_ptr, K, w_ptr, stride_wk, t_ptr, 0, rows_ptr, rows, 1, cols, cmask, 1, BK, BN, False)
+    acc = _stream_rows(val_ptr + scratch, w_ptr, stride_wk, idx_ptr + scratch, rows, 1, cols, cmask, 1, KC, BK, BN,
+                       False)
     t3 = _now()  # the loop consumed its last rows: they have arrived
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
-    _finish(acc, y_ptr, N, part_ptr, N, lock_ptr, pid_n, pid_k, rb, bmask, cols, cmask, cols, SPLIT, SPLIT,
-            False, 1, BN, 0)
+    _finish(acc, y_ptr, N, part_ptr, N, lock_ptr, pid_n, pid_k, rb, bmask, cols, cmask, cols, part_ptr, SPLIT,
+            SPLIT, False, 0, 1, BN, 0, False)
     t4 = _now()
     base = tr_ptr + (pid_k * tl.num_programs(0) + pid_n) * 8
     tl.store(base, _smid().to(tl.int64))
@@ -339,10 +341,11 @@ def traced_launch(x, wt, t, cfg, trace):
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
     part = torch.empty(split * N, dtype=torch.float32, device=x.device)
     idx = torch.empty(split * nb * KC, dtype=torch.int32, device=x.device)
+    vals = torch.empty(split * nb * KC, dtype=x.dtype, device=x.device)
     from acttail.kernels.sparse_gemv import _locks, pdl_args
     locks = _locks(x.device, nb)
     pdl = pdl_args(x.device, cfg.get("pdl"))
-    _traced_kernel[(nb, split)](x, wt, wt.stride(0), t, y, part, idx, locks, trace, K, N, SPLIT=split, KC=KC,
+    _traced_kernel[(nb, split)](x, wt, wt.stride(0), t, y, part, idx, vals, locks, trace, K, N, SPLIT=split, KC=KC,
                                 KCP=triton.next_power_of_2(KC), BK=BK, BN=BN, num_warps=4, num_stages=1,
                                 maxnreg=168, **pdl)
     return y
@@ -470,7 +473,7 @@ def bench_bf16(sms, sparsities=(0.4, 0.5, 0.7, 0.9), names=("rb1 3/SM", "rb8 3/S
     for K, N in SHAPES:
         w, wt = make_copies(K, N, torch.bfloat16)
         R = len(wt)
-        V = variants(K, N, sms)
+        V = {k: v for k, v in variants(K, N, sms).items() if not args.variants or k in args.variants}
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         t_dense, _ = time_graph(lambda i: F.linear(x, w[i]), R)
         for s in sparsities:
@@ -527,7 +530,12 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-trace", action="store_true")
     ap.add_argument("--budget", type=float, default=400.0, help="seconds: later shapes are skipped past this")
+    ap.add_argument("--variants", nargs="+", help="our launch variants to time (default: all of variants())")
+    ap.add_argument("--dist", nargs="*", help="variants (and 'teal') whose launch-time distributions to measure "
+                    "(default: the DIST_VARIANTS and teal)")
+    ap.add_argument("--no-extras", action="store_true", help="skip the fused, batch, bf16 and register sections")
     args = ap.parse_args()
+    dist_names = DIST_VARIANTS + ["teal"] if args.dist is None else args.dist
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     teal_root = Path(args.teal)
@@ -556,7 +564,7 @@ def main():
             continue
         w, wt = make_copies(K, N)
         R = len(wt)
-        V = variants(K, N, sms)
+        V = {k: v for k, v in variants(K, N, sms).items() if not args.variants or k in args.variants}
         xs = torch.randn(1, K, device="cuda", dtype=torch.float16)
         tt = torch.tensor([0.5], device="cuda")
         sparse_linear(xs, wt[0], tt)
@@ -582,9 +590,10 @@ def main():
             row["teal_rel_err"] = rel_err(yt, ref)
             row["us_teal"], row["teal_spread"] = time_graph(lambda i: teal_call(teal, x, wt[i], tval, s), R)
             row["teal_config"] = str(teal.splitk_sparse_gemv_kernel.best_config)
-            fn = lambda i: sparse_linear(x, wt[i], t, config=V["v0"])  # noqa: E731
-            row["dist"]["v0"] = dict(quiet=stats(per_launch(fn, R)))
-            for name in DIST_VARIANTS + ["teal"]:
+            if "v0" in V and dist_names:
+                fn = lambda i: sparse_linear(x, wt[i], t, config=V["v0"])  # noqa: E731
+                row["dist"]["v0"] = dict(quiet=stats(per_launch(fn, R)))
+            for name in dist_names:
                 if name == "teal":
                     fn = lambda i: teal_call(teal, x, wt[i], tval, s)  # noqa: E731
                 else:
@@ -601,7 +610,7 @@ def main():
                                                      for k in D if "copy" in D[k])
                 + " | slot load med/p99 " + " ".join(f"{k} {D[k]['slots']['median']:.1f}/{D[k]['slots']['p99']:.0f}"
                                                      for k in D if "slots" in D[k]))
-            if not args.no_trace and (K, N, s) in [(4096, 4096, 0.4), (4096, 11008, 0.5), (11008, 4096, 0.5)]:
+            if not args.no_trace and "rb1 3/SM" in V and (K, N, s) in [(4096, 4096, 0.4), (4096, 11008, 0.5), (11008, 4096, 0.5)]:
                 try:
                     raw = []
                     err, q = timeline(x, wt, t, V["rb1 3/SM"], raw=raw)
@@ -620,6 +629,9 @@ def main():
         del w, wt
         torch.cuda.empty_cache()
     (out / "tail.json").write_text(json.dumps(result, indent=1))
+    if args.no_extras:
+        log("done")
+        return
     result["fused"] = bench_fused(sms)
     (out / "tail.json").write_text(json.dumps(result, indent=1))
     result["batch"] = bench_batch()

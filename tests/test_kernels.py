@@ -250,3 +250,49 @@ def test_dispatch_rule():
     assert use_sparse(0.8, 4) and not use_sparse(0.7, 4)  # 59% vs 76%
     assert use_sparse(0.95, 8) and not use_sparse(0.9, 8)  # 34% vs 57%: 8 tokens pay only below 45%
     assert not use_sparse(0.9, 1, nbytes=2_000_000)  # 1.8 MB skipped cannot pay for the fixed cost
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B", [1, 3])
+def test_fused_rmsnorm_matches_reference(dtype, B):
+    # the block's residual add + RMSNorm in front of the projection: one launch instead of two. The
+    # reference normalises with the add_rmsnorm kernel (the interpreter rounds bf16 its own way, and a
+    # normalised input one bf16 step off would flip a row across its threshold)
+    from acttail.kernels.decode_ops import add_rmsnorm, add_rmsnorm_ref
+    g = torch.Generator().manual_seed(41 + B)
+    x, wt = make(B, 100, 70, dtype, seed=41 + B)
+    r = torch.randn(B, 100, generator=g).to(dtype).to(DEVICE)
+    nw = (1 + 0.3 * torch.randn(100, generator=g)).to(dtype).to(DEVICE)
+    x_in, r_in = x.clone(), r.clone()
+    xr = add_rmsnorm_ref(x.clone(), r, nw, 1e-5)[0]
+    h = add_rmsnorm(x.clone(), r, nw, 1e-5)
+    if dtype == torch.float16:
+        assert torch.equal(h, add_rmsnorm_ref(x.clone(), r, nw, 1e-5)[1])
+    splits, t3 = (40, 16, 14), thr(0.2, 1.0, 1.6)
+    ref = sparse_linear_ref(h, wt, t3, splits=splits)
+    for cfg in (None, dict(BN=32, KC=48, BK=16, num_warps=1, num_stages=1, RB=4, NB=32)):  # NB=32: 4 tiles
+        xo = torch.empty_like(x)
+        y = sparse_linear(x, wt, t3, splits=splits, norm=(nw, 1e-5), residual=r, residual_out=xo, config=cfg)
+        assert torch.equal(xo, xr)  # the residual stream, written once per chunk
+        assert rel_err(y, ref) < TOL[dtype]
+    assert torch.equal(x, x_in) and torch.equal(r, r_in)  # the inputs are left as they were
+    assert rel_err(sparse_linear_ref(xr, wt, t3, splits=splits), ref) > 0.05  # the norm matters
+    # GLU with the norm and no residual (the first block), and the projection's learned bias
+    wgu = make(B, 100, 2 * 36, dtype, seed=51)[1]
+    h0 = add_rmsnorm(x.clone(), None, nw, 1e-5)
+    bias = torch.randn(72, generator=g).to(DEVICE)
+    y = sparse_glu(x, wgu, thr(0.4, 1.1), norm=(nw, 1e-5), bias=bias)
+    assert rel_err(y, sparse_glu_ref(h0, wgu, thr(0.4, 1.1), bias=bias)) < TOL[dtype]
+
+
+def test_fused_rmsnorm_rejects_bad_arguments():
+    x, wt = make(1, 64, 32, torch.float16)
+    nw = torch.ones(64, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="residual_out"):
+        sparse_linear(x, wt, thr(0.1), norm=(nw, 1e-5), residual=x.clone())
+    with pytest.raises(ValueError, match="alias"):
+        sparse_linear(x, wt, thr(0.1), norm=(nw, 1e-5), residual=x.clone(), residual_out=x)
+    with pytest.raises(ValueError, match="weight"):
+        sparse_linear(x, wt, thr(0.1), norm=(nw[:32], 1e-5))
+    with pytest.raises(ValueError, match="RMSNorm"):
+        sparse_linear(x, wt, thr(0.1), residual=x.clone(), residual_out=torch.empty_like(x))

@@ -14,7 +14,8 @@ model_mod = pytest.importorskip("acttail.runtime.model")
 sparsify_mod = pytest.importorskip("acttail.runtime.sparsify")
 
 from acttail.kernels.decode_ops import (
-    add_rmsnorm, add_rmsnorm_ref, decode_attention, decode_attention_ref, rope_cache_write, rope_cache_write_ref)
+    add_rmsnorm, add_rmsnorm_ref, decode_attention, decode_attention_ref, rope_attention, rope_cache_write,
+    rope_cache_write_ref)
 from acttail.layout import GROUP_OF, GROUPS
 from acttail.runtime.cuda import CudaDecoder
 
@@ -145,6 +146,41 @@ def test_sparse_decode_agrees_with_cpu_reference(architecture):
     assert rel_err(ref, dense_ref) > 0.1  # the thresholds change the logits: the comparison can fail
 
 
+@pytest.mark.parametrize("architecture", list(ARCHS))
+def test_fused_norms_and_rope_match_separate_launches(architecture, monkeypatch):
+    """The decode step with each block's residual add + RMSNorm fused into its sparse projections and RoPE +
+    the cache write fused into attention gives the logits of the step with separate launches (same fp16
+    roundings), with fewer launches: only the final norm (and Gemma 2/3's extra norms) stays apart."""
+    import acttail.runtime.cuda as cuda_mod
+
+    model = tiny_model(6, architecture=architecture)
+    th = thresholds(CONFIG["num_hidden_layers"])
+    g = torch.Generator().manual_seed(6)
+    comp = {key: sparsify_mod.ProjectionSparsity(threshold=t, bias=0.1 * torch.randn(
+        model.args.out_features(key[1]), generator=g)) for key, t in th.items()}
+    calls = {"norm": 0, "rope": 0}
+    counted = lambda fn, name: lambda *a, **k: calls.__setitem__(name, calls[name] + 1) or fn(*a, **k)  # noqa: E731
+    monkeypatch.setattr(cuda_mod, "add_rmsnorm", counted(cuda_mod.add_rmsnorm, "norm"))
+    monkeypatch.setattr(cuda_mod, "rope_cache_write", counted(cuda_mod.rope_cache_write, "rope"))
+    logits, launches = {}, {}
+    for fuse in (True, False):
+        dec = CudaDecoder.from_model(model, dtype=torch.float16, device="cpu", max_seq=16)
+        dec.fuse = fuse
+        dec.set_sparsity(thresholds=th, compensation=comp)
+        dec.prefill(torch.tensor([5, 17, 42]))
+        calls.update(norm=0, rope=0)
+        steps = []
+        for _ in range(4):
+            steps.append(dec.forward_token(dec.tok, dec.pos)[0])
+            dec.tok.copy_(steps[-1].argmax(-1, keepdim=True))
+            dec.pos.add_(1)
+        logits[fuse], launches[fuse] = torch.stack(steps), dict(calls)
+    assert rel_err(logits[True], logits[False]) < 1e-3
+    n, extra = CONFIG["num_hidden_layers"], 2 * model.args.sandwich_norm + model.args.qk_norm * 2
+    assert launches[False] == {"norm": 4 * (2 * n + 1 + extra * n), "rope": 4 * n}
+    assert launches[True] == {"norm": 4 * (1 + extra * n), "rope": 0}
+
+
 @pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM"])
 @pytest.mark.parametrize("lowrank", [True, False], ids=["lowrank", "biases-only"])
 def test_compensation_on_the_decode_path_agrees_with_cpu_reference(architecture, lowrank):
@@ -255,6 +291,29 @@ def test_decode_attention_matches_reference(H, KV, D, T, p):
     kc[:, p + 1:] = float("nan")  # positions past pos are never read
     vc[:, p + 1:] = float("nan")
     assert torch.equal(decode_attention(q, kc, vc, pos, block_t=16), o)
+
+
+@pytest.mark.parametrize("H,KV,D,T,p,window,softcap,bias", [(4, 2, 16, 40, 33, None, None, False),
+                                                               (9, 3, 16, 24, 10, 4, 3.0, True),
+                                                               (2, 2, 8, 8, 0, None, None, True)])
+def test_rope_attention_is_rope_cache_write_then_attention(H, KV, D, T, p, window, softcap, bias):
+    # RoPE, the cache write and attention in one launch: the caches and the output of the two-launch path
+    torch.manual_seed(p + H)
+    qkv = torch.randn(1, (H + 2 * KV) * D).half()
+    b = torch.randn((H + 2 * KV) * D).half() if bias else None
+    cos, sin = torch.randn(T, D), torch.randn(T, D)
+    pos = torch.tensor([p])
+    kc, vc = torch.randn(KV, T, D).half(), torch.randn(KV, T, D).half()
+    kr, vr = kc.clone(), vc.clone()
+    o = rope_attention(qkv, cos, sin, pos, kc, vc, H, KV, D, bias=b, block_t=16, scale=0.3, softcap=softcap,
+                       window=window)
+    q = rope_cache_write_ref(qkv, cos, sin, pos, kr, vr, H, KV, D, bias=b)
+    ref = decode_attention_ref(q, kr, vr, pos, scale=0.3, softcap=softcap, window=window)
+    assert rel_err(kc, kr) < 2e-3 and torch.equal(vc, vr)  # the new key and value land at pos, nothing else
+    assert o.shape == (1, H * D) and rel_err(o, ref) < 3e-3
+    stale = vc.clone()
+    stale[:, p] = 0.0  # the position's own value is read back: attending without it differs
+    assert rel_err(decode_attention_ref(q, kr, stale, pos, scale=0.3, softcap=softcap, window=window), ref) > 1e-2
 
 
 def test_decode_attention_rejects_bad_shapes():

@@ -177,12 +177,33 @@ def decode_attention_ref(q, k_cache, v_cache, pos, scale=None, softcap=None, win
 
 
 @triton.jit
+def _rope_rows(qkv_ptr, b_ptr, rows, rmask, c, s, rd, D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Heads ``rows`` of qkv [*, D] (+ the bias, rounded as the biased projection's output), rotated in fp32
+    (rotate-half RoPE with this position's cos c and sin s) and rounded: rope_cache_write's rounding."""
+    partner = (rd + D // 2) % D
+    sign = tl.where(rd < D // 2, -1.0, 1.0)
+    m = rmask[:, None]
+    a = tl.load(qkv_ptr + rows[:, None] * D + rd[None, :], mask=m, other=0.0)
+    b = tl.load(qkv_ptr + rows[:, None] * D + partner[None, :], mask=m, other=0.0)
+    if HAS_BIAS:
+        a = (a.to(tl.float32) + tl.load(b_ptr + rows[:, None] * D + rd[None, :], mask=m, other=0.0).to(tl.float32)
+             ).to(a.dtype)
+        b = (b.to(tl.float32) + tl.load(b_ptr + rows[:, None] * D + partner[None, :], mask=m, other=0.0).to(
+            tl.float32)).to(b.dtype)
+    return (a.to(tl.float32) * c[None, :] + sign[None, :] * b.to(tl.float32) * s[None, :]).to(a.dtype)
+
+
+@triton.jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, T, scale, softcap, window,
+                             b_ptr, cos_ptr, sin_ptr, NH,
                              G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
-                             SOFTCAP: tl.constexpr, PDL: tl.constexpr):
+                             SOFTCAP: tl.constexpr, ROPE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             PDL: tl.constexpr):
     """One program per key/value head: its G query heads (padded to BLOCK_G) against positions 0..pos (the
     last ``window`` of them when window > 0), online softmax in fp32; SOFTCAP: scores -> softcap *
-    tanh(scores / softcap)."""
+    tanh(scores / softcap). ROPE: q_ptr is the projection's qkv row [(NH + 2 n_kv) D]; the program rotates
+    its query heads and its key head, and writes its key and value at pos into the caches first (RoPE and
+    the cache write fused in front: one launch instead of two)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -190,19 +211,39 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, T, scale, soft
     rg = tl.arange(0, BLOCK_G)
     gm = rg < G
     rd = tl.arange(0, D)
-    q = tl.load(q_ptr + (kv * G + rg[:, None]) * D + rd[None, :], mask=gm[:, None], other=0.0)
+    pos = tl.load(pos_ptr)
+    base = kv.to(tl.int64) * T * D
+    if ROPE:
+        c = tl.load(cos_ptr + pos * D + rd)
+        s = tl.load(sin_ptr + pos * D + rd)
+        q = _rope_rows(q_ptr, b_ptr, kv * G + rg, gm, c, s, rd, D, HAS_BIAS)
+        first = rg[:, None] < 1  # k and v: one head, held in row 0
+        n_kv = tl.num_programs(0)
+        k_new = _rope_rows(q_ptr, b_ptr, NH + kv + 0 * rg, rg < 1, c, s, rd, D, HAS_BIAS)
+        v_rows = NH + n_kv + kv + 0 * rg
+        v_new = tl.load(q_ptr + v_rows[:, None] * D + rd[None, :], mask=first, other=0.0)
+        if HAS_BIAS:
+            v_new = (v_new.to(tl.float32) + tl.load(b_ptr + v_rows[:, None] * D + rd[None, :], mask=first,
+                                                    other=0.0).to(tl.float32)).to(v_new.dtype)
+        at = base + pos * D + 0 * rg[:, None] + rd[None, :]
+        tl.store(k_ptr + at, k_new, mask=first)
+        tl.store(v_ptr + at, v_new, mask=first)
+        tl.debug_barrier()  # the loop below reads this position back (from L2: .cg loads)
+    else:
+        q = tl.load(q_ptr + (kv * G + rg[:, None]) * D + rd[None, :], mask=gm[:, None], other=0.0)
     q = q.to(tl.float32) * scale  # [BLOCK_G, D]
-    n = tl.load(pos_ptr).to(tl.int32) + 1
+    n = pos.to(tl.int32) + 1
     lo = tl.where(window > 0, tl.maximum(n - window, 0), 0)  # first visible position
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
-    base = kv.to(tl.int64) * T * D
     for start in range((lo // BLOCK_T) * BLOCK_T, n, BLOCK_T):  # every block holds a visible position
         rt = start + tl.arange(0, BLOCK_T)
         tm = (rt < n) & (rt >= lo)
-        k = tl.load(k_ptr + base + rt[:, None] * D + rd[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + base + rt[:, None] * D + rd[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + base + rt[:, None] * D + rd[None, :], mask=tm[:, None], other=0.0,
+                    cache_modifier=".cg").to(tl.float32)
+        v = tl.load(v_ptr + base + rt[:, None] * D + rd[None, :], mask=tm[:, None], other=0.0,
+                    cache_modifier=".cg").to(tl.float32)
         s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, BLOCK_T]
         if SOFTCAP:
             s = softcap * tanh(s / softcap)
@@ -217,6 +258,14 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, T, scale, soft
     tl.store(o_ptr + (kv * G + rg[:, None]) * D + rd[None, :], o.to(o_ptr.dtype.element_ty), mask=gm[:, None])
 
 
+def _group_size(n_head, n_kv, D):
+    """Query heads per key/value head (G), after checking the shapes the kernel takes."""
+    if n_head % n_kv or D & (D - 1):
+        raise ValueError(f"need a power-of-two head dim and n_kv dividing n_head, got D={D}, "
+                         f"{n_head} heads / {n_kv}")
+    return n_head // n_kv
+
+
 def decode_attention(q, k_cache, v_cache, pos, block_t: int = 32, scale: float | None = None,
                      softcap: float | None = None, window: int | None = None):
     """One token's attention over the static cache, positions 0..pos[0] (device tensor: graph-safe).
@@ -228,15 +277,29 @@ def decode_attention(q, k_cache, v_cache, pos, block_t: int = 32, scale: float |
     the cache is read. One program per key/value head, so it suits the short contexts of these benchmarks;
     long contexts would want the sequence split over programs (flash-decoding)."""
     n_head, D = q.shape
+    return _attend(q, None, None, None, k_cache, v_cache, pos, n_head, D, block_t, scale, softcap, window)
+
+
+def rope_attention(qkv, cos, sin, pos, k_cache, v_cache, n_head, n_kv, head_dim, bias=None, block_t: int = 32,
+                   scale: float | None = None, softcap: float | None = None, window: int | None = None):
+    """``rope_cache_write`` and ``decode_attention`` in one launch: qkv [1, (n_head + 2 n_kv) D] (+ bias, the
+    Qwen2 q/k/v bias); each program rotates its query heads and its key head at position pos[0], writes the
+    key and value into the caches [n_kv, T, D] there, then attends over 0..pos[0]. Returns [1, n_head * D]."""
+    if n_kv != k_cache.shape[0] or head_dim != k_cache.shape[2]:
+        raise ValueError(f"caches {tuple(k_cache.shape)} do not hold {n_kv} heads of {head_dim}")
+    return _attend(qkv, bias, cos, sin, k_cache, v_cache, pos, n_head, head_dim, block_t, scale, softcap, window)
+
+
+def _attend(q, bias, cos, sin, k_cache, v_cache, pos, n_head, D, block_t, scale, softcap, window):
+    """Launch of the attention kernel; cos is None: q [n_head, D] already rotated, else q is the qkv row."""
     n_kv, T = k_cache.shape[0], k_cache.shape[1]
-    G = n_head // n_kv
-    if n_head % n_kv or D & (D - 1):
-        raise ValueError(f"need a power-of-two head dim and n_kv dividing n_head, got D={D}, "
-                         f"{n_head} heads / {n_kv}")
+    G = _group_size(n_head, n_kv, D)
+    rope = cos is not None
     o = torch.empty(1, n_head * D, dtype=q.dtype, device=q.device)
     _decode_attention_kernel[(n_kv,)](q, k_cache, v_cache, pos, o, T, D ** -0.5 if scale is None else scale,
-                                      float(softcap or 1.0), int(window or 0), G=G,
+                                      float(softcap or 1.0), int(window or 0), q if bias is None else bias,
+                                      cos if rope else q, sin if rope else q, n_head, G=G,
                                       BLOCK_G=triton.next_power_of_2(G), D=D, BLOCK_T=block_t,
-                                      SOFTCAP=bool(softcap),
+                                      SOFTCAP=bool(softcap), ROPE=rope, HAS_BIAS=bias is not None,
                                       num_warps=4 if q.device.type == "cuda" else 1, **pdl_args(q.device))
     return o

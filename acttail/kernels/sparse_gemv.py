@@ -99,43 +99,77 @@ def _thresholds_2d(thresholds, P, B, device):
 
 
 @triton.jit
-def _compact(x_ptr, stride_xb, t_ptr, stride_tb, idx_ptr, B, kstart, kend, BLOCK_B: tl.constexpr,
-             KCP: tl.constexpr):
-    """Kept rows of x[:, kstart:kend] (union over tokens; kend - kstart <= KCP, a power of two), compacted
-    in order into idx; returns their count."""
+def _residual(x_ptr, r_ptr, offs, m, HAS_R: tl.constexpr):
+    """x (+ r, rounded to x's dtype as the reference's residual add) at offs."""
+    x = tl.load(x_ptr + offs, mask=m, other=0.0)
+    if HAS_R:
+        x = (x.to(tl.float32) + tl.load(r_ptr + offs, mask=m, other=0.0).to(tl.float32)).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _rms_inv(x_ptr, r_ptr, stride_xb, rb, bmask, K, eps, HAS_R: tl.constexpr, NB: tl.constexpr):
+    """1 / rms over all K inputs of each token's x (+ r), fp32 [BLOCK_B]: the RMSNorm fused in front of the
+    projection (every program reads the whole row from L2; one tile when NB >= K)."""
+    ss = tl.zeros(rb.shape, dtype=tl.float32)
+    for k0 in range(0, K, NB):
+        rk = k0 + tl.arange(0, NB)
+        m = bmask[:, None] & (rk < K)[None, :]
+        v = _residual(x_ptr, r_ptr, rb[:, None] * stride_xb + rk[None, :], m, HAS_R).to(tl.float32)
+        ss += tl.sum(v * v, axis=1)
+    return 1.0 / tl.sqrt(ss / K + eps)
+
+
+@triton.jit
+def _compact(x_ptr, stride_xb, t_ptr, stride_tb, idx_ptr, val_ptr, B, kstart, kend, r_ptr, nw_ptr, xo_ptr,
+             inv, store_x, BLOCK_B: tl.constexpr, KC: tl.constexpr, KCP: tl.constexpr, NORM: tl.constexpr,
+             HAS_R: tl.constexpr):
+    """Kept rows of x[:, kstart:kend] (union over tokens; kend - kstart <= KC <= KCP, a power of two),
+    compacted in order: their indices into idx, each token's sparsified value into val [B, KC]; returns
+    their count. NORM: x is first replaced by rmsnorm(x (+ r)) * nw (inv: each token's 1 / rms), in the
+    reference's rounding; with HAS_R the programs of column block store_x == 0 write x + r to xo (the
+    residual stream)."""
     rb = tl.arange(0, BLOCK_B)
     bmask = rb < B
     thr = tl.load(t_ptr + rb * stride_tb, mask=bmask, other=float("inf"))
     rk = kstart + tl.arange(0, KCP)
     kmask = rk < kend
-    xs = tl.load(x_ptr + rb[:, None] * stride_xb + rk[None, :], mask=bmask[:, None] & kmask[None, :], other=0.0)
-    keep = (tl.abs(xs.to(tl.float32)) > thr[:, None]) & bmask[:, None] & kmask[None, :]
+    m2 = bmask[:, None] & kmask[None, :]
+    offs = rb[:, None] * stride_xb + rk[None, :]
+    xs = _residual(x_ptr, r_ptr, offs, m2, HAS_R)
+    if NORM:
+        if HAS_R:
+            tl.store(xo_ptr + offs, xs, mask=m2 & (tl.zeros_like(rb)[:, None] == store_x))
+        nw = tl.load(nw_ptr + rk, mask=kmask, other=0.0).to(tl.float32)
+        # normalise, round, scale: as add_rmsnorm (the product of two 16-bit floats is exact in fp32)
+        xs = ((xs.to(tl.float32) * inv[:, None]).to(xs.dtype).to(tl.float32) * nw[None, :]).to(xs.dtype)
+    keep = (tl.abs(xs.to(tl.float32)) > thr[:, None]) & m2
     row = tl.max(keep.to(tl.int32), axis=0)  # union of the tokens' masks
     pos = tl.cumsum(row, axis=0)
     tl.store(idx_ptr + pos - 1, rk, mask=row > 0)
+    tl.store(val_ptr + rb[:, None] * KC + (pos - 1)[None, :], tl.where(keep, xs, 0.0).to(xs.dtype),
+             mask=bmask[:, None] & (row > 0)[None, :])
     tl.debug_barrier()  # the whole program reads what all its threads wrote
     return tl.sum(row, axis=0)
 
 
 @triton.jit
-def _stream_rows(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tb, idx_ptr, nnz, B, cols, col_mask,
-                 BLOCK_B: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, DOT_F32: tl.constexpr):
-    """fp32 [BLOCK_B, BN]: sum over the nnz rows k listed in idx of sparsify(x[:, k]) * wt[k, cols]."""
+def _stream_rows(val_ptr, w_ptr, stride_wk, idx_ptr, nnz, B, cols, col_mask, BLOCK_B: tl.constexpr,
+                 KC: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, DOT_F32: tl.constexpr):
+    """fp32 [BLOCK_B, BN]: sum over the nnz compacted rows (indices idx, values val) of val * wt[k, cols]."""
     rb = tl.arange(0, BLOCK_B)
     bmask = rb < B
-    thr = tl.load(t_ptr + rb * stride_tb, mask=bmask, other=float("inf"))
     if BLOCK_B == 1:
         # one token: FMA into a [BK, BN] accumulator (summed once at the end), pipelined by hand: the row
         # indices of block j+1 are loaded while the rows of block j are in flight, so the index load (L2)
         # and the weight-row load (DRAM) overlap. (Leaving it to the compiler's pipeliner, num_stages 3, was
         # as fast on 4096/11008-wide shapes and 4-7% slower on 14336-wide ones: reports/gpu/README.md.)
         kk = _load_idx(idx_ptr, 0, nnz, BK)
-        w, xv = _load_rows(x_ptr, stride_xb, w_ptr, stride_wk, rb, bmask, thr, kk, 0, nnz, cols, col_mask, BK)
+        w, xv = _load_rows(val_ptr, w_ptr, stride_wk, rb, bmask, kk, 0, nnz, cols, col_mask, KC, BK)
         kk = _load_idx(idx_ptr, BK, nnz, BK)
         acc2 = tl.zeros([BK, BN], dtype=tl.float32)
         for j in range(BK, nnz + BK, BK):
-            w_next, xv_next = _load_rows(x_ptr, stride_xb, w_ptr, stride_wk, rb, bmask, thr, kk, j, nnz, cols,
-                                         col_mask, BK)
+            w_next, xv_next = _load_rows(val_ptr, w_ptr, stride_wk, rb, bmask, kk, j, nnz, cols, col_mask, KC, BK)
             kk = _load_idx(idx_ptr, j + BK, nnz, BK)
             acc2 += w.to(tl.float32) * tl.sum(xv.to(tl.float32), axis=0)[:, None]
             w, xv = w_next, xv_next
@@ -145,8 +179,7 @@ def _stream_rows(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tb, idx_ptr, 
         acc = tl.zeros([BLOCK_B, BN], dtype=tl.float32)
         for j in range(0, nnz, BK):
             kk = _load_idx(idx_ptr, j, nnz, BK)
-            w, xv = _load_rows(x_ptr, stride_xb, w_ptr, stride_wk, rb, bmask, thr, kk, j, nnz, cols, col_mask,
-                               BK)
+            w, xv = _load_rows(val_ptr, w_ptr, stride_wk, rb, bmask, kk, j, nnz, cols, col_mask, KC, BK)
             if DOT_F32:  # the interpreter's dot is wrong for bf16; fp32 operands hold the same values
                 acc = tl.dot(xv.to(tl.float32), w.to(tl.float32), acc)
             else:
@@ -155,7 +188,7 @@ def _stream_rows(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tb, idx_ptr, 
 
 
 @triton.jit
-def _stream_rows_grouped(x_ptr, w_ptr, stride_wk, t_ptr, idx_ptr, nnz, cols, col_mask, RB: tl.constexpr,
+def _stream_rows_grouped(val_ptr, w_ptr, stride_wk, idx_ptr, nnz, cols, col_mask, RB: tl.constexpr,
                          BKR: tl.constexpr, BN: tl.constexpr):
     """One token, fp32 [1, BN], with an accumulator of RB rows instead of BK = RB * BKR: each tile of
     gathered rows is loaded as [RB, BKR, BN] and summed over its BKR axis before it is added. Triton lays
@@ -163,15 +196,14 @@ def _stream_rows_grouped(x_ptr, w_ptr, stride_wk, t_ptr, idx_ptr, nnz, cols, col
     the sum is in registers and the accumulator takes 8 registers a thread instead of the 64 of the [BK, BN]
     one in _stream_rows. Pipelined like _stream_rows: tile j+1 and the indices of tile j+2 are requested
     before tile j is summed."""
-    thr = tl.load(t_ptr)
     r2 = tl.arange(0, RB)[:, None] * BKR + tl.arange(0, BKR)[None, :]
     BK = RB * BKR
     kk = tl.load(idx_ptr + r2, mask=r2 < nnz, other=0)
-    w, xv = _load_rows_grouped(x_ptr, w_ptr, stride_wk, thr, kk, r2, 0, nnz, cols, col_mask)
+    w, xv = _load_rows_grouped(val_ptr, w_ptr, stride_wk, kk, r2, 0, nnz, cols, col_mask)
     kk = tl.load(idx_ptr + BK + r2, mask=(BK + r2) < nnz, other=0)
     acc = tl.zeros([RB, BN], dtype=tl.float32)
     for j in range(BK, nnz + BK, BK):
-        w_next, xv_next = _load_rows_grouped(x_ptr, w_ptr, stride_wk, thr, kk, r2, j, nnz, cols, col_mask)
+        w_next, xv_next = _load_rows_grouped(val_ptr, w_ptr, stride_wk, kk, r2, j, nnz, cols, col_mask)
         kk = tl.load(idx_ptr + j + BK + r2, mask=(j + BK + r2) < nnz, other=0)
         acc += tl.sum(w.to(tl.float32) * xv.to(tl.float32)[:, :, None], axis=1)
         w, xv = w_next, xv_next
@@ -179,13 +211,12 @@ def _stream_rows_grouped(x_ptr, w_ptr, stride_wk, t_ptr, idx_ptr, nnz, cols, col
 
 
 @triton.jit
-def _load_rows_grouped(x_ptr, w_ptr, stride_wk, thr, kk, r2, j, nnz, cols, col_mask):
-    """Gathered rows kk [RB, BKR] as [RB, BKR, BN] and their sparsified activations (zeros past nnz)."""
+def _load_rows_grouped(val_ptr, w_ptr, stride_wk, kk, r2, j, nnz, cols, col_mask):
+    """Gathered rows kk [RB, BKR] as [RB, BKR, BN] and their compacted values (zeros past nnz)."""
     jm = (j + r2) < nnz
     w = tl.load(w_ptr + kk[:, :, None] * stride_wk + cols[None, None, :],
                 mask=jm[:, :, None] & col_mask[None, None, :], other=0.0)
-    xv = tl.load(x_ptr + kk, mask=jm, other=0.0)
-    return w, tl.where(tl.abs(xv.to(tl.float32)) > thr, xv, 0.0)
+    return w, tl.load(val_ptr + j + r2, mask=jm, other=0.0)
 
 
 @triton.jit
@@ -196,12 +227,13 @@ def _load_idx(idx_ptr, j, nnz, BK: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(x_ptr, stride_xb, w_ptr, stride_wk, rb, bmask, thr, kk, j, nnz, cols, col_mask, BK: tl.constexpr):
-    """Gathered weight rows kk and the matching sparsified activations (zeros past nnz)."""
-    jm = (j + tl.arange(0, BK)) < nnz
+def _load_rows(val_ptr, w_ptr, stride_wk, rb, bmask, kk, j, nnz, cols, col_mask, KC: tl.constexpr,
+               BK: tl.constexpr):
+    """Gathered weight rows kk and each token's compacted values (zeros past nnz)."""
+    rj = j + tl.arange(0, BK)
+    jm = rj < nnz
     w = tl.load(w_ptr + kk[:, None] * stride_wk + cols[None, :], mask=jm[:, None] & col_mask[None, :], other=0.0)
-    xv = tl.load(x_ptr + rb[:, None] * stride_xb + kk[None, :], mask=bmask[:, None] & jm[None, :], other=0.0)
-    xv = tl.where(tl.abs(xv.to(tl.float32)) > thr[:, None], xv, 0.0)
+    xv = tl.load(val_ptr + rb[:, None] * KC + rj[None, :], mask=bmask[:, None] & jm[None, :], other=0.0)
     return w, xv
 
 
@@ -257,15 +289,18 @@ def _finish(acc, y_ptr, stride_yb, part_ptr, NT, lock_ptr, lock_id, pid_k, rb, b
 
 @triton.jit
 def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, stride_tb,
-                        y_ptr, stride_yb, part_ptr, idx_ptr, lock_ptr, bias_ptr,
-                        B, K, N, N1, N2, NB1, NB2,
+                        y_ptr, stride_yb, part_ptr, idx_ptr, val_ptr, lock_ptr, bias_ptr, r_ptr, nw_ptr, xo_ptr,
+                        eps, B, K, N, N1, N2, NB1, NB2,
                         SPLIT: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr, BLOCK_B: tl.constexpr,
                         KC: tl.constexpr, KCP: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-                        DOT_F32: tl.constexpr, RB: tl.constexpr, PDL: tl.constexpr, HAS_BIAS: tl.constexpr):
+                        DOT_F32: tl.constexpr, RB: tl.constexpr, PDL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        NORM: tl.constexpr, HAS_R: tl.constexpr, NB: tl.constexpr):
     """Grid (column blocks, SPLIT). Up to 3 projections concatenated in wt's columns, split at N1 and N2
     (their first column blocks are NB1 and NB2), projection p using thresholds t[p]. GLU mode: wt = [gate |
     up] (N1 = N/2 columns each, NB1 blocks each); gate block j and up block j share one ticket counter and
-    the last of their programs writes act(gate) * up to y[:, block j]."""
+    the last of their programs writes act(gate) * up to y[:, block j]. NORM: the input is rmsnorm(x (+ r))
+    * nw, the residual add and RMSNorm of the block fused in front (the programs of column block 0 write
+    x + r to xo)."""
     if PDL:  # programmatic dependent launch: nothing before this reads what the previous kernel wrote
         tl.extra.cuda.gdc_wait()
     pid_n = tl.program_id(0)
@@ -281,13 +316,19 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
     cmask = cols < col_end
     t_proj = t_ptr + proj * stride_tp
     kend = tl.minimum(K, k0 + KC)
-    rows_ptr = idx_ptr + (pid_k * tl.num_programs(0) + pid_n).to(tl.int64) * KC  # private scratch
-    rows = _compact(x_ptr, stride_xb, t_proj, stride_tb, rows_ptr, B, k0, kend, BLOCK_B, KCP)
+    inv = tl.zeros([BLOCK_B], dtype=tl.float32)
+    if NORM:
+        inv = _rms_inv(x_ptr, r_ptr, stride_xb, rb, bmask, K, eps, HAS_R, NB)
+    scratch = (pid_k * tl.num_programs(0) + pid_n).to(tl.int64) * KC  # this program's private rows
+    rows_ptr = idx_ptr + scratch
+    vals_ptr = val_ptr + scratch * B
+    rows = _compact(x_ptr, stride_xb, t_proj, stride_tb, rows_ptr, vals_ptr, B, k0, kend, r_ptr, nw_ptr, xo_ptr,
+                    inv, pid_n, BLOCK_B, KC, KCP, NORM, HAS_R)
     if BLOCK_B == 1 and RB > 1:
-        acc = _stream_rows_grouped(x_ptr, w_ptr, stride_wk, t_proj, rows_ptr, rows, cols, cmask, RB, BK // RB, BN)
+        acc = _stream_rows_grouped(vals_ptr, w_ptr, stride_wk, rows_ptr, rows, cols, cmask, RB, BK // RB, BN)
     else:
-        acc = _stream_rows(x_ptr, stride_xb, w_ptr, stride_wk, t_proj, stride_tb, rows_ptr, rows, B, cols,
-                           cmask, BLOCK_B, BK, BN, DOT_F32)
+        acc = _stream_rows(vals_ptr, w_ptr, stride_wk, rows_ptr, rows, B, cols, cmask, BLOCK_B, KC, BK, BN,
+                           DOT_F32)
     if PDL:  # the next kernel may start its launch while this one reduces
         tl.extra.cuda.gdc_launch_dependents()
     if GLU:
@@ -398,7 +439,8 @@ def pick_config(B: int, K: int, n_blocks_of, device: torch.device) -> dict:
                 num_stages=1, RB=one["RB"], maxnreg=one["maxnreg"])
 
 
-def _launch(x, wt, t, splits, glu, config=None, act="silu", bias=None, locks=None):
+def _launch(x, wt, t, splits, glu, config=None, act="silu", bias=None, locks=None, norm=None, residual=None,
+            residual_out=None):
     if x.dim() != 2 or wt.dim() != 2 or x.shape[1] != wt.shape[0]:
         raise ValueError(f"need x [B, K] and wt [K, N], got {tuple(x.shape)} and {tuple(wt.shape)}")
     if x.dtype != wt.dtype or x.dtype not in (torch.float16, torch.bfloat16):
@@ -418,6 +460,7 @@ def _launch(x, wt, t, splits, glu, config=None, act="silu", bias=None, locks=Non
     if bias is not None and (bias.dtype != torch.float32 or bias.device != x.device or tuple(bias.shape) != (N,)
                              or not bias.is_contiguous()):
         raise ValueError(f"bias must be a contiguous float32 [{N}] tensor on the activations' device")
+    nw, eps = _check_norm(x, norm, residual, residual_out)
     if glu:
         if N % 2:
             raise ValueError("gate/up weight needs an even number of columns [gate | up]")
@@ -443,19 +486,44 @@ def _launch(x, wt, t, splits, glu, config=None, act="silu", bias=None, locks=Non
     y = torch.empty(B, out_cols, dtype=x.dtype, device=x.device)
     part = torch.empty(split * block_b * N if (split > 1 or glu) else 1, dtype=torch.float32, device=x.device)
     idx = torch.empty(split * n_blocks * KC, dtype=torch.int32, device=x.device)
+    vals = torch.empty(split * n_blocks * KC * B, dtype=x.dtype, device=x.device)
     if locks is None:
         locks = _locks(x.device, n_blocks)
     elif locks.dtype != torch.int32 or locks.device != x.device or locks.numel() < n_blocks:
         raise ValueError(f"locks must be an int32 tensor of at least {n_blocks} zeros on the activations' device")
     _sparse_gemv_kernel[(n_blocks, split)](
         x, x.stride(0), wt, wt.stride(0), t, t.stride(0), t.stride(1),
-        y, y.stride(0), part, idx, locks, bias if bias is not None else part,
+        y, y.stride(0), part, idx, vals, locks, bias if bias is not None else part,
+        residual if residual is not None else x, nw if nw is not None else x,
+        residual_out if residual_out is not None else x, eps,
         B, K, N, bounds[0], bounds[1], NB1, NB2,
         SPLIT=split, GLU=glu, ACT=GLU_ACTS.index(act), BLOCK_B=block_b, KC=KC, KCP=triton.next_power_of_2(KC),
         BK=BK, BN=BN, DOT_F32=x.device.type != "cuda", RB=int(cfg.get("RB", 1)) if B == 1 else 1,
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], HAS_BIAS=bias is not None, **_reg_args(cfg), **pdl_args(x.device, cfg.get("pdl")))
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], HAS_BIAS=bias is not None,
+        NORM=nw is not None, HAS_R=residual is not None,
+        NB=cfg.get("NB") or min(triton.next_power_of_2(K), 8192 // block_b),
+        **_reg_args(cfg), **pdl_args(x.device, cfg.get("pdl")))
     return y
+
+
+def _check_norm(x, norm, residual, residual_out):
+    """(norm weight, eps) of a fused residual add + RMSNorm, validated against x; (None, 0.0) without one."""
+    if norm is None:
+        if residual is not None or residual_out is not None:
+            raise ValueError("a residual is added only in front of a fused RMSNorm (norm=(weight, eps))")
+        return None, 0.0
+    nw, eps = norm
+    if not x.is_contiguous() or tuple(nw.shape) != (x.shape[1],) or nw.device != x.device or not nw.is_contiguous():
+        raise ValueError(f"a fused RMSNorm needs x contiguous and a contiguous [{x.shape[1]}] weight on its device")
+    if (residual is None) != (residual_out is None):
+        raise ValueError("residual and residual_out go together: x + residual is written to residual_out")
+    for name, r in (("residual", residual), ("residual_out", residual_out)):
+        if r is not None and (r.shape != x.shape or r.dtype != x.dtype or r.device != x.device
+                              or not r.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous tensor of x's shape, dtype and device")
+    if residual_out is not None and residual_out.data_ptr() in (x.data_ptr(), residual.data_ptr()):
+        raise ValueError("residual_out must not alias x or residual (other programs still read them)")
+    return nw, float(eps)
 
 
 def _reg_args(cfg):
@@ -497,22 +565,31 @@ def use_sparse(sparsity: float, batch: int = 1, nbytes: int | None = None) -> bo
     return nbytes is None or skipped * nbytes >= 8e6
 
 
-def sparse_linear(x, wt, thresholds, splits=None, config=None, bias=None, locks=None):
+def sparse_linear(x, wt, thresholds, splits=None, config=None, bias=None, locks=None, norm=None, residual=None,
+                  residual_out=None):
     """y [B, N] = sparsify(x) @ wt (+ bias) for 1..3 projections concatenated in wt's columns.
 
     x [B, K] fp16/bf16 (B <= 8); wt [K, N] input-major, same dtype; thresholds a float32 device tensor of
     shape [P] (one per projection) or [P, B] (per token, e.g. from ``topk_thresholds``); a row of x is kept
     where |x| > threshold. splits: the output widths of the P projections (q/k/v: (Nq, Nk, Nv)). bias: fp32
     [N] (learned output biases), added in fp32 in the epilogue before the one rounding. locks: the caller's
-    ticket counters (``new_locks``); default: one buffer per device."""
+    ticket counters (``new_locks``); default: one buffer per device.
+
+    norm=(weight [K], eps): the block's RMSNorm fused in front, the input being rmsnorm(x + residual) *
+    weight (``add_rmsnorm``'s rounding); x + residual is written to residual_out (a tensor like x, neither
+    x nor residual), the residual stream of the next block. One launch instead of two."""
     splits = tuple(splits) if splits is not None else (wt.shape[1],)
-    return _launch(x, wt, thresholds, splits, glu=False, config=config, bias=bias, locks=locks)
+    return _launch(x, wt, thresholds, splits, glu=False, config=config, bias=bias, locks=locks, norm=norm,
+                   residual=residual, residual_out=residual_out)
 
 
-def sparse_glu(x, wt_gate_up, thresholds, act="silu", config=None, bias=None, locks=None):
+def sparse_glu(x, wt_gate_up, thresholds, act="silu", config=None, bias=None, locks=None, norm=None, residual=None,
+               residual_out=None):
     """h [B, I] = act(sparsify(x, t0) @ Wg + bg) * (sparsify(x, t1) @ Wu + bu), wt_gate_up = [Wg.T | Wu.T]
-    [K, 2I]; act silu (SwiGLU) or gelu_tanh (GeGLU); bias [bg | bu] fp32 [2I] or None."""
-    return _launch(x, wt_gate_up, thresholds, None, glu=True, config=config, act=act, bias=bias, locks=locks)
+    [K, 2I]; act silu (SwiGLU) or gelu_tanh (GeGLU); bias [bg | bu] fp32 [2I] or None; norm, residual and
+    residual_out: the fused RMSNorm in front, as in ``sparse_linear``."""
+    return _launch(x, wt_gate_up, thresholds, None, glu=True, config=config, act=act, bias=bias, locks=locks,
+                   norm=norm, residual=residual, residual_out=residual_out)
 
 
 def sparse_swiglu(x, wt_gate_up, thresholds, config=None):

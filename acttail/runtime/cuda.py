@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from acttail.kernels import new_locks, sparse_glu, sparse_linear, topk_thresholds, use_sparse
-from acttail.kernels.decode_ops import add_rmsnorm, decode_attention, rope_cache_write, silu_mul
+from acttail.kernels.decode_ops import add_rmsnorm, decode_attention, rope_attention, rope_cache_write, silu_mul
 
 from ..errors import ActTailError
 from ..layout import GROUPS
@@ -55,6 +55,7 @@ class CudaDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.generated = torch.zeros(max_seq + 1, dtype=torch.long, device=dev)
         self.attention = "kernel"  # or "sdpa": torch's attention with a mask over the whole cache
+        self.fuse = True  # residual add + RMSNorm into the sparse projections, RoPE into attention (False: apart)
         # its own ticket counters: decoders on other streams of the same GPU never share them
         self.locks = new_locks(dev, max(sum(args.qkv_sizes), 2 * args.intermediate_size, args.dim) // 16 + 3)
         self.set_sparsity()
@@ -217,35 +218,59 @@ class CudaDecoder:
         cap = self.args.final_softcap
         return y if cap is None else (torch.tanh(y.float() / cap) * cap).to(y.dtype)
 
-    def _attend(self, i, q, pos):
-        """One token's attention in layer i over its cache, q [n_head, D] rotated; [1, n_head * D]."""
+    def _attend(self, i, qkv, pos):
+        """One token's attention in layer i: RoPE of q and k, the new key and value into the cache, attention
+        over the cache; [1, n_head * D]. One launch (``rope_attention``) unless fusion is off or attention
+        is torch's."""
         d = self.args
         kc, vc = self.k_cache[i], self.v_cache[i]
+        cos, sin = self._rope(i)
+        bias = self.w.get(f"{i}.bqkv")
+        if self.fuse and self.attention == "kernel":
+            return rope_attention(qkv, cos, sin, pos, kc, vc, d.n_head, d.n_local_heads, d.head_dim, bias=bias,
+                                  scale=d.attn_scale, softcap=d.attn_softcap, window=d.window(i))
+        q = rope_cache_write(qkv, cos, sin, pos, kc, vc, d.n_head, d.n_local_heads, d.head_dim, bias=bias)
         if self.attention == "sdpa":
             mask = attention_mask(pos, self.max_seq, d.window(i))
             return attention(q[None, :, None], kc[None], vc[None], mask, d.attn_scale, d.attn_softcap).reshape(1, -1)
         return decode_attention(q, kc, vc, pos, scale=d.attn_scale, softcap=d.attn_softcap, window=d.window(i))
 
+    def _norm_project(self, i, group, x, r, norm, record):
+        """The block's residual add (x + r) and RMSNorm, then the projection group: (output, residual stream).
+
+        One launch where the group runs the sparse kernel on thresholds (and biases) alone: the kernel
+        normalises in front and writes x + r (``sparse_linear``'s norm=); else ``add_rmsnorm`` (x += r in
+        place) and the projection. Recording inputs, top-k and low-rank terms need the normalised input."""
+        key, nw = (i, group), self.w[f"{i}.{norm}"]
+        fused = self.fuse and record is None and key in self.t and key not in self.keeps and key not in self.comp
+        if not fused:
+            h = add_rmsnorm(x, r, nw, self.args.norm_eps)
+            return self._project(i, group, h, self.w[f"{i}.{WEIGHT[group]}"], record), x
+        xo = None if r is None else torch.empty_like(x)
+        kw = dict(bias=self.bias.get(key), locks=self.locks, norm=(nw, self.args.norm_eps), residual=r,
+                  residual_out=xo)
+        wt, t = self.w[f"{i}.{WEIGHT[group]}"], self.t[key]
+        if group == "gate_up":
+            y = sparse_glu(x, wt, t, act=self.args.activation, **kw)
+        else:
+            y = sparse_linear(x, wt, t, splits=self.args.qkv_sizes, **kw)
+        return y, x if xo is None else xo
+
     def forward_token(self, tok, pos, record=None):
         """Logits [1, vocab] for one token at position pos (both [1] device tensors); updates the cache."""
         d, w = self.args, self.w
-        x = self._embed(tok)  # [1, dim]
+        x = self._embed(tok)  # [1, dim]: the residual stream
         r = None
         for i in range(d.n_layer):
-            h = add_rmsnorm(x, r, w[f"{i}.attention_norm"], d.norm_eps)
-            qkv = self._project(i, "qkv", h, w[f"{i}.wqkv"], record)
+            qkv, x = self._norm_project(i, "qkv", x, r, "attention_norm", record)
             if d.qk_norm:
                 nq, nk, _ = d.qkv_sizes
                 q, k = qkv[0, :nq].view(d.n_head, d.head_dim), qkv[0, nq:nq + nk].view(d.n_local_heads, d.head_dim)
                 q.copy_(self._head_norm(i, "q_norm", q))
                 k.copy_(self._head_norm(i, "k_norm", k))
-            cos, sin = self._rope(i)
-            q = rope_cache_write(qkv, cos, sin, pos, self.k_cache[i], self.v_cache[i],
-                                 d.n_head, d.n_local_heads, d.head_dim, bias=w.get(f"{i}.bqkv"))
-            a = self._attend(i, q, pos)
+            a = self._attend(i, qkv, pos)
             o = self._project(i, "o", a, w[f"{i}.wo"], record)
-            h = add_rmsnorm(x, self._post(i, "post_attention_norm", o), w[f"{i}.ffn_norm"], d.norm_eps)
-            hg = self._project(i, "gate_up", h, w[f"{i}.w13"], record)
+            hg, x = self._norm_project(i, "gate_up", x, self._post(i, "post_attention_norm", o), "ffn_norm", record)
             r = self._post(i, "post_ffn_norm", self._project(i, "down", hg, w[f"{i}.w2"], record))
         h = add_rmsnorm(x, r, w["norm"], d.norm_eps)
         return self._logits(h)
