@@ -10,7 +10,6 @@ Writes e2e.md and e2e.json under --out.
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -112,12 +111,14 @@ def time_decode(dec, prompt, n_tokens, repeats=3):
 
 
 # decode steps timed side by side: (one-token launch rule as (per_sm, RB, maxnreg), or None for pick_config as
-# committed; fusion on). "current": the committed step (RB=8 at 3 per SM; each block's residual add + RMSNorm
-# fused into its sparse projections, RoPE + the cache write into attention); "unfused": the same kernels with
-# the norms and RoPE as separate launches (the step of issue 12's run3); "rb1 3/SM": the [64, 128]
-# accumulator of 168 registers, faster on an idle GPU, fragile when another kernel holds SM slots
-# (reports/gpu/issue12; run3 named it "current").
-STEPS = {"current": (None, True), "unfused": (None, False), "rb1 3/SM": ((3, 1, 168), True)}
+# committed; fusion on; attention splits per head, None: attention_splits' rule). "current": the committed
+# step (RB=8 at 3 per SM; each block's residual add + RMSNorm fused into its sparse projections, RoPE + the
+# cache write into attention, attention split over programs); "unfused": norms and RoPE as separate launches
+# and one attention program per head (the step of issue 12's run3); "one attention program": the current step
+# with one program per key/value head; "rb1 3/SM": the [64, 128] accumulator of 168 registers, faster on an
+# idle GPU, fragile when another kernel holds SM slots (reports/gpu/issue12; run3 named it "current").
+STEPS = {"current": (None, True, None), "unfused": (None, False, 1), "one attention program": (None, True, 1),
+         "rb1 3/SM": ((3, 1, 168), True, None)}
 DEFAULT_STEPS = ["current", "unfused"]
 _PICK = SG.pick_config
 
@@ -137,7 +138,7 @@ def _pick_for(step):
 def set_step(dec, step):
     """Launch rule and fusion of the decode step for the next capture (the benchmark swaps pick_config)."""
     SG.pick_config = _pick_for(step)
-    dec.fuse = STEPS[step][1]
+    dec.fuse, dec.attn_splits = STEPS[step][1:]
     dec.graph = None
 
 
@@ -184,8 +185,7 @@ def random_biases(dims, seed=2):
             for i in range(dims.n_layer) for k in KINDS}
 
 
-def run_model(name, dims, bw, n_tokens, calib_tokens, sparsities=(0.5, 0.7, 0.9), biases=False):
-    T = 16
+def run_model(name, dims, bw, n_tokens, calib_tokens, sparsities=(0.5, 0.7, 0.9), biases=False, T=16):
     dec = CudaDecoder.random(dims, torch.float16, "cuda", max_seq=T + n_tokens + calib_tokens + 8)
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, dims.vocab_size, (T,), generator=g).cuda()
@@ -193,6 +193,8 @@ def run_model(name, dims, bw, n_tokens, calib_tokens, sparsities=(0.5, 0.7, 0.9)
     P = kind_params(dims)
     layer_bytes = sum(P.values()) * 2
     head_bytes = dims.vocab_size * dims.dim * 2
+    # the keys and values attention reads per token, at the mean position of the timed decode
+    kv_bytes = dims.n_layer * 2 * dims.n_local_heads * dims.head_dim * 2 * (T + n_tokens / 2)
     # graph replay reproduces eager decoding (dense): same greedy tokens
     dec.set_sparsity()
     eager = dec.generate(prompt, 12, use_graph=False)
@@ -218,7 +220,8 @@ def run_model(name, dims, bw, n_tokens, calib_tokens, sparsities=(0.5, 0.7, 0.9)
         dec.set_sparsity(thresholds=th, planned=sp if dispatch else None, compensation=comp if with_bias else None)
         n_sparse = len(dec.t)
         frac, mean_s = achieved(dec, prompt, th, 8, dims) if th else ({}, 0.0)
-        need = sum((1 - frac.get((i, k), 0.0)) * P[k] * 2 for i in range(dims.n_layer) for k in KINDS) + head_bytes
+        need = sum((1 - frac.get((i, k), 0.0)) * P[k] * 2 for i in range(dims.n_layer) for k in KINDS) + head_bytes \
+            + kv_bytes
         floor = bw / need
         for step in STEPS:
             set_step(dec, step)
@@ -252,17 +255,19 @@ def markdown(rows, info, bw, meta):
     lines = ["# End-to-end decode benchmark (batch 1, greedy, fp16, random weights of the real shapes)", "",
              f"- device: {meta['device']}", f"- date: {meta['date']}", f"- command: `{meta['command']}`",
              f"- torch {meta['torch']}, triton {meta['triton']}; copy bandwidth {bw / 1e12:.2f} TB/s",
-             "- each decode step is one CUDA-graph replay (static KV cache, dense prefill of 16 tokens); "
+             f"- each decode step is one CUDA-graph replay (static KV cache, dense prefill of {meta['context']} tokens); "
              "tok/s = median of 3 runs of the decode",
              "- thresholds calibrated per projection on the model's own dense decode activations; "
              "'achieved' = zeroed fraction measured on later sparse decode steps (param-weighted)",
-             "- floor = copy bandwidth / bytes that must be read per token (kept weight rows + LM head)", "",
+             "- floor = copy bandwidth / bytes that must be read per token (kept weight rows + LM head + the KV "
+             "cache at the mean decode position)", "",
              "- 'sparse groups': projection groups (qkv, o, gate/up, down per layer) run by the sparse kernel; "
              "the last variant lets `use_sparse` send a group to dense cuBLAS when the kernel cannot pay", "",
              "- step: 'current' = the committed decode step (pick_config's RB=8 at 3 programs per SM; residual "
              "add + RMSNorm fused into the sparse projections, RoPE + cache write into attention); 'unfused' = "
-             "the same with norms and RoPE as separate launches; 'rb1 3/SM' = the [64, 128] accumulator of 168 "
-             "registers. Speedups are against dense with the same step", "",
+             "the same with norms and RoPE as separate launches and one attention program per key/value head; "
+             "'one attention program' = current with one attention program per head; 'rb1 3/SM' = the [64, 128] "
+             "accumulator of 168 registers. Speedups are against dense with the same step", "",
              "| model | variant | step | target sparsity | achieved | sparse groups | tok/s | vs dense | floor tok/s "
              "| of floor |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -293,6 +298,7 @@ def main():
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.9],
                     help="uniform sparsities to time (each with and without use_sparse dispatch)")
     ap.add_argument("--only-7b", action="store_true", help="the Llama-2-7B shape only")
+    ap.add_argument("--context", type=int, default=16, help="prompt tokens before the timed decode (dense prefill)")
     ap.add_argument("--biases", action="store_true",
                     help="also time each dispatch variant with learned output biases (the default compensation)")
     ap.add_argument("--steps", nargs="+", choices=list(STEPS), default=DEFAULT_STEPS,
@@ -305,7 +311,8 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                command="python " + " ".join(sys.argv), torch=torch.__version__, triton=triton.__version__)
+                command="python " + " ".join(sys.argv), torch=torch.__version__, triton=triton.__version__,
+                context=args.context)
     bw = copy_bandwidth()
     warm_up()
     models = [("SmolLM2-135M shape", SMOLLM2_135M)] if args.quick else \
@@ -314,7 +321,7 @@ def main():
     rows, info = [], []
     for name, dims in models:
         r, i = run_model(name, dims, bw, args.tokens // (4 if args.quick else 1), 8, tuple(args.sparsities),
-                         args.biases)
+                         args.biases, args.context)
         rows += r
         info.append(i)
     (out / "e2e.json").write_text(json.dumps(dict(meta=meta, copy_bw=bw, rows=rows, info=info), indent=1))

@@ -97,6 +97,17 @@ def teal_precompile(mod, sparsities):
     torch.cuda.synchronize()
 
 
+def load_baseline(path: Path):
+    """An earlier commit's sparse_gemv.py as its own module (its kernels and launch rule), to time beside ours."""
+    spec = importlib.util.spec_from_file_location("baseline_sparse_gemv", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    commit = path.parent / "COMMIT"
+    mod.COMMIT = commit.read_text().strip() if commit.exists() else "?"
+    return mod
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Our kernel's launch variants
 
@@ -473,7 +484,7 @@ def bench_bf16(sms, sparsities=(0.4, 0.5, 0.7, 0.9), names=("rb1 3/SM", "rb8 3/S
     for K, N in SHAPES:
         w, wt = make_copies(K, N, torch.bfloat16)
         R = len(wt)
-        V = {k: v for k, v in variants(K, N, sms).items() if not args.variants or k in args.variants}
+        V = variants(K, N, sms)
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         t_dense, _ = time_graph(lambda i: F.linear(x, w[i]), R)
         for s in sparsities:
@@ -533,6 +544,8 @@ def main():
     ap.add_argument("--variants", nargs="+", help="our launch variants to time (default: all of variants())")
     ap.add_argument("--dist", nargs="*", help="variants (and 'teal') whose launch-time distributions to measure "
                     "(default: the DIST_VARIANTS and teal)")
+    ap.add_argument("--baseline", help="a sparse_gemv.py of an earlier commit (git show REV:acttail/kernels/"
+                    "sparse_gemv.py > FILE), timed beside ours as the variant 'base' with its own launch rule")
     ap.add_argument("--no-extras", action="store_true", help="skip the fused, batch, bf16 and register sections")
     args = ap.parse_args()
     dist_names = DIST_VARIANTS + ["teal"] if args.dist is None else args.dist
@@ -549,6 +562,9 @@ def main():
     log(meta, f"copy bw {bw / 1e12:.2f} TB/s, {sms} SMs")
     shapes = SHAPES[:2] if args.quick else SHAPES
     sparsities = [0.4, 0.5, 0.9] if args.quick else SPARSITIES
+    base = load_baseline(Path(args.baseline)) if args.baseline else None
+    if base is not None:
+        meta["baseline"] = f"{args.baseline} ({base.COMMIT})"
     teal = load_teal(teal_root)
     teal_precompile(teal, sparsities)
     log("TEAL compiled")
@@ -565,10 +581,13 @@ def main():
         w, wt = make_copies(K, N)
         R = len(wt)
         V = {k: v for k, v in variants(K, N, sms).items() if not args.variants or k in args.variants}
+        if base is not None:
+            V["base"] = {}
         xs = torch.randn(1, K, device="cuda", dtype=torch.float16)
         tt = torch.tensor([0.5], device="cuda")
         sparse_linear(xs, wt[0], tt)
-        precompile_ours([lambda c=c: sparse_linear(xs, wt[0], tt, config=c) for c in V.values()])
+        precompile_ours([lambda c=c, n=n: (base.sparse_linear if n == "base" else sparse_linear)(xs, wt[0], tt, config=c)
+                         for n, c in V.items()])
         log(f"{K}x{N}: compiled {len(V)} variants, R={R}")
         t_dense, _ = time_graph(lambda i: F.linear(xs, w[i]), R)
         dense_dist = dict(quiet=stats(per_launch(lambda i: F.linear(xs, w[i]), R)),
@@ -582,9 +601,10 @@ def main():
             row = dict(K=K, N=N, sparsity=s, keep=float((x.float().abs() > tval).float().mean()),
                        us_dense=t_dense, dense_dist=dense_dist, ours={}, dist={})
             for name, cfg in V.items():
-                y = sparse_linear(x, wt[0], t, config=cfg)
-                det = torch.equal(y, sparse_linear(x, wt[0], t, config=cfg))
-                us, spread = time_graph(lambda i: sparse_linear(x, wt[i], t, config=cfg), R)
+                lin = base.sparse_linear if name == "base" else sparse_linear
+                y = lin(x, wt[0], t, config=cfg)
+                det = torch.equal(y, lin(x, wt[0], t, config=cfg))
+                us, spread = time_graph(lambda i: lin(x, wt[i], t, config=cfg), R)
                 row["ours"][name] = dict(us=us, spread=spread, rel_err=rel_err(y, ref), deterministic=det)
             yt = teal_call(teal, x, wt[0], tval, s)  # autotunes for this shape and sparsity bin
             row["teal_rel_err"] = rel_err(yt, ref)
@@ -597,7 +617,8 @@ def main():
                 if name == "teal":
                     fn = lambda i: teal_call(teal, x, wt[i], tval, s)  # noqa: E731
                 else:
-                    fn = lambda i, c=V[name]: sparse_linear(x, wt[i], t, config=c)  # noqa: E731
+                    lin = base.sparse_linear if name == "base" else sparse_linear
+                    fn = lambda i, c=V[name], lin=lin: lin(x, wt[i], t, config=c)  # noqa: E731
                 row["dist"][name] = dict(quiet=stats(per_launch(fn, R)), copy=stats(per_launch(fn, R, load)),
                                          slots=stats(per_launch(fn, R, slots)))
             rows.append(row)

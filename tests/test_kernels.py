@@ -211,7 +211,7 @@ def test_launch_configs_match_reference(cfg, B):
     for t in (thr(0.8), thr(-1.0)):
         y = sparse_linear(x, wt, t, config=cfg)
         assert rel_err(y, sparse_linear_ref(x, wt, t)) < TOL[dtype]
-    assert torch.equal(sparse_linear(x, wt, thr(float("inf")), config=cfg), torch.zeros(B, 70, dtype=dtype))
+    assert torch.equal(sparse_linear(x, wt, thr(float("inf")), config=cfg), torch.zeros(B, 70, dtype=dtype, device=DEVICE))
     splits = (40, 16, 14)
     t3 = thr(0.2, 1.0, 1.6)
     y = sparse_linear(x, wt, t3, splits=splits, config=cfg)
@@ -250,6 +250,8 @@ def test_dispatch_rule():
     assert use_sparse(0.8, 4) and not use_sparse(0.7, 4)  # 59% vs 76%
     assert use_sparse(0.95, 8) and not use_sparse(0.9, 8)  # 34% vs 57%: 8 tokens pay only below 45%
     assert not use_sparse(0.9, 1, nbytes=2_000_000)  # 1.8 MB skipped cannot pay for the fixed cost
+    # unless the launch also takes over the block's residual add and RMSNorm (a launch saved)
+    assert use_sparse(0.9, 1, nbytes=2_000_000, fuses_norm=True) and not use_sparse(0.5, 1, 2_000_000, fuses_norm=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -280,23 +280,26 @@ def test_decode_ops_match_references():
 
 @pytest.mark.parametrize("H,KV,D,T,p", [(4, 2, 16, 40, 0), (4, 2, 16, 40, 33), (2, 2, 8, 8, 7), (8, 2, 16, 64, 20),
                                              (9, 3, 16, 24, 10)])
-def test_decode_attention_matches_reference(H, KV, D, T, p):
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_attention_matches_reference(H, KV, D, T, p, splits):
+    # splits: the visible positions spread over programs per head, merged by the last (some spans empty)
     torch.manual_seed(p)
     q = torch.randn(H, D).half()
     kc, vc = torch.randn(KV, T, D).half(), torch.randn(KV, T, D).half()
     pos = torch.tensor([p])
-    o = decode_attention(q, kc, vc, pos, block_t=16)
+    o = decode_attention(q, kc, vc, pos, block_t=16, splits=splits)
     ref = decode_attention_ref(q, kc, vc, pos)
     assert o.shape == (1, H * D) and rel_err(o, ref) < 3e-3
     kc[:, p + 1:] = float("nan")  # positions past pos are never read
     vc[:, p + 1:] = float("nan")
-    assert torch.equal(decode_attention(q, kc, vc, pos, block_t=16), o)
+    assert torch.equal(decode_attention(q, kc, vc, pos, block_t=16, splits=splits), o)
 
 
-@pytest.mark.parametrize("H,KV,D,T,p,window,softcap,bias", [(4, 2, 16, 40, 33, None, None, False),
-                                                               (9, 3, 16, 24, 10, 4, 3.0, True),
-                                                               (2, 2, 8, 8, 0, None, None, True)])
-def test_rope_attention_is_rope_cache_write_then_attention(H, KV, D, T, p, window, softcap, bias):
+@pytest.mark.parametrize("H,KV,D,T,p,window,softcap,bias,splits", [(4, 2, 16, 40, 33, None, None, False, 1),
+                                                                      (4, 2, 16, 80, 70, 40, None, False, 4),
+                                                                      (9, 3, 16, 24, 10, 4, 3.0, True, 2),
+                                                                      (2, 2, 8, 8, 0, None, None, True, 8)])
+def test_rope_attention_is_rope_cache_write_then_attention(H, KV, D, T, p, window, softcap, bias, splits):
     # RoPE, the cache write and attention in one launch: the caches and the output of the two-launch path
     torch.manual_seed(p + H)
     qkv = torch.randn(1, (H + 2 * KV) * D).half()
@@ -306,7 +309,7 @@ def test_rope_attention_is_rope_cache_write_then_attention(H, KV, D, T, p, windo
     kc, vc = torch.randn(KV, T, D).half(), torch.randn(KV, T, D).half()
     kr, vr = kc.clone(), vc.clone()
     o = rope_attention(qkv, cos, sin, pos, kc, vc, H, KV, D, bias=b, block_t=16, scale=0.3, softcap=softcap,
-                       window=window)
+                       window=window, splits=splits)
     q = rope_cache_write_ref(qkv, cos, sin, pos, kr, vr, H, KV, D, bias=b)
     ref = decode_attention_ref(q, kr, vr, pos, scale=0.3, softcap=softcap, window=window)
     assert rel_err(kc, kr) < 2e-3 and torch.equal(vc, vr)  # the new key and value land at pos, nothing else
@@ -314,6 +317,16 @@ def test_rope_attention_is_rope_cache_write_then_attention(H, KV, D, T, p, windo
     stale = vc.clone()
     stale[:, p] = 0.0  # the position's own value is read back: attending without it differs
     assert rel_err(decode_attention_ref(q, kr, stale, pos, scale=0.3, softcap=softcap, window=window), ref) > 1e-2
+
+
+def test_attention_splits_fill_the_sms_once():
+    from acttail.kernels.decode_ops import attention_splits
+    assert attention_splits(1, 4096, torch.device("cpu")) == 4  # the interpreter counts 4 SMs
+    assert attention_splits(2, 4096, torch.device("cpu")) == 2 and attention_splits(8, 4096, torch.device("cpu")) == 1
+    assert attention_splits(1, 40, torch.device("cpu"), block_t=32) == 2  # at most one per 32 positions
+    with pytest.raises(ValueError, match="power of two"):
+        decode_attention(torch.randn(4, 16).half(), torch.randn(2, 8, 16).half(), torch.randn(2, 8, 16).half(),
+                         torch.tensor([3]), splits=3)
 
 
 def test_decode_attention_rejects_bad_shapes():

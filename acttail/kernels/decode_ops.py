@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_gemv import pdl_args, tanh
+from .sparse_gemv import _locks, _sm_count, pdl_args, tanh
 
 
 def add_rmsnorm_ref(x, r, w, eps):
@@ -195,51 +195,58 @@ def _rope_rows(qkv_ptr, b_ptr, rows, rmask, c, s, rd, D: tl.constexpr, HAS_BIAS:
 
 @triton.jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, T, scale, softcap, window,
-                             b_ptr, cos_ptr, sin_ptr, NH,
+                             b_ptr, cos_ptr, sin_ptr, NH, part_ptr, lock_ptr,
                              G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
                              SOFTCAP: tl.constexpr, ROPE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             PDL: tl.constexpr):
-    """One program per key/value head: its G query heads (padded to BLOCK_G) against positions 0..pos (the
-    last ``window`` of them when window > 0), online softmax in fp32; SOFTCAP: scores -> softcap *
-    tanh(scores / softcap). ROPE: q_ptr is the projection's qkv row [(NH + 2 n_kv) D]; the program rotates
-    its query heads and its key head, and writes its key and value at pos into the caches first (RoPE and
-    the cache write fused in front: one launch instead of two)."""
+                             SPLITS: tl.constexpr, PDL: tl.constexpr):
+    """Grid (key/value heads, SPLITS). Program (kv, j): the G query heads of kv (padded to BLOCK_G) against
+    the j-th of SPLITS equal spans of the visible positions (0..pos, or the last ``window`` of them when
+    window > 0), online softmax in fp32; SOFTCAP: scores -> softcap * tanh(scores / softcap). With SPLITS > 1
+    each program stores its partial (max, sum, weighted values) and the last of a head's programs (ticket)
+    merges them in span order: deterministic flash-decoding, so a long context is read by many programs at
+    once. ROPE: q_ptr is the projection's qkv row [(NH + 2 n_kv) D]; each program rotates its query heads,
+    and the one whose span holds pos rotates the key head and writes the key and value there first."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     kv = tl.program_id(0)
+    sp = tl.program_id(1)
     rg = tl.arange(0, BLOCK_G)
     gm = rg < G
     rd = tl.arange(0, D)
-    pos = tl.load(pos_ptr)
+    pos = tl.load(pos_ptr).to(tl.int32)
+    n = pos + 1
+    lo = tl.where(window > 0, tl.maximum(n - window, 0), 0)  # first visible position
+    first = (lo // BLOCK_T) * BLOCK_T
+    span = tl.cdiv(tl.cdiv(n - first, SPLITS), BLOCK_T) * BLOCK_T
+    start = first + sp * span
+    end = tl.minimum(n, start + span)
     base = kv.to(tl.int64) * T * D
     if ROPE:
-        c = tl.load(cos_ptr + pos * D + rd)
-        s = tl.load(sin_ptr + pos * D + rd)
-        q = _rope_rows(q_ptr, b_ptr, kv * G + rg, gm, c, s, rd, D, HAS_BIAS)
-        first = rg[:, None] < 1  # k and v: one head, held in row 0
-        n_kv = tl.num_programs(0)
-        k_new = _rope_rows(q_ptr, b_ptr, NH + kv + 0 * rg, rg < 1, c, s, rd, D, HAS_BIAS)
-        v_rows = NH + n_kv + kv + 0 * rg
-        v_new = tl.load(q_ptr + v_rows[:, None] * D + rd[None, :], mask=first, other=0.0)
-        if HAS_BIAS:
-            v_new = (v_new.to(tl.float32) + tl.load(b_ptr + v_rows[:, None] * D + rd[None, :], mask=first,
-                                                    other=0.0).to(tl.float32)).to(v_new.dtype)
-        at = base + pos * D + 0 * rg[:, None] + rd[None, :]
-        tl.store(k_ptr + at, k_new, mask=first)
-        tl.store(v_ptr + at, v_new, mask=first)
+        cos = tl.load(cos_ptr + pos * D + rd)
+        sin = tl.load(sin_ptr + pos * D + rd)
+        q = _rope_rows(q_ptr, b_ptr, kv * G + rg, gm, cos, sin, rd, D, HAS_BIAS)
+        if (pos >= start) & (pos < end):  # this span reads position pos: write its key and value first
+            one = rg[:, None] < 1  # k and v: one head, held in row 0
+            k_new = _rope_rows(q_ptr, b_ptr, NH + kv + 0 * rg, rg < 1, cos, sin, rd, D, HAS_BIAS)
+            v_rows = NH + tl.num_programs(0) + kv + 0 * rg
+            v_new = tl.load(q_ptr + v_rows[:, None] * D + rd[None, :], mask=one, other=0.0)
+            if HAS_BIAS:
+                v_new = (v_new.to(tl.float32) + tl.load(b_ptr + v_rows[:, None] * D + rd[None, :], mask=one,
+                                                        other=0.0).to(tl.float32)).to(v_new.dtype)
+            at = base + pos * D + 0 * rg[:, None] + rd[None, :]
+            tl.store(k_ptr + at, k_new, mask=one)
+            tl.store(v_ptr + at, v_new, mask=one)
         tl.debug_barrier()  # the loop below reads this position back (from L2: .cg loads)
     else:
         q = tl.load(q_ptr + (kv * G + rg[:, None]) * D + rd[None, :], mask=gm[:, None], other=0.0)
     q = q.to(tl.float32) * scale  # [BLOCK_G, D]
-    n = pos.to(tl.int32) + 1
-    lo = tl.where(window > 0, tl.maximum(n - window, 0), 0)  # first visible position
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
-    for start in range((lo // BLOCK_T) * BLOCK_T, n, BLOCK_T):  # every block holds a visible position
-        rt = start + tl.arange(0, BLOCK_T)
-        tm = (rt < n) & (rt >= lo)
+    for t0 in range(start, end, BLOCK_T):  # every block holds a visible position
+        rt = t0 + tl.arange(0, BLOCK_T)
+        tm = (rt < end) & (rt >= lo)
         k = tl.load(k_ptr + base + rt[:, None] * D + rd[None, :], mask=tm[:, None], other=0.0,
                     cache_modifier=".cg").to(tl.float32)
         v = tl.load(v_ptr + base + rt[:, None] * D + rd[None, :], mask=tm[:, None], other=0.0,
@@ -254,8 +261,35 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, T, scale, soft
         l = l * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         m = m_new
-    o = acc / l[:, None]
-    tl.store(o_ptr + (kv * G + rg[:, None]) * D + rd[None, :], o.to(o_ptr.dtype.element_ty), mask=gm[:, None])
+    out = o_ptr + (kv * G + rg[:, None]) * D + rd[None, :]
+    if SPLITS == 1:
+        tl.store(out, (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=gm[:, None])
+    else:
+        _merge_spans(m, l, acc, part_ptr, lock_ptr, kv, sp, rg, gm, rd, out, SPLITS, BLOCK_G, D)
+
+
+@triton.jit
+def _merge_spans(m, l, acc, part_ptr, lock_ptr, kv, sp, rg, gm, rd, out, SPLITS: tl.constexpr,
+                 BLOCK_G: tl.constexpr, D: tl.constexpr):
+    """Store this span's (max, sum, values) [BLOCK_G (D)] at part; the last of the head's SPLITS programs
+    merges them in span order (an empty span has max -inf and weighs nothing) and writes the output."""
+    row = (kv * SPLITS + sp) * BLOCK_G + rg  # this program's rows of part: max, sum, then values
+    n_rows = tl.num_programs(0) * SPLITS * BLOCK_G
+    tl.store(part_ptr + row, m)
+    tl.store(part_ptr + n_rows + row, l)
+    tl.store(part_ptr + 2 * n_rows + row[:, None] * D + rd[None, :], acc)
+    tl.debug_barrier()  # every thread's partials are stored before the ticket is taken
+    if tl.atomic_add(lock_ptr + kv, 1) == SPLITS - 1:  # acq_rel: the other spans' partials are visible
+        rows = (kv * SPLITS + tl.arange(0, SPLITS))[:, None] * BLOCK_G + rg[None, :]  # [SPLITS, BLOCK_G]
+        ms = tl.load(part_ptr + rows, cache_modifier=".cg")
+        ls = tl.load(part_ptr + n_rows + rows, cache_modifier=".cg")
+        accs = tl.load(part_ptr + 2 * n_rows + rows[:, :, None] * D + rd[None, None, :], cache_modifier=".cg")
+        mx = tl.max(ms, axis=0)
+        w = tl.exp(ms - mx[None, :])  # [SPLITS, BLOCK_G]
+        total = tl.sum(ls * w, axis=0)
+        o = tl.sum(accs * w[:, :, None], axis=0) / total[:, None]
+        tl.store(out, o.to(out.dtype.element_ty), mask=gm[:, None])
+        tl.store(lock_ptr + kv, 0)  # ready for the next launch (and the next graph replay)
 
 
 def _group_size(n_head, n_kv, D):
@@ -267,39 +301,61 @@ def _group_size(n_head, n_kv, D):
 
 
 def decode_attention(q, k_cache, v_cache, pos, block_t: int = 32, scale: float | None = None,
-                     softcap: float | None = None, window: int | None = None):
+                     softcap: float | None = None, window: int | None = None, splits: int | None = None,
+                     locks: torch.Tensor | None = None):
     """One token's attention over the static cache, positions 0..pos[0] (device tensor: graph-safe).
 
     q [n_head, D] (rotated), k_cache / v_cache [n_kv, T, D]; returns [1, n_head * D]. Scores are scaled by
     ``scale`` (default D**-0.5) and soft-capped by ``softcap`` (Gemma 2); a sliding layer sees only the last
     ``window`` positions (its own included), and only those are read. Replaces
     ``scaled_dot_product_attention`` with a mask over the whole cache: one launch, only the filled part of
-    the cache is read. One program per key/value head, so it suits the short contexts of these benchmarks;
-    long contexts would want the sequence split over programs (flash-decoding)."""
+    the cache is read. The visible positions are split over ``splits`` programs per key/value head (a power
+    of two; default: enough to fill the GPU's SMs, at most one per ``block_t`` positions of the cache),
+    merged deterministically by the last of them (``locks``: the caller's ticket counters, ``new_locks``)."""
     n_head, D = q.shape
-    return _attend(q, None, None, None, k_cache, v_cache, pos, n_head, D, block_t, scale, softcap, window)
+    return _attend(q, None, None, None, k_cache, v_cache, pos, n_head, D, block_t, scale, softcap, window, splits,
+                   locks)
 
 
 def rope_attention(qkv, cos, sin, pos, k_cache, v_cache, n_head, n_kv, head_dim, bias=None, block_t: int = 32,
-                   scale: float | None = None, softcap: float | None = None, window: int | None = None):
+                   scale: float | None = None, softcap: float | None = None, window: int | None = None,
+                   splits: int | None = None, locks: torch.Tensor | None = None):
     """``rope_cache_write`` and ``decode_attention`` in one launch: qkv [1, (n_head + 2 n_kv) D] (+ bias, the
-    Qwen2 q/k/v bias); each program rotates its query heads and its key head at position pos[0], writes the
-    key and value into the caches [n_kv, T, D] there, then attends over 0..pos[0]. Returns [1, n_head * D]."""
+    Qwen2 q/k/v bias); each program rotates its query heads at position pos[0], the one whose span holds pos
+    also the key head, and writes the key and value into the caches [n_kv, T, D] there before it attends.
+    Returns [1, n_head * D]."""
     if n_kv != k_cache.shape[0] or head_dim != k_cache.shape[2]:
         raise ValueError(f"caches {tuple(k_cache.shape)} do not hold {n_kv} heads of {head_dim}")
-    return _attend(qkv, bias, cos, sin, k_cache, v_cache, pos, n_head, head_dim, block_t, scale, softcap, window)
+    return _attend(qkv, bias, cos, sin, k_cache, v_cache, pos, n_head, head_dim, block_t, scale, softcap, window,
+                   splits, locks)
 
 
-def _attend(q, bias, cos, sin, k_cache, v_cache, pos, n_head, D, block_t, scale, softcap, window):
+def attention_splits(n_kv: int, T: int, device, block_t: int = 32) -> int:
+    """Programs per key/value head: a power of two filling the SMs once, at most one per block_t positions."""
+    want = max(1, _sm_count(device) // n_kv)
+    cap = max(1, triton.cdiv(T, block_t))
+    return min(1 << (want.bit_length() - 1), triton.next_power_of_2(cap))
+
+
+def _attend(q, bias, cos, sin, k_cache, v_cache, pos, n_head, D, block_t, scale, softcap, window, splits, locks):
     """Launch of the attention kernel; cos is None: q [n_head, D] already rotated, else q is the qkv row."""
     n_kv, T = k_cache.shape[0], k_cache.shape[1]
     G = _group_size(n_head, n_kv, D)
+    splits = attention_splits(n_kv, T, q.device, block_t) if splits is None else int(splits)
+    if splits < 1 or splits & (splits - 1):
+        raise ValueError(f"attention splits must be a power of two, got {splits}")
+    block_g = triton.next_power_of_2(G)
+    part = torch.empty(n_kv * splits * block_g * (D + 2) if splits > 1 else 1, dtype=torch.float32,
+                       device=q.device)
+    if locks is None:
+        locks = _locks(q.device, n_kv)
+    elif locks.dtype != torch.int32 or locks.device != q.device or locks.numel() < n_kv:
+        raise ValueError(f"locks must be an int32 tensor of at least {n_kv} zeros on q's device")
     rope = cos is not None
     o = torch.empty(1, n_head * D, dtype=q.dtype, device=q.device)
-    _decode_attention_kernel[(n_kv,)](q, k_cache, v_cache, pos, o, T, D ** -0.5 if scale is None else scale,
-                                      float(softcap or 1.0), int(window or 0), q if bias is None else bias,
-                                      cos if rope else q, sin if rope else q, n_head, G=G,
-                                      BLOCK_G=triton.next_power_of_2(G), D=D, BLOCK_T=block_t,
-                                      SOFTCAP=bool(softcap), ROPE=rope, HAS_BIAS=bias is not None,
-                                      num_warps=4 if q.device.type == "cuda" else 1, **pdl_args(q.device))
+    _decode_attention_kernel[(n_kv, splits)](
+        q, k_cache, v_cache, pos, o, T, D ** -0.5 if scale is None else scale, float(softcap or 1.0),
+        int(window or 0), q if bias is None else bias, cos if rope else q, sin if rope else q, n_head, part, locks,
+        G=G, BLOCK_G=block_g, D=D, BLOCK_T=block_t, SOFTCAP=bool(softcap), ROPE=rope, HAS_BIAS=bias is not None,
+        SPLITS=splits, num_warps=4 if q.device.type == "cuda" else 1, **pdl_args(q.device))
     return o

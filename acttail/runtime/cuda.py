@@ -7,9 +7,11 @@ each decode step is one token, static KV cache, and can be captured once in a CU
 (the next token and the position are updated on the device, no host round trip per token).
 
 Per projection group (qkv, o, gate/up, down) the step uses the sparse kernel when any of its projections
-has a threshold (or a top-k keep count), else dense cuBLAS on the same input-major weights. Attention is a
-Triton kernel over the filled part of the cache (``attention = "sdpa"`` switches back to torch's), and on
-Hopper every Triton launch uses programmatic dependent launch.
+has a threshold (or a top-k keep count), else dense cuBLAS on the same input-major weights. Where a qkv or
+gate/up group runs sparse, the block's residual add and RMSNorm run inside its launch (``fuse``). Attention
+is one Triton launch over the filled part of the cache with RoPE and the cache write fused in front, its
+positions split over programs and merged deterministically (flash-decoding; ``attention = "sdpa"``
+switches back to torch's), and on Hopper every Triton launch uses programmatic dependent launch.
 
 Gemma's options run here too: the (1 + weight) norms are folded into plain RMSNorm weights, the extra
 norms (after attention and the MLP, q/k per head) are the same add_rmsnorm kernel without a residual, the
@@ -56,6 +58,7 @@ class CudaDecoder:
         self.generated = torch.zeros(max_seq + 1, dtype=torch.long, device=dev)
         self.attention = "kernel"  # or "sdpa": torch's attention with a mask over the whole cache
         self.fuse = True  # residual add + RMSNorm into the sparse projections, RoPE into attention (False: apart)
+        self.attn_splits = None  # programs per key/value head in decode attention (None: fill the SMs once)
         # its own ticket counters: decoders on other streams of the same GPU never share them
         self.locks = new_locks(dev, max(sum(args.qkv_sizes), 2 * args.intermediate_size, args.dim) // 16 + 3)
         self.set_sparsity()
@@ -121,7 +124,8 @@ class CudaDecoder:
                 if planned is not None:
                     s = sum(planned.get((i, k), 0.0) for k in kinds) / len(kinds)
                     w = self.w[f"{i}.{WEIGHT[g]}"]
-                    if not use_sparse(s, 1, w.numel() * w.element_size()):
+                    if not use_sparse(s, 1, w.numel() * w.element_size(),
+                                      fuses_norm=self.fuse and g in ("qkv", "gate_up")):
                         continue
                 if thresholds and any((i, k) in thresholds for k in kinds):
                     vals = [thresholds.get((i, k)) for k in kinds]
@@ -228,12 +232,14 @@ class CudaDecoder:
         bias = self.w.get(f"{i}.bqkv")
         if self.fuse and self.attention == "kernel":
             return rope_attention(qkv, cos, sin, pos, kc, vc, d.n_head, d.n_local_heads, d.head_dim, bias=bias,
-                                  scale=d.attn_scale, softcap=d.attn_softcap, window=d.window(i))
+                                  scale=d.attn_scale, softcap=d.attn_softcap, window=d.window(i),
+                                  splits=self.attn_splits, locks=self.locks)
         q = rope_cache_write(qkv, cos, sin, pos, kc, vc, d.n_head, d.n_local_heads, d.head_dim, bias=bias)
         if self.attention == "sdpa":
             mask = attention_mask(pos, self.max_seq, d.window(i))
             return attention(q[None, :, None], kc[None], vc[None], mask, d.attn_scale, d.attn_softcap).reshape(1, -1)
-        return decode_attention(q, kc, vc, pos, scale=d.attn_scale, softcap=d.attn_softcap, window=d.window(i))
+        return decode_attention(q, kc, vc, pos, scale=d.attn_scale, softcap=d.attn_softcap, window=d.window(i),
+                                splits=self.attn_splits, locks=self.locks)
 
     def _norm_project(self, i, group, x, r, norm, record):
         """The block's residual add (x + r) and RMSNorm, then the projection group: (output, residual stream).
