@@ -328,8 +328,8 @@ def _traced_kernel(x_ptr, w_ptr, stride_wk, t_ptr, y_ptr, part_ptr, idx_ptr, val
     rows = _compact(x_ptr, K, t_ptr, 0, idx_ptr + scratch, val_ptr + scratch, 1, k0, kend, x_ptr, x_ptr, x_ptr,
                     tl.zeros([1], dtype=tl.float32), pid_n, 1, KC, KCP, False, False)
     t2 = _now()
-    acc = _stream_rows(val_ptr + scratch, w_ptr, stride_wk, idx_ptr + scratch, rows, 1, cols, cmask, 1, KC, BK, BN,
-                       False)
+    acc = _stream_rows(x_ptr, K, val_ptr, w_ptr, stride_wk, t_ptr, 0, idx_ptr + scratch, rows, 1, cols, cmask, 1, KC,
+                       BK, BN, False, False)
     t3 = _now()  # the loop consumed its last rows: they have arrived
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -352,7 +352,7 @@ def traced_launch(x, wt, t, cfg, trace):
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
     part = torch.empty(split * N, dtype=torch.float32, device=x.device)
     idx = torch.empty(split * nb * KC, dtype=torch.int32, device=x.device)
-    vals = torch.empty(split * nb * KC, dtype=x.dtype, device=x.device)
+    vals = torch.empty(1, dtype=x.dtype, device=x.device)  # only a fused RMSNorm keeps values
     from acttail.kernels.sparse_gemv import _locks, pdl_args
     locks = _locks(x.device, nb)
     pdl = pdl_args(x.device, cfg.get("pdl"))

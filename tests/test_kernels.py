@@ -153,9 +153,11 @@ def test_callers_own_ticket_counters():
     own = new_locks(DEVICE)
     assert rel_err(sparse_linear(x, wt, t, locks=own), ref) < TOL[torch.float16]
     assert int(own.abs().sum()) == 0
-    dirty = new_locks(DEVICE) + 1  # every ticket off by one: the reduction starts before the last partial
-    x2 = make(1, 100, 70, torch.float16, seed=4)[0]  # another input, so stale partials cannot look right
-    assert not rel_err(sparse_linear(x2, wt, t, locks=dirty), sparse_linear_ref(x2, wt, t)) < TOL[torch.float16]
+    # counters far from zero: no program draws the last ticket, so none reduces; each column block's counter
+    # has gone up by the number of its K chunks (deterministic, on the GPU as under the interpreter)
+    dirty = new_locks(DEVICE) + 1000
+    sparse_linear(x, wt, t, locks=dirty, config=dict(BN=32, KC=32, BK=16, num_warps=1, num_stages=1))
+    assert dirty[:3].tolist() == [1004] * 3 and int((dirty[3:] != 1000).sum()) == 0  # 3 blocks, 4 chunks
     with pytest.raises(ValueError, match="locks"):
         sparse_linear(x, wt, t, locks=own[:1])
     with pytest.raises(ValueError, match="locks"):
@@ -249,14 +251,13 @@ def test_dispatch_rule():
     assert use_sparse(0.7, 2) and not use_sparse(0.5, 2)  # 51% vs 75% of rows read
     assert use_sparse(0.8, 4) and not use_sparse(0.7, 4)  # 59% vs 76%
     assert use_sparse(0.95, 8) and not use_sparse(0.9, 8)  # 34% vs 57%: 8 tokens pay only below 45%
-    assert not use_sparse(0.9, 1, nbytes=2_000_000)  # 1.8 MB skipped cannot pay for the fixed cost
-    # unless the launch also takes over the block's residual add and RMSNorm (a launch saved)
-    assert use_sparse(0.9, 1, nbytes=2_000_000, fuses_norm=True) and not use_sparse(0.5, 1, 2_000_000, fuses_norm=True)
+    assert not use_sparse(0.5, 1, nbytes=2_000_000)  # 1 MB skipped cannot pay for the fixed cost
+    # unless one token skips 65% or more (small models: the launch also takes over the block's RMSNorm)
+    assert use_sparse(0.7, 1, nbytes=2_000_000) and not use_sparse(0.6, 1, nbytes=2_000_000)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B", [1, 3])
-def test_fused_rmsnorm_matches_reference(dtype, B):
+def test_fused_rmsnorm_matches_reference(dtype, B=1):
     # the block's residual add + RMSNorm in front of the projection: one launch instead of two. The
     # reference normalises with the add_rmsnorm kernel (the interpreter rounds bf16 its own way, and a
     # normalised input one bf16 step off would flip a row across its threshold)
@@ -298,3 +299,5 @@ def test_fused_rmsnorm_rejects_bad_arguments():
         sparse_linear(x, wt, thr(0.1), norm=(nw[:32], 1e-5))
     with pytest.raises(ValueError, match="RMSNorm"):
         sparse_linear(x, wt, thr(0.1), residual=x.clone(), residual_out=torch.empty_like(x))
+    with pytest.raises(ValueError, match="one-token"):
+        sparse_linear(make(2, 64, 32, torch.float16)[0], wt, thr(0.1), norm=(nw, 1e-5))

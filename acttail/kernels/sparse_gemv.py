@@ -125,10 +125,10 @@ def _compact(x_ptr, stride_xb, t_ptr, stride_tb, idx_ptr, val_ptr, B, kstart, ke
              inv, store_x, BLOCK_B: tl.constexpr, KC: tl.constexpr, KCP: tl.constexpr, NORM: tl.constexpr,
              HAS_R: tl.constexpr):
     """Kept rows of x[:, kstart:kend] (union over tokens; kend - kstart <= KC <= KCP, a power of two),
-    compacted in order: their indices into idx, each token's sparsified value into val [B, KC]; returns
-    their count. NORM: x is first replaced by rmsnorm(x (+ r)) * nw (inv: each token's 1 / rms), in the
-    reference's rounding; with HAS_R the programs of column block store_x == 0 write x + r to xo (the
-    residual stream)."""
+    compacted in order into idx; returns their count. NORM: x is first replaced by rmsnorm(x (+ r)) * nw
+    (inv: each token's 1 / rms) in the reference's rounding, and each token's sparsified value is kept in
+    val [B, KC] beside its index (the stream reads it there instead of gathering x); with HAS_R the programs
+    of column block store_x == 0 write x + r to xo (the residual stream)."""
     rb = tl.arange(0, BLOCK_B)
     bmask = rb < B
     thr = tl.load(t_ptr + rb * stride_tb, mask=bmask, other=float("inf"))
@@ -147,29 +147,35 @@ def _compact(x_ptr, stride_xb, t_ptr, stride_tb, idx_ptr, val_ptr, B, kstart, ke
     row = tl.max(keep.to(tl.int32), axis=0)  # union of the tokens' masks
     pos = tl.cumsum(row, axis=0)
     tl.store(idx_ptr + pos - 1, rk, mask=row > 0)
-    tl.store(val_ptr + rb[:, None] * KC + (pos - 1)[None, :], tl.where(keep, xs, 0.0).to(xs.dtype),
-             mask=bmask[:, None] & (row > 0)[None, :])
+    if NORM:  # the normalised values exist only here: keep them beside their indices
+        tl.store(val_ptr + rb[:, None] * KC + (pos - 1)[None, :], tl.where(keep, xs, 0.0).to(xs.dtype),
+                 mask=bmask[:, None] & (row > 0)[None, :])
     tl.debug_barrier()  # the whole program reads what all its threads wrote
     return tl.sum(row, axis=0)
 
 
 @triton.jit
-def _stream_rows(val_ptr, w_ptr, stride_wk, idx_ptr, nnz, B, cols, col_mask, BLOCK_B: tl.constexpr,
-                 KC: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, DOT_F32: tl.constexpr):
-    """fp32 [BLOCK_B, BN]: sum over the nnz compacted rows (indices idx, values val) of val * wt[k, cols]."""
+def _stream_rows(x_ptr, stride_xb, val_ptr, w_ptr, stride_wk, t_ptr, stride_tb, idx_ptr, nnz, B, cols, col_mask,
+                 BLOCK_B: tl.constexpr, KC: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+                 DOT_F32: tl.constexpr, VALS: tl.constexpr):
+    """fp32 [BLOCK_B, BN]: sum over the nnz rows k listed in idx of sparsify(x[:, k]) * wt[k, cols] (VALS:
+    the sparsified values are read from val, compacted beside idx)."""
     rb = tl.arange(0, BLOCK_B)
     bmask = rb < B
+    thr = tl.load(t_ptr + rb * stride_tb, mask=bmask, other=float("inf"))
     if BLOCK_B == 1:
         # one token: FMA into a [BK, BN] accumulator (summed once at the end), pipelined by hand: the row
         # indices of block j+1 are loaded while the rows of block j are in flight, so the index load (L2)
         # and the weight-row load (DRAM) overlap. (Leaving it to the compiler's pipeliner, num_stages 3, was
         # as fast on 4096/11008-wide shapes and 4-7% slower on 14336-wide ones: reports/gpu/README.md.)
         kk = _load_idx(idx_ptr, 0, nnz, BK)
-        w, xv = _load_rows(val_ptr, w_ptr, stride_wk, rb, bmask, kk, 0, nnz, cols, col_mask, KC, BK)
+        w, xv = _load_rows(x_ptr, stride_xb, val_ptr, w_ptr, stride_wk, rb, bmask, thr, kk, 0, nnz, cols, col_mask,
+                           KC, BK, VALS)
         kk = _load_idx(idx_ptr, BK, nnz, BK)
         acc2 = tl.zeros([BK, BN], dtype=tl.float32)
         for j in range(BK, nnz + BK, BK):
-            w_next, xv_next = _load_rows(val_ptr, w_ptr, stride_wk, rb, bmask, kk, j, nnz, cols, col_mask, KC, BK)
+            w_next, xv_next = _load_rows(x_ptr, stride_xb, val_ptr, w_ptr, stride_wk, rb, bmask, thr, kk, j, nnz,
+                                         cols, col_mask, KC, BK, VALS)
             kk = _load_idx(idx_ptr, j + BK, nnz, BK)
             acc2 += w.to(tl.float32) * tl.sum(xv.to(tl.float32), axis=0)[:, None]
             w, xv = w_next, xv_next
@@ -179,7 +185,8 @@ def _stream_rows(val_ptr, w_ptr, stride_wk, idx_ptr, nnz, B, cols, col_mask, BLO
         acc = tl.zeros([BLOCK_B, BN], dtype=tl.float32)
         for j in range(0, nnz, BK):
             kk = _load_idx(idx_ptr, j, nnz, BK)
-            w, xv = _load_rows(val_ptr, w_ptr, stride_wk, rb, bmask, kk, j, nnz, cols, col_mask, KC, BK)
+            w, xv = _load_rows(x_ptr, stride_xb, val_ptr, w_ptr, stride_wk, rb, bmask, thr, kk, j, nnz, cols,
+                               col_mask, KC, BK, VALS)
             if DOT_F32:  # the interpreter's dot is wrong for bf16; fp32 operands hold the same values
                 acc = tl.dot(xv.to(tl.float32), w.to(tl.float32), acc)
             else:
@@ -188,22 +195,24 @@ def _stream_rows(val_ptr, w_ptr, stride_wk, idx_ptr, nnz, B, cols, col_mask, BLO
 
 
 @triton.jit
-def _stream_rows_grouped(val_ptr, w_ptr, stride_wk, idx_ptr, nnz, cols, col_mask, RB: tl.constexpr,
-                         BKR: tl.constexpr, BN: tl.constexpr):
+def _stream_rows_grouped(x_ptr, val_ptr, w_ptr, stride_wk, t_ptr, idx_ptr, nnz, cols, col_mask, RB: tl.constexpr,
+                         BKR: tl.constexpr, BN: tl.constexpr, VALS: tl.constexpr):
     """One token, fp32 [1, BN], with an accumulator of RB rows instead of BK = RB * BKR: each tile of
     gathered rows is loaded as [RB, BKR, BN] and summed over its BKR axis before it is added. Triton lays
     the tile out with that axis inside each thread (threads over RB and BN, read in the TTGIR for sm_90), so
     the sum is in registers and the accumulator takes 8 registers a thread instead of the 64 of the [BK, BN]
     one in _stream_rows. Pipelined like _stream_rows: tile j+1 and the indices of tile j+2 are requested
     before tile j is summed."""
+    thr = tl.load(t_ptr)
     r2 = tl.arange(0, RB)[:, None] * BKR + tl.arange(0, BKR)[None, :]
     BK = RB * BKR
     kk = tl.load(idx_ptr + r2, mask=r2 < nnz, other=0)
-    w, xv = _load_rows_grouped(val_ptr, w_ptr, stride_wk, kk, r2, 0, nnz, cols, col_mask)
+    w, xv = _load_rows_grouped(x_ptr, val_ptr, w_ptr, stride_wk, thr, kk, r2, 0, nnz, cols, col_mask, VALS)
     kk = tl.load(idx_ptr + BK + r2, mask=(BK + r2) < nnz, other=0)
     acc = tl.zeros([RB, BN], dtype=tl.float32)
     for j in range(BK, nnz + BK, BK):
-        w_next, xv_next = _load_rows_grouped(val_ptr, w_ptr, stride_wk, kk, r2, j, nnz, cols, col_mask)
+        w_next, xv_next = _load_rows_grouped(x_ptr, val_ptr, w_ptr, stride_wk, thr, kk, r2, j, nnz, cols, col_mask,
+                                             VALS)
         kk = tl.load(idx_ptr + j + BK + r2, mask=(j + BK + r2) < nnz, other=0)
         acc += tl.sum(w.to(tl.float32) * xv.to(tl.float32)[:, :, None], axis=1)
         w, xv = w_next, xv_next
@@ -211,12 +220,15 @@ def _stream_rows_grouped(val_ptr, w_ptr, stride_wk, idx_ptr, nnz, cols, col_mask
 
 
 @triton.jit
-def _load_rows_grouped(val_ptr, w_ptr, stride_wk, kk, r2, j, nnz, cols, col_mask):
-    """Gathered rows kk [RB, BKR] as [RB, BKR, BN] and their compacted values (zeros past nnz)."""
+def _load_rows_grouped(x_ptr, val_ptr, w_ptr, stride_wk, thr, kk, r2, j, nnz, cols, col_mask, VALS: tl.constexpr):
+    """Gathered rows kk [RB, BKR] as [RB, BKR, BN] and their sparsified activations (zeros past nnz)."""
     jm = (j + r2) < nnz
     w = tl.load(w_ptr + kk[:, :, None] * stride_wk + cols[None, None, :],
                 mask=jm[:, :, None] & col_mask[None, None, :], other=0.0)
-    return w, tl.load(val_ptr + j + r2, mask=jm, other=0.0)
+    if VALS:
+        return w, tl.load(val_ptr + j + r2, mask=jm, other=0.0)
+    xv = tl.load(x_ptr + kk, mask=jm, other=0.0)
+    return w, tl.where(tl.abs(xv.to(tl.float32)) > thr, xv, 0.0)
 
 
 @triton.jit
@@ -227,14 +239,17 @@ def _load_idx(idx_ptr, j, nnz, BK: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(val_ptr, w_ptr, stride_wk, rb, bmask, kk, j, nnz, cols, col_mask, KC: tl.constexpr,
-               BK: tl.constexpr):
-    """Gathered weight rows kk and each token's compacted values (zeros past nnz)."""
+def _load_rows(x_ptr, stride_xb, val_ptr, w_ptr, stride_wk, rb, bmask, thr, kk, j, nnz, cols, col_mask,
+               KC: tl.constexpr, BK: tl.constexpr, VALS: tl.constexpr):
+    """Gathered weight rows kk and the matching sparsified activations (zeros past nnz): gathered from x and
+    thresholded, or (VALS) read from the compacted values."""
     rj = j + tl.arange(0, BK)
     jm = rj < nnz
     w = tl.load(w_ptr + kk[:, None] * stride_wk + cols[None, :], mask=jm[:, None] & col_mask[None, :], other=0.0)
-    xv = tl.load(val_ptr + rb[:, None] * KC + rj[None, :], mask=bmask[:, None] & jm[None, :], other=0.0)
-    return w, xv
+    if VALS:
+        return w, tl.load(val_ptr + rb[:, None] * KC + rj[None, :], mask=bmask[:, None] & jm[None, :], other=0.0)
+    xv = tl.load(x_ptr + rb[:, None] * stride_xb + kk[None, :], mask=bmask[:, None] & jm[None, :], other=0.0)
+    return w, tl.where(tl.abs(xv.to(tl.float32)) > thr[:, None], xv, 0.0)
 
 
 @triton.jit
@@ -321,14 +336,15 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
         inv = _rms_inv(x_ptr, r_ptr, stride_xb, rb, bmask, K, eps, HAS_R, NB)
     scratch = (pid_k * tl.num_programs(0) + pid_n).to(tl.int64) * KC  # this program's private rows
     rows_ptr = idx_ptr + scratch
-    vals_ptr = val_ptr + scratch * B
+    vals_ptr = val_ptr + scratch  # NORM: one token
     rows = _compact(x_ptr, stride_xb, t_proj, stride_tb, rows_ptr, vals_ptr, B, k0, kend, r_ptr, nw_ptr, xo_ptr,
                     inv, pid_n, BLOCK_B, KC, KCP, NORM, HAS_R)
     if BLOCK_B == 1 and RB > 1:
-        acc = _stream_rows_grouped(vals_ptr, w_ptr, stride_wk, rows_ptr, rows, cols, cmask, RB, BK // RB, BN)
+        acc = _stream_rows_grouped(x_ptr, vals_ptr, w_ptr, stride_wk, t_proj, rows_ptr, rows, cols, cmask, RB,
+                                   BK // RB, BN, NORM)
     else:
-        acc = _stream_rows(vals_ptr, w_ptr, stride_wk, rows_ptr, rows, B, cols, cmask, BLOCK_B, KC, BK, BN,
-                           DOT_F32)
+        acc = _stream_rows(x_ptr, stride_xb, vals_ptr, w_ptr, stride_wk, t_proj, stride_tb, rows_ptr, rows, B, cols,
+                           cmask, BLOCK_B, KC, BK, BN, DOT_F32, NORM)
     if PDL:  # the next kernel may start its launch while this one reduces
         tl.extra.cuda.gdc_launch_dependents()
     if GLU:
@@ -486,7 +502,7 @@ def _launch(x, wt, t, splits, glu, config=None, act="silu", bias=None, locks=Non
     y = torch.empty(B, out_cols, dtype=x.dtype, device=x.device)
     part = torch.empty(split * block_b * N if (split > 1 or glu) else 1, dtype=torch.float32, device=x.device)
     idx = torch.empty(split * n_blocks * KC, dtype=torch.int32, device=x.device)
-    vals = torch.empty(split * n_blocks * KC * B, dtype=x.dtype, device=x.device)
+    vals = torch.empty(split * n_blocks * KC if nw is not None else 1, dtype=x.dtype, device=x.device)
     if locks is None:
         locks = _locks(x.device, n_blocks)
     elif locks.dtype != torch.int32 or locks.device != x.device or locks.numel() < n_blocks:
@@ -513,6 +529,8 @@ def _check_norm(x, norm, residual, residual_out):
             raise ValueError("a residual is added only in front of a fused RMSNorm (norm=(weight, eps))")
         return None, 0.0
     nw, eps = norm
+    if x.shape[0] != 1:
+        raise ValueError(f"the fused RMSNorm is for one-token decoding, got {x.shape[0]} tokens")
     if not x.is_contiguous() or tuple(nw.shape) != (x.shape[1],) or nw.device != x.device or not nw.is_contiguous():
         raise ValueError(f"a fused RMSNorm needs x contiguous and a contiguous [{x.shape[1]}] weight on its device")
     if (residual is None) != (residual_out is None):
@@ -548,7 +566,7 @@ def _thresholds_device(t, P, B, device):
     return t
 
 
-def use_sparse(sparsity: float, batch: int = 1, nbytes: int | None = None, fuses_norm: bool = False) -> bool:
+def use_sparse(sparsity: float, batch: int = 1, nbytes: int | None = None) -> bool:
     """Dispatch rule: run the sparse kernel, or dense cuBLAS (``x @ wt``) on the same weights?
 
     Decided before the run from the planned sparsity and the weight size, never from the data.
@@ -558,17 +576,15 @@ def use_sparse(sparsity: float, batch: int = 1, nbytes: int | None = None, fuses
       at a kept fraction of about 0.74 (2 tokens), 0.67 (4) and 0.56 (8): 8 tokens at 90% (0.57 kept) ran
       at 0.96-0.98x dense under the old single cut-off of 0.6.
     - The bytes skipped, (s**B) * nbytes, must be worth the kernel's extra fixed cost over cuBLAS (a few
-      microseconds: compaction prologue, split-K ticket): at least 8 MB, about 2.7 us at 3 TB/s.
-    - Unless the launch also absorbs the block's residual add and RMSNorm (``fuses_norm``: the decoder's
-      qkv and gate/up groups), which saves a launch of its own: then one token at 65% or more runs sparse
-      whatever the size (SmolLM2-135M shape on an H100, every group sparse: 0.97x dense at 50%, 1.04x at
-      70%, 1.13x at 90%; reports/gpu/README.md)."""
+      microseconds: compaction prologue, split-K ticket): at least 8 MB, about 2.7 us at 3 TB/s; or one
+      token at 65% or more, whatever the size: in the decode step a sparse qkv or gate/up launch also takes
+      over the block's residual add and RMSNorm (SmolLM2-135M shape, H200, every group sparse: 0.97x dense
+      at 50%, 1.06x at 70%, 1.17x at 90%; its qkv and gate/up groups alone: 1.04x and 1.09x;
+      reports/gpu/README.md)."""
     skipped = sparsity ** batch
     if 1.0 - skipped > (0.8 if batch == 1 else 0.6 if batch <= 4 else 0.45):
         return False
-    if fuses_norm and batch == 1 and sparsity >= 0.65:
-        return True
-    return nbytes is None or skipped * nbytes >= 8e6
+    return nbytes is None or skipped * nbytes >= 8e6 or (batch == 1 and sparsity >= 0.65)
 
 
 def sparse_linear(x, wt, thresholds, splits=None, config=None, bias=None, locks=None, norm=None, residual=None,
@@ -581,9 +597,9 @@ def sparse_linear(x, wt, thresholds, splits=None, config=None, bias=None, locks=
     [N] (learned output biases), added in fp32 in the epilogue before the one rounding. locks: the caller's
     ticket counters (``new_locks``); default: one buffer per device.
 
-    norm=(weight [K], eps): the block's RMSNorm fused in front, the input being rmsnorm(x + residual) *
-    weight (``add_rmsnorm``'s rounding); x + residual is written to residual_out (a tensor like x, neither
-    x nor residual), the residual stream of the next block. One launch instead of two."""
+    norm=(weight [K], eps), one token: the block's RMSNorm fused in front, the input being rmsnorm(x +
+    residual) * weight (``add_rmsnorm``'s rounding); x + residual is written to residual_out (a tensor like
+    x, neither x nor residual), the residual stream of the next block. One launch instead of two."""
     splits = tuple(splits) if splits is not None else (wt.shape[1],)
     return _launch(x, wt, thresholds, splits, glu=False, config=config, bias=bias, locks=locks, norm=norm,
                    residual=residual, residual_out=residual_out)

@@ -124,8 +124,7 @@ class CudaDecoder:
                 if planned is not None:
                     s = sum(planned.get((i, k), 0.0) for k in kinds) / len(kinds)
                     w = self.w[f"{i}.{WEIGHT[g]}"]
-                    if not use_sparse(s, 1, w.numel() * w.element_size(),
-                                      fuses_norm=self.fuse and g in ("qkv", "gate_up")):
+                    if not use_sparse(s, 1, w.numel() * w.element_size()):
                         continue
                 if thresholds and any((i, k) in thresholds for k in kinds):
                     vals = [thresholds.get((i, k)) for k in kinds]
