@@ -117,8 +117,12 @@ def time_decode(dec, prompt, n_tokens, repeats=3):
 # and one attention program per head (the step of issue 12's run3); "one attention program": the current step
 # with one program per key/value head; "rb1 3/SM": the [64, 128] accumulator of 168 registers, faster on an
 # idle GPU, fragile when another kernel holds SM slots (reports/gpu/issue12; run3 named it "current").
+# "small ...": the current step with, where K <= 2048 (the SmolLM2 shape), one chunk of all K rows per
+# program (no split-K ticket) and the given column block and row tile.
 STEPS = {"current": (None, True, None), "unfused": (None, False, 1), "one attention program": (None, True, 1),
-         "rb1 3/SM": ((3, 1, 168), True, None)}
+         "rb1 3/SM": ((3, 1, 168), True, None),
+         "small bn32 bk256": ({"BN": 32, "BK": 256}, True, None), "small bn64 bk128": ({"BN": 64, "BK": 128}, True, None),
+         "small bn32 bk64": ({"BN": 32, "BK": 64}, True, None)}
 DEFAULT_STEPS = ["current", "unfused"]
 _PICK = SG.pick_config
 
@@ -128,6 +132,10 @@ def _pick_for(step):
         cfg = dict(_PICK(B, K, n_blocks_of, device))
         rule = STEPS[step][0]
         if device.type != "cuda" or B > 1 or rule is None:
+            return cfg
+        if isinstance(rule, dict):  # one chunk of all K rows for small K
+            if K <= 2048:
+                cfg.update(rule, KC=min(2048, triton.cdiv(K, rule["BK"]) * rule["BK"]))
             return cfg
         per_sm, rb, regs = rule
         cfg.update(KC=SG.chunk_rows(K, n_blocks_of(128), per_sm, SG._sm_count(device)), RB=rb, maxnreg=regs)
@@ -298,6 +306,7 @@ def main():
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.9],
                     help="uniform sparsities to time (each with and without use_sparse dispatch)")
     ap.add_argument("--only-7b", action="store_true", help="the Llama-2-7B shape only")
+    ap.add_argument("--only-smollm2", action="store_true", help="the SmolLM2-135M shape only")
     ap.add_argument("--context", type=int, default=16, help="prompt tokens before the timed decode (dense prefill)")
     ap.add_argument("--biases", action="store_true",
                     help="also time each dispatch variant with learned output biases (the default compensation)")
@@ -315,7 +324,7 @@ def main():
                 context=args.context)
     bw = copy_bandwidth()
     warm_up()
-    models = [("SmolLM2-135M shape", SMOLLM2_135M)] if args.quick else \
+    models = [("SmolLM2-135M shape", SMOLLM2_135M)] if args.quick or args.only_smollm2 else \
         [("Llama-2-7B shape", LLAMA2_7B)] if args.only_7b else \
         [("Llama-2-7B shape", LLAMA2_7B), ("SmolLM2-135M shape", SMOLLM2_135M)]
     rows, info = [], []

@@ -158,8 +158,8 @@ def test_callers_own_ticket_counters():
     dirty = new_locks(DEVICE) + 1000
     sparse_linear(x, wt, t, locks=dirty, config=dict(BN=32, KC=32, BK=16, num_warps=1, num_stages=1))
     assert dirty[:3].tolist() == [1004] * 3 and int((dirty[3:] != 1000).sum()) == 0  # 3 blocks, 4 chunks
-    with pytest.raises(ValueError, match="locks"):
-        sparse_linear(x, wt, t, locks=own[:1])
+    with pytest.raises(ValueError, match="locks"):  # 3 column blocks of 32 need 3 counters
+        sparse_linear(x, wt, t, locks=own[:1], config=dict(BN=32, KC=32, BK=16, num_warps=1, num_stages=1))
     with pytest.raises(ValueError, match="locks"):
         sparse_linear(x, wt, t, locks=own.long())
 
