@@ -117,12 +117,10 @@ def time_decode(dec, prompt, n_tokens, repeats=3):
 # and one attention program per head (the step of issue 12's run3); "one attention program": the current step
 # with one program per key/value head; "rb1 3/SM": the [64, 128] accumulator of 168 registers, faster on an
 # idle GPU, fragile when another kernel holds SM slots (reports/gpu/issue12; run3 named it "current").
-# "small ...": the current step with, where K <= 2048 (the SmolLM2 shape), one chunk of all K rows per
-# program (no split-K ticket) and the given column block and row tile.
+# (Steps with one chunk of all K rows per program for K <= 2048, no split-K ticket, timed at 5e5e861: 3-47%
+# slower on the SmolLM2 shape; reports/gpu/issue12/final.)
 STEPS = {"current": (None, True, None), "unfused": (None, False, 1), "one attention program": (None, True, 1),
-         "rb1 3/SM": ((3, 1, 168), True, None),
-         "small bn32 bk256": ({"BN": 32, "BK": 256}, True, None), "small bn64 bk128": ({"BN": 64, "BK": 128}, True, None),
-         "small bn32 bk64": ({"BN": 32, "BK": 64}, True, None)}
+         "rb1 3/SM": ((3, 1, 168), True, None)}
 DEFAULT_STEPS = ["current", "unfused"]
 _PICK = SG.pick_config
 
@@ -132,10 +130,6 @@ def _pick_for(step):
         cfg = dict(_PICK(B, K, n_blocks_of, device))
         rule = STEPS[step][0]
         if device.type != "cuda" or B > 1 or rule is None:
-            return cfg
-        if isinstance(rule, dict):  # one chunk of all K rows for small K
-            if K <= 2048:
-                cfg.update(rule, KC=min(2048, triton.cdiv(K, rule["BK"]) * rule["BK"]))
             return cfg
         per_sm, rb, regs = rule
         cfg.update(KC=SG.chunk_rows(K, n_blocks_of(128), per_sm, SG._sm_count(device)), RB=rb, maxnreg=regs)

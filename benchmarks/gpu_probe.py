@@ -113,8 +113,8 @@ def _gemv_idx_kernel(x_ptr, w_ptr, stride_wk, idx_ptr, nnz_ptr, y_ptr, part_ptr,
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     rb = tl.arange(0, 1)
-    _finish(acc, y_ptr, 0, part_ptr, N, lock_ptr, pid_n, pid_k, rb, rb < 1, cols, cmask, cols,
-            SPLIT, SPLIT, False, 1, BN, 0)
+    _finish(acc, y_ptr, 0, part_ptr, N, lock_ptr, pid_n, pid_k, rb, rb < 1, cols, cmask, cols, part_ptr,
+            SPLIT, SPLIT, False, 0, 1, BN, 0, False)
 
 
 def compact(x, t, pdl=False):

@@ -1,7 +1,10 @@
 """Small fused kernels of a decode step: residual add + RMSNorm, RoPE + KV-cache write, and attention.
 
 Each replaces a handful of tiny torch launches per layer; in a CUDA-graph-replayed decode step the launch
-count, not the bytes, is what these cost. Plain torch references sit beside them.
+count, not the bytes, is what these cost. Decode attention takes RoPE and the cache write in front
+(``rope_attention``: one launch) and splits the visible positions over several programs per key/value head,
+merged deterministically by the last of them (flash-decoding), so a long context is read by the whole GPU.
+Plain torch references sit beside them.
 """
 
 from __future__ import annotations

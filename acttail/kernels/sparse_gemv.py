@@ -19,6 +19,11 @@ their weights are concatenated along the output dimension. ``sparse_glu`` also f
 act silu (SwiGLU: ``sparse_swiglu``) or gelu with the tanh approximation (GeGLU, Gemma): gate block j and up
 block j share one ticket, and the last of their programs writes act(g) * u.
 
+For one token the block's residual add and RMSNorm can run in front (``norm=``): each program reads the
+whole row of x + r (L2) for the 1/rms, normalises its chunk before step 1 and keeps the sparsified values
+beside the compacted indices (the stream reads them there instead of gathering x); the programs of column
+block 0 write x + r, the next residual stream. One launch instead of two in the decode step.
+
 The grid is one wave of about 3 programs per SM (``pick_config``), each program small enough in registers
 that a fourth would fit: a grid that needs every slot of every SM runs part of itself as a second wave
 whenever another kernel holds a slot, which was the cause of its fragile timings (reports/gpu/issue12).
