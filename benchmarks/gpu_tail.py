@@ -138,6 +138,12 @@ def variants(K, N, sms, splits=None):
         "rb8 3/SM": rb8(3, 128),
         "rb8 4/SM": rb8(4, 128),
         "rb8 5/SM": rb8(5, 96),
+        # no compaction (MASKED): chunks of KC rows in several waves, each row tile loaded with the rows whose
+        # activation is under the threshold masked off
+        "masked kc256": dict(base, KC=256, BK=64, RB=8, maxnreg=128, MASKED=True),
+        "masked kc512": dict(base, KC=512, BK=64, RB=8, maxnreg=128, MASKED=True),
+        "masked kc512 bk128": dict(base, KC=512, BK=128, RB=8, maxnreg=128, MASKED=True),
+        "masked kc1024": dict(base, KC=1024, BK=64, RB=8, maxnreg=128, MASKED=True),
     }
 
 

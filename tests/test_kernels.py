@@ -301,3 +301,25 @@ def test_fused_rmsnorm_rejects_bad_arguments():
         sparse_linear(x, wt, thr(0.1), residual=x.clone(), residual_out=torch.empty_like(x))
     with pytest.raises(ValueError, match="one-token"):
         sparse_linear(make(2, 64, 32, torch.float16)[0], wt, thr(0.1), norm=(nw, 1e-5))
+
+
+def test_masked_launch_matches_reference():
+    # one token without compaction: every row tile, rows masked off by their activation (low sparsity)
+    for dtype in DTYPES:
+        x, wt = make(1, 200, 2 * 44, dtype, seed=61)
+        cfg = dict(BN=32, KC=96, BK=16, num_warps=1, num_stages=1, RB=4, MASKED=True)  # 3 chunks, tiles of 16
+        for t in (thr(0.3), thr(-1.0), thr(float("inf"))):
+            y = sparse_linear(x, wt, t, config=cfg)
+            ref = sparse_linear_ref(x, wt, t)
+            assert (rel_err(y, ref) < TOL[dtype]) if ref.any() else not y.any()
+        assert not sparse_linear(x, wt, thr(float("inf")), config=cfg).any()
+        t3 = thr(0.1, 0.5, 1.0)
+        y = sparse_linear(x, wt, t3, splits=(40, 30, 18), config=cfg)
+        assert rel_err(y, sparse_linear_ref(x, wt, t3, splits=(40, 30, 18))) < TOL[dtype]
+        t2 = thr(0.2, 0.9)
+        assert rel_err(sparse_swiglu(x, wt, t2, config=cfg), sparse_swiglu_ref(x, wt, t2)) < TOL[dtype]
+        b = torch.randn(88, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        assert rel_err(sparse_linear(x, wt, thr(0.3), config=cfg, bias=b),
+                       sparse_linear_ref(x, wt, thr(0.3), bias=b)) < TOL[dtype]
+    with pytest.raises(ValueError, match="masked"):
+        sparse_linear(make(2, 64, 32, torch.float16)[0], make(2, 64, 32, torch.float16)[1], thr(0.1), config=cfg)

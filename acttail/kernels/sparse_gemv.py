@@ -237,6 +237,37 @@ def _load_rows_grouped(x_ptr, val_ptr, w_ptr, stride_wk, thr, kk, r2, j, nnz, co
 
 
 @triton.jit
+def _stream_masked(x_ptr, w_ptr, stride_wk, t_ptr, k0, kend, cols, col_mask, RB: tl.constexpr, BKR: tl.constexpr,
+                   BN: tl.constexpr):
+    """One token, fp32 [1, BN], without compaction: every tile of RB * BKR rows of the chunk [k0, kend), each
+    row's load masked off where its activation is under the threshold (a masked row moves no bytes). The
+    activations run two tiles ahead of the weights, so each weight load waits on no x load."""
+    thr = tl.load(t_ptr)
+    r2 = tl.arange(0, RB)[:, None] * BKR + tl.arange(0, BKR)[None, :]
+    BK = RB * BKR
+    xa = tl.load(x_ptr + k0 + r2, mask=(k0 + r2) < kend, other=0.0)
+    wa = _load_masked(w_ptr, stride_wk, thr, xa, k0 + r2, kend, cols, col_mask)
+    xb = tl.load(x_ptr + k0 + BK + r2, mask=(k0 + BK + r2) < kend, other=0.0)
+    acc = tl.zeros([RB, BN], dtype=tl.float32)
+    for j in range(k0 + BK, kend + BK, BK):
+        wb = _load_masked(w_ptr, stride_wk, thr, xb, j + r2, kend, cols, col_mask)
+        xc = tl.load(x_ptr + j + BK + r2, mask=(j + BK + r2) < kend, other=0.0)
+        xs = tl.where(tl.abs(xa.to(tl.float32)) > thr, xa.to(tl.float32), 0.0)  # zero past the chunk (other=0)
+        acc += tl.sum(wa.to(tl.float32) * xs[:, :, None], axis=1)
+        wa, xa, xb = wb, xb, xc
+    return tl.sum(acc, axis=0)[None, :]
+
+
+@triton.jit
+def _load_masked(w_ptr, stride_wk, thr, xv, rows, kend, cols, col_mask):
+    """Weight rows [RB, BKR, BN] of the chunk (rows < kend) whose activation xv passes the threshold (zeros
+    elsewhere)."""
+    keep = (tl.abs(xv.to(tl.float32)) > thr) & (rows < kend)
+    return tl.load(w_ptr + rows[:, :, None] * stride_wk + cols[None, None, :],
+                   mask=keep[:, :, None] & col_mask[None, None, :], other=0.0)
+
+
+@triton.jit
 def _load_idx(idx_ptr, j, nnz, BK: tl.constexpr):
     """Compacted row indices idx[j:j+BK] (0 past nnz)."""
     rj = j + tl.arange(0, BK)
@@ -314,7 +345,7 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
                         SPLIT: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr, BLOCK_B: tl.constexpr,
                         KC: tl.constexpr, KCP: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
                         DOT_F32: tl.constexpr, RB: tl.constexpr, PDL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        NORM: tl.constexpr, HAS_R: tl.constexpr, NB: tl.constexpr):
+                        NORM: tl.constexpr, HAS_R: tl.constexpr, NB: tl.constexpr, MASKED: tl.constexpr):
     """Grid (column blocks, SPLIT). Up to 3 projections concatenated in wt's columns, split at N1 and N2
     (their first column blocks are NB1 and NB2), projection p using thresholds t[p]. GLU mode: wt = [gate |
     up] (N1 = N/2 columns each, NB1 blocks each); gate block j and up block j share one ticket counter and
@@ -342,14 +373,17 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
     scratch = (pid_k * tl.num_programs(0) + pid_n).to(tl.int64) * KC  # this program's private rows
     rows_ptr = idx_ptr + scratch
     vals_ptr = val_ptr + scratch  # NORM: one token
-    rows = _compact(x_ptr, stride_xb, t_proj, stride_tb, rows_ptr, vals_ptr, B, k0, kend, r_ptr, nw_ptr, xo_ptr,
-                    inv, pid_n, BLOCK_B, KC, KCP, NORM, HAS_R)
-    if BLOCK_B == 1 and RB > 1:
-        acc = _stream_rows_grouped(x_ptr, vals_ptr, w_ptr, stride_wk, t_proj, rows_ptr, rows, cols, cmask, RB,
-                                   BK // RB, BN, NORM)
+    if MASKED:  # one token, no compaction: every row tile of the chunk, rows masked by their activation
+        acc = _stream_masked(x_ptr, w_ptr, stride_wk, t_proj, k0, kend, cols, cmask, RB, BK // RB, BN)
     else:
-        acc = _stream_rows(x_ptr, stride_xb, vals_ptr, w_ptr, stride_wk, t_proj, stride_tb, rows_ptr, rows, B, cols,
-                           cmask, BLOCK_B, KC, BK, BN, DOT_F32, NORM)
+        rows = _compact(x_ptr, stride_xb, t_proj, stride_tb, rows_ptr, vals_ptr, B, k0, kend, r_ptr, nw_ptr, xo_ptr,
+                        inv, pid_n, BLOCK_B, KC, KCP, NORM, HAS_R)
+        if BLOCK_B == 1 and RB > 1:
+            acc = _stream_rows_grouped(x_ptr, vals_ptr, w_ptr, stride_wk, t_proj, rows_ptr, rows, cols, cmask, RB,
+                                       BK // RB, BN, NORM)
+        else:
+            acc = _stream_rows(x_ptr, stride_xb, vals_ptr, w_ptr, stride_wk, t_proj, stride_tb, rows_ptr, rows, B,
+                               cols, cmask, BLOCK_B, KC, BK, BN, DOT_F32, NORM)
     if PDL:  # the next kernel may start its launch while this one reduces
         tl.extra.cuda.gdc_launch_dependents()
     if GLU:
@@ -497,6 +531,8 @@ def _launch(x, wt, t, splits, glu, config=None, act="silu", bias=None, locks=Non
     BN, KC, BK = cfg["BN"], cfg["KC"], cfg["BK"]
     if KC % BK:
         raise ValueError(f"chunk KC={KC} must be a multiple of BK={BK}")
+    if cfg.get("MASKED") and (B != 1 or norm is not None or int(cfg.get("RB", 1)) < 2):
+        raise ValueError("the masked (no compaction) launch is for one token without a fused norm, with RB >= 2")
     if BK % int(cfg.get("RB", 1)):
         raise ValueError(f"row groups RB={cfg['RB']} must divide BK={BK}")
     n_blocks = n_blocks_of(BN)
@@ -523,6 +559,7 @@ def _launch(x, wt, t, splits, glu, config=None, act="silu", bias=None, locks=Non
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], HAS_BIAS=bias is not None,
         NORM=nw is not None, HAS_R=residual is not None,
         NB=cfg.get("NB") or min(triton.next_power_of_2(K), 8192 // block_b),
+        MASKED=bool(cfg.get("MASKED")),
         **_reg_args(cfg), **pdl_args(x.device, cfg.get("pdl")))
     return y
 
