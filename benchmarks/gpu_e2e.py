@@ -119,8 +119,10 @@ def time_decode(dec, prompt, n_tokens, repeats=3):
 # idle GPU, fragile when another kernel holds SM slots (reports/gpu/issue12; run3 named it "current").
 # (Steps with one chunk of all K rows per program for K <= 2048, no split-K ticket, timed at 5e5e861: 3-47%
 # slower on the SmolLM2 shape; reports/gpu/issue12/final.)
+# "compact only": the current step with every chunk compacted (DENSE 0, the kernel before chunks were read in
+# place at low sparsity).
 STEPS = {"current": (None, True, None), "unfused": (None, False, 1), "one attention program": (None, True, 1),
-         "rb1 3/SM": ((3, 1, 168), True, None)}
+         "rb1 3/SM": ((3, 1, 168), True, None), "compact only": ({"DENSE": 0}, True, None)}
 DEFAULT_STEPS = ["current", "unfused"]
 _PICK = SG.pick_config
 
@@ -131,6 +133,8 @@ def _pick_for(step):
         rule = STEPS[step][0]
         if device.type != "cuda" or B > 1 or rule is None:
             return cfg
+        if isinstance(rule, dict):
+            return cfg | rule
         per_sm, rb, regs = rule
         cfg.update(KC=SG.chunk_rows(K, n_blocks_of(128), per_sm, SG._sm_count(device)), RB=rb, maxnreg=regs)
         return cfg

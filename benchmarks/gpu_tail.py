@@ -138,12 +138,12 @@ def variants(K, N, sms, splits=None):
         "rb8 3/SM": rb8(3, 128),
         "rb8 4/SM": rb8(4, 128),
         "rb8 5/SM": rb8(5, 96),
-        # no compaction (MASKED): chunks of KC rows in several waves, each row tile loaded with the rows whose
-        # activation is under the threshold masked off
-        "masked kc256": dict(base, KC=256, BK=64, RB=8, maxnreg=128, MASKED=True),
-        "masked kc512": dict(base, KC=512, BK=64, RB=8, maxnreg=128, MASKED=True),
-        "masked kc512 bk128": dict(base, KC=512, BK=128, RB=8, maxnreg=128, MASKED=True),
-        "masked kc1024": dict(base, KC=1024, BK=64, RB=8, maxnreg=128, MASKED=True),
+        # how a chunk is read (DENSE): rb8 3/SM is pick_config's default, in place when over a third of the
+        # chunk's rows are kept, else compacted; "compact" always compacts (the kernel before), "in place"
+        # never does
+        "compact 3/SM": rb8(3, 128) | {"DENSE": 0},
+        "in place 3/SM": rb8(3, 128) | {"DENSE": 2},
+        "in place kc1024": dict(base, KC=1024, BK=64, RB=8, maxnreg=128, DENSE=2),
     }
 
 

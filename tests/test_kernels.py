@@ -303,16 +303,17 @@ def test_fused_rmsnorm_rejects_bad_arguments():
         sparse_linear(make(2, 64, 32, torch.float16)[0], wt, thr(0.1), norm=(nw, 1e-5))
 
 
-def test_masked_launch_matches_reference():
-    # one token without compaction: every row tile, rows masked off by their activation (low sparsity)
+@pytest.mark.parametrize("dense", [0, 1, 2], ids=["compact", "by-kept-fraction", "in-place"])
+def test_chunks_read_in_place_or_compacted_match_reference(dense):
+    # one token: a chunk is compacted (DENSE 0), read in place with the rows under the threshold masked off
+    # (2), or either by its kept fraction (1, the default: in place above a third); also with the fused norm
+    from acttail.kernels.decode_ops import add_rmsnorm
     for dtype in DTYPES:
         x, wt = make(1, 200, 2 * 44, dtype, seed=61)
-        cfg = dict(BN=32, KC=96, BK=16, num_warps=1, num_stages=1, RB=4, MASKED=True)  # 3 chunks, tiles of 16
-        for t in (thr(0.3), thr(-1.0), thr(float("inf"))):
-            y = sparse_linear(x, wt, t, config=cfg)
-            ref = sparse_linear_ref(x, wt, t)
+        cfg = dict(BN=32, KC=96, BK=16, num_warps=1, num_stages=1, RB=4, DENSE=dense)  # 3 chunks, tiles of 16
+        for t in (thr(0.3), thr(1.5), thr(-1.0), thr(float("inf"))):
+            y, ref = sparse_linear(x, wt, t, config=cfg), sparse_linear_ref(x, wt, t)
             assert (rel_err(y, ref) < TOL[dtype]) if ref.any() else not y.any()
-        assert not sparse_linear(x, wt, thr(float("inf")), config=cfg).any()
         t3 = thr(0.1, 0.5, 1.0)
         y = sparse_linear(x, wt, t3, splits=(40, 30, 18), config=cfg)
         assert rel_err(y, sparse_linear_ref(x, wt, t3, splits=(40, 30, 18))) < TOL[dtype]
@@ -321,5 +322,12 @@ def test_masked_launch_matches_reference():
         b = torch.randn(88, generator=torch.Generator().manual_seed(1)).to(DEVICE)
         assert rel_err(sparse_linear(x, wt, thr(0.3), config=cfg, bias=b),
                        sparse_linear_ref(x, wt, thr(0.3), bias=b)) < TOL[dtype]
-    with pytest.raises(ValueError, match="masked"):
-        sparse_linear(make(2, 64, 32, torch.float16)[0], make(2, 64, 32, torch.float16)[1], thr(0.1), config=cfg)
+        r = make(1, 200, 1, dtype, seed=62)[0]
+        nw = (1 + 0.3 * torch.randn(200, generator=torch.Generator().manual_seed(3))).to(dtype).to(DEVICE)
+        xr, xo = x.clone(), torch.empty_like(x)
+        h = add_rmsnorm(xr, r, nw, 1e-5)  # xr += r in the kernels' rounding
+        for t in (thr(0.3), thr(1.5)):
+            y = sparse_linear(x, wt, t, config=cfg, norm=(nw, 1e-5), residual=r, residual_out=xo)
+            assert rel_err(y, sparse_linear_ref(h, wt, t)) < TOL[dtype] and torch.equal(xo, xr)
+    with pytest.raises(ValueError, match="DENSE"):
+        sparse_linear(x, wt, thr(0.1), config=dict(cfg, DENSE=3))

@@ -128,12 +128,15 @@ def _rms_inv(x_ptr, r_ptr, stride_xb, rb, bmask, K, eps, HAS_R: tl.constexpr, NB
 @triton.jit
 def _compact(x_ptr, stride_xb, t_ptr, stride_tb, idx_ptr, val_ptr, B, kstart, kend, r_ptr, nw_ptr, xo_ptr,
              inv, store_x, BLOCK_B: tl.constexpr, KC: tl.constexpr, KCP: tl.constexpr, NORM: tl.constexpr,
-             HAS_R: tl.constexpr):
+             HAS_R: tl.constexpr, DENSE: tl.constexpr):
     """Kept rows of x[:, kstart:kend] (union over tokens; kend - kstart <= KC <= KCP, a power of two),
-    compacted in order into idx; returns their count. NORM: x is first replaced by rmsnorm(x (+ r)) * nw
-    (inv: each token's 1 / rms) in the reference's rounding, and each token's sparsified value is kept in
-    val [B, KC] beside its index (the stream reads it there instead of gathering x); with HAS_R the programs
-    of column block store_x == 0 write x + r to xo (the residual stream)."""
+    compacted in order into idx; returns their count and whether the chunk is read in place instead.
+
+    In place (DENSE 2; DENSE 1: when over a third of the chunk's rows are kept) nothing is compacted: the
+    masked stream reads every row tile and skips the rows under the threshold. NORM: x is first replaced by
+    rmsnorm(x (+ r)) * nw (inv: each token's 1 / rms) in the reference's rounding, and the values are kept in
+    val [B, KC] (compacted beside their indices, or in place) for the stream to read instead of x; with HAS_R
+    the programs of column block store_x == 0 write x + r to xo (the residual stream)."""
     rb = tl.arange(0, BLOCK_B)
     bmask = rb < B
     thr = tl.load(t_ptr + rb * stride_tb, mask=bmask, other=float("inf"))
@@ -150,13 +153,22 @@ def _compact(x_ptr, stride_xb, t_ptr, stride_tb, idx_ptr, val_ptr, B, kstart, ke
         xs = ((xs.to(tl.float32) * inv[:, None]).to(xs.dtype).to(tl.float32) * nw[None, :]).to(xs.dtype)
     keep = (tl.abs(xs.to(tl.float32)) > thr[:, None]) & m2
     row = tl.max(keep.to(tl.int32), axis=0)  # union of the tokens' masks
+    kept = tl.sum(row, axis=0)
+    if DENSE == 2:
+        dense = kept >= 0
+    elif DENSE == 1:
+        dense = kept * 3 > kend - kstart
+    else:
+        dense = kept < 0
+    compact = (row * 0 + dense.to(tl.int32)) == 0  # [KCP]: every entry the program's choice
     pos = tl.cumsum(row, axis=0)
-    tl.store(idx_ptr + pos - 1, rk, mask=row > 0)
-    if NORM:  # the normalised values exist only here: keep them beside their indices
+    tl.store(idx_ptr + pos - 1, rk, mask=(row > 0) & compact)
+    if NORM:  # the normalised values exist only here: keep them (compacted, or in place)
         tl.store(val_ptr + rb[:, None] * KC + (pos - 1)[None, :], tl.where(keep, xs, 0.0).to(xs.dtype),
-                 mask=bmask[:, None] & (row > 0)[None, :])
+                 mask=bmask[:, None] & ((row > 0) & compact)[None, :])
+        tl.store(val_ptr + rb[:, None] * KC + (rk - kstart)[None, :], xs, mask=m2 & ~compact[None, :])
     tl.debug_barrier()  # the whole program reads what all its threads wrote
-    return tl.sum(row, axis=0)
+    return kept, dense
 
 
 @triton.jit
@@ -345,7 +357,7 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
                         SPLIT: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr, BLOCK_B: tl.constexpr,
                         KC: tl.constexpr, KCP: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
                         DOT_F32: tl.constexpr, RB: tl.constexpr, PDL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        NORM: tl.constexpr, HAS_R: tl.constexpr, NB: tl.constexpr, MASKED: tl.constexpr):
+                        NORM: tl.constexpr, HAS_R: tl.constexpr, NB: tl.constexpr, DENSE: tl.constexpr):
     """Grid (column blocks, SPLIT). Up to 3 projections concatenated in wt's columns, split at N1 and N2
     (their first column blocks are NB1 and NB2), projection p using thresholds t[p]. GLU mode: wt = [gate |
     up] (N1 = N/2 columns each, NB1 blocks each); gate block j and up block j share one ticket counter and
@@ -373,17 +385,18 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
     scratch = (pid_k * tl.num_programs(0) + pid_n).to(tl.int64) * KC  # this program's private rows
     rows_ptr = idx_ptr + scratch
     vals_ptr = val_ptr + scratch  # NORM: one token
-    if MASKED:  # one token, no compaction: every row tile of the chunk, rows masked by their activation
-        acc = _stream_masked(x_ptr, w_ptr, stride_wk, t_proj, k0, kend, cols, cmask, RB, BK // RB, BN)
-    else:
-        rows = _compact(x_ptr, stride_xb, t_proj, stride_tb, rows_ptr, vals_ptr, B, k0, kend, r_ptr, nw_ptr, xo_ptr,
-                        inv, pid_n, BLOCK_B, KC, KCP, NORM, HAS_R)
-        if BLOCK_B == 1 and RB > 1:
+    rows, dense = _compact(x_ptr, stride_xb, t_proj, stride_tb, rows_ptr, vals_ptr, B, k0, kend, r_ptr, nw_ptr,
+                           xo_ptr, inv, pid_n, BLOCK_B, KC, KCP, NORM, HAS_R, DENSE if BLOCK_B == 1 and RB > 1 else 0)
+    if BLOCK_B == 1 and RB > 1:
+        if dense:  # every row tile of the chunk, rows under the threshold masked off
+            src = vals_ptr - k0 if NORM else x_ptr
+            acc = _stream_masked(src, w_ptr, stride_wk, t_proj, k0, kend, cols, cmask, RB, BK // RB, BN)
+        else:
             acc = _stream_rows_grouped(x_ptr, vals_ptr, w_ptr, stride_wk, t_proj, rows_ptr, rows, cols, cmask, RB,
                                        BK // RB, BN, NORM)
-        else:
-            acc = _stream_rows(x_ptr, stride_xb, vals_ptr, w_ptr, stride_wk, t_proj, stride_tb, rows_ptr, rows, B,
-                               cols, cmask, BLOCK_B, KC, BK, BN, DOT_F32, NORM)
+    else:
+        acc = _stream_rows(x_ptr, stride_xb, vals_ptr, w_ptr, stride_wk, t_proj, stride_tb, rows_ptr, rows, B, cols,
+                           cmask, BLOCK_B, KC, BK, BN, DOT_F32, NORM)
     if PDL:  # the next kernel may start its launch while this one reduces
         tl.extra.cuda.gdc_launch_dependents()
     if GLU:
@@ -531,8 +544,8 @@ def _launch(x, wt, t, splits, glu, config=None, act="silu", bias=None, locks=Non
     BN, KC, BK = cfg["BN"], cfg["KC"], cfg["BK"]
     if KC % BK:
         raise ValueError(f"chunk KC={KC} must be a multiple of BK={BK}")
-    if cfg.get("MASKED") and (B != 1 or norm is not None or int(cfg.get("RB", 1)) < 2):
-        raise ValueError("the masked (no compaction) launch is for one token without a fused norm, with RB >= 2")
+    if cfg.get("DENSE", 1) not in (0, 1, 2):
+        raise ValueError(f"DENSE must be 0 (always compact), 1 (by the kept fraction) or 2 (always in place)")
     if BK % int(cfg.get("RB", 1)):
         raise ValueError(f"row groups RB={cfg['RB']} must divide BK={BK}")
     n_blocks = n_blocks_of(BN)
@@ -543,7 +556,7 @@ def _launch(x, wt, t, splits, glu, config=None, act="silu", bias=None, locks=Non
     y = torch.empty(B, out_cols, dtype=x.dtype, device=x.device)
     part = torch.empty(split * block_b * N if (split > 1 or glu) else 1, dtype=torch.float32, device=x.device)
     idx = torch.empty(split * n_blocks * KC, dtype=torch.int32, device=x.device)
-    vals = torch.empty(split * n_blocks * KC if nw is not None else 1, dtype=x.dtype, device=x.device)
+    vals = torch.empty(split * n_blocks * KC if nw is not None else 1, dtype=x.dtype, device=x.device)  # NORM
     if locks is None:
         locks = _locks(x.device, n_blocks)
     elif locks.dtype != torch.int32 or locks.device != x.device or locks.numel() < n_blocks:
@@ -559,7 +572,7 @@ def _launch(x, wt, t, splits, glu, config=None, act="silu", bias=None, locks=Non
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], HAS_BIAS=bias is not None,
         NORM=nw is not None, HAS_R=residual is not None,
         NB=cfg.get("NB") or min(triton.next_power_of_2(K), 8192 // block_b),
-        MASKED=bool(cfg.get("MASKED")),
+        DENSE=int(cfg.get("DENSE", 1)),
         **_reg_args(cfg), **pdl_args(x.device, cfg.get("pdl")))
     return y
 
