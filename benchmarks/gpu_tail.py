@@ -138,7 +138,7 @@ def variants(K, N, sms, splits=None):
         "rb8 3/SM": rb8(3, 128),
         "rb8 4/SM": rb8(4, 128),
         "rb8 5/SM": rb8(5, 96),
-        # how a chunk is read (DENSE): rb8 3/SM is pick_config's default, in place when over 60% of the
+        # how a chunk is read (DENSE): rb8 3/SM is pick_config's default, in place when over two thirds of the
         # chunk's rows are kept, else compacted; "compact" always compacts (the kernel before), "in place"
         # never does
         "compact 3/SM": rb8(3, 128) | {"DENSE": 0},

@@ -306,7 +306,7 @@ def test_fused_rmsnorm_rejects_bad_arguments():
 @pytest.mark.parametrize("dense", [0, 1, 2], ids=["compact", "by-kept-fraction", "in-place"])
 def test_chunks_read_in_place_or_compacted_match_reference(dense):
     # one token: a chunk is compacted (DENSE 0), read in place with the rows under the threshold masked off
-    # (2), or either by its kept fraction (1, the default: in place above 60% kept); also with the fused norm
+    # (2), or either by its kept fraction (1, the default: in place above two thirds kept); also with the fused norm
     from acttail.kernels.decode_ops import add_rmsnorm
     for dtype in DTYPES:
         x, wt = make(1, 200, 2 * 44, dtype, seed=61)

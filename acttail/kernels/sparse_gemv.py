@@ -132,7 +132,7 @@ def _compact(x_ptr, stride_xb, t_ptr, stride_tb, idx_ptr, val_ptr, B, kstart, ke
     """Kept rows of x[:, kstart:kend] (union over tokens; kend - kstart <= KC <= KCP, a power of two),
     compacted in order into idx; returns their count and whether the chunk is read in place instead.
 
-    In place (DENSE 2; DENSE 1: when over 60% of the chunk's rows are kept) nothing is compacted: the
+    In place (DENSE 2; DENSE 1: when over two thirds of the chunk's rows are kept) nothing is compacted: the
     masked stream reads every row tile and skips the rows under the threshold. NORM: x is first replaced by
     rmsnorm(x (+ r)) * nw (inv: each token's 1 / rms) in the reference's rounding, and the values are kept in
     val [B, KC] (compacted beside their indices, or in place) for the stream to read instead of x; with HAS_R
@@ -157,7 +157,7 @@ def _compact(x_ptr, stride_xb, t_ptr, stride_tb, idx_ptr, val_ptr, B, kstart, ke
     if DENSE == 2:
         dense = kept >= 0
     elif DENSE == 1:
-        dense = kept * 5 > (kend - kstart) * 3
+        dense = kept * 3 > (kend - kstart) * 2
     else:
         dense = kept < 0
     compact = (row * 0 + dense.to(tl.int32)) == 0  # [KCP]: every entry the program's choice
