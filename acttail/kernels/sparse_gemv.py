@@ -7,6 +7,8 @@ drops one contiguous row of ``wt``. Each program owns a block of output columns 
    union of the kept rows over tokens;
 2. it compacts the kept row indices with a cumulative sum into a private scratch buffer, so the weight
    stream below skips single rows, not blocks of rows (with random sparsity a block is rarely all zero);
+   one token whose chunk keeps over two thirds of its rows skips this and streams every row tile with the
+   rows under the threshold masked off (a masked row moves no bytes; 3-5% faster at 30% on an H100);
 3. it streams only the gathered rows, accumulating in fp32 (FMA for one token, ``tl.dot`` for several);
    one token sums each tile of gathered rows inside the threads into an accumulator of RB rows;
 4. the chunks of one column block are summed deterministically: each program writes its partial sums, and
