@@ -164,7 +164,9 @@ class CudaDecoder:
 
     # ---- one decode step ---------------------------------------------------------------------------
 
-    def _project(self, i, group, x, w, record):
+    def _project(self, i, group, x, w, record, **fused):
+        """The projection group on x: the sparse kernel where it has thresholds (or keep counts), else cuBLAS.
+        ``fused``: the kernel's norm / residual arguments (``_norm_project``: thresholds alone, no low-rank)."""
         if record is not None:
             record(i, group, x)
         if (i, group) in self.keeps:
@@ -181,9 +183,9 @@ class CudaDecoder:
             return y
         comp, bias = self.comp.get((i, group)), self.bias.get((i, group))
         if group == "gate_up" and comp is None:
-            return sparse_glu(x, w, t, act=self.args.activation, bias=bias, locks=self.locks)
+            return sparse_glu(x, w, t, act=self.args.activation, bias=bias, locks=self.locks, **fused)
         splits = {"qkv": self.args.qkv_sizes, "gate_up": (self.args.intermediate_size,) * 2}.get(group)
-        y = sparse_linear(x, w, t, splits=splits, bias=bias, locks=self.locks)
+        y = sparse_linear(x, w, t, splits=splits, bias=bias, locks=self.locks, **fused)
         if comp is not None:
             y = self._compensate(x, y, t, comp, splits or (y.shape[-1],))  # fp32
         if group == "gate_up":  # act(gate) * up in fp32, rounded once, as the fused kernel does
@@ -246,19 +248,13 @@ class CudaDecoder:
         One launch where the group runs the sparse kernel on thresholds (and biases) alone: the kernel
         normalises in front and writes x + r (``sparse_linear``'s norm=); else ``add_rmsnorm`` (x += r in
         place) and the projection. Recording inputs, top-k and low-rank terms need the normalised input."""
-        key, nw = (i, group), self.w[f"{i}.{norm}"]
+        key, nw, wt = (i, group), self.w[f"{i}.{norm}"], self.w[f"{i}.{WEIGHT[group]}"]
         fused = self.fuse and record is None and key in self.t and key not in self.keeps and key not in self.comp
         if not fused:
             h = add_rmsnorm(x, r, nw, self.args.norm_eps)
-            return self._project(i, group, h, self.w[f"{i}.{WEIGHT[group]}"], record), x
+            return self._project(i, group, h, wt, record), x
         xo = None if r is None else torch.empty_like(x)
-        kw = dict(bias=self.bias.get(key), locks=self.locks, norm=(nw, self.args.norm_eps), residual=r,
-                  residual_out=xo)
-        wt, t = self.w[f"{i}.{WEIGHT[group]}"], self.t[key]
-        if group == "gate_up":
-            y = sparse_glu(x, wt, t, act=self.args.activation, **kw)
-        else:
-            y = sparse_linear(x, wt, t, splits=self.args.qkv_sizes, **kw)
+        y = self._project(i, group, x, wt, None, norm=(nw, self.args.norm_eps), residual=r, residual_out=xo)
         return y, x if xo is None else xo
 
     def forward_token(self, tok, pos, record=None):
