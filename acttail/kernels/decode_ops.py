@@ -110,45 +110,57 @@ def rope_cache_write_ref(qkv, cos, sin, pos, k_cache, v_cache, n_head, n_kv, hea
 
 
 @triton.jit
+def _rope_rows(qkv_ptr, b_ptr, rows, rmask, c, s, rd, D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Heads ``rows`` of qkv [*, D] (+ the bias, rounded as the biased projection's output), rotated in fp32
+    (rotate-half RoPE with this position's cos c and sin s) and rounded: rope_cache_write's rounding."""
+    partner = (rd + D // 2) % D
+    sign = tl.where(rd < D // 2, -1.0, 1.0)
+    m = rmask[:, None]
+    a = tl.load(qkv_ptr + rows[:, None] * D + rd[None, :], mask=m, other=0.0)
+    b = tl.load(qkv_ptr + rows[:, None] * D + partner[None, :], mask=m, other=0.0)
+    if HAS_BIAS:
+        a = (a.to(tl.float32) + tl.load(b_ptr + rows[:, None] * D + rd[None, :], mask=m, other=0.0).to(tl.float32)
+             ).to(a.dtype)
+        b = (b.to(tl.float32) + tl.load(b_ptr + rows[:, None] * D + partner[None, :], mask=m, other=0.0).to(
+            tl.float32)).to(b.dtype)
+    return (a.to(tl.float32) * c[None, :] + sign[None, :] * b.to(tl.float32) * s[None, :]).to(a.dtype)
+
+
+@triton.jit
+def _write_kv(qkv_ptr, b_ptr, k_ptr, v_ptr, NH, kv, n_kv, pos, T, cos, sin, rd, D: tl.constexpr,
+              HAS_BIAS: tl.constexpr):
+    """Key head kv of the qkv row rotated and value head kv (each + its bias, rounded), written to the
+    caches [n_kv, T, D] at position pos."""
+    one = tl.arange(0, 1)
+    k_new = _rope_rows(qkv_ptr, b_ptr, NH + kv + one, one < 1, cos, sin, rd, D, HAS_BIAS)
+    v_rows = NH + n_kv + kv + one
+    v_new = tl.load(qkv_ptr + v_rows[:, None] * D + rd[None, :])
+    if HAS_BIAS:
+        v_new = (v_new.to(tl.float32) + tl.load(b_ptr + v_rows[:, None] * D + rd[None, :]).to(tl.float32)
+                 ).to(v_new.dtype)
+    at = (kv.to(tl.int64) * T + pos) * D + one[:, None] * 0 + rd[None, :]
+    tl.store(k_ptr + at, k_new)
+    tl.store(v_ptr + at, v_new)
+
+
+@triton.jit
 def _rope_cache_kernel(qkv_ptr, b_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, T,
                        NH: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     h = tl.program_id(0)  # 0..NH-1: a query head; NH..: a key/value head
-    half = tl.arange(0, D // 2)
+    rd = tl.arange(0, D)
     pos = tl.load(pos_ptr)
-    c1 = tl.load(cos_ptr + pos * D + half)
-    c2 = tl.load(cos_ptr + pos * D + D // 2 + half)
-    s1 = tl.load(sin_ptr + pos * D + half)
-    s2 = tl.load(sin_ptr + pos * D + D // 2 + half)
-    src = qkv_ptr + h * D
-    a = tl.load(src + half).to(tl.float32)
-    b = tl.load(src + D // 2 + half).to(tl.float32)
-    if HAS_BIAS:  # rounded to the activations' dtype like the biased projection output
-        a = (a + tl.load(b_ptr + h * D + half).to(tl.float32)).to(q_ptr.dtype.element_ty).to(tl.float32)
-        b = (b + tl.load(b_ptr + h * D + D // 2 + half).to(tl.float32)).to(q_ptr.dtype.element_ty).to(tl.float32)
-    ra = (a * c1 - b * s1).to(q_ptr.dtype.element_ty)
-    rb = (b * c2 + a * s2).to(q_ptr.dtype.element_ty)
+    cos = tl.load(cos_ptr + pos * D + rd)
+    sin = tl.load(sin_ptr + pos * D + rd)
     if h < NH:
-        tl.store(q_ptr + h * D + half, ra)
-        tl.store(q_ptr + h * D + D // 2 + half, rb)
+        one = tl.arange(0, 1)
+        q = _rope_rows(qkv_ptr, b_ptr, h + one, one < 1, cos, sin, rd, D, HAS_BIAS)
+        tl.store(q_ptr + (h + one)[:, None] * D + rd[None, :], q)
     else:
-        kv = h - NH
-        NKV = (tl.num_programs(0) - NH)
-        dst = k_ptr + (kv * T + pos) * D
-        tl.store(dst + half, ra)
-        tl.store(dst + D // 2 + half, rb)
-        vsrc = qkv_ptr + (NH + NKV + kv) * D
-        vdst = v_ptr + (kv * T + pos) * D
-        v1 = tl.load(vsrc + half)
-        v2 = tl.load(vsrc + D // 2 + half)
-        if HAS_BIAS:
-            vb = b_ptr + (NH + NKV + kv) * D
-            v1 = (v1.to(tl.float32) + tl.load(vb + half).to(tl.float32)).to(v1.dtype)
-            v2 = (v2.to(tl.float32) + tl.load(vb + D // 2 + half).to(tl.float32)).to(v2.dtype)
-        tl.store(vdst + half, v1)
-        tl.store(vdst + D // 2 + half, v2)
+        _write_kv(qkv_ptr, b_ptr, k_ptr, v_ptr, NH, h - NH, tl.num_programs(0) - NH, pos, T, cos, sin, rd, D,
+                  HAS_BIAS)
 
 
 def rope_cache_write(qkv, cos, sin, pos, k_cache, v_cache, n_head, n_kv, head_dim, bias=None):
@@ -177,23 +189,6 @@ def decode_attention_ref(q, k_cache, v_cache, pos, scale=None, softcap=None, win
         s = torch.tanh(s / softcap) * softcap
     p = torch.softmax(s, dim=-1)
     return (p[:, None, :] @ v)[:, 0].reshape(1, -1).to(q.dtype)
-
-
-@triton.jit
-def _rope_rows(qkv_ptr, b_ptr, rows, rmask, c, s, rd, D: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Heads ``rows`` of qkv [*, D] (+ the bias, rounded as the biased projection's output), rotated in fp32
-    (rotate-half RoPE with this position's cos c and sin s) and rounded: rope_cache_write's rounding."""
-    partner = (rd + D // 2) % D
-    sign = tl.where(rd < D // 2, -1.0, 1.0)
-    m = rmask[:, None]
-    a = tl.load(qkv_ptr + rows[:, None] * D + rd[None, :], mask=m, other=0.0)
-    b = tl.load(qkv_ptr + rows[:, None] * D + partner[None, :], mask=m, other=0.0)
-    if HAS_BIAS:
-        a = (a.to(tl.float32) + tl.load(b_ptr + rows[:, None] * D + rd[None, :], mask=m, other=0.0).to(tl.float32)
-             ).to(a.dtype)
-        b = (b.to(tl.float32) + tl.load(b_ptr + rows[:, None] * D + partner[None, :], mask=m, other=0.0).to(
-            tl.float32)).to(b.dtype)
-    return (a.to(tl.float32) * c[None, :] + sign[None, :] * b.to(tl.float32) * s[None, :]).to(a.dtype)
 
 
 @triton.jit
@@ -230,16 +225,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, T, scale, soft
         sin = tl.load(sin_ptr + pos * D + rd)
         q = _rope_rows(q_ptr, b_ptr, kv * G + rg, gm, cos, sin, rd, D, HAS_BIAS)
         if (pos >= start) & (pos < end):  # this span reads position pos: write its key and value first
-            one = rg[:, None] < 1  # k and v: one head, held in row 0
-            k_new = _rope_rows(q_ptr, b_ptr, NH + kv + 0 * rg, rg < 1, cos, sin, rd, D, HAS_BIAS)
-            v_rows = NH + tl.num_programs(0) + kv + 0 * rg
-            v_new = tl.load(q_ptr + v_rows[:, None] * D + rd[None, :], mask=one, other=0.0)
-            if HAS_BIAS:
-                v_new = (v_new.to(tl.float32) + tl.load(b_ptr + v_rows[:, None] * D + rd[None, :], mask=one,
-                                                        other=0.0).to(tl.float32)).to(v_new.dtype)
-            at = base + pos * D + 0 * rg[:, None] + rd[None, :]
-            tl.store(k_ptr + at, k_new, mask=one)
-            tl.store(v_ptr + at, v_new, mask=one)
+            _write_kv(q_ptr, b_ptr, k_ptr, v_ptr, NH, kv, tl.num_programs(0), pos, T, cos, sin, rd, D, HAS_BIAS)
         tl.debug_barrier()  # the loop below reads this position back (from L2: .cg loads)
     else:
         q = tl.load(q_ptr + (kv * G + rg[:, None]) * D + rd[None, :], mask=gm[:, None], other=0.0)
