@@ -259,26 +259,26 @@ def _stream_masked(x_ptr, w_ptr, stride_wk, t_ptr, k0, kend, cols, col_mask, RB:
     thr = tl.load(t_ptr)
     r2 = tl.arange(0, RB)[:, None] * BKR + tl.arange(0, BKR)[None, :]
     BK = RB * BKR
-    xa = tl.load(x_ptr + k0 + r2, mask=(k0 + r2) < kend, other=0.0)
-    wa = _load_masked(w_ptr, stride_wk, thr, xa, k0 + r2, kend, cols, col_mask)
+    wa, xa = _load_masked(w_ptr, stride_wk, thr, tl.load(x_ptr + k0 + r2, mask=(k0 + r2) < kend, other=0.0),
+                          k0 + r2, kend, cols, col_mask)
     xb = tl.load(x_ptr + k0 + BK + r2, mask=(k0 + BK + r2) < kend, other=0.0)
     acc = tl.zeros([RB, BN], dtype=tl.float32)
     for j in range(k0 + BK, kend + BK, BK):
-        wb = _load_masked(w_ptr, stride_wk, thr, xb, j + r2, kend, cols, col_mask)
-        xc = tl.load(x_ptr + j + BK + r2, mask=(j + BK + r2) < kend, other=0.0)
-        xs = tl.where(tl.abs(xa.to(tl.float32)) > thr, xa.to(tl.float32), 0.0)  # zero past the chunk (other=0)
-        acc += tl.sum(wa.to(tl.float32) * xs[:, :, None], axis=1)
-        wa, xa, xb = wb, xb, xc
+        wb, xsb = _load_masked(w_ptr, stride_wk, thr, xb, j + r2, kend, cols, col_mask)
+        xb = tl.load(x_ptr + j + BK + r2, mask=(j + BK + r2) < kend, other=0.0)
+        acc += tl.sum(wa.to(tl.float32) * xa.to(tl.float32)[:, :, None], axis=1)
+        wa, xa = wb, xsb
     return tl.sum(acc, axis=0)[None, :]
 
 
 @triton.jit
 def _load_masked(w_ptr, stride_wk, thr, xv, rows, kend, cols, col_mask):
-    """Weight rows [RB, BKR, BN] of the chunk (rows < kend) whose activation xv passes the threshold (zeros
-    elsewhere)."""
+    """Weight rows [RB, BKR, BN] of the chunk (rows < kend) whose activation xv passes the threshold, and
+    those activations (zeros elsewhere, in both)."""
     keep = (tl.abs(xv.to(tl.float32)) > thr) & (rows < kend)
-    return tl.load(w_ptr + rows[:, :, None] * stride_wk + cols[None, None, :],
-                   mask=keep[:, :, None] & col_mask[None, None, :], other=0.0)
+    w = tl.load(w_ptr + rows[:, :, None] * stride_wk + cols[None, None, :],
+                mask=keep[:, :, None] & col_mask[None, None, :], other=0.0)
+    return w, tl.where(keep, xv, 0.0)
 
 
 @triton.jit
