@@ -33,7 +33,7 @@ from .checkpoint import Checkpoint
 from .errors import ActTailError
 from .layout import KINDS, check_projections
 from .esd import EVAL_FLOOR, FITS, analyze_matrix
-from .files import cache_dir, check_schema, read_json, to_json, write_json, write_text, write_texts
+from .files import cache_dir, check_model, check_schema, read_json, to_json, write_json, write_text, write_texts
 
 FORMAT, VERSION = "acttail-analysis", 1
 BACKENDS = ("acttail", "weightwatcher", "powerlaw")
@@ -222,10 +222,8 @@ class Analysis:
                    extra={k: v for k, v in doc.items() if k not in known})
 
     def check_model(self, fingerprint: str, where: str = "analysis") -> None:
-        """Refuse an analysis made of other weights."""
-        if self.model["fingerprint"] != fingerprint:
-            raise ActTailError(f"{where} was made for another checkpoint (fingerprint {self.model['fingerprint']}, "
-                               f"this model has {fingerprint})")
+        """Refuse an analysis made for other weights."""
+        check_model(self.model, fingerprint, where)
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "tool_version": self.tool_version, "created": self.created,

@@ -174,6 +174,13 @@ _Validator = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_
         "integer", lambda _, x: isinstance(x, int) and not isinstance(x, bool))))
 
 
+def check_model(model: dict, fingerprint: str, where: str) -> None:
+    """Refuse a document (plan, analysis) whose ``model`` record was made for other weights."""
+    if model["fingerprint"] != fingerprint:
+        raise ActTailError(f"{where} was made for another checkpoint (fingerprint {model['fingerprint']}, "
+                           f"this model has {fingerprint})")
+
+
 @lru_cache(maxsize=None)
 @functools.lru_cache(maxsize=None)
 def schema(name: str) -> dict:

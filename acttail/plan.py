@@ -29,7 +29,7 @@ import torch
 from . import __version__
 from .errors import ActTailError
 from . import files
-from .files import atomic_path, check_schema, read_json, write_json
+from .files import atomic_path, check_model, check_schema, read_json, write_json
 from .layout import KINDS, check_projections, key as projection_key, order as projection_order, parse_key
 
 FORMAT = "acttail-plan"
@@ -192,9 +192,7 @@ class Plan:
 
     def check_model(self, fingerprint: str, where: str = "plan") -> None:
         """Refuse a plan made for other weights."""
-        if self.model["fingerprint"] != fingerprint:
-            raise ActTailError(f"{where} was made for another checkpoint (fingerprint {self.model['fingerprint']}, "
-                               f"this model has {fingerprint})")
+        check_model(self.model, fingerprint, where)
 
     # ---- reading -----------------------------------------------------------------------------------
 
