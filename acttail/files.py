@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import math
@@ -182,7 +181,6 @@ def check_model(model: dict, fingerprint: str, where: str) -> None:
 
 
 @lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=None)
 def schema(name: str) -> dict:
     """The JSON Schema of a file format, shipped in the package as ``schemas/<name>.schema.json``."""
     return json.loads((Path(__file__).parent / "schemas" / f"{name}.schema.json").read_text(encoding="utf-8"))
