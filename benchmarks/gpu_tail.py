@@ -331,8 +331,8 @@ def _traced_kernel(x_ptr, w_ptr, stride_wk, t_ptr, y_ptr, part_ptr, idx_ptr, val
     cols = pid_n * BN + tl.arange(0, BN)
     cmask = cols < N
     scratch = (pid_k * tl.num_programs(0) + pid_n).to(tl.int64) * KC
-    rows = _compact(x_ptr, K, t_ptr, 0, idx_ptr + scratch, val_ptr + scratch, 1, k0, kend, x_ptr, x_ptr, x_ptr,
-                    tl.zeros([1], dtype=tl.float32), pid_n, 1, KC, KCP, False, False)
+    rows, _ = _compact(x_ptr, K, t_ptr, 0, idx_ptr + scratch, val_ptr + scratch, 1, k0, kend, x_ptr, x_ptr, x_ptr,
+                       tl.zeros([1], dtype=tl.float32), pid_n, 1, KC, KCP, False, False, 0)  # always compacted
     t2 = _now()
     acc = _stream_rows(x_ptr, K, val_ptr, w_ptr, stride_wk, t_ptr, 0, idx_ptr + scratch, rows, 1, cols, cmask, 1, KC,
                        BK, BN, False, False)
