@@ -550,7 +550,7 @@ def main():
     ap.add_argument("--variants", nargs="+", help="our launch variants to time (default: all of variants())")
     ap.add_argument("--dist", nargs="*", help="variants (and 'teal') whose launch-time distributions to measure "
                     "(default: the DIST_VARIANTS and teal)")
-    ap.add_argument("--baseline", help="a sparse_gemv.py of an earlier commit (git show REV:acttail/kernels/"
+    ap.add_argument("--baseline", help="a sparse_gemv.py of an earlier commit (git show REV:kernels/"
                     "sparse_gemv.py > FILE), timed beside ours as the variant 'base' with its own launch rule")
     ap.add_argument("--no-extras", action="store_true", help="skip the fused, batch, bf16 and register sections")
     args = ap.parse_args()
