@@ -77,13 +77,12 @@ def fit_thresholds(model, wins: Tensor, targets: dict, batch_size: int | None = 
     """
     sp = Sparsifier()
     base = dict(base or {})
-    model.sparsifier = sp
     dev = model.output.weight.device
     step = batch_size or len(wins)
     hs = [model.embed(wins[i: i + step].to(dev)) for i in range(0, len(wins), step)]
     results = {}
-    bar = tqdm(total=model.args.n_layer, desc="calibrate", unit="layer", disable=not progress)
-    try:
+    with tqdm(total=model.args.n_layer, desc="calibrate", unit="layer", disable=not progress) as bar, \
+            model.sparsified(sp):
         for layer in range(model.args.n_layer):
             run = lambda h: model.hidden(None, layers=range(layer, layer + 1), h=h)  # noqa: E731
             hs = _calibrate_block(run, layer, hs, sp, targets, base)
@@ -92,9 +91,6 @@ def fit_thresholds(model, wins: Tensor, targets: dict, batch_size: int | None = 
             if done:
                 bar.set_postfix(max_dev=f"{max(abs(done[k] - targets[k]) for k in done):.4f}")
             bar.update()
-    finally:
-        bar.close()
-        model.sparsifier = Sparsifier.dense()
     return results
 
 

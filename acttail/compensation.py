@@ -60,9 +60,8 @@ def _attribution(model, wins: Tensor, batch_size: int) -> dict[tuple[int, str], 
             x.register_hook(lambda g, key=(layer, group): sums.__setitem__(
                 key, sums.get(key, 0) + g.detach().abs().flatten(0, -2).sum(0)))
 
-    model.sparsifier = Sparsifier(observer=observe)
     dev = model.output.weight.device
-    try:
+    with model.sparsified(Sparsifier(observer=observe)):
         for i in range(0, len(wins), batch_size):
             batch = wins[i: i + batch_size].to(dev)
             with torch.enable_grad():
@@ -70,8 +69,6 @@ def _attribution(model, wins: Tensor, batch_size: int) -> dict[tuple[int, str], 
                 logits = model.logits(model.norm(model.hidden(None, h=h)))
                 F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten()).backward()
             count += batch.numel()
-    finally:
-        model.sparsifier = Sparsifier.dense()
     out = {}
     for (layer, group), total in sums.items():
         mean = total / count
@@ -126,11 +123,9 @@ def learn_biases(model, settings: dict, wins: Tensor, steps: int = STEPS, lr: fl
     bar = tqdm(range(steps), desc="learn biases", unit="step", disable=not progress)
     for _ in bar:
         b = wins[torch.randint(0, len(wins), (min(batch, len(wins)),), generator=g)].to(dev)
-        with torch.no_grad():
-            model.sparsifier = Sparsifier.dense()
+        with torch.no_grad(), model.sparsified(Sparsifier.dense()):
             ref = model(b).float().log_softmax(-1)
-        model.sparsifier = sp
-        with torch.enable_grad():
+        with torch.enable_grad(), model.sparsified(sp):
             out = model(b).float().log_softmax(-1)
             loss = F.kl_div(out, ref, log_target=True, reduction="none").sum(-1).mean()
             opt.zero_grad(set_to_none=True)
@@ -139,7 +134,6 @@ def learn_biases(model, settings: dict, wins: Tensor, steps: int = STEPS, lr: fl
         sched.step()
         losses.append(float(loss.detach()))
         bar.set_postfix(kl=f"{losses[-1]:.4f}")
-    model.sparsifier = Sparsifier.dense()
     head, tail = losses[: max(1, steps // 10)], losses[-max(1, steps // 10):]
     record = {"steps": steps, "lr": lr, "batch": batch, "kl_first_steps": sum(head) / len(head),
               "kl_last_steps": sum(tail) / len(tail), "seconds": time.time() - t0}

@@ -16,7 +16,7 @@ import torch
 from . import __version__
 from .runtime import achieved_report, plan_sparsifier
 from .runtime.perplexity import perplexity
-from .runtime.sparsify import Sparsifier, dense_prefix
+from .runtime.sparsify import dense_prefix
 
 FORMAT, VERSION = "acttail-eval", 1
 
@@ -27,12 +27,9 @@ def evaluate_windows(model, wins: torch.Tensor, plan=None, mode: str = "threshol
     also kl and top1_agreement against the dense run (``compare``) and the achieved sparsity report."""
     if plan is None:
         return perplexity(model, wins, batch_size, progress)
-    model.sparsifier = plan_sparsifier(plan, mode, "plan", dense_prefix(wins.shape[1], prefill))
-    try:
+    with model.sparsified(plan_sparsifier(plan, mode, "plan", dense_prefix(wins.shape[1], prefill))) as sp:
         out = perplexity(model, wins, batch_size, progress, compare=compare)
-        out["achieved"] = achieved_report(plan, model.sparsifier)
-    finally:
-        model.sparsifier = Sparsifier.dense()
+    out["achieved"] = achieved_report(plan, sp)
     return out
 
 

@@ -48,12 +48,8 @@ def greedy_paths(model, wins: torch.Tensor, base_step: float = BASE_STEP, max_sp
 
 def _block(model, layer: int, h: torch.Tensor, sp: Sparsifier) -> torch.Tensor:
     """Block ``layer`` of the model on residual stream h, with sparsifier sp."""
-    kept = model.sparsifier
-    model.sparsifier = sp
-    try:
+    with model.sparsified(sp):
         return model.hidden(None, layers=range(layer, layer + 1), h=h)
-    finally:
-        model.sparsifier = kept
 
 
 def _input_histograms(run, layer: int, hs) -> dict[str, LogHistogram]:

@@ -20,19 +20,18 @@ from .runtime.sparsify import ProjectionSparsity, Sparsifier, keep_count
 def sensitivity(model, wins: torch.Tensor, keys: list[tuple[int, str]], levels=(0.5, 0.8), batch_size: int = 8,
                 progress: bool = True) -> dict:
     """{"dense_nll": nll, "dnll": {(layer, kind): {level: nll(sparse p) - dense_nll}}} on windows ``wins``."""
-    model.sparsifier = Sparsifier.dense()
-    base = perplexity(model, wins, batch_size, progress=False)["nll"]
+    with model.sparsified(Sparsifier.dense()):
+        base = perplexity(model, wins, batch_size, progress=False)["nll"]
     out = {}
     bar = tqdm(total=len(keys) * len(levels), desc="sensitivity", disable=not progress)
     for key in keys:
         out[key] = {}
         for level in levels:
             keep = keep_count(level, model.args.in_features(key[1]))
-            model.sparsifier = Sparsifier({key: ProjectionSparsity(keep=keep)}, measure=False)
-            out[key][level] = perplexity(model, wins, batch_size, progress=False)["nll"] - base
+            with model.sparsified(Sparsifier({key: ProjectionSparsity(keep=keep)}, measure=False)):
+                out[key][level] = perplexity(model, wins, batch_size, progress=False)["nll"] - base
             bar.update()
     bar.close()
-    model.sparsifier = Sparsifier.dense()
     return {"dense_nll": base, "dnll": out}
 
 

@@ -80,8 +80,8 @@ def measure(folder: Path, stream: bool, tokens: int) -> dict:
     t2 = time.time()
     from acttail.runtime.sparsify import ProjectionSparsity, Sparsifier
 
-    model.sparsifier = Sparsifier({k: ProjectionSparsity(threshold=r["threshold"]) for k, r in found.items()})
-    ppl = evaluate_windows(model, wins, None, progress=False)["perplexity"]
+    with model.sparsified(Sparsifier({k: ProjectionSparsity(threshold=r["threshold"]) for k, r in found.items()})):
+        ppl = evaluate_windows(model, wins, None, progress=False)["perplexity"]
     t3 = time.time()
     out = {"stream": stream, "tokens": int(wins.numel()), "open_s": t1 - t0, "calibrate_s": t2 - t1,
            "evaluate_s": t3 - t2, "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30,

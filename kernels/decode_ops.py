@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_gemv import _locks, _sm_count, pdl_args, tanh
+from .launch import _locks, _sm_count, pdl_args
+from .sparse_gemv import tanh
 
 
 def add_rmsnorm_ref(x, r, w, eps):

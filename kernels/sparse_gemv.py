@@ -26,17 +26,10 @@ whole row of x + r (L2) for the 1/rms, normalises its chunk before step 1 and ke
 beside the compacted indices (the stream reads them there instead of gathering x); the programs of column
 block 0 write x + r, the next residual stream. One launch instead of two in the decode step.
 
-The grid is one wave of about 3 programs per SM (``pick_config``), each program small enough in registers
-that a fourth would fit: a grid that needs every slot of every SM runs part of itself as a second wave
-whenever another kernel holds a slot, which was the cause of its fragile timings (reports/gpu/issue12).
-Each launch adds a fixed few microseconds (prologue and reduction), so ``use_sparse`` sends low sparsity to
-dense cuBLAS. On Hopper the launch uses programmatic dependent launch: it waits (``gdc_wait``) before reading
-anything.
+This file holds the device code and its torch references; ``launch.py`` launches it.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -63,7 +56,7 @@ def sparse_linear_ref(x, wt, thresholds, splits=None, bias=None):
     thresholds is [P] or [P, B] (one per projection, optionally per token); splits are the output widths of
     the P projections concatenated in wt (default: one projection of all columns); bias fp32 [N] or None."""
     splits = list(splits) if splits is not None else [wt.shape[1]]
-    t = _thresholds_2d(thresholds, len(splits), x.shape[0], x.device)
+    t = thresholds_2d(thresholds, len(splits), x.shape[0], x.device)
     outs, col = [], 0
     for p, n in enumerate(splits):
         outs.append(sparsify_ref(x, t[p]) @ wt[:, col:col + n].float())
@@ -76,7 +69,7 @@ def sparse_glu_ref(x, wt_gate_up, thresholds, act="silu", bias=None):
     """Reference of ``sparse_glu``: act(sparsify(x, t0) @ Wg + bg) * (sparsify(x, t1) @ Wu + bu), fp32 math;
     act is silu or gelu_tanh (gelu with the tanh approximation); bias [bg | bu] fp32 [2I] or None."""
     inter = wt_gate_up.shape[1] // 2
-    t = _thresholds_2d(thresholds, 2, x.shape[0], x.device)
+    t = thresholds_2d(thresholds, 2, x.shape[0], x.device)
     g = sparsify_ref(x, t[0]) @ wt_gate_up[:, :inter].float()
     u = sparsify_ref(x, t[1]) @ wt_gate_up[:, inter:].float()
     if bias is not None:
@@ -90,12 +83,20 @@ def sparse_swiglu_ref(x, wt_gate_up, thresholds):
     return sparse_glu_ref(x, wt_gate_up, thresholds, "silu")
 
 
-def _thresholds_2d(thresholds, P, B, device):
-    t = torch.as_tensor(thresholds, dtype=torch.float32, device=device)
+def thresholds_2d(t, P: int, B: int, device) -> torch.Tensor:
+    """Thresholds as fp32 [P, B] on ``device``: a scalar or [P] (one per projection) broadcasts over the B
+    tokens. Host values are copied to the device (not for graph capture); a tensor must already be fp32
+    there (a conversion would be a hidden launch)."""
+    if not torch.is_tensor(t):
+        t = torch.tensor(t, dtype=torch.float32, device=device)
+    if t.dtype != torch.float32 or t.device != torch.device(device):
+        raise ValueError("threshold tensors must be float32 on the activations' device")
     if t.dim() == 0:
         t = t.reshape(1)
     if t.dim() == 1:
-        t = t.reshape(P, 1).expand(P, B)
+        if t.numel() != P:
+            raise ValueError(f"need {P} thresholds, got {t.numel()}")
+        return t.reshape(P, 1).expand(P, B)
     if tuple(t.shape) != (P, B):
         raise ValueError(f"thresholds must be [P] or [P, B] with P={P}, B={B}, got {tuple(t.shape)}")
     return t
@@ -408,269 +409,3 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
     else:
         _finish(acc, y_ptr, stride_yb, part_ptr, N, lock_ptr, pid_n, pid_k, rb, bmask, cols, cmask, cols,
                 bias_ptr, SPLIT, SPLIT, GLU, ACT, BLOCK_B, BN, 0, HAS_BIAS)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Launch
-
-
-_LOCKS: dict = {}
-_SM_COUNT: dict = {}
-_PDL: dict = {}
-try:
-    _HAS_GDC = hasattr(tl.extra.cuda, "gdc_wait")
-except AttributeError:  # a Triton without the CUDA extras
-    _HAS_GDC = False
-
-
-def pdl_enabled(device: torch.device) -> bool:
-    """Launch with programmatic dependent launch? On Hopper and later (sm_90+), unless ACTTAIL_PDL=0.
-
-    A PDL launch may start while the previous kernel in the stream is still running; every kernel here
-    waits (``gdc_wait``) before it reads anything, so the overlap only hides launch latency and the
-    previous kernel's tail (0.1-0.9 us a launch on an H100: reports/gpu/probe). Needs a Triton with
-    ``gdc_wait`` (3.3 and later)."""
-    if device.type != "cuda" or os.environ.get("ACTTAIL_PDL", "1") == "0" or not _HAS_GDC:
-        return False
-    key = device.index if device.index is not None else torch.cuda.current_device()
-    if key not in _PDL:
-        _PDL[key] = torch.cuda.get_device_capability(key)[0] >= 9
-    return _PDL[key]
-
-
-def pdl_args(device: torch.device, pdl: bool | None = None) -> dict:
-    """Launch arguments of a kernel with a ``PDL`` constexpr: PDL=True plus ``launch_pdl=True`` when on
-    (``pdl_enabled`` unless pdl says otherwise), else PDL=False and no launch_pdl (older Tritons lack it)."""
-    pdl = pdl_enabled(device) if pdl is None else bool(pdl)
-    return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
-
-
-def new_locks(device, n: int = 4096) -> torch.Tensor:
-    """Ticket counters for one caller of the kernels (``locks=``): zeros, one per column block of the widest
-    launch, left zero again by each launch. A decoder that may run beside another one on the same GPU (other
-    streams) passes its own: launches sharing counters at the same time would corrupt each other's."""
-    return torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-
-
-def _locks(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed ticket counters shared by the callers that pass none, kept per device; each launch leaves them
-    zero again.
-
-    Call the kernels once outside graph capture first (warm-up), so this buffer is not graph-owned."""
-    key = (device.type, device.index)
-    buf = _LOCKS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = new_locks(device, n)
-        _LOCKS[key] = buf
-    return buf
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    key = device.index if device.index is not None else torch.cuda.current_device()
-    if key not in _SM_COUNT:
-        _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
-    return _SM_COUNT[key]
-
-
-# One-token launch: programs per SM the grid is sized for, row groups of the accumulator (RB > 1:
-# _stream_rows_grouped) and the register cap. RB=8 at 3 per SM (about 120 registers a thread, so 4 programs
-# would fit) leaves SM slots free: when another kernel holds a slot on every SM the grid still runs in one
-# wave (H200, reports/gpu/issue12: 21-30% faster than the [64, 128] accumulator under such a load, as fast as
-# TEAL's kernel or faster; 0-6% slower when the GPU is otherwise idle). dict(per_sm=3, RB=1, maxnreg=168) is
-# the idle-GPU optimum: one wave of 3 programs of 168 registers, which needs every slot of every SM.
-ONE_TOKEN = dict(per_sm=3, RB=8, maxnreg=128)
-
-
-def chunk_rows(K: int, n_blocks: int, per_sm: int, sms: int, BK: int = 64) -> int:
-    """KC for a grid of about per_sm programs per SM: the largest K split that fits, chunks any multiple of
-    BK (at least 256 rows, at most 2048)."""
-    split = max(1, (per_sm * sms) // n_blocks)
-    return min(2048, max(256, triton.cdiv(triton.cdiv(K, split), BK) * BK))
-
-
-def pick_config(B: int, K: int, n_blocks_of, device: torch.device) -> dict:
-    """Block sizes and K-split: one wave of programs, each streaming a chunk of KC input rows.
-
-    n_blocks_of(BN) gives the number of column blocks for a column-block width BN. Several tokens: 3
-    programs per SM. One token: ONE_TOKEN. Power-of-two chunks (the rule before issue 12) left the
-    14336-wide shapes at 224 programs (1.7 per SM), 8% slower at 50% on an H200 (reports/gpu/issue12).
-    maxnreg caps the registers so the planned programs fit on an SM: left to itself ptxas gave the SwiGLU
-    launch 204 a thread (2 programs per SM, so its grid of 3 per SM ran in 1.3 waves; 28% slower at 50%)."""
-    if device.type != "cuda":  # the interpreter: small blocks keep CPU tests fast and exercise every path
-        return dict(BN=32, KC=32, BK=16, num_warps=1, num_stages=1, RB=4 if ONE_TOKEN["RB"] > 1 else 1)
-    BN, BK = 128, 64
-    sms = _sm_count(device)
-    if B > 1:
-        return dict(BN=BN, KC=chunk_rows(K, n_blocks_of(BN), 3, sms, BK), BK=BK, num_warps=4, num_stages=3)
-    one = ONE_TOKEN
-    return dict(BN=BN, KC=chunk_rows(K, n_blocks_of(BN), one["per_sm"], sms, BK), BK=BK, num_warps=4,
-                num_stages=1, RB=one["RB"], maxnreg=one["maxnreg"])
-
-
-def _launch(x, wt, t, splits, glu, config=None, act="silu", bias=None, locks=None, norm=None, residual=None,
-            residual_out=None):
-    if x.dim() != 2 or wt.dim() != 2 or x.shape[1] != wt.shape[0]:
-        raise ValueError(f"need x [B, K] and wt [K, N], got {tuple(x.shape)} and {tuple(wt.shape)}")
-    if x.dtype != wt.dtype or x.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"x and wt must share dtype float16 or bfloat16, got {x.dtype} and {wt.dtype}")
-    B, K = x.shape
-    N = wt.shape[1]
-    if not 1 <= B <= MAX_BATCH:
-        raise ValueError(f"batch must be 1..{MAX_BATCH}, got {B}")
-    if x.stride(1) != 1 or wt.stride(1) != 1:
-        raise ValueError("x and wt need contiguous rows (stride 1 along the last dimension)")
-    if act not in GLU_ACTS:
-        raise ValueError(f"unknown gate activation {act!r} (choose from {', '.join(GLU_ACTS)})")
-    P = 2 if glu else len(splits)
-    if not glu and (P > 3 or sum(splits) != N):
-        raise ValueError(f"splits {splits} must be 1..3 widths summing to {N}")
-    t = _thresholds_device(t, P, B, x.device)
-    if bias is not None and (bias.dtype != torch.float32 or bias.device != x.device or tuple(bias.shape) != (N,)
-                             or not bias.is_contiguous()):
-        raise ValueError(f"bias must be a contiguous float32 [{N}] tensor on the activations' device")
-    nw, eps = _check_norm(x, norm, residual, residual_out)
-    if glu:
-        if N % 2:
-            raise ValueError("gate/up weight needs an even number of columns [gate | up]")
-        splits = (N // 2, N // 2)
-    cuts = [sum(splits[:i + 1]) for i in range(len(splits))] + [N] * (3 - len(splits))
-    bounds = tuple(cuts[:3])
-    widths = list(splits) + [0] * (3 - len(splits))
-    n_blocks_of = lambda bn: sum(triton.cdiv(w, bn) for w in widths)  # noqa: E731
-    out_cols = N // 2 if glu else N
-    cfg = dict(pick_config(B, K, n_blocks_of, x.device))
-    if config:
-        cfg.update(config)
-    BN, KC, BK = cfg["BN"], cfg["KC"], cfg["BK"]
-    if KC % BK:
-        raise ValueError(f"chunk KC={KC} must be a multiple of BK={BK}")
-    if cfg.get("DENSE", 1) not in (0, 1, 2):
-        raise ValueError(f"DENSE must be 0 (always compact), 1 (by the kept fraction) or 2 (always in place)")
-    if BK % int(cfg.get("RB", 1)):
-        raise ValueError(f"row groups RB={cfg['RB']} must divide BK={BK}")
-    n_blocks = n_blocks_of(BN)
-    NB1 = triton.cdiv(widths[0], BN)
-    NB2 = NB1 + triton.cdiv(widths[1], BN)
-    split = triton.cdiv(K, KC)
-    block_b = 1 if B == 1 else 16
-    y = torch.empty(B, out_cols, dtype=x.dtype, device=x.device)
-    part = torch.empty(split * block_b * N if (split > 1 or glu) else 1, dtype=torch.float32, device=x.device)
-    idx = torch.empty(split * n_blocks * KC, dtype=torch.int32, device=x.device)
-    vals = torch.empty(split * n_blocks * KC if nw is not None else 1, dtype=x.dtype, device=x.device)  # NORM
-    if locks is None:
-        locks = _locks(x.device, n_blocks)
-    elif locks.dtype != torch.int32 or locks.device != x.device or locks.numel() < n_blocks:
-        raise ValueError(f"locks must be an int32 tensor of at least {n_blocks} zeros on the activations' device")
-    _sparse_gemv_kernel[(n_blocks, split)](
-        x, x.stride(0), wt, wt.stride(0), t, t.stride(0), t.stride(1),
-        y, y.stride(0), part, idx, vals, locks, bias if bias is not None else part,
-        residual if residual is not None else x, nw if nw is not None else x,
-        residual_out if residual_out is not None else x, eps,
-        B, K, N, bounds[0], bounds[1], NB1, NB2,
-        SPLIT=split, GLU=glu, ACT=GLU_ACTS.index(act), BLOCK_B=block_b, KC=KC, KCP=triton.next_power_of_2(KC),
-        BK=BK, BN=BN, DOT_F32=x.device.type != "cuda", RB=int(cfg.get("RB", 1)) if B == 1 else 1,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], HAS_BIAS=bias is not None,
-        NORM=nw is not None, HAS_R=residual is not None,
-        NB=cfg.get("NB") or min(triton.next_power_of_2(K), 8192 // block_b),
-        DENSE=int(cfg.get("DENSE", 1)),
-        **_reg_args(cfg), **pdl_args(x.device, cfg.get("pdl")))
-    return y
-
-
-def _check_norm(x, norm, residual, residual_out):
-    """(norm weight, eps) of a fused residual add + RMSNorm, validated against x; (None, 0.0) without one."""
-    if norm is None:
-        if residual is not None or residual_out is not None:
-            raise ValueError("a residual is added only in front of a fused RMSNorm (norm=(weight, eps))")
-        return None, 0.0
-    nw, eps = norm
-    if x.shape[0] != 1:
-        raise ValueError(f"the fused RMSNorm is for one-token decoding, got {x.shape[0]} tokens")
-    if not x.is_contiguous() or tuple(nw.shape) != (x.shape[1],) or nw.device != x.device or not nw.is_contiguous():
-        raise ValueError(f"a fused RMSNorm needs x contiguous and a contiguous [{x.shape[1]}] weight on its device")
-    if (residual is None) != (residual_out is None):
-        raise ValueError("residual and residual_out go together: x + residual is written to residual_out")
-    for name, r in (("residual", residual), ("residual_out", residual_out)):
-        if r is not None and (r.shape != x.shape or r.dtype != x.dtype or r.device != x.device
-                              or not r.is_contiguous()):
-            raise ValueError(f"{name} must be a contiguous tensor of x's shape, dtype and device")
-    if residual_out is not None and residual_out.data_ptr() in (x.data_ptr(), residual.data_ptr()):
-        raise ValueError("residual_out must not alias x or residual (other programs still read them)")
-    return nw, float(eps)
-
-
-def _reg_args(cfg):
-    """maxnreg only when set (the interpreter and older launch paths take no such option)."""
-    return {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
-
-
-def _thresholds_device(t, P, B, device):
-    """Thresholds as an fp32 device tensor with strides for [P, B]; a [P] tensor broadcasts over tokens."""
-    if not torch.is_tensor(t):
-        t = torch.tensor(t, dtype=torch.float32, device=device)  # host values: not for graph capture
-    if t.dtype != torch.float32 or t.device != device:
-        raise ValueError("threshold tensors must be float32 on the activations' device")
-    if t.dim() == 0:
-        t = t.reshape(1)
-    if t.dim() == 1:
-        if t.numel() != P:
-            raise ValueError(f"need {P} thresholds, got {t.numel()}")
-        return t.reshape(P, 1).expand(P, B)
-    if tuple(t.shape) != (P, B):
-        raise ValueError(f"thresholds must be [P] or [P, B] with P={P}, B={B}, got {tuple(t.shape)}")
-    return t
-
-
-def use_sparse(sparsity: float, batch: int = 1, nbytes: int | None = None) -> bool:
-    """Dispatch rule: run the sparse kernel, or dense cuBLAS (``x @ wt``) on the same weights?
-
-    Decided before the run from the planned sparsity and the weight size, never from the data.
-    - The expected fraction of weight rows read, 1 - s**B for independent token masks, must be small
-      enough: up to 0.8 for one token (FMA path); for several (tensor-core path) up to 0.6 for 2-4 tokens
-      and 0.45 for 5-8. On an H200 (reports/gpu/issue12) the several-token kernel broke even with cuBLAS
-      at a kept fraction of about 0.74 (2 tokens), 0.67 (4) and 0.56 (8): 8 tokens at 90% (0.57 kept) ran
-      at 0.96-0.98x dense under the old single cut-off of 0.6.
-    - The bytes skipped, (s**B) * nbytes, must be worth the kernel's extra fixed cost over cuBLAS (a few
-      microseconds: compaction prologue, split-K ticket): at least 8 MB, about 2.7 us at 3 TB/s; or one
-      token at 65% or more, whatever the size: in the decode step a sparse qkv or gate/up launch also takes
-      over the block's residual add and RMSNorm (SmolLM2-135M shape, H200, every group sparse: 0.97x dense
-      at 50%, 1.06x at 70%, 1.17x at 90%; its qkv and gate/up groups alone: 1.04x and 1.09x;
-      reports/gpu/README.md)."""
-    skipped = sparsity ** batch
-    if 1.0 - skipped > (0.8 if batch == 1 else 0.6 if batch <= 4 else 0.45):
-        return False
-    return nbytes is None or skipped * nbytes >= 8e6 or (batch == 1 and sparsity >= 0.65)
-
-
-def sparse_linear(x, wt, thresholds, splits=None, config=None, bias=None, locks=None, norm=None, residual=None,
-                  residual_out=None):
-    """y [B, N] = sparsify(x) @ wt (+ bias) for 1..3 projections concatenated in wt's columns.
-
-    x [B, K] fp16/bf16 (B <= 8); wt [K, N] input-major, same dtype; thresholds a float32 device tensor of
-    shape [P] (one per projection) or [P, B] (per token, e.g. from ``topk_thresholds``); a row of x is kept
-    where |x| > threshold. splits: the output widths of the P projections (q/k/v: (Nq, Nk, Nv)). bias: fp32
-    [N] (learned output biases), added in fp32 in the epilogue before the one rounding. locks: the caller's
-    ticket counters (``new_locks``); default: one buffer per device.
-
-    norm=(weight [K], eps), one token: the block's RMSNorm fused in front, the input being rmsnorm(x +
-    residual) * weight (``add_rmsnorm``'s rounding); x + residual is written to residual_out (a tensor like
-    x, neither x nor residual), the residual stream of the next block. One launch instead of two."""
-    splits = tuple(splits) if splits is not None else (wt.shape[1],)
-    return _launch(x, wt, thresholds, splits, glu=False, config=config, bias=bias, locks=locks, norm=norm,
-                   residual=residual, residual_out=residual_out)
-
-
-def sparse_glu(x, wt_gate_up, thresholds, act="silu", config=None, bias=None, locks=None, norm=None, residual=None,
-               residual_out=None):
-    """h [B, I] = act(sparsify(x, t0) @ Wg + bg) * (sparsify(x, t1) @ Wu + bu), wt_gate_up = [Wg.T | Wu.T]
-    [K, 2I]; act silu (SwiGLU) or gelu_tanh (GeGLU); bias [bg | bu] fp32 [2I] or None; norm, residual and
-    residual_out: the fused RMSNorm in front, as in ``sparse_linear``."""
-    return _launch(x, wt_gate_up, thresholds, None, glu=True, config=config, act=act, bias=bias, locks=locks,
-                   norm=norm, residual=residual, residual_out=residual_out)
-
-
-def sparse_swiglu(x, wt_gate_up, thresholds, config=None):
-    """h [B, I] = silu(sparsify(x, t0) @ Wg) * (sparsify(x, t1) @ Wu), wt_gate_up = [Wg.T | Wu.T] [K, 2I]."""
-    return sparse_glu(x, wt_gate_up, thresholds, "silu", config)

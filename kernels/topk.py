@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_gemv import pdl_args
+from .launch import pdl_args
 
 
 def topk_thresholds_ref(x: torch.Tensor, keeps) -> torch.Tensor:

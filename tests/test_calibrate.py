@@ -66,9 +66,9 @@ def test_sparse_run_hits_every_target_on_the_calibration_text(setup):
     found = fit_thresholds(model, wins, targets, progress=False)
     assert max(abs(r["achieved"] - targets[k]) for k, r in found.items()) < 0.01
     # the same thresholds in the ordinary sparse forward pass, measured independently
-    model.sparsifier = Sparsifier({k: ProjectionSparsity(threshold=r["threshold"]) for k, r in found.items()})
-    perplexity(model, wins, progress=False)
-    got = model.sparsifier.achieved()
+    with model.sparsified(Sparsifier({k: ProjectionSparsity(threshold=r["threshold"]) for k, r in found.items()})) as sp:
+        perplexity(model, wins, progress=False)
+    got = sp.achieved()
     assert max(abs(got[k] - targets[k]) for k in targets) < 0.01
 
 
@@ -139,9 +139,9 @@ def test_calibration_runs_the_gemma_and_phi3_blocks(tmp_path, arch):
     wins = windows(text_tokens(load_tokenizer(tmp_path / arch), write_text(tmp_path / "c.txt", 3000).read_text(),
                                2048), 64, 256)
     found = fit_thresholds(model, wins, plan.sparsities(), batch_size=8, progress=False)
-    model.sparsifier = Sparsifier({k: ProjectionSparsity(threshold=r["threshold"]) for k, r in found.items()})
-    perplexity(model, wins, progress=False)
-    got = model.sparsifier.achieved()
+    with model.sparsified(Sparsifier({k: ProjectionSparsity(threshold=r["threshold"]) for k, r in found.items()})) as sp:
+        perplexity(model, wins, progress=False)
+    got = sp.achieved()
     assert len(got) == len(plan.projections) and max(abs(got[k] - s) for k, s in plan.sparsities().items()) < 0.01
 
 

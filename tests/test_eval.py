@@ -90,8 +90,8 @@ def test_prefill_half_keeps_the_first_half_dense(setup, tmp_path):
     _, model = open_model(setup["model"])
     wins = windows(text_tokens(load_tokenizer(setup["model"]), setup["held"].read_text(), 256), 128, 256)
     dense = model(wins)
-    model.sparsifier = plan_sparsifier(Plan.load(setup["calibrated"]), "threshold", dense_before=64)
-    half = model(wins)
+    with model.sparsified(plan_sparsifier(Plan.load(setup["calibrated"]), "threshold", dense_before=64)):
+        half = model(wins)
     assert torch.allclose(half[:, :64], dense[:, :64], atol=1e-5)
     assert not torch.allclose(half[:, 64:], dense[:, 64:], atol=1e-3)
     out = tmp_path / "half.json"

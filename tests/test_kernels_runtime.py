@@ -106,7 +106,7 @@ def first_flip(seen_ref, seen_dec, th) -> bool:
 def test_decoder_keeps_its_own_ticket_counters():
     """Each decoder's sparse launches use its own split-K counters (never the per-device shared ones), so
     decoders on different streams of one GPU cannot corrupt each other's reductions; they are left zero."""
-    import acttail.kernels.sparse_gemv as SG
+    import acttail.kernels.launch as SG
 
     model = tiny_model()
     a = CudaDecoder.from_model(model, dtype=torch.float16, device="cpu", max_seq=16)

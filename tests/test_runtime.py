@@ -224,19 +224,19 @@ def eye_linear(width: int, parts: int = 1) -> torch.nn.Linear:
 def test_shared_input_gets_one_copy_per_projection_and_counts():
     sp = Sparsifier({(0, "q"): PS(threshold=0.5), (0, "k"): PS(threshold=0.0), (0, "v"): PS(threshold=10.0)})
     x = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(0))
-    q, k, v = sp.project(0, ("q", "k", "v"), x, eye_linear(64, 3), (64, 64, 64))
+    q, k, v = sp.project(0, ("q", "k", "v"), x, eye_linear(64, 3), (64, 64, 64)).split(64, dim=-1)
     assert torch.equal(q, threshold_sparsify(x, 0.5)) and torch.equal(k, x) and (v == 0).all()
     got = sp.achieved()
     assert got[(0, "q")] == pytest.approx(float((x.abs() <= 0.5).float().mean()))
     assert got[(0, "k")] == 0.0 and got[(0, "v")] == 1.0
-    (o,) = sp.project(1, ("o",), x, eye_linear(64))
+    o = sp.project(1, ("o",), x, eye_linear(64))
     assert torch.equal(o, x) and (1, "o") not in sp.achieved()  # a projection without a setting stays dense
 
 
 def test_topk_mode_keeps_exactly_its_share_per_token():
     sp = Sparsifier({(0, "gate"): PS(keep=72), (0, "up"): PS(keep=24)})
     x = torch.randn(3, 5, 96)
-    g, u = sp.project(0, ("gate", "up"), x, eye_linear(96, 2), (96, 96))
+    g, u = sp.project(0, ("gate", "up"), x, eye_linear(96, 2), (96, 96)).split(96, dim=-1)
     assert ((g != 0).sum(-1) == 72).all() and ((u != 0).sum(-1) == 24).all()
     assert sp.achieved() == {(0, "gate"): 0.25, (0, "up"): 0.75}
 
@@ -246,7 +246,7 @@ def test_prefill_policy_keeps_early_positions_dense():
     sp = Sparsifier({(0, "down"): PS(threshold=1e9)}, dense_before=4)
     sp.set_positions(torch.arange(10))
     x = torch.randn(2, 10, 16) + 5
-    (y,) = sp.project(0, ("down",), x, eye_linear(16))
+    y = sp.project(0, ("down",), x, eye_linear(16))
     assert torch.equal(y[:, :4], x[:, :4]) and (y[:, 4:] == 0).all()
     assert sp.achieved()[(0, "down")] == 1.0  # counted over the sparsified positions only
 
@@ -256,10 +256,11 @@ def test_sparse_forward_uses_each_threshold(tiny):
     _, model = open_model(tiny["llama"][0])
     ids = torch.randint(0, 320, (1, 16))
     dense = model(ids)
-    model.sparsifier = Sparsifier({(0, "q"): PS(threshold=0.0), (0, "k"): PS(threshold=0.0)})
-    assert torch.allclose(model(ids), dense, atol=1e-6)
-    model.sparsifier = Sparsifier({(layer, "v"): PS(threshold=1e9) for layer in range(2)})
-    assert not torch.allclose(model(ids), dense, atol=1e-3)
+    with model.sparsified(Sparsifier({(0, "q"): PS(threshold=0.0), (0, "k"): PS(threshold=0.0)})):
+        assert torch.allclose(model(ids), dense, atol=1e-6)
+    with model.sparsified(Sparsifier({(layer, "v"): PS(threshold=1e9) for layer in range(2)})):
+        assert not torch.allclose(model(ids), dense, atol=1e-3)
+    assert torch.equal(model(ids), dense)  # the dense sparsifier is back
 
 
 def test_plan_without_thresholds_is_refused_in_threshold_mode():
@@ -303,7 +304,7 @@ def test_scores_and_compensation_on_sparse_positions_only():
     s = PS(threshold=0.6, score=score, bias=torch.ones(8), lowrank=(u, v))
     sp = Sparsifier({(0, "down"): s}, dense_before=2)
     sp.set_positions(torch.arange(6))
-    (y,) = sp.project(0, ("down",), x, lin)
+    y = sp.project(0, ("down",), x, lin)
     kept = x * ((x.abs() * score) > 0.6)
     want = kept @ lin.weight.T + (x - kept) @ v.T @ u.T + 1.0
     assert torch.allclose(y[:, 2:], want[:, 2:], atol=1e-5)

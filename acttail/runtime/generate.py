@@ -50,12 +50,12 @@ def decode_one_token(model, token: Tensor, pos: int, temperature: float, generat
 
 @torch.no_grad()
 def generate(model, prompt: Tensor, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None,
-             prefill_policy: str = "half", eos_id: int | None = None) -> list[int]:
-    """New token ids after ``prompt`` (1-D ids); stops at ``eos_id`` or after ``max_new_tokens``."""
+             eos_id: int | None = None) -> list[int]:
+    """New token ids after ``prompt`` (1-D ids) from the model's current sparsifier (its ``dense_before``
+    sets the prefill policy); stops at ``eos_id`` or after ``max_new_tokens``."""
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     T = len(prompt)
     model.setup_caches(1, T + max_new_tokens)
-    model.sparsifier.dense_before = dense_prefix(T, prefill_policy)
     try:
         token = prefill(model, prompt.view(1, -1).to(model.output.weight.device), temperature, generator)
         out = [int(token)]
@@ -66,7 +66,6 @@ def generate(model, prompt: Tensor, max_new_tokens: int, temperature: float = 0.
             out.append(int(token))
     finally:
         model.clear_caches()
-        model.sparsifier.dense_before = 0
     return out
 
 
@@ -101,13 +100,9 @@ def generate_text(model, tokenizer, prompt: str, plan=None, max_new_tokens: int 
         if eos_id is not None and eos_id in out:
             out = out[:out.index(eos_id) + 1]
     else:
-        model.sparsifier = Sparsifier(sets)
         t0 = time.perf_counter()
-        try:
-            out = generate(model, torch.tensor(ids), max_new_tokens, temperature, seed, prefill_policy or "half",
-                           eos_id)
-        finally:
-            model.sparsifier = Sparsifier.dense()
+        with model.sparsified(Sparsifier(sets, dense_before=dense_prefix(len(ids), prefill_policy or "half"))):
+            out = generate(model, torch.tensor(ids), max_new_tokens, temperature, seed, eos_id)
         sec = time.perf_counter() - t0
         info = {"backend": "reference", "device": device, "new_tokens": len(out), "seconds": sec,
                 "tokens_per_s": len(out) / sec}

@@ -1,22 +1,20 @@
-"""A decoder in plain torch after gpt-fast's model.py: Llama, Mistral, Qwen2, Gemma, Gemma 2, Gemma 3 (text) and
-Phi-3, one block definition with the options these architectures differ by (``ModelArgs``).
+"""A decoder in plain torch after gpt-fast's model.py: one block definition for Llama, Mistral, Qwen2, Gemma,
+Gemma 2, Gemma 3 (text) and Phi-3, the options they differ by in ``ModelArgs`` (args.py).
 
-Weights come from ``acttail.checkpoint.Checkpoint``; activations can be sparsified at the input of every
-projection by a ``Sparsifier`` (see sparsify.py). Projections that share an input stay grouped
-(``Attention.qkv``, ``FeedForward.gate_up``) so a fused kernel can take the group at once.
+The block computes its projections, norms and attention through an ops object (``ops.py``): ``TorchOps``
+is the reference (projections through a ``Sparsifier``, sparsify.py, that zeroes what the plan says, counts
+it and lets calibration watch every input), ``KernelOps`` runs decode steps through the Triton kernels. As
+in vLLM, a block returns its output and the residual stream separately and the add happens in the next
+norm, so the kernel ops can fuse residual add + RMSNorm + projection into one launch. Projections that share
+an input stay grouped (``Attention.wqkv``, ``FeedForward.w13``) so a fused kernel can take the group at once.
 
-What the Gemma family adds to the Llama block (each an option, off for Llama): RMSNorm scaled by
-(1 + weight), GeGLU (gelu with the tanh approximation), the embedding scaled by sqrt(dim), attention scaled
-by query_pre_attn_scalar**-0.5, norms after attention and after the MLP as well as before (Gemma 2/3),
-q/k RMSNorm per head (Gemma 3), tanh soft-capping of attention scores and of the logits (Gemma 2),
-sliding-window layers (Gemma 2/3, Phi-3) and a rope base of their own for them (Gemma 3). Phi-3 fuses
-q/k/v and gate/up in its checkpoint, which is our layout already.
+Weights come from ``acttail.checkpoint.Checkpoint`` (``load_model``), one block at a time when streamed.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -26,223 +24,9 @@ from torch import Tensor, nn
 from ..checkpoint import decoder_prefix
 from ..errors import ActTailError
 from ..layout import HF_MODULES
+from .args import ModelArgs
+from .ops import TorchOps
 from .sparsify import Sparsifier
-
-# Architecture -> family; the families differ by options of ModelArgs, not by code.
-FAMILIES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "llama",
-            "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3",
-            "Gemma3ForConditionalGeneration": "gemma3", "Phi3ForCausalLM": "phi3"}
-ARCHITECTURES = tuple(FAMILIES)
-
-# The transformers config classes' values for keys a Gemma config.json may leave out (a Gemma 3
-# multimodal config often gives only a few keys of its text_config).
-DEFAULTS = {
-    "gemma": {"head_dim": 256, "hidden_act": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6,
-              "max_position_embeddings": 8192, "rope_theta": 10000.0, "tie_word_embeddings": True},
-    "gemma2": {"head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6,
-               "max_position_embeddings": 8192, "rope_theta": 10000.0, "tie_word_embeddings": True,
-               "query_pre_attn_scalar": 256, "sliding_window": 4096, "final_logit_softcapping": 30.0,
-               "attn_logit_softcapping": 50.0},
-    "gemma3": {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
-               "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
-               "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, "max_position_embeddings": 131072,
-               "rope_theta": 1_000_000.0, "rope_local_base_freq": 10000.0, "tie_word_embeddings": True,
-               "query_pre_attn_scalar": 256, "sliding_window": 4096, "sliding_window_pattern": 6},
-}
-FULL, SLIDING = "full_attention", "sliding_attention"
-REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-MAX_POSITIONS = 1 << 20  # RoPE tables are built for the whole context: a config cannot make them huge
-
-
-@dataclass
-class ModelArgs:
-    """The decoder's shape and the options of its architecture, read from config.json (``from_config``).
-
-    Every option after ``qkv_bias`` is off for Llama, Mistral and Qwen2."""
-
-    vocab_size: int
-    dim: int
-    n_layer: int
-    n_head: int
-    n_local_heads: int  # key/value heads (GQA)
-    head_dim: int
-    intermediate_size: int
-    norm_eps: float
-    rope_base: float
-    rope_scaling: dict | None
-    max_seq_len: int
-    tie_embeddings: bool
-    qkv_bias: bool
-    activation: str = "silu"  # of the gate: silu (SwiGLU) or gelu_tanh (GeGLU)
-    norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + weight): 1 for Gemma
-    embed_scale: float | None = None  # embeddings times this (Gemma: sqrt(dim))
-    attn_scale: float | None = None  # score scale; None: head_dim**-0.5 (Gemma 2/3: query_pre_attn_scalar**-0.5)
-    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
-    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
-    qk_norm: bool = False  # RMSNorm of every q and k head before the rotation (Gemma 3)
-    sandwich_norm: bool = False  # attention and MLP outputs normalised too, before the residual add (Gemma 2/3)
-    sliding_window: int | None = None  # how many positions a sliding layer sees, its own included
-    layer_types: tuple[str, ...] | None = None  # full_attention / sliding_attention per layer; None: all full
-    local_rope_base: float | None = None  # rope base of the sliding layers when they have their own (Gemma 3)
-
-    @property
-    def qkv_sizes(self) -> tuple[int, int, int]:
-        """Output widths of q, k and v."""
-        kv = self.n_local_heads * self.head_dim
-        return (self.n_head * self.head_dim, kv, kv)
-
-    def in_features(self, kind: str) -> int:
-        """Width of a projection's input: the attention output for o, the MLP hidden for down, else dim."""
-        return {"o": self.n_head * self.head_dim, "down": self.intermediate_size}.get(kind, self.dim)
-
-    def out_features(self, kind: str) -> int:
-        """Width of a projection's output."""
-        q, k, v = self.qkv_sizes
-        return {"q": q, "k": k, "v": v, "gate": self.intermediate_size, "up": self.intermediate_size}.get(kind, self.dim)
-
-    def window(self, layer: int) -> int | None:
-        """The sliding window of a layer's attention, or None for full causal attention."""
-        return self.sliding_window if self.layer_types and self.layer_types[layer] == SLIDING else None
-
-    def local_rope(self, layer: int) -> bool:
-        """Does the layer use the sliding layers' own rope (Gemma 3's local base)?"""
-        return self.local_rope_base is not None and self.window(layer) is not None
-
-    @classmethod
-    def from_config(cls, config: dict, architecture: str) -> "ModelArgs":
-        if architecture not in FAMILIES:
-            raise ActTailError(f"the runtime runs {', '.join(ARCHITECTURES)}; this model is {architecture}")
-        family = FAMILIES[architecture]
-        c = {**DEFAULTS.get(family, {}), **config}
-        missing = [k for k in REQUIRED if k not in c]
-        if missing:
-            raise ActTailError(f"config.json has no {', '.join(missing)} (the runtime needs it)")
-        if c.get("use_bidirectional_attention"):
-            raise ActTailError("bidirectional attention (use_bidirectional_attention) is not supported")
-        heads, dim = c["num_attention_heads"], c["hidden_size"]
-        head_dim = c.get("head_dim") or dim // heads
-        rope_base, scaling, local_base = _rope(c, family)
-        max_len = min(c.get("max_position_embeddings", 2048), MAX_POSITIONS)
-        if architecture == "MistralForCausalLM" and c.get("sliding_window"):
-            max_len = min(max_len, c["sliding_window"])  # no sliding window here: stay inside it
-        if scaling and scaling.get("rope_type") == "longrope":
-            max_len = min(max_len, scaling["original_max_position_embeddings"])
-        layer_types = _layer_types(c, family)
-        gemma = family.startswith("gemma")
-        return cls(
-            vocab_size=c["vocab_size"],
-            dim=dim,
-            n_layer=c["num_hidden_layers"],
-            n_head=heads,
-            n_local_heads=c.get("num_key_value_heads") or heads,
-            head_dim=head_dim,
-            intermediate_size=c["intermediate_size"],
-            norm_eps=c.get("rms_norm_eps", 1e-6),
-            rope_base=rope_base,
-            rope_scaling=scaling,
-            max_seq_len=max_len,
-            tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-            qkv_bias=architecture == "Qwen2ForCausalLM" or bool(c.get("attention_bias", False)),
-            activation=_activation(c, family),
-            norm_offset=1.0 if gemma else 0.0,
-            embed_scale=dim ** 0.5 if gemma else None,
-            attn_scale=c["query_pre_attn_scalar"] ** -0.5 if family in ("gemma2", "gemma3") else None,
-            attn_softcap=c.get("attn_logit_softcapping") if family == "gemma2" else None,
-            final_softcap=c.get("final_logit_softcapping") if family in ("gemma2", "gemma3") else None,
-            qk_norm=family == "gemma3",
-            sandwich_norm=family in ("gemma2", "gemma3"),
-            sliding_window=c.get("sliding_window") if layer_types else None,
-            layer_types=layer_types,
-            local_rope_base=local_base,
-        )
-
-
-def _activation(c: dict, family: str) -> str:
-    """The gate activation: silu, or gelu with the tanh approximation (transformers' gelu_pytorch_tanh)."""
-    if family in ("gemma2", "gemma3"):
-        name = c.get("hidden_activation") or "gelu_pytorch_tanh"
-    else:
-        name = c.get("hidden_act", "silu")
-        if family == "gemma" and name == "gelu":
-            name = "gelu_pytorch_tanh"  # as transformers' GemmaConfig reads it
-    if name not in ("silu", "gelu_pytorch_tanh"):
-        raise ActTailError(f"hidden activation {name!r} is not supported (silu and gelu_pytorch_tanh are)")
-    return "silu" if name == "silu" else "gelu_tanh"
-
-
-def _layer_types(c: dict, family: str) -> tuple[str, ...] | None:
-    """full_attention / sliding_attention per layer, as transformers reads the config (layer_types, else the
-    family's pattern); None when every layer attends to all earlier positions."""
-    n = c["num_hidden_layers"]
-    if not c.get("sliding_window") or family not in ("gemma2", "gemma3", "phi3"):
-        return None
-    if c.get("layer_types"):
-        types = tuple(c["layer_types"])
-    elif family == "gemma2":  # every other layer, from the first
-        types = tuple(SLIDING if (i + 1) % 2 else FULL for i in range(n))
-    elif family == "gemma3":  # five local layers, then a global one
-        pattern = c.get("sliding_window_pattern") or c.get("_sliding_window_pattern") or 6
-        types = tuple(SLIDING if (i + 1) % pattern else FULL for i in range(n))
-    else:  # Phi-3: the window applies to every layer
-        types = (SLIDING,) * n
-    if len(types) != n or not set(types) <= {FULL, SLIDING}:
-        raise ActTailError(f"layer_types must give full_attention or sliding_attention for each of {n} layers")
-    return types
-
-
-def _rope(c: dict, family: str) -> tuple[float, dict | None, float | None]:
-    """(base, scaling) of the rotary embedding, and the base of the sliding layers when it is their own.
-
-    Reads the classic keys (rope_theta, rope_scaling, rope_local_base_freq) and transformers 5's
-    rope_parameters, per layer type for Gemma 3. Phi-3's LongRoPE becomes its short factors (``_longrope``)."""
-    params = c.get("rope_parameters") or {}
-    if family == "phi3":
-        partial_rotary = params.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
-        if partial_rotary != 1.0:
-            raise ActTailError(f"partial rotary embeddings (partial_rotary_factor {partial_rotary}) are not "
-                               "supported")
-    local_base = None
-    if isinstance(params.get(FULL), dict):  # transformers 5, Gemma 3: one set of parameters per layer type
-        full, local = params[FULL], params.get(SLIDING) or {}
-        if local.get("rope_type", "default") != "default":
-            raise ActTailError(f"rope scaling of sliding layers ({local['rope_type']!r}) is not supported")
-        base = full.get("rope_theta", c.get("rope_theta", 10000.0))
-        scaling = full if full.get("rope_type", "default") != "default" else None
-        local_base = local.get("rope_theta", c.get("rope_local_base_freq"))
-    else:
-        base = c.get("rope_theta", params.get("rope_theta", 10000.0))
-        scaling = c.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
-        if family == "gemma3":
-            local_base = c.get("rope_local_base_freq")
-    kind = scaling and scaling.get("rope_type", scaling.get("type"))
-    if family == "phi3" and kind in ("longrope", "su", "yarn"):  # transformers' Phi3Config: all three are LongRoPE
-        scaling = _longrope(c, scaling)
-    return float(base), scaling, local_base
-
-
-def _longrope(c: dict, s: dict) -> dict:
-    """Phi-3's LongRoPE for contexts up to original_max_position_embeddings: the short factors, and cos/sin
-    scaled by the attention factor, as transformers computes them (past that length it switches every
-    position to the long factors; the runtime's context stops there)."""
-    orig = s.get("original_max_position_embeddings") or c.get("original_max_position_embeddings")
-    if not orig or "short_factor" not in s:
-        raise ActTailError("LongRoPE scaling needs short_factor and original_max_position_embeddings")
-    factor = s.get("factor") or c.get("max_position_embeddings", orig) / orig
-    attention = s.get("attention_factor") or (
-        1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig)))
-    return {"rope_type": "longrope", "short_factor": list(s["short_factor"]), "attention_factor": attention,
-            "original_max_position_embeddings": int(orig)}
-
-
-def shape(vocab_size: int, dim: int, n_layer: int, n_head: int, n_kv: int, head_dim: int, inter: int,
-          norm_eps: float = 1e-5, rope_base: float = 10000.0, max_seq_len: int = 4096) -> ModelArgs:
-    """ModelArgs of a Llama-shaped decoder, for random-weight benchmarks and tests."""
-    return ModelArgs(vocab_size, dim, n_layer, n_head, n_kv, head_dim, inter, norm_eps, rope_base, None,
-                     max_seq_len, False, False)
-
-
-LLAMA2_7B = shape(32000, 4096, 32, 32, 32, 128, 11008)
-SMOLLM2_135M = shape(49152, 576, 30, 9, 3, 64, 1536, rope_base=100000.0)
 
 
 # ---- RoPE ------------------------------------------------------------------------------------------
@@ -363,54 +147,54 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
+    """Grouped-query attention of one layer: q/k/v from one weight [q+k+v, dim] (``wqkv``), the output
+    projection ``wo``; ``forward`` is the attention between them (the ops decide how it runs)."""
+
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv, self.head_dim = args.n_head, args.n_local_heads, args.head_dim
         self.sizes = args.qkv_sizes
         self.scale, self.softcap, self.window = args.attn_scale, args.attn_softcap, args.window(layer)
-        # q, k and v share one input: one weight [q+k+v, dim] (dense path: one matmul), split per kind.
         self.wqkv = nn.Linear(args.dim, sum(self.sizes), bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_head * args.head_dim, args.dim, bias=False)
         self.q_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_offset) if args.qk_norm else None
         self.k_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_offset) if args.qk_norm else None
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, sp: Sparsifier) -> Tensor:
-        B, T, _ = x.shape
-        q, k, v = sp.project(self.layer, ("q", "k", "v"), x, self.wqkv, self.sizes)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+    def forward(self, qkv: Tensor, rope: tuple[Tensor, Tensor], input_pos: Tensor | None) -> Tensor:
+        """[B, T, n_head * head_dim] from qkv [B, T, q+k+v]; ``rope`` the full cos/sin tables, read at
+        input_pos (None: positions 0..T-1 of one whole window, no cache)."""
+        B, T, _ = qkv.shape
+        q, k, v = qkv.split(self.sizes, dim=-1)
+        q = q.reshape(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:  # Gemma 3: every head normalised before the rotation
             q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = (t[:T] if input_pos is None else t[input_pos] for t in rope)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # as transformers rounds them (a no-op in float32)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is None:  # one whole window from position 0
             mask = None if self.window is None or T <= self.window else \
-                attention_mask(torch.arange(T, device=x.device), T, self.window)
+                attention_mask(torch.arange(T, device=qkv.device), T, self.window)
         else:
             k, v = self.kv_cache.update(input_pos, k, v)
             mask = attention_mask(input_pos, k.shape[2], self.window)  # [T, max_seq_len]
         y = attention(q, k, v, mask, self.scale, self.softcap)
-        return sp.project(self.layer, ("o",), y.transpose(1, 2).reshape(B, T, -1), self.wo)[0]
-
-
-ACTIVATIONS = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh")}
+        return y.transpose(1, 2).reshape(B, T, -1)
 
 
 class FeedForward(nn.Module):
+    """The gated MLP: gate and up from one weight [2 * inter, dim] (``w13``), act(gate) * up, then ``w2``."""
+
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer = layer
         self.inter = args.intermediate_size
-        self.act = ACTIVATIONS[args.activation]
-        # gate and up share one input: one weight [2 * inter, dim], split per kind.
+        self.activation = args.activation
         self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)
         self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
-
-    def forward(self, x: Tensor, sp: Sparsifier) -> Tensor:
-        g, u = sp.project(self.layer, ("gate", "up"), x, self.w13, (self.inter, self.inter))
-        return sp.project(self.layer, ("down",), self.act(g) * u, self.w2)[0]
 
 
 class TransformerBlock(nn.Module):
@@ -422,16 +206,28 @@ class TransformerBlock(nn.Module):
         self.attention_norm = norm()
         self.ffn_norm = norm()
         # Gemma 2/3 also normalise what attention and the MLP add to the residual stream
-        self.post_attention_norm = norm() if args.sandwich_norm else nn.Identity()
-        self.post_ffn_norm = norm() if args.sandwich_norm else nn.Identity()
+        self.post_attention_norm = norm() if args.sandwich_norm else None
+        self.post_ffn_norm = norm() if args.sandwich_norm else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, sp: Sparsifier) -> Tensor:
-        h = x + self.post_attention_norm(self.attention(self.attention_norm(x), cos, sin, input_pos, sp))
-        return h + self.post_ffn_norm(self.feed_forward(self.ffn_norm(h), sp))
+    def forward(self, x: Tensor, residual: Tensor | None, rope, input_pos: Tensor | None,
+                ops: TorchOps) -> tuple[Tensor, Tensor]:
+        """(what the block adds, the residual stream it was added to): the stream after the block is their
+        sum, formed by the next norm (the first block gets the embeddings as x and no residual)."""
+        att, ffn = self.attention, self.feed_forward
+        qkv, residual = ops.norm_linear(att.layer, "qkv", x, residual, self.attention_norm, att.wqkv, att.sizes)
+        y = ops.attention(att, qkv, rope, input_pos)
+        o = ops.norm(self.post_attention_norm, ops.linear(att.layer, "o", y, att.wo))
+        h, residual = ops.norm_linear(ffn.layer, "gate_up", o, residual, self.ffn_norm, ffn.w13,
+                                      (ffn.inter, ffn.inter), act=ffn.activation)
+        return ops.norm(self.post_ffn_norm, ops.linear(ffn.layer, "down", h, ffn.w2)), residual
 
 
 class Transformer(nn.Module):
-    """The decoder: embeddings, blocks, final norm, LM head. ``sparsifier`` decides what is zeroed."""
+    """The decoder: embeddings, blocks, final norm, LM head. ``ops`` computes the blocks (the reference
+    ``TorchOps`` by default); ``sparsified(sp)`` runs them with a ``Sparsifier`` for a while.
+
+    ``tokenizer``, ``bos_id`` and ``fingerprint`` describe the checkpoint ``acttail.load`` opened (None for a
+    model built otherwise)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -440,19 +236,37 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layer))
         self.norm = RMSNorm(args.dim, args.norm_eps, args.norm_offset)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.sparsifier = Sparsifier.dense()
+        self.ops = TorchOps()
+        self.tokenizer = self.bos_id = self.fingerprint = None
         self.set_rope()
         self.stream = None  # streamed from a checkpoint: layer -> its weights (see load_model)
         self._resident = None  # the streamed layer in memory now
 
+    @property
+    def sparsifier(self) -> Sparsifier:
+        """The Sparsifier the reference ops project with now."""
+        return self.ops.sparsifier
+
+    @contextmanager
+    def sparsified(self, sparsifier: Sparsifier):
+        """Run the blocks with ``sparsifier`` inside the block; whatever was there before comes back after."""
+        previous, self.ops.sparsifier = self.ops.sparsifier, sparsifier
+        try:
+            yield sparsifier
+        finally:
+            self.ops.sparsifier = previous
+
     def set_rope(self) -> None:
-        """(Re)make the rope tables: the global ones, and the sliding layers' when they have their own."""
+        """(Re)make the rope tables in float32 on the model's device: the global ones, and the sliding
+        layers' when they have their own (kept float32 whatever the weights' dtype)."""
+        dev = self.output.weight.device
+        dev = None if dev.type == "meta" else dev
         tables = {"": rope_cache(self.args, self.args.max_seq_len)}
         if self.args.local_rope_base is not None:
             tables["_local"] = rope_cache(self.args, self.args.max_seq_len, local=True)
         for suffix, (cos, sin) in tables.items():
-            self.register_buffer(f"rope_cos{suffix}", cos, persistent=False)
-            self.register_buffer(f"rope_sin{suffix}", sin, persistent=False)
+            self.register_buffer(f"rope_cos{suffix}", cos.to(dev), persistent=False)
+            self.register_buffer(f"rope_sin{suffix}", sin.to(dev), persistent=False)
 
     def setup_caches(self, batch: int, length: int) -> None:
         """Allocate static KV caches for generation (length <= max_seq_len)."""
@@ -474,24 +288,29 @@ class Transformer(nn.Module):
             x = x * torch.tensor(self.args.embed_scale).to(x.dtype)
         return x
 
-    def rope(self, layer: int, input_pos: Tensor | None, T: int) -> tuple[Tensor, Tensor]:
-        """cos, sin of a layer at positions input_pos (None: 0..T-1)."""
-        cos, sin = (self.rope_cos_local, self.rope_sin_local) if self.args.local_rope(layer) else \
-            (self.rope_cos, self.rope_sin)
-        return (cos[:T], sin[:T]) if input_pos is None else (cos[input_pos], sin[input_pos])
+    def rope(self, layer: int) -> tuple[Tensor, Tensor]:
+        """The cos, sin tables of a layer (Gemma 3's sliding layers have their own)."""
+        if self.args.local_rope(layer):
+            return self.rope_cos_local, self.rope_sin_local
+        return self.rope_cos, self.rope_sin
+
+    def blocks(self, x: Tensor, input_pos: Tensor | None = None,
+               layers: range | None = None) -> tuple[Tensor, Tensor | None]:
+        """(block output, residual) after ``layers`` (all by default) from the residual stream x [B, T, dim]."""
+        T = x.shape[1]
+        if input_pos is None and T > self.args.max_seq_len:
+            raise ActTailError(f"{T} tokens exceed the model's maximum context of {self.args.max_seq_len}")
+        self.ops.set_positions(input_pos if input_pos is not None else torch.arange(T, device=x.device))
+        residual = None
+        for i in layers if layers is not None else range(self.args.n_layer):
+            x, residual = self.block(i)(x, residual, self.rope(i), input_pos, self.ops)
+        return x, residual
 
     def hidden(self, idx: Tensor | None, input_pos: Tensor | None = None, layers: range | None = None,
                h: Tensor | None = None) -> Tensor:
         """Residual stream after ``layers`` (all by default), from tokens ``idx`` or a given stream ``h``."""
-        T = idx.shape[1] if h is None else h.shape[1]
-        if input_pos is None and T > self.args.max_seq_len:
-            raise ActTailError(f"{T} tokens exceed the model's maximum context of {self.args.max_seq_len}")
-        x = self.embed(idx) if h is None else h
-        self.sparsifier.set_positions(input_pos if input_pos is not None else torch.arange(T, device=x.device))
-        for i in layers if layers is not None else range(self.args.n_layer):
-            cos, sin = self.rope(i, input_pos, T)
-            x = self.block(i)(x, cos, sin, input_pos, self.sparsifier)
-        return x
+        x, residual = self.blocks(self.embed(idx) if h is None else h, input_pos, layers)
+        return x if residual is None else x + residual
 
     def block(self, i: int) -> "TransformerBlock":
         """Decoder block i, its weights read from the checkpoint first when the model is streamed (the
@@ -513,7 +332,8 @@ class Transformer(nn.Module):
 
     def forward(self, idx: Tensor, input_pos: Tensor | None = None) -> Tensor:
         """Logits [B, T, vocab] for tokens idx [B, T] at positions input_pos (None: 0..T-1, no cache)."""
-        return self.logits(self.norm(self.hidden(idx, input_pos)))
+        x, residual = self.blocks(self.embed(idx), input_pos)
+        return self.logits(self.ops.add_norm(self.norm, x, residual))
 
 
 # ---- loading ---------------------------------------------------------------------------------------
@@ -597,7 +417,6 @@ def load_model(ckpt, dtype: torch.dtype = torch.float32, device: str = "cpu", st
                if t.is_meta and not (stream and n.startswith("layers."))]
     if missing:
         raise ActTailError(f"{ckpt.path}: the runtime found no weights for {', '.join(missing[:3])}")
-    model.sparsifier = Sparsifier.dense()
     if not stream:
         return model.to(device).eval().requires_grad_(False)
     blocks, model.layers = model.layers, nn.ModuleList()

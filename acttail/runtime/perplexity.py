@@ -10,6 +10,7 @@ what perplexity averages away: a plan that keeps perplexity but changes which to
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -62,13 +63,8 @@ def perplexity(model, wins: torch.Tensor, batch_size: int = 8, progress: bool = 
 
 def _our_slices(model, batch: torch.Tensor, dense: bool):
     """Float32 logits of every predicting position, SLICE positions at a time (the LM head in slices)."""
-    kept = model.sparsifier
-    if dense:
-        model.sparsifier = Sparsifier.dense()
-    try:
+    with model.sparsified(Sparsifier.dense()) if dense else nullcontext():
         h = model.norm(model.hidden(batch))[:, :-1].flatten(0, 1)
-    finally:
-        model.sparsifier = kept
     yield from _head_slices(model, h)
 
 
@@ -79,14 +75,10 @@ def _layer_major(model, wins, batch_size, device, compare, progress) -> dict[boo
     runs = {False: model.sparsifier, **({True: Sparsifier.dense()} if compare else {})}
     hs = {d: [model.embed(wins[i: i + batch_size].to(device)) for i in range(0, len(wins), batch_size)]
           for d in runs}
-    kept = model.sparsifier
-    try:
-        for layer in tqdm(range(model.args.n_layer), desc="layers", unit="layer", disable=not progress):
-            for dense, sp in runs.items():
-                model.sparsifier = sp
+    for layer in tqdm(range(model.args.n_layer), desc="layers", unit="layer", disable=not progress):
+        for dense, sp in runs.items():
+            with model.sparsified(sp):
                 hs[dense] = [model.hidden(None, layers=range(layer, layer + 1), h=h) for h in hs[dense]]
-    finally:
-        model.sparsifier = kept
     return {d: [model.norm(h)[:, :-1].flatten(0, 1) for h in hl] for d, hl in hs.items()}
 
 

@@ -8,7 +8,7 @@ projection, read by the CPU reference (``Sparsifier``), the GPU decode path (``r
 - ``topk``: keep exactly the round((1 - s) * d) largest magnitudes of each token (ActTail, Q-Sparse).
 
 q/k/v read one input but each has its own setting (likewise gate/up): ``Sparsifier.project`` computes a
-group of projections from their shared input, each from its own sparsified copy. Prefill policy:
+group of projections from their shared input, each from its own sparsified copy, and concatenates them. Prefill policy:
 positions before ``dense_before`` stay dense (0: every position is sparsified, as in the perplexity runs;
 see generate.py for the TEAL-like "half" policy). An ``observer`` sees every group's input before it is
 sparsified: that is how calibration measures the sparse run without a decoder of its own.
@@ -171,19 +171,20 @@ class Sparsifier:
     # ---- computing projections ---------------------------------------------------------------------
 
     def project(self, layer: int, kinds: tuple[str, ...], x: Tensor, linear: nn.Linear,
-                sizes: tuple[int, ...] | None = None) -> tuple[Tensor, ...]:
+                sizes: tuple[int, ...] | None = None) -> Tensor:
         """The outputs of the projections ``kinds`` that share input x and one fused ``linear`` (their
-        weights stacked in the order of ``kinds``, ``sizes`` rows each): one matmul when all are dense,
-        else each from its own sparsified copy of x."""
+        weights stacked in the order of ``kinds``, ``sizes`` rows each), concatenated: one matmul when all
+        are dense, else each from its own sparsified copy of x."""
         sizes = tuple(sizes) if sizes is not None else (linear.out_features,)
         if self.observer is not None:
             self.observer(layer, kinds, x)
         found = [self.settings.get((layer, k)) for k in kinds]
         if not any(found):
-            return linear(x).split(sizes, dim=-1)
+            return linear(x)
         ws = linear.weight.split(sizes, dim=0)
         bs = linear.bias.split(sizes) if linear.bias is not None else (None,) * len(kinds)
-        return tuple(self._project((layer, k), x, s, w, b) for k, s, w, b in zip(kinds, found, ws, bs))
+        outs = [self._project((layer, k), x, s, w, b) for k, s, w, b in zip(kinds, found, ws, bs)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     def _project(self, key: tuple[int, str], x: Tensor, s: ProjectionSparsity | None, w: Tensor,
                  b: Tensor | None) -> Tensor:
