@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from .layout import KINDS
+from .layout import KINDS, Key
 from .runtime.perplexity import perplexity
 from .runtime.sparsify import ProjectionSparsity, Sparsifier, keep_count
 
@@ -43,13 +43,13 @@ def measure(model, wins: torch.Tensor, fingerprint: str, text: str = "c4", level
     n_projections x levels forward passes: minutes on a GPU, hours for a 135M model on two CPU cores."""
     import time
 
-    keys = [(layer, kind) for layer in range(model.args.n_layer) for kind in KINDS]
+    keys = [Key(layer, kind) for layer in range(model.args.n_layer) for kind in KINDS]
     t0 = time.time()
     r = sensitivity(model, wins, keys, levels, progress=progress)
     return {"model": {"fingerprint": fingerprint}, "text": str(text), "tokens": int(wins.numel()),
             "mode": "topk", "levels": list(levels), "dense_nll": r["dense_nll"], "seconds": time.time() - t0,
-            "projections": [{"key": f"layers.{l}.{k}", "layer": l, "kind": k,
-                             **{f"dnll_{round(100 * lv)}": d[lv] for lv in levels}} for (l, k), d in r["dnll"].items()]}
+            "projections": [{"key": str(k), "layer": k.layer, "kind": k.kind,
+                             **{f"dnll_{round(100 * lv)}": d[lv] for lv in levels}} for k, d in r["dnll"].items()]}
 
 
 # ---- allocation from alpha and sensitivity ---------------------------------------------------------
