@@ -192,7 +192,7 @@ class Plan:
 
     def check_model(self, fingerprint: str, where: str = "plan") -> None:
         """Refuse a plan made for other weights."""
-        check_model(self.model, fingerprint, where)
+        check_model(self.model["fingerprint"], fingerprint, where)
 
     # ---- reading -----------------------------------------------------------------------------------
 

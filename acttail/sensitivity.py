@@ -87,12 +87,12 @@ def check_sensitivity(sens, analysis: dict, level: str = "dnll_80", where: str =
     """One clear error unless ``sens`` follows schemas/sensitivity.schema.json, is for the analysed
     weights, and has ``level`` for exactly the analysis' projections."""
     from .errors import ActTailError
-    from .files import check_schema
+    from .files import check_model, check_schema
 
     fingerprint = sens.get("model", {}).get("fingerprint") if isinstance(sens, dict) else None
-    if isinstance(fingerprint, str) and fingerprint != analysis["model"]["fingerprint"]:
-        raise ActTailError(f"the {where} and the analysis are for different checkpoints (fingerprint "
-                           f"{fingerprint}, analysis {analysis['model']['fingerprint']})")
+    if isinstance(fingerprint, str):  # else the schema names what is missing
+        check_model(fingerprint, analysis["model"]["fingerprint"], f"the {where} and the analysis",
+                    "are for different checkpoints", against="the analysis")
     check_schema(sens, "sensitivity", where)
     keys = [p["key"] for p in sens["projections"]]
     wanted = [r["key"] for r in analysis["projections"]]
