@@ -87,6 +87,10 @@ def test_phi3_inconsistent_fused_shape(tmp_path):
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ActTailError, match="rows but config.json implies"):
         Checkpoint.open(folder).projections()
+    del cfg["num_attention_heads"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ActTailError, match="config.json lacks the sizes that split .*qkv_proj"):
+        Checkpoint.open(folder).projections()
 
 
 def test_fingerprint_changes_with_weights(tmp_path):
