@@ -35,6 +35,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import ActTailError
+from .files import check_model
 from .plan import Plan, PlanEntry
 
 SCOPES = ("global", "per-kind", "layer")
@@ -441,9 +442,9 @@ def plan_from_analysis(analysis, budget: float, config: AllocationConfig | None 
     cfg, params = _split_options(config, options)
     if cfg.method == "greedy":
         params["greedy"] = doc.get("greedy")
-        if params["greedy"] and params["greedy"].get("fingerprint") not in (None, doc["model"]["fingerprint"]):
-            raise ActTailError("the greedy paths in the analysis were measured on other weights (fingerprint "
-                               f"{params['greedy']['fingerprint']}, analysis {doc['model']['fingerprint']})")
+        if params["greedy"] and params["greedy"].get("fingerprint") is not None:
+            check_model(params["greedy"]["fingerprint"], doc["model"]["fingerprint"], "the greedy paths in the "
+                        "analysis", "were measured on other weights", against="the analysis")
     values = sparsities(rows, budget, cfg, **params)
     ranks = alpha_ranks(rows, cfg.rank_split, cfg.metric)
     entries = [PlanEntry(layer=int(r["layer"]), kind=r["kind"], in_features=int(r["in_features"]),

@@ -223,7 +223,7 @@ class Analysis:
 
     def check_model(self, fingerprint: str, where: str = "analysis") -> None:
         """Refuse an analysis made for other weights."""
-        check_model(self.model, fingerprint, where)
+        check_model(self.model["fingerprint"], fingerprint, where)
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "tool_version": self.tool_version, "created": self.created,

@@ -21,27 +21,12 @@ from safetensors import safe_open
 
 from .errors import ActTailError
 from .files import check_schema, file_sha256, read_json
-
-KINDS = ("q", "k", "v", "o", "gate", "up", "down")
-
-# Architectures whose projections follow the Llama naming (model.layers.{i}.self_attn.q_proj, ...).
-LLAMA_LIKE = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "GemmaForCausalLM": "gemma",
-    "Gemma2ForCausalLM": "gemma2",
-    "Gemma3ForCausalLM": "gemma3_text",
-    "Gemma3ForConditionalGeneration": "gemma3",
-}
-FUSED = {"Phi3ForCausalLM": "phi3"}
-SUPPORTED = tuple(LLAMA_LIKE) + tuple(FUSED)
+from .layout import ARCHITECTURES, HF_FUSED, HF_MODULES, KINDS, key
 
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-_ATTN = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
-_MLP = {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 _LAYER_RE = re.compile(r"^(.*?layers)\.(\d+)\.(self_attn|mlp)\.(\w+)\.weight$")
 _MAX_HEADER = 100 * 1024 * 1024
+_GATES = {HF_MODULES["gate"], *(module for module, kinds in HF_FUSED.items() if "gate" in kinds)}  # an MLP's mark
 
 
 @dataclass(frozen=True)
@@ -59,7 +44,7 @@ class Projection:
 
     @property
     def key(self) -> str:
-        return f"layers.{self.layer}.{self.kind}"
+        return key(self.layer, self.kind)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -109,8 +94,8 @@ def decoder_prefix(names) -> str | None:
     for name in names:
         m = _LAYER_RE.match(name)
         if m:
-            found.setdefault(m.group(1), set()).add(m.group(4))
-    gated = [p for p, modules in found.items() if modules & {"gate_proj", "gate_up_proj"}]
+            found.setdefault(m.group(1), set()).add(f"{m.group(3)}.{m.group(4)}")
+    gated = [p for p, modules in found.items() if modules & _GATES]
     return (gated or list(found) or [None])[0]
 
 
@@ -130,7 +115,8 @@ class Checkpoint:
         self._headers = headers  # file -> parsed header
         self._handles: dict[Path, object] = {}
         self.architecture = self._architecture()
-        self.model_type = config.get("model_type") or LLAMA_LIKE.get(self.architecture) or FUSED[self.architecture]
+        self.model_type = config.get("model_type") or ARCHITECTURES[self.architecture].model_type
+        self._fused = ARCHITECTURES[self.architecture].fused
         self.prefix = self._layer_prefix()
         self.num_layers = self._num_layers()
         self.fingerprint = self._fingerprint()
@@ -167,8 +153,8 @@ class Checkpoint:
                 return "LlamaForCausalLM"
             raise ActTailError(f"{self.path}: no config.json architectures and no Llama-style tensor names")
         arch = archs[0]
-        if arch not in SUPPORTED:
-            raise ActTailError(f"unsupported architecture {arch}; supported: {', '.join(SUPPORTED)}")
+        if arch not in ARCHITECTURES:
+            raise ActTailError(f"unsupported architecture {arch}; supported: {', '.join(ARCHITECTURES)}")
         return arch
 
     def _layer_prefix(self) -> str:
@@ -209,7 +195,7 @@ class Checkpoint:
 
     def _name(self, layer: int, kind: str) -> str:
         prefix = getattr(self, "prefix", "model.layers")
-        return f"{prefix}.{layer}.{({**_ATTN, **_MLP})[kind]}.weight"
+        return f"{prefix}.{layer}.{HF_MODULES[kind]}.weight"
 
     def _shape(self, name: str) -> list[int]:
         return self._headers[self._index[name]][name]["shape"]
@@ -259,7 +245,7 @@ class Checkpoint:
         return out
 
     def _proj_shape(self, layer: int, kind: str) -> tuple[int, int]:
-        if self.architecture in FUSED:
+        if self._fused_module(kind):
             fused, rows = self._fused_rows(layer, kind)
             return rows.stop - rows.start, self._shape(fused)[1]
         name = self._name(layer, kind)
@@ -270,36 +256,31 @@ class Checkpoint:
             raise ActTailError(f"{self.path}: {name} has shape {shape}, expected a matrix")
         return shape[0], shape[1]
 
+    def _fused_module(self, kind: str) -> str | None:
+        """The fused module holding ``kind`` (Phi-3's qkv_proj and gate_up_proj), or None: stored alone."""
+        return next((m for m, kinds in HF_FUSED.items() if kind in kinds), None) if self._fused else None
+
     def _fused_rows(self, layer: int, kind: str) -> tuple[str, slice]:
-        """Phi-3: which fused tensor holds ``kind`` and which of its rows."""
-        p = f"{self.prefix}.{layer}"
-        if kind in ("o", "down"):
-            name = f"{p}.self_attn.o_proj.weight" if kind == "o" else f"{p}.mlp.down_proj.weight"
-            return name, slice(0, self._shape(name)[0])
-        c = self.config
-        if kind in ("q", "k", "v"):
-            name = f"{p}.self_attn.qkv_proj.weight"
-            heads = c["num_attention_heads"]
-            kv = c.get("num_key_value_heads", heads)
-            hd = c.get("head_dim") or c["hidden_size"] // heads
-            sizes = {"q": heads * hd, "k": kv * hd, "v": kv * hd}
-            order = ("q", "k", "v")
-        else:
-            name = f"{p}.mlp.gate_up_proj.weight"
-            inter = c["intermediate_size"]
-            sizes, order = {"gate": inter, "up": inter}, ("gate", "up")
+        """Phi-3: the fused tensor holding ``kind`` and which of its rows, from the sizes config.json implies."""
+        module = self._fused_module(kind)
+        name, kinds = f"{self.prefix}.{layer}.{module}.weight", HF_FUSED[module]
         if name not in self._index:
             raise ActTailError(f"{self.path}: missing fused weight {name}")
+        expected = self.expected_shapes()
+        if not all(k in expected for k in kinds):
+            raise ActTailError(f"{self.path}: config.json lacks the sizes that split {name} (hidden_size, "
+                               "intermediate_size, num_attention_heads)")
+        sizes = {k: expected[k][0] for k in kinds}
         total = self._shape(name)[0]
         if total != sum(sizes.values()):
             raise ActTailError(f"{self.path}: {name} has {total} rows but config.json implies "
-                               f"{' + '.join(str(sizes[k]) for k in order)} = {sum(sizes.values())}")
-        start = sum(sizes[k] for k in order[:order.index(kind)])
+                               f"{' + '.join(str(sizes[k]) for k in kinds)} = {sum(sizes.values())}")
+        start = sum(sizes[k] for k in kinds[:kinds.index(kind)])
         return name, slice(start, start + sizes[kind])
 
     def load(self, proj: Projection) -> torch.Tensor:
         """The weight matrix of ``proj``, shape (out_features, in_features), as stored."""
-        if self.architecture in FUSED:
+        if self._fused_module(proj.kind):
             name, rows = self._fused_rows(proj.layer, proj.kind)
             return self.tensor(name)[rows]
         return self.tensor(self._name(proj.layer, proj.kind))

@@ -14,6 +14,7 @@ import click
 from .allocation import METHODS, SCOPES, AllocationConfig
 from .compensation import COMPENSATIONS, DEFAULT_COMPENSATION, LR, SCORES, STEPS
 from .errors import ActTailError
+from .layout import KINDS
 from .text import SOURCES as TEXTS
 
 DEFAULTS = AllocationConfig()
@@ -539,7 +540,7 @@ def generate_cmd(model, plan_path, prompt, max_new_tokens, temperature, seed, mo
               help="Projection to draw a full-size ESD for, e.g. layers.3.up (repeatable; default: lowest alpha).")
 @click.option("--esd-layer", type=click.IntRange(min=0), default=None,
               help="Layer for the ESD small-multiples grid (default: the layer of the first --esd).")
-@click.option("--esd-kind", default=None, type=click.Choice(["q", "k", "v", "o", "gate", "up", "down"]),
+@click.option("--esd-kind", default=None, type=click.Choice(KINDS),
               help="Draw the grid for one kind across up to 12 layers instead of one layer.")
 @click.option("--model", type=click.Path(), default=None,
               help="Model folder for the ESD figures (default: the analysis' path, then the acttail cache).")

@@ -173,11 +173,13 @@ _Validator = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_
         "integer", lambda _, x: isinstance(x, int) and not isinstance(x, bool))))
 
 
-def check_model(model: dict, fingerprint: str, where: str) -> None:
-    """Refuse a document (plan, analysis) whose ``model`` record was made for other weights."""
-    if model["fingerprint"] != fingerprint:
-        raise ActTailError(f"{where} was made for another checkpoint (fingerprint {model['fingerprint']}, "
-                           f"this model has {fingerprint})")
+def check_model(found, fingerprint: str, where: str, refusal: str = "was made for another checkpoint", *,
+                against: str = "this model", advice: str = "") -> None:
+    """Refuse a document (plan, analysis, eval result, measurement) made for other weights: its fingerprint
+    ``found`` must be ``fingerprint``, that of the weights it is used with (``against``: this model, the
+    analysis). One line: "{where} {refusal} (fingerprint {found}, {against} has {fingerprint}){advice}"."""
+    if found != fingerprint:
+        raise ActTailError(f"{where} {refusal} (fingerprint {found}, {against} has {fingerprint}){advice}")
 
 
 @lru_cache(maxsize=None)

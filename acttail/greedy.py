@@ -114,15 +114,14 @@ def load_paths(path, model: dict) -> dict:
     """Greedy paths measured earlier (``measure``'s output as JSON), checked: for these weights, one
     non-empty path per layer, each step a weighted sparsity and a sparsity per kind in [0, 1]."""
     from .errors import ActTailError
-    from .files import read_json
+    from .files import check_model, read_json
 
     doc = read_json(path, "greedy paths")
     where = f"greedy paths {path}"
     if not isinstance(doc, dict) or not isinstance(doc.get("layers"), list):
         raise ActTailError(f"{where} is not a greedy measurement (from `acttail greedy`)")
-    if doc.get("fingerprint") != model["fingerprint"]:
-        raise ActTailError(f"{where} were measured on other weights (fingerprint {doc.get('fingerprint')}, "
-                           f"analysis {model['fingerprint']})")
+    check_model(doc.get("fingerprint"), model["fingerprint"], where, "were measured on other weights",
+                against="the analysis")
     if len(doc["layers"]) != model["num_layers"]:
         raise ActTailError(f"{where} cover {len(doc['layers'])} layers, the model has {model['num_layers']}")
     for i, steps in enumerate(doc["layers"]):

@@ -1,13 +1,17 @@
-"""Model layout: the projections of a decoder layer, how they share inputs, and what they are called.
+"""Model layout: the projections of a decoder layer, how they share inputs, what they are called, and the
+architectures the package reads.
 
-Every stage names a projection by its ``key``, ``layers.{layer}.{kind}``. Projections that read one input
-form a group (q/k/v read the attention norm's output, gate/up the MLP norm's output); a block computes its
-groups in the order of ``GROUPS``, which is also the order calibration fits them in.
+Every stage names a projection by its ``Key``, (layer, kind), written ``layers.3.up`` in every document.
+Projections that read one input form a group (q/k/v read the attention norm's output, gate/up the MLP
+norm's output); a block computes its groups in the order of ``GROUPS``, which is also the order
+calibration fits them in.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import islice
+from typing import NamedTuple
 
 from .errors import ActTailError
 
@@ -15,27 +19,63 @@ KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
 GROUP_OF = {kind: group for group, kinds in GROUPS.items() for kind in kinds}
 
-# Module of each kind inside an HF decoder layer (Llama naming; Phi-3 fuses qkv and gate/up).
+# Module of each kind inside an HF decoder layer (Llama naming).
 HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
               "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+# Phi-3 fuses a group into one module: module -> the kinds it holds, in the order of its output rows.
+HF_FUSED = {"self_attn.qkv_proj": GROUPS["qkv"], "mlp.gate_up_proj": GROUPS["gate_up"]}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the checkpoint reader and the runtime need to know of one HF architecture."""
+
+    model_type: str  # config.json's model_type, for a config that omits it
+    family: str  # the runtime's family: which options of runtime.ModelArgs its block takes
+    fused: bool = False  # q/k/v and gate/up stored as HF_FUSED modules (Phi-3), not HF_MODULES
+
+
+# The architectures the package reads (config.json's ``architectures[0]``).
+ARCHITECTURES = {
+    "LlamaForCausalLM": Architecture("llama", "llama"),
+    "MistralForCausalLM": Architecture("mistral", "llama"),
+    "Qwen2ForCausalLM": Architecture("qwen2", "llama"),
+    "GemmaForCausalLM": Architecture("gemma", "gemma"),
+    "Gemma2ForCausalLM": Architecture("gemma2", "gemma2"),
+    "Gemma3ForCausalLM": Architecture("gemma3_text", "gemma3"),
+    "Gemma3ForConditionalGeneration": Architecture("gemma3", "gemma3"),
+    "Phi3ForCausalLM": Architecture("phi3", "phi3", fused=True),
+}
+FAMILIES = {name: arch.family for name, arch in ARCHITECTURES.items()}
+
+
+class Key(NamedTuple):
+    """A projection: (layer, kind), equal to that plain tuple in memory; ``str(key)`` is its name in
+    every document, ``layers.3.up``."""
+
+    layer: int
+    kind: str
+
+    def __str__(self) -> str:
+        return f"layers.{self.layer}.{self.kind}"
+
+    @classmethod
+    def parse(cls, name: str) -> "Key":
+        """The key named ``layers.N.KIND``; ValueError for anything else."""
+        parts = name.split(".")
+        if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in KINDS:
+            raise ValueError(f"not a projection key: {name!r} (expected layers.N.KIND)")
+        return cls(int(parts[1]), parts[2])
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Sort key: by layer, then in the order a block computes its projections."""
+        return (self.layer, KINDS.index(self.kind) if self.kind in KINDS else len(KINDS))
 
 
 def key(layer: int, kind: str) -> str:
-    """The projection's name in every document: ``layers.3.up``."""
-    return f"layers.{layer}.{kind}"
-
-
-def parse_key(name: str) -> tuple[int, str]:
-    """(layer, kind) of a key; ValueError for anything else."""
-    parts = name.split(".")
-    if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in KINDS:
-        raise ValueError(f"not a projection key: {name!r} (expected layers.N.KIND)")
-    return int(parts[1]), parts[2]
-
-
-def order(layer: int, kind: str) -> tuple[int, int]:
-    """Sort key: by layer, then in the order a block computes its projections."""
-    return (layer, KINDS.index(kind) if kind in KINDS else len(KINDS))
+    """The projection's name in every document: ``layers.3.up`` (``str(Key(layer, kind))``)."""
+    return str(Key(layer, kind))
 
 
 def check_projections(rows: list[dict], num_layers: int, where: str) -> None:

@@ -30,7 +30,7 @@ from . import __version__
 from .errors import ActTailError
 from . import files
 from .files import atomic_path, check_model, check_schema, read_json, write_json
-from .layout import KINDS, check_projections, key as projection_key, order as projection_order, parse_key
+from .layout import KINDS, Key, check_projections
 
 FORMAT = "acttail-plan"
 VERSION = 2
@@ -74,7 +74,7 @@ class PlanEntry:
 
     @property
     def key(self) -> str:
-        return projection_key(self.layer, self.kind)
+        return str(Key(self.layer, self.kind))
 
     @property
     def params(self) -> int:
@@ -192,7 +192,7 @@ class Plan:
 
     def check_model(self, fingerprint: str, where: str = "plan") -> None:
         """Refuse a plan made for other weights."""
-        check_model(self.model, fingerprint, where)
+        check_model(self.model["fingerprint"], fingerprint, where)
 
     # ---- reading -----------------------------------------------------------------------------------
 
@@ -200,7 +200,7 @@ class Plan:
         for e in self.projections:
             if e.layer == layer and e.kind == kind:
                 return e
-        raise KeyError(projection_key(layer, kind))
+        raise KeyError(str(Key(layer, kind)))
 
     @property
     def calibrated(self) -> bool:
@@ -236,7 +236,7 @@ class Plan:
         unknown = sorted(set(thresholds) - keys) + sorted(set(stats or {}) - keys)
         if unknown:
             raise ActTailError(f"thresholds for projections not in the plan: {', '.join(unknown[:5])}")
-        missing = sorted(keys - set(thresholds), key=lambda k: projection_order(*parse_key(k)))
+        missing = sorted(keys - set(thresholds), key=lambda k: Key.parse(k).order)
         if missing:
             raise ActTailError(f"no threshold for {len(missing)} projections, e.g. {', '.join(missing[:5])}")
         entries = []
@@ -351,7 +351,7 @@ def _ordered(plan: dict) -> dict:
     out.update({k: v for k, v in plan.items() if k not in out})
     out["projections"] = sorted(
         ({**{k: e[k] for k in ENTRY_KEYS if k in e}, **{k: v for k, v in e.items() if k not in ENTRY_KEYS}}
-         for e in out["projections"]), key=lambda e: projection_order(e["layer"], e["kind"]))
+         for e in out["projections"]), key=lambda e: Key(e["layer"], e["kind"]).order)
     return out
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from .layout import KINDS
+from .layout import KINDS, Key
 from .runtime.perplexity import perplexity
 from .runtime.sparsify import ProjectionSparsity, Sparsifier, keep_count
 
@@ -42,13 +42,13 @@ def measure(model, wins: torch.Tensor, fingerprint: str, text: str = "c4", level
     n_projections x levels forward passes: minutes on a GPU, hours for a 135M model on two CPU cores."""
     import time
 
-    keys = [(layer, kind) for layer in range(model.args.n_layer) for kind in KINDS]
+    keys = [Key(layer, kind) for layer in range(model.args.n_layer) for kind in KINDS]
     t0 = time.time()
     r = sensitivity(model, wins, keys, levels, progress=progress)
     return {"model": {"fingerprint": fingerprint}, "text": str(text), "tokens": int(wins.numel()),
             "mode": "topk", "levels": list(levels), "dense_nll": r["dense_nll"], "seconds": time.time() - t0,
-            "projections": [{"key": f"layers.{l}.{k}", "layer": l, "kind": k,
-                             **{f"dnll_{round(100 * lv)}": d[lv] for lv in levels}} for (l, k), d in r["dnll"].items()]}
+            "projections": [{"key": str(k), "layer": k.layer, "kind": k.kind,
+                             **{f"dnll_{round(100 * lv)}": d[lv] for lv in levels}} for k, d in r["dnll"].items()]}
 
 
 # ---- allocation from alpha and sensitivity ---------------------------------------------------------
@@ -86,12 +86,12 @@ def check_sensitivity(sens, analysis: dict, level: str = "dnll_80", where: str =
     """One clear error unless ``sens`` follows schemas/sensitivity.schema.json, is for the analysed
     weights, and has ``level`` for exactly the analysis' projections."""
     from .errors import ActTailError
-    from .files import check_schema
+    from .files import check_model, check_schema
 
     fingerprint = sens.get("model", {}).get("fingerprint") if isinstance(sens, dict) else None
-    if isinstance(fingerprint, str) and fingerprint != analysis["model"]["fingerprint"]:
-        raise ActTailError(f"the {where} and the analysis are for different checkpoints (fingerprint "
-                           f"{fingerprint}, analysis {analysis['model']['fingerprint']})")
+    if isinstance(fingerprint, str):  # else the schema names what is missing
+        check_model(fingerprint, analysis["model"]["fingerprint"], f"the {where} and the analysis",
+                    "are for different checkpoints", against="the analysis")
     check_schema(sens, "sensitivity", where)
     keys = [p["key"] for p in sens["projections"]]
     wanted = [r["key"] for r in analysis["projections"]]

@@ -17,9 +17,7 @@ from torch import nn
 
 from .checkpoint import Projection
 from .errors import ActTailError
-from .layout import HF_MODULES, KINDS
-
-FUSED = {"qkv_proj": ("q", "k", "v"), "gate_up_proj": ("gate", "up")}
+from .layout import HF_FUSED, HF_MODULES, KINDS
 
 
 class ModuleWeights:
@@ -72,17 +70,16 @@ def projection_modules(model: nn.Module) -> dict[nn.Linear, list[tuple[str, int,
                 out[layer.get_submodule(name)] = [(kind, i, slice(None))]
             except AttributeError:
                 pass
-        for name, kinds in FUSED.items():
-            for parent in ("self_attn", "mlp"):
-                try:
-                    linear = layer.get_submodule(f"{parent}.{name}")
-                except AttributeError:
-                    continue
-                rows, start = [], 0
-                for k, width in zip(kinds, _fused_sizes(kinds, cfg)):
-                    rows.append((k, i, slice(start, start + width)))
-                    start += width
-                out[linear] = rows
+        for name, kinds in HF_FUSED.items():
+            try:
+                linear = layer.get_submodule(name)
+            except AttributeError:
+                continue
+            rows, start = [], 0
+            for k, width in zip(kinds, _fused_sizes(kinds, cfg)):
+                rows.append((k, i, slice(start, start + width)))
+                start += width
+            out[linear] = rows
     return out
 
 

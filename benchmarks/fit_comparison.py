@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from acttail.analysis import run_analysis
-from acttail.checkpoint import KINDS
+from acttail.layout import KINDS
 from acttail.files import write_text
 
 

@@ -6,8 +6,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from acttail.checkpoint import KINDS, Checkpoint
+from acttail.checkpoint import Checkpoint
 from acttail.errors import ActTailError
+from acttail.files import schema
+from acttail.layout import KINDS, Key
 from conftest import write_tiny_model
 
 
@@ -23,6 +25,29 @@ def test_projections_and_shapes(tiny_llama):
         w = ckpt.load(p)
         assert tuple(w.shape) == p.shape and p.params == w.numel()
     assert projs[8].key == "layers.1.k"
+
+
+def test_key_is_a_tuple_in_memory_and_a_string_in_documents():
+    k = Key(3, "up")
+    assert k == (3, "up") and hash(k) == hash((3, "up")) and {(3, "up"): 1}[k] == 1
+    assert str(k) == f"{k}" == "layers.3.up" and Key.parse("layers.3.up") == k
+    assert sorted([Key(1, "q"), Key(0, "down"), Key(0, "q")], key=lambda x: x.order) == [(0, "q"), (0, "down"), (1, "q")]
+    for bad in ("layers.3.upp", "layer.3.up", "layers.x.up", "layers.3", "layers.-1.q"):
+        with pytest.raises(ValueError, match="not a projection key"):
+            Key.parse(bad)
+
+
+def test_schemas_list_the_layout_kinds():
+    """Every file format's projection key pattern and kind enum say layout.KINDS (a schema cannot import it)."""
+    def fields(doc):
+        if isinstance(doc, dict):
+            if isinstance(doc.get("kind"), dict) and isinstance(doc.get("key"), dict):
+                yield doc["key"]["pattern"], doc["kind"]["enum"]
+            for v in doc.values():
+                yield from fields(v)
+    found = [f for name in ("analysis", "plan", "sensitivity") for f in fields(schema(name))]
+    assert len(found) == 3
+    assert all(p == rf"^layers\.[0-9]+\.({'|'.join(KINDS)})$" and e == list(KINDS) for p, e in found)
 
 
 def test_sharded_equals_single(tmp_path):
@@ -61,6 +86,10 @@ def test_phi3_inconsistent_fused_shape(tmp_path):
     cfg["num_key_value_heads"] = 3
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ActTailError, match="rows but config.json implies"):
+        Checkpoint.open(folder).projections()
+    del cfg["num_attention_heads"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ActTailError, match="config.json lacks the sizes that split .*qkv_proj"):
         Checkpoint.open(folder).projections()
 
 

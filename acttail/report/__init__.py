@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .. import analysis as analysis_stage
 from ..errors import ActTailError
-from ..files import atomic_path, cache_dir, check_schema, read_json
+from ..files import atomic_path, cache_dir, check_model, check_schema, read_json
 from ..plan import Plan
 from . import figures as F
 from .html import render_report
@@ -93,9 +93,8 @@ def load_eval_for(path, analysis: dict, plans: list[PlanView]) -> dict:
     if not isinstance(e.get("perplexity"), (int, float)) or not math.isfinite(e["perplexity"]):
         raise ActTailError(f"eval result {path} has no finite 'perplexity'")
     check_schema(e, "eval", f"eval result {path}")
-    fp, want = (e.get("model") or {}).get("fingerprint"), analysis["model"]["fingerprint"]
-    if fp != want:
-        raise ActTailError(f"eval result {path} is for another model (fingerprint {fp}, analysis has {want})")
+    check_model((e.get("model") or {}).get("fingerprint"), analysis["model"]["fingerprint"], f"eval result {path}",
+                "is for another model", against="the analysis")
     summary = e.get("plan")
     if summary is not None:
         if not isinstance(summary, dict) or not isinstance(summary.get("budget"), (int, float)):
@@ -190,10 +189,9 @@ def compute_spectra(analysis: dict, keys: list[str], path: str | None, tried: li
         if tried == [path]:  # given with --model: the user asked for this folder
             raise
         return {}, f"cannot open model folder ({e}): ESD figures skipped"
-    if ckpt.fingerprint != analysis["model"]["fingerprint"]:
-        raise ActTailError(f"model folder {path} holds other weights than the analysis (fingerprint "
-                           f"{ckpt.fingerprint}, analysis {analysis['model']['fingerprint']}): give the analysed "
-                           "model with --model, or analyse this one")
+    check_model(ckpt.fingerprint, analysis["model"]["fingerprint"], f"model folder {path}",
+                "holds other weights than the analysis", against="the analysis",
+                advice=": give the analysed model with --model, or analyse this one")
     settings = analysis.get("settings") or {}
     dtype = getattr(torch, str(settings.get("dtype", "float32")), None)
     if not isinstance(dtype, torch.dtype):

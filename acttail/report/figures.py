@@ -21,7 +21,8 @@ from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-KINDS = ("q", "k", "v", "o", "gate", "up", "down")
+from ..layout import KINDS  # noqa: E402
+
 KIND_COLORS = dict(zip(KINDS, ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")))
 ALPHA_BAND = (2.0, 6.0)  # HT-SR: well-trained layers have 2 <= alpha <= 6
 ANNOTATE_MAX_LAYERS = 40  # write values into heatmap cells only while they stay legible

@@ -15,12 +15,8 @@ import math
 from dataclasses import dataclass
 
 from ..errors import ActTailError
+from ..layout import ARCHITECTURES, FAMILIES
 
-# Architecture -> family; the families differ by options of ModelArgs, not by code.
-FAMILIES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "llama",
-            "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3",
-            "Gemma3ForConditionalGeneration": "gemma3", "Phi3ForCausalLM": "phi3"}
-ARCHITECTURES = tuple(FAMILIES)
 
 # The transformers config classes' values for keys a Gemma config.json may leave out (a Gemma 3
 # multimodal config often gives only a few keys of its text_config).
