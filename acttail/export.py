@@ -33,11 +33,11 @@ from pathlib import Path
 
 from .errors import ActTailError
 from .files import write_json
-from .layout import KINDS
+from .layout import HF_MODULES, KINDS
 from .plan import Plan, PlanEntry, weighted_sparsity
 
-HF_NAMES = {"q": "self_attn/q_proj", "k": "self_attn/k_proj", "v": "self_attn/v_proj", "o": "self_attn/o_proj",
-            "gate": "mlp/gate_proj", "up": "mlp/up_proj", "down": "mlp/down_proj"}
+# NNCF's torch node names join module names with '/', not '.'.
+HF_NAMES = {kind: name.replace(".", "/") for kind, name in HF_MODULES.items()}
 TEAL_COLUMNS = ["Effective Sparsity", "Activation Error", "Baseline Error", *KINDS]
 
 
