@@ -37,17 +37,44 @@ def test_gemma3n_pattern(plan, tmp_path):
     assert len(set(pattern)) == 12  # real per-layer numbers, not the budget repeated
 
 
-def test_gemma3n_pattern_loads_in_transformers(plan, tmp_path):
+def gemma3n_classes():
+    """Gemma-3n's text config and model from the installed transformers; a printed skip where it has none."""
     transformers = pytest.importorskip("transformers")
-    out = tmp_path / "gemma3n.json"
-    export(plan, "gemma3n", out)
-    pattern = json.loads(out.read_text())["activation_sparsity_pattern"]
-    cfg = transformers.Gemma3nTextConfig(num_hidden_layers=12, layer_types=["full_attention"] * 12,
-                                         activation_sparsity_pattern=pattern)
-    assert cfg.activation_sparsity_pattern == pattern
+    if not hasattr(transformers, "Gemma3nTextConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no Gemma-3n (added in 4.53)")
+    return transformers.AutoConfig, transformers.Gemma3nTextConfig, transformers.Gemma3nForCausalLM
+
+
+def test_gemma3n_pattern_loads_in_transformers(plan, tmp_path):
+    """transformers' own Gemma-3n reads the exported field from config.json and cuts each layer's gate output
+    at the plan's per-layer sparsity."""
+    import torch
+
+    auto_config, config_class, model_class = gemma3n_classes()
+    export(plan, "gemma3n", tmp_path / "gemma3n.json")
+    exported = json.loads((tmp_path / "gemma3n.json").read_text())
+    pattern = exported["activation_sparsity_pattern"]
+    tiny = config_class(vocab_size=64, vocab_size_per_layer_input=64, hidden_size=32, hidden_size_per_layer_input=8,
+                        intermediate_size=256, num_hidden_layers=12, num_attention_heads=2, num_key_value_heads=1,
+                        head_dim=16, layer_types=["full_attention"] * 12, num_kv_shared_layers=0, laurel_rank=4,
+                        altup_num_inputs=2)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({**tiny.to_dict(), **exported}))  # the field merged in
+    cfg = auto_config.from_pretrained(tmp_path / "model")
+    assert type(cfg) is config_class and cfg.activation_sparsity_pattern == pattern
+    torch.manual_seed(0)
+    model = model_class(cfg).eval()
+    assert [layer.mlp.activation_sparsity for layer in model.model.layers] == pattern
+    zeroed = {}  # fraction of each layer's gate-projection output that reaches the activation function as 0
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.act_fn.register_forward_pre_hook(
+            lambda m, args, i=i: zeroed.__setitem__(i, float((args[0] == 0).float().mean())))
+    with torch.no_grad():
+        logits = model(torch.randint(0, 64, (1, 16))).logits
+    assert logits.shape == (1, 16, 64) and torch.isfinite(logits).all()
+    assert [zeroed[i] for i in range(12)] == pytest.approx(pattern, abs=0.04)  # Gaussian quantile, 16 x 256 samples
     with pytest.raises(ValueError, match="every layer"):  # one value per layer, checked by transformers
-        transformers.Gemma3nTextConfig(num_hidden_layers=11, layer_types=["full_attention"] * 11,
-                                       activation_sparsity_pattern=pattern)
+        config_class(num_hidden_layers=11, layer_types=["full_attention"] * 11, activation_sparsity_pattern=pattern)
 
 
 def test_nncf_scopes_match_one_node_each(plan, tmp_path):
