@@ -1,22 +1,33 @@
-"""Exporters: a plan in the formats other runtimes read. Each says what it loses.
+"""Exporters: a plan in the formats other runtimes read. Each says what its consumer keeps and drops, as
+measured by running the consumer on our files (tests/test_export.py; reports/export/teal.md).
 
 - ``gemma3n``: ``{"activation_sparsity_pattern": [one float per layer]}``, the field of Gemma-3n's
-  config.json read by HF transformers, vLLM, SGLang and MLX. Loses: per-projection ratios (one number per
-  layer, the parameter-weighted mean of the layer), the thresholds and calibration statistics. Gemma-3n
-  applies the number to one place only: the MLP gate-projection output, cut per token at a Gaussian
-  quantile (mean + std * Phi^-1(sparsity)) before the activation function; attention inputs stay dense.
+  config.json read by HF transformers, vLLM, SGLang and MLX. transformers' Gemma3nForCausalLM keeps one
+  number per layer (the parameter-weighted mean of the layer's projections; ``mlp.activation_sparsity``)
+  and applies it at one place only, the MLP gate-projection output: per token it cuts the signed values
+  (not |x|) at the Gaussian quantile mean + std * Phi^-1(sparsity) and passes relu(x - cutoff) on, so
+  about that fraction reaches the activation function as 0 and the rest is shifted by the cutoff. Drops:
+  the per-projection ratios (q/k/v/o/up/down inputs stay dense), our thresholds and calibration data.
 - ``nncf``: OpenVINO NNCF's ``target_sparsity_by_scope`` as JSON, module-name regex -> sparsity, one
   entry per projection; build ``{TargetScope(patterns=[k]): v for k, v in ...items()}`` for
-  ``nncf.experimental.torch.sparsify_activations.sparsify_activations``. Loses: thresholds and
-  calibration statistics (NNCF calibrates its own thresholds as quantiles of |x| on its dataset). The
-  patterns follow the node names of NNCF 3.4's torch tracing of HF Llama-style models
-  (``model/self_attn/q_proj/linear/<layer>``, where the trailing number is the call index, i.e. the
-  layer); other NNCF versions name nodes differently, and NNCF reports a pattern it cannot match.
+  ``nncf.experimental.torch.sparsify_activations.sparsify_activations``. NNCF keeps every projection's
+  sparsity: one ActivationsSparsifier before each named linear, nowhere else. Drops: our thresholds and
+  calibration statistics; it recalibrates one scalar threshold per projection (a moving average of
+  per-batch quantiles of |x|) on its own dataset and zeroes |x| <= threshold on every token, so the
+  achieved sparsity follows its dataset. The patterns follow the node names of NNCF 3.4.0's torch tracing
+  of HF Llama-style models (``model/self_attn/q_proj/linear/<layer>``, where the trailing number is the
+  call index, i.e. the layer); other NNCF versions may name nodes differently, and NNCF reports a
+  pattern it cannot match.
 - ``teal``: TEAL's greedy lookup folder, ``layer-<i>/results.csv`` with the columns
   ``Effective Sparsity,Activation Error,Baseline Error,q,k,v,o,gate,up,down``, one row per layer (the
-  errors are left empty: we did not measure them). Loses: thresholds (TEAL recomputes them from its own
-  activation histograms), calibration statistics, and the search ladder: TEAL picks the row nearest the
-  sparsity it is asked for, and with one row per layer it always gets this plan's row.
+  errors are left empty: we did not measure them). Read by TEAL's HF model (``load_greedy_sparsities``,
+  ``ppl_test.py --greedy_flag``); its gpt-fast loader reads no lookup, only histograms and one uniform
+  sparsity. TEAL picks the row nearest the level it is asked for (by Effective Sparsity, our parameter-
+  weighted mean, as its own) and keeps each projection's sparsity exactly; with one row per layer every
+  level gets this plan's row. Drops: the thresholds (TEAL recomputes them from its own activation
+  histograms as the (1 + sparsity) / 2 quantile of the signed inputs, i.e. assuming them symmetric about
+  0), the calibration statistics and the search ladder; it sparsifies decode tokens and the last half of
+  each prefill.
 
 None of the three formats has a place for a score other than |x| or for compensation (biases, low-rank
 factors): ``losses`` names what an export drops, and the command line prints it.
@@ -33,11 +44,11 @@ from pathlib import Path
 
 from .errors import ActTailError
 from .files import write_json
-from .layout import KINDS
+from .layout import HF_MODULES, KINDS
 from .plan import Plan, PlanEntry, weighted_sparsity
 
-HF_NAMES = {"q": "self_attn/q_proj", "k": "self_attn/k_proj", "v": "self_attn/v_proj", "o": "self_attn/o_proj",
-            "gate": "mlp/gate_proj", "up": "mlp/up_proj", "down": "mlp/down_proj"}
+# NNCF's torch node names join module names with '/', not '.'.
+HF_NAMES = {kind: name.replace(".", "/") for kind, name in HF_MODULES.items()}
 TEAL_COLUMNS = ["Effective Sparsity", "Activation Error", "Baseline Error", *KINDS]
 
 

@@ -37,17 +37,44 @@ def test_gemma3n_pattern(plan, tmp_path):
     assert len(set(pattern)) == 12  # real per-layer numbers, not the budget repeated
 
 
-def test_gemma3n_pattern_loads_in_transformers(plan, tmp_path):
+def gemma3n_classes():
+    """Gemma-3n's text config and model from the installed transformers; a printed skip where it has none."""
     transformers = pytest.importorskip("transformers")
-    out = tmp_path / "gemma3n.json"
-    export(plan, "gemma3n", out)
-    pattern = json.loads(out.read_text())["activation_sparsity_pattern"]
-    cfg = transformers.Gemma3nTextConfig(num_hidden_layers=12, layer_types=["full_attention"] * 12,
-                                         activation_sparsity_pattern=pattern)
-    assert cfg.activation_sparsity_pattern == pattern
+    if not hasattr(transformers, "Gemma3nTextConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no Gemma-3n (added in 4.53)")
+    return transformers.AutoConfig, transformers.Gemma3nTextConfig, transformers.Gemma3nForCausalLM
+
+
+def test_gemma3n_pattern_loads_in_transformers(plan, tmp_path):
+    """transformers' own Gemma-3n reads the exported field from config.json and cuts each layer's gate output
+    at the plan's per-layer sparsity."""
+    import torch
+
+    auto_config, config_class, model_class = gemma3n_classes()
+    export(plan, "gemma3n", tmp_path / "gemma3n.json")
+    exported = json.loads((tmp_path / "gemma3n.json").read_text())
+    pattern = exported["activation_sparsity_pattern"]
+    tiny = config_class(vocab_size=64, vocab_size_per_layer_input=64, hidden_size=32, hidden_size_per_layer_input=8,
+                        intermediate_size=256, num_hidden_layers=12, num_attention_heads=2, num_key_value_heads=1,
+                        head_dim=16, layer_types=["full_attention"] * 12, num_kv_shared_layers=0, laurel_rank=4,
+                        altup_num_inputs=2)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({**tiny.to_dict(), **exported}))  # the field merged in
+    cfg = auto_config.from_pretrained(tmp_path / "model")
+    assert type(cfg) is config_class and cfg.activation_sparsity_pattern == pattern
+    torch.manual_seed(0)
+    model = model_class(cfg).eval()
+    assert [layer.mlp.activation_sparsity for layer in model.model.layers] == pattern
+    zeroed = {}  # fraction of each layer's gate-projection output that reaches the activation function as 0
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.act_fn.register_forward_pre_hook(
+            lambda m, args, i=i: zeroed.__setitem__(i, float((args[0] == 0).float().mean())))
+    with torch.no_grad():
+        logits = model(torch.randint(0, 64, (1, 16))).logits
+    assert logits.shape == (1, 16, 64) and torch.isfinite(logits).all()
+    assert [zeroed[i] for i in range(12)] == pytest.approx(pattern, abs=0.04)  # Gaussian quantile, 16 x 256 samples
     with pytest.raises(ValueError, match="every layer"):  # one value per layer, checked by transformers
-        transformers.Gemma3nTextConfig(num_hidden_layers=11, layer_types=["full_attention"] * 11,
-                                       activation_sparsity_pattern=pattern)
+        config_class(num_hidden_layers=11, layer_types=["full_attention"] * 11, activation_sparsity_pattern=pattern)
 
 
 def test_nncf_scopes_match_one_node_each(plan, tmp_path):
@@ -65,29 +92,55 @@ def test_nncf_scopes_match_one_node_each(plan, tmp_path):
         assert plan.projections[int(layer) * 7 + KINDS.index(kind)].sparsity == sparsity
 
 
-def test_nncf_accepts_the_export():
-    """Only where NNCF is installed (not a dependency): its sparsifiers get the plan's sparsities."""
-    nncf = pytest.importorskip("nncf")
-    transformers = pytest.importorskip("transformers")
-    import torch
+def nncf_sparsify(model, plan, data):
+    """NNCF's own sparsify_activations on ``model`` with our export; -> (sparse model, key -> its sparsifier)."""
+    nncf = pytest.importorskip("nncf", reason="nncf is not installed (pip install -e '.[dev]' installs it)")
     from nncf.experimental.torch.sparsify_activations import TargetScope, sparsify_activations
     from nncf.experimental.torch.sparsify_activations.torch_backend import ActivationsSparsifier
     from nncf.torch.function_hook.wrapper import get_hook_storage
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_attention_heads=2,
-                                   num_key_value_heads=1, num_hidden_layers=3, use_cache=False)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    plan = plan_from_analysis(analysis(num_layers=3, hidden=16, inter=32, kv=8), 0.5, method="acttail")
-    data = nncf.Dataset([torch.randint(0, 64, (1, 8)) for _ in range(2)])
     scopes = {TargetScope(patterns=[k]): v for k, v in nncf_scopes(plan).items()}
-    sparse = sparsify_activations(model, data, target_sparsity_by_scope=scopes)
-    got = {}
+    sparse = sparsify_activations(model, nncf.Dataset(data), target_sparsity_by_scope=scopes)
+    sparsifiers = {}
     for name, hook in get_hook_storage(sparse).named_hooks():
         if isinstance(hook, ActivationsSparsifier):
             proj, layer = re.search(r"/(\w+)_proj/linear/(\d+)__", name).groups()
-            got[f"layers.{layer}.{proj}"] = hook.target_sparsity
-    assert got == pytest.approx({e.key: e.sparsity for e in plan.projections})
+            sparsifiers[f"layers.{layer}.{proj}"] = hook
+    return sparse, sparsifiers
+
+
+def test_nncf_accepts_the_export():
+    """NNCF puts a sparsifier at the plan's sparsity before every projection the plan names (and nowhere
+    else), recalibrates its thresholds on its dataset, and the projections consume the sparsified inputs."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                   num_key_value_heads=2, num_hidden_layers=3, use_cache=False)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    plan = plan_from_analysis(analysis(num_layers=3, hidden=64, inter=128, kv=32), 0.5, method="acttail")
+    data = [torch.randint(0, 64, (1, 32)) for _ in range(8)]
+    sparse, sparsifiers = nncf_sparsify(model, plan, data)
+    assert {k: h.target_sparsity for k, h in sparsifiers.items()} == pytest.approx(
+        {e.key: e.sparsity for e in plan.projections})
+    assert all(torch.isfinite(h.running_threshold) and h.running_threshold > 0 for h in sparsifiers.values())
+    zeroed, seen = {k: [] for k in sparsifiers}, {}
+    for key, hook in sparsifiers.items():
+        hook.register_forward_hook(lambda m, args, out, key=key: zeroed[key].append(float((out == 0).float().mean())))
+    sparsifiers["layers.2.down"].register_forward_hook(lambda m, args, out: seen.__setitem__("x", out))
+    down = sparse.model.layers[2].mlp.down_proj
+    down.register_forward_hook(lambda m, args, out: seen.update(dense_x=args[0], y=out))
+    with torch.no_grad():
+        for ids in data:
+            logits = sparse(ids).logits
+    assert logits.shape == (1, 32, 64) and torch.isfinite(logits).all()
+    achieved = {k: sum(v) / len(v) for k, v in zeroed.items()}  # on its own calibration data: about the target
+    assert achieved == pytest.approx({e.key: e.sparsity for e in plan.projections}, abs=0.1)
+    # the projection ran on the sparsified input, not on the dense one its module was called with
+    assert (seen["dense_x"] != 0).all() and (seen["x"] == 0).any()
+    assert torch.allclose(seen["y"], seen["x"] @ down.weight.T, atol=1e-6)
+    assert not torch.allclose(seen["y"], seen["dense_x"] @ down.weight.T, atol=1e-5)
 
 
 def test_teal_folder(plan, tmp_path):
