@@ -25,7 +25,8 @@ from .errors import ActTailError
 from .evaluation import evaluate_windows
 from .plan import Plan
 from .runtime import open_model
-from .runtime.hf import Applied, apply as apply_to_transformers, from_transformers, is_transformers_model
+from .runtime.applied import Applied, applied, apply_ours
+from .runtime.hf import apply as apply_to_transformers, from_transformers, is_transformers_model
 from .runtime.model import Transformer
 from .runtime.tokens import bos_id, load_tokenizer, text_tokens, tokenizer_bos, windows
 
@@ -100,15 +101,18 @@ def tune(model, analysis: Analysis, texts, tokenizer=None, within: float = 0.05,
     return tune_windows(ours, doc, wins[:n_cal], wins[n_cal:], within, cfg, progress=progress, **calibrate_options)
 
 
-def apply(model, plan: Plan, mode: str = "threshold") -> Applied:
+def apply(model, plan: Plan, mode: str = "threshold", backend: str | None = None) -> Applied:
     """Sparsify ``model`` in place as ``plan`` says; returns a handle whose ``remove()`` (or the end of a
-    ``with`` block) restores it. On CPU inputs are zeroed; on CUDA with fp16/bf16 weights decode steps
-    (batch <= 8) run through the Triton kernels and prefill runs dense."""
+    ``with`` block) restores it. Inputs are zeroed as the plan says (every position of a longer input); on a
+    transformers model with fp16/bf16 weights on CUDA (``backend="kernels"``, the default there) decode steps
+    (one new token per sequence, batch <= 8) run through the Triton kernels."""
     if isinstance(model, Transformer):
-        return _apply_ours(model, plan, mode)
+        if applied(model) is not None:
+            raise ActTailError("a plan is already applied to this model: remove() it first")
+        return apply_ours(model, plan, mode)
     if not is_transformers_model(model):
         raise ActTailError(f"acttail.apply takes a transformers causal LM or an acttail model, not {type(model).__name__}")
-    return apply_to_transformers(model, plan, mode)
+    return apply_to_transformers(model, plan, mode, backend)
 
 
 def evaluate(model, text, tokenizer=None, plan: Plan | None = None, tokens: int = 32768, ctx: int = 512,
@@ -123,7 +127,7 @@ def evaluate(model, text, tokenizer=None, plan: Plan | None = None, tokens: int 
 
     if prefill != "all":
         raise ActTailError("on a transformers model every position is sparsified (prefill='all')")
-    handle = apply(model, plan, mode) if plan is not None else getattr(model, "_acttail_applied", None)
+    handle = apply(model, plan, mode) if plan is not None else applied(model)
     try:
         if handle is not None:
             handle.reset_counts()
@@ -178,31 +182,3 @@ def _windows(model, texts, tokenizer, tokens: int, ctx: int) -> torch.Tensor:
     max_ctx = model.args.max_seq_len if isinstance(model, Transformer) else \
         getattr(model.config, "max_position_embeddings", ctx)
     return windows(ids, ctx, max_ctx, bos=bos)
-
-
-def _apply_ours(model: Transformer, plan: Plan, mode: str):
-    """Our decoder: install the plan's Sparsifier; the handle puts the dense one back."""
-    from .runtime import plan_sparsifier
-    from .runtime.sparsify import Sparsifier
-
-    model.sparsifier = plan_sparsifier(plan, mode)
-
-    class _Handle:
-        enabled = True
-
-        def remove(self):
-            model.sparsifier = Sparsifier.dense()
-
-        def achieved(self):
-            return model.sparsifier.achieved()
-
-        def reset_counts(self):
-            model.sparsifier.reset_counts()
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.remove()
-
-    return _Handle()

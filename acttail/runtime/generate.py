@@ -129,7 +129,7 @@ def check_kernel_run(device, temperature, prefill_policy):
 
 def _generate_kernels(model, plan, mode, ids, max_new_tokens, device, dtype):
     """Greedy tokens from the Triton decode path, with the decode rate measured around the graph replays."""
-    from .cuda import CudaDecoder
+    from .decoder import Decoder, greedy
 
     dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype not in dtypes:
@@ -138,27 +138,26 @@ def _generate_kernels(model, plan, mode, ids, max_new_tokens, device, dtype):
     if n > model.args.max_seq_len:
         raise ActTailError(f"{len(ids)} prompt + {max_new_tokens} new tokens exceed the model's "
                            f"{model.args.max_seq_len} positions")
-    dec = CudaDecoder.from_model(model, dtype=dtypes[dtype], device=device, max_seq=n)
-    if plan is not None:
-        dec.set_plan(plan, mode)
+    dec = Decoder.from_model(model, dtype=dtypes[dtype], device=device, plan=plan, mode=mode, max_seq=n)
     on_gpu = dec.device.type == "cuda"
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     with torch.no_grad():
         t0 = time.perf_counter()
-        dec.prefill(torch.tensor(ids, device=dec.device))
+        dec.tokens.copy_(dec.prefill(torch.tensor([ids], device=dec.device)).argmax(-1).view(1, 1))
+        dec.out[:, len(ids)] = dec.tokens[:, 0]
         sync()
         t1 = time.perf_counter()
         if on_gpu:
-            dec.capture()
+            dec.graphs[greedy] = dec.capture(greedy)
         sync()
         t2 = time.perf_counter()
-        dec.decode(max_new_tokens - 1, use_graph=on_gpu)
+        dec.decode(max_new_tokens - 1, greedy, use_graph=on_gpu)
         sync()
         t3 = time.perf_counter()
     T = len(ids)
-    out = dec.generated[T:T + max_new_tokens].tolist()
+    out = dec.out[0, T:T + max_new_tokens].tolist()
     info = {"backend": "kernels", "device": str(dec.device), "dtype": dtype, "new_tokens": len(out),
             "prefill_s": t1 - t0, "capture_s": t2 - t1, "decode_s": t3 - t2,
             "decode_tokens_per_s": (max_new_tokens - 1) / (t3 - t2) if max_new_tokens > 1 else None,
-            "sparse_groups": len(dec.t) + len(dec.keeps), "groups": 4 * dec.args.n_layer}
+            "sparse_groups": dec.ops.sparse_groups(1), "groups": 4 * dec.model.args.n_layer}
     return out, info

@@ -1,82 +1,72 @@
 """Plans on stock transformers models: ``apply`` (sparsify their projections in place, removable) and
-``from_transformers`` (our decoder built from their weights, for calibration).
+``from_transformers`` (our decoder built from their weights: calibration, the fast decoder).
 
-``apply`` wraps the forward of every q/k/v/o/gate/up/down ``nn.Linear`` of each decoder layer (Phi-3's
-fused ``qkv_proj`` / ``gate_up_proj`` too: each part gets its own sparsified copy of the input). On the CPU,
-or for float32 weights, the input is zeroed as the plan says and the projection runs as before. On CUDA
-with fp16/bf16 weights, a decode step (one new token per sequence, batch <= 8) runs through the Triton
-sparse kernels (the weights are kept input-major for them, with the module's weight a transposed view of
-that storage, so the dense prefill still reads the same bytes); longer inputs run dense.
+``apply`` replaces the forward of every q/k/v/o/gate/up/down ``nn.Linear`` of each decoder layer (Phi-3's
+fused ``qkv_proj`` / ``gate_up_proj`` too: each part gets its own sparsified copy of the input). Inputs are
+zeroed as the plan says and the projection runs as before: the reference path, on any device, every
+position of a longer input sparsified. With the kernel backend (the default on CUDA for fp16/bf16 weights)
+a decode step (one new token per sequence, batch <= 8) runs each projection group's ``Launch`` instead
+(launch.py, the same mapping and dispatch rule as the GPU decoder): q/k/v in one launch (the q projection
+computes all three, k and v take their columns), gate/up and act(gate) * up in one (the MLP's forward
+takes them), o and down one each; a group the dispatch rule leaves dense runs the plain Linear. The
+weights are stored input-major for the kernels, q/k/v and gate/up concatenated, with each module's weight
+a view of that storage (same bytes, no second copy). Under torch.compile each launch is one opaque custom
+op (``acttail.kernels.ops``); the zeros are counted only outside compiled graphs.
 """
 
 from __future__ import annotations
 
 import types
-from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ActTailError
+from ..layout import GROUPS
 from ..weights import decoder_layers, projection_modules
-from .sparsify import compensation_term, settings, sparse_linear, sparsify
+from .applied import Applied, applied
+from .sparsify import Sparsifier, settings
 
-class Applied:
-    """A plan applied to a model's projections; ``remove()`` restores them, ``enabled`` switches it off
-    for a while (e.g. for a dense reference run). ``achieved()`` is the measured sparsity per projection."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.enabled = True
-        self.measure = True
-        self.zeros: dict = defaultdict(int)
-        self.total: dict = defaultdict(int)
-        self._restore: list = []
-
-    def achieved(self) -> dict:
-        return {k: self.zeros[k] / self.total[k] for k in self.total if self.total[k]}
-
-    def reset_counts(self) -> None:
-        self.zeros.clear()
-        self.total.clear()
-
-    def remove(self) -> None:
-        """Give every projection its own forward (and contiguous weights) back."""
-        for undo in reversed(self._restore):
-            undo()
-        self._restore.clear()
-        if getattr(self.model, "_acttail_applied", None) is self:
-            del self.model._acttail_applied
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
+MAX_BATCH = 8  # as acttail.kernels.MAX_BATCH (not imported: the reference path needs no triton)
 
 
-def apply(model: nn.Module, plan, mode: str = "threshold") -> Applied:
-    """Sparsify ``model``'s projections as ``plan`` says (threshold or topk mode); returns the handle."""
-    if getattr(model, "_acttail_applied", None) is not None:
+def apply(model: nn.Module, plan, mode: str = "threshold", backend: str | None = None) -> Applied:
+    """Sparsify ``model``'s projections as ``plan`` says (threshold or topk mode); returns the handle.
+    ``backend``: "kernels" (decode steps on the Triton kernels), "reference", or None: kernels where the
+    weights are fp16/bf16 on CUDA and triton imports, and the plan has no score weights."""
+    if applied(model) is not None:
         raise ActTailError("a plan is already applied to this model: remove() it first")
     sets = settings(plan, mode)
     modules = projection_modules(model)
     _check_shapes(model, plan, modules)
-    handle = Applied(model)
-    kernels = _use_kernels(model)
+    if backend not in (None, "kernels", "reference"):
+        raise ActTailError(f"unknown backend {backend!r} (choose from kernels, reference)")
+    if backend is None:
+        backend = "kernels" if _kernels_serve(model, sets) else "reference"
+    sp = Sparsifier(sets)
+    undo: list = []
+    handle = Applied(model, sp, lambda: [u() for u in reversed(undo)])
+    units = _units(model, modules) if backend == "kernels" else {}
     for linear, parts in modules.items():
-        found = [(kind, rows, sets.get((layer, kind)), (layer, kind)) for kind, layer, rows in parts]
-        if not any(s for _, _, s, _ in found):
-            continue
-        launch = _kernel_launch(linear, found) if kernels else None
-        if launch is not None:
-            _input_major(linear, handle)
-        forward = _sparse_forward(handle, found, launch)
-        linear.forward = types.MethodType(forward, linear)
-        handle._restore.append(lambda m=linear: m.__dict__.pop("forward", None))
-    model._acttail_applied = handle
+        if any(sets.get((layer, kind)) for kind, layer, _ in parts):
+            _patch(linear, types.MethodType(_linear_forward(handle, parts, units.get(linear)), linear), undo)
+    if backend == "kernels":
+        _build_launches(model, units, sets, plan.sparsities(), undo, handle)
     return handle
+
+
+def _kernels_serve(model: nn.Module, sets: dict) -> bool:
+    p = next(model.parameters())
+    if p.device.type != "cuda" or p.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if any(s.score is not None for s in sets.values()):
+        return False  # the kernels rank inputs by |x|: score-weighted plans run the reference path
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _check_shapes(model, plan, modules) -> None:
@@ -96,85 +86,29 @@ def _check_shapes(model, plan, modules) -> None:
                                "in the plan")
 
 
-def _use_kernels(model) -> bool:
-    p = next(model.parameters())
-    if p.device.type != "cuda" or p.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _patch(obj, method, undo: list, name: str = "forward") -> None:
+    setattr(obj, name, method)
+    undo.append(lambda: obj.__dict__.pop(name, None))
 
 
-def _input_major(linear: nn.Linear, handle: Applied) -> None:
-    """Store the weight input-major ([in, out] contiguous) for the kernels; the module keeps a [out, in] view."""
-    wt = linear.weight.data.t().contiguous()
-    linear.weight.data = wt.t()
-    linear._acttail_wt = wt
-
-    def undo(m=linear):
-        m.weight.data = m.weight.data.contiguous()
-        del m._acttail_wt
-
-    handle._restore.append(undo)
+# ---- the reference path, and the kernel path's dispatch ----------------------------------------------
 
 
-def _kernel_launch(linear: nn.Linear, parts) -> dict | None:
-    """What a decode step of this Linear passes the kernel, fixed once: the output widths, the thresholds on
-    the device (threshold mode) or the keep counts (topk mode). None where the kernel cannot serve: per-channel
-    score weights (the kernel ranks by |x|)."""
-    from ..kernels import new_locks
-
-    if any(s is not None and s.score is not None for _, _, s, _ in parts):
-        return None
-    splits = [rows.stop - rows.start if rows != slice(None) else linear.out_features for _, rows, _, _ in parts]
-    bias = _epilogue_bias(linear, parts, splits)
-    locks = new_locks(linear.weight.device, linear.out_features // 16 + 3)  # this Linear's own ticket counters
-    keeps = [s.keep if s is not None else None for _, _, s, _ in parts]
-    if any(k is not None for k in keeps):
-        return {"splits": splits, "keeps": [k if k is not None else 1 << 30 for k in keeps], "t": None, "bias": bias,
-                "locks": locks}
-    ts = [s.threshold if s is not None and s.threshold is not None else -1.0 for _, _, s, _ in parts]
-    return {"splits": splits, "keeps": None, "t": torch.tensor(ts, dtype=torch.float32, device=linear.weight.device),
-            "bias": bias, "locks": locks}
-
-
-def _epilogue_bias(linear: nn.Linear, parts, splits) -> torch.Tensor | None:
-    """The Linear's own bias plus the learned biases as one fp32 vector the kernel adds in its epilogue;
-    None when there is none, or when a low-rank term needs the separate compensation path."""
-    if any(s is not None and s.lowrank is not None for _, _, s, _ in parts):
-        return None
-    if linear.bias is None and not any(s is not None and s.bias is not None for _, _, s, _ in parts):
-        return None
-    dev = linear.weight.device
-    own = linear.bias.float() if linear.bias is not None else torch.zeros(sum(splits), device=dev)
-    learned = torch.cat([s.bias.to(dev, torch.float32) if s is not None and s.bias is not None
-                         else torch.zeros(w, device=dev) for (_, _, s, _), w in zip(parts, splits)])
-    return (own + learned).contiguous()
-
-
-def _sparse_forward(handle: Applied, parts, launch: dict | None):
-    """The forward of one Linear computing ``parts`` [(kind, output rows, setting, key)]; one-token steps go
-    to the kernel when ``launch`` is given."""
+def _linear_forward(handle: Applied, parts, unit: "_Unit | None"):
+    """The forward of one Linear computing ``parts`` [(kind, layer, output rows)]."""
+    sp = handle.sparsifier
 
     def forward(self, x):
         if not handle.enabled:
             return F.linear(x, self.weight, self.bias)
-        if launch is not None and _is_decode(x):
-            return _kernel_linear(self, x, parts, launch)
-        outs = []
-        for kind, rows, s, key in parts:
-            w = self.weight[rows]
-            b = self.bias[rows] if self.bias is not None else None
-            if s is None:
-                outs.append(F.linear(x, w, b))
-                continue
-            xs = sparsify(x, s)
-            if handle.measure:
-                handle.zeros[key] += int((xs == 0).sum())
-                handle.total[key] += xs.numel()
-            outs.append(sparse_linear(x, xs, w, b, s))
+        if unit is not None and _is_decode(x):
+            if unit.launch is None or not unit.launch.runs_sparse(_batch(x)):
+                return F.linear(x, self.weight, self.bias)  # the dispatch rule: dense
+            y = unit.output(self, x)
+            if y is not None:
+                return y
+        outs = [sp.project_one((layer, kind), x, sp.settings.get((layer, kind)), self.weight[rows],
+                               None if self.bias is None else self.bias[rows]) for kind, layer, rows in parts]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     return forward
@@ -182,30 +116,145 @@ def _sparse_forward(handle: Applied, parts, launch: dict | None):
 
 def _is_decode(x: torch.Tensor) -> bool:
     """One new token per sequence, at most MAX_BATCH sequences: the shape the kernels serve."""
-    from ..kernels import MAX_BATCH
-
-    tokens = x.shape[:-1]
-    return x.dim() >= 2 and (x.dim() == 2 or tokens[-1] == 1) and int(torch.tensor(tokens).prod()) <= MAX_BATCH
+    return x.dim() >= 2 and (x.dim() == 2 or x.shape[-2] == 1) and _batch(x) <= MAX_BATCH
 
 
-def _kernel_linear(linear, x, parts, launch):
-    from ..kernels import sparse_linear as kernel_linear, topk_thresholds
+def _batch(x: torch.Tensor) -> int:
+    n = 1
+    for d in x.shape[:-1]:
+        n *= d
+    return n
 
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    t = launch["t"] if launch["keeps"] is None else topk_thresholds(x2, launch["keeps"])
-    if launch.get("bias") is not None:  # biases in the kernel's epilogue
-        y = kernel_linear(x2, linear._acttail_wt, t, splits=launch["splits"], bias=launch["bias"],
-                          locks=launch["locks"])
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-    y = kernel_linear(x2, linear._acttail_wt, t, splits=launch["splits"], locks=launch["locks"]).float()
-    if linear.bias is not None:
-        y = y + linear.bias.float()
-    col = 0
-    for (_, _, s, _), width, tp in zip(parts, launch["splits"], t):
-        if s is not None:
-            y[:, col:col + width] += compensation_term(x2, tp, s.bias, s.lowrank)
-        col += width
-    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+
+class _Unit:
+    """One launch of the kernel path: the Linears of a group of one layer (q/k/v, o, gate/up, down) and
+    their columns in its output. The first Linear of a shared launch computes every column and leaves the
+    rest for the others, which take them when they get the same input tensor."""
+
+    def __init__(self, layer: int, group: str, linears: list, widths: list[int]):
+        self.layer, self.group, self.linears, self.widths = layer, group, linears, widths
+        self.launch = None
+        cols, start = {}, 0
+        for linear in linears:
+            n = linear.out_features
+            cols[linear] = slice(start, start + n)
+            start += n
+        self.cols = cols
+        self._pending = None  # (input, output) of the shared launch, until its last Linear took its columns
+
+    def output(self, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
+        """This Linear's columns of the unit's launch on x; None where the launch needs another input (an act
+        pair, or a follower called without its leader)."""
+        if self.launch.act is not None:
+            return None
+        lead = linear is self.linears[0]
+        if lead:
+            y = self.launch(x.reshape(-1, x.shape[-1]))
+            if len(self.linears) > 1:
+                self._pending = (x, y)
+        elif self._pending is None or self._pending[0] is not x:
+            return None
+        else:
+            y = self._pending[1]
+            if linear is self.linears[-1]:
+                self._pending = None
+        return y[:, self.cols[linear]].reshape(*x.shape[:-1], -1)
+
+
+def _units(model: nn.Module, modules: dict) -> dict[nn.Linear, _Unit]:
+    """Linear -> its unit, per layer and group (layout.GROUPS), the Linears in the order of the group's kinds
+    with each kind's output width."""
+    found: dict = {}
+    for linear, parts in modules.items():
+        for kind, layer, rows in parts:
+            group = next(g for g, kinds in GROUPS.items() if kind in kinds)
+            width = linear.out_features if rows == slice(None) else rows.stop - rows.start
+            found.setdefault((layer, group), {})[kind] = (linear, width)
+    out = {}
+    for (layer, group), by_kind in found.items():
+        kinds = [k for k in GROUPS[group] if k in by_kind]
+        linears = list(dict.fromkeys(by_kind[k][0] for k in kinds))
+        unit = _Unit(layer, group, linears, [by_kind[k][1] for k in kinds])
+        out.update({m: unit for m in linears})
+    return out
+
+
+# ---- the kernel path: weights input-major, one Launch per unit ------------------------------------------
+
+
+def _build_launches(model: nn.Module, units: dict, sets: dict, planned: dict, undo: list, handle: Applied) -> None:
+    """Store each unit's weights input-major (shared storage), build its Launch, and let the MLP take gate/up
+    and their activation in one launch where its structure is known."""
+    from .launch import launch_for
+
+    act = _activation(model)
+    for unit in dict.fromkeys(units.values()):
+        wt = _input_major(unit.linears, undo)
+        mlp = _mlp(model, unit) if unit.group == "gate_up" and act is not None else None
+        unit.launch = launch_for(unit.layer, GROUPS[unit.group], wt, unit.widths, sets, planned,
+                                 _bias(unit.linears), act if mlp is not None else None)
+        if mlp is not None and unit.launch is not None:
+            _patch(mlp, types.MethodType(_mlp_forward(handle, unit, type(mlp).forward), mlp), undo)
+
+
+def _input_major(linears: list, undo: list) -> torch.Tensor:
+    """One input-major storage [in, sum of outs] for the Linears (concatenated), each module's weight
+    re-pointed at its [out, in] view of it; undo gives every module contiguous weights of its own back."""
+    wt = torch.cat([m.weight.detach().t() for m in linears], dim=1).contiguous() if len(linears) > 1 else \
+        linears[0].weight.detach().t().contiguous()
+    start = 0
+    for m in linears:
+        n = m.out_features
+        m.weight.data = wt[:, start:start + n].t()
+        start += n
+
+        def restore(m=m):
+            m.weight.data = m.weight.data.contiguous()
+
+        undo.append(restore)
+    return wt
+
+
+def _bias(linears: list) -> torch.Tensor | None:
+    if all(m.bias is None for m in linears):
+        return None
+    return torch.cat([m.bias.detach().float() if m.bias is not None else
+                      torch.zeros(m.out_features, device=m.weight.device) for m in linears])
+
+
+def _mlp(model: nn.Module, unit: _Unit) -> nn.Module | None:
+    """The MLP whose gate/up the unit computes, when its forward is down(act(gate) * up) as we know it."""
+    mlp = getattr(decoder_layers(model)[unit.layer], "mlp", None)
+    if mlp is None or not isinstance(getattr(mlp, "down_proj", None), nn.Linear):
+        return None
+    known = (hasattr(mlp, "gate_proj") and hasattr(mlp, "up_proj") and hasattr(mlp, "act_fn")) or \
+        (hasattr(mlp, "gate_up_proj") and hasattr(mlp, "activation_fn"))
+    return mlp if known else None
+
+
+def _activation(model: nn.Module) -> str | None:
+    """The gate activation as our kernels name it (silu, gelu_tanh), read from the config as our runtime
+    reads it; None when the config names another."""
+    from .args import ModelArgs
+
+    try:
+        state = _StateDict(model, tensors=False)
+        return ModelArgs.from_config(state.config, state.architecture).activation
+    except ActTailError:
+        return None
+
+
+def _mlp_forward(handle: Applied, unit: _Unit, original):
+    """The MLP's forward: a decode step the dispatch rule runs sparse computes act(gate) * up in the unit's
+    one launch, then down; anything else runs the MLP's own forward (through the patched Linears)."""
+
+    def forward(self, x):
+        if handle.enabled and _is_decode(x) and unit.launch.runs_sparse(_batch(x)):
+            h = unit.launch(x.reshape(-1, x.shape[-1]))
+            return self.down_proj(h.reshape(*x.shape[:-1], -1))
+        return original(self, x)
+
+    return forward
 
 
 # ---- our decoder from a transformers model -------------------------------------------------------------
@@ -214,15 +263,14 @@ def _kernel_linear(linear, x, parts, launch):
 class _StateDict:
     """A checkpoint-like view of a transformers model's weights (what ``load_model`` reads)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, tensors: bool = True):
         cfg = model.config
         self.config = cfg.to_dict()
         text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         self.config.update(text.to_dict())
         self.architecture = (cfg.architectures or [type(model).__name__])[0]
         self.path = getattr(cfg, "_name_or_path", "") or type(model).__name__
-        sd = model.state_dict()
-        self._tensors = {n: t for n, t in sd.items()}
+        self._tensors = dict(model.state_dict()) if tensors else {}
         self.tensor_names = list(self._tensors)
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -232,11 +280,34 @@ class _StateDict:
 
 
 def from_transformers(model: nn.Module, dtype: torch.dtype = torch.float32):
-    """Our decoder (``runtime.model.Transformer``) with the weights of a stock transformers causal LM."""
+    """Our decoder (``runtime.model.Transformer``) with the weights of a stock transformers causal LM, on its
+    device (tensors already in ``dtype`` there are shared, not copied; q/k/v and gate/up are concatenated)."""
     from .model import load_model
 
     dev = next(model.parameters()).device
     return load_model(_StateDict(model), dtype, str(dev))
+
+
+def share_weights(hf_model: nn.Module, ours) -> None:
+    """Point the transformers model's projection weights (and q/k/v biases) at views of our decoder's
+    storage, so both run on one copy of the bytes (its own copies are freed when nothing else holds them)."""
+    for linear, parts in projection_modules(hf_model).items():
+        kind, layer, _ = parts[0]
+        block = ours.layers[layer]
+        source = {"q": block.attention.wqkv, "k": block.attention.wqkv, "v": block.attention.wqkv,
+                  "o": block.attention.wo, "gate": block.feed_forward.w13, "up": block.feed_forward.w13,
+                  "down": block.feed_forward.w2}[kind]
+        start = _row_start(ours, kind)
+        rows = slice(start, start + linear.out_features)
+        linear.weight.data = source.weight.data[rows]
+        if linear.bias is not None and source.bias is not None:
+            linear.bias.data = source.bias.data[rows]
+
+
+def _row_start(ours, kind: str) -> int:
+    """Where a kind's rows start in our fused weight (q/k/v in wqkv, gate/up in w13)."""
+    q, k, _ = ours.args.qkv_sizes
+    return {"k": q, "v": q + k, "up": ours.args.intermediate_size}.get(kind, 0)
 
 
 def is_transformers_model(model) -> bool:
@@ -246,15 +317,10 @@ def is_transformers_model(model) -> bool:
 def hf_position_logits(model, batch: torch.Tensor, dense: bool) -> torch.Tensor:
     """Logits [B * (T - 1), vocab] of every predicting position of a transformers model, with the applied
     plan switched off when ``dense``."""
-    handle = getattr(model, "_acttail_applied", None)
-    kept = handle.enabled if handle is not None else None
-    if handle is not None:
-        handle.enabled = not dense
-        handle.measure = not dense
-    try:
+    handle = applied(model)
+    if dense and handle is not None:
+        with handle.dense():
+            logits = model(input_ids=batch).logits
+    else:
         logits = model(input_ids=batch).logits
-    finally:
-        if handle is not None:
-            handle.enabled = kept
-            handle.measure = True
     return logits[:, :-1].flatten(0, 1)

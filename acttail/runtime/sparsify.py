@@ -183,15 +183,17 @@ class Sparsifier:
             return linear(x)
         ws = linear.weight.split(sizes, dim=0)
         bs = linear.bias.split(sizes) if linear.bias is not None else (None,) * len(kinds)
-        outs = [self._project((layer, k), x, s, w, b) for k, s, w, b in zip(kinds, found, ws, bs)]
+        outs = [self.project_one((layer, k), x, s, w, b) for k, s, w, b in zip(kinds, found, ws, bs)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
-    def _project(self, key: tuple[int, str], x: Tensor, s: ProjectionSparsity | None, w: Tensor,
-                 b: Tensor | None) -> Tensor:
+    def project_one(self, key: tuple[int, str], x: Tensor, s: ProjectionSparsity | None, w: Tensor,
+                    b: Tensor | None) -> Tensor:
+        """One projection (weight w [out, in], bias b) of x with setting s (None: dense), its zeros counted
+        (not inside a torch.compile graph: a count is a host read)."""
         if s is None:
             return F.linear(x, w, b)
         xs = sparsify(x, s)
-        if self.measure:
+        if self.measure and not torch.compiler.is_compiling():
             counted = xs if self.rows is None else xs[..., self.rows, :]
             self.zeros[key] += int((counted == 0).sum())
             self.total[key] += counted.numel()

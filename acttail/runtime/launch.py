@@ -1,0 +1,132 @@
+"""The plan -> kernel-launch mapping, in one place: what a decode step of one projection group passes the
+sparse kernel, and whether the group runs sparse at all.
+
+A ``Launch`` is built once when a plan is applied, from the plan's runtime settings (``sparsify.settings``)
+for the projections that share one input-major weight (a group of our decoder: q/k/v, o, gate/up, down; or
+one Linear of a transformers model): the thresholds on the device (threshold mode) or the keep counts (topk
+mode), one fp32 epilogue bias (the Linear's own bias plus the learned biases), the low-rank factors, its
+own ticket counters, and the kernel's launch fixed (``kernels.PreparedLaunch``). The GPU decoder
+(``kernel_ops.KernelOps``) and ``acttail.apply`` on transformers models both build their launches here, so
+one plan runs the same way through both.
+
+The dispatch rule (``kernels.use_sparse``): a group runs sparse at a batch size when its planned sparsity
+(weighted by the projections' widths) pays for the kernel there; else the caller runs it dense (its own
+weights, no compensation, as the reference does on positions it does not sparsify).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from acttail.kernels import MAX_BATCH, PreparedLaunch, new_locks, topk_thresholds, use_sparse
+from acttail.kernels import ops as kernel_ops
+
+from ..errors import ActTailError
+from .ops import ACTIVATIONS
+from .sparsify import ProjectionSparsity, compensation_term
+
+ALL_ROWS = 1 << 30  # the keep count of a projection a topk launch leaves dense
+
+
+class Launch:
+    """The sparse kernel launch of the projections ``kinds`` of ``layer`` sharing x and the input-major
+    weights ``wt`` [in, sum of widths]; with ``act`` the pair (gate, up) returns act(gate) * up.
+
+    ``runs_sparse(B)`` is the dispatch rule's answer at batch size B; calling it computes the group's output
+    [B, widths] (or [B, width of one] for act) of x [B, in]."""
+
+    def __init__(self, layer: int, kinds: tuple[str, ...], wt: Tensor, widths: tuple[int, ...],
+                 found: list[ProjectionSparsity | None], sparsity: float | None, bias: Tensor | None = None,
+                 act: str | None = None):
+        self.layer, self.kinds, self.widths, self.act = layer, kinds, tuple(widths), act
+        dev = wt.device
+        self.keeps = None if all(s is None or s.keep is None for s in found) else \
+            [s.keep if s is not None and s.keep is not None else ALL_ROWS for s in found]
+        thresholds = None if self.keeps is not None else torch.tensor(
+            [s.threshold if s is not None and s.threshold is not None else -1.0 for s in found],
+            dtype=torch.float32, device=dev)
+        self.lowrank = [_on(dev, s.lowrank) if s is not None and s.lowrank is not None else None for s in found]
+        if not any(self.lowrank):
+            self.lowrank = None
+        learned = [s.bias if s is not None else None for s in found]
+        self.bias = _epilogue_bias(bias, learned, self.widths, dev, self.lowrank is None)
+        self.own_bias = bias.float() if bias is not None and self.lowrank is not None else None
+        glu = act if act in ("silu", "gelu_tanh") and self.lowrank is None else None
+        self.kernel = PreparedLaunch(wt, thresholds, None if glu else self.widths, act=glu, bias=self.bias,
+                                     locks=new_locks(dev, wt.shape[1] // 16 + 3))
+        nbytes = wt.numel() * wt.element_size()
+        self._sparse = tuple(sparsity is None or use_sparse(sparsity, b, nbytes) for b in range(1, MAX_BATCH + 1))
+
+    def runs_sparse(self, batch: int) -> bool:
+        return 1 <= batch <= MAX_BATCH and self._sparse[batch - 1]
+
+    @property
+    def fuses_norm(self) -> bool:
+        """Can the block's residual add + RMSNorm run inside this launch? (Fixed thresholds, biases alone.)"""
+        return self.keeps is None and self.lowrank is None
+
+    def __call__(self, x: Tensor, norm=None, residual=None, residual_out=None) -> Tensor:
+        if torch.compiler.is_compiling():  # torch.compile: one opaque custom op (kernels/ops.py)
+            return self._op(x)
+        t = topk_thresholds(x, self.keeps) if self.keeps is not None else None
+        y = self.kernel(x, t, norm=norm, residual=residual, residual_out=residual_out)
+        return y if self.lowrank is None else self._compensated(x, y, t)
+
+    def _op(self, x: Tensor) -> Tensor:
+        k = self.kernel
+        t = kernel_ops.topk_thresholds(x, self.keeps) if self.keeps is not None else k.thresholds
+        if self.lowrank is not None:
+            y = kernel_ops.sparse_linear(x, k.wt, t, list(self.widths), None, k.locks)
+            return self._compensated(x, y, t)
+        if k.glu:
+            return kernel_ops.sparse_glu(x, k.wt, t, k.act, k.bias, k.locks)
+        return kernel_ops.sparse_linear(x, k.wt, t, list(self.widths), k.bias, k.locks)
+
+    def _compensated(self, x: Tensor, y: Tensor, t: Tensor | None) -> Tensor:
+        """y plus the Linear's own bias and each projection's learned bias and low-rank term U (V x_dropped),
+        in fp32, then act(gate) * up for a gate/up pair; rounded once to x's dtype."""
+        t = self.kernel.thresholds if t is None else t
+        y = y.float() if self.own_bias is None else y.float() + self.own_bias
+        outs, col = [], 0
+        for p, (width, lowrank) in enumerate(zip(self.widths, self.lowrank)):
+            bias = None if self.bias is None else self.bias[col:col + width]
+            outs.append(y[:, col:col + width] + compensation_term(x, t[p], bias, lowrank))
+            col += width
+        if self.act is not None:
+            return (ACTIVATIONS[self.act](outs[0]) * outs[1]).to(x.dtype)
+        return torch.cat(outs, dim=-1).to(x.dtype)
+
+
+def launch_for(layer: int, kinds: tuple[str, ...], wt: Tensor, widths, sets: dict, planned: dict | None,
+               bias: Tensor | None = None, act: str | None = None) -> Launch | None:
+    """The ``Launch`` of a plan's settings ``sets`` {(layer, kind): ProjectionSparsity} for one group, or None
+    when none of its projections is sparsified. ``planned`` {(layer, kind): sparsity} drives the dispatch rule
+    (their mean weighted by ``widths``); None: always sparse (benchmarks timing the kernel itself). Score
+    weights are refused: the kernel ranks inputs by |x|."""
+    found = [sets.get((layer, k)) for k in kinds]
+    if not any(found):
+        return None
+    if any(s is not None and s.score is not None for s in found):
+        raise ActTailError("the kernel backend ranks inputs by |x|: a plan with score weights runs on the reference "
+                           "backend (--backend reference)")
+    sparsity = None if planned is None else \
+        sum(planned.get((layer, k), 0.0) * w for k, w in zip(kinds, widths)) / sum(widths)
+    return Launch(layer, kinds, wt, widths, found, sparsity, bias, act)
+
+
+def _on(dev, lowrank):
+    return tuple(t.to(dev, torch.float32) for t in lowrank)
+
+
+def _epilogue_bias(own, learned, widths, dev, in_kernel: bool) -> Tensor | None:
+    """The fp32 vector the kernel adds in its epilogue: the Linear's own bias plus the learned biases (zeros
+    where a projection has none); None when there is neither, or when a low-rank term needs them added
+    beside the kernel (``Launch._compensated`` reads the learned part from it then)."""
+    if own is None and not any(b is not None for b in learned):
+        return None
+    parts = [b.to(dev, torch.float32) if b is not None else torch.zeros(w, device=dev) for b, w in zip(learned, widths)]
+    total = torch.cat(parts)
+    if in_kernel and own is not None:
+        total = total + own.to(dev, torch.float32)
+    return total.contiguous()
