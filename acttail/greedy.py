@@ -20,7 +20,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from .calibration import LogHistogram
+from .histogram import LogHistogram
 from .layout import GROUP_OF, GROUPS, KINDS
 from .runtime.sparsify import ProjectionSparsity, Sparsifier
 
