@@ -1,9 +1,9 @@
 """Calibration: thresholds so that each projection's target sparsity holds on real text, in the sparse run.
 
-Statistics: a fine log-histogram of |x| (``histogram.LogHistogram``) per shared projection input (2^16 bins over ln|x| in
-[-28, 10], i.e. relative bin width 0.06%), streamed batch by batch: memory is fixed whatever the number
-of tokens, and the quantile error is at most one bin's mass (far below the 1% tolerance; measured, see
-``achieved``). Exact quantiles would need every activation of a layer or a capped sample; the histogram
+Statistics: a fine log-histogram of |x| per shared projection input (``histogram.LogHistogram``: 2^16 bins
+over ln|x| in [-28, 10], i.e. relative bin width 0.06%), streamed batch by batch: memory is fixed whatever
+the number of tokens, and the quantile error is at most one bin's mass (far below the 1% tolerance;
+measured, see ``achieved``). Exact quantiles would need every activation of a layer or a capped sample; the histogram
 needs neither and resolves the threshold finer than its drift from one text to another.
 
 Order: layer by layer, and inside a layer group by group (q/k/v, o, gate/up, down: ``layout.GROUPS``),
