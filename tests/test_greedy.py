@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -11,7 +12,8 @@ from click.testing import CliRunner
 from acttail.allocation import plan_from_analysis
 from acttail.analysis import Analysis
 from acttail.cli import main
-from acttail.greedy import greedy_paths
+from acttail.errors import ActTailError
+from acttail.greedy import greedy_paths, load_paths
 from acttail.layout import KINDS
 from acttail.runtime import open_model
 from acttail.runtime.tokens import load_tokenizer, text_tokens, windows
@@ -81,6 +83,47 @@ def test_cli_greedy_then_allocate(tiny):
     (root / "bad.json").write_text(json.dumps(bad))
     r = run("greedy", tiny["model"], root / "analysis.json", "--measured", root / "bad.json", "-o", root / "a4.json")
     assert r.exit_code == 2 and "other weights" in r.output and not (root / "a4.json").exists()
+
+
+def test_a_broken_greedy_file_is_refused_with_one_line(tiny):
+    """The paths are checked against schemas/greedy.schema.json: one error line naming the field, no output."""
+    root = tiny["root"]
+    Analysis.from_dict(synthetic_analysis(tiny["model"])).save(root / "analysis.json")
+    fingerprint = json.loads((root / "analysis.json").read_text())["model"]["fingerprint"]
+    step = {"effective": 0.1, "error": 0.01, "sparsity": {k: 0.1 for k in KINDS}}
+    good = {"fingerprint": fingerprint, "text": "c4", "tokens": 64, "ctx": 32, "base_step": 0.1, "max_sparsity": 0.6,
+            "last_fraction": 0.25, "layers": [[step], [step]]}
+    run = lambda p: CliRunner().invoke(main, ["greedy", str(tiny["model"]), str(root / "analysis.json"),  # noqa: E731
+                                              "--measured", str(p), "-o", str(root / "out.json")])
+    (root / "good.json.gz").write_bytes(gzip.compress(json.dumps(good).encode()))  # gzipped files are read too
+    assert run(root / "good.json.gz").exit_code == 0 and (root / "out.json").is_file()
+    (root / "out.json").unlink()
+    for field, bad in [("$.layers[1][0].sparsity.up", dict(good, layers=[[step], [dict(step, sparsity=dict(
+                            step["sparsity"], up=1.5))]])),
+                       ("$.layers[0][0]", dict(good, layers=[[{"effective": 0.1}], [step]])),
+                       ("$.layers[0]", dict(good, layers=[[], [step]])),
+                       ("$", {k: v for k, v in good.items() if k != "base_step"})]:
+        (root / "bad.json").write_text(json.dumps(bad))
+        r = run(root / "bad.json")
+        assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+        assert r.output.startswith(f"acttail: error: greedy paths {root / 'bad.json'}: field {field}"), r.output
+        assert not (root / "out.json").exists()
+    doc = synthetic_analysis(tiny["model"])  # the analysis' greedy section follows the same schema
+    doc["greedy"] = dict(good, layers=[[dict(step, effective=2.0)], [step]])
+    with pytest.raises(ActTailError, match=r"field \$\.greedy\.layers\[0\]\[0\]\.effective"):
+        Analysis.from_dict(doc).save(root / "a.json")
+
+
+def test_shipped_paths_are_found_by_name():
+    """`--measured smollm2-135m` reads the paths shipped in acttail/data (make demo's); other names are refused."""
+    model = {"fingerprint": "sha256:174abc8c45a690368291195c60980534", "num_layers": 30}
+    doc = load_paths("smollm2-135m", model)
+    assert doc["tokens"] == 8192 and doc["base_step"] == 0.025 and len(doc["layers"]) == 30
+    assert all(p[-1]["effective"] >= 0.9 for p in doc["layers"])  # every block's path reaches max_sparsity
+    with pytest.raises(ActTailError, match="measured on other weights"):
+        load_paths("smollm2-135m", dict(model, fingerprint="sha256:other"))
+    with pytest.raises(ActTailError, match=r"greedy paths not found: qwen9 \(.*shipped with acttail: smollm2-135m\)"):
+        load_paths("qwen9", model)
 
 
 def test_greedy_budget_is_met_exactly():

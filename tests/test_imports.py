@@ -1,5 +1,5 @@
 """The package's shape: no import cycle among acttail's modules (the top-level kernels/ folder installs as
-acttail.kernels), and the runtime never reaching for the network."""
+acttail.kernels), no stage importing a later one, and the runtime never reaching for the network."""
 
 from __future__ import annotations
 
@@ -84,6 +84,33 @@ def test_no_import_cycle():
     assert len(edges) > 25 and "acttail.runtime.sparsify" in edges["acttail.calibration"]  # the graph is real
     assert cycle(edges) is None
     assert cycle(graph(top_level_only=False)) is None  # deferred imports included
+
+
+# The stages in the order data flows (ARCHITECTURE.md). Modules outside them are shared by every stage (errors,
+# files, layout, histogram, weights, the runtime and kernels that run the model) or sit on top (api, cli).
+STAGES = [
+    ("acttail.checkpoint", "acttail.convert"),
+    ("acttail.esd", "acttail.reference", "acttail.analysis", "acttail.sensitivity", "acttail.greedy"),
+    ("acttail.allocation", "acttail.plan"),
+    ("acttail.calibration", "acttail.compensation"),
+    ("acttail.export",),
+    ("acttail.evaluation", "acttail.tuning"),
+    ("acttail.report", "acttail.report.figures", "acttail.report.html"),
+]
+
+
+def later_imports(edges: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(module, imported module of a later stage) for every such import."""
+    stage = {m: i for i, names in enumerate(STAGES) for m in names}
+    return sorted((m, d) for m, deps in edges.items() if m in stage
+                  for d in deps if stage.get(d, -1) > stage[m])
+
+
+def test_no_stage_imports_a_later_stage():
+    assert later_imports({"acttail.greedy": {"acttail.calibration"}}) == [("acttail.greedy", "acttail.calibration")]
+    edges = graph(top_level_only=False)
+    assert {m for names in STAGES for m in names} <= set(edges)  # every stage module exists (none renamed away)
+    assert later_imports(edges) == []
 
 
 def test_kernels_install_as_acttail_kernels():

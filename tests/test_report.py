@@ -380,12 +380,34 @@ def test_frontier_against_budget_and_measured_speed(tmp_path):
         evals.append(tmp_path / f"e{i}.json")
         evals[-1].write_text(json.dumps(e))
     speed = tmp_path / "e2e.json"
-    speed.write_text(json.dumps({"rows": [
+    meta = {"device": "NVIDIA H200", "date": "2026-11-26 05:22 UTC", "command": "python benchmarks/gpu_e2e.py"}
+    speed.write_text(json.dumps({"meta": meta, "rows": [
         {"model": "Llama-2-7B shape", "variant": f"uniform {int(100 * s)}%, use_sparse dispatch", "step": "current",
          "target_mean_sparsity": s, "speedup": v} for s, v in ((0.3, 1.2), (0.5, 1.5), (0.7, 2.0))]}))
     html = build_report(paths["analysis"], [], evals, tmp_path / "out", speed=speed).read_text()
     assert "Quality against budget and speed" in html and "decode speed-up the GPU benchmark measured" in html
     assert (tmp_path / "out" / "figures" / "frontier.png").is_file()
-    speed.write_text(json.dumps({"rows": []}))
+    speed.write_text(json.dumps({"meta": meta, "rows": []}))
     with pytest.raises(ActTailError, match="no Llama-2-7B rows"):
         build_report(paths["analysis"], [], evals, tmp_path / "out2", speed=speed)
+
+
+def test_a_broken_speed_table_is_refused_with_one_line(tmp_path):
+    """`acttail report --speed` checks the table against schemas/speed.schema.json before any work."""
+    analysis = make_analysis(None)
+    paths = write_inputs(tmp_path / "in", analysis, evals=False)
+    meta = {"device": "NVIDIA H200", "date": "2026-11-26 05:22 UTC", "command": "python benchmarks/gpu_e2e.py"}
+    row = {"model": "Llama-2-7B shape", "variant": "uniform 50%, use_sparse dispatch", "step": "current",
+           "target_mean_sparsity": 0.5, "speedup": 1.46}
+    speed = tmp_path / "e2e.json"
+    for field, doc in [("$.rows[0]", {"meta": meta, "rows": [{k: v for k, v in row.items() if k != "speedup"}]}),
+                       ("$.rows[0].speedup", {"meta": meta, "rows": [dict(row, speedup="1.46x")]}),
+                       ("$.rows[0].target_mean_sparsity", {"meta": meta, "rows": [dict(row, target_mean_sparsity=50)]}),
+                       ("$.meta", {"meta": {"device": "H200"}, "rows": [row]}),
+                       ("$", {"rows": [row]})]:
+        speed.write_text(json.dumps(doc))
+        r = CliRunner().invoke(main, ["report", str(paths["analysis"]), "--speed", str(speed),
+                                      "-o", str(tmp_path / "out")])
+        assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+        assert r.output.startswith(f"acttail: error: speed table {speed}: field {field}"), r.output
+        assert not (tmp_path / "out").exists()

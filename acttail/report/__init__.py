@@ -366,14 +366,13 @@ def draw_accuracy(rep: Report, folder: Path) -> None:
 
 def load_speed(path) -> list[tuple[float, float]]:
     """(uniform sparsity, decode speed-up) of the Llama-2-7B shape from ``benchmarks.gpu_e2e``'s e2e.json
-    (the rows with use_sparse dispatch, as the decoder runs a plan), with (0, 1) for dense."""
+    (schemas/speed.schema.json; the rows with use_sparse dispatch, as the decoder runs a plan), with (0, 1)
+    for dense."""
     doc = read_json(path, "speed table")
-    try:
-        pts = [(0.0, 1.0)] + [(float(r["target_mean_sparsity"]), float(r["speedup"])) for r in doc["rows"]
-                              if str(r["variant"]).endswith("use_sparse dispatch") and r.get("step", "current") ==
-                              "current" and str(r["model"]).startswith("Llama-2-7B")]
-    except (KeyError, TypeError, ValueError):
-        raise ActTailError(f"{path} is not a speed table from benchmarks.gpu_e2e") from None
+    check_schema(doc, "speed", f"speed table {path}")
+    pts = [(0.0, 1.0)] + [(float(r["target_mean_sparsity"]), float(r["speedup"])) for r in doc["rows"]
+                          if r["variant"].endswith("use_sparse dispatch") and r.get("step", "current") == "current"
+                          and r["model"].startswith("Llama-2-7B")]
     if len(pts) < 2:
         raise ActTailError(f"{path} has no Llama-2-7B rows with use_sparse dispatch")
     return pts
@@ -386,6 +385,7 @@ def build_report(analysis_path, plan_paths=(), eval_paths=(), out_dir="report", 
     analysis = load_analysis(analysis_path)
     plans = [load_plan_for(p, analysis) for p in plan_paths]
     evals = [load_eval_for(e, analysis, plans) for e in expand_folders(eval_paths)]
+    speed_points = load_speed(speed) if speed else None
     labels = eval_labels(evals)
     for i, e in enumerate(evals):
         e["_label"] = labels.get(i, "dense")
@@ -403,7 +403,7 @@ def build_report(analysis_path, plan_paths=(), eval_paths=(), out_dir="report", 
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ActTailError(f"cannot create output folder {out}: {e.strerror}") from None
-    rep = Report(analysis, plans, evals, speed=load_speed(speed) if speed else None)
+    rep = Report(analysis, plans, evals, speed=speed_points)
     index = out / "index.html"
     tmp = Path(tempfile.mkdtemp(prefix=".figures.", dir=out))
     tmp.chmod(0o755)
