@@ -1,7 +1,7 @@
 """ActTail: per-projection activation sparsity allocated from weight-spectrum heavy tails.
 
 The Python API (see README, "Python API"): ``analyze`` -> ``Analysis``, ``allocate`` -> ``Plan``,
-``calibrate``, ``apply`` (returns a removable handle), ``evaluate``, ``tune`` (the largest budget within a
+``calibrate``, ``apply`` (returns a removable handle), ``decoder`` (the fast kernel decoder), ``evaluate``, ``tune`` (the largest budget within a
 perplexity bound); ``load`` opens a model folder as our
 decoder. ``AllocationConfig`` holds the allocation defaults.
 
@@ -18,10 +18,10 @@ __version__ = "0.1.0"
 
 _LAZY = {"AllocationConfig": ".allocation", "Analysis": ".analysis", "ActTailError": ".errors",
          "Plan": ".plan", "PlanEntry": ".plan", "allocate": ".api", "analyze": ".api", "apply": ".api",
-         "calibrate": ".api", "evaluate": ".api", "load": ".api", "tune": ".api"}
+         "calibrate": ".api", "decoder": ".api", "evaluate": ".api", "load": ".api", "tune": ".api"}
 
 __all__ = ["ActTailError", "AllocationConfig", "Analysis", "Plan", "PlanEntry", "allocate", "analyze", "apply",
-           "calibrate", "evaluate", "load", "tune", "__version__"]
+           "calibrate", "decoder", "evaluate", "load", "tune", "__version__"]
 
 
 def __getattr__(name: str):

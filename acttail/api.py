@@ -115,6 +115,24 @@ def apply(model, plan: Plan, mode: str = "threshold", backend: str | None = None
     return apply_to_transformers(model, plan, mode, backend)
 
 
+def decoder(model, plan: Plan | None = None, mode: str = "threshold", batch: int = 1, max_seq: int | None = None,
+            dtype: torch.dtype = torch.float16, device: str = "cuda"):
+    """The fast path: a ``Decoder`` (runtime/decoder.py) that runs ``plan``'s decode steps (None: dense)
+    through the Triton kernels, one CUDA-graph replay per token; ``.generate(input_ids, max_new_tokens=...,
+    do_sample=..., temperature=..., top_k=..., top_p=..., eos_token_id=..., streamer=...)`` as in
+    transformers. From a transformers model with fp16/bf16 weights on the GPU it shares that model's weight
+    storage; from ours (``acttail.load``) it copies the weights to ``dtype`` on ``device``. ``max_seq``: the
+    KV cache's positions (default: the model's, at most 4096; ``generate`` grows it when asked for more)."""
+    from .runtime.decoder import Decoder
+
+    if isinstance(model, Transformer):
+        seq = max_seq or min(model.args.max_seq_len, 4096)
+        return Decoder.from_model(model, dtype=dtype, device=device, plan=plan, mode=mode, batch=batch, max_seq=seq)
+    if not is_transformers_model(model):
+        raise ActTailError(f"acttail.decoder takes a transformers causal LM or an acttail model, not {type(model).__name__}")
+    return Decoder.from_transformers(model, plan=plan, mode=mode, batch=batch, max_seq=max_seq)
+
+
 def evaluate(model, text, tokenizer=None, plan: Plan | None = None, tokens: int = 32768, ctx: int = 512,
              mode: str = "threshold", prefill: str = "all", batch_size: int = 8, progress: bool = True) -> dict:
     """Perplexity of ``model`` on ``text`` (string or token ids) in windows of ``ctx``; with a plan (given

@@ -280,10 +280,10 @@ def test_generate_is_greedy_decoding_of_the_reference():
 
 def test_generate_batch_rows_equal_single_sequences():
     """Two prompts at once give each prompt's own greedy continuation (batch 2 decodes with torch attention and
-    the several-token kernel path; a 70% plan, which runs sparse at batch 2)."""
+    the several-token kernel path; every group sparse, planned=None)."""
     model = tiny_model(9)
-    th = {k: 0.9 * v for k, v in thresholds(CONFIG["num_hidden_layers"]).items()}
-    planned = {k: 0.7 for k in th}
+    th = thresholds(CONFIG["num_hidden_layers"])
+    planned = None
     singles = []
     for p in ([3, 1, 4, 1], [2, 7, 1, 8]):
         dec = decoder(model)

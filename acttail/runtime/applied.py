@@ -24,6 +24,7 @@ class Applied:
                  switch: Callable[[bool], None] | None = None):
         self.model, self.sparsifier = model, sparsifier
         self.enabled = True
+        self.launches: dict = {}  # (layer, group) -> Launch, where decode steps run the kernels
         self._undo, self._switch = undo, switch
         _APPLIED[model] = self
 

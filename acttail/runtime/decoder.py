@@ -80,7 +80,7 @@ class Decoder:
         model.set_rope()  # float32 tables on the device
         self.ops = model.ops = KernelOps(model)
         self.graphs: dict = {}
-        self.resize(batch, max_seq or model.args.max_seq_len)
+        self.resize(batch, max_seq or min(model.args.max_seq_len, 4096))
         self.set_plan(plan, mode)
 
     # ---- construction ------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ def apply(model: nn.Module, plan, mode: str = "threshold", backend: str | None =
             _patch(linear, types.MethodType(_linear_forward(handle, parts, units.get(linear)), linear), undo)
     if backend == "kernels":
         _build_launches(model, units, sets, plan.sparsities(), undo, handle)
+        handle.launches = {(u.layer, u.group): u.launch for u in units.values() if u.launch is not None}
     return handle
 
 

@@ -53,7 +53,8 @@ class Launch:
         self.bias = _epilogue_bias(bias, learned, self.widths, dev, self.lowrank is None)
         self.own_bias = bias.float() if bias is not None and self.lowrank is not None else None
         glu = act if act in ("silu", "gelu_tanh") and self.lowrank is None else None
-        self.kernel = PreparedLaunch(wt, thresholds, None if glu else self.widths, act=glu, bias=self.bias,
+        self.kernel = PreparedLaunch(wt, thresholds, None if glu else self.widths, act=glu,
+                                     bias=self.bias if self.lowrank is None else None,
                                      locks=new_locks(dev, wt.shape[1] // 16 + 3))
         nbytes = wt.numel() * wt.element_size()
         self._sparse = tuple(sparsity is None or use_sparse(sparsity, b, nbytes) for b in range(1, MAX_BATCH + 1))
@@ -76,12 +77,10 @@ class Launch:
     def _op(self, x: Tensor) -> Tensor:
         k = self.kernel
         t = kernel_ops.topk_thresholds(x, self.keeps) if self.keeps is not None else k.thresholds
-        if self.lowrank is not None:
-            y = kernel_ops.sparse_linear(x, k.wt, t, list(self.widths), None, k.locks)
-            return self._compensated(x, y, t)
         if k.glu:
             return kernel_ops.sparse_glu(x, k.wt, t, k.act, k.bias, k.locks)
-        return kernel_ops.sparse_linear(x, k.wt, t, list(self.widths), k.bias, k.locks)
+        y = kernel_ops.sparse_linear(x, k.wt, t, list(self.widths), k.bias, k.locks)
+        return y if self.lowrank is None else self._compensated(x, y, t)
 
     def _compensated(self, x: Tensor, y: Tensor, t: Tensor | None) -> Tensor:
         """y plus the Linear's own bias and each projection's learned bias and low-rank term U (V x_dropped),

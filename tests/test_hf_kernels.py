@@ -1,0 +1,184 @@
+"""acttail.apply on stock transformers models with the kernel backend (decode steps through the plan's
+launches: q/k/v in one, gate/up + act in one), here on the CPU under the Triton interpreter, and
+torch.compile(fullgraph=True) of the patched model, whose launches are the custom ops (their CPU
+implementations are the torch references)."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+import acttail
+from acttail.runtime.applied import applied
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("runs the kernels on the CPU under TRITON_INTERPRET=1", allow_module_level=True)
+
+from runtime_tiny import hf_config, randomize  # noqa: E402
+
+COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, eos_token_id=0, bos_token_id=0)
+
+
+def tiny_hf(arch="llama", seed=0):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(arch, COMMON))
+    randomize(model, None)
+    return model.eval()
+
+
+def calibrated(model, budget=0.7, compensation="none", mode_ids=None):
+    """A calibrated uniform plan; at 70% the dispatch rule runs every one-token launch sparse."""
+    ids = torch.randint(0, 320, (4, 64), generator=torch.Generator().manual_seed(1))
+    plan = acttail.allocate(acttail.analyze(model, progress=False), budget, method="uniform")
+    return acttail.calibrate(model, plan, ids, compensation=compensation, steps=3, tokens=256, ctx=64, progress=False)
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def prompt_cache(model, n=8):
+    ids = torch.randint(0, 320, (1, n), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        return model(ids, use_cache=True).past_key_values
+
+
+def step(model, cache, tok=7):
+    with torch.no_grad():
+        return model(torch.tensor([[tok]]), past_key_values=copy.deepcopy(cache)).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "phi3"])
+def test_decode_step_on_the_kernels_equals_the_reference_path(arch, monkeypatch):
+    """A one-token step: four launches per layer (q/k/v, o, gate/up with the activation, down), each giving
+    the reference path's output on the same input (inputs zeroed, the plain Linear, learned biases) to fp16
+    precision, and the step's logits near the reference's (a rounding difference upstream can move an input
+    across its threshold, so the logits are compared loosely); a prefill launches nothing."""
+    from acttail.runtime import launch as launch_mod
+    from acttail.runtime.sparsify import Sparsifier, settings
+
+    fp32 = tiny_hf(arch)
+    plan = calibrated(fp32, compensation="learned")
+    model = fp32.half()
+    cache = prompt_cache(model)
+    with acttail.apply(model, plan, backend="reference"):
+        ref = step(model, cache)
+    calls, seen = [], []
+    real = launch_mod.Launch.__call__
+
+    def spy(self, x, *a, **k):
+        y = real(self, x, *a, **k)
+        calls.append(self.kinds)
+        seen.append((self, x.clone(), y.clone()))
+        return y
+
+    monkeypatch.setattr(launch_mod.Launch, "__call__", spy)
+    with acttail.apply(model, plan, backend="kernels"):
+        got = step(model, cache)
+        assert sorted(calls) == sorted([("q", "k", "v"), ("o",), ("gate", "up"), ("down",)] * model.config.num_hidden_layers)
+        calls.clear()
+        with torch.no_grad():
+            model(torch.randint(0, 320, (1, 5)))
+        assert calls == []
+    sp, weights = Sparsifier(settings(plan)), acttail.runtime.hf.projection_modules(model)
+    for launch, x, y in seen:
+        assert rel_err(y, reference(sp, weights, launch, x)) < 5e-3, launch.kinds
+    assert rel_err(got, ref) < 0.3
+    assert rel_err(ref, step(model, cache)) > 0.05  # the plan changes the step: the comparison can fail
+    assert all(p.is_contiguous() for p in model.parameters())  # remove() gave every module its own weights back
+
+
+def reference(sp, modules, launch, x):
+    """The reference path's output of a launch's projections on x (act(gate) * up for a gate/up launch)."""
+    parts = {(layer, kind): (linear, rows) for linear, ps in modules.items() for kind, layer, rows in ps}
+    outs = []
+    for kind in launch.kinds:
+        linear, rows = parts[launch.layer, kind]
+        bias = None if linear.bias is None else linear.bias[rows]
+        outs.append(sp.project_one((launch.layer, kind), x, sp.settings.get((launch.layer, kind)), linear.weight[rows], bias))
+    if launch.act is not None:
+        return torch.nn.functional.silu(outs[0]) * outs[1] if launch.act == "silu" else \
+            torch.nn.functional.gelu(outs[0], approximate="tanh") * outs[1]
+    return torch.cat(outs, dim=-1)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    """The patched model compiles with fullgraph=True (no graph break at a projection), its launches appear
+    as acttail custom ops in the graph, and the compiled step gives the eager step's logits."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    fp32 = tiny_hf("llama", seed=3)
+    plan = calibrated(fp32)
+    model = fp32.half()
+    cache = prompt_cache(model)
+    ops = []
+
+    def backend(gm, inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if "acttail" in str(n.target))
+        return gm
+
+    counter = CompileCounterWithBackend(backend)
+    with acttail.apply(model, plan, backend="kernels"):
+        eager = step(model, cache)
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda t, c: model(t, past_key_values=c).logits, backend=counter, fullgraph=True)
+        with torch.no_grad():
+            got = compiled(torch.tensor([[7]]), copy.deepcopy(cache))
+    assert counter.frame_count == 1
+    assert sorted(ops) == sorted(["acttail.sparse_linear.default"] * 6 + ["acttail.sparse_glu.default"] * 2)
+    assert rel_err(got, eager) < 5e-3
+
+
+def test_torch_compile_of_the_reference_path_matches_eager():
+    """On the reference backend (float32, CPU) the patched model compiles with fullgraph=True too and gives the
+    eager logits (the zeros are not counted inside the graph)."""
+    model = tiny_hf("llama", seed=4)
+    plan = calibrated(model, budget=0.5)
+    ids = torch.randint(0, 320, (2, 16))
+    with acttail.apply(model, plan) as handle, torch.no_grad():
+        eager = model(ids).logits
+        torch._dynamo.reset()
+        got = torch.compile(lambda t: model(t).logits, backend="eager", fullgraph=True)(ids)
+        assert handle.achieved()  # the eager run counted
+    assert torch.allclose(got, eager, atol=1e-5)
+
+
+def test_apply_and_the_decoder_share_one_dispatch_rule():
+    """The same plan makes the same groups sparse through acttail.apply and through the kernel decoder: at 30%
+    the tiny matrices run dense everywhere, at 70% a one-token step runs every group sparse, at two tokens
+    none (the bytes skipped do not pay for the launch)."""
+    fp32 = tiny_hf("llama", seed=5)
+    for budget, expect in ((0.3, False), (0.7, True)):
+        plan = calibrated(fp32, budget=budget)
+        model = copy.deepcopy(fp32).half()
+        dec = acttail.decoder(copy.deepcopy(fp32).half(), plan)
+        with acttail.apply(model, plan, backend="kernels") as handle:
+            assert set(handle.launches) == set(dec.ops.launches) and len(handle.launches) == 8
+            for batch in (1, 2):
+                ours = {k: launch.runs_sparse(batch) for k, launch in dec.ops.launches.items()}
+                theirs = {k: launch.runs_sparse(batch) for k, launch in handle.launches.items()}
+                assert ours == theirs and set(ours.values()) == {expect and batch == 1}
+
+
+def test_an_applied_plan_survives_evaluate_and_calibrate():
+    """evaluate / calibrate put back what was there before (the applied plan), not a dense model."""
+    model = tiny_hf("llama", seed=6)
+    plan = calibrated(model, budget=0.5)
+    ids = torch.randint(0, 320, (2, 32))
+    with acttail.apply(model, plan) as handle:
+        with torch.no_grad():
+            before = model(ids).logits
+        acttail.evaluate(model, ids.flatten(), tokens=64, ctx=32, progress=False)
+        acttail.calibrate(model, plan, ids, compensation="none", tokens=64, ctx=32, progress=False)
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, before)
+        assert applied(model) is handle
+        with handle.dense(), torch.no_grad():
+            assert not torch.allclose(model(ids).logits, before)
+    assert applied(model) is None
