@@ -21,7 +21,7 @@ from . import api
 from .allocation import METHODS, SCOPES, AllocationConfig
 from .analysis import BACKENDS, DTYPES, AnalysisConfig
 from .calibration import CalibrationConfig
-from .compensation import COMPENSATIONS, SCORES
+from .compensation import BATCH as BIAS_BATCH, COMPENSATIONS, SCORES
 from .config import CALIBRATION_TEXT, DEVICE as DEFAULT_DEVICE
 from .errors import ActTailError, ActTailWarning
 from .esd import FITS
@@ -349,7 +349,7 @@ _STREAM = click.option("--stream", is_flag=True,
 @click.option("--rank", type=click.IntRange(1, 4096), default=CALIBRATION.rank, show_default=True,
               help="Rank for lowrank (a plan allocated with --rank-split carries its own).")
 @click.option("--steps", type=STEPS, default=CALIBRATION.steps, show_default=True,
-              help="Training steps for learned biases (batches of 8 windows).")
+              help=f"Training steps for learned biases (batches of {BIAS_BATCH} windows).")
 @click.option("--lr", type=click.FloatRange(1e-7, 1.0), default=CALIBRATION.lr, show_default=True,
               help="Adam learning rate.")
 @_STREAM
