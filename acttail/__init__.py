@@ -1,9 +1,11 @@
 """ActTail: per-projection activation sparsity allocated from weight-spectrum heavy tails.
 
-The Python API (see README, "Python API"): ``analyze`` -> ``Analysis``, ``allocate`` -> ``Plan``,
-``calibrate``, ``apply`` (returns a removable handle), ``decoder`` (the fast kernel decoder), ``evaluate``, ``tune`` (the largest budget within a
-perplexity bound); ``load`` opens a model folder as our
-decoder. ``AllocationConfig`` holds the allocation defaults.
+The Python API (``acttail.api``; README, "Python API"), one verb per stage: ``download`` and
+``convert_gguf`` (models and texts), ``analyze`` -> ``Analysis``, ``measure_greedy`` and
+``measure_sensitivity`` (what the default allocations measure), ``allocate`` -> ``Plan``, ``export_plan``,
+``calibrate``, ``tune`` (the largest budget within a perplexity bound), ``apply`` (returns a removable
+handle), ``evaluate``, ``generate``, ``write_report``; ``load`` opens a model folder as our decoder. Each
+stage's defaults live once in its config dataclass (``AllocationConfig``, ``CalibrationConfig``, ...).
 
 The API names are imported on first use (PEP 562), so ``import acttail.kernels`` or
 ``acttail.runtime.cuda`` does not pull in the plan and API stack (jsonschema, the analysis code): a GPU
@@ -16,12 +18,15 @@ import importlib
 
 __version__ = "0.1.0"
 
-_LAZY = {"AllocationConfig": ".allocation", "Analysis": ".analysis", "ActTailError": ".errors",
-         "Plan": ".plan", "PlanEntry": ".plan", "allocate": ".api", "analyze": ".api", "apply": ".api",
-         "calibrate": ".api", "decoder": ".api", "evaluate": ".api", "load": ".api", "tune": ".api"}
+_VERBS = ("allocate", "analyze", "apply", "calibrate", "decoder", "download", "evaluate", "export_plan", "generate", "load",
+          "measure_greedy", "measure_sensitivity", "tune", "write_report")
+_LAZY = {"ActTailError": ".errors", "ActTailWarning": ".errors", "AllocationConfig": ".allocation",
+         "Analysis": ".analysis", "AnalysisConfig": ".analysis", "CalibrationConfig": ".calibration",
+         "EvalConfig": ".evaluation", "GenerateConfig": ".api", "GreedyConfig": ".greedy", "Plan": ".plan",
+         "PlanEntry": ".plan", "SensitivityConfig": ".sensitivity", "TuneConfig": ".tuning",
+         "convert_gguf": ".convert", **{verb: ".api" for verb in _VERBS}}
 
-__all__ = ["ActTailError", "AllocationConfig", "Analysis", "Plan", "PlanEntry", "allocate", "analyze", "apply",
-           "calibrate", "decoder", "evaluate", "load", "tune", "__version__"]
+__all__ = sorted(_LAZY) + ["__version__"]
 
 
 def __getattr__(name: str):

@@ -29,11 +29,12 @@ epsilon, direction, **params) -> ratios`` with ``@register_method("name")``; ext
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import numpy as np
 
+from .config import Config
 from .errors import ActTailError
 from .files import check_model
 from .plan import Plan, PlanEntry
@@ -48,7 +49,7 @@ METHODS: dict[str, Callable[..., np.ndarray]] = {}
 
 
 @dataclass(frozen=True)
-class AllocationConfig:
+class AllocationConfig(Config):
     """How sparsity is spread over projections; each field is a CLI option of ``acttail allocate``.
 
     method: greedy (TEAL's block-wise greedy allocation, from the paths ``acttail greedy`` adds to the
@@ -71,14 +72,7 @@ class AllocationConfig:
     max_sparsity: float = 0.99
     gamma: float = 0.5
     rank_split: int = 0
-
-    def updated(self, **options) -> "AllocationConfig":
-        """A copy with some fields changed; an unknown option is an error."""
-        names = {f.name for f in fields(self)}
-        unknown = sorted(set(options) - names)
-        if unknown:
-            raise ActTailError(f"unknown allocation option(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
-        return replace(self, **options)
+    stage = "allocation"
 
 
 def register_method(name: str):
@@ -461,3 +455,4 @@ def plan_from_analysis(analysis, budget: float, config: AllocationConfig | None 
                 budget=float(budget), method=method_record(cfg, **params), projections=entries, source=source)
     plan.to_dict()  # validates
     return plan
+

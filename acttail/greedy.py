@@ -16,21 +16,38 @@ on a GPU for a 7B model with the defaults; a 135M model takes minutes on two CPU
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from .config import CTX, Config
 from .histogram import LogHistogram
 from .layout import GROUP_OF, GROUPS, KINDS
 from .runtime.sparsify import ProjectionSparsity, Sparsifier
 
-BASE_STEP, MAX_SPARSITY, LAST_FRACTION = 0.025, 0.9, 0.25  # TEAL's defaults (scripts/greedyopt.bash)
+
+@dataclass(frozen=True)
+class GreedyConfig(Config):
+    """How the greedy paths are measured: ``acttail greedy``'s options, TEAL's defaults
+    (scripts/greedyopt.bash). tokens, ctx: the calibration text's first tokens, in windows of ctx.
+    base_step: q's sparsity step; max_sparsity: where each path ends; last_fraction: the positions the
+    error is taken over; batch_size: windows per block pass."""
+
+    tokens: int = 8192
+    ctx: int = CTX
+    base_step: float = 0.025
+    max_sparsity: float = 0.9
+    last_fraction: float = 0.25
+    batch_size: int = 8
+    stage = "greedy"
 
 
 @torch.no_grad()
-def greedy_paths(model, wins: torch.Tensor, base_step: float = BASE_STEP, max_sparsity: float = MAX_SPARSITY,
-                 last_fraction: float = LAST_FRACTION, batch_size: int = 8, progress: bool = True) -> list[list[dict]]:
+def greedy_paths(model, wins: torch.Tensor, base_step: float = GreedyConfig.base_step,
+                 max_sparsity: float = GreedyConfig.max_sparsity, last_fraction: float = GreedyConfig.last_fraction,
+                 batch_size: int = GreedyConfig.batch_size, progress: bool = True) -> list[list[dict]]:
     """Per block, the greedy path: [{"effective": weighted sparsity, "error": block error, "sparsity":
     {kind: s}}, ...] in the order the steps were taken."""
     dev = model.output.weight.device
@@ -101,13 +118,15 @@ def _block_error(run, layer, hs, target, hists, sparsity, last_fraction) -> floa
     return float(torch.cat(errs).mean())
 
 
-def measure(model, wins: torch.Tensor, fingerprint: str, text: str, base_step: float = BASE_STEP,
-            max_sparsity: float = MAX_SPARSITY, progress: bool = True) -> dict:
-    """The greedy section an analysis carries for ``acttail allocate --method greedy`` (JSON-ready)."""
+def measure(model, wins: torch.Tensor, fingerprint: str, text: str, config: GreedyConfig | None = None,
+            progress: bool = True, **options) -> dict:
+    """The greedy section an analysis carries for ``acttail allocate --method greedy`` (JSON-ready), measured
+    on windows of ``text``; ``options`` change fields of ``config`` (base_step, max_sparsity, ...)."""
+    cfg = (config or GreedyConfig()).updated(**options)
     t0 = time.time()
-    paths = greedy_paths(model, wins, base_step, max_sparsity, progress=progress)
+    paths = greedy_paths(model, wins, cfg.base_step, cfg.max_sparsity, cfg.last_fraction, cfg.batch_size, progress)
     return {"fingerprint": fingerprint, "text": str(text), "tokens": int(wins.numel()), "ctx": int(wins.shape[1]),
-            "base_step": base_step, "max_sparsity": max_sparsity, "last_fraction": LAST_FRACTION,
+            "base_step": cfg.base_step, "max_sparsity": cfg.max_sparsity, "last_fraction": cfg.last_fraction,
             "seconds": time.time() - t0, "layers": paths}
 
 

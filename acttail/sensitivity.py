@@ -8,17 +8,33 @@ calibration text (c4), never on the evaluation text.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from tqdm import tqdm
 
+from .config import CTX, Config
 from .layout import KINDS, Key
 from .runtime.perplexity import perplexity
 from .runtime.sparsify import ProjectionSparsity, Sparsifier, keep_count
 
 
+@dataclass(frozen=True)
+class SensitivityConfig(Config):
+    """How sensitivity is measured: ``acttail sensitivity``'s options. tokens, ctx: the calibration text's
+    first tokens, in windows of ctx; levels: the top-k sparsities each projection is probed at (``dnll_50``,
+    ``dnll_80``); batch_size: windows per forward pass."""
+
+    tokens: int = 16384
+    ctx: int = CTX
+    levels: tuple[float, ...] = (0.5, 0.8)
+    batch_size: int = 8
+    stage = "sensitivity"
+
+
 @torch.no_grad()
-def sensitivity(model, wins: torch.Tensor, keys: list[tuple[int, str]], levels=(0.5, 0.8), batch_size: int = 8,
-                progress: bool = True) -> dict:
+def sensitivity(model, wins: torch.Tensor, keys: list[tuple[int, str]], levels=SensitivityConfig.levels,
+                batch_size: int = SensitivityConfig.batch_size, progress: bool = True) -> dict:
     """{"dense_nll": nll, "dnll": {(layer, kind): {level: nll(sparse p) - dense_nll}}} on windows ``wins``."""
     with model.sparsified(Sparsifier.dense()):
         base = perplexity(model, wins, batch_size, progress=False)["nll"]
@@ -35,8 +51,8 @@ def sensitivity(model, wins: torch.Tensor, keys: list[tuple[int, str]], levels=(
     return {"dense_nll": base, "dnll": out}
 
 
-def measure(model, wins: torch.Tensor, fingerprint: str, text: str = "c4", levels=(0.5, 0.8),
-            progress: bool = True) -> dict:
+def measure(model, wins: torch.Tensor, fingerprint: str, text: str, levels=SensitivityConfig.levels,
+            progress: bool = True, batch_size: int = SensitivityConfig.batch_size) -> dict:
     """The sensitivity document (JSON-ready) of ``model`` (our decoder) on windows of ``text``: one row per
     projection with ``dnll_50``, ``dnll_80``, ... (loss increase at each top-k level). Costs 1 +
     n_projections x levels forward passes: minutes on a GPU, hours for a 135M model on two CPU cores."""
@@ -44,7 +60,7 @@ def measure(model, wins: torch.Tensor, fingerprint: str, text: str = "c4", level
 
     keys = [Key(layer, kind) for layer in range(model.args.n_layer) for kind in KINDS]
     t0 = time.time()
-    r = sensitivity(model, wins, keys, levels, progress=progress)
+    r = sensitivity(model, wins, keys, levels, batch_size, progress)
     return {"model": {"fingerprint": fingerprint}, "text": str(text), "tokens": int(wins.numel()),
             "mode": "topk", "levels": list(levels), "dense_nll": r["dense_nll"], "seconds": time.time() - t0,
             "projections": [{"key": str(k), "layer": k.layer, "kind": k.kind,

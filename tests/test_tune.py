@@ -34,8 +34,7 @@ def setup(tmp_path_factory):
 
 def test_bisection_returns_the_largest_budget_within_the_bound(setup):
     net, cal, held = setup["net"], setup["cal"], setup["held"]
-    cfg = acttail.AllocationConfig(method="uniform")
-    plan = tune(net, setup["analysis"], cal, held, within=0.05, config=cfg, tolerance=0.05, progress=False,
+    plan = tune(net, setup["analysis"], cal, held, within=0.05, method="uniform", tolerance=0.05, progress=False,
                 compensation="none")
     rec = plan.calibration["tune"]
     dense = evaluate_windows(net, held, progress=False)["perplexity"]
@@ -52,7 +51,7 @@ def test_bisection_returns_the_largest_budget_within_the_bound(setup):
 def test_a_bound_nothing_meets_is_an_error(setup):
     with pytest.raises(ActTailError, match="nothing to tune"):
         tune(setup["net"], setup["analysis"], setup["cal"], setup["held"], within=0.001, lo=0.8, hi=0.9,
-             config=acttail.AllocationConfig(method="uniform"), tolerance=0.2, progress=False, compensation="none")
+             method="uniform", tolerance=0.2, progress=False, compensation="none")
     with pytest.raises(ActTailError, match="within > 0"):
         tune(setup["net"], setup["analysis"], setup["cal"], setup["held"], within=0.0)
 

@@ -1,0 +1,166 @@
+"""What the API verbs take, made into what the stages work on.
+
+A model is a folder (or .safetensors) path, opened as our decoder with the folder's tokenizer, BOS rule and
+checkpoint fingerprint, or a model in memory: our decoder (``acttail.load``, which carries its tokenizer) or
+a stock transformers causal LM (pass its tokenizer). A text is a fetched name (``c4``, ``wiki``:
+``acttail.text``), a ``pathlib.Path`` to a UTF-8 file, the text itself (a string, or strings joined by blank
+lines), or token ids (taken as they are). Text becomes token windows in one place (``text_windows``, BOS
+first when the tokenizer asks for it: ``tokens.bos_id``), and one text is split into calibration and
+held-out windows in one place (``split_windows``). An analysis or a plan is a path or the object.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+
+from .analysis import Analysis
+from .config import DEVICE
+from .errors import ActTailError
+from .plan import Plan
+from .runtime import open_model
+from .runtime.hf import from_transformers, is_transformers_model
+from .runtime.model import Transformer
+from .runtime.tokens import bos_id, load_tokenizer, text_tokens, tokenizer_bos, windows
+from .text import SOURCES, read_text
+
+
+def is_path(x) -> bool:
+    return isinstance(x, (str, os.PathLike))
+
+
+class ModelInput:
+    """A model as the verbs use it: ``net`` (our decoder; a transformers model is converted when first
+    asked), ``ckpt`` (the checkpoint, when opened from a path), ``device`` (where it runs: ``device`` for a
+    path, else where its weights are) and its tokenizer (``tokenizer()``)."""
+
+    def __init__(self, model, device: str | None = None, stream: bool = False, tokenizer=None):
+        self.given, self.ckpt, self.folder, self._net = model, None, None, None
+        self._tokenizer, self._tok = tokenizer, None
+        if is_path(model):
+            self.device = device or DEVICE
+            self.ckpt, self._net = open_model(model, device=self.device, stream=stream)
+            self.folder = self.ckpt.path if self.ckpt.path.is_dir() else self.ckpt.path.parent
+            return
+        if not (isinstance(model, Transformer) or is_transformers_model(model)):
+            raise ActTailError(f"expected a model folder, a transformers causal LM or an acttail model, not "
+                               f"{type(model).__name__}")
+        if stream:
+            raise ActTailError("streaming (one decoder block in memory at a time) needs a model folder")
+        self._net = model if isinstance(model, Transformer) else None
+        self.device = str(self._weight().device)
+
+    def _weight(self) -> torch.Tensor:
+        """A weight that is in memory (the LM head of our decoder, streamed or not)."""
+        return next(self.given.parameters()) if self.hf else self.net.output.weight
+
+    @property
+    def net(self) -> Transformer:
+        if self._net is None:
+            self._net = from_transformers(self.given)
+        return self._net
+
+    @property
+    def hf(self) -> bool:
+        """Whether the model is a transformers model (which ``evaluate`` runs as it is)."""
+        return self.ckpt is None and is_transformers_model(self.given)
+
+    @property
+    def dtype(self) -> str:
+        """The dtype of the weights, as eval results name it (float32)."""
+        return str(self._weight().dtype).removeprefix("torch.")
+
+    def tokenizer(self) -> tuple:
+        """(tokenizer or None, the BOS id every text starts with or None): the tokenizer given (its BOS as
+        it encodes), the model folder's (``tokens.bos_id``), or the one ``acttail.load`` gave the model."""
+        if self._tok is None:
+            if self._tokenizer is not None:
+                self._tok = (self._tokenizer, tokenizer_bos(self._tokenizer))
+            elif self.folder is not None:
+                self._tok = (load_tokenizer(self.folder), bos_id(self.folder))
+            else:
+                self._tok = (getattr(self.given, "tokenizer", None), getattr(self.given, "bos_id", None))
+        return self._tok
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The checkpoint's fingerprint (opened from a path, or by ``acttail.load``), else None."""
+        return self.ckpt.fingerprint if self.ckpt is not None else getattr(self.given, "fingerprint", None)
+
+    def check(self, doc, where: str) -> None:
+        """Refuse an analysis or plan made for other weights than the checkpoint opened from a path (a model
+        in memory is trusted, as ``acttail.apply`` trusts it: shapes are checked, not fingerprints)."""
+        if self.ckpt is not None:
+            doc.check_model(self.ckpt.fingerprint, where)
+
+    def plan(self, plan) -> Plan | None:
+        """A Plan as given, or read from a path and checked against the checkpoint opened from a path."""
+        if plan is None or isinstance(plan, Plan):
+            return plan
+        return Plan.load(plan, expect_fingerprint=self.ckpt.fingerprint if self.ckpt is not None else None)
+
+    def max_ctx(self, ctx: int) -> int:
+        """The longest window the model takes (a transformers config without one: ``ctx``)."""
+        if self.hf:
+            return getattr(self.given.config, "max_position_embeddings", ctx)
+        return self.net.args.max_seq_len
+
+    @property
+    def eos_id(self) -> int | None:
+        config = self.ckpt.config if self.ckpt is not None else getattr(self.given, "config", None)
+        eos = config.get("eos_token_id") if isinstance(config, dict) else getattr(config, "eos_token_id", None)
+        return eos[0] if isinstance(eos, list) else eos
+
+    def ref(self) -> dict:
+        """The model as an eval result names it: path, fingerprint, architecture."""
+        if self.ckpt is not None:
+            return {"path": str(self.given), "fingerprint": self.ckpt.fingerprint,
+                    "architecture": self.ckpt.architecture}
+        config = getattr(self.given, "config", None)
+        arch = (getattr(config, "architectures", None) or [type(self.given).__name__])[0]
+        return {"path": None, "fingerprint": self.fingerprint, "architecture": arch}
+
+
+def analysis_input(analysis, copied: bool = False) -> tuple[Analysis, str]:
+    """(the Analysis of a path, an Analysis or its document; a copy when ``copied``, where it came from)."""
+    if is_path(analysis):
+        return Analysis.load(analysis), str(analysis)
+    if isinstance(analysis, dict):
+        return Analysis.from_dict(copy.deepcopy(analysis) if copied else analysis), "analysis"
+    if isinstance(analysis, Analysis):
+        return (Analysis.from_dict(copy.deepcopy(analysis.to_dict())) if copied else analysis), "analysis"
+    raise ActTailError(f"expected an analysis (a path or an Analysis), not {type(analysis).__name__}")
+
+
+def text_ids(model: ModelInput, text, n_tokens: int) -> tuple[torch.Tensor, int | None, str]:
+    """(the first ``n_tokens`` token ids of ``text``, the BOS id its windows start with or None, its name)."""
+    if torch.is_tensor(text):
+        return text.flatten()[:n_tokens].long(), None, "tokens"
+    if isinstance(text, Path) or (isinstance(text, str) and text in SOURCES):
+        name, text = str(text), read_text(text)
+    else:
+        name, text = "text", text if isinstance(text, str) else "\n\n".join(text)
+    tokenizer, bos = model.tokenizer()
+    if tokenizer is None:
+        raise ActTailError("text needs a tokenizer: pass tokenizer=... (or token ids)")
+    return text_tokens(tokenizer, text, n_tokens), bos, name
+
+
+def text_windows(model: ModelInput, text, tokens: int, ctx: int) -> tuple[torch.Tensor, str, int | None]:
+    """([n, ctx] windows of the first ``tokens`` tokens of ``text``, its name, the BOS id or None)."""
+    ids, bos, name = text_ids(model, text, tokens)
+    return windows(ids, ctx, model.max_ctx(ctx), name, bos), name, bos
+
+
+def split_windows(model: ModelInput, text, tokens: int, held_tokens: int, ctx: int):
+    """(calibration windows of the first ``tokens`` tokens of ``text``, held-out windows of the next
+    ``held_tokens``, its name): the split ``acttail.tune`` calibrates and judges on."""
+    ids, bos, name = text_ids(model, text, tokens + held_tokens)
+    if len(ids) < tokens + held_tokens:
+        raise ActTailError(f"{name} has {len(ids)} tokens, fewer than the {tokens} calibration + {held_tokens} "
+                           "held-out tokens asked for (--tokens + --held-tokens)")
+    cal, held = (windows(part, ctx, model.max_ctx(ctx), name, bos) for part in (ids[:tokens], ids[tokens:]))
+    return cal, held, name
