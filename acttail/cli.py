@@ -309,7 +309,8 @@ def sensitivity_cmd(model, analysis, text, tokens, ctx, device, measured, output
               help="Where each block's path ends.")
 @_device_option("cpu or cuda.")
 @click.option("--measured", type=click.Path(dir_okay=False),
-              help="Reuse greedy paths measured earlier (e.g. on a GPU: reports/quality/<model>/greedy.json).")
+              help="Reuse greedy paths measured earlier: a file (`acttail greedy`'s, JSON or .json.gz) or the "
+                   "name of paths shipped with acttail (smollm2-135m: SmolLM2-135M-Instruct, measured on a GPU).")
 @click.option("-o", "--output", required=True, type=_Output(),
               help="The analysis with TEAL's greedy paths, for `acttail allocate --method greedy`.")
 def greedy_cmd(model, analysis, text, tokens, ctx, base_step, max_sparsity, device, measured, output):

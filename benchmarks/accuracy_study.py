@@ -6,9 +6,9 @@ sparsified (threshold mode), and record the sparsity each projection achieved on
 is kept as JSON under reports/accuracy/<model>/runs/ and reused when present, so the command can be
 stopped and restarted; the tables (reports/accuracy/<model>.md) are rebuilt from those files each time.
 
-    python -m benchmarks.accuracy_study --model smollm2 --grid full
-    python -m benchmarks.accuracy_study --model qwen2.5-coder-0.5b --grid small
-    python -m benchmarks.accuracy_study --model smollm2 --tables-only
+    python benchmarks/accuracy_study.py --model smollm2 --grid full
+    python benchmarks/accuracy_study.py --model qwen2.5-coder-0.5b --grid small
+    python benchmarks/accuracy_study.py --model smollm2 --tables-only
 """
 
 from __future__ import annotations

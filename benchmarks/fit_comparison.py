@@ -1,6 +1,6 @@
 """Compare the three power-law fits on one model: how many alphas fall above 8 and below 2, per kind means.
 
-    python -m benchmarks.fit_comparison ~/.cache/acttail/models/smollm2-135m -o reports/smollm2-135m/fits.md
+    python benchmarks/fit_comparison.py ~/.cache/acttail/models/smollm2-135m -o reports/smollm2-135m/fits.md
 
 WeightWatcher's plain KS fit can put xmin among the few largest eigenvalues ("fingers"), giving alphas of
 10-30 from tails of 9-30 eigenvalues; the allocation should choose a fit on this evidence.
@@ -23,7 +23,7 @@ def table(model: str) -> str:
     docs = {fit: run_analysis(model, fit=fit, progress=False)[0] for fit in ("ks", "peak", "median")}
     name = Path(model).name
     lines = [f"# Power-law fits on {name}", "",
-             f"Generated {date.today()} by `python -m benchmarks.fit_comparison "
+             f"Generated {date.today()} by `python benchmarks/fit_comparison.py "
              f"{str(model).replace(str(Path.home()), '~')} -o <this file>`.", "",
              "| fit | alpha > 8 | alpha < 2 | median alpha | median n_tail | median KS distance | "
              + " | ".join(f"mean alpha {k}" for k in KINDS) + " |",

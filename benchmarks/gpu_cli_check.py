@@ -5,7 +5,7 @@ dim 4096, 11008, 32 heads; a small trained tokenizer) as an HF folder, plans 50%
 the GPU, then generates with the kernel backend (Triton, fp16, CUDA graphs) and the float32 reference
 backend, and prints both continuations and the measured rates.
 
-    python -m benchmarks.gpu_cli_check --out OUT
+    python benchmarks/gpu_cli_check.py --out OUT
 """
 
 import argparse
@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def cli(*args):
-    """Run the CLI in this process (run from the repository root: python -m benchmarks.gpu_cli_check)."""
+    """Run the CLI in this process (run from the repository root: python benchmarks/gpu_cli_check.py)."""
     from click.testing import CliRunner
 
     from acttail.cli import main

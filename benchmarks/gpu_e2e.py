@@ -5,7 +5,7 @@ input-major weights), uniform 50/70/90% (per-projection thresholds calibrated on
 activations), and a per-projection plan. Each decode step is a CUDA-graph replay; prefill is dense.
 Writes e2e.md and e2e.json under --out.
 
-    python -m benchmarks.gpu_e2e --out OUT [--quick]
+    python benchmarks/gpu_e2e.py --out OUT [--quick]
 """
 
 import argparse
@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 import triton
 
-import acttail.kernels.sparse_gemv as SG
-from acttail.layout import GROUP_OF, GROUPS, KINDS
-from acttail.runtime.cuda import CudaDecoder
-from acttail.runtime.model import LLAMA2_7B, SMOLLM2_135M
-from benchmarks.gpu_kernels import copy_bandwidth, warm_up
+from gpu_kernels import copy_bandwidth, warm_up
+
+from acttail.layout import GROUP_OF, KINDS
+from acttail.runtime.args import LLAMA2_7B, SMOLLM2_135M
+from acttail.runtime.decoder import Decoder, greedy
+from acttail.runtime.sparsify import ProjectionSparsity
 
 
 def kind_params(d):
@@ -45,16 +46,24 @@ def synthetic_plan(d, mean=0.5):
     return {key: min(0.95, max(0.0, v + shift)) for key, v in raw.items()}
 
 
+def eager_steps(dec, prompt, n, observer=None):
+    """n eager greedy decode steps after a prefill, ``observer(layer, kinds, x)`` seeing each group's input."""
+    dec.tokens.copy_(dec.prefill(prompt).argmax(-1).view(-1, 1))
+    dec.ops.observer = observer
+    try:
+        with torch.no_grad():
+            for _ in range(n):
+                dec.tokens.copy_(dec.forward_token(dec.tokens, dec.pos).argmax(-1).view(-1, 1))
+                dec.pos.add_(1)
+    finally:
+        dec.ops.observer = None
+
+
 def record_inputs(dec, prompt, n):
     """Projection-group inputs over n eager dense decode steps after a prefill: {(layer, group): [rows]}."""
     seen = defaultdict(list)
-    dec.set_sparsity()
-    dec.prefill(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            logits = dec.forward_token(dec.tok, dec.pos, record=lambda i, g, x: seen[i, g].append(x.float()))
-            dec.tok.copy_(logits.argmax(-1))
-            dec.pos.add_(1)
+    dec.set_settings({})
+    eager_steps(dec, prompt, n, lambda i, kinds, x: seen[i, GROUP_OF[kinds[0]]].append(x.float()))
     return {key: torch.cat(v) for key, v in seen.items()}
 
 
@@ -73,20 +82,15 @@ def achieved(dec, prompt, th, n, d):
     zero = defaultdict(float)
     cnt = defaultdict(int)
 
-    def rec(i, g, x):
-        if (i, g) not in dec.t:  # a group dispatched to dense reads every row
+    def rec(i, kinds, x):
+        if dec.ops._launch(i, GROUP_OF[kinds[0]], 1) is None:  # a group dispatched to dense reads every row
             return
-        for k in GROUPS[g]:
+        for k in kinds:
             if (i, k) in th:
                 zero[i, k] += (x.float().abs() <= th[i, k]).float().sum().item()
                 cnt[i, k] += x.numel()
 
-    dec.prefill(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            logits = dec.forward_token(dec.tok, dec.pos, record=rec)
-            dec.tok.copy_(logits.argmax(-1))
-            dec.pos.add_(1)
+    eager_steps(dec, prompt, n, rec)
     P = kind_params(d)
     frac = {key: zero[key] / cnt[key] for key in cnt}
     mean = sum(frac.get((i, k), 0.0) * P[k] for i in range(d.n_layer) for k in KINDS) / (d.n_layer * sum(P.values()))
@@ -97,9 +101,8 @@ def time_decode(dec, prompt, n_tokens, repeats=3):
     """Median tokens/s over repeats of n_tokens graph replays (each after a fresh dense prefill)."""
     rates = []
     for _ in range(repeats):
-        dec.prefill(prompt)
-        if dec.graph is None:
-            dec.capture()
+        dec.tokens.copy_(dec.prefill(prompt).argmax(-1).view(-1, 1))
+        dec.decode(0)  # captures the step's graph (outside the timing) the first time
         torch.cuda.synchronize()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
@@ -110,64 +113,41 @@ def time_decode(dec, prompt, n_tokens, repeats=3):
     return statistics.median(rates), rates
 
 
-# decode steps timed side by side: (one-token launch rule as (per_sm, RB, maxnreg), or None for pick_config as
-# committed; fusion on; attention splits per head, None: attention_splits' rule). "current": the committed
-# step (RB=8 at 3 per SM; each block's residual add + RMSNorm fused into its sparse projections, RoPE + the
-# cache write into attention, attention split over programs); "unfused": norms and RoPE as separate launches
-# and one attention program per head (the step of issue 12's run3); "one attention program": the current step
-# with one program per key/value head; "rb1 3/SM": the [64, 128] accumulator of 168 registers, faster on an
-# idle GPU, fragile when another kernel holds SM slots (reports/gpu/issue12; run3 named it "current").
-# (Steps with one chunk of all K rows per program for K <= 2048, no split-K ticket, timed at 5e5e861: 3-47%
-# slower on the SmolLM2 shape; reports/gpu/issue12/final.)
-# "compact only": the current step with every chunk compacted (DENSE 0, the kernel before chunks were read in
-# place at low sparsity).
+# decode steps timed side by side: (kernel launch settings over pick_config's, or None; fusion on; attention
+# splits per head, None: attention_splits' rule). "current": the committed step (one-token launches RB=8 at 3
+# per SM; each block's residual add + RMSNorm fused into its sparse projections, RoPE + the cache write into
+# attention, attention split over programs); "unfused": norms and RoPE as separate launches and one attention
+# program per head (the step of issue 12's run3); "one attention program": the current step with one program
+# per key/value head; "compact only": the current step with every chunk compacted (DENSE 0, the kernel before
+# chunks were read in place at low sparsity). (Steps with one chunk of all K rows per program for K <= 2048,
+# timed at 5e5e861: 3-47% slower on the SmolLM2 shape; and the [64, 128] accumulator 'rb1 3/SM', fragile under
+# load: reports/gpu/issue12/final.)
 STEPS = {"current": (None, True, None), "unfused": (None, False, 1), "one attention program": (None, True, 1),
-         "rb1 3/SM": ((3, 1, 168), True, None), "compact only": ({"DENSE": 0}, True, None)}
+         "compact only": ({"DENSE": 0}, True, None)}
 DEFAULT_STEPS = ["current", "unfused"]
-_PICK = SG.pick_config
 
 
-def _pick_for(step):
-    def pick(B, K, n_blocks_of, device):
-        cfg = dict(_PICK(B, K, n_blocks_of, device))
-        rule = STEPS[step][0]
-        if device.type != "cuda" or B > 1 or rule is None:
-            return cfg
-        if isinstance(rule, dict):
-            return cfg | rule
-        per_sm, rb, regs = rule
-        cfg.update(KC=SG.chunk_rows(K, n_blocks_of(128), per_sm, SG._sm_count(device)), RB=rb, maxnreg=regs)
-        return cfg
-    return pick
-
-
-def set_step(dec, step):
-    """Launch rule and fusion of the decode step for the next capture (the benchmark swaps pick_config)."""
-    SG.pick_config = _pick_for(step)
-    dec.fuse, dec.attn_splits = STEPS[step][1:]
-    dec.graph = None
+def set_step(dec, step, sets=None, planned=None):
+    """The decode step's launch settings and fusion, with runtime settings ``sets`` (the graph is re-captured)."""
+    config, dec.ops.fuse, dec.ops.attn_splits = STEPS[step]
+    dec.set_settings(sets or {}, planned, config)
 
 
 def step_agreement(dec, prompt, th):
     """Largest relative difference of the first decode logits between the launch rules (thresholds th)."""
     outs = []
     for step in STEPS:
-        set_step(dec, step)
-        dec.set_sparsity(thresholds=th)
-        dec.prefill(prompt)
-        with torch.no_grad():
-            outs.append(dec.forward_token(dec.tok, dec.pos).float())
+        set_step(dec, step, {k: ProjectionSparsity(threshold=t) for k, t in th.items()})
+        dec.tokens.copy_(dec.prefill(prompt).argmax(-1).view(-1, 1))
+        outs.append(dec.forward_token(dec.tokens, dec.pos).float())
     set_step(dec, next(iter(STEPS)))
-    dec.set_sparsity()
     return max((((o - outs[0]).norm() / outs[0].norm()).item() for o in outs[1:]), default=0.0)
 
 
 def kernel_breakdown(dec, prompt, n=8):
     """CUDA time per kernel name over n graph replays of the decode step (torch profiler), per token."""
     from torch.profiler import ProfilerActivity, profile
-    dec.prefill(prompt)
-    if dec.graph is None:
-        dec.capture()
+    dec.tokens.copy_(dec.prefill(prompt).argmax(-1).view(-1, 1))
     dec.decode(2)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -184,17 +164,15 @@ def kernel_breakdown(dec, prompt, n=8):
 def random_biases(dims, seed=2):
     """Learned output biases of every projection (fp32, random): what a plan calibrated with the default
     compensation adds; only their cost is timed here."""
-    from acttail.runtime.sparsify import ProjectionSparsity
-
     g = torch.Generator().manual_seed(seed)
     return {(i, k): ProjectionSparsity(bias=0.01 * torch.randn(dims.out_features(k), generator=g))
             for i in range(dims.n_layer) for k in KINDS}
 
 
 def run_model(name, dims, bw, n_tokens, calib_tokens, sparsities=(0.5, 0.7, 0.9), biases=False, T=16):
-    dec = CudaDecoder.random(dims, torch.float16, "cuda", max_seq=T + n_tokens + calib_tokens + 8)
+    dec = Decoder.random(dims, torch.float16, "cuda", max_seq=T + n_tokens + calib_tokens + 8)
     g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, dims.vocab_size, (T,), generator=g).cuda()
+    prompt = torch.randint(0, dims.vocab_size, (1, T), generator=g).cuda()
     inputs = record_inputs(dec, prompt, calib_tokens)
     P = kind_params(dims)
     layer_bytes = sum(P.values()) * 2
@@ -202,9 +180,8 @@ def run_model(name, dims, bw, n_tokens, calib_tokens, sparsities=(0.5, 0.7, 0.9)
     # the keys and values attention reads per token, at the mean position of the timed decode
     kv_bytes = dims.n_layer * 2 * dims.n_local_heads * dims.head_dim * 2 * (T + n_tokens / 2)
     # graph replay reproduces eager decoding (dense): same greedy tokens
-    dec.set_sparsity()
-    eager = dec.generate(prompt, 12, use_graph=False)
-    graph = dec.generate(prompt, 12, use_graph=True)
+    dec.set_settings({})
+    eager, graph = (tokens_of(dec, prompt, 12, use_graph) for use_graph in (False, True))
     rows = []
     uniform = lambda s: {(i, k): s for i in range(dims.n_layer) for k in KINDS}  # noqa: E731
     steps_rel_diff = step_agreement(dec, prompt, thresholds_for(inputs, uniform(0.5)))
@@ -223,14 +200,16 @@ def run_model(name, dims, bw, n_tokens, calib_tokens, sparsities=(0.5, 0.7, 0.9)
             sp, th = None, {(i, k): -1.0 for i in range(dims.n_layer) for k in KINDS}
         else:
             th = thresholds_for(inputs, sp) if sp else {}
-        dec.set_sparsity(thresholds=th, planned=sp if dispatch else None, compensation=comp if with_bias else None)
-        n_sparse = len(dec.t)
+        sets = {k: ProjectionSparsity(threshold=t, bias=comp[k].bias if with_bias else None) for k, t in th.items()}
+        planned = sp if dispatch else None
+        set_step(dec, next(iter(STEPS)), sets, planned)
+        n_sparse = dec.ops.sparse_groups(1)
         frac, mean_s = achieved(dec, prompt, th, 8, dims) if th else ({}, 0.0)
         need = sum((1 - frac.get((i, k), 0.0)) * P[k] * 2 for i in range(dims.n_layer) for k in KINDS) + head_bytes \
             + kv_bytes
         floor = bw / need
         for step in STEPS:
-            set_step(dec, step)
+            set_step(dec, step, sets, planned)
             rate, rates = time_decode(dec, prompt, n_tokens)
             dense_rate.setdefault(step, rate)
             rows.append(dict(model=name, variant=label, step=step,
@@ -242,7 +221,7 @@ def run_model(name, dims, bw, n_tokens, calib_tokens, sparsities=(0.5, 0.7, 0.9)
                              graph_matches_eager=(eager == graph) if label == "dense" else None))
             print(f"{name} {label} [{step}]: {rate:.1f} tok/s ({rate / dense_rate[step]:.2f}x dense), achieved "
                   f"sparsity {mean_s:.3f}, floor {floor:.1f} tok/s ({rate / floor:.0%} of floor)", flush=True)
-        set_step(dec, next(iter(STEPS)))
+        set_step(dec, next(iter(STEPS)), sets, planned)
         if label in ("dense", "uniform 50%", "uniform 90%"):
             try:
                 breakdown[label] = kernel_breakdown(dec, prompt)
@@ -255,6 +234,15 @@ def run_model(name, dims, bw, n_tokens, calib_tokens, sparsities=(0.5, 0.7, 0.9)
     return rows, dict(model=name, layer_bytes_total=dims.n_layer * layer_bytes, head_bytes=head_bytes,
                       eager_tokens=eager, graph_tokens=graph, steps_logits_rel_diff=steps_rel_diff,
                       kernel_breakdown=breakdown)
+
+
+def tokens_of(dec, prompt, n, use_graph):
+    """The n greedy tokens after the prompt, decoded with or without graph replays."""
+    dec.tokens.copy_(dec.prefill(prompt).argmax(-1).view(-1, 1))
+    T = prompt.shape[1]
+    dec.out[:, T] = dec.tokens[:, 0]
+    dec.decode(n - 1, greedy, use_graph)
+    return dec.out[0, T:T + n].tolist()
 
 
 def markdown(rows, info, bw, meta):
@@ -272,8 +260,8 @@ def markdown(rows, info, bw, meta):
              "- step: 'current' = the committed decode step (pick_config's RB=8 at 3 programs per SM; residual "
              "add + RMSNorm fused into the sparse projections, RoPE + cache write into attention); 'unfused' = "
              "the same with norms and RoPE as separate launches and one attention program per key/value head; "
-             "'one attention program' = current with one attention program per head; 'rb1 3/SM' = the [64, 128] "
-             "accumulator of 168 registers. Speedups are against dense with the same step", "",
+             "'one attention program' = current with one attention program per head; 'compact only' = every "
+             "chunk compacted. Speedups are against dense with the same step", "",
              "| model | variant | step | target sparsity | achieved | sparse groups | tok/s | vs dense | floor tok/s "
              "| of floor |",
              "|---|---|---|---|---|---|---|---|---|---|"]

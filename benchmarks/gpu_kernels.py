@@ -4,7 +4,7 @@ Checks every configuration against the torch reference first, then times CUDA-gr
 that rotate through several weight copies (so L2 never serves a repeat), median over replays. Writes
 markdown + JSON under --out.
 
-    python -m benchmarks.gpu_kernels --out OUT [--quick] [--sweep]
+    python benchmarks/gpu_kernels.py --out OUT [--quick] [--sweep]
 """
 
 import argparse
@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from teal_baseline import CONFIGS as TEAL_CONFIGS, teal_gemv
+
 from acttail.kernels import (
-    sparse_linear, sparse_linear_ref, sparse_swiglu, sparse_swiglu_ref, topk_thresholds, topk_thresholds_ref)
-from acttail.kernels.sparse_gemv import pick_config, use_sparse
-from benchmarks.teal_baseline import CONFIGS as TEAL_CONFIGS, teal_gemv
+    pick_config, sparse_linear, sparse_linear_ref, sparse_swiglu, sparse_swiglu_ref, topk_thresholds,
+    topk_thresholds_ref, use_sparse)
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
 SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]

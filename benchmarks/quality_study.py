@@ -7,8 +7,8 @@ and on technical text (neither calibrated nor tuned on). The budget is the fract
 read, net of what compensation adds, measured on wiki. One JSON line per run in OUT/results.jsonl
 (resumable: finished runs are skipped); `--tables` writes the markdown tables from those lines.
 
-    python -m benchmarks.quality_study --model DIR --name smollm2-135m --out OUT --device cuda
-    python -m benchmarks.quality_study --tables reports/quality        # tables from reports/quality/*/results.jsonl
+    python benchmarks/quality_study.py --model DIR --name smollm2-135m --out OUT --device cuda
+    python benchmarks/quality_study.py --tables reports/quality        # tables from reports/quality/*/results.jsonl
 """
 
 from __future__ import annotations

@@ -8,11 +8,11 @@ OUT=${OUT:-out/gpu}
 TEAL=${TEAL:-.teal}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-python3 -m benchmarks.gpu_e2e --out "$OUT/e2e" 2>&1 | tee "$OUT/e2e.log"
-python3 -m benchmarks.gpu_e2e --out "$OUT/e2e-ctx2048" --context 2048 --sparsities 0.5 0.9 \
+python3 benchmarks/gpu_e2e.py --out "$OUT/e2e" 2>&1 | tee "$OUT/e2e.log"
+python3 benchmarks/gpu_e2e.py --out "$OUT/e2e-ctx2048" --context 2048 --sparsities 0.5 0.9 \
   --steps current "one attention program" unfused 2>&1 | tee "$OUT/e2e-ctx2048.log"
-python3 -m benchmarks.gpu_cli_check --out "$OUT/cli" 2>&1 | tee "$OUT/cli.log"
-python3 -m benchmarks.gpu_kernels --out "$OUT/kernels" 2>&1 | grep -v '^check' | tee "$OUT/kernels.log"
+python3 benchmarks/gpu_cli_check.py --out "$OUT/cli" 2>&1 | tee "$OUT/cli.log"
+python3 benchmarks/gpu_kernels.py --out "$OUT/kernels" 2>&1 | grep -v '^check' | tee "$OUT/kernels.log"
 if [ -d "$TEAL/kernels" ]; then
-  python3 -m benchmarks.gpu_tail --teal "$TEAL" --out "$OUT/tail" 2>&1 | tee "$OUT/tail.log"
+  python3 benchmarks/gpu_tail.py --teal "$TEAL" --out "$OUT/tail" 2>&1 | tee "$OUT/tail.log"
 fi

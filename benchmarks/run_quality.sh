@@ -7,14 +7,14 @@ set -e
 export PYTHONUNBUFFERED=1
 M=$ACTTAIL_CACHE/models
 mkdir -p "$RESULTS" "$M"
-[ -d "$M/smollm2-135m" ] || python3 -m acttail.cli convert-gguf "$GGUF/smol.gguf" "$M/smollm2-135m"
-[ -d "$M/qwen2.5-coder-0.5b" ] || python3 -m acttail.cli convert-gguf "$GGUF/qwen.gguf" "$M/qwen2.5-coder-0.5b"
-[ -f "$RESULTS/e2e/e2e.json" ] || python3 -m benchmarks.gpu_e2e --out "$RESULTS/e2e" --only-7b \
+[ -d "$M/smollm2-135m" ] || acttail convert-gguf "$GGUF/smol.gguf" "$M/smollm2-135m"
+[ -d "$M/qwen2.5-coder-0.5b" ] || acttail convert-gguf "$GGUF/qwen.gguf" "$M/qwen2.5-coder-0.5b"
+[ -f "$RESULTS/e2e/e2e.json" ] || python3 benchmarks/gpu_e2e.py --out "$RESULTS/e2e" --only-7b \
     --sparsities 0.3 0.4 0.5 0.6 0.7 0.9
-python3 -m benchmarks.quality_study --model "$M/smollm2-135m" --name smollm2-135m --out "$RESULTS/smollm2-135m" \
+python3 benchmarks/quality_study.py --model "$M/smollm2-135m" --name smollm2-135m --out "$RESULTS/smollm2-135m" \
     --device cuda
-python3 -m benchmarks.quality_study --model "$M/qwen2.5-coder-0.5b" --name qwen2.5-coder-0.5b \
+python3 benchmarks/quality_study.py --model "$M/qwen2.5-coder-0.5b" --name qwen2.5-coder-0.5b \
     --out "$RESULTS/qwen2.5-coder-0.5b" --device cuda --greedy-step 0.05 --greedy-tokens 4096 \
     --rows "TEAL (uniform, magnitude, none)" greedy "greedy + learned (default)"
-python3 -m benchmarks.stream_memory --out "$RESULTS/stream" --shapes ${STREAM_SHAPES:-7b 13b}
+python3 benchmarks/stream_memory.py --out "$RESULTS/stream" --shapes ${STREAM_SHAPES:-7b 13b}
 echo PIPELINE DONE

@@ -1,7 +1,7 @@
 """Peak memory and time of calibration and evaluation with the whole model on the GPU vs streamed one decoder
 block at a time (``acttail calibrate --stream``), on random checkpoints of real shapes written to disk.
 
-    python -m benchmarks.stream_memory --out OUT [--shapes 7b 13b] [--tokens 4096]
+    python benchmarks/stream_memory.py --out OUT [--shapes 7b 13b] [--tokens 4096]
 
 Each shape is written as an HF folder (bf16 safetensors, one shard per 4 layers), then: open + calibrate
 (thresholds, 50% uniform) + evaluate, once with the whole model loaded in float32 on the GPU and once

@@ -190,7 +190,7 @@ def _arguments(x, wt, t, splits, glu, config=None, act="silu", bias=None, locks=
         NB=cfg.get("NB") or min(triton.next_power_of_2(K), 8192 // block_b), DENSE=int(cfg.get("DENSE", 1)))
     options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_reg_args(cfg),
                    **({"launch_pdl": True} if pdl.get("launch_pdl") else {}))
-    return (n_blocks, split), params, options
+    return (n_blocks, split, 1), params, options
 
 
 def _io(x, y, t, residual, nw, residual_out) -> dict:

@@ -265,7 +265,7 @@ def test_generate_is_greedy_decoding_of_the_reference():
     out = dec.generate(prompt, max_new_tokens=8)
     assert out.shape == (1, 12) and torch.equal(out[:, :4], prompt)
     model.setup_caches(1, 16)
-    ids, ref = prompt, []
+    ref = []
     logits = model(prompt, torch.arange(4))[:, -1]
     for t in range(8):
         ref.append(int(logits.argmax(-1)))

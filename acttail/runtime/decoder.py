@@ -49,16 +49,17 @@ def _projections(model: Transformer):
         yield from (block.attention.wqkv, block.attention.wo, block.feed_forward.w13, block.feed_forward.w2)
 
 
-def plan_launches(model: Transformer, sets: dict, planned: dict | None) -> dict:
+def plan_launches(model: Transformer, sets: dict, planned: dict | None, config: dict | None = None) -> dict:
     """{(layer, group): Launch} of runtime settings ``sets`` (``sparsify.settings``) on our decoder's groups;
-    ``planned`` {(layer, kind): sparsity} for the dispatch rule (None: every sparsified group runs sparse)."""
+    ``planned`` {(layer, kind): sparsity} for the dispatch rule (None: every sparsified group runs sparse);
+    ``config``: kernel launch settings over ``kernels.pick_config``'s."""
     out = {}
     for i, block in enumerate(model.layers):
         att, ffn = block.attention, block.feed_forward
         units = (("qkv", att.wqkv, att.sizes, None), ("o", att.wo, (att.wo.out_features,), None),
                  ("gate_up", ffn.w13, (ffn.inter, ffn.inter), ffn.activation), ("down", ffn.w2, (ffn.w2.out_features,), None))
         for group, linear, widths, act in units:
-            launch = launch_for(i, GROUPS[group], linear.weight.t(), widths, sets, planned, linear.bias, act)
+            launch = launch_for(i, GROUPS[group], linear.weight.t(), widths, sets, planned, linear.bias, act, config)
             if launch is not None:
                 out[i, group] = launch
     return out
@@ -126,10 +127,10 @@ class Decoder:
         sets = settings(plan, mode) if plan is not None else {}
         self.set_settings(sets, plan.sparsities() if plan is not None else None)
 
-    def set_settings(self, sets: dict, planned: dict | None = None) -> None:
+    def set_settings(self, sets: dict, planned: dict | None = None, config: dict | None = None) -> None:
         """Runtime settings {(layer, kind): ProjectionSparsity} directly (``planned``: for the dispatch rule;
-        None: every sparsified group runs sparse)."""
-        self.ops.launches = plan_launches(self.model, sets, planned)
+        None: every sparsified group runs sparse; ``config``: kernel launch settings, see ``plan_launches``)."""
+        self.ops.launches = plan_launches(self.model, sets, planned, config)
         self.graphs.clear()
 
     def resize(self, batch: int, max_seq: int) -> None:
@@ -197,9 +198,7 @@ class Decoder:
         self.out. ``use_graph``: replay one CUDA graph per step (default on a GPU)."""
         sampler = sampler or greedy
         use_graph = self.device.type == "cuda" if use_graph is None else use_graph
-        graph = None
-        if use_graph:
-            graph = self.graphs.get(sampler) or self.graphs.setdefault(sampler, self.capture(sampler))
+        graph = self._graph(sampler) if use_graph else None
         for _ in range(n):
             if graph is not None:
                 graph.replay()

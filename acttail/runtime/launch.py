@@ -38,7 +38,7 @@ class Launch:
 
     def __init__(self, layer: int, kinds: tuple[str, ...], wt: Tensor, widths: tuple[int, ...],
                  found: list[ProjectionSparsity | None], sparsity: float | None, bias: Tensor | None = None,
-                 act: str | None = None):
+                 act: str | None = None, config: dict | None = None):
         self.layer, self.kinds, self.widths, self.act = layer, kinds, tuple(widths), act
         dev = wt.device
         self.keeps = None if all(s is None or s.keep is None for s in found) else \
@@ -55,7 +55,7 @@ class Launch:
         glu = act if act in ("silu", "gelu_tanh") and self.lowrank is None else None
         self.kernel = PreparedLaunch(wt, thresholds, None if glu else self.widths, act=glu,
                                      bias=self.bias if self.lowrank is None else None,
-                                     locks=new_locks(dev, wt.shape[1] // 16 + 3))
+                                     locks=new_locks(dev, wt.shape[1] // 16 + 3), config=config)
         nbytes = wt.numel() * wt.element_size()
         self._sparse = tuple(sparsity is None or use_sparse(sparsity, b, nbytes) for b in range(1, MAX_BATCH + 1))
 
@@ -98,11 +98,12 @@ class Launch:
 
 
 def launch_for(layer: int, kinds: tuple[str, ...], wt: Tensor, widths, sets: dict, planned: dict | None,
-               bias: Tensor | None = None, act: str | None = None) -> Launch | None:
+               bias: Tensor | None = None, act: str | None = None, config: dict | None = None) -> Launch | None:
     """The ``Launch`` of a plan's settings ``sets`` {(layer, kind): ProjectionSparsity} for one group, or None
     when none of its projections is sparsified. ``planned`` {(layer, kind): sparsity} drives the dispatch rule
     (their mean weighted by ``widths``); None: always sparse (benchmarks timing the kernel itself). Score
-    weights are refused: the kernel ranks inputs by |x|."""
+    weights are refused: the kernel ranks inputs by |x|. ``config``: kernel launch settings over
+    ``kernels.pick_config``'s (benchmarks comparing launch rules)."""
     found = [sets.get((layer, k)) for k in kinds]
     if not any(found):
         return None
@@ -111,7 +112,7 @@ def launch_for(layer: int, kinds: tuple[str, ...], wt: Tensor, widths, sets: dic
                            "backend (--backend reference)")
     sparsity = None if planned is None else \
         sum(planned.get((layer, k), 0.0) * w for k, w in zip(kinds, widths)) / sum(widths)
-    return Launch(layer, kinds, wt, widths, found, sparsity, bias, act)
+    return Launch(layer, kinds, wt, widths, found, sparsity, bias, act, config)
 
 
 def _on(dev, lowrank):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..errors import ActTailError
+from .applied import applied
 from .hf import hf_position_logits, is_transformers_model
 from .sparsify import Sparsifier
 
@@ -33,7 +34,7 @@ def perplexity(model, wins: torch.Tensor, batch_size: int = 8, progress: bool = 
     nll, kl, agree, count = 0.0, 0.0, 0, 0
     hf = is_transformers_model(model)
     slices = _hf_slices if hf else _our_slices
-    planned = getattr(model, "_acttail_applied", None) is not None if hf else bool(model.sparsifier.settings)
+    planned = applied(model) is not None if hf else bool(model.sparsifier.settings)
     device = next(model.parameters()).device
     if not hf and model.stream is not None:  # streamed: every window through one block at a time
         finals = _layer_major(model, wins, batch_size, device, compare, progress)

@@ -165,8 +165,9 @@ class Sparsifier:
         self.rows = None if self.dense_before <= 0 else (pos >= self.dense_before)
 
     def achieved(self) -> dict:
-        """Measured sparsity per (layer, kind): zeros / entries over the sparsified positions so far."""
-        return {key: self.zeros[key] / self.total[key] for key in self.total if self.total[key]}
+        """Measured sparsity per (layer, kind): zeros / entries over the sparsified positions so far (the zero
+        counts stay on the device until read here: counting costs no host round trip)."""
+        return {key: float(self.zeros[key]) / self.total[key] for key in self.total if self.total[key]}
 
     # ---- computing projections ---------------------------------------------------------------------
 
@@ -195,7 +196,7 @@ class Sparsifier:
         xs = sparsify(x, s)
         if self.measure and not torch.compiler.is_compiling():
             counted = xs if self.rows is None else xs[..., self.rows, :]
-            self.zeros[key] += int((counted == 0).sum())
+            self.zeros[key] = self.zeros[key] + (counted == 0).sum()
             self.total[key] += counted.numel()
         if self.rows is None:
             return sparse_linear(x, xs, w, b, s)

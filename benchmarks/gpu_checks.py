@@ -1,0 +1,171 @@
+"""Correctness of the kernel paths on a real GPU (what CI checks under the Triton interpreter, here compiled):
+
+- the kernel decoder (``acttail.decoder``) against the fp32 reference, tiny random models of every
+  architecture (sparse plan, first decode logits);
+- ``PreparedLaunch`` (the launch fixed once, the compiled kernel called directly) against the one-shot
+  ``sparse_linear`` / ``sparse_glu``: bitwise, batch 1 and 4, fused norm included;
+- ``acttail.apply`` on a transformers model: each decode launch against the reference path on its input,
+  eager and inside ``torch.compile(fullgraph=True, mode="reduce-overhead")``;
+- ``model.generate(cache_implementation="static")`` with a plan applied runs (compiled) and its greedy
+  tokens equal the eager ones with the plan.
+
+    python benchmarks/gpu_checks.py --out OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import transformers
+
+import acttail
+from acttail.kernels import PreparedLaunch, new_locks, sparse_glu, sparse_linear
+from acttail.runtime.args import ModelArgs
+from acttail.runtime.model import Transformer
+from acttail.runtime.sparsify import ProjectionSparsity, Sparsifier
+
+ARCHS = {"LlamaForCausalLM": {}, "Qwen2ForCausalLM": {},
+         "GemmaForCausalLM": {"head_dim": 64, "hidden_act": "gelu_pytorch_tanh"},
+         "Gemma2ForCausalLM": {"head_dim": 64, "query_pre_attn_scalar": 96, "sliding_window": 8,
+                               "attn_logit_softcapping": 4.0, "final_logit_softcapping": 3.0},
+         "Gemma3ForCausalLM": {"head_dim": 64, "query_pre_attn_scalar": 96, "sliding_window": 8,
+                               "layer_types": ["sliding_attention", "full_attention"], "rope_local_base_freq": 100.0},
+         "Phi3ForCausalLM": {"sliding_window": 8}}
+CONFIG = {"vocab_size": 512, "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "intermediate_size": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+          "max_position_embeddings": 64, "tie_word_embeddings": False}
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def tiny(arch):
+    args = ModelArgs.from_config({**CONFIG, **ARCHS[arch]}, arch)
+    torch.manual_seed(0)
+    m = Transformer(args)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if n.endswith("norm.weight") else
+                    torch.randn_like(p) * (p.shape[-1] ** -0.5 if p.dim() == 2 else 0.3))
+            p.copy_(p.half().float())
+    return m.eval().requires_grad_(False)
+
+
+def check_decoder(arch):
+    """First sparse decode step (every group sparse: planned None) vs the fp32 reference, after a dense prompt."""
+    m = tiny(arch)
+    sets = {(i, k): ProjectionSparsity(threshold=0.2) for i in range(2) for k in ("q", "k", "v", "o", "gate", "up", "down")}
+    dec = acttail.decoder(m, None, max_seq=32)
+    dec.set_settings(sets)
+    prompt = torch.randint(0, 512, (1, 6), device="cuda")
+    dec.prefill(prompt)
+    got = dec.forward_token(torch.tensor([[7]], device="cuda"), dec.pos)[0]
+    ref_m = m.cuda()
+    ref_m.setup_caches(1, 32)
+    ref_m(prompt, torch.arange(6, device="cuda"))
+    with ref_m.sparsified(Sparsifier(sets)):
+        ref = ref_m(torch.tensor([[7]], device="cuda"), torch.tensor([6], device="cuda"))[0, -1]
+    ref_m.clear_caches()
+    dense = ref_m(torch.cat([prompt, torch.tensor([[7]], device="cuda")], 1))[0, -1]
+    out = dec.generate(prompt, max_new_tokens=8)
+    return dict(arch=arch, rel_err=rel(got, ref), plan_changes_logits=rel(ref, dense), generated=out[0].tolist())
+
+
+def check_prepared():
+    """PreparedLaunch (second and later calls: the compiled kernel directly) equals the one-shot launch."""
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for K, N, glu in ((4096, 12288, False), (4096, 22016, True), (11008, 4096, False)):
+        wt = torch.randn(K, N, device="cuda", generator=g, dtype=torch.float16) / K ** 0.5
+        t = torch.tensor([0.6] * (2 if glu else 1), device="cuda")
+        bias = torch.randn(N, device="cuda", generator=g)
+        prep = PreparedLaunch(wt, t, None, act="silu" if glu else None, bias=bias, locks=new_locks("cuda", N // 16 + 3))
+        for B in (1, 4):
+            for _ in range(3):
+                x = torch.randn(B, K, device="cuda", generator=g, dtype=torch.float16)
+                a = prep(x)
+                b = sparse_glu(x, wt, t, bias=bias) if glu else sparse_linear(x, wt, t, bias=bias)
+                rows.append(dict(K=K, N=N, glu=glu, B=B, bitwise=bool(torch.equal(a, b)), rel=rel(a, b),
+                                 fast=(B, False, False, False) in prep._ready))
+        x = torch.randn(1, K, device="cuda", generator=g, dtype=torch.float16)
+        r = torch.randn(1, K, device="cuda", generator=g, dtype=torch.float16)
+        nw = torch.rand(K, device="cuda", generator=g, dtype=torch.float16) + 0.5
+        for _ in range(3):
+            o1, o2 = torch.empty_like(x), torch.empty_like(x)
+            a = prep(x, norm=(nw, 1e-5), residual=r, residual_out=o1)
+            fn = (lambda *s, **k: sparse_glu(*s, **k)) if glu else sparse_linear
+            b = fn(x, wt, t, bias=bias, norm=(nw, 1e-5), residual=r, residual_out=o2)
+            rows.append(dict(K=K, N=N, glu=glu, B=1, fused_norm=True, bitwise=bool(torch.equal(a, b) and torch.equal(o1, o2))))
+    return rows
+
+
+def hf_tiny(arch="llama"):
+    common = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+    cfg = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "phi3": transformers.Phi3Config}[arch]
+    torch.manual_seed(1)
+    model = transformers.AutoModelForCausalLM.from_config(cfg(**common, tie_word_embeddings=False))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(torch.ones_like(p) if p.dim() == 1 and "norm" in n else torch.randn_like(p) * p.shape[-1] ** -0.5)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def check_hf(arch):
+    """apply's decode launches vs the reference path (eager), the compiled step vs eager, static generate."""
+    fp32 = hf_tiny(arch)
+    ids = torch.randint(0, 512, (4, 64))
+    plan = acttail.allocate(acttail.analyze(fp32, progress=False), 0.7, method="uniform")
+    plan = acttail.calibrate(fp32, plan, ids, compensation="learned", steps=5, tokens=256, ctx=64, progress=False)
+    model = fp32.half().cuda()
+    prompt = torch.randint(0, 512, (1, 8), device="cuda")
+    with torch.no_grad():
+        cache = model(prompt, use_cache=True).past_key_values
+    step = lambda m, c: m(torch.tensor([[7]], device="cuda"), past_key_values=c).logits  # noqa: E731
+    with torch.no_grad(), acttail.apply(model, plan, backend="reference"):
+        ref = step(model, copy.deepcopy(cache))
+    with torch.no_grad(), acttail.apply(model, plan) as handle:
+        assert handle.launches, "no launches: the kernel backend did not engage"
+        eager = step(model, copy.deepcopy(cache))
+        torch._dynamo.reset()
+        compiled = torch.compile(step, fullgraph=True, mode="reduce-overhead")
+        comp = [compiled(model, copy.deepcopy(cache)) for _ in range(3)][-1]
+        eager_gen = model.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+        torch._dynamo.reset()
+        static_gen = model.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                                    cache_implementation="static")
+    dense = step(model, copy.deepcopy(cache))
+    return dict(arch=arch, kernels_vs_reference=rel(eager, ref), compiled_vs_eager=rel(comp, eager),
+                plan_changes_logits=rel(ref, dense), static_equals_eager_tokens=bool(torch.equal(eager_gen, static_gen)),
+                leading_equal=int((eager_gen[0] == static_gen[0]).cumprod(0).sum()))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    out_dir = Path(ap.parse_args().out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               torch=torch.__version__, transformers=transformers.__version__)
+    for name, fn in [("decoder", lambda: [check_decoder(a) for a in ARCHS]), ("prepared", check_prepared),
+                     ("hf", lambda: [check_hf(a) for a in ("llama", "qwen2", "phi3")])]:
+        t0 = time.time()
+        try:
+            res[name] = fn()
+        except Exception:  # noqa: BLE001
+            res[name] = dict(error=traceback.format_exc()[-4000:])
+        print(name, f"{time.time() - t0:.0f} s", json.dumps(res[name])[:3000], flush=True)
+        (out_dir / "gpu_checks.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
