@@ -108,7 +108,8 @@ def check_prepared():
 
 def hf_tiny(arch="llama"):
     common = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, eos_token_id=0,
+                  bos_token_id=0, pad_token_id=0)
     cfg = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "phi3": transformers.Phi3Config}[arch]
     torch.manual_seed(1)
     model = transformers.AutoModelForCausalLM.from_config(cfg(**common, tie_word_embeddings=False))

@@ -165,6 +165,7 @@ def run_shape(name: str, shape: dict, args, out: dict) -> None:
 
     def add(how, variant, tok_s, **extra):
         rows.append(dict(shape=name, how=how, variant=variant, tok_s=tok_s, **extra))
+        save(out, args.out)
         log(f"{name} | {how} | {variant}: {tok_s:.1f} tok/s" + (f" (decode alone {extra['decode_tok_s']:.1f})"
                                                                  if "decode_tok_s" in extra else ""))
 
@@ -280,10 +281,15 @@ def main():
                          command="python " + " ".join(sys.argv), tokens=args.tokens, prompt=args.prompt))
     for name in args.shapes:
         run_shape(name, SHAPES[name], args, out)
-        (out_dir / "hf_speed.json").write_text(json.dumps(out, indent=1))
-        (out_dir / "hf_speed.md").write_text(markdown(out))
+        save(out, out_dir)
         torch.cuda.empty_cache()
     print(markdown(out))
+
+
+def save(out: dict, folder) -> None:
+    """The results so far (a killed run keeps what it measured)."""
+    (Path(folder) / "hf_speed.json").write_text(json.dumps(out, indent=1))
+    (Path(folder) / "hf_speed.md").write_text(markdown(out))
 
 
 if __name__ == "__main__":

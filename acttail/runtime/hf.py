@@ -10,8 +10,10 @@ a decode step (one new token per sequence, batch <= 8) runs each projection grou
 computes all three, k and v take their columns), gate/up and act(gate) * up in one (the MLP's forward
 takes them), o and down one each; a group the dispatch rule leaves dense runs the plain Linear. The
 weights are stored input-major for the kernels, q/k/v and gate/up concatenated, with each module's weight
-a view of that storage (same bytes, no second copy). Under torch.compile each launch is one opaque custom
-op (``acttail.kernels.ops``); the zeros are counted only outside compiled graphs.
+a view of that storage (same bytes, no second copy); a group the dispatch rule runs dense at every batch
+size keeps its weights as they were (torch.compile then builds the dense model's graph for it). Under
+torch.compile each launch is one opaque custom op (``acttail.kernels.ops``); the zeros are counted only
+outside compiled graphs.
 """
 
 from __future__ import annotations
@@ -188,11 +190,17 @@ def _build_launches(model: nn.Module, units: dict, sets: dict, planned: dict, un
     and their activation in one launch where its structure is known."""
     from .launch import launch_for
 
+    from .launch import ever_sparse, planned_sparsity
+
     act = _activation(model)
     for unit in dict.fromkeys(units.values()):
+        kinds = GROUPS[unit.group]
+        nbytes = sum(m.weight.numel() * m.weight.element_size() for m in unit.linears)
+        if not ever_sparse(planned_sparsity(unit.layer, kinds, unit.widths, planned), nbytes):
+            continue  # dense at every batch size: the module keeps its weights as they are (and runs as before)
         wt = _input_major(unit.linears, undo)
         mlp = _mlp(model, unit) if unit.group == "gate_up" and act is not None else None
-        unit.launch = launch_for(unit.layer, GROUPS[unit.group], wt, unit.widths, sets, planned,
+        unit.launch = launch_for(unit.layer, kinds, wt, unit.widths, sets, planned,
                                  _bias(unit.linears), act if mlp is not None else None)
         if mlp is not None and unit.launch is not None:
             _patch(mlp, types.MethodType(_mlp_forward(handle, unit, type(mlp).forward), mlp), undo)

@@ -110,9 +110,19 @@ def launch_for(layer: int, kinds: tuple[str, ...], wt: Tensor, widths, sets: dic
     if any(s is not None and s.score is not None for s in found):
         raise ActTailError("the kernel backend ranks inputs by |x|: a plan with score weights runs on the reference "
                            "backend (--backend reference)")
-    sparsity = None if planned is None else \
-        sum(planned.get((layer, k), 0.0) * w for k, w in zip(kinds, widths)) / sum(widths)
-    return Launch(layer, kinds, wt, widths, found, sparsity, bias, act, config)
+    return Launch(layer, kinds, wt, widths, found, planned_sparsity(layer, kinds, widths, planned), bias, act, config)
+
+
+def planned_sparsity(layer: int, kinds, widths, planned: dict | None) -> float | None:
+    """The group's planned sparsity, its projections' weighted by their widths (None: no plan to go by)."""
+    if planned is None:
+        return None
+    return sum(planned.get((layer, k), 0.0) * w for k, w in zip(kinds, widths)) / sum(widths)
+
+
+def ever_sparse(sparsity: float | None, nbytes: int) -> bool:
+    """Does the dispatch rule run a group of this planned sparsity and weight size sparse at any batch size?"""
+    return sparsity is None or any(use_sparse(sparsity, b, nbytes) for b in range(1, MAX_BATCH + 1))
 
 
 def _on(dev, lowrank):
