@@ -51,5 +51,7 @@ test-data: data
 	$(BIN)/acttail fetch qwen2.5-coder-0.5b
 	$(BIN)/acttail fetch gemma3-270m
 
+# pytest's own entry point, not `python -m pytest`: that puts the repository root on sys.path, where the
+# top-level kernels/ folder would shadow transformers' `kernels` package.
 test: test-data system-deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/pytest -q

@@ -121,7 +121,7 @@ def hf_tiny(arch="llama"):
     return model.eval()
 
 
-def check_hf(arch):
+def check_hf(arch, mode="reduce-overhead"):
     """apply's decode launches vs the reference path (eager), the compiled step vs eager, static generate."""
     fp32 = hf_tiny(arch)
     ids = torch.randint(0, 512, (4, 64))
@@ -138,7 +138,7 @@ def check_hf(arch):
         assert handle.launches, "no launches: the kernel backend did not engage"
         eager = step(model, copy.deepcopy(cache))
         torch._dynamo.reset()
-        compiled = torch.compile(step, fullgraph=True, mode="reduce-overhead")
+        compiled = torch.compile(step, fullgraph=True, mode=mode)
         comp = [compiled(model, copy.deepcopy(cache)) for _ in range(3)][-1]
         eager_gen = model.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False)
         torch._dynamo.reset()
@@ -153,19 +153,24 @@ def check_hf(arch):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    out_dir = Path(ap.parse_args().out)
+    ap.add_argument("--sections", nargs="+", default=["decoder", "prepared", "hf"])
+    ap.add_argument("--archs", nargs="+", default=["llama", "qwen2", "phi3"], help="transformers models of the hf check")
+    ap.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode of the hf check")
+    args = ap.parse_args()
+    out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     res = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                torch=torch.__version__, transformers=transformers.__version__)
-    for name, fn in [("decoder", lambda: [check_decoder(a) for a in ARCHS]), ("prepared", check_prepared),
-                     ("hf", lambda: [check_hf(a) for a in ("llama", "qwen2", "phi3")])]:
+    sections = {"decoder": lambda: [check_decoder(a) for a in ARCHS], "prepared": check_prepared,
+                "hf": lambda: [check_hf(a, args.compile_mode) for a in args.archs]}
+    for name, fn in ((s, sections[s]) for s in args.sections):
         t0 = time.time()
         try:
             res[name] = fn()
         except Exception:  # noqa: BLE001
             res[name] = dict(error=traceback.format_exc()[-4000:])
         print(name, f"{time.time() - t0:.0f} s", json.dumps(res[name])[:3000], flush=True)
-        (out_dir / "gpu_checks.json").write_text(json.dumps(res, indent=1))
+        (out_dir / f"gpu_checks-{args.compile_mode}.json").write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ def run_shape(name: str, shape: dict, args, out: dict) -> None:
     plan = uniform_plan(model, args.budget, cal)
     log(f"{name}: plan {args.budget:.0%} in {time.time() - t0:.0f} s")
     n = args.tokens
-    for static in (False, True):
+    for static in [w == "static" for w in ("eager", "static") if w in args.ways]:
         how = "model.generate(cache_implementation='static')" if static else "model.generate (eager)"
         def dense():
             tok_s, decode = hf_rates(model, ids, n, static)
@@ -199,9 +199,12 @@ def run_shape(name: str, shape: dict, args, out: dict) -> None:
         torch._dynamo.reset()
         section(f"{how} apply", applied)
         torch._dynamo.reset()
-    section("host times", lambda: out.setdefault("host", []).extend(dict(shape=name, **r) for r in host_times(model, plan)))
-    section("transformers overhead", lambda: overhead(name, shape, ids, n, add))
-    section("fast path", lambda: fast_path(model, plan, ids, n, args, add, out, name))
+    if "host" in args.ways:
+        section("host times", lambda: out.setdefault("host", []).extend(dict(shape=name, **r) for r in host_times(model, plan)))
+    if "static" in args.ways:
+        section("transformers overhead", lambda: overhead(name, shape, ids, n, add))
+    if "fast" in args.ways:
+        section("fast path", lambda: fast_path(model, plan, ids, n, args, add, out, name))
 
 
 def overhead(name, shape, ids, n, add):
@@ -271,6 +274,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--ways", nargs="+", choices=["eager", "static", "host", "fast"], default=["eager", "static", "host", "fast"],
+                    help="which rows to measure")
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,9 @@ The split-K ticket counters ``locks`` are written during a launch and left zero 
 as every launch finds them: no caller can observe a change, so the ops declare no mutation (a declared one
 would make inductor skip CUDA graphs or copy the counters around every call).
 
+Inside a compiled graph the kernels launch without programmatic dependent launch (PDL): the kernels around
+them there are inductor's and cuBLAS's, not ours.
+
 Eager callers that launch the same weights many times use ``PreparedLaunch`` (launch.py) directly: calling
 through the op adds the dispatcher's host time to every call.
 """
@@ -25,6 +28,8 @@ import torch
 from torch import Tensor
 
 from . import launch
+
+IN_GRAPH = {"pdl": False}  # launch settings inside a compiled graph: no programmatic dependent launch (see above)
 from .sparse_gemv import sparse_glu_ref, sparse_linear_ref
 from .topk import topk_thresholds as _topk_kernel, topk_thresholds_ref
 
@@ -34,7 +39,7 @@ def sparse_linear(x: Tensor, wt: Tensor, thresholds: Tensor, splits: Sequence[in
                   locks: Tensor) -> Tensor:
     """y [B, N] = sparsify(x) @ wt (+ bias) for the projections of widths ``splits`` (``launch.sparse_linear``)."""
     if x.device.type == "cuda":
-        return launch.sparse_linear(x, wt, thresholds, splits, bias=bias, locks=locks)
+        return launch.sparse_linear(x, wt, thresholds, splits, bias=bias, locks=locks, config=IN_GRAPH)
     return sparse_linear_ref(x, wt, thresholds, splits, bias)
 
 
@@ -47,7 +52,7 @@ def _(x, wt, thresholds, splits, bias, locks):
 def sparse_glu(x: Tensor, wt: Tensor, thresholds: Tensor, act: str, bias: Optional[Tensor], locks: Tensor) -> Tensor:
     """act(sparsify(x, t0) @ Wg + bg) * (sparsify(x, t1) @ Wu + bu) [B, N / 2] (``launch.sparse_glu``)."""
     if x.device.type == "cuda":
-        return launch.sparse_glu(x, wt, thresholds, act, bias=bias, locks=locks)
+        return launch.sparse_glu(x, wt, thresholds, act, bias=bias, locks=locks, config=IN_GRAPH)
     return sparse_glu_ref(x, wt, thresholds, act, bias)
 
 

@@ -18,6 +18,22 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _kernels_not_shadowed():
+    """The top-level kernels/ folder installs as acttail.kernels; with the repository root itself on sys.path
+    (``python -m pytest`` from the root) it would also be the top-level ``kernels`` and hide transformers' own
+    ``kernels`` package, which transformers imports: say so in one line instead of failing in its import."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("kernels")
+    ours = Path(__file__).resolve().parents[1] / "kernels" / "__init__.py"
+    if spec is not None and spec.origin and Path(spec.origin).resolve() == ours:
+        pytest.exit("run `pytest` or `make test`, not `python -m pytest` from the repository root: the root on "
+                    "sys.path lets kernels/ shadow transformers' `kernels` package", returncode=2)
+
+
+_kernels_not_shadowed()
+
+
 def _interpreter_compat():
     """Triton 3.6's interpreter converts 1-element arrays with int(), which numpy >= 2.4 refuses; loops with
     run-time bounds (``range(0, nnz, BK)``) then fail under TRITON_INTERPRET=1. Convert through .item()."""
