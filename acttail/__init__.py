@@ -8,7 +8,7 @@ handle), ``evaluate``, ``generate``, ``write_report``; ``load`` opens a model fo
 stage's defaults live once in its config dataclass (``AllocationConfig``, ``CalibrationConfig``, ...).
 
 The API names are imported on first use (PEP 562), so ``import acttail.kernels`` or
-``acttail.runtime.cuda`` does not pull in the plan and API stack (jsonschema, the analysis code): a GPU
+``acttail.runtime.decoder`` does not pull in the plan and API stack (jsonschema, the analysis code): a GPU
 machine can run the kernels and the decode benchmarks with torch and triton alone.
 """
 

@@ -2,18 +2,14 @@
 (``acttail/api.py``) and prints what it returns, writing the files it was asked for.
 
 What belongs here is only what is about a command line: the options (their defaults read from the stages'
-config dataclasses), the output paths checked before any work (``_Output``), the files written and the lines
+config dataclasses), the output paths checked before any work (``cli_params.Output``), the files written and the lines
 printed. Every ``ActTailError`` becomes one line on stderr and exit status 2, every ``ActTailWarning`` one
 ``acttail: warning: ...`` line; no traceback for bad input.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import sys
-import warnings
-from pathlib import Path
 
 import click
 
@@ -23,7 +19,8 @@ from .analysis import BACKENDS, DTYPES, AnalysisConfig
 from .calibration import CalibrationConfig
 from .compensation import BATCH as BIAS_BATCH, COMPENSATIONS, SCORES
 from .config import CALIBRATION_TEXT, DEVICE as DEFAULT_DEVICE
-from .errors import ActTailError, ActTailWarning
+from .cli_params import BATCH, DEVICE, STEPS, TEXT, TOKENS, WINDOW, Finite, Group, Output
+from .errors import ActTailError
 from .esd import FITS
 from .evaluation import EvalConfig
 from .fetch import MODELS
@@ -37,108 +34,11 @@ ALLOCATION, ANALYSIS, CALIBRATION, EVAL = AllocationConfig(), AnalysisConfig(), 
 GENERATE, GREEDY, SENSITIVITY, TUNE = api.GenerateConfig(), GreedyConfig(), SensitivityConfig(), TuneConfig()
 
 
-class _Group(click.Group):
-    """A click group that turns ActTailError and bad options into one clear line and exit status 2, and each
-    ActTailWarning into one ``acttail: warning:`` line."""
-
-    def invoke(self, ctx):
-        with warnings.catch_warnings():
-            warnings.simplefilter("always", ActTailWarning)
-            warnings.showwarning = _show_warning(warnings.showwarning)
-            try:
-                return super().invoke(ctx)
-            except ActTailError as e:
-                click.echo(f"acttail: error: {e}", err=True)
-                sys.exit(2)
-            except click.UsageError as e:
-                where = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
-                click.echo(f"acttail: error: {e.format_message()}{where}", err=True)
-                sys.exit(2)
-            except KeyboardInterrupt:
-                click.echo("acttail: interrupted", err=True)
-                sys.exit(130)
-
-
-def _show_warning(shown):
-    """warnings.showwarning that prints an ActTailWarning as one line and leaves every other to ``shown``."""
-
-    def show(message, category, *args, **kwargs):
-        if issubclass(category, ActTailWarning):
-            click.echo(f"acttail: warning: {message}", err=True)
-        else:
-            shown(message, category, *args, **kwargs)
-
-    return show
-
-
-class _Output(click.Path):
-    """An output path, checked when the command line is read, before any work: its folder exists (or,
-    with ``parents``, will be created) and takes a new file (tried for real), and it is not a folder
-    (``folder=True``: not a file; ``None``: either)."""
-
-    def __init__(self, folder: bool | None = False, parents: bool = False):
-        super().__init__()
-        self.folder, self.parents = folder, parents
-
-    def convert(self, value, param, ctx):
-        from .files import check_output
-
-        path = super().convert(value, param, ctx)
-        try:
-            check_output(path, folder=self.folder, parents=self.parents)
-        except ActTailError as e:
-            self.fail(str(e), param, ctx)
-        return path
-
-
-class _Finite(click.FloatRange):
-    """A finite float, in a range if one is given (click's FloatRange lets NaN through). Allocation
-    bounds are checked by ``acttail.allocate`` itself, with messages that say why."""
-
-    def convert(self, value, param, ctx):
-        x = super().convert(value, param, ctx)
-        if not math.isfinite(x):
-            self.fail(f"{x} is not a finite number", param, ctx)
-        return x
-
-
-class _Device(click.ParamType):
-    """A torch device this machine has: cpu, cuda or cuda:N."""
-
-    name = "device"
-
-    def convert(self, value, param, ctx):
-        from .runtime import check_device
-
-        try:
-            check_device(value)
-        except ActTailError as e:
-            self.fail(str(e), param, ctx)
-        return value
-
-
-class _Text(click.ParamType):
-    """A text: a fetched name (wiki, c4, ...) or a UTF-8 file (a Path for the API)."""
-
-    name = "text"
-
-    def convert(self, value, param, ctx):
-        return value if isinstance(value, Path) or value in TEXTS else Path(value)
-
-
-TOKENS = click.IntRange(min=2)  # a window holds at least 2 tokens
-WINDOW = click.IntRange(min=2)
-BATCH = click.IntRange(min=1)
-DEVICE = _Device()
-TEXT = _Text()
-STEPS = click.IntRange(1, 100000)
-
-
 def _device_option(help_text: str = "cpu or cuda[:N]."):
     return click.option("--device", type=DEVICE, default=DEFAULT_DEVICE, show_default=True, help=help_text)
 
 
-@click.group(cls=_Group)
+@click.group(cls=Group)
 @click.version_option(package_name="acttail")
 def main():
     """ActTail: allocate per-projection activation sparsity from weight-spectrum heavy tails."""
@@ -155,7 +55,7 @@ def fetch_cmd(name):
 
 @main.command("convert-gguf")
 @click.argument("gguf_file", type=click.Path())
-@click.argument("out_dir", type=_Output(folder=True))
+@click.argument("out_dir", type=Output(folder=True))
 def convert_gguf_cmd(gguf_file, out_dir):
     """Convert a GGUF file into an HF model folder (config.json, model.safetensors, tokenizer.json)."""
     from . import convert_gguf  # the API verb is acttail.convert's own
@@ -165,8 +65,8 @@ def convert_gguf_cmd(gguf_file, out_dir):
 
 @main.command("analyze")
 @click.argument("model", type=click.Path())
-@click.option("-o", "--output", type=_Output(), help="Write analysis.json here.")
-@click.option("--csv", "csv_path", type=_Output(), help="Also write the rows as CSV.")
+@click.option("-o", "--output", type=Output(), help="Write analysis.json here.")
+@click.option("--csv", "csv_path", type=Output(), help="Also write the rows as CSV.")
 @click.option("--fit", type=click.Choice(FITS), default=ANALYSIS.fit, show_default=True,
               help="Power-law fit: ks (WeightWatcher's), peak (AlphaPruning's alpha_peak), median xmin.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=ANALYSIS.dtype, show_default=True,
@@ -205,9 +105,9 @@ def analyze_cmd(model, output, csv_path, fit, dtype, device, backend, force, as_
 
 @main.command("allocate")
 @click.argument("analysis", type=click.Path(dir_okay=False))
-@click.option("--budget", type=_Finite(), required=True,
+@click.option("--budget", type=Finite(), required=True,
               help="Target parameter-weighted mean sparsity, in (0, 1).")
-@click.option("-o", "--output", type=_Output(), required=True, help="Plan file to write.")
+@click.option("-o", "--output", type=Output(), required=True, help="Plan file to write.")
 @click.option("--method", type=click.Choice(sorted(METHODS)), default=ALLOCATION.method, show_default=True,
               help="greedy (TEAL's block-wise greedy, from `acttail greedy`; the best measured), uniform (TEAL), "
                    "acttail (alpha map; direction measured when the analysis has a sensitivity column, else "
@@ -217,16 +117,16 @@ def analyze_cmd(model, output, csv_path, fit, dtype, device, backend, force, as_
               help="Normalise the metric over all projections, within each kind, or per decoder layer.")
 @click.option("--metric", default=ALLOCATION.metric, show_default=True,
               help="Analysis column driving the map: alpha, alpha_weighted, stable_rank, ...")
-@click.option("--epsilon", type=_Finite(), default=ALLOCATION.epsilon, show_default=True,
+@click.option("--epsilon", type=Finite(), default=ALLOCATION.epsilon, show_default=True,
               help="Ratios span [1-eps, 1+eps].")
 @click.option("--direction", type=click.Choice(["increasing", "decreasing"]), default=ALLOCATION.direction,
               show_default=True, help="Sparsity increasing in the metric (lower alpha -> lower sparsity) or not; "
                                       "with measured sensitivity, 'decreasing' inverts the measured direction.")
 @click.option("--weight", type=click.Choice(["params", "bytes"]), default=ALLOCATION.weight, show_default=True,
               help="Budget weighting (identical for one storage dtype).")
-@click.option("--min-sparsity", type=_Finite(), default=ALLOCATION.min_sparsity, show_default=True)
-@click.option("--max-sparsity", type=_Finite(), default=ALLOCATION.max_sparsity, show_default=True)
-@click.option("--gamma", type=_Finite(), default=ALLOCATION.gamma, show_default=True,
+@click.option("--min-sparsity", type=Finite(), default=ALLOCATION.min_sparsity, show_default=True)
+@click.option("--max-sparsity", type=Finite(), default=ALLOCATION.max_sparsity, show_default=True)
+@click.option("--gamma", type=Finite(), default=ALLOCATION.gamma, show_default=True,
               help="Strength of the sensitivity method: ratio = (sensitivity / geometric mean)^-gamma.")
 @click.option("--rank-split", type=click.IntRange(0, 4096), default=ALLOCATION.rank_split, show_default=True,
               help="Split each projection's bytes between sparsity and low-rank compensation by alpha: rank up to "
@@ -261,7 +161,7 @@ def plan_show(plan_path):
 @main.command("export")
 @click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False))
 @click.option("--to", "fmt", type=click.Choice(["gemma3n", "nncf", "teal"]), required=True)
-@click.option("-o", "--output", type=_Output(folder=None), required=True,
+@click.option("-o", "--output", type=Output(folder=None), required=True,
               help="JSON file (gemma3n, nncf) or folder (teal).")
 def export_cmd(plan_path, fmt, output):
     """Write a plan in another runtime's format (each format's losses: see acttail/export.py)."""
@@ -291,7 +191,7 @@ def _measured_on_text(config):
 @_device_option("cpu or cuda (1 + 2 x projections forward passes).")
 @click.option("--measured", type=click.Path(dir_okay=False),
               help="Reuse a sensitivity.json measured earlier (e.g. on a GPU) instead of measuring now.")
-@click.option("-o", "--output", required=True, type=_Output(),
+@click.option("-o", "--output", required=True, type=Output(),
               help="The analysis with a 'sensitivity' column, for `acttail allocate` (method acttail).")
 def sensitivity_cmd(model, analysis, text, tokens, ctx, device, measured, output):
     """Measure each projection's loss increase when sparsified alone; add it to ANALYSIS."""
@@ -311,7 +211,7 @@ def sensitivity_cmd(model, analysis, text, tokens, ctx, device, measured, output
 @click.option("--measured", type=click.Path(dir_okay=False),
               help="Reuse greedy paths measured earlier: a file (`acttail greedy`'s, JSON or .json.gz) or the "
                    "name of paths shipped with acttail (smollm2-135m: SmolLM2-135M-Instruct, measured on a GPU).")
-@click.option("-o", "--output", required=True, type=_Output(),
+@click.option("-o", "--output", required=True, type=Output(),
               help="The analysis with TEAL's greedy paths, for `acttail allocate --method greedy`.")
 def greedy_cmd(model, analysis, text, tokens, ctx, base_step, max_sparsity, device, measured, output):
     """TEAL's block-wise greedy allocation: per block, the order in which its projections take sparsity."""
@@ -335,7 +235,7 @@ _STREAM = click.option("--stream", is_flag=True,
 @click.argument("plan_path", metavar="PLAN", type=click.Path())
 @click.option("--text", type=TEXT, required=True,
               help="Calibration text: a UTF-8 file, or c4 / wiki (fetched). Calibrate on c4.")
-@click.option("-o", "--output", required=True, type=_Output(), help="Calibrated plan to write.")
+@click.option("-o", "--output", required=True, type=Output(), help="Calibrated plan to write.")
 @click.option("--tokens", type=TOKENS, default=CALIBRATION.tokens, show_default=True, help="Calibration tokens.")
 @click.option("--ctx", type=WINDOW, default=CALIBRATION.ctx, show_default=True, help="Window length (tokens).")
 @click.option("--batch-size", type=BATCH, default=CALIBRATION.batch_size,
@@ -368,7 +268,7 @@ def calibrate_cmd(model, plan_path, text, output, device, stream, **options):
 @click.argument("analysis", type=click.Path(dir_okay=False))
 @click.option("--within", type=click.FloatRange(0.001, 10.0), default=TUNE.within, show_default=True,
               help="Perplexity increase over dense allowed on the held-out text (0.05: +5%).")
-@click.option("-o", "--output", required=True, type=_Output(), help="Calibrated plan to write (the largest budget).")
+@click.option("-o", "--output", required=True, type=Output(), help="Calibrated plan to write (the largest budget).")
 @click.option("--text", type=TEXT, default=CALIBRATION_TEXT, show_default=True,
               help="Calibration text (a UTF-8 file, or c4 / wiki); the tokens after the calibration tokens are "
                    "the held-out text. Keep the text you evaluate on out of it.")
@@ -406,7 +306,7 @@ def tune_cmd(model, analysis, output, text, device, **options):
               help="all: sparsify every position; half: first half of each window dense (TEAL).")
 @click.option("--batch-size", type=BATCH, default=EVAL.batch_size, show_default=True, help="Windows per forward pass.")
 @_device_option("cpu (reference) or cuda: same float32 code.")
-@click.option("-o", "--output", type=_Output(), help="Write the result as JSON here.")
+@click.option("-o", "--output", type=Output(), help="Write the result as JSON here.")
 @_STREAM
 def eval_cmd(model, plan_path, text, device, output, stream, **options):
     """Perplexity of the dense or planned-sparse model on TEXT; with a plan also its KL divergence to the
@@ -431,7 +331,7 @@ def eval_cmd(model, plan_path, text, device, output, stream, **options):
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False), help="Sparsity plan (none: dense).")
 @click.option("--prompt", required=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=GENERATE.max_new_tokens, show_default=True)
-@click.option("--temperature", type=_Finite(min=0), default=GENERATE.temperature, show_default=True, help="0: greedy.")
+@click.option("--temperature", type=Finite(min=0), default=GENERATE.temperature, show_default=True, help="0: greedy.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=GENERATE.seed, help="Seed for sampling.")
 @click.option("--mode", type=click.Choice(["threshold", "topk"]), default=GENERATE.mode, show_default=True)
 @click.option("--prefill", type=click.Choice(["all", "half", "none"]), default=GENERATE.prefill,
@@ -469,7 +369,7 @@ def generate_cmd(model, plan_path, prompt, device, **options):
               help="plan.json to show (repeatable), e.g. the 50% and 80% plans.")
 @click.option("--eval", "evals", multiple=True, type=click.Path(),
               help="Eval result JSON from `acttail eval -o`, or a folder of them (repeatable).")
-@click.option("-o", "--output", required=True, type=_Output(folder=True, parents=True),
+@click.option("-o", "--output", required=True, type=Output(folder=True, parents=True),
               help="Folder for index.html and figures/ (created if missing).")
 @click.option("--esd", "esd", multiple=True, metavar="KEY",
               help="Projection to draw a full-size ESD for, e.g. layers.3.up (repeatable; default: lowest alpha).")

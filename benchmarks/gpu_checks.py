@@ -93,7 +93,7 @@ def check_prepared():
                 a = prep(x)
                 b = sparse_glu(x, wt, t, bias=bias) if glu else sparse_linear(x, wt, t, bias=bias)
                 rows.append(dict(K=K, N=N, glu=glu, B=B, bitwise=bool(torch.equal(a, b)), rel=rel(a, b),
-                                 fast=(B, False, False, False) in prep._ready))
+                                 fast=prep.prepared(B)))
         x = torch.randn(1, K, device="cuda", generator=g, dtype=torch.float16)
         r = torch.randn(1, K, device="cuda", generator=g, dtype=torch.float16)
         nw = torch.rand(K, device="cuda", generator=g, dtype=torch.float16) + 0.5

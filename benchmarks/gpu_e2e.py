@@ -83,7 +83,8 @@ def achieved(dec, prompt, th, n, d):
     cnt = defaultdict(int)
 
     def rec(i, kinds, x):
-        if dec.ops._launch(i, GROUP_OF[kinds[0]], 1) is None:  # a group dispatched to dense reads every row
+        launch = dec.ops.launches.get((i, GROUP_OF[kinds[0]]))
+        if launch is None or not launch.runs_sparse(1):  # a group dispatched to dense reads every row
             return
         for k in kinds:
             if (i, k) in th:

@@ -225,6 +225,10 @@ class PreparedLaunch:
         self.locks = locks if locks is not None else new_locks(wt.device, wt.shape[1] // 16 + 3)
         self._ready: dict = {}  # (B, per-token thresholds, norm, residual) -> (runner, values, slot of each name)
 
+    def prepared(self, batch: int) -> bool:
+        """Has a call of this batch size (fixed thresholds, no fused norm) prepared the direct launch?"""
+        return (batch, False, False, False) in self._ready
+
     def __call__(self, x, thresholds=None, norm=None, residual=None, residual_out=None):
         """y [B, N] (act(gate) * up, [B, N/2], for a GLU launch) of x [B, K]; ``thresholds`` per token
         ([P, B], e.g. ``topk_thresholds``) replace the fixed ones; norm, residual and residual_out as in

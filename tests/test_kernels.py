@@ -331,3 +331,30 @@ def test_chunks_read_in_place_or_compacted_match_reference(dense):
             assert rel_err(y, sparse_linear_ref(h, wt, t)) < TOL[dtype] and torch.equal(xo, xr)
     with pytest.raises(ValueError, match="DENSE"):
         sparse_linear(x, wt, thr(0.1), config=dict(cfg, DENSE=3))
+
+
+@pytest.mark.parametrize("glu", [False, True])
+def test_prepared_launch_equals_the_one_shot_launch(glu):
+    """PreparedLaunch (the launch fixed once; on a GPU later calls launch the compiled kernel directly) gives
+    the one-shot call's output, batch 1 and 3, with per-token thresholds, and with the fused norm."""
+    from acttail.kernels import PreparedLaunch, sparse_glu, sparse_linear, topk_thresholds
+
+    g = torch.Generator().manual_seed(11)
+    K, N = 64, 96
+    wt = (torch.randn(K, N, generator=g) / 8).half()
+    t = torch.tensor([0.6, 0.4] if glu else [0.6, 0.4, 0.5])
+    splits = None if glu else (32, 32, 32)
+    bias = torch.randn(N, generator=g)
+    prep = PreparedLaunch(wt, t, splits, act="silu" if glu else None, bias=bias)
+    one = (lambda *a, **k: sparse_glu(*a, bias=bias, **k)) if glu else (lambda *a, **k: sparse_linear(*a, splits, bias=bias, **k))
+    for B in (1, 3, 1):
+        x = torch.randn(B, K, generator=g).half()
+        assert torch.equal(prep(x), one(x, wt, t))
+        per_token = topk_thresholds(x, [20, 30] if glu else [20, 30, 40])
+        assert torch.equal(prep(x, per_token), one(x, wt, per_token))
+    x, r = torch.randn(1, K, generator=g).half(), torch.randn(1, K, generator=g).half()
+    nw = (torch.rand(K, generator=g) + 0.5).half()
+    o1, o2 = torch.empty_like(x), torch.empty_like(x)
+    assert torch.equal(prep(x, norm=(nw, 1e-5), residual=r, residual_out=o1),
+                       one(x, wt, t, norm=(nw, 1e-5), residual=r, residual_out=o2)) and torch.equal(o1, o2)
+    assert not prep.prepared(1)  # the interpreter has no compiled kernel to call directly

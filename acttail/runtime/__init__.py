@@ -1,6 +1,7 @@
-"""The sparse runtime (CPU reference path): a Llama-family decoder, plan-driven sparsification at every
-projection input, perplexity and generation. A GPU path replaces the sparsify functions and the
-grouped projections (qkv, gate/up) with kernels; everything here stays the reference it is checked against.
+"""The sparse runtime: one decoder block (model.py) computing through an ops interface (ops.py: the torch
+reference, with the plan's Sparsifier; kernel_ops.py: the Triton kernels for decode steps), the plan ->
+kernel-launch mapping (launch.py), the fast GPU decoder (decoder.py: weight layout + CUDA graphs), plans on
+transformers models (hf.py, applied.py), perplexity and generation.
 """
 
 from __future__ import annotations

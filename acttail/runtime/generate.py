@@ -80,7 +80,7 @@ def generate_text(model, tokenizer, prompt: str, plan=None, max_new_tokens: int 
     the prompt starts with ``bos_id`` when given (``tokens.bos_id``: the model's tokenizer asks for it).
 
     backend ``reference`` (default on CPU): the float32 torch model where it lies; ``kernels`` (default
-    on CUDA): the Triton decode path (``runtime.cuda.CudaDecoder``: fp16/bf16 input-major weights, dense
+    on CUDA): the Triton decode path (``runtime.decoder.Decoder``: fp16/bf16 input-major weights, dense
     prefill, CUDA graph per decoded token, greedy) on ``device``. On the CPU the kernels run only under
     TRITON_INTERPRET=1 (slowly)."""
     if max_new_tokens < 1:

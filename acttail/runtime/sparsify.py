@@ -1,8 +1,8 @@
 """Activation sparsification at the input of every projection, and the count of what it zeroed.
 
 A plan becomes runtime settings in one place, ``settings(plan, mode)``: one ``ProjectionSparsity`` per
-projection, read by the CPU reference (``Sparsifier``), the GPU decode path (``runtime.cuda``) and
-``acttail.apply`` on transformers models. Two modes:
+projection, read by the CPU reference (``Sparsifier``) and by the kernel launches (``runtime.launch``: the
+GPU decoder and ``acttail.apply`` on transformers models). Two modes:
 - ``threshold``: zero the entries with |x| <= t, t calibrated on text so that a target fraction is zeroed
   (TEAL, R-Sparse). The achieved fraction on other text drifts; the runtime measures it.
 - ``topk``: keep exactly the round((1 - s) * d) largest magnitudes of each token (ActTail, Q-Sparse).
