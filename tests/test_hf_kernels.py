@@ -209,3 +209,22 @@ def test_an_applied_plan_survives_evaluate_and_calibrate():
         with handle.dense(), torch.no_grad():
             assert not torch.allclose(model(ids).logits, before)
     assert applied(model) is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "phi3"])
+def test_fast_path_greedy_tokens_equal_transformers(arch):
+    """acttail.decoder(model) on a transformers model (fp16; the kernels under the interpreter) continues a
+    prompt with transformers' own greedy tokens (a dense plan), and after it the transformers model, whose
+    weights now are views of the decoder's storage, still gives its own logits."""
+    model = tiny_hf(arch, seed=8).half()
+    model.generation_config.pad_token_id = 0
+    ids = torch.randint(1, 320, (1, 6), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        theirs = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        logits = model(ids).logits
+    fast = acttail.decoder(model)
+    assert torch.equal(fast.generate(ids, max_new_tokens=6), theirs)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)
+    assert fast.model.layers[0].feed_forward.w2.weight.data_ptr() == \
+        next(m for n, m in model.named_modules() if n.endswith("0.mlp.down_proj")).weight.data_ptr()
