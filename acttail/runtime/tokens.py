@@ -8,24 +8,27 @@ is resolved by the command line (``acttail.text``) before the runtime sees the t
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 
 from ..errors import ActTailError
+from ..files import MAX_CONFIG, MAX_TOKENIZER, read_bytes, read_json
 
 
 def load_tokenizer(model_dir: str | Path):
-    """The ``tokenizers`` tokenizer from the model folder's tokenizer.json."""
+    """The ``tokenizers`` tokenizer from the model folder's tokenizer.json (a regular file of bounded size)."""
     from tokenizers import Tokenizer
 
     path = Path(model_dir) / "tokenizer.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ActTailError(f"{model_dir} has no tokenizer.json (needed to tokenize text)")
+    data = read_bytes(path, "tokenizer", MAX_TOKENIZER)
     try:
-        return Tokenizer.from_file(str(path))
+        return Tokenizer.from_str(data.decode("utf-8"))
     except Exception as e:  # the tokenizers library raises plain Exceptions for bad files
-        raise ActTailError(f"cannot read {path}: {e}") from None
+        raise ActTailError(f"cannot read {path}: {str(e)[:200]}") from None
 
 
 def encode(tokenizer, text: str, special: bool = False) -> list[int]:
@@ -46,38 +49,52 @@ def bos_id(model_dir: str | Path) -> int | None:
     """The BOS id that every text (every window) of this model starts with, or None: the one rule for BOS.
 
     As transformers tokenizes: tokenizer_config.json's ``add_bos_token`` decides when it is there (the
-    token named by its ``bos_token``, else config.json's ``bos_token_id``); without it, the BOS that
-    tokenizer.json's post-processor puts first, if any; Gemma models (config.json's architectures) always
-    start with BOS. A converted GGUF carries its ``tokenizer.ggml.add_bos_token`` in tokenizer_config.json."""
+    token named by its ``bos_token``, else config.json's ``bos_token_id``); without it (or null), the BOS
+    that tokenizer.json's post-processor puts first, if any; Gemma models (config.json's architectures)
+    always start with BOS. A converted GGUF carries its ``tokenizer.ggml.add_bos_token`` in
+    tokenizer_config.json. An ``add_bos_token`` that is not true, false or null is refused (transformers
+    would take any non-empty string, "no" too, as true)."""
     folder = Path(model_dir)
     tok_config, config = _json(folder / "tokenizer_config.json"), _json(folder / "config.json")
     tokenizer = load_tokenizer(folder)
     add = tok_config.get("add_bos_token")
+    if add is not None and not isinstance(add, bool):
+        raise ActTailError(f"{folder / 'tokenizer_config.json'}: add_bos_token must be true or false, got "
+                           f"{_shown(add)}")
     if add is None:
         probed = tokenizer_bos(tokenizer)
         if probed is not None:
             return probed
-        add = any(a.startswith("Gemma") for a in config.get("architectures") or [])
+        archs = config.get("architectures")
+        add = isinstance(archs, list) and any(isinstance(a, str) and a.startswith("Gemma") for a in archs)
     if not add:
         return None
+    return _bos_token_id(folder, tokenizer, tok_config, config)
+
+
+def _bos_token_id(folder: Path, tokenizer, tok_config: dict, config: dict) -> int:
+    """The BOS id: of the token tokenizer_config.json names, else config.json's (or its text_config's)."""
     name = tok_config.get("bos_token")
     name = name.get("content") if isinstance(name, dict) else name
     found = tokenizer.token_to_id(name) if isinstance(name, str) else None
-    found = found if found is not None else config.get("bos_token_id", (config.get("text_config") or {}).get(
-        "bos_token_id"))
-    if not isinstance(found, int):
+    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    found = found if found is not None else config.get("bos_token_id", text_config.get("bos_token_id"))
+    if not isinstance(found, int) or isinstance(found, bool) or found < 0:
         raise ActTailError(f"{folder}: the tokenizer asks for BOS but names no BOS token id (tokenizer_config.json "
                            "bos_token, config.json bos_token_id)")
     return found
 
 
+def _shown(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _json(path: Path) -> dict:
-    if not path.is_file():
+    """A JSON object from a file of the model folder (bounded), or {} when it is absent or not an object."""
+    if not os.path.lexists(path):
         return {}
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ActTailError(f"{path} is not valid JSON ({e})") from None
+    doc = read_json(path, path.name, MAX_CONFIG)
     return doc if isinstance(doc, dict) else {}
 
 
