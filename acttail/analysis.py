@@ -1,7 +1,8 @@
 """The analysis stage: ESD metrics of every projection of a checkpoint -> ``analysis.json``.
 
-Projections are streamed one at a time from the checkpoint. Results are cached by (fingerprint, settings)
-under ``cache_dir()/analysis`` so a re-run is instant unless forced. In Python the result is an
+Projections are streamed one at a time from the checkpoint. Results are cached under ``cache_dir()/analysis``,
+keyed by the weights' fingerprint, the model's projections and the settings, and checked against them when
+read, so a re-run is instant unless forced. In Python the result is an
 ``Analysis`` (``Analysis.load`` / ``analysis.save``): the model it describes, the settings, and one row per
 projection (a dict: key, layer, kind, shapes, alpha, xmin, ... and any column a later stage adds, such as
 ``sensitivity``).
@@ -98,8 +99,7 @@ def analyze_checkpoint(ckpt: Checkpoint, cfg: dict, progress: bool = True, worke
             bar.update()
     return {"format": FORMAT, "version": VERSION, "tool_version": __version__,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "model": {"path": str(ckpt.path), "fingerprint": ckpt.fingerprint, "architecture": ckpt.architecture,
-                      "model_type": ckpt.model_type, "num_layers": ckpt.num_layers},
+            "model": _model_section(ckpt),
             "settings": cfg, "projections": rows, "summary": summarize(rows)}
 
 
@@ -156,10 +156,48 @@ def summarize(rows: list[dict]) -> dict:
             "alpha_median": float(np.median(alphas)) if alphas else None, "per_kind": per_kind}
 
 
-def cache_path(fingerprint: str, cfg: dict) -> Path:
-    key = json.dumps({"fingerprint": fingerprint, "version": __version__,
-                      **{k: v for k, v in cfg.items() if k != "device"}}, sort_keys=True)
+def cache_path(ckpt: Checkpoint, cfg: dict, projs: list | None = None) -> Path:
+    """The cache entry of ``ckpt`` analysed with settings ``cfg``: keyed by everything the result depends on
+    (the weights' fingerprint, the model section, every projection's shape, the settings but the device, the
+    tool's version)."""
+    key = json.dumps({"version": __version__, "model": _model_section(ckpt), "settings": _cache_settings(cfg),
+                      "projections": _shapes(projs if projs is not None else ckpt.projections())}, sort_keys=True)
     return cache_dir() / "analysis" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+
+
+def _model_section(ckpt: Checkpoint) -> dict:
+    return {"path": str(ckpt.path), "fingerprint": ckpt.fingerprint, "architecture": ckpt.architecture,
+            "model_type": ckpt.model_type, "num_layers": ckpt.num_layers}
+
+
+def _cache_settings(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k != "device"}  # a result holds on any device
+
+
+def _shapes(rows) -> list:
+    return [[r["key"], r["out_features"], r["in_features"]] if isinstance(r, dict) else
+            [r.key, r.out_features, r.in_features] for r in rows]
+
+
+def _cached(path: Path, ckpt: Checkpoint, cfg: dict, projs: list) -> dict | None:
+    """The cache entry at ``path`` if it is a valid analysis of exactly this model with these settings (its
+    fingerprint, model section, settings, version, projections and summary); None otherwise: a damaged,
+    stale or planted entry is recomputed, never served."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        doc = load_analysis(path)
+    except ActTailError:
+        return None
+    model = {k: v for k, v in _model_section(ckpt).items() if k != "path"}
+    same = (set(doc) == set(_WRITTEN) and doc["tool_version"] == __version__
+            and {k: doc["model"].get(k) for k in model} == model
+            and isinstance(doc["settings"], dict) and _cache_settings(doc["settings"]) == _cache_settings(cfg)
+            and _shapes(doc["projections"]) == _shapes(projs) and doc["summary"] == summarize(doc["projections"]))
+    return doc if same else None
+
+
+_WRITTEN = ("format", "version", "tool_version", "created", "model", "settings", "projections", "summary")
 
 
 def run_analysis(model: str | Path, fit: str = AnalysisConfig.fit, dtype: str = AnalysisConfig.dtype,
@@ -184,15 +222,12 @@ def run_analysis(model: str | Path, fit: str = AnalysisConfig.fit, dtype: str = 
 
 
 def _run(ckpt: Checkpoint, cfg: dict, force: bool, progress: bool) -> tuple[dict, bool]:
-    cached = cache_path(ckpt.fingerprint, cfg)
-    if cached.is_file() and not force:
-        try:
-            doc = load_analysis(cached)
-        except ActTailError:  # a damaged cache entry is recomputed, never served
-            doc = None
-        if doc is not None and doc["model"]["fingerprint"] == ckpt.fingerprint:
-            doc["model"]["path"] = str(ckpt.path)
-            return doc, True
+    projs = ckpt.projections()  # config.json must agree with the weights, cached result or not
+    cached = cache_path(ckpt, cfg, projs)
+    doc = None if force else _cached(cached, ckpt, cfg, projs)
+    if doc is not None:
+        doc["model"]["path"] = str(ckpt.path)
+        return doc, True
     doc = analyze_checkpoint(ckpt, cfg, progress)
     with contextlib.suppress(OSError, ActTailError):  # an unwritable cache costs a recomputation, not the result
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -231,7 +266,7 @@ class Analysis:
 
     @classmethod
     def from_dict(cls, doc: dict) -> "Analysis":
-        known = ("format", "version", "tool_version", "created", "model", "settings", "projections", "summary")
+        known = _WRITTEN
         return cls(model=doc["model"], settings=doc.get("settings") or {}, projections=doc["projections"],
                    summary=doc.get("summary") or summarize(doc["projections"]),
                    tool_version=doc.get("tool_version", __version__), created=doc.get("created", ""),
