@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import shutil
-import struct
 import tempfile
 from pathlib import Path
 
@@ -27,10 +27,11 @@ from tqdm import tqdm
 
 from .errors import ActTailError
 from .files import check_output
+from .gguf_file import GEMMA, REQUIRED, get, gguf_architecture, open_gguf
+from .gguf_tokenizer import hf_tokenizer
 
 ARCHS = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
          "gemma3": ("Gemma3ForCausalLM", "gemma3_text")}
-GEMMA = ("gemma", "gemma2", "gemma3")  # llama.cpp stores their norm weights as 1 + weight
 
 _NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -49,83 +50,6 @@ _GEMMA3_BLOCK = {**_BLOCK, "ffn_norm": "pre_feedforward_layernorm", "post_attent
                  "attn_k_norm": "self_attn.k_norm"}
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
-# Pre-tokenizer regexes of llama.cpp's BPE "pre" types we support (HF tokenizer.json equivalents).
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def open_gguf(path: str | Path):
-    """Open a GGUF file with the gguf package, turning a bad file into one clear error."""
-    from gguf import GGUFReader
-
-    path = Path(path)
-    if not path.is_file():
-        raise ActTailError(f"GGUF file not found: {path}")
-    try:
-        return GGUFReader(str(path))
-    except Exception as e:  # gguf raises ValueError/struct errors/IndexError for bad files
-        raise ActTailError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
-
-
-# GGUF metadata value types: fixed sizes in bytes (8 is a string, 9 an array).
-_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def gguf_architecture(path: str | Path) -> str:
-    """general.architecture of a GGUF file, read from its header alone: the metadata comes first and
-    llama.cpp writes this key first, so a refusal costs milliseconds, not a parse of the whole file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ActTailError(f"GGUF file not found: {path}")
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise ValueError("no GGUF magic")
-            order = "<" if struct.unpack("<I", f.read(4))[0] < 0x10000 else ">"  # version: little-endian, or not
-            _, n_kv = struct.unpack(order + "QQ", _read(f, 16))
-            for _ in range(n_kv):
-                key = _read_string(f, order)
-                (kind,) = struct.unpack(order + "I", _read(f, 4))
-                if key == "general.architecture" and kind == _GGUF_STRING:
-                    return _read_string(f, order)
-                _skip_value(f, order, kind)
-    except (ValueError, struct.error, UnicodeDecodeError, OSError) as e:
-        raise ActTailError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
-    raise ActTailError(f"{path} is not a readable GGUF file (no general.architecture in its metadata)")
-
-
-def _read(f, n: int) -> bytes:
-    data = f.read(n)
-    if len(data) != n:
-        raise ValueError("truncated header")
-    return data
-
-
-def _read_string(f, order: str) -> str:
-    (n,) = struct.unpack(order + "Q", _read(f, 8))
-    if n > 1 << 24:
-        raise ValueError(f"implausible string length {n}")
-    return _read(f, n).decode("utf-8")
-
-
-def _skip_value(f, order: str, kind: int) -> None:
-    if kind == _GGUF_STRING:
-        (n,) = struct.unpack(order + "Q", _read(f, 8))
-        f.seek(n, 1)
-    elif kind == _GGUF_ARRAY:
-        item, count = struct.unpack(order + "IQ", _read(f, 12))
-        if item in _GGUF_SIZES:
-            f.seek(_GGUF_SIZES[item] * count, 1)
-        else:
-            for _ in range(count):
-                _skip_value(f, order, item)
-    elif kind in _GGUF_SIZES:
-        f.seek(_GGUF_SIZES[kind], 1)
-    else:
-        raise ValueError(f"unknown metadata value type {kind}")
-
-
 def check_architecture(path: str | Path) -> str:
     """The GGUF's architecture if we convert it, else one clear error (before anything is dequantized)."""
     arch = gguf_architecture(path)
@@ -134,43 +58,39 @@ def check_architecture(path: str | Path) -> str:
     return arch
 
 
-def _field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
-
-
 def hf_config(reader) -> dict:
     """An HF config.json for the GGUF's architecture, from its metadata."""
-    arch = _field(reader, "general.architecture")
+    arch = get(reader, "general.architecture", "str")
     if arch not in ARCHS:
         raise ActTailError(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(ARCHS)}")
     hf_arch, model_type = ARCHS[arch]
-    g = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
-    heads = int(g("attention.head_count"))
-    hidden = int(g("embedding_length"))
+    g = lambda k, kind="int", d=REQUIRED, lo=1: get(reader, f"{arch}.{k}", kind, d, lo)  # noqa: E731
+    heads, hidden = g("attention.head_count"), g("embedding_length")
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
         raise ActTailError("GGUF with rope_freqs (Llama-3 rope scaling) is not supported yet")
     embed = [t for t in reader.tensors if t.name == "token_embd.weight"]
-    vocab = int(embed[0].shape[1]) if embed else len(reader.fields["tokenizer.ggml.tokens"].data)
+    if embed and len(embed[0].shape) != 2:
+        raise ActTailError(f"GGUF tensor token_embd.weight has shape {list(embed[0].shape)}, expected 2 dimensions")
+    vocab = int(embed[0].shape[1]) if embed else len(get(reader, "tokenizer.ggml.tokens", "strs"))
     config = {
         "architectures": [hf_arch], "model_type": model_type,
-        "hidden_size": hidden, "intermediate_size": int(g("feed_forward_length")),
-        "num_hidden_layers": int(g("block_count")), "num_attention_heads": heads,
-        "num_key_value_heads": int(g("attention.head_count_kv", heads)),
-        "head_dim": int(g("attention.key_length", hidden // heads)),
-        "max_position_embeddings": int(g("context_length")),
-        "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(g("rope.freq_base", 10000.0)),
-        "vocab_size": int(vocab), "hidden_act": "silu",
+        "hidden_size": hidden, "intermediate_size": g("feed_forward_length"),
+        "num_hidden_layers": g("block_count"), "num_attention_heads": heads,
+        "num_key_value_heads": g("attention.head_count_kv", d=heads),
+        "head_dim": g("attention.key_length", d=max(1, hidden // heads)),
+        "max_position_embeddings": g("context_length", lo=2),
+        "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", "number", lo=0)),
+        "rope_theta": float(g("rope.freq_base", "number", 10000.0, lo=1e-30)),
+        "vocab_size": vocab, "hidden_act": "silu",
         "tie_word_embeddings": "output.weight" not in names,
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "bos_token_id": get(reader, "tokenizer.ggml.bos_token_id", "int", None, 0),
+        "eos_token_id": get(reader, "tokenizer.ggml.eos_token_id", "int", None, 0),
         "torch_dtype": "float32",
     }
-    scaling = g("rope.scaling.type")
+    scaling = g("rope.scaling.type", "str", None)
     if scaling == "linear":
-        config["rope_scaling"] = {"rope_type": "linear", "factor": float(g("rope.scaling.factor"))}
+        config["rope_scaling"] = {"rope_type": "linear", "factor": float(g("rope.scaling.factor", "number", lo=1e-30))}
     elif scaling not in (None, "none"):
         raise ActTailError(f"GGUF rope scaling {scaling!r} is not supported")
     if arch == "llama":
@@ -189,22 +109,27 @@ def _gemma3_config(config: dict, g) -> dict:
     by head_dim**-0.5 (the 27B, 62 layers: (hidden / heads)**-0.5), GeGLU; norms stored plus one (undone in
     ``hf_tensors``)."""
     n = config["num_hidden_layers"]
-    pattern = g("attention.sliding_window_pattern")
-    if isinstance(pattern, list):  # one flag per layer: true for sliding
+    pattern = g("attention.sliding_window_pattern", "pattern", 6, None)
+    if isinstance(pattern, list):
+        if len(pattern) != n:
+            raise ActTailError(f"GGUF metadata gemma3.attention.sliding_window_pattern has {len(pattern)} flags "
+                               f"for {n} layers")
         sliding = [bool(p) for p in pattern]
     else:
-        sliding = [bool((i + 1) % int(pattern or 6)) for i in range(n)]
-    out = {"hidden_activation": "gelu_pytorch_tanh", "rope_local_base_freq": float(g("rope.freq_base_swa", 10000.0)),
-           "sliding_window": int(g("attention.sliding_window")),
-           "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
-           "query_pre_attn_scalar": config["hidden_size"] // config["num_attention_heads"] if n == 62
-           else config["head_dim"], "final_logit_softcapping": g("final_logit_softcapping"),
-           "attn_logit_softcapping": g("attn_logit_softcapping"), "use_bidirectional_attention": False}
-    return out
+        sliding = [bool((i + 1) % pattern) for i in range(n)]
+    softcap = {k: g(k, "number", None, 1e-30) for k in ("final_logit_softcapping", "attn_logit_softcapping")}
+    return {"hidden_activation": "gelu_pytorch_tanh",
+            "rope_local_base_freq": float(g("rope.freq_base_swa", "number", 10000.0, 1e-30)),
+            "sliding_window": g("attention.sliding_window"),
+            "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+            "query_pre_attn_scalar": config["hidden_size"] // config["num_attention_heads"] if n == 62
+            else config["head_dim"], **softcap, "use_bidirectional_attention": False}
 
 
 def unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's q/k row permutation (its ``LlamaModel.permute``) for the HF rotate-half layout."""
+    if w.shape[0] % (2 * n_head):
+        raise ActTailError(f"a q/k tensor of {w.shape[0]} rows cannot hold {n_head} heads of rotary pairs")
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
@@ -215,7 +140,8 @@ def hf_name(name: str, arch: str = "llama") -> str:
     block = _GEMMA3_BLOCK if arch == "gemma3" else _BLOCK
     m = _BLOCK_RE.match(name)
     if not m or m.group(2) not in block:
-        raise ActTailError(f"GGUF tensor {name!r} has no HF equivalent we know")
+        shown = repr(name) if len(name) <= 80 else repr(name[:77] + "...")
+        raise ActTailError(f"GGUF tensor {shown} has no HF equivalent we know")
     return f"model.layers.{m.group(1)}.{block[m.group(2)]}.{m.group(3)}"
 
 
@@ -223,19 +149,28 @@ def dequantize(tensor) -> torch.Tensor:
     """A GGUF tensor as float32 in HF (row = output) layout."""
     from gguf import dequantize as gguf_dequantize
 
-    data = gguf_dequantize(tensor.data, tensor.tensor_type)
     shape = tuple(int(d) for d in reversed(tensor.shape))
-    return torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))
+    try:
+        data = np.array(gguf_dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+    except Exception as e:  # the gguf package: unknown or unsupported quantization types, odd block sizes
+        raise ActTailError(f"cannot dequantize GGUF tensor {tensor.name!r} ({type(e).__name__}: "
+                           f"{str(e)[:120]})") from None
+    if data.size != math.prod(shape):
+        raise ActTailError(f"GGUF tensor {tensor.name!r} holds {data.size} values, its shape {list(shape)} "
+                           f"needs {math.prod(shape)}")
+    return torch.from_numpy(data.reshape(shape))
 
 
 def hf_tensors(reader, config: dict) -> dict[str, torch.Tensor]:
     """Every tensor of the GGUF, dequantized, renamed, with q/k un-permuted on Llama models and the norms of
     Gemma models minus the one llama.cpp added."""
     out = {}
-    arch = _field(reader, "general.architecture")
+    arch = get(reader, "general.architecture", "str")
     llama = config["model_type"] == "llama"
     for t in tqdm(reader.tensors, desc="dequantize", unit="tensor", leave=False):
         name = hf_name(t.name, arch)
+        if name in out:
+            raise ActTailError(f"the GGUF holds tensor {t.name!r} twice")
         w = dequantize(t)
         if arch in GEMMA and name.endswith("norm.weight"):
             w = w - 1
@@ -245,117 +180,6 @@ def hf_tensors(reader, config: dict) -> dict[str, torch.Tensor]:
             w = unpermute_rotary(w, config["num_key_value_heads"])
         out[name] = w.contiguous()
     return out
-
-
-def hf_tokenizer(reader) -> tuple[str, dict]:
-    """tokenizer.json (HF tokenizers) and tokenizer_config.json for the GGUF's tokenizer: byte-level BPE
-    (``gpt2``) or SentencePiece (``llama``). The tokenizer puts BOS (and EOS) around a text when the GGUF
-    says so (tokenizer.ggml.add_bos_token; llama.cpp's default: yes for SentencePiece, no for BPE), and
-    tokenizer_config.json says it too, as transformers reads it."""
-    from tokenizers import AddedToken, processors
-
-    kind = _field(reader, "tokenizer.ggml.model")
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
-    if kind == "gpt2":
-        tok = _byte_level_bpe(reader, tokens)
-        special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
-        tok.add_special_tokens(special)
-    elif kind == "llama":
-        if _field(reader, "general.architecture") in GEMMA:
-            tokens = _spell_spaces(tokens)
-        tok = _sentencepiece(reader, tokens)
-        tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t, ty in zip(tokens, types) if ty in (2, 3)])  # unknown and control
-        tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                        for t, ty in zip(tokens, types) if ty == 4])  # user-defined: matched whole
-    else:
-        raise ActTailError(f"GGUF tokenizer model {kind!r} is not supported (gpt2: byte-level BPE, llama: "
-                           "SentencePiece)")
-    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", kind == "llama"))
-    add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False))
-    ids = {role: i for role, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))
-           if isinstance(i := _field(reader, f"tokenizer.ggml.{key}_token_id"), int) and 0 <= i < len(tokens)}
-    names = {f"{role}_token": tokens[i] for role, i in ids.items()}
-    ends = [role for role, add in (("bos", add_bos), ("eos", add_eos)) if add]
-    if any(role not in ids for role in ends):
-        raise ActTailError(f"the GGUF asks for {' and '.join(ends).upper()} around every text but gives no token id")
-    if ends:
-        template = ([names["bos_token"]] if add_bos else []) + ["$A"] + ([names["eos_token"]] if add_eos else [])
-        tok.post_processor = processors.TemplateProcessing(
-            single=" ".join(template), special_tokens=[(names[f"{role}_token"], ids[role]) for role in ends])
-    config = {"add_bos_token": add_bos, "add_eos_token": add_eos, **names,
-              "tokenizer_class": "PreTrainedTokenizerFast"}
-    return tok.to_str(pretty=True), config
-
-
-def _byte_level_bpe(reader, tokens):
-    """Byte-level BPE (GPT-2 style) with the GGUF's merges and its pre-tokenizer (smollm, qwen2, gpt2)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
-    pre = _field(reader, "tokenizer.ggml.pre", "default")
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
-    if pre == "smollm":
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    elif pre == "qwen2":
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
-    elif pre in ("default", "gpt-2", "gpt2"):
-        tok.pre_tokenizer = byte_level
-    else:
-        raise ActTailError(f"GGUF BPE pre-tokenizer {pre!r} is not supported (smollm, qwen2, gpt2)")
-    tok.decoder = decoders.ByteLevel()
-    return tok
-
-
-def _spell_spaces(tokens: list[str]) -> list[str]:
-    """Gemma's GGUFs store the tokens that are runs of spaces with real spaces; SentencePiece, and so the
-    tokenizer's normalizer and merges, spell them with U+2581 (as transformers' GGUF loader does)."""
-    return ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
-
-
-def _sentencepiece(reader, tokens):
-    """A SentencePiece vocabulary as BPE with byte fallback, as llama.cpp runs it (pairs merged best first)
-    and transformers rebuilds it: merges from every split of a token into two tokens, ordered by the
-    token's score, or for Gemma by its position in the file (Gemma's scores do not follow its merge order).
-    Spaces become U+2581; a space is put before the text when the GGUF says so (add_space_prefix, llama.cpp's
-    default yes; Gemma no)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-
-    arch = _field(reader, "general.architecture")
-    if arch in GEMMA:
-        priority = {t: -i for i, t in enumerate(tokens)}
-    else:
-        priority = dict(zip(tokens, _field(reader, "tokenizer.ggml.scores")))
-    unk = _field(reader, "tokenizer.ggml.unknown_token_id")
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=sentencepiece_merges(tokens, priority),
-                               unk_token=tokens[unk] if unk is not None else None, fuse_unk=True, byte_fallback=True))
-    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if _field(reader, "tokenizer.ggml.add_space_prefix", arch not in GEMMA):
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
-        steps.append(decoders.Strip(content=" ", left=1))
-    else:
-        tok.normalizer = normalizers.Replace(" ", "\u2581")
-        tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
-    tok.decoder = decoders.Sequence(steps)
-    return tok
-
-
-def sentencepiece_merges(tokens: list[str], priority: dict) -> list[tuple[str, str]]:
-    """BPE merges implied by a vocabulary: each way to split a token into two tokens, the token with the
-    highest ``priority`` first (ties: longer left part, then longer right part; within a token, by the
-    parts' ids), as transformers' ``generate_merges`` orders them."""
-    vocab = {t: i for i, t in enumerate(tokens)}
-    merges = []
-    for piece, score in priority.items():
-        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece))
-                 if piece[:i] in vocab and piece[i:] in vocab]
-        merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
-    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
-    return [(a, b) for a, b, _ in merges]
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
