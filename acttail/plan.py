@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -256,17 +257,18 @@ class Plan:
     def summary(self) -> dict:
         """Sparsity per kind and per layer (parameter-weighted mean, min, max) and the overall mean."""
         entries = self.projections
-        kinds = [k for k in KINDS if any(e.kind == k for e in entries)]
-        per_layer = []
-        for layer in sorted({e.layer for e in entries}):
-            es = [e for e in entries if e.layer == layer]
-            per_layer.append({"layer": layer, **_stats(es), "by_kind": {e.kind: e.sparsity for e in es}})
+        by_layer, by_kind = defaultdict(list), defaultdict(list)  # one pass: linear in the number of entries
+        for e in entries:
+            by_layer[e.layer].append(e)
+            by_kind[e.kind].append(e)
+        per_layer = [{"layer": layer, **_stats(es), "by_kind": {e.kind: e.sparsity for e in es}}
+                     for layer, es in sorted(by_layer.items())]
         return {
             "budget": self.budget,
             "weighted_sparsity": weighted_sparsity(entries),
             "calibrated": self.calibrated,
             "overall": _stats(entries),
-            "per_kind": {k: _stats([e for e in entries if e.kind == k]) for k in kinds},
+            "per_kind": {k: _stats(by_kind[k]) for k in KINDS if k in by_kind},
             "per_layer": per_layer,
         }
 
@@ -359,9 +361,9 @@ def _read_tensors(path: Path, sha256: str, where: str) -> dict[str, torch.Tensor
     """The plan's tensors file, checked against the sha256 the plan names."""
     from safetensors.torch import load as from_bytes
 
-    if not path.is_file():
+    if not path.exists():
         raise ActTailError(f"{where} names tensors file {path.name}, which is not beside it")
-    data = path.read_bytes()
+    data = files.read_bytes(path, f"{where}: tensors file", limit=None)
     if hashlib.sha256(data).hexdigest() != sha256:
         raise ActTailError(f"{where}: {path.name} does not match the sha256 the plan names (changed or replaced)")
     try:
