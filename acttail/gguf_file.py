@@ -8,21 +8,25 @@ A GGUF is untrusted input: every value read here is either what the caller asked
 from __future__ import annotations
 
 import math
+import mmap
+import os
 import struct
 from pathlib import Path
 
 from .errors import ActTailError
-from .files import open_regular, regular_file
+from .files import open_regular
 
 GEMMA = ("gemma", "gemma2", "gemma3")  # llama.cpp's Gemma architectures (norms stored as 1 + weight)
 
 
 def open_gguf(path: str | Path):
-    """Open a GGUF file with the gguf package, turning a bad file into one clear error."""
+    """Open a GGUF file with the gguf package, turning a bad file into one clear error. Its layout is
+    checked first (``check_layout``): the gguf reader loops and allocates per array item a file declares,
+    whether or not the file holds them."""
     from gguf import GGUFReader
 
     path = Path(path)
-    regular_file(path, "GGUF file")  # the reader would block on a FIFO
+    check_layout(path)
     try:
         return GGUFReader(str(path))
     except Exception as e:  # gguf raises ValueError/struct errors/IndexError for bad files
@@ -32,58 +36,126 @@ def open_gguf(path: str | Path):
 # GGUF metadata value types: fixed sizes in bytes (8 is a string, 9 an array).
 _GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
+_MAX_NESTING = 4  # arrays of arrays of ...
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
+class _Cursor:
+    """Reads a GGUF header from a buffer (the file, memory-mapped), refusing whatever runs past its end."""
+
+    def __init__(self, buf):
+        self.buf, self.pos = buf, 0
+        if bytes(buf[:4]) != b"GGUF":
+            raise ValueError("no GGUF magic")
+        self.order = "<" if struct.unpack_from("<I", buf, 4)[0] < 0x10000 else ">"  # the version's byte order
+        self.pos = 4
+
+    def left(self) -> int:
+        return len(self.buf) - self.pos
+
+    def unpack(self, fmt: str):
+        size = struct.calcsize(self.order + fmt)
+        if size > self.left():
+            raise ValueError("the header runs past the end of the file")
+        values = struct.unpack_from(self.order + fmt, self.buf, self.pos)
+        self.pos += size
+        return values
+
+    def skip(self, n: int, what: str = "a value") -> None:
+        if n > self.left():
+            raise ValueError(f"{what} runs past the end of the file")
+        self.pos += n
+
+    def string(self) -> str:
+        (n,) = self.unpack("Q")
+        start = self.pos
+        self.skip(n, "a string")
+        return bytes(self.buf[start:self.pos]).decode("utf-8")
+
+    def skip_value(self, kind: int, depth: int = 0) -> None:
+        """Step over one metadata value of type ``kind``; every count must fit in the bytes left."""
+        if kind in _GGUF_SIZES:
+            self.skip(_GGUF_SIZES[kind])
+        elif kind == _GGUF_STRING:
+            self.skip(self.unpack("Q")[0], "a string")
+        elif kind == _GGUF_ARRAY and depth < _MAX_NESTING:
+            item, count = self.unpack("IQ")
+            if item in _GGUF_SIZES:
+                self.skip(_GGUF_SIZES[item] * count, "an array")
+                return
+            if count * 8 > self.left():  # each string or array item takes 8 bytes or more
+                raise ValueError("an array runs past the end of the file")
+            for _ in range(count):
+                self.skip_value(item, depth + 1)
+        else:
+            raise ValueError(f"unknown metadata value type {kind}" if kind != _GGUF_ARRAY else
+                             f"arrays nested over {_MAX_NESTING} deep")
+
+
+def _header(path: Path, walk):
+    """``walk(cursor)`` over the memory-mapped file's header, every malformation one clear error."""
+    with open_regular(path, "GGUF file") as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if size < 24:
+                raise ValueError(f"{size} bytes, shorter than a GGUF header")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                cur = _Cursor(buf)
+                (version,) = cur.unpack("I")
+                if version not in (2, 3):
+                    raise ValueError(f"GGUF version {version} (2 and 3 are read)")
+                return walk(cur)
+        except (ValueError, struct.error, UnicodeDecodeError, OSError, OverflowError) as e:
+            raise ActTailError(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e)[:160]})") from None
 
 
 def gguf_architecture(path: str | Path) -> str:
     """general.architecture of a GGUF file, read from its header alone: the metadata comes first and
     llama.cpp writes this key first, so a refusal costs milliseconds, not a parse of the whole file."""
+    def walk(cur):
+        _, n_kv = cur.unpack("QQ")
+        for _ in range(n_kv):
+            key = cur.string()
+            (kind,) = cur.unpack("I")
+            if key == "general.architecture" and kind == _GGUF_STRING:
+                return cur.string()
+            cur.skip_value(kind)
+        return None
+
     path = Path(path)
-    with open_regular(path, "GGUF file") as f:
-        try:
-            if f.read(4) != b"GGUF":
-                raise ValueError("no GGUF magic")
-            order = "<" if struct.unpack("<I", _read(f, 4))[0] < 0x10000 else ">"  # version: little-endian, or not
-            _, n_kv = struct.unpack(order + "QQ", _read(f, 16))
-            for _ in range(n_kv):
-                key = _read_string(f, order)
-                (kind,) = struct.unpack(order + "I", _read(f, 4))
-                if key == "general.architecture" and kind == _GGUF_STRING:
-                    return _read_string(f, order)
-                _skip_value(f, order, kind)
-        except (ValueError, struct.error, UnicodeDecodeError, OSError, OverflowError, RecursionError) as e:
-            raise ActTailError(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e)[:160]})") from None
-    raise ActTailError(f"{path} is not a readable GGUF file (no general.architecture in its metadata)")
+    arch = _header(path, walk)
+    if arch is None:
+        raise ActTailError(f"{path} is not a readable GGUF file (no general.architecture in its metadata)")
+    return arch
 
 
-def _read(f, n: int) -> bytes:
-    data = f.read(n)
-    if len(data) != n:
-        raise ValueError("truncated header")
-    return data
+def check_layout(path: str | Path) -> None:
+    """Refuse a GGUF whose header does not fit in the file: every metadata value, every tensor's name,
+    dimensions (at most four), type (one the gguf package knows) and data must lie inside it."""
+    from gguf import GGML_QUANT_SIZES
 
+    def walk(cur):
+        n_tensors, n_kv = cur.unpack("QQ")
+        if n_kv * 12 > cur.left() or n_tensors * 24 > cur.left():
+            raise ValueError(f"{n_kv} metadata values and {n_tensors} tensors cannot fit in the file")
+        for _ in range(n_kv):
+            cur.string()
+            cur.skip_value(cur.unpack("I")[0])
+        for _ in range(n_tensors):
+            name = cur.string()
+            (n_dims,) = cur.unpack("I")
+            if n_dims > _MAX_DIMS:
+                raise ValueError(f"tensor {name[:40]!r} has {n_dims} dimensions (at most {_MAX_DIMS})")
+            dims = cur.unpack("Q" * n_dims)
+            kind, offset = cur.unpack("IQ")
+            if kind not in GGML_QUANT_SIZES:
+                raise ValueError(f"tensor {name[:40]!r} has an unknown type {kind}")
+            block, size = GGML_QUANT_SIZES[kind]
+            count = math.prod(dims)
+            if count % block or offset + count // block * size > cur.left():
+                raise ValueError(f"tensor {name[:40]!r} ({list(dims)}) does not fit in the file")
 
-def _read_string(f, order: str) -> str:
-    (n,) = struct.unpack(order + "Q", _read(f, 8))
-    if n > 1 << 24:
-        raise ValueError(f"implausible string length {n}")
-    return _read(f, n).decode("utf-8")
-
-
-def _skip_value(f, order: str, kind: int) -> None:
-    if kind == _GGUF_STRING:
-        (n,) = struct.unpack(order + "Q", _read(f, 8))
-        f.seek(n, 1)
-    elif kind == _GGUF_ARRAY:
-        item, count = struct.unpack(order + "IQ", _read(f, 12))
-        if item in _GGUF_SIZES:
-            f.seek(_GGUF_SIZES[item] * count, 1)
-        else:
-            for _ in range(count):
-                _skip_value(f, order, item)
-    elif kind in _GGUF_SIZES:
-        f.seek(_GGUF_SIZES[kind], 1)
-    else:
-        raise ValueError(f"unknown metadata value type {kind}")
+    _header(Path(path), walk)
 
 
 def field(reader, key: str, default=None):

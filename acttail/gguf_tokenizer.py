@@ -53,8 +53,7 @@ def hf_tokenizer(reader) -> tuple[str, dict]:
     if any(role not in ids for role in ends):
         raise ActTailError(f"the GGUF asks for {' and '.join(ends).upper()} around every text but gives no token id")
     if ends:
-        tok.post_processor = _template(names if add_bos else {k: v for k, v in names.items() if k != "bos_token"},
-                                       ids, ends)
+        tok.post_processor = _template(names, ids, ends)
     config = {"add_bos_token": add_bos, "add_eos_token": add_eos, **names,
               "tokenizer_class": "PreTrainedTokenizerFast"}
     with _library("writing tokenizer.json"):
@@ -91,7 +90,7 @@ def _template(names: dict, ids: dict, ends: list[str]):
         if ":" in name or name.startswith("$") or not name.strip():
             raise ActTailError(f"the GGUF's {role.upper()} token {name[:40]!r} cannot be named in a tokenizer "
                                "template (':', a leading '$' or only spaces)")
-    single = [names["bos_token"]] * ("bos" in ends) + ["$A"] + [names["eos_token"]] * ("eos" in ends)
+    single = ([names["bos_token"]] if "bos" in ends else []) + ["$A"] + ([names["eos_token"]] if "eos" in ends else [])
     with _library("the BOS/EOS template"):
         return processors.TemplateProcessing(single=single, special_tokens=[(names[f"{r}_token"], ids[r]) for r in ends])
 
