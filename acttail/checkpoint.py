@@ -345,11 +345,21 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
+def _encodable(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _shard(folder: Path, name: str, index: Path) -> Path:
     """The path of a shard named in the index, which must stay inside the model folder: a relative name
     without '..', and no symlink out of the folder (except into the blobs of an HF hub cache, whose
     snapshot folders are made of such links)."""
     shown = repr(name) if len(name) <= 80 else repr(name[:77] + "...")
+    if "\0" in name or not _encodable(name):
+        raise ActTailError(f"{index}: shard {shown} is no file name (a NUL or an unpaired surrogate in it)")
     if not name or Path(name).is_absolute() or ".." in Path(name).parts:
         raise ActTailError(f"{index}: shard {shown} is outside the model folder")
     path, root = folder / name, folder.resolve()

@@ -34,7 +34,7 @@ def cache_dir() -> Path:
     for probe in (path, *path.parents):  # the nearest part that exists must be a folder
         try:
             mode = os.stat(probe).st_mode
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # not there (or under a file): try the folder above
             continue
         except OSError as e:
             raise ActTailError(f"{where}: cannot use {probe}: {e.strerror}") from None
@@ -77,6 +77,8 @@ def regular_file(path: str | os.PathLike, what: str = "file") -> os.stat_result:
         raise ActTailError(f"{what} not found: {path}") from None
     except OSError as e:
         raise ActTailError(f"cannot read {what} {path}: {e.strerror}") from None
+    except ValueError:  # a NUL character in the name
+        raise ActTailError(f"cannot read {what} {str(path)!r}: a NUL character in its name") from None
     if not stat.S_ISREG(st.st_mode):
         raise ActTailError(f"{what} {path} is {_kind(st.st_mode)}, not a regular file")
     return st
@@ -246,8 +248,8 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", limit: int = MAX
     too), turning a missing, non-regular, oversized, unreadable or malformed file into one clear error.
 
     NaN and Infinity (which Python's json accepts) are refused, and so are integers outside 64 bits (no
-    field of ours is one; Python would carry them into arithmetic that overflows) and nesting too deep to
-    parse."""
+    field of ours is one; Python would carry them into arithmetic that overflows) and nesting deeper than
+    ``MAX_DEPTH`` (the readers, deepcopy and schema checks recurse)."""
     path = Path(path)
     data = read_bytes(path, what, limit)
     try:
@@ -256,7 +258,7 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", limit: int = MAX
                 data = z.read(limit + 1)
             if len(data) > limit:
                 raise ActTailError(f"{what} {path} decompresses to over the {limit:,} bytes acttail reads for it")
-        return json.loads(data.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite, parse_int=_int64)
+        doc = json.loads(data.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite, parse_int=_int64)
     except (gzip.BadGzipFile, EOFError, zlib.error):
         raise ActTailError(f"{what} {path} is not gzip-compressed (or is cut short)") from None
     except OSError as e:
@@ -265,6 +267,25 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", limit: int = MAX
         raise ActTailError(f"{what} {path} is nested too deeply to read") from None
     except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
         raise ActTailError(f"{what} {path} is not valid JSON ({_short(str(e))})") from None
+    if _depth(doc) > MAX_DEPTH:
+        raise ActTailError(f"{what} {path} is nested too deeply to read (over {MAX_DEPTH} levels)")
+    return doc
+
+
+MAX_DEPTH = 64  # levels of nesting in a JSON file we read (our formats use fewer than 8; readers recurse)
+
+
+def _depth(doc) -> int:
+    """How deeply ``doc`` nests lists and objects (a scalar: 0), without recursion."""
+    deepest, todo = 0, [(doc, 1)]
+    while todo:
+        node, level = todo.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is not None:
+            deepest = max(deepest, level)
+            if level <= MAX_DEPTH:
+                todo.extend((c, level + 1) for c in children if isinstance(c, (dict, list)))
+    return deepest
 
 
 def _short(text: str, n: int = 160) -> str:

@@ -142,7 +142,7 @@ def load_paths(source, model: dict) -> dict:
     path = shipped / f"{source}-greedy.json.gz"
     if Path(source).name != str(source) or not path.is_file():  # a path, not a shipped name
         path = Path(source)
-    if not path.is_file():
+    if not path.exists():  # a FIFO or folder is refused by read_json, in its own words
         names = sorted(p.name.removesuffix("-greedy.json.gz") for p in shipped.glob("*-greedy.json.gz"))
         raise ActTailError(f"greedy paths not found: {source} (give a file, or one of the paths shipped with "
                            f"acttail: {', '.join(names)})")
