@@ -96,8 +96,7 @@ def open_regular(path: str | os.PathLike, what: str = "file"):
     if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
         os.close(fd)
         raise ActTailError(f"{what} {path} changed while it was opened (now {_kind(now.st_mode)})")
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
+    return os.fdopen(fd, "rb")  # left non-blocking: no effect on a regular file; a /proc file would block fails
 
 
 def read_bytes(path: str | os.PathLike, what: str = "file", limit: int | None = MAX_JSON) -> bytes:
@@ -111,6 +110,8 @@ def read_bytes(path: str | os.PathLike, what: str = "file", limit: int | None = 
             data = f.read() if limit is None else f.read(limit + 1)
         except OSError as e:
             raise ActTailError(f"cannot read {what} {path}: {e.strerror}") from None
+        if data is None:  # a special file that is "regular" (in /proc) and has nothing to read now
+            raise ActTailError(f"cannot read {what} {path}: it would block")
     if limit is not None and len(data) > limit:
         raise ActTailError(f"{what} {path} grew over the {limit:,} bytes acttail reads for it")
     return data
