@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import stat
@@ -100,9 +99,22 @@ def _check_entry(path: Path, name: str, info, data_len: int) -> None:
     if end > data_len or start > end:
         raise ActTailError(f"{path} is truncated: tensor {shown} ends at byte {end} of {data_len}")
     width = _DTYPE_BYTES.get(info["dtype"])
-    if width is not None and math.prod(info["shape"]) * width != end - start:
-        raise ActTailError(f"{path}: tensor {shown} holds {end - start} bytes, but its shape {info['shape']} of "
-                           f"{info['dtype']} needs {math.prod(info['shape']) * width}")
+    if width is not None and _elements(info["shape"], end - start) * width != end - start:
+        shape = info["shape"] if len(info["shape"]) <= 8 else f"of {len(info['shape'])} dimensions"
+        raise ActTailError(f"{path}: tensor {shown} holds {end - start} bytes, not what its shape {shape} of "
+                           f"{info['dtype']} needs")
+
+
+def _elements(shape: list[int], bound: int) -> int:
+    """The number of elements of ``shape``, or ``bound + 1`` once it exceeds ``bound`` (no huge products)."""
+    if 0 in shape:
+        return 0
+    n = 1
+    for d in shape:
+        n *= d
+        if n > bound:
+            return bound + 1
+    return n
 
 
 def _sizes(x) -> bool:
