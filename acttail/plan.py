@@ -29,7 +29,7 @@ import torch
 from . import __version__
 from .errors import ActTailError
 from . import files
-from .files import atomic_path, check_model, check_schema, read_json, write_json
+from .files import check_model, check_schema, read_json, to_json, write_files
 from .layout import KINDS, Key, check_projections
 
 FORMAT = "acttail-plan"
@@ -48,6 +48,11 @@ TENSORS = {"score": lambda i, o, r: (i,), "bias": lambda i, o, r: (o,), "lowrank
 def schema() -> dict:
     """The plan JSON Schema shipped inside the package."""
     return files.schema("plan")
+
+
+def tensors_path(plan_path: str | Path) -> Path:
+    """Where a plan's tensors go: beside it, its name with the suffix .safetensors (plan.json: plan.safetensors)."""
+    return Path(plan_path).with_suffix(".safetensors")
 
 
 def _now() -> str:
@@ -137,19 +142,24 @@ class Plan:
         return plan
 
     def save(self, path: str | Path) -> None:
-        """Validate and write the plan atomically (keys in a stable order, indented by 2); its tensors go to
-        ``<name>.safetensors`` beside it, named in the plan with their sha256."""
+        """Validate and write the plan (keys in a stable order, indented by 2); its tensors go to
+        ``tensors_path(path)`` beside it, named in the plan with their sha256. The two are written as one
+        unit (``files.write_files``, tensors first): a failure anywhere leaves the previous pair as it was."""
+        path = Path(path)
         self.to_dict()  # validate before writing anything
         self.check_tensors()
-        ref = None
+        beside = tensors_path(path)
+        if files.same_file(path, beside):
+            raise ActTailError(f"plan {path} would be its own tensors file: give the plan a .json name")
+        outputs, ref = {}, None
         if self.tensors:
             from safetensors.torch import save as to_bytes
 
             data = to_bytes({k: t.detach().contiguous().cpu() for k, t in sorted(self.tensors.items())})
-            ref = {"file": Path(path).with_suffix(".safetensors").name, "sha256": hashlib.sha256(data).hexdigest()}
-            with atomic_path(Path(path).parent / ref["file"]) as tmp:
-                tmp.write_bytes(data)
-        write_json(path, self.to_dict(ref))
+            ref = {"file": beside.name, "sha256": hashlib.sha256(data).hexdigest()}
+            outputs[beside] = data
+        outputs[path] = to_json(self.to_dict(ref))  # last: it names the tensors file's sha256
+        write_files(outputs)
 
     @classmethod
     def from_dict(cls, doc, where: str = "plan") -> "Plan":
