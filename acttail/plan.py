@@ -51,8 +51,12 @@ def schema() -> dict:
 
 
 def tensors_path(plan_path: str | Path) -> Path:
-    """Where a plan's tensors go: beside it, its name with the suffix .safetensors (plan.json: plan.safetensors)."""
-    return Path(plan_path).with_suffix(".safetensors")
+    """Where a plan's tensors go: beside it, its name with the suffix .safetensors (plan.json: plan.safetensors).
+    A plan path that is that file itself is refused."""
+    beside = Path(plan_path).with_suffix(".safetensors")
+    if files.same_file(plan_path, beside):
+        raise ActTailError(f"plan {plan_path} would be its own tensors file: give the plan a .json name")
+    return beside
 
 
 def _now() -> str:
@@ -149,8 +153,6 @@ class Plan:
         self.to_dict()  # validate before writing anything
         self.check_tensors()
         beside = tensors_path(path)
-        if files.same_file(path, beside):
-            raise ActTailError(f"plan {path} would be its own tensors file: give the plan a .json name")
         outputs, ref = {}, None
         if self.tensors:
             from safetensors.torch import save as to_bytes
