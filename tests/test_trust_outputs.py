@@ -24,6 +24,7 @@ from acttail.cli import main
 from acttail.errors import ActTailError
 from acttail.plan import Plan
 from runtime_tiny import write_hf_model, write_text
+from test_trust import fake_gguf  # noqa: F401  (a fixture: convert_gguf's reading replaced by a tiny model)
 
 transformers = pytest.importorskip("transformers")  # the tiny model is written with it
 
@@ -371,21 +372,6 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_outputs(kit, tmp_path, m
         monkeypatch.undo()
         assert snapshot(out) == before, (command, after)
     assert snapshot(kit["root"]) == inputs
-
-
-@pytest.fixture
-def fake_gguf(monkeypatch):
-    """convert_gguf's reading steps replaced by a tiny model, so that only its output handling runs."""
-    import acttail.convert as C
-    import torch
-
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "bos_token_id": 1, "eos_token_id": 2}
-    monkeypatch.setattr(C, "check_architecture", lambda path: None)
-    monkeypatch.setattr(C, "open_gguf", lambda path: object())
-    monkeypatch.setattr(C, "hf_config", lambda reader: dict(config))
-    monkeypatch.setattr(C, "hf_tokenizer", lambda reader: ("{}", {"add_bos_token": False}))
-    monkeypatch.setattr(C, "hf_tensors", lambda reader, cfg: {"w": torch.zeros(2, 2)})
-    return C
 
 
 def test_convert_gguf_on_a_full_disk(tmp_path, monkeypatch, fake_gguf):
