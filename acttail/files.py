@@ -126,11 +126,6 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     write_files({path: text})
 
 
-def write_texts(outputs: dict) -> None:
-    """Write several text files {path: text}, all or none (``write_files``)."""
-    write_files(outputs)
-
-
 def write_files(outputs: dict) -> None:
     """Write several files {path: text or bytes} as one unit: all of them, or none.
 
@@ -146,7 +141,8 @@ def write_files(outputs: dict) -> None:
         for path, data in outputs.items():
             path = Path(path)
             temps[path] = _written_temp(path, data.encode("utf-8") if isinstance(data, str) else data)
-        _rename_all(temps)
+        with _folders_locked({p.parent for p in temps}):
+            _rename_all(temps)
     finally:
         for tmp in temps.values():
             with contextlib.suppress(FileNotFoundError):
@@ -209,6 +205,22 @@ def _rename_all(temps: dict[Path, Path]) -> None:
         for link in kept.values():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(link)
+
+
+@contextlib.contextmanager
+def _folders_locked(folders):
+    """Hold an exclusive flock on each folder while its renames run, so that two processes saving the same
+    plan at once cannot interleave them into one's plan beside the other's sidecar (best effort: a file
+    system without flock on folders goes unlocked)."""
+    import fcntl
+
+    with contextlib.ExitStack() as stack:
+        for folder in sorted({os.path.realpath(f) for f in folders}):  # one order: no deadlock between two
+            with contextlib.suppress(OSError):
+                fd = os.open(folder, os.O_RDONLY)
+                stack.callback(os.close, fd)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
 
 
 def _keep(path: Path) -> Path:
@@ -299,6 +311,9 @@ def _put_folder_back(aside: Path | None, dest: Path, replaced: bool) -> None:
     if aside is not None:
         os.replace(aside / dest.name, dest)  # should this fail, the old folder stays in ``aside``
         os.rmdir(aside)
+
+
+write_texts = write_files  # several text files {path: text}, all or none
 
 
 # ---- outputs never replace inputs ---------------------------------------------------------------------

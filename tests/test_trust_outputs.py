@@ -440,3 +440,47 @@ def test_a_real_full_disk(kit, tmpfs):
     refused(run("report", kit["analysis"], "--plan", kit["cal"], "-o", tmpfs / "plans"), "No space left on device")
     refused(run("eval", kit["model"], "--text", kit["text"], *SMALL, "-o", tmpfs / "e.json"), "No space left")
     assert snapshot(tmpfs) == before and Plan.load(out) == old
+
+
+def test_concurrent_saves_of_one_plan_leave_a_consistent_pair(kit, tmp_path, monkeypatch):
+    """Two writers save different plans to one path at the same moment, round after round, one slow between
+    its two renames: after every round the pair left is one of them, whole (the folder's lock keeps their
+    renames from interleaving)."""
+    import threading
+    import time
+
+    real = os.replace
+
+    def slow_replace(src, dst):
+        real(src, dst)
+        if str(dst).endswith(".safetensors") and threading.current_thread().name == "slow":
+            time.sleep(0.05)  # the other writer renames both of its files here, unless it waits for the lock
+
+    monkeypatch.setattr(os, "replace", slow_replace)
+    plans = [Plan.load(kit["cal"]), _new_plan(kit)]
+    out, errors, rounds = tmp_path / "p.json", [], 8
+    start, end = threading.Barrier(2, timeout=60), threading.Barrier(3, timeout=60)
+
+    def save(plan):
+        for _ in range(rounds):
+            start.wait()
+            try:
+                plan.save(out)
+            except Exception as e:  # noqa: BLE001 (reported below)
+                errors.append(e)
+            end.wait()
+
+    threads = [threading.Thread(target=save, args=(p,), name=name) for p, name in zip(plans, ("slow", "fast"))]
+    for t in threads:
+        t.start()
+    seen = []
+    for _ in range(rounds):
+        end.wait()
+        try:
+            seen.append(Plan.load(out) in plans)
+        except ActTailError as e:  # the sidecar's sha256 does not match the plan's
+            seen.append(str(e))
+    for t in threads:
+        t.join()
+    assert not errors and seen == [True] * rounds, seen
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json", "p.safetensors"]
