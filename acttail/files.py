@@ -185,8 +185,8 @@ def _write_fd(fd: int, data: bytes) -> None:
 
 
 def _rename_all(temps: dict[Path, Path]) -> None:
-    """Rename each temporary file onto its target, in order; if one fails, put the earlier targets back
-    (from hard links kept to them) before raising."""
+    """Rename each temporary file onto its target, in order; if one fails (or Ctrl-C comes between two),
+    put the earlier targets back (from hard links kept to them) before raising."""
     targets = list(temps)
     kept = {}  # target -> link to its old file (none for the last: nothing is renamed after it)
     done = []
@@ -194,13 +194,15 @@ def _rename_all(temps: dict[Path, Path]) -> None:
         for path in targets[:-1]:
             if os.path.lexists(path):
                 kept[path] = _keep(path)
-        for path in targets:
-            try:
+        try:
+            for path in targets:
                 os.replace(temps[path], path)
-            except OSError as e:
-                undone = _put_back(done, kept)
+                done.append(path)
+        except BaseException as e:
+            undone = _put_back(done, kept)
+            if isinstance(e, OSError):
                 raise ActTailError(f"cannot write {path}: {_reason(e)}" + undone) from None
-            done.append(path)
+            raise
     finally:
         for link in kept.values():
             with contextlib.suppress(FileNotFoundError):

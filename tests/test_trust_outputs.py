@@ -484,3 +484,20 @@ def test_concurrent_saves_of_one_plan_leave_a_consistent_pair(kit, tmp_path, mon
         t.join()
     assert not errors and seen == [True] * rounds, seen
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json", "p.safetensors"]
+
+
+def test_ctrl_c_between_the_two_renames_keeps_the_previous_pair(kit, tmp_path, monkeypatch):
+    out = _pair(kit, tmp_path / "out")
+    old, before = Plan.load(out), snapshot(out.parent)
+    real = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(".json"):
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        _new_plan(kit).save(out)
+    monkeypatch.undo()
+    assert snapshot(out.parent) == before and Plan.load(out) == old
