@@ -31,7 +31,7 @@ from .args import ModelArgs
 from .kernel_ops import KernelOps
 from .launch import launch_for
 from .model import Transformer
-from .sparsify import settings
+from .sparsify import check_plan, settings
 
 DTYPES = (torch.float16, torch.bfloat16)
 
@@ -76,6 +76,8 @@ class Decoder:
             raise ActTailError(f"the kernel decoder runs float16 or bfloat16 weights, not {w.dtype}")
         if w.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ActTailError("the kernel decoder needs a CUDA GPU (on the CPU it runs only under TRITON_INTERPRET=1)")
+        if plan is not None:
+            check_plan(plan, model.args)  # before the weights are laid out for the kernels
         self.model, self.device, self.dtype = model, w.device, w.dtype
         input_major(model)
         model.set_rope()  # float32 tables on the device
@@ -123,7 +125,10 @@ class Decoder:
         return dec
 
     def set_plan(self, plan, mode: str = "threshold") -> None:
-        """The plan's launches (``plan_launches``: settings, the dispatch rule); None: dense."""
+        """The plan's launches (``plan_launches``: settings, the dispatch rule); None: dense. A plan for
+        another shape is refused (``sparsify.check_plan``)."""
+        if plan is not None:
+            check_plan(plan, self.model.args)
         sets = settings(plan, mode) if plan is not None else {}
         self.set_settings(sets, plan.sparsities() if plan is not None else None)
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ActTailError
-from .sparsify import Sparsifier, dense_prefix, settings
+from .sparsify import Sparsifier, check_plan, dense_prefix, settings
 from .tokens import encode
 
 
@@ -91,6 +91,8 @@ def generate_text(model, tokenizer, prompt: str, plan=None, max_new_tokens: int 
         raise ActTailError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if backend == "kernels":
         check_kernel_run(device, temperature, prefill_policy)
+    if plan is not None:
+        check_plan(plan, model.args)
     ids = ([bos_id] if bos_id is not None else []) + encode(tokenizer, prompt)
     if not ids:
         raise ActTailError("the prompt is empty after tokenization")

@@ -75,6 +75,12 @@ def settings(plan, mode: str = "threshold", where: str = "plan") -> dict[tuple[i
     return out
 
 
+def check_plan(plan, args, where: str = "the plan") -> None:
+    """Refuse a plan for another shape than our decoder's (``ModelArgs`` ``args``): its layer count and every
+    projection's (in, out) (``Plan.check_shapes``, the one check of a plan against a model)."""
+    plan.check_shapes(args.n_layer, lambda layer, kind: (args.in_features(kind), args.out_features(kind)), where)
+
+
 def dense_prefix(prompt_len: int, prefill: str) -> int:
     """How many leading positions stay dense under a prefill policy: all (none dense), half, none (all)."""
     if prefill not in PREFILL:
