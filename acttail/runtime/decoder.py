@@ -32,6 +32,7 @@ from .kernel_ops import KernelOps
 from .launch import launch_for
 from .model import Transformer
 from .sparsify import check_plan, settings
+from .tokens import check_ids
 
 DTYPES = (torch.float16, torch.bfloat16)
 
@@ -225,7 +226,7 @@ class Decoder:
         ``pad_token_id`` (default: the first EOS id); generation stops when every row has, or after
         ``max_new_tokens``. ``streamer`` (transformers' TextStreamer and the like, batch 1) gets the prompt,
         then the new tokens as they are made. ``self.timing`` records prefill, capture and decode seconds."""
-        ids = _prompt(input_ids, attention_mask)
+        ids = _prompt(input_ids, attention_mask, self.model.args.vocab_size)
         B, T = ids.shape
         if max_new_tokens < 1:
             raise ActTailError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -301,14 +302,15 @@ class Sampler:
         return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
 
 
-def _prompt(input_ids, attention_mask) -> Tensor:
+def _prompt(input_ids, attention_mask, vocab_size: int) -> Tensor:
+    """The prompts as int64 [B, T], every id inside the vocabulary (``tokens.check_ids``)."""
     ids = torch.as_tensor(input_ids)
     ids = ids[None] if ids.dim() == 1 else ids
     if ids.dim() != 2 or ids.shape[1] < 1 or ids.dtype not in (torch.int32, torch.int64):
         raise ActTailError(f"input_ids must be integer token ids [batch, length], got {tuple(ids.shape)} {ids.dtype}")
     if attention_mask is not None and not bool(torch.as_tensor(attention_mask).bool().all()):
         raise ActTailError("padded prompts are not supported: give prompts of equal length (attention_mask all ones)")
-    return ids.long()
+    return check_ids(ids, vocab_size, "input_ids")
 
 
 def _ids(eos) -> list[int]:
