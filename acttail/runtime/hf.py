@@ -54,7 +54,7 @@ def apply(model: nn.Module, plan, mode: str = "threshold", backend: str | None =
         backend = "kernels" if _kernels_serve(model, sets) else "reference"
     sp = Sparsifier(sets)
     undo: list = []
-    handle = Applied(model, sp, lambda: [u() for u in reversed(undo)])
+    handle = Applied(model, sp, lambda: [u() for u in reversed(undo)], plan, mode)
     units = _units(model, modules) if backend == "kernels" else {}
     for linear, parts in modules.items():
         if any(sets.get((layer, kind)) for kind, layer, _ in parts):
