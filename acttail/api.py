@@ -255,43 +255,47 @@ def evaluate(model, text, tokenizer=None, plan=None, config: EvalConfig | None =
     tokens of ``text``: perplexity, nll, predictions; with a plan (a path or a ``Plan`` given here, or one
     already applied) also the KL divergence to the dense model, the top-1 agreement with it and the achieved
     sparsity. ``options`` change fields of ``config`` (``EvalConfig``: tokens, ctx, mode, prefill,
-    batch_size). ``out``: write the result there as JSON."""
+    batch_size). Threads may evaluate one applied model at once: each call measures its own run. ``out``: write
+    the result there as JSON."""
     cfg = (config or EvalConfig()).updated(**options)
     refuse_overwrite([("eval result", out)], model=model, plan=plan, text=text)
     m = ModelInput(model, device, stream, tokenizer)
     plan_path, plan = (plan if is_path(plan) else None), m.plan(plan)
+    handle = applied(model) if plan is None and not is_path(model) else None
+    ran, mode = (handle.plan, handle.mode) if handle is not None else (plan, cfg.mode)
     wins, name, bos = text_windows(m, text, cfg.tokens, cfg.ctx)
     if m.hf:
-        metrics, planned = _evaluate_transformers(model, wins, plan, cfg, progress)
-    else:
-        metrics = evaluate_windows(m.net, wins, plan, cfg.mode, cfg.prefill, cfg.batch_size, progress)
-        planned = plan is not None
+        metrics = _evaluate_transformers(model, wins, plan, cfg, progress)
+    else:  # an applied plan runs in its own Sparsifier, which counts this call alone
+        metrics = evaluate_windows(m.net, wins, ran, mode, cfg.prefill, cfg.batch_size, progress)
     settings = {"text": name, "ctx": cfg.ctx, "tokens": int(wins.numel()), "windows": len(wins), "bos": bos,
-                "mode": cfg.mode if planned else "dense", "prefill": cfg.prefill if planned else None,
+                "mode": mode if ran is not None else "dense", "prefill": cfg.prefill if ran is not None else None,
                 "dtype": m.dtype, "device": m.device, "batch_size": cfg.batch_size}
-    r = result(m.ref(), settings, metrics, plan, plan_path)
+    r = result(m.ref(), settings, metrics, ran, plan_path)
     if out is not None:
         write_json(out, r)
     return r
 
 
-def _evaluate_transformers(model, wins, plan, cfg: EvalConfig, progress: bool) -> tuple[dict, bool]:
-    """(metrics, whether a plan ran) of a transformers model: with the plan given, or the one applied."""
+def _evaluate_transformers(model, wins, plan, cfg: EvalConfig, progress: bool) -> dict:
+    """The metrics of a transformers model with the plan given (applied for the call) or the one applied; its
+    achieved sparsity counts this call alone (``Applied.counting``), whatever other threads run meanwhile."""
+    from .runtime import achieved_report
     from .runtime.perplexity import perplexity
 
     if cfg.prefill != "all":
         raise ActTailError("on a transformers model every position is sparsified (prefill='all')")
     handle = apply(model, plan, cfg.mode) if plan is not None else applied(model)
+    if handle is None:
+        return perplexity(model, wins, cfg.batch_size, progress)
     try:
-        if handle is not None:
-            handle.reset_counts()
-        out = perplexity(model, wins, cfg.batch_size, progress, compare=handle is not None)
-        if handle is not None:
-            out["achieved"] = handle.achieved()
+        with handle.counting() as counts:
+            out = perplexity(model, wins, cfg.batch_size, progress, compare=True)
+        out["achieved"] = achieved_report(handle.plan, counts)
     finally:
         if plan is not None:
             handle.remove()
-    return out, handle is not None
+    return out
 
 
 @dataclass(frozen=True)

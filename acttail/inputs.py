@@ -26,7 +26,7 @@ from .plan import Plan, tensors_path
 from .runtime import open_model
 from .runtime.hf import from_transformers, is_transformers_model
 from .runtime.model import Transformer
-from .runtime.tokens import bos_id, load_tokenizer, text_tokens, tokenizer_bos, windows
+from .runtime.tokens import bos_id, check_ids, load_tokenizer, text_tokens, tokenizer_bos, windows
 from .text import SOURCES, cached_text, read_text
 
 # The files of a model folder that acttail or transformers read (with its safetensors shards).
@@ -93,6 +93,13 @@ class ModelInput:
         return self._tok
 
     @property
+    def vocab_size(self) -> int:
+        """How many token ids the model's embedding holds: every id it is given must be below."""
+        if self.hf:
+            return self.given.get_input_embeddings().num_embeddings
+        return self.net.args.vocab_size
+
+    @property
     def fingerprint(self) -> str | None:
         """The checkpoint's fingerprint (opened from a path, or by ``acttail.load``), else None."""
         return self.ckpt.fingerprint if self.ckpt is not None else getattr(self.given, "fingerprint", None)
@@ -143,17 +150,25 @@ def analysis_input(analysis, copied: bool = False) -> tuple[Analysis, str]:
 
 
 def text_ids(model: ModelInput, text, n_tokens: int) -> tuple[torch.Tensor, int | None, str]:
-    """(the first ``n_tokens`` token ids of ``text``, the BOS id its windows start with or None, its name)."""
+    """(the first ``n_tokens`` token ids of ``text``, the BOS id its windows start with or None, its name), every
+    id inside the model's vocabulary (``tokens.check_ids``: token ids given as a tensor of integers)."""
     if torch.is_tensor(text):
-        return text.flatten()[:n_tokens].long(), None, "tokens"
+        return check_ids(text.flatten()[:n_tokens], model.vocab_size), None, "tokens"
     if isinstance(text, Path) or (isinstance(text, str) and text in SOURCES):
         name, text = str(text), read_text(text)
-    else:
+    elif isinstance(text, str) or (isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text)):
         name, text = "text", text if isinstance(text, str) else "\n\n".join(text)
+    else:
+        raise ActTailError(f"a text is a name (c4, wiki), a pathlib.Path, a string, a list of strings or a tensor of "
+                           f"token ids, not {type(text).__name__}")
     tokenizer, bos = model.tokenizer()
     if tokenizer is None:
         raise ActTailError("text needs a tokenizer: pass tokenizer=... (or token ids)")
-    return text_tokens(tokenizer, text, n_tokens), bos, name
+    hint = ": is the tokenizer this model's?"
+    if bos is not None:
+        check_ids([bos], model.vocab_size, "the BOS id", hint)
+    ids = text_tokens(tokenizer, text, n_tokens)
+    return check_ids(ids, model.vocab_size, f"the token ids of {name}", hint), bos, name
 
 
 def text_windows(model: ModelInput, text, tokens: int, ctx: int) -> tuple[torch.Tensor, str, int | None]:
