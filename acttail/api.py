@@ -35,7 +35,8 @@ from .config import CALIBRATION_TEXT, DEVICE, Config
 from .errors import ActTailError, ActTailWarning
 from .evaluation import EvalConfig, evaluate_windows, result
 from .greedy import GreedyConfig
-from .inputs import ModelInput, analysis_input, is_path, split_windows, text_windows
+from .files import write_json
+from .inputs import ModelInput, analysis_input, is_path, plan_outputs, refuse_overwrite, split_windows, text_windows
 from .plan import Plan
 from .runtime import open_model
 from .runtime.applied import Applied, applied, apply_ours
@@ -73,66 +74,85 @@ def download(name: str) -> Path:
     return fetch_model(name)
 
 
-def analyze(model, config: AnalysisConfig | None = None, force: bool = False, progress: bool = True,
-            **options) -> Analysis:
+def analyze(model, config: AnalysisConfig | None = None, force: bool = False, progress: bool = True, *,
+            out=None, csv=None, **options) -> Analysis:
     """ESD metrics (alpha, xmin, KS distance, ...) of every projection of a checkpoint folder, a
     .safetensors or .gguf file, or a model in memory (a transformers causal LM or ours); ``options`` change
     fields of ``config`` (``AnalysisConfig``: fit, dtype, device, backend). Results for files are cached per
-    weights and settings (``force`` recomputes; ``from_cache`` says which)."""
+    weights and settings (``force`` recomputes; ``from_cache`` says which). ``out`` and ``csv``: write the
+    analysis as JSON and its rows as CSV there (both or neither)."""
+    from .analysis import save_csv
+
     cfg = (config or AnalysisConfig()).updated(**options)
+    refuse_overwrite([("analysis", out), ("CSV", csv)], model=model)
     if isinstance(model, torch.nn.Module):
         from .analysis import analyze_checkpoint, settings
         from .weights import ModuleWeights
 
-        return Analysis.from_dict(analyze_checkpoint(
+        result = Analysis.from_dict(analyze_checkpoint(
             ModuleWeights(model), settings(cfg.fit, cfg.dtype, cfg.device, cfg.backend), progress))
-    doc, cached = run_analysis(model, cfg.fit, cfg.dtype, cfg.device, cfg.backend, force, progress)
-    return replace(Analysis.from_dict(doc), from_cache=cached)
+    else:
+        doc, cached = run_analysis(model, cfg.fit, cfg.dtype, cfg.device, cfg.backend, force, progress)
+        result = replace(Analysis.from_dict(doc), from_cache=cached)
+    if out is not None:
+        result.save(out, csv)
+    elif csv is not None:
+        save_csv(result.to_dict(), csv)
+    return result
 
 
 # ---- stage 2: allocation, greedy paths, sensitivity, export -----------------------------------------
 
 
-def allocate(analysis, budget: float, config: AllocationConfig | None = None, **options) -> Plan:
+def allocate(analysis, budget: float, config: AllocationConfig | None = None, *, out=None, **options) -> Plan:
     """A plan with one sparsity per projection whose weighted mean is ``budget``, from an analysis (a path or
     an ``Analysis``); ``options`` change fields of ``config`` (``AllocationConfig``: method, scope, epsilon,
     ...). The default method, greedy, needs the analysis' greedy paths (``measure_greedy``): without them the
-    allocation is uniform, with a warning."""
+    allocation is uniform, with a warning. ``out``: write the plan there."""
+    refuse_overwrite(plan_outputs(out), analysis=analysis)
     doc, where = analysis_input(analysis)
     cfg, params = _split_options(config, options)
     cfg = _checked_method(doc, cfg, "allocating")
-    return plan_from_analysis(doc, budget, cfg, analysis_path=where if is_path(analysis) else None, **params)
+    plan = plan_from_analysis(doc, budget, cfg, analysis_path=where if is_path(analysis) else None, **params)
+    return _saved(plan, out)
 
 
 def measure_greedy(model, analysis, text=CALIBRATION_TEXT, tokenizer=None, config: GreedyConfig | None = None, *,
-                   measured=None, device: str | None = None, progress: bool = True, **options) -> Analysis:
+                   measured=None, out=None, device: str | None = None, progress: bool = True,
+                   **options) -> Analysis:
     """A copy of the analysis with TEAL's greedy paths (``acttail.greedy``), for ``allocate(method="greedy")``:
     measured through ``model`` on the first tokens of ``text``, or read from ``measured`` (a JSON file of
     paths measured earlier, checked against the analysed weights; the model is then not opened). ``options``
-    change fields of ``config`` (``GreedyConfig``: tokens, ctx, base_step, max_sparsity, ...)."""
+    change fields of ``config`` (``GreedyConfig``: tokens, ctx, base_step, max_sparsity, ...). ``out``: write
+    the analysis there."""
     from .greedy import load_paths, measure
 
+    refuse_overwrite([("analysis", out)], model=model, analysis=analysis, text=text,
+                     files=[("the measured greedy paths", measured)])
     doc, where = analysis_input(analysis, copied=True)
     cfg = (config or GreedyConfig()).updated(**options)
     if measured is not None:
         doc.extra["greedy"] = load_paths(measured, doc.model)
-        return doc
+        return _saved(doc, out)
     m = ModelInput(model, device, tokenizer=tokenizer)
     m.check(doc, where)
     wins, name, _ = text_windows(m, text, cfg.tokens, cfg.ctx)
     doc.extra["greedy"] = measure(m.net, wins, doc.model["fingerprint"], name, cfg, progress)
-    return doc
+    return _saved(doc, out)
 
 
 def measure_sensitivity(model, analysis, text=CALIBRATION_TEXT, tokenizer=None,
-                        config: SensitivityConfig | None = None, *, measured=None, device: str | None = None,
-                        progress: bool = True, **options) -> Analysis:
+                        config: SensitivityConfig | None = None, *, measured=None, out=None,
+                        device: str | None = None, progress: bool = True, **options) -> Analysis:
     """A copy of the analysis with a ``sensitivity`` column (``acttail.sensitivity``), for the measured
     direction of ``allocate(method="acttail")``: each projection's loss increase on the first tokens of
     ``text`` when it alone is sparsified, or read from ``measured`` (a sensitivity.json measured earlier; the
-    model is then not opened). ``options`` change fields of ``config`` (``SensitivityConfig``)."""
+    model is then not opened). ``options`` change fields of ``config`` (``SensitivityConfig``). ``out``: write
+    the analysis there."""
     from .sensitivity import load_sensitivity, measure, with_sensitivity
 
+    refuse_overwrite([("analysis", out)], model=model, analysis=analysis, text=text,
+                     files=[("the measured sensitivity", measured)])
     doc, where = analysis_input(analysis)  # with_sensitivity returns a copy
     cfg = (config or SensitivityConfig()).updated(**options)
     if measured is not None:
@@ -142,7 +162,7 @@ def measure_sensitivity(model, analysis, text=CALIBRATION_TEXT, tokenizer=None,
         m.check(doc, where)
         wins, name, _ = text_windows(m, text, cfg.tokens, cfg.ctx)
         sens = measure(m.net, wins, doc.model["fingerprint"], name, cfg.levels, progress, cfg.batch_size)
-    return Analysis.from_dict(with_sensitivity(doc.to_dict(), sens))
+    return _saved(Analysis.from_dict(with_sensitivity(doc.to_dict(), sens)), out)
 
 
 def export_plan(plan, fmt: str, out) -> list[Path]:
@@ -151,6 +171,7 @@ def export_plan(plan, fmt: str, out) -> list[Path]:
     the format cannot hold is an ``ActTailWarning`` each."""
     from .export import export, losses
 
+    refuse_overwrite([(f"{fmt} export", out)], plan=plan)
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     written = export(plan, fmt, out)
     for lost in losses(plan, fmt):
@@ -161,36 +182,39 @@ def export_plan(plan, fmt: str, out) -> list[Path]:
 # ---- stage 3: calibration, tuning, application, evaluation, generation ------------------------------
 
 
-def calibrate(model, plan, texts, tokenizer=None, config: CalibrationConfig | None = None, *,
+def calibrate(model, plan, texts, tokenizer=None, config: CalibrationConfig | None = None, *, out=None,
               device: str | None = None, stream: bool = False, progress: bool = True, **options) -> Plan:
     """The plan (a path or a ``Plan``) with each projection's threshold fitted so its sparsity holds in the
     sparse run on the first tokens of ``texts``, with the score weights and compensation of
     ``acttail.compensation`` (by default output biases learned end to end); ``options`` change fields of
     ``config`` (``CalibrationConfig``: tokens, ctx, batch_size, score, compensation, rank, steps, lr).
     ``stream`` keeps one decoder block of a model folder in memory at a time. Calibrate on other text than
-    you evaluate on."""
+    you evaluate on. ``out``: write the calibrated plan there (and its tensors beside it)."""
     cfg = (config or CalibrationConfig()).updated(**options)
+    refuse_overwrite(plan_outputs(out), model=model, plan=plan, text=texts)
     m = ModelInput(model, device, stream, tokenizer)
     plan = m.plan(plan)  # a wrong plan is named before the text is read
     wins, name, _ = text_windows(m, texts, cfg.tokens, cfg.ctx)
-    return calibrate_windows(m.net, plan, wins, cfg, progress, text=name)
+    return _saved(calibrate_windows(m.net, plan, wins, cfg, progress, text=name), out)
 
 
-def tune(model, analysis, texts, tokenizer=None, config: TuneConfig | None = None, *, device: str | None = None,
-         progress: bool = True, **options) -> Plan:
+def tune(model, analysis, texts, tokenizer=None, config: TuneConfig | None = None, *, out=None,
+         device: str | None = None, progress: bool = True, **options) -> Plan:
     """The calibrated plan at the largest budget whose perplexity on held-out text stays within ``within``
     (0.05: +5%) of dense, by bisection (``acttail.tuning``): the first ``tokens`` of ``texts`` calibrate every
     probe, the next ``held_tokens`` judge it. ``options`` change fields of ``config`` (``TuneConfig``, or of
-    its calibration and allocation configs: tokens, ctx, compensation, steps, method, ...)."""
+    its calibration and allocation configs: tokens, ctx, compensation, steps, method, ...). ``out``: write
+    the plan there."""
     from .tuning import tune as tune_windows
 
     cfg = (config or TuneConfig()).updated(**options)
+    refuse_overwrite(plan_outputs(out), model=model, analysis=analysis, text=texts)
     doc, where = analysis_input(analysis)
     cfg = replace(cfg, allocation=_checked_method(doc, cfg.allocation, "probing"))
     m = ModelInput(model, device, tokenizer=tokenizer)
     m.check(doc, where)
     cal, held, name = split_windows(m, texts, cfg.calibration.tokens, cfg.held_tokens, cfg.calibration.ctx)
-    return tune_windows(m.net, doc, cal, held, cfg, progress, text=name)
+    return _saved(tune_windows(m.net, doc, cal, held, cfg, progress, text=name), out)
 
 
 def apply(model, plan: Plan, mode: str = "threshold", backend: str | None = None) -> Applied:
@@ -225,45 +249,53 @@ def decoder(model, plan: Plan | None = None, mode: str = "threshold", batch: int
     return Decoder.from_transformers(model, plan=plan, mode=mode, batch=batch, max_seq=max_seq)
 
 
-def evaluate(model, text, tokenizer=None, plan=None, config: EvalConfig | None = None, *, device: str | None = None,
-             stream: bool = False, progress: bool = True, **options) -> dict:
+def evaluate(model, text, tokenizer=None, plan=None, config: EvalConfig | None = None, *, out=None,
+             device: str | None = None, stream: bool = False, progress: bool = True, **options) -> dict:
     """The eval result (format ``acttail-eval``, as ``acttail eval -o`` writes it) of ``model`` on the first
     tokens of ``text``: perplexity, nll, predictions; with a plan (a path or a ``Plan`` given here, or one
     already applied) also the KL divergence to the dense model, the top-1 agreement with it and the achieved
     sparsity. ``options`` change fields of ``config`` (``EvalConfig``: tokens, ctx, mode, prefill,
-    batch_size)."""
+    batch_size). Threads may evaluate one applied model at once: each call measures its own run. ``out``: write
+    the result there as JSON."""
     cfg = (config or EvalConfig()).updated(**options)
+    refuse_overwrite([("eval result", out)], model=model, plan=plan, text=text)
     m = ModelInput(model, device, stream, tokenizer)
     plan_path, plan = (plan if is_path(plan) else None), m.plan(plan)
+    handle = applied(model) if plan is None and not is_path(model) else None
+    ran, mode = (handle.plan, handle.mode) if handle is not None else (plan, cfg.mode)
     wins, name, bos = text_windows(m, text, cfg.tokens, cfg.ctx)
     if m.hf:
-        metrics, planned = _evaluate_transformers(model, wins, plan, cfg, progress)
-    else:
-        metrics = evaluate_windows(m.net, wins, plan, cfg.mode, cfg.prefill, cfg.batch_size, progress)
-        planned = plan is not None
+        metrics = _evaluate_transformers(model, wins, plan, cfg, progress)
+    else:  # an applied plan runs in its own Sparsifier, which counts this call alone
+        metrics = evaluate_windows(m.net, wins, ran, mode, cfg.prefill, cfg.batch_size, progress)
     settings = {"text": name, "ctx": cfg.ctx, "tokens": int(wins.numel()), "windows": len(wins), "bos": bos,
-                "mode": cfg.mode if planned else "dense", "prefill": cfg.prefill if planned else None,
+                "mode": mode if ran is not None else "dense", "prefill": cfg.prefill if ran is not None else None,
                 "dtype": m.dtype, "device": m.device, "batch_size": cfg.batch_size}
-    return result(m.ref(), settings, metrics, plan, plan_path)
+    r = result(m.ref(), settings, metrics, ran, plan_path)
+    if out is not None:
+        write_json(out, r)
+    return r
 
 
-def _evaluate_transformers(model, wins, plan, cfg: EvalConfig, progress: bool) -> tuple[dict, bool]:
-    """(metrics, whether a plan ran) of a transformers model: with the plan given, or the one applied."""
+def _evaluate_transformers(model, wins, plan, cfg: EvalConfig, progress: bool) -> dict:
+    """The metrics of a transformers model with the plan given (applied for the call) or the one applied; its
+    achieved sparsity counts this call alone (``Applied.counting``), whatever other threads run meanwhile."""
+    from .runtime import achieved_report
     from .runtime.perplexity import perplexity
 
     if cfg.prefill != "all":
         raise ActTailError("on a transformers model every position is sparsified (prefill='all')")
     handle = apply(model, plan, cfg.mode) if plan is not None else applied(model)
+    if handle is None:
+        return perplexity(model, wins, cfg.batch_size, progress)
     try:
-        if handle is not None:
-            handle.reset_counts()
-        out = perplexity(model, wins, cfg.batch_size, progress, compare=handle is not None)
-        if handle is not None:
-            out["achieved"] = handle.achieved()
+        with handle.counting() as counts:
+            out = perplexity(model, wins, cfg.batch_size, progress, compare=True)
+        out["achieved"] = achieved_report(handle.plan, counts)
     finally:
         if plan is not None:
             handle.remove()
-    return out, handle is not None
+    return out
 
 
 @dataclass(frozen=True)
@@ -323,6 +355,13 @@ def write_report(analysis, out, plans=(), evals=(), **options) -> Path:
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
+
+
+def _saved(doc, out):
+    """``doc`` (a Plan or an Analysis), written to ``out`` first when one is given."""
+    if out is not None:
+        doc.save(out)
+    return doc
 
 
 def has_greedy_paths(analysis) -> bool:

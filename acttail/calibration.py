@@ -32,7 +32,7 @@ from .config import CTX, Config
 from .errors import ActTailError
 from .histogram import BINS, HI, LO, LogHistogram
 from .layout import GROUPS, key as key_of
-from .runtime.sparsify import ProjectionSparsity, Sparsifier
+from .runtime.sparsify import ProjectionSparsity, Sparsifier, check_plan
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,7 @@ def calibrate(model, plan, wins: Tensor, config: CalibrationConfig | None = None
     A plan allocated with ``rank_split`` carries one rank per projection: those ranks replace ``rank``.
     """
     cfg = (config or CalibrationConfig()).updated(**options)
+    check_plan(plan, model.args)
     score, compensation, rank = cfg.score, cfg.compensation, cfg.rank
     if score not in SCORES or compensation not in COMPENSATIONS:
         raise ActTailError(f"score must be one of {', '.join(SCORES)} and compensation one of "

@@ -9,7 +9,6 @@ printed. Every ``ActTailError`` becomes one line on stderr and exit status 2, ev
 
 from __future__ import annotations
 
-import os
 
 import click
 
@@ -20,7 +19,6 @@ from .calibration import CalibrationConfig
 from .compensation import BATCH as BIAS_BATCH, COMPENSATIONS, SCORES
 from .config import CALIBRATION_TEXT, DEVICE as DEFAULT_DEVICE
 from .cli_params import BATCH, DEVICE, STEPS, TEXT, TOKENS, WINDOW, Finite, Group, Output
-from .errors import ActTailError
 from .esd import FITS
 from .evaluation import EvalConfig
 from .fetch import MODELS
@@ -80,16 +78,8 @@ def analyze_cmd(model, output, csv_path, fit, dtype, device, backend, force, as_
     """ESD of every q/k/v/o/gate/up/down projection and its power-law alpha."""
     import json
 
-    from .analysis import save_csv
-
-    if output and csv_path and os.path.realpath(output) == os.path.realpath(csv_path):
-        raise ActTailError("-o and --csv name the same file")
     result = api.analyze(model, fit=fit, dtype=dtype, device=device, backend=backend, force=force,
-                         progress=not as_json)
-    if output:
-        result.save(output, csv_path)
-    elif csv_path:
-        save_csv(result.to_dict(), csv_path)
+                         progress=not as_json, out=output, csv=csv_path)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -134,8 +124,7 @@ def analyze_cmd(model, output, csv_path, fit, dtype, device, backend, force, as_
                    "--compensation lowrank). Measured: no gain on SmolLM2 (reports/quality/).")
 def allocate_cmd(analysis, budget, output, **options):
     """Allocate one activation sparsity per projection from an analysis; write a plan."""
-    plan = api.allocate(analysis, budget, **options)
-    plan.save(output)
+    plan = api.allocate(analysis, budget, out=output, **options)
     click.echo(plan.format_summary().split("\n\nlayer")[0])  # header and per-kind table
     measured = plan.source.get("direction")
     if measured:
@@ -195,8 +184,8 @@ def _measured_on_text(config):
               help="The analysis with a 'sensitivity' column, for `acttail allocate` (method acttail).")
 def sensitivity_cmd(model, analysis, text, tokens, ctx, device, measured, output):
     """Measure each projection's loss increase when sparsified alone; add it to ANALYSIS."""
-    result = api.measure_sensitivity(model, analysis, text, tokens=tokens, ctx=ctx, measured=measured, device=device)
-    result.save(output)
+    result = api.measure_sensitivity(model, analysis, text, tokens=tokens, ctx=ctx, measured=measured, device=device,
+                                     out=output)
     click.echo(f"sensitivity of {len(result.projections)} projections on {result.extra['sensitivity']['tokens']} "
                f"tokens of {text}; wrote {output}")
 
@@ -216,8 +205,7 @@ def sensitivity_cmd(model, analysis, text, tokens, ctx, device, measured, output
 def greedy_cmd(model, analysis, text, tokens, ctx, base_step, max_sparsity, device, measured, output):
     """TEAL's block-wise greedy allocation: per block, the order in which its projections take sparsity."""
     result = api.measure_greedy(model, analysis, text, tokens=tokens, ctx=ctx, base_step=base_step,
-                                max_sparsity=max_sparsity, measured=measured, device=device)
-    result.save(output)
+                                max_sparsity=max_sparsity, measured=measured, device=device, out=output)
     paths = result.extra["greedy"]
     click.echo(f"greedy paths of {len(paths['layers'])} blocks ({sum(len(p) for p in paths['layers'])} steps) on "
                f"{paths['tokens']} tokens of {paths['text']}; wrote {output}")
@@ -257,8 +245,7 @@ _STREAM = click.option("--stream", is_flag=True,
 @_STREAM
 def calibrate_cmd(model, plan_path, text, output, device, stream, **options):
     """Set each projection's threshold so its sparsity holds in the sparse run on TEXT."""
-    plan = api.calibrate(model, plan_path, text, device=device, stream=stream, **options)
-    plan.save(output)
+    plan = api.calibrate(model, plan_path, text, device=device, stream=stream, out=output, **options)
     click.echo(f"calibrated {len(plan.projections)} projections on {plan.calibration['n_tokens']} tokens of {text}; "
                f"max |achieved - target| = {plan.calibration['max_abs_deviation']:.4f}; wrote {output}")
 
@@ -286,8 +273,7 @@ def calibrate_cmd(model, plan_path, text, output, device, stream, **options):
 @_device_option("cpu or cuda: same float32 code.")
 def tune_cmd(model, analysis, output, text, device, **options):
     """The largest budget whose calibrated plan stays within --within of dense perplexity on held-out text."""
-    plan = api.tune(model, analysis, text, device=device, **options)
-    plan.save(output)
+    plan = api.tune(model, analysis, text, device=device, out=output, **options)
     rec = plan.calibration["tune"]
     ppl = next(p["perplexity"] for p in rec["probes"] if p["budget"] == plan.budget)
     click.echo(f"largest budget within +{rec['within']:.1%} of dense on {rec['held_tokens']} held-out tokens of "
@@ -311,9 +297,7 @@ def tune_cmd(model, analysis, output, text, device, **options):
 def eval_cmd(model, plan_path, text, device, output, stream, **options):
     """Perplexity of the dense or planned-sparse model on TEXT; with a plan also its KL divergence to the
     dense model and their top-1 agreement."""
-    from .files import write_json
-
-    r = api.evaluate(model, text, plan=plan_path, device=device, stream=stream, **options)
+    r = api.evaluate(model, text, plan=plan_path, device=device, stream=stream, out=output, **options)
     s = r["settings"]
     line = f"perplexity {r['perplexity']:.4f} on {r['predictions']} predictions ({s['windows']} x {s['ctx']})"
     if r["achieved"]:
@@ -322,8 +306,6 @@ def eval_cmd(model, plan_path, text, device, output, stream, **options):
                  f"achieved {a['weighted_achieved']:.4f} vs target {a['weighted_target']:.4f} "
                  f"(max |dev| {a['max_abs_deviation']:.4f})")
     click.echo(line)
-    if output:
-        write_json(output, r)
 
 
 @main.command("generate")

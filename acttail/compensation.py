@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from .errors import ActTailError
 from .layout import GROUP_OF, GROUPS
+from .plan import overhead  # noqa: F401 (defined with the plan; calibration imports it from here)
 from .runtime.sparsify import ProjectionSparsity, Sparsifier
 from .weights import projection_weights
 
@@ -90,16 +91,6 @@ def lowrank_factors(model, rank: int | dict) -> dict[tuple[int, str], tuple[Tens
         u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)
         out[key] = ((u[:, :r] * s[:r]).contiguous(), vh[:r].contiguous())
     return out
-
-
-def overhead(kind_shape: tuple[int, int], compensation: str, rank: int = 0) -> float:
-    """Values the compensation reads per token, as a fraction of the projection's weight (in x out)."""
-    n_in, n_out = kind_shape
-    if compensation == "learned":
-        return 1.0 / n_in
-    if compensation == "lowrank":
-        return min(rank, n_in, n_out) * (n_in + n_out) / (n_in * n_out)
-    return 0.0
 
 
 # ---- learned biases (SPON) --------------------------------------------------------------------------

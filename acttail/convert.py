@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .errors import ActTailError
-from .files import check_output
+from .files import check_output, check_outputs, write_file, writing
 from .gguf_file import GEMMA, REQUIRED, get, gguf_architecture, open_gguf
 from .gguf_tokenizer import hf_tokenizer
 
@@ -192,6 +192,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """
     out_dir = Path(out_dir)
     check_output(out_dir, folder=True)
+    check_outputs([("the GGUF file", gguf_path)], [("output folder", out_dir)])
     if out_dir.is_dir() and any(out_dir.iterdir()):
         raise ActTailError(f"output folder {out_dir} exists and is not empty")
     check_architecture(gguf_path)
@@ -199,30 +200,41 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     config = hf_config(reader)
     tokenizer, tokenizer_config = hf_tokenizer(reader)
     tensors = hf_tensors(reader, config)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    with writing(out_dir):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "tokenizer.json").write_text(tokenizer)
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}, indent=2) + "\n")
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        tmp.chmod(0o755)
-        _rename_into(tmp, out_dir)
-    except OSError as e:
-        raise ActTailError(f"cannot write {out_dir}: {e.strerror}") from None
+        with writing(out_dir):
+            _save_tensors(tensors, tmp / "model.safetensors", out_dir)
+            write_file(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+            write_file(tmp / "tokenizer.json", tokenizer)
+            write_file(tmp / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")
+            write_file(tmp / "generation_config.json", json.dumps(
+                {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}, indent=2) + "\n")
+            for f in tmp.iterdir():
+                f.chmod(0o644)
+            tmp.chmod(0o755)
+            _rename_into(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _save_tensors(tensors: dict, path: Path, out_dir: Path) -> None:
+    """safetensors' save_file, its own error (a full disk: "No space left on device (os error 28)") one
+    ActTailError."""
+    from safetensors import SafetensorError
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as e:
+        raise ActTailError(f"cannot write {out_dir}: {str(e).removeprefix('Error while serializing: ')}") from None
 
 
 def _rename_into(tmp: Path, out_dir: Path) -> None:
     """Rename the finished folder onto ``out_dir`` (replacing an empty folder, as POSIX rename does)."""
     try:
         os.rename(tmp, out_dir)
-    except (FileExistsError, NotADirectoryError, IsADirectoryError) as e:
+    except (FileExistsError, NotADirectoryError, IsADirectoryError):
         raise ActTailError(f"{out_dir} appeared while converting (another run?): left as it is") from None
     except OSError as e:
         if e.errno in (errno.ENOTEMPTY, errno.EEXIST):

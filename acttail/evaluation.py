@@ -18,7 +18,7 @@ from . import __version__
 from .config import CTX, Config
 from .runtime import achieved_report, plan_sparsifier
 from .runtime.perplexity import perplexity
-from .runtime.sparsify import dense_prefix
+from .runtime.sparsify import check_plan, dense_prefix
 
 FORMAT, VERSION = "acttail-eval", 1
 
@@ -47,6 +47,7 @@ def evaluate_windows(model, wins: torch.Tensor, plan=None, mode: str = EvalConfi
     also kl and top1_agreement against the dense run (``compare``) and the achieved sparsity report."""
     if plan is None:
         return perplexity(model, wins, batch_size, progress)
+    check_plan(plan, model.args)
     with model.sparsified(plan_sparsifier(plan, mode, "plan", dense_prefix(wins.shape[1], prefill))) as sp:
         out = perplexity(model, wins, batch_size, progress, compare=compare)
     out["achieved"] = achieved_report(plan, sp)

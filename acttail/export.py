@@ -37,13 +37,12 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from .errors import ActTailError
-from .files import write_json
+from .files import replace_folder, write_file, write_json, writing
 from .layout import HF_MODULES, KINDS
 from .plan import Plan, PlanEntry, weighted_sparsity
 
@@ -108,18 +107,14 @@ def write_teal(plan: Plan, out: str | Path) -> list[Path]:
         raise ActTailError(f"output folder does not exist: {parent}")
     if out.exists() and not _is_teal_folder(out):
         raise ActTailError(f"{out} exists and is not a TEAL lookup folder; choose another output path")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+    with writing(out):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
     try:
-        for layer, text in tables.items():
-            (tmp / f"layer-{layer}").mkdir()
-            (tmp / f"layer-{layer}" / "results.csv").write_text(text, encoding="utf-8")
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=parent))
-            os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old)
+        with writing(out):
+            for layer, text in tables.items():
+                (tmp / f"layer-{layer}").mkdir()
+                write_file(tmp / f"layer-{layer}" / "results.csv", text)
+        replace_folder(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -11,6 +11,7 @@ held-out windows in one place (``split_windows``). An analysis or a plan is a pa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from pathlib import Path
@@ -20,12 +21,18 @@ import torch
 from .analysis import Analysis
 from .config import DEVICE
 from .errors import ActTailError
-from .plan import Plan
+from .files import check_outputs, read_json
+from .plan import Plan, tensors_path
 from .runtime import open_model
 from .runtime.hf import from_transformers, is_transformers_model
 from .runtime.model import Transformer
-from .runtime.tokens import bos_id, load_tokenizer, text_tokens, tokenizer_bos, windows
-from .text import SOURCES, read_text
+from .runtime.tokens import bos_id, check_ids, load_tokenizer, text_tokens, tokenizer_bos, windows
+from .text import SOURCES, cached_text, read_text
+
+# The files of a model folder that acttail or transformers read (with its safetensors shards).
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
+               "chat_template.jinja", "model.safetensors.index.json")
 
 
 def is_path(x) -> bool:
@@ -86,6 +93,13 @@ class ModelInput:
         return self._tok
 
     @property
+    def vocab_size(self) -> int:
+        """How many token ids the model's embedding holds: every id it is given must be below."""
+        if self.hf:
+            return self.given.get_input_embeddings().num_embeddings
+        return self.net.args.vocab_size
+
+    @property
     def fingerprint(self) -> str | None:
         """The checkpoint's fingerprint (opened from a path, or by ``acttail.load``), else None."""
         return self.ckpt.fingerprint if self.ckpt is not None else getattr(self.given, "fingerprint", None)
@@ -136,17 +150,25 @@ def analysis_input(analysis, copied: bool = False) -> tuple[Analysis, str]:
 
 
 def text_ids(model: ModelInput, text, n_tokens: int) -> tuple[torch.Tensor, int | None, str]:
-    """(the first ``n_tokens`` token ids of ``text``, the BOS id its windows start with or None, its name)."""
+    """(the first ``n_tokens`` token ids of ``text``, the BOS id its windows start with or None, its name), every
+    id inside the model's vocabulary (``tokens.check_ids``: token ids given as a tensor of integers)."""
     if torch.is_tensor(text):
-        return text.flatten()[:n_tokens].long(), None, "tokens"
+        return check_ids(text.flatten()[:n_tokens], model.vocab_size), None, "tokens"
     if isinstance(text, Path) or (isinstance(text, str) and text in SOURCES):
         name, text = str(text), read_text(text)
-    else:
+    elif isinstance(text, str) or (isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text)):
         name, text = "text", text if isinstance(text, str) else "\n\n".join(text)
+    else:
+        raise ActTailError(f"a text is a name (c4, wiki), a pathlib.Path, a string, a list of strings or a tensor of "
+                           f"token ids, not {type(text).__name__}")
     tokenizer, bos = model.tokenizer()
     if tokenizer is None:
         raise ActTailError("text needs a tokenizer: pass tokenizer=... (or token ids)")
-    return text_tokens(tokenizer, text, n_tokens), bos, name
+    hint = ": is the tokenizer this model's?"
+    if bos is not None:
+        check_ids([bos], model.vocab_size, "the BOS id", hint)
+    ids = text_tokens(tokenizer, text, n_tokens)
+    return check_ids(ids, model.vocab_size, f"the token ids of {name}", hint), bos, name
 
 
 def text_windows(model: ModelInput, text, tokens: int, ctx: int) -> tuple[torch.Tensor, str, int | None]:
@@ -164,3 +186,53 @@ def split_windows(model: ModelInput, text, tokens: int, held_tokens: int, ctx: i
                            "held-out tokens asked for (--tokens + --held-tokens)")
     cal, held = (windows(part, ctx, model.max_ctx(ctx), name, bos) for part in (ids[:tokens], ids[tokens:]))
     return cal, held, name
+
+
+# ---- the files a verb reads, which its outputs must not replace ---------------------------------------
+
+
+def refuse_overwrite(outputs, *, model=None, plan=None, analysis=None, text=None, files=()) -> None:
+    """Refuse, before any work, an output (what, path) that would replace a file the verb reads: the model's
+    files (``model_files``), the plan and its tensors file, the analysis, the text file, and ``files`` (more
+    (what, path) pairs: measured greedy or sensitivity files, ...)."""
+    inputs = [*model_files(model), *plan_files(plan), *files]
+    if is_path(analysis):
+        inputs.append(("the analysis", analysis))
+    if isinstance(text, Path) or (isinstance(text, str) and text in SOURCES):
+        inputs.append(("the text", cached_text(text) if str(text) in SOURCES else text))
+    check_outputs(inputs, outputs)
+
+
+def plan_outputs(out) -> list[tuple[str, Path]]:
+    """A plan output as ``refuse_overwrite`` takes it: the plan and the tensors file beside it."""
+    return [] if out is None else [("plan", Path(out)), (f"plan {out}'s tensors file", tensors_path(out))]
+
+
+def model_files(model) -> list[tuple[str, Path]]:
+    """The files a model path stands for: a .safetensors or .gguf file and the tokenizer files beside it, or
+    a folder's config, tokenizer and generation files, safetensors index and shards (as the checkpoint
+    reader finds them)."""
+    if not is_path(model):
+        return []
+    from .checkpoint import _safetensors_files
+
+    path = Path(model)
+    folder = path if path.is_dir() else path.parent
+    found = [] if path.is_dir() else [path]
+    if path.is_dir():
+        with contextlib.suppress(ActTailError, OSError):  # a folder the reader refuses is refused when opened
+            found += _safetensors_files(path)
+    found += [folder / name for name in MODEL_FILES if (folder / name).is_file()]
+    return [("model file", f) for f in found]
+
+
+def plan_files(plan) -> list[tuple[str, Path]]:
+    """A plan path and the tensors file it names beside it (when it can be read)."""
+    if not is_path(plan):
+        return []
+    found = [("the plan", Path(plan))]
+    with contextlib.suppress(ActTailError, TypeError, AttributeError):  # a bad plan is refused when read
+        named = read_json(plan, "plan").get("tensors") or {}
+        if isinstance(named.get("file"), str):
+            found.append(("the plan's tensors file", Path(plan).parent / named["file"]))
+    return found

@@ -30,7 +30,7 @@ import torch
 from . import __version__
 from .errors import ActTailError
 from . import files
-from .files import atomic_path, check_model, check_schema, read_json, write_json
+from .files import check_model, check_schema, read_json, to_json, write_files
 from .layout import KINDS, Key, check_projections
 
 FORMAT = "acttail-plan"
@@ -49,6 +49,15 @@ TENSORS = {"score": lambda i, o, r: (i,), "bias": lambda i, o, r: (o,), "lowrank
 def schema() -> dict:
     """The plan JSON Schema shipped inside the package."""
     return files.schema("plan")
+
+
+def tensors_path(plan_path: str | Path) -> Path:
+    """Where a plan's tensors go: beside it, its name with the suffix .safetensors (plan.json: plan.safetensors).
+    A plan path that is that file itself is refused."""
+    beside = Path(plan_path).with_suffix(".safetensors")
+    if files.same_file(plan_path, beside):
+        raise ActTailError(f"plan {plan_path} would be its own tensors file: give the plan a .json name")
+    return beside
 
 
 def _now() -> str:
@@ -134,23 +143,26 @@ class Plan:
         if doc.get("tensors"):
             plan.tensors = _read_tensors(Path(path).parent / doc["tensors"]["file"], doc["tensors"]["sha256"],
                                          f"plan {path}")
-            plan.check_tensors(f"plan {path}")
+        plan.check_tensors(f"plan {path}")  # also with no tensors file: a declared compensation needs its tensors
         return plan
 
     def save(self, path: str | Path) -> None:
-        """Validate and write the plan atomically (keys in a stable order, indented by 2); its tensors go to
-        ``<name>.safetensors`` beside it, named in the plan with their sha256."""
+        """Validate and write the plan (keys in a stable order, indented by 2); its tensors go to
+        ``tensors_path(path)`` beside it, named in the plan with their sha256. The two are written as one
+        unit (``files.write_files``, tensors first): a failure anywhere leaves the previous pair as it was."""
+        path = Path(path)
         self.to_dict()  # validate before writing anything
         self.check_tensors()
-        ref = None
+        beside = tensors_path(path)
+        outputs, ref = {}, None
         if self.tensors:
             from safetensors.torch import save as to_bytes
 
             data = to_bytes({k: t.detach().contiguous().cpu() for k, t in sorted(self.tensors.items())})
-            ref = {"file": Path(path).with_suffix(".safetensors").name, "sha256": hashlib.sha256(data).hexdigest()}
-            with atomic_path(Path(path).parent / ref["file"]) as tmp:
-                tmp.write_bytes(data)
-        write_json(path, self.to_dict(ref))
+            ref = {"file": beside.name, "sha256": hashlib.sha256(data).hexdigest()}
+            outputs[beside] = data
+        outputs[path] = to_json(self.to_dict(ref))  # last: it names the tensors file's sha256
+        write_files(outputs)
 
     @classmethod
     def from_dict(cls, doc, where: str = "plan") -> "Plan":
@@ -174,7 +186,9 @@ class Plan:
         return validate(_ordered(doc))
 
     def check_tensors(self, where: str = "plan") -> None:
-        """Every tensor belongs to a projection of the plan and has the shape its name implies."""
+        """The tensors are exactly those the plan's score and compensation declare (``tensor_names``), each
+        named ``<key>.<name>`` for a projection of the plan, float32, finite, of the shape its name implies
+        (score [in], bias [out], lowrank_u [out, rank], lowrank_v [rank, in]): one line naming the tensor."""
         entries = {e.key: e for e in self.projections}
         for name, t in self.tensors.items():
             key, _, kind = name.rpartition(".")
@@ -182,11 +196,34 @@ class Plan:
             if e is None or kind not in TENSORS:
                 raise ActTailError(f"{where}: tensor {name!r} names no projection of the plan "
                                    f"(expected <key>.{{{','.join(TENSORS)}}})")
+            if kind not in self.tensor_names(e):
+                raise ActTailError(f"{where}: tensor {name} does not belong in a plan with score {self.score!r} "
+                                   f"and compensation {self.compensation!r}" + (f" (its rank is {e.rank})"
+                                                                                if kind.startswith("lowrank") else ""))
             want = TENSORS[kind](e.in_features, e.out_features, e.rank)
             if tuple(t.shape) != want:
                 raise ActTailError(f"{where}: tensor {name} has shape {tuple(t.shape)}, expected {want}")
+            if t.dtype != torch.float32:
+                raise ActTailError(f"{where}: tensor {name} is {str(t.dtype).removeprefix('torch.')}, expected float32")
             if not torch.isfinite(t).all():
                 raise ActTailError(f"{where}: tensor {name} holds NaN or infinite values")
+        for e in self.projections:
+            for kind in self.tensor_names(e):
+                if f"{e.key}.{kind}" not in self.tensors:
+                    raise ActTailError(f"{where}: tensor {e.key}.{kind} is missing (a plan with score {self.score!r} "
+                                       f"and compensation {self.compensation!r} has one for every projection"
+                                       + (" of rank > 0)" if kind.startswith("lowrank") else ")"))
+
+    def tensor_names(self, e: PlanEntry) -> tuple[str, ...]:
+        """The tensors an entry has under the plan's score and compensation: ``score`` for a weight or
+        attribution score, ``bias`` for learned compensation, ``lowrank_u`` and ``lowrank_v`` for low rank
+        (rank > 0)."""
+        names = ("score",) if self.score != "magnitude" else ()
+        if self.compensation == "learned":
+            names += ("bias",)
+        if self.compensation == "lowrank" and e.rank > 0:
+            names += ("lowrank_u", "lowrank_v")
+        return names
 
     def tensor(self, key: str, name: str) -> torch.Tensor | None:
         return self.tensors.get(f"{key}.{name}")
@@ -194,6 +231,20 @@ class Plan:
     def check_model(self, fingerprint: str, where: str = "plan") -> None:
         """Refuse a plan made for other weights."""
         check_model(self.model["fingerprint"], fingerprint, where)
+
+    def check_shapes(self, num_layers: int, shape, where: str = "the plan") -> None:
+        """Refuse a plan that does not describe a model of ``num_layers`` layers whose projection (layer,
+        kind) is ``shape(layer, kind)`` = (in, out) (None: the model has none), and tensors that do not
+        match the plan (``check_tensors``). The one check of a plan against a model: ours
+        (``runtime.sparsify.check_plan``) and transformers models (``runtime.hf``)."""
+        if self.model["num_layers"] != num_layers:
+            raise ActTailError(f"{where} is for {self.model['num_layers']} layers, the model has {num_layers}")
+        for e in self.projections:
+            got = shape(e.layer, e.kind)
+            if got != (e.in_features, e.out_features):
+                raise ActTailError(f"{where}: {e.key} is {got} (in, out) in the model but "
+                                   f"{(e.in_features, e.out_features)} in the plan")
+        self.check_tensors(where)
 
     # ---- reading -----------------------------------------------------------------------------------
 
@@ -343,8 +394,34 @@ def validate(plan, where: str = "plan") -> dict:
 
 
 def _check_consistency(plan: dict, where: str) -> None:
-    """What a schema cannot say: every projection of the model once, keys agreeing with layer and kind."""
+    """What a schema cannot say: every projection of the model once, keys agreeing with layer and kind, and
+    each entry's rank and overhead what the plan's compensation makes of them."""
     check_projections(plan["projections"], plan["model"]["num_layers"], where)
+    compensation = plan.get("compensation", "none")
+    split = plan["method"].get("rank_split")
+    split = split if isinstance(split, int) and not isinstance(split, bool) else 0
+    for i, e in enumerate(plan["projections"]):
+        at, shape, rank = f"{where}: field $.projections[{i}]", (e["in_features"], e["out_features"]), e.get("rank", 0)
+        if rank > min(shape):
+            raise ActTailError(f"{at}.rank: {rank} exceeds the projection's smaller side, {min(shape)}")
+        if rank and compensation != "lowrank" and not (compensation == "none" and rank <= split):
+            raise ActTailError(f"{at}.rank: {rank}, but the plan's compensation is {compensation!r}: a rank needs "
+                               "lowrank factors (or, before calibration, an allocation's rank_split at least as large)")
+        cost = overhead(shape, compensation, rank)
+        if not math.isclose(e.get("overhead", 0.0), cost, rel_tol=1e-9, abs_tol=1e-12):
+            raise ActTailError(f"{at}.overhead: {e.get('overhead', 0.0)}, but {compensation!r} compensation of a "
+                               f"{shape[0]} x {shape[1]} projection at rank {rank} costs {cost:.6g}")
+
+
+def overhead(shape: tuple[int, int], compensation: str, rank: int = 0) -> float:
+    """What a compensation reads per token, as a fraction of the projection's weight (in x out): an entry's
+    ``overhead`` (learned: out biases; lowrank: r (in + out) factor values)."""
+    n_in, n_out = shape
+    if compensation == "learned":
+        return 1.0 / n_in
+    if compensation == "lowrank":
+        return min(rank, n_in, n_out) * (n_in + n_out) / (n_in * n_out)
+    return 0.0
 
 
 def _ordered(plan: dict) -> dict:

@@ -27,11 +27,16 @@ def strip_doc_tags(raw: str) -> str:
     return "\n\n".join(d for d in docs if d) + "\n"
 
 
+def cached_text(name: str) -> Path:
+    """Where the cleaned text ``name`` (wiki, c4, ...) lives in the cache, fetched or not."""
+    return cache_dir() / "text" / f"{name}.txt"
+
+
 def text_path(name: str) -> Path:
     """Path of the cleaned ``wiki`` or ``c4`` text in the cache, fetching it on first use."""
     if name not in SOURCES:
         raise ActTailError(f"unknown text {name!r}; known: {', '.join(SOURCES)}")
-    path = cache_dir() / "text" / f"{name}.txt"
+    path = cached_text(name)
     if path.is_file():
         return path
     cache_folder("text")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from .. import analysis as analysis_stage
 from ..errors import ActTailError
-from ..files import atomic_path, cache_dir, check_model, check_schema, read_json
+from ..files import cache_dir, check_model, check_schema, folder_replaced, read_json, write_text, writing
 from ..plan import Plan
 from . import figures as F
 from .html import render_report
@@ -383,8 +382,10 @@ def build_report(analysis_path, plan_paths=(), eval_paths=(), out_dir="report", 
     """Write ``out_dir/index.html`` and ``out_dir/figures/``; return the path of index.html."""
     start = time.perf_counter()
     analysis = load_analysis(analysis_path)
+    eval_files, model_path = expand_folders(eval_paths), model_folder(analysis, model)
+    _refuse_overwrite(Path(out_dir), analysis_path, plan_paths, eval_files, speed, model_path[0])
     plans = [load_plan_for(p, analysis) for p in plan_paths]
-    evals = [load_eval_for(e, analysis, plans) for e in expand_folders(eval_paths)]
+    evals = [load_eval_for(e, analysis, plans) for e in eval_files]
     speed_points = load_speed(speed) if speed else None
     labels = eval_labels(evals)
     for i, e in enumerate(evals):
@@ -393,7 +394,6 @@ def build_report(analysis_path, plan_paths=(), eval_paths=(), out_dir="report", 
     layer = esd_layer if esd_layer is not None else next(
         r["layer"] for r in analysis["projections"] if r["key"] == esd_keys[0])
     grid_title, grid = grid_keys(analysis, layer, esd_kind)
-    model_path = model_folder(analysis, model)
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -404,31 +404,33 @@ def build_report(analysis_path, plan_paths=(), eval_paths=(), out_dir="report", 
     except OSError as e:
         raise ActTailError(f"cannot create output folder {out}: {e.strerror}") from None
     rep = Report(analysis, plans, evals, speed=speed_points)
-    index = out / "index.html"
-    tmp = Path(tempfile.mkdtemp(prefix=".figures.", dir=out))
-    tmp.chmod(0o755)
+    tmp = None
     try:
+        with writing(out):
+            tmp = Path(tempfile.mkdtemp(prefix=".figures.", dir=out))
+            tmp.chmod(0o755)
         draw_figures(rep, tmp, esd_keys, grid_title, grid, model_path)
         draw_accuracy(rep, tmp)
         html = render_report(rep, seconds=time.perf_counter() - start)
-        with atomic_path(index) as tmp_index:  # index.html and figures/ are replaced together, or neither
-            tmp_index.write_text(html, encoding="utf-8")
-            _replace_folder(tmp, out / "figures")
+        with folder_replaced(tmp, out / "figures"):  # index.html and figures/ are replaced together, or neither
+            write_text(out / "index.html", html)
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return index
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out / "index.html"
 
 
-def _replace_folder(new: Path, dest: Path) -> None:
-    """Put folder ``new`` at ``dest`` by renames only, so ``dest`` is never half-written."""
-    old = None
-    if dest.exists():
-        old = Path(tempfile.mkdtemp(prefix=".figures.old.", dir=dest.parent))
-        os.replace(dest, old / "figures")
-    os.replace(new, dest)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+def _refuse_overwrite(out: Path, analysis, plans, evals, speed, model) -> None:
+    """Refuse, before any figure is drawn, a report folder whose index.html or figures/ is one of the inputs
+    or holds one."""
+    from ..inputs import model_files, plan_files, refuse_overwrite
+
+    inputs = [("the analysis", analysis), *(f for p in plans for f in plan_files(p)),
+              *(("eval result", e) for e in evals), ("the speed table", speed), *model_files(model)]
+    refuse_overwrite([("report", out / "index.html"), ("report figures folder", out / "figures")], files=inputs)
+
+

@@ -21,6 +21,7 @@ from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
+from ..files import write_file, writing  # noqa: E402
 from ..layout import KINDS  # noqa: E402
 
 KIND_COLORS = dict(zip(KINDS, ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")))
@@ -55,13 +56,15 @@ def grid(rows: list[dict], value) -> tuple[np.ndarray, list[str], list[int]]:
 
 def save(fig: Figure, folder: Path, name: str) -> bytes:
     """Write ``fig`` as ``name.png`` and ``name.svg`` into ``folder``; return the PNG bytes."""
-    buf = io.BytesIO()
+    buf, svg = io.BytesIO(), io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     png = buf.getvalue()
-    (folder / f"{name}.png").write_bytes(png)
     fig.set_layout_engine("none")  # keep the layout just computed for the PNG
     with matplotlib.rc_context({"svg.fonttype": "none"}):  # text as text: smaller, faster, searchable
-        fig.savefig(folder / f"{name}.svg", format="svg")
+        fig.savefig(svg, format="svg")
+    with writing(f"report figure {name}"):
+        write_file(folder / f"{name}.png", png)
+        write_file(folder / f"{name}.svg", svg.getvalue())
     return png
 
 

@@ -1,32 +1,47 @@
 """The handle of a plan applied to a model (``acttail.apply``): one class for our decoder and for transformers
-models, and the registry that finds it (no attribute is attached to the model)."""
+models, and the registry that finds it (no attribute is attached to the model).
+
+Threads may share an applied model: ``dense()`` switches the plan off for the calling thread only, and
+``counting()`` counts one call's zeros apart from the others' (what ``acttail.evaluate`` reports)."""
 
 from __future__ import annotations
 
+import threading
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable
 
+import torch
 from torch import nn
 
-from .sparsify import Sparsifier
+from .sparsify import PerThread, Sparsifier, check_plan
 
 _APPLIED: "weakref.WeakKeyDictionary[nn.Module, Applied]" = weakref.WeakKeyDictionary()
 
 
 class Applied:
-    """A plan applied to ``model``: ``remove()`` (or the end of a ``with`` block) puts the model back as it
-    was; ``dense()`` is a context in which it runs dense (the reference run of a comparison); ``achieved()``
-    the sparsity measured per projection (layer, kind) since ``reset_counts()`` (inputs of the reference
-    path; the kernels do not count)."""
+    """``plan`` applied to ``model`` in ``mode``: ``remove()`` (or the end of a ``with`` block) puts the model
+    back as it was; ``dense()`` is a context in which it runs dense (the reference run of a comparison);
+    ``achieved()`` the sparsity measured per projection (layer, kind) since ``reset_counts()`` (inputs of the
+    reference path; the kernels do not count). ``dense_run``: the context that makes ``model`` dense in this
+    thread, for a model whose forwards do not read ``enabled`` (ours)."""
 
-    def __init__(self, model: nn.Module, sparsifier: Sparsifier, undo: Callable[[], None],
-                 switch: Callable[[bool], None] | None = None):
-        self.model, self.sparsifier = model, sparsifier
-        self.enabled = True
+    def __init__(self, model: nn.Module, sparsifier: Sparsifier, undo: Callable[[], None], plan=None,
+                 mode: str = "threshold", dense_run: Callable | None = None):
+        self.model, self.sparsifier, self.plan, self.mode = model, sparsifier, plan, mode
         self.launches: dict = {}  # (layer, group) -> Launch, where decode steps run the kernels
-        self._undo, self._switch = undo, switch
+        self._undo, self._dense_run = undo, dense_run
+        self._local = PerThread()  # .dense: inside dense() in this thread
+        self._dense_blocks, self._lock = 0, threading.Lock()  # dense() blocks open in any thread
         _APPLIED[model] = self
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the plan runs now: not inside ``dense()`` in this thread (inside a torch.compile graph,
+        which cannot read per-thread state: not inside ``dense()`` in any thread)."""
+        if torch.compiler.is_compiling():
+            return self._dense_blocks == 0
+        return not getattr(self._local, "dense", False)
 
     def achieved(self) -> dict:
         return self.sparsifier.achieved()
@@ -34,20 +49,25 @@ class Applied:
     def reset_counts(self) -> None:
         self.sparsifier.reset_counts()
 
+    def counting(self):
+        """A context whose ``Counts`` (yielded) hold what this thread runs inside it (``Sparsifier.counting``)."""
+        return self.sparsifier.counting()
+
     @contextmanager
     def dense(self):
-        """Run the model dense inside the block (same weights, nothing zeroed), sparse again after it."""
-        kept = self.enabled
-        self._set(False)
+        """Run the model dense inside the block (same weights, nothing zeroed) in this thread, sparse again
+        after it; other threads keep the plan."""
+        outer = getattr(self._local, "dense", False)
+        self._local.dense = True
+        with self._lock:
+            self._dense_blocks += 1
         try:
-            yield self
+            with self._dense_run() if self._dense_run is not None else nullcontext():
+                yield self
         finally:
-            self._set(kept)
-
-    def _set(self, on: bool) -> None:
-        self.enabled = on
-        if self._switch is not None:
-            self._switch(on)
+            self._local.dense = outer
+            with self._lock:
+                self._dense_blocks -= 1
 
     def remove(self) -> None:
         if _APPLIED.get(self.model) is self:
@@ -67,15 +87,15 @@ def applied(model: nn.Module) -> Applied | None:
 
 
 def apply_ours(model, plan, mode: str = "threshold") -> Applied:
-    """Our decoder: run its blocks with the plan's Sparsifier until the handle is removed (whatever sparsifier
-    was installed before comes back then)."""
+    """Our decoder: its blocks run with the plan's Sparsifier in every thread until the handle is removed
+    (whatever sparsifier was installed before comes back then); a plan for another shape is refused."""
     from . import plan_sparsifier
 
+    check_plan(plan, model.args)
     sp = plan_sparsifier(plan, mode)
-    context = model.sparsified(sp)
-    context.__enter__()
+    before, model.ops.installed = model.ops.installed, sp
 
-    def switch(on: bool) -> None:
-        model.ops.sparsifier = sp if on else Sparsifier.dense()
+    def undo() -> None:
+        model.ops.installed = before
 
-    return Applied(model, sp, lambda: context.__exit__(None, None, None), switch)
+    return Applied(model, sp, undo, plan, mode, dense_run=lambda: model.sparsified(Sparsifier.dense()))

@@ -31,7 +31,8 @@ from .args import ModelArgs
 from .kernel_ops import KernelOps
 from .launch import launch_for
 from .model import Transformer
-from .sparsify import settings
+from .sparsify import check_plan, settings
+from .tokens import check_ids
 
 DTYPES = (torch.float16, torch.bfloat16)
 
@@ -76,6 +77,8 @@ class Decoder:
             raise ActTailError(f"the kernel decoder runs float16 or bfloat16 weights, not {w.dtype}")
         if w.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ActTailError("the kernel decoder needs a CUDA GPU (on the CPU it runs only under TRITON_INTERPRET=1)")
+        if plan is not None:
+            check_plan(plan, model.args)  # before the weights are laid out for the kernels
         self.model, self.device, self.dtype = model, w.device, w.dtype
         input_major(model)
         model.set_rope()  # float32 tables on the device
@@ -123,7 +126,10 @@ class Decoder:
         return dec
 
     def set_plan(self, plan, mode: str = "threshold") -> None:
-        """The plan's launches (``plan_launches``: settings, the dispatch rule); None: dense."""
+        """The plan's launches (``plan_launches``: settings, the dispatch rule); None: dense. A plan for
+        another shape is refused (``sparsify.check_plan``)."""
+        if plan is not None:
+            check_plan(plan, self.model.args)
         sets = settings(plan, mode) if plan is not None else {}
         self.set_settings(sets, plan.sparsities() if plan is not None else None)
 
@@ -220,7 +226,7 @@ class Decoder:
         ``pad_token_id`` (default: the first EOS id); generation stops when every row has, or after
         ``max_new_tokens``. ``streamer`` (transformers' TextStreamer and the like, batch 1) gets the prompt,
         then the new tokens as they are made. ``self.timing`` records prefill, capture and decode seconds."""
-        ids = _prompt(input_ids, attention_mask)
+        ids = _prompt(input_ids, attention_mask, self.model.args.vocab_size)
         B, T = ids.shape
         if max_new_tokens < 1:
             raise ActTailError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -296,14 +302,15 @@ class Sampler:
         return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
 
 
-def _prompt(input_ids, attention_mask) -> Tensor:
+def _prompt(input_ids, attention_mask, vocab_size: int) -> Tensor:
+    """The prompts as int64 [B, T], every id inside the vocabulary (``tokens.check_ids``)."""
     ids = torch.as_tensor(input_ids)
     ids = ids[None] if ids.dim() == 1 else ids
     if ids.dim() != 2 or ids.shape[1] < 1 or ids.dtype not in (torch.int32, torch.int64):
         raise ActTailError(f"input_ids must be integer token ids [batch, length], got {tuple(ids.shape)} {ids.dtype}")
     if attention_mask is not None and not bool(torch.as_tensor(attention_mask).bool().all()):
         raise ActTailError("padded prompts are not supported: give prompts of equal length (attention_mask all ones)")
-    return ids.long()
+    return check_ids(ids, vocab_size, "input_ids")
 
 
 def _ids(eos) -> list[int]:

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ActTailError
-from .sparsify import Sparsifier, dense_prefix, settings
-from .tokens import encode
+from .sparsify import Sparsifier, check_plan, dense_prefix, settings
+from .tokens import check_ids, encode
 
 
 def sample(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
@@ -52,7 +52,11 @@ def decode_one_token(model, token: Tensor, pos: int, temperature: float, generat
 def generate(model, prompt: Tensor, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None,
              eos_id: int | None = None) -> list[int]:
     """New token ids after ``prompt`` (1-D ids) from the model's current sparsifier (its ``dense_before``
-    sets the prefill policy); stops at ``eos_id`` or after ``max_new_tokens``."""
+    sets the prefill policy); stops at ``eos_id`` or after ``max_new_tokens``. Ids outside the vocabulary, or
+    not integers, are refused (``tokens.check_ids``)."""
+    prompt = check_ids(prompt, model.args.vocab_size, "the prompt's token ids").flatten()
+    if len(prompt) < 1:
+        raise ActTailError("the prompt is empty")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     T = len(prompt)
     model.setup_caches(1, T + max_new_tokens)
@@ -91,9 +95,12 @@ def generate_text(model, tokenizer, prompt: str, plan=None, max_new_tokens: int 
         raise ActTailError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if backend == "kernels":
         check_kernel_run(device, temperature, prefill_policy)
+    if plan is not None:
+        check_plan(plan, model.args)
     ids = ([bos_id] if bos_id is not None else []) + encode(tokenizer, prompt)
     if not ids:
         raise ActTailError("the prompt is empty after tokenization")
+    check_ids(ids, model.args.vocab_size, "the prompt's token ids", ": is the tokenizer this model's?")
     sets = settings(plan, mode) if plan is not None else {}
     if backend == "kernels":
         out, info = _generate_kernels(model, plan, mode, ids, max_new_tokens, device, dtype)

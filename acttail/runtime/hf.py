@@ -45,16 +45,16 @@ def apply(model: nn.Module, plan, mode: str = "threshold", backend: str | None =
     weights are fp16/bf16 on CUDA and triton imports, and the plan has no score weights."""
     if applied(model) is not None:
         raise ActTailError("a plan is already applied to this model: remove() it first")
-    sets = settings(plan, mode)
     modules = projection_modules(model)
     _check_shapes(model, plan, modules)
+    sets = settings(plan, mode)
     if backend not in (None, "kernels", "reference"):
         raise ActTailError(f"unknown backend {backend!r} (choose from kernels, reference)")
     if backend is None:
         backend = "kernels" if _kernels_serve(model, sets) else "reference"
     sp = Sparsifier(sets)
     undo: list = []
-    handle = Applied(model, sp, lambda: [u() for u in reversed(undo)])
+    handle = Applied(model, sp, lambda: [u() for u in reversed(undo)], plan, mode)
     units = _units(model, modules) if backend == "kernels" else {}
     for linear, parts in modules.items():
         if any(sets.get((layer, kind)) for kind, layer, _ in parts):
@@ -79,20 +79,14 @@ def _kernels_serve(model: nn.Module, sets: dict) -> bool:
 
 
 def _check_shapes(model, plan, modules) -> None:
-    """The plan must describe this model: same layer count and the same shape for every projection."""
-    layers = len(decoder_layers(model))
-    if plan.model["num_layers"] != layers:
-        raise ActTailError(f"the plan is for {plan.model['num_layers']} layers, the model has {layers}")
+    """The plan must describe this model (``Plan.check_shapes``): its layer count, and each projection's (in,
+    out) as its modules hold it."""
     shapes = {}
     for linear, parts in modules.items():
         for kind, layer, rows in parts:
             out = linear.out_features if rows == slice(None) else rows.stop - rows.start
             shapes[(layer, kind)] = (linear.in_features, out)
-    for e in plan.projections:
-        got = shapes.get((e.layer, e.kind))
-        if got != (e.in_features, e.out_features):
-            raise ActTailError(f"{e.key} is {got} (in, out) in the model but {(e.in_features, e.out_features)} "
-                               "in the plan")
+    plan.check_shapes(len(decoder_layers(model)), lambda layer, kind: shapes.get((layer, kind)))
 
 
 def _patch(obj, method, undo: list, name: str = "forward") -> None:

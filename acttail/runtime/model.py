@@ -249,12 +249,10 @@ class Transformer(nn.Module):
 
     @contextmanager
     def sparsified(self, sparsifier: Sparsifier):
-        """Run the blocks with ``sparsifier`` inside the block; whatever was there before comes back after."""
-        previous, self.ops.sparsifier = self.ops.sparsifier, sparsifier
-        try:
+        """Run the blocks with ``sparsifier`` inside the block, in this thread (others keep theirs: ``ops.using``);
+        whatever was there before comes back after."""
+        with self.ops.using(sparsifier):
             yield sparsifier
-        finally:
-            self.ops.sparsifier = previous
 
     def set_rope(self) -> None:
         """(Re)make the rope tables in float32 on the model's device: the global ones, and the sliding

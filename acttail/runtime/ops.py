@@ -8,23 +8,44 @@ kernels can fuse residual add + RMSNorm + projection into one launch; here the a
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layout import GROUPS
-from .sparsify import Sparsifier
+from .sparsify import PerThread, Sparsifier
 
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh")}  # of the MLP's gate
 
 
 class TorchOps:
     """The reference ops: projections through ``sparsifier`` (it zeroes the inputs a plan says, counts what
-    it zeroed and lets calibration watch each group's input), the model's RMSNorm modules, torch attention."""
+    it zeroed and lets calibration watch each group's input), the model's RMSNorm modules, torch attention.
+
+    ``installed`` is the Sparsifier of every thread (``acttail.apply`` sets it); ``using(sp)`` gives the
+    calling thread another one for a while (``Transformer.sparsified``), leaving other threads as they were."""
 
     def __init__(self, sparsifier: Sparsifier | None = None):
-        self.sparsifier = sparsifier if sparsifier is not None else Sparsifier.dense()
+        self.installed = sparsifier if sparsifier is not None else Sparsifier.dense()
+        self._local = PerThread()  # .sparsifier: this thread's, inside using()
+
+    @property
+    def sparsifier(self) -> Sparsifier:
+        """The Sparsifier this thread projects with now."""
+        mine = getattr(self._local, "sparsifier", None)
+        return self.installed if mine is None else mine
+
+    @contextmanager
+    def using(self, sparsifier: Sparsifier):
+        """This thread projects with ``sparsifier`` inside the block; what it had before comes back after."""
+        outer = getattr(self._local, "sparsifier", None)
+        self._local.sparsifier = sparsifier
+        try:
+            yield sparsifier
+        finally:
+            self._local.sparsifier = outer
 
     def set_positions(self, pos: Tensor) -> None:
         """The token positions [T] of the batch about to run (the prefill policy reads them)."""

@@ -12,11 +12,17 @@ group of projections from their shared input, each from its own sparsified copy,
 positions before ``dense_before`` stay dense (0: every position is sparsified, as in the perplexity runs;
 see generate.py for the TEAL-like "half" policy). An ``observer`` sees every group's input before it is
 sparsified: that is how calibration measures the sparse run without a decoder of its own.
+
+Counting is safe across threads: the counts a Sparsifier keeps (``achieved``) are updated under a lock, and
+``counting()`` gives one call its own counts too, of what its thread ran (what ``acttail.evaluate``
+reports, whatever other threads run through the same applied plan meanwhile).
 """
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -73,6 +79,12 @@ def settings(plan, mode: str = "threshold", where: str = "plan") -> dict[tuple[i
             **cut, score=plan.tensor(e.key, "score"), bias=plan.tensor(e.key, "bias"),
             lowrank=(u, v) if u is not None else None)
     return out
+
+
+def check_plan(plan, args, where: str = "the plan") -> None:
+    """Refuse a plan for another shape than our decoder's (``ModelArgs`` ``args``): its layer count and every
+    projection's (in, out) (``Plan.check_shapes``, the one check of a plan against a model)."""
+    plan.check_shapes(args.n_layer, lambda layer, kind: (args.in_features(kind), args.out_features(kind)), where)
 
 
 def dense_prefix(prompt_len: int, prefill: str) -> int:
@@ -137,6 +149,36 @@ def sparse_linear(x: Tensor, xs: Tensor, w: Tensor, b: Tensor | None, s: Project
     return y
 
 
+class PerThread(threading.local):
+    """Per-thread state of an object; a copy of the object (deepcopy, pickle) starts with none."""
+
+    def __deepcopy__(self, memo):
+        return type(self)()
+
+    def __reduce__(self):
+        return type(self), ()
+
+
+class Counts:
+    """Zeros and entries counted per projection (layer, kind); the zero counts stay on the device until
+    ``achieved`` reads them (counting costs no host round trip)."""
+
+    def __init__(self):
+        self.zeros: dict = defaultdict(int)
+        self.total: dict = defaultdict(int)
+
+    def add(self, key: tuple[int, str], zeros: Tensor, n: int) -> None:
+        self.zeros[key] = self.zeros[key] + zeros
+        self.total[key] += n
+
+    def achieved(self) -> dict:
+        """Measured sparsity per (layer, kind): zeros / entries counted."""
+        return {key: float(self.zeros[key]) / n for key, n in self.total.items() if n}
+
+
+_COUNTING = threading.Lock()  # around updates and reads of a Sparsifier's shared counts
+
+
 class Sparsifier:
     """Computes the projections of a decoder with per-projection settings, counting the zeros it produced.
 
@@ -150,6 +192,7 @@ class Sparsifier:
         self.measure = measure
         self.observer = observer
         self.rows: Tensor | None = None  # positions that get sparsified, or None for all
+        self._local = PerThread()  # .counts: the Counts of a counting() block of this thread
         self.reset_counts()
 
     @classmethod
@@ -157,17 +200,30 @@ class Sparsifier:
         return cls()
 
     def reset_counts(self) -> None:
-        self.zeros: dict = defaultdict(int)
-        self.total: dict = defaultdict(int)
+        """Start the shared counts (``achieved``) afresh."""
+        with _COUNTING:
+            self.counts = Counts()
 
     def set_positions(self, pos: Tensor) -> None:
         """Called by the model before each forward with the token positions [T] of the batch."""
         self.rows = None if self.dense_before <= 0 else (pos >= self.dense_before)
 
     def achieved(self) -> dict:
-        """Measured sparsity per (layer, kind): zeros / entries over the sparsified positions so far (the zero
-        counts stay on the device until read here: counting costs no host round trip)."""
-        return {key: float(self.zeros[key]) / self.total[key] for key in self.total if self.total[key]}
+        """Measured sparsity per (layer, kind): zeros / entries over the sparsified positions since
+        ``reset_counts``, in every thread (read on the host here)."""
+        with _COUNTING:
+            return self.counts.achieved()
+
+    @contextmanager
+    def counting(self):
+        """Inside the block, what this thread computes is counted in a ``Counts`` of its own (yielded) as well
+        as in the shared counts: one call's measurement, whatever other threads run meanwhile."""
+        outer = getattr(self._local, "counts", None)
+        self._local.counts = mine = Counts()
+        try:
+            yield mine
+        finally:
+            self._local.counts = outer
 
     # ---- computing projections ---------------------------------------------------------------------
 
@@ -187,6 +243,14 @@ class Sparsifier:
         outs = [self.project_one((layer, k), x, s, w, b) for k, s, w, b in zip(kinds, found, ws, bs)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
+    def _count(self, key: tuple[int, str], counted: Tensor) -> None:
+        zeros, n = (counted == 0).sum(), counted.numel()
+        mine = getattr(self._local, "counts", None)
+        if mine is not None:
+            mine.add(key, zeros, n)
+        with _COUNTING:
+            self.counts.add(key, zeros, n)
+
     def project_one(self, key: tuple[int, str], x: Tensor, s: ProjectionSparsity | None, w: Tensor,
                     b: Tensor | None) -> Tensor:
         """One projection (weight w [out, in], bias b) of x with setting s (None: dense), its zeros counted
@@ -195,9 +259,7 @@ class Sparsifier:
             return F.linear(x, w, b)
         xs = sparsify(x, s)
         if self.measure and not torch.compiler.is_compiling():
-            counted = xs if self.rows is None else xs[..., self.rows, :]
-            self.zeros[key] = self.zeros[key] + (counted == 0).sum()
-            self.total[key] += counted.numel()
+            self._count(key, xs if self.rows is None else xs[..., self.rows, :])
         if self.rows is None:
             return sparse_linear(x, xs, w, b, s)
         # prefill policy: early positions stay dense (original weights, no compensation)

@@ -117,6 +117,21 @@ def text_tokens(tokenizer, text: str, n_tokens: int | None = None) -> torch.Tens
     return torch.tensor(ids, dtype=torch.int64)
 
 
+def check_ids(ids, vocab_size: int, what: str = "the token ids", hint: str = "") -> torch.Tensor:
+    """``ids`` (a tensor or a list) as int64, or one clear error: a tensor that is not of integers (a float
+    tensor would be truncated, a bool one read as ids 0 and 1), or an id outside the model's vocabulary
+    [0, vocab_size) (the embedding would fail on it); ``hint`` ends the message."""
+    ids = torch.as_tensor(ids)
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ActTailError(f"{what} must be integers, not {str(ids.dtype).removeprefix('torch.')}")
+    if ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ActTailError(f"{what} include id {lo if lo < 0 else hi}, outside the model's vocabulary of "
+                               f"{vocab_size} (ids 0..{vocab_size - 1}){hint}")
+    return ids.long()
+
+
 def windows(tokens: torch.Tensor, ctx: int, max_ctx: int, name: str = "the text",
             bos: int | None = None) -> torch.Tensor:
     """[n, ctx] non-overlapping windows of the token stream; the remainder is dropped. With a ``bos`` id
