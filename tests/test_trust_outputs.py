@@ -367,9 +367,9 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_outputs(kit, tmp_path, m
     assert r.exit_code == 0, r.output
     before, inputs = snapshot(out), snapshot(kit["root"])
     for after in (0, sum(map(len, before.values())) // 2):
-        full_disk(monkeypatch, out, after)
-        refused(run(*args), "No space left on device")
-        monkeypatch.undo()
+        with pytest.MonkeyPatch.context() as mp:  # not monkeypatch.undo(): that would undo _cache too
+            full_disk(mp, out, after)
+            refused(run(*args), "No space left on device")
         assert snapshot(out) == before, (command, after)
     assert snapshot(kit["root"]) == inputs
 
