@@ -15,7 +15,7 @@ import common  # first: it sets the environment (a scratch cache, no progress ba
 with atheris.instrument_imports(include=["acttail"]):
     from acttail.errors import ActTailError
     from acttail.layout import KINDS
-    from acttail.plan import Plan, PlanEntry
+    from acttail.plan import Plan, PlanEntry, overhead
 
 
 def _seed_plans() -> tuple[list[dict], bytes]:
@@ -38,6 +38,8 @@ def _seed_plans() -> tuple[list[dict], bytes]:
     calibrated.score, calibrated.compensation = "weight", "learned"
     calibrated.tensors = {f"{e.key}.score": torch.rand(e.in_features) + 0.5 for e in entries}
     calibrated.tensors.update({f"{e.key}.bias": torch.randn(e.out_features) for e in entries})
+    for e in calibrated.projections:  # what learned biases cost, as calibration records it
+        e.overhead = overhead((e.in_features, e.out_features), "learned")
     calibrated.save(folder / "plan.json")
     with_tensors = json.loads((folder / "plan.json").read_text())
     v1 = plan.to_dict()

@@ -184,7 +184,7 @@ def test_a_fifo_as_the_plans_tensors_file(tmp_path):
     entries = [PlanEntry(0, k, 8, 8, 0.5) for k in ("q", "k", "v", "o", "gate", "up", "down")]
     plan = Plan(model={"fingerprint": "sha256:x", "architecture": None, "model_type": None, "num_layers": 1,
                        "path": None}, budget=0.5, method={"name": "uniform"}, projections=entries,
-                score="weight", tensors={"layers.0.q.score": torch.ones(8)})
+                score="weight", tensors={f"{e.key}.score": torch.ones(8) for e in entries})
     plan.save(tmp_path / "plan.json")
     (tmp_path / "plan.safetensors").unlink()
     os.mkfifo(tmp_path / "plan.safetensors")
