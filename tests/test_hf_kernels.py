@@ -108,10 +108,12 @@ def reference(sp, modules, launch, x):
     return torch.cat(outs, dim=-1)
 
 
-def test_torch_compile_fullgraph_runs_the_reference_path():
-    """The kernel-backed model compiles with fullgraph=True (no graph break at a projection) and, inside the
-    graph, runs the reference path (no kernel launch: they gave other logits in inductor's CUDA graphs on an
-    H200), so its logits equal the eager reference path's."""
+def test_torch_compile_fullgraph_matches_eager():
+    """The patched model compiles with fullgraph=True (no graph break at a projection), its launches appear
+    as acttail custom ops in the graph (6 sparse_linear: qkv, o, down per layer; 2 sparse_glu), and the
+    compiled step gives the eager kernel step's logits. (Against the reference path a whole step differs
+    more: an fp16 rounding apart moves inputs across their thresholds; each launch is checked on its own
+    input in test_decode_step_on_the_kernels_equals_the_reference_path.)"""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     fp32 = tiny_hf("llama", seed=3)
@@ -125,15 +127,16 @@ def test_torch_compile_fullgraph_runs_the_reference_path():
         return gm
 
     counter = CompileCounterWithBackend(backend)
-    with acttail.apply(model, plan, backend="reference"):
-        ref = step(model, cache)
     with acttail.apply(model, plan, backend="kernels"):
+        eager = step(model, cache)
         torch._dynamo.reset()
         compiled = torch.compile(lambda t, c: model(t, past_key_values=c).logits, backend=counter, fullgraph=True)
         with torch.no_grad():
             got = compiled(torch.tensor([[7]]), copy.deepcopy(cache))
-    assert counter.frame_count == 1 and ops == []
-    assert rel_err(got, ref) < 1e-3
+    assert counter.frame_count == 1
+    assert sorted(ops) == sorted(["acttail.sparse_linear.default"] * 6 + ["acttail.sparse_glu.default"] * 2)
+    assert rel_err(got, eager) < 5e-3
+    assert rel_err(eager, step(model, cache)) > 0.05  # the plan changes the step: the comparison can fail
 
 
 def test_a_launch_compiles_to_one_custom_op():

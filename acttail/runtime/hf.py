@@ -13,13 +13,10 @@ weights are stored input-major for the kernels, q/k/v and gate/up concatenated, 
 a view of that storage (same bytes, no second copy); a group the dispatch rule runs dense at every batch
 size keeps its weights as they were.
 
-Under torch.compile the patched model compiles with fullgraph=True and runs the reference path (inputs
-zeroed, the plain matmuls; the zeros are not counted inside a graph): the kernel launches, as custom ops
-(``acttail.kernels.ops``), gave the eager logits in compiled graphs without CUDA graphs, but other logits
-inside inductor's CUDA graphs (mode "reduce-overhead", what transformers' static-cache generation uses) on
-an H200 (benchmarks/gpu_checks.py, 2026-12-04: relative difference 1.34 with or without programmatic
-dependent launch; 9e-4 in mode "default"), a fault not found yet. So compiled decoding is correct but
-gets no speed-up from the kernels; the fast path (``acttail.decoder``) is the one that does.
+Under torch.compile the patched model compiles with fullgraph=True and each launch is one opaque custom op
+(``acttail.kernels.ops``): no graph break at a projection, and inductor's CUDA graphs (mode "reduce-overhead",
+what transformers' static-cache generation uses) capture the kernels as they are. The zeros are counted only
+outside compiled graphs.
 """
 
 from __future__ import annotations
@@ -104,7 +101,7 @@ def _linear_forward(handle: Applied, parts, unit: "_Unit | None"):
     def forward(self, x):
         if not handle.enabled:
             return F.linear(x, self.weight, self.bias)
-        if unit is not None and _is_decode(x) and not torch.compiler.is_compiling():
+        if unit is not None and _is_decode(x):
             if unit.launch is None or not unit.launch.runs_sparse(_batch(x)):
                 return F.linear(x, self.weight, self.bias)  # the dispatch rule: dense
             y = unit.output(self, x)
@@ -258,8 +255,7 @@ def _mlp_forward(handle: Applied, unit: _Unit, original):
     one launch, then down; anything else runs the MLP's own forward (through the patched Linears)."""
 
     def forward(self, x):
-        sparse = handle.enabled and _is_decode(x) and unit.launch.runs_sparse(_batch(x))
-        if sparse and not torch.compiler.is_compiling():
+        if handle.enabled and _is_decode(x) and unit.launch.runs_sparse(_batch(x)):
             h = unit.launch(x.reshape(-1, x.shape[-1]))
             return self.down_proj(h.reshape(*x.shape[:-1], -1))
         return original(self, x)
