@@ -4,10 +4,11 @@
   architecture (sparse plan, first decode logits);
 - ``PreparedLaunch`` (the launch fixed once, the compiled kernel called directly) against the one-shot
   ``sparse_linear`` / ``sparse_glu``: bitwise, batch 1 and 4, fused norm included;
-- ``acttail.apply`` on a transformers model: each decode launch against the reference path on its input,
-  eager and inside ``torch.compile(fullgraph=True, mode="reduce-overhead")``;
-- ``model.generate(cache_implementation="static")`` with a plan applied runs (compiled) and its greedy
-  tokens equal the eager ones with the plan.
+- ``acttail.apply`` on a transformers model: the decode step on the kernels against the reference path,
+  eager and inside ``torch.compile(fullgraph=True, mode="reduce-overhead")`` (the launches as custom ops
+  in inductor's CUDA graphs);
+- ``model.generate(cache_implementation="static")`` with a plan applied against eager ``generate``: tokens
+  and each step's logits, on the kernels and, as the control, on the reference backend.
 
     python benchmarks/gpu_checks.py --out OUT
 """
@@ -121,33 +122,79 @@ def hf_tiny(arch="llama"):
     return model.eval()
 
 
+def generated(model, prompt, static: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, logits of each step [steps, vocab]) of 16 greedy tokens, eager or with the static cache."""
+    kw = dict(cache_implementation="static") if static else {}
+    out = model.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, **kw)
+    return out.sequences[0, prompt.shape[1]:].clone(), torch.cat([s.float() for s in out.logits]).clone()
+
+
+def agreement(a, b) -> dict:
+    """Leading equal tokens of two generations, and the relative difference of their logits at each step
+    whose prefix is still the same (step 0 is the prefill, eager in both; step 1 the first decode step)."""
+    same = int((a[0] == b[0]).cumprod(0).sum())
+    steps = range(min(same + 1, len(a[0])))
+    return dict(leading_equal=same, step_rel=[round(rel(a[1][i], b[1][i]), 6) for i in steps])
+
+
 def check_hf(arch, mode="reduce-overhead"):
-    """apply's decode launches vs the reference path (eager), the compiled step vs eager, static generate."""
+    """apply's decode launches vs the reference path (eager); the compiled step (the launches as custom ops
+    inside inductor's graphs) vs eager, each output cloned before the next call (a CUDA-graph output lives
+    until the next replay); static-cache generation (transformers compiles the decode step) vs eager
+    generation on the kernels, on the reference backend (what compilation changes without the kernels; and the
+    static cache uncompiled) and dense (what compilation changes without a plan)."""
+    from torch._dynamo.utils import counters
+
     fp32 = hf_tiny(arch)
     ids = torch.randint(0, 512, (4, 64))
     plan = acttail.allocate(acttail.analyze(fp32, progress=False), 0.7, method="uniform")
     plan = acttail.calibrate(fp32, plan, ids, compensation="learned", steps=5, tokens=256, ctx=64, progress=False)
-    model = fp32.half().cuda()
-    prompt = torch.randint(0, 512, (1, 8), device="cuda")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a dry run of this script (TRITON_INTERPRET=1)
+    model = fp32.half().to(dev)
+    prompt = torch.randint(0, 512, (1, 8), device=dev)
     with torch.no_grad():
         cache = model(prompt, use_cache=True).past_key_values
-    step = lambda m, c: m(torch.tensor([[7]], device="cuda"), past_key_values=c).logits  # noqa: E731
+    step = lambda m, c: m(torch.tensor([[7]], device=dev), past_key_values=c).logits  # noqa: E731
+    res = dict(arch=arch, mode=mode)
     with torch.no_grad(), acttail.apply(model, plan, backend="reference"):
         ref = step(model, copy.deepcopy(cache))
-    with torch.no_grad(), acttail.apply(model, plan) as handle:
+    with torch.no_grad(), acttail.apply(model, plan, backend="kernels") as handle:
         assert handle.launches, "no launches: the kernel backend did not engage"
         eager = step(model, copy.deepcopy(cache))
         torch._dynamo.reset()
+        counters.clear()
         compiled = torch.compile(step, fullgraph=True, mode=mode)
-        comp = [compiled(model, copy.deepcopy(cache)) for _ in range(3)][-1]
-        eager_gen = model.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+        comp = []
+        for _ in range(3):
+            torch.compiler.cudagraph_mark_step_begin()
+            comp.append(compiled(model, copy.deepcopy(cache)).clone())
+        res["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]  # inductor ran without CUDA graphs
+        res["kernels_vs_reference"] = rel(eager, ref)
+        res["compiled_vs_eager"] = [rel(c, eager) for c in comp]
+        print(arch, json.dumps(res), flush=True)
+        kernel_gen = generated(model, prompt, static=False)
         torch._dynamo.reset()
-        static_gen = model.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False,
-                                    cache_implementation="static")
-    dense = step(model, copy.deepcopy(cache))
-    return dict(arch=arch, kernels_vs_reference=rel(eager, ref), compiled_vs_eager=rel(comp, eager),
-                plan_changes_logits=rel(ref, dense), static_equals_eager_tokens=bool(torch.equal(eager_gen, static_gen)),
-                leading_equal=int((eager_gen[0] == static_gen[0]).cumprod(0).sum()))
+        res["kernels_static_vs_eager"] = agreement(generated(model, prompt, static=True), kernel_gen)
+        print(arch, json.dumps(res), flush=True)
+    with torch.no_grad(), acttail.apply(model, plan, backend="reference"):
+        ref_gen = generated(model, prompt, static=False)
+        torch._dynamo.config.disable = True  # the static cache alone, no compilation
+        res["reference_static_uncompiled_vs_eager"] = agreement(generated(model, prompt, static=True), ref_gen)
+        torch._dynamo.config.disable = False
+        torch._dynamo.reset()
+        res["reference_static_vs_eager"] = agreement(generated(model, prompt, static=True), ref_gen)
+        res["kernels_vs_reference_eager_gen"] = agreement(kernel_gen, ref_gen)
+        torch._dynamo.reset()
+        compiled = torch.compile(step, fullgraph=True, mode=mode)
+        torch.compiler.cudagraph_mark_step_begin()
+        res["reference_compiled_vs_eager"] = rel(compiled(model, copy.deepcopy(cache)).clone(), ref)
+    with torch.no_grad():
+        dense_gen = generated(model, prompt, static=False)
+        torch._dynamo.reset()
+        res["dense_static_vs_eager"] = agreement(generated(model, prompt, static=True), dense_gen)
+    res["plan_changes_logits"] = rel(ref, step(model, copy.deepcopy(cache)))
+    return res
 
 
 def main():
@@ -159,7 +206,7 @@ def main():
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    res = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    res = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                torch=torch.__version__, transformers=transformers.__version__)
     sections = {"decoder": lambda: [check_decoder(a) for a in ARCHS], "prepared": check_prepared,
                 "hf": lambda: [check_hf(a, args.compile_mode) for a in args.archs]}
