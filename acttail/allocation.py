@@ -36,8 +36,8 @@ import numpy as np
 
 from .config import Config
 from .errors import ActTailError
-from .files import check_model
 from .plan import Plan, PlanEntry
+from .validation import check_model
 
 SCOPES = ("global", "per-kind", "layer")
 DIRECTIONS = ("increasing", "decreasing")  # sparsity increasing (default) or decreasing in the metric

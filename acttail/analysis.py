@@ -35,7 +35,9 @@ from .config import DEVICE, Config
 from .errors import ActTailError
 from .layout import KINDS, check_projections
 from .esd import EVAL_FLOOR, FITS, analyze_matrix
-from .files import cache_dir, check_model, check_schema, read_json, to_json, write_json, write_text, write_texts
+from .files import cache_dir, read_json
+from .outputs import to_json, write_files, write_json, write_text
+from .validation import check_model, check_schema
 
 FORMAT, VERSION = "acttail-analysis", 1
 BACKENDS = ("acttail", "weightwatcher", "powerlaw")
@@ -311,7 +313,7 @@ def to_csv(doc: dict) -> str:
 
 def save(doc: dict, out: str | Path, csv_path: str | Path | None = None) -> None:
     """Write analysis.json (and the CSV if asked) atomically: both files appear, or neither."""
-    write_texts({out: to_json(doc), **({csv_path: to_csv(doc)} if csv_path else {})})
+    write_files({out: to_json(doc), **({csv_path: to_csv(doc)} if csv_path else {})})
 
 
 def save_csv(doc: dict, path: str | Path) -> None:

@@ -16,12 +16,13 @@ itself, or token ids. Options are the fields of the stage's config dataclass (``
 ``GenerateConfig``): ``config=`` and keyword overrides; every default is written there, once. What the user
 should know about a result (a fallback, what an export loses) is an ``ActTailWarning``.
 
-The command line (``acttail/cli.py``) parses its options into one of these calls, prints what it returns and
-writes the files it was asked for; it has no logic of its own.
+The command line (``acttail/cli.py``) parses its options into one of these calls (its ``-o`` is the verb's
+``out=``) and prints what it returns; it has no logic of its own.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,25 +36,28 @@ from .config import CALIBRATION_TEXT, DEVICE, Config
 from .errors import ActTailError, ActTailWarning
 from .evaluation import EvalConfig, evaluate_windows, result
 from .greedy import GreedyConfig
-from .files import write_json
+from .outputs import write_json
 from .inputs import ModelInput, analysis_input, is_path, plan_outputs, refuse_overwrite, split_windows, text_windows
 from .plan import Plan
+from .sidecar import free_tensors_path
 from .runtime import open_model
 from .runtime.applied import Applied, applied, apply_ours
 from .runtime.hf import apply as apply_to_transformers, is_transformers_model
 from .runtime.model import Transformer
+from .runtime.sparsify import MODE
 from .runtime.tokens import bos_id, load_tokenizer
 from .sensitivity import SensitivityConfig
 from .tuning import TuneConfig
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Transformer:
+def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str = DEVICE) -> Transformer:
     """Our decoder for a model folder (config.json, safetensors, tokenizer.json), float32 on CPU by default;
     its tokenizer is ``model.tokenizer`` when the folder has one, and ``model.bos_id`` the BOS id each text
     starts with (None: none; ``tokens.bos_id``)."""
     ckpt, model = open_model(path, dtype, device)
     folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
-    model.tokenizer = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
+    has_tokenizer = os.path.lexists(folder / "tokenizer.json")  # a FIFO or folder there is refused, not skipped
+    model.tokenizer = load_tokenizer(folder) if has_tokenizer else None
     model.bos_id = bos_id(folder) if model.tokenizer is not None else None
     model.fingerprint = ckpt.fingerprint
     return model
@@ -192,6 +196,8 @@ def calibrate(model, plan, texts, tokenizer=None, config: CalibrationConfig | No
     you evaluate on. ``out``: write the calibrated plan there (and its tensors beside it)."""
     cfg = (config or CalibrationConfig()).updated(**options)
     refuse_overwrite(plan_outputs(out), model=model, plan=plan, text=texts)
+    if out is not None:
+        free_tensors_path(out)  # nor another plan's tensors file, nor a folder there
     m = ModelInput(model, device, stream, tokenizer)
     plan = m.plan(plan)  # a wrong plan is named before the text is read
     wins, name, _ = text_windows(m, texts, cfg.tokens, cfg.ctx)
@@ -209,6 +215,8 @@ def tune(model, analysis, texts, tokenizer=None, config: TuneConfig | None = Non
 
     cfg = (config or TuneConfig()).updated(**options)
     refuse_overwrite(plan_outputs(out), model=model, analysis=analysis, text=texts)
+    if out is not None:
+        free_tensors_path(out)  # nor another plan's tensors file, nor a folder there
     doc, where = analysis_input(analysis)
     cfg = replace(cfg, allocation=_checked_method(doc, cfg.allocation, "probing"))
     m = ModelInput(model, device, tokenizer=tokenizer)
@@ -217,21 +225,19 @@ def tune(model, analysis, texts, tokenizer=None, config: TuneConfig | None = Non
     return _saved(tune_windows(m.net, doc, cal, held, cfg, progress, text=name), out)
 
 
-def apply(model, plan: Plan, mode: str = "threshold", backend: str | None = None) -> Applied:
+def apply(model, plan: Plan, mode: str = MODE, backend: str | None = None) -> Applied:
     """Sparsify ``model`` in place as ``plan`` says; returns a handle whose ``remove()`` (or the end of a
     ``with`` block) restores it. Inputs are zeroed as the plan says (every position of a longer input); on a
     transformers model with fp16/bf16 weights on CUDA (``backend="kernels"``, the default there) decode steps
     (one new token per sequence, batch <= 8) run through the Triton kernels."""
     if isinstance(model, Transformer):
-        if applied(model) is not None:
-            raise ActTailError("a plan is already applied to this model: remove() it first")
         return apply_ours(model, plan, mode)
     if not is_transformers_model(model):
         raise ActTailError(f"acttail.apply takes a transformers causal LM or an acttail model, not {type(model).__name__}")
     return apply_to_transformers(model, plan, mode, backend)
 
 
-def decoder(model, plan: Plan | None = None, mode: str = "threshold", batch: int = 1, max_seq: int | None = None,
+def decoder(model, plan: Plan | None = None, mode: str = MODE, batch: int = 1, max_seq: int | None = None,
             dtype: torch.dtype = torch.float16, device: str = "cuda"):
     """The fast path: a ``Decoder`` (runtime/decoder.py) that runs ``plan``'s decode steps (None: dense)
     through the Triton kernels, one CUDA-graph replay per token; ``.generate(input_ids, max_new_tokens=...,
@@ -309,7 +315,7 @@ class GenerateConfig(Config):
     max_new_tokens: int = 64
     temperature: float = 0.0
     seed: int | None = None
-    mode: str = "threshold"
+    mode: str = MODE
     prefill: str | None = None
     backend: str | None = None
     dtype: str = "float16"
@@ -324,6 +330,8 @@ def generate(model, prompt: str, plan=None, tokenizer=None, config: GenerateConf
     from .runtime import check_device
     from .runtime.generate import check_kernel_run, generate_text
 
+    if not isinstance(prompt, str):
+        raise ActTailError(f"a prompt is a string, not {type(prompt).__name__}")
     cfg = (config or GenerateConfig()).updated(**options)
     if is_path(model):
         device = device or DEVICE

@@ -27,11 +27,12 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .compensation import COMPENSATIONS, SCORES, learn_biases, lowrank_factors, overhead, score_weights
+from .compensation import COMPENSATIONS, SCORES, learn_biases, lowrank_factors, score_weights
 from .config import CTX, Config
 from .errors import ActTailError
 from .histogram import BINS, HI, LO, LogHistogram
 from .layout import GROUPS, key as key_of
+from .plan import overhead
 from .runtime.sparsify import ProjectionSparsity, Sparsifier, check_plan
 
 

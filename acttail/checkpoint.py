@@ -22,8 +22,9 @@ import torch
 from safetensors import safe_open
 
 from .errors import ActTailError
-from .files import MAX_CONFIG, MAX_JSON, check_schema, file_sha256, open_regular, read_json, regular_file
+from .files import MAX_CONFIG, MAX_JSON, file_sha256, open_regular, read_json, regular_file
 from .layout import ARCHITECTURES, HF_FUSED, HF_MODULES, KINDS, key
+from .validation import check_schema
 
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 _LAYER_RE = re.compile(r"^(.*?layers)\.(\d+)\.(self_attn|mlp)\.(\w+)\.weight$")

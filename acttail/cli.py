@@ -1,9 +1,9 @@
 """The ``acttail`` command line: each command parses its options, calls one verb of the Python API
-(``acttail/api.py``) and prints what it returns, writing the files it was asked for.
+(``acttail/api.py``; ``-o`` is the verb's ``out=``, so the verb writes the file) and prints what it returns.
 
-What belongs here is only what is about a command line: the options (their defaults read from the stages'
-config dataclasses), the output paths checked before any work (``cli_params.Output``), the files written and the lines
-printed. Every ``ActTailError`` becomes one line on stderr and exit status 2, every ``ActTailWarning`` one
+What belongs here is only what is about a command line: the options (their defaults and choices read from the
+stages), the output paths checked before any work (``cli_params.Output``) and the lines printed. Every
+``ActTailError`` becomes one line on stderr and exit status 2, every ``ActTailWarning`` one
 ``acttail: warning: ...`` line; no traceback for bad input.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import click
 
 from . import api
-from .allocation import METHODS, SCOPES, AllocationConfig
+from .allocation import DIRECTIONS, METHODS, SCOPES, WEIGHTS, AllocationConfig
 from .analysis import BACKENDS, DTYPES, AnalysisConfig
 from .calibration import CalibrationConfig
 from .compensation import BATCH as BIAS_BATCH, COMPENSATIONS, SCORES
@@ -21,10 +21,13 @@ from .config import CALIBRATION_TEXT, DEVICE as DEFAULT_DEVICE
 from .cli_params import BATCH, DEVICE, STEPS, TEXT, TOKENS, WINDOW, Finite, Group, Output
 from .esd import FITS
 from .evaluation import EvalConfig
+from .export import EXPORTERS
 from .fetch import MODELS
 from .greedy import GreedyConfig
 from .sensitivity import SensitivityConfig
 from .layout import KINDS
+from .runtime.generate import BACKENDS as GENERATE_BACKENDS
+from .runtime.sparsify import MODES, PREFILL
 from .text import SOURCES as TEXTS
 from .tuning import TuneConfig
 
@@ -109,10 +112,10 @@ def analyze_cmd(model, output, csv_path, fit, dtype, device, backend, force, as_
               help="Analysis column driving the map: alpha, alpha_weighted, stable_rank, ...")
 @click.option("--epsilon", type=Finite(), default=ALLOCATION.epsilon, show_default=True,
               help="Ratios span [1-eps, 1+eps].")
-@click.option("--direction", type=click.Choice(["increasing", "decreasing"]), default=ALLOCATION.direction,
+@click.option("--direction", type=click.Choice(DIRECTIONS), default=ALLOCATION.direction,
               show_default=True, help="Sparsity increasing in the metric (lower alpha -> lower sparsity) or not; "
                                       "with measured sensitivity, 'decreasing' inverts the measured direction.")
-@click.option("--weight", type=click.Choice(["params", "bytes"]), default=ALLOCATION.weight, show_default=True,
+@click.option("--weight", type=click.Choice(WEIGHTS), default=ALLOCATION.weight, show_default=True,
               help="Budget weighting (identical for one storage dtype).")
 @click.option("--min-sparsity", type=Finite(), default=ALLOCATION.min_sparsity, show_default=True)
 @click.option("--max-sparsity", type=Finite(), default=ALLOCATION.max_sparsity, show_default=True)
@@ -149,7 +152,7 @@ def plan_show(plan_path):
 
 @main.command("export")
 @click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False))
-@click.option("--to", "fmt", type=click.Choice(["gemma3n", "nncf", "teal"]), required=True)
+@click.option("--to", "fmt", type=click.Choice(list(EXPORTERS)), required=True)
 @click.option("-o", "--output", type=Output(folder=None), required=True,
               help="JSON file (gemma3n, nncf) or folder (teal).")
 def export_cmd(plan_path, fmt, output):
@@ -287,7 +290,7 @@ def tune_cmd(model, analysis, output, text, device, **options):
 @click.option("--text", type=TEXT, required=True, help="Evaluation text: a UTF-8 file, or wiki / c4 (fetched).")
 @click.option("--ctx", type=WINDOW, default=EVAL.ctx, show_default=True, help="Window length (tokens).")
 @click.option("--tokens", type=TOKENS, default=EVAL.tokens, show_default=True, help="Tokens to evaluate.")
-@click.option("--mode", type=click.Choice(["threshold", "topk"]), default=EVAL.mode, show_default=True)
+@click.option("--mode", type=click.Choice(MODES), default=EVAL.mode, show_default=True)
 @click.option("--prefill", type=click.Choice(["all", "half"]), default=EVAL.prefill, show_default=True,
               help="all: sparsify every position; half: first half of each window dense (TEAL).")
 @click.option("--batch-size", type=BATCH, default=EVAL.batch_size, show_default=True, help="Windows per forward pass.")
@@ -315,12 +318,12 @@ def eval_cmd(model, plan_path, text, device, output, stream, **options):
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=GENERATE.max_new_tokens, show_default=True)
 @click.option("--temperature", type=Finite(min=0), default=GENERATE.temperature, show_default=True, help="0: greedy.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=GENERATE.seed, help="Seed for sampling.")
-@click.option("--mode", type=click.Choice(["threshold", "topk"]), default=GENERATE.mode, show_default=True)
-@click.option("--prefill", type=click.Choice(["all", "half", "none"]), default=GENERATE.prefill,
+@click.option("--mode", type=click.Choice(MODES), default=GENERATE.mode, show_default=True)
+@click.option("--prefill", type=click.Choice(PREFILL), default=GENERATE.prefill,
               help="Which prompt positions are sparsified (decoded tokens always are). Default: half on the "
                    "reference backend; the kernel backend prefills densely (none).")
 @_device_option()
-@click.option("--backend", type=click.Choice(["reference", "kernels"]), default=GENERATE.backend,
+@click.option("--backend", type=click.Choice(GENERATE_BACKENDS), default=GENERATE.backend,
               help="reference: the float32 torch model; kernels: the Triton decode path (fp16/bf16, CUDA graphs, "
                    "greedy). Default: kernels on cuda, reference on cpu.")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16"]), default=GENERATE.dtype, show_default=True,

@@ -59,7 +59,7 @@ class Output(click.Path):
         self.folder, self.parents = folder, parents
 
     def convert(self, value, param, ctx):
-        from .files import check_output
+        from .outputs import check_output
 
         path = super().convert(value, param, ctx)
         try:

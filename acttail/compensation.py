@@ -29,7 +29,6 @@ from tqdm import tqdm
 
 from .errors import ActTailError
 from .layout import GROUP_OF, GROUPS
-from .plan import overhead  # noqa: F401 (defined with the plan; calibration imports it from here)
 from .runtime.sparsify import ProjectionSparsity, Sparsifier
 from .weights import projection_weights
 

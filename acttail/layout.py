@@ -22,8 +22,10 @@ GROUP_OF = {kind: group for group, kinds in GROUPS.items() for kind in kinds}
 # Module of each kind inside an HF decoder layer (Llama naming).
 HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
               "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-# Phi-3 fuses a group into one module: module -> the kinds it holds, in the order of its output rows.
-HF_FUSED = {"self_attn.qkv_proj": GROUPS["qkv"], "mlp.gate_up_proj": GROUPS["gate_up"]}
+# Phi-3 fuses a group into one module: group -> module, and module -> the kinds it holds, in the order of its
+# output rows.
+HF_FUSED_MODULES = {"qkv": "self_attn.qkv_proj", "gate_up": "mlp.gate_up_proj"}
+HF_FUSED = {module: GROUPS[group] for group, module in HF_FUSED_MODULES.items()}
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,13 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, validation
 from .errors import ActTailError
-from . import files
-from .files import check_model, check_schema, read_json, to_json, write_files
+from .files import read_json
 from .layout import KINDS, Key, check_projections
+from .outputs import to_json, write_files
+from .sidecar import free_tensors_path, read_tensors, tensors_path
+from .validation import check_model, check_schema
 
 FORMAT = "acttail-plan"
 VERSION = 2
@@ -48,16 +50,7 @@ TENSORS = {"score": lambda i, o, r: (i,), "bias": lambda i, o, r: (o,), "lowrank
 
 def schema() -> dict:
     """The plan JSON Schema shipped inside the package."""
-    return files.schema("plan")
-
-
-def tensors_path(plan_path: str | Path) -> Path:
-    """Where a plan's tensors go: beside it, its name with the suffix .safetensors (plan.json: plan.safetensors).
-    A plan path that is that file itself is refused."""
-    beside = Path(plan_path).with_suffix(".safetensors")
-    if files.same_file(plan_path, beside):
-        raise ActTailError(f"plan {plan_path} would be its own tensors file: give the plan a .json name")
-    return beside
+    return validation.schema("plan")
 
 
 def _now() -> str:
@@ -141,7 +134,7 @@ class Plan:
         if expect_fingerprint is not None:
             plan.check_model(expect_fingerprint, where=f"plan {path}")
         if doc.get("tensors"):
-            plan.tensors = _read_tensors(Path(path).parent / doc["tensors"]["file"], doc["tensors"]["sha256"],
+            plan.tensors = read_tensors(Path(path).parent / doc["tensors"]["file"], doc["tensors"]["sha256"],
                                          f"plan {path}")
         plan.check_tensors(f"plan {path}")  # also with no tensors file: a declared compensation needs its tensors
         return plan
@@ -149,20 +142,21 @@ class Plan:
     def save(self, path: str | Path) -> None:
         """Validate and write the plan (keys in a stable order, indented by 2); its tensors go to
         ``tensors_path(path)`` beside it, named in the plan with their sha256. The two are written as one
-        unit (``files.write_files``, tensors first): a failure anywhere leaves the previous pair as it was."""
+        unit (``outputs.write_files``, tensors first): a failure anywhere leaves the previous pair as it was."""
         path = Path(path)
-        self.to_dict()  # validate before writing anything
+        beside = free_tensors_path(path) if self.tensors else tensors_path(path)
+        ref = {"file": beside.name, "sha256": "0" * 64} if self.tensors else None  # the sha256 is set below
+        doc = self.to_dict(ref)  # validate (once: 10^5 projections take seconds) before writing anything
         self.check_tensors()
-        beside = tensors_path(path)
-        outputs, ref = {}, None
+        outputs = {}
         if self.tensors:
             from safetensors.torch import save as to_bytes
 
             data = to_bytes({k: t.detach().contiguous().cpu() for k, t in sorted(self.tensors.items())})
-            ref = {"file": beside.name, "sha256": hashlib.sha256(data).hexdigest()}
+            ref["sha256"] = hashlib.sha256(data).hexdigest()
             outputs[beside] = data
-        outputs[path] = to_json(self.to_dict(ref))  # last: it names the tensors file's sha256
-        write_files(outputs)
+        outputs[path] = to_json(doc)  # last: it names the tensors file's sha256
+        write_files(outputs, check=(lambda: free_tensors_path(path)) if self.tensors else None)
 
     @classmethod
     def from_dict(cls, doc, where: str = "plan") -> "Plan":
@@ -187,8 +181,9 @@ class Plan:
 
     def check_tensors(self, where: str = "plan") -> None:
         """The tensors are exactly those the plan's score and compensation declare (``tensor_names``), each
-        named ``<key>.<name>`` for a projection of the plan, float32, finite, of the shape its name implies
-        (score [in], bias [out], lowrank_u [out, rank], lowrank_v [rank, in]): one line naming the tensor."""
+        named ``<key>.<name>`` for a projection of the plan, float32, finite (score weights also >= 0), of the
+        shape its name implies (score [in], bias [out], lowrank_u [out, rank], lowrank_v [rank, in]): one line
+        naming the tensor."""
         entries = {e.key: e for e in self.projections}
         for name, t in self.tensors.items():
             key, _, kind = name.rpartition(".")
@@ -207,6 +202,9 @@ class Plan:
                 raise ActTailError(f"{where}: tensor {name} is {str(t.dtype).removeprefix('torch.')}, expected float32")
             if not torch.isfinite(t).all():
                 raise ActTailError(f"{where}: tensor {name} holds NaN or infinite values")
+            if kind == "score" and bool((t < 0).any()):  # norms and mean |gradients|: |x_i| s_i ranks by size
+                raise ActTailError(f"{where}: tensor {name} holds negative score weights (a score is |x_i| s_i, "
+                                   "s_i >= 0)")
         for e in self.projections:
             for kind in self.tensor_names(e):
                 if f"{e.key}.{kind}" not in self.tensors:
@@ -432,18 +430,3 @@ def _ordered(plan: dict) -> dict:
         ({**{k: e[k] for k in ENTRY_KEYS if k in e}, **{k: v for k, v in e.items() if k not in ENTRY_KEYS}}
          for e in out["projections"]), key=lambda e: Key(e["layer"], e["kind"]).order)
     return out
-
-
-def _read_tensors(path: Path, sha256: str, where: str) -> dict[str, torch.Tensor]:
-    """The plan's tensors file, checked against the sha256 the plan names."""
-    from safetensors.torch import load as from_bytes
-
-    if not path.exists():
-        raise ActTailError(f"{where} names tensors file {path.name}, which is not beside it")
-    data = files.read_bytes(path, f"{where}: tensors file", limit=None)
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise ActTailError(f"{where}: {path.name} does not match the sha256 the plan names (changed or replaced)")
-    try:
-        return from_bytes(data)
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise ActTailError(f"{where}: cannot read {path.name}: {e}") from None

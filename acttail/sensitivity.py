@@ -91,7 +91,8 @@ def with_sensitivity(analysis: dict, sens: dict, level: str = "dnll_80") -> dict
 
 def load_sensitivity(path) -> dict:
     """Read a sensitivity.json written by ``acttail sensitivity``, checked against its schema."""
-    from .files import check_schema, read_json
+    from .files import read_json
+    from .validation import check_schema
 
     sens = read_json(path, "sensitivity file")
     check_schema(sens, "sensitivity", f"sensitivity file {path}")
@@ -102,7 +103,7 @@ def check_sensitivity(sens, analysis: dict, level: str = "dnll_80", where: str =
     """One clear error unless ``sens`` follows schemas/sensitivity.schema.json, is for the analysed
     weights, and has ``level`` for exactly the analysis' projections."""
     from .errors import ActTailError
-    from .files import check_model, check_schema
+    from .validation import check_model, check_schema
 
     fingerprint = sens.get("model", {}).get("fingerprint") if isinstance(sens, dict) else None
     if isinstance(fingerprint, str):  # else the schema names what is missing

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from .errors import ActTailError
 from .fetch import wheel_member
-from .files import MAX_TEXT, atomic_path, cache_dir, cache_folder, read_bytes
+from .files import MAX_TEXT, cache_dir, cache_folder, read_bytes
+from .outputs import atomic_path
 
 WHEEL = "exllamav2==0.3.2"
 SOURCES = {name: f"exllamav2/conversion/standard_cal_data/{name}.utf8" for name in ("wiki", "c4", "technical", "code")}

@@ -25,7 +25,8 @@ from acttail.allocation import plan_from_analysis
 from acttail.analysis import run_analysis
 from acttail.calibration import calibrate
 from acttail.evaluation import evaluate_windows, result as eval_result
-from acttail.files import cache_dir, write_json, write_text
+from acttail.files import cache_dir
+from acttail.outputs import write_json, write_text
 from acttail.plan import Plan
 from acttail.runtime import open_model
 from acttail.runtime.tokens import load_tokenizer, text_tokens, windows

@@ -16,7 +16,7 @@ import numpy as np
 
 from acttail.analysis import run_analysis
 from acttail.layout import KINDS
-from acttail.files import write_text
+from acttail.outputs import write_text
 
 
 def table(model: str) -> str:

@@ -52,7 +52,7 @@ def run(args) -> None:
     from acttail.analysis import run_analysis
     from acttail.calibration import calibrate
     from acttail.evaluation import evaluate_windows
-    from acttail.files import write_json
+    from acttail.outputs import write_json
     from acttail.greedy import measure
     from acttail.runtime import open_model
 

@@ -13,7 +13,7 @@ import os
 import statistics
 
 import acttail
-from acttail.files import write_text
+from acttail.outputs import write_text
 from acttail.layout import KINDS
 
 VARIANTS = [  # (label, allocate options)

@@ -7,15 +7,18 @@
 - ``topk_thresholds``: per-token thresholds for an exact keep count, on the device.
 - ``new_locks``: a caller's own split-K ticket counters (``locks=``), for decoders sharing a GPU.
 - ``use_sparse``: the dispatch rule (sparse kernel or dense cuBLAS) from the planned sparsity.
+- ``pick_config`` and ``chunk_rows``: the launch rule (tile sizes, rows per program), for benchmarks that time
+  other launch configurations beside it.
 - ``decode_ops``: residual add + RMSNorm, RoPE + KV-cache write, decode attention.
 Each has a plain torch reference beside it (``*_ref``). ``acttail.kernels.ops`` registers them as PyTorch
 custom operators (``torch.ops.acttail.*``) for torch.compile.
 """
 
-from .launch import PreparedLaunch, new_locks, pick_config, sparse_glu, sparse_linear, sparse_swiglu, use_sparse
+from .launch import (PreparedLaunch, chunk_rows, new_locks, pick_config, sparse_glu, sparse_linear, sparse_swiglu,
+                     use_sparse)
 from .sparse_gemv import GLU_ACTS, MAX_BATCH, sparse_glu_ref, sparse_linear_ref, sparse_swiglu_ref, sparsify_ref
 from .topk import topk_thresholds, topk_thresholds_ref
 
-__all__ = ["GLU_ACTS", "MAX_BATCH", "PreparedLaunch", "new_locks", "pick_config", "sparse_glu", "sparse_glu_ref",
-           "sparse_linear", "sparse_linear_ref", "sparse_swiglu", "sparse_swiglu_ref", "sparsify_ref",
+__all__ = ["GLU_ACTS", "MAX_BATCH", "PreparedLaunch", "chunk_rows", "new_locks", "pick_config", "sparse_glu",
+           "sparse_glu_ref", "sparse_linear", "sparse_linear_ref", "sparse_swiglu", "sparse_swiglu_ref", "sparsify_ref",
            "topk_thresholds", "topk_thresholds_ref", "use_sparse"]

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from acttail.checkpoint import Checkpoint
 from acttail.errors import ActTailError
-from acttail.files import schema
+from acttail.validation import schema
 from acttail.layout import KINDS, Key
 from conftest import write_tiny_model
 

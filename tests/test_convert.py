@@ -224,6 +224,23 @@ def test_gemma3_gguf_converts_to_the_source_weights(gemma3_gguf, tmp_path):
     assert float((model(ids) - ref).norm() / ref.norm()) < 1e-4
 
 
+def test_cli_convert_gguf_writes_what_the_api_verb_writes(gemma3_gguf, tmp_path):
+    """`acttail convert-gguf` is ``acttail.convert_gguf``: the same files, byte for byte (the other commands'
+    parity with their verbs: tests/test_parity.py)."""
+    from click.testing import CliRunner
+
+    from acttail.cli import main
+
+    r = CliRunner().invoke(main, ["convert-gguf", str(gemma3_gguf[0]), str(tmp_path / "cli")])
+    assert r.exit_code == 0, r.output
+    api = convert_gguf(gemma3_gguf[0], tmp_path / "api")
+    assert r.stdout.strip() == str(tmp_path / "cli")
+    names = sorted(p.name for p in (tmp_path / "cli").iterdir())
+    assert names and names == sorted(p.name for p in api.iterdir())
+    for name in names:
+        assert (tmp_path / "cli" / name).read_bytes() == (api / name).read_bytes(), name
+
+
 def test_sentencepiece_tokenizer_round_trips_and_asks_for_bos(gemma3_gguf, tmp_path):
     from tokenizers import Tokenizer
 

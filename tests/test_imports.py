@@ -87,11 +87,12 @@ def test_no_import_cycle():
 
 
 # The stages in the order data flows (ARCHITECTURE.md). Modules outside them are shared by every stage (errors,
-# files, layout, histogram, weights, the runtime and kernels that run the model) or sit on top (api, cli).
+# files (reading), outputs (writing), validation (schemas, fingerprints), layout, histogram, weights, the runtime and
+# kernels that run the model) or sit on top (api, cli).
 STAGES = [
     ("acttail.checkpoint", "acttail.gguf_file", "acttail.gguf_tokenizer", "acttail.convert"),
     ("acttail.esd", "acttail.reference", "acttail.analysis", "acttail.sensitivity", "acttail.greedy"),
-    ("acttail.allocation", "acttail.plan"),
+    ("acttail.allocation", "acttail.plan", "acttail.sidecar"),
     ("acttail.calibration", "acttail.compensation"),
     ("acttail.export",),
     ("acttail.evaluation", "acttail.tuning"),

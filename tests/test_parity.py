@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import acttail
 from acttail.cli import main
-from acttail.files import to_json, write_json
+from acttail.outputs import to_json, write_json
 from acttail.inputs import ModelInput, text_windows
 from acttail.sensitivity import measure as measure_sensitivity
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from acttail import files
+from acttail import files, outputs
 from acttail.checkpoint import Checkpoint, read_header
 from acttail.cli import main
 from acttail.errors import ActTailError
@@ -238,7 +238,7 @@ def test_d2_folder_as_file_output_and_file_as_folder_output(kit, out):
 def test_d2_a_failing_second_output_leaves_no_first(tmp_path):
     ok, bad = tmp_path / "a.json", tmp_path / "gone" / "a.csv"
     with pytest.raises(ActTailError, match="output folder does not exist"):
-        files.write_texts({ok: "{}", bad: "x"})
+        outputs.write_files({ok: "{}", bad: "x"})
     assert listing(tmp_path) == set()
 
 

@@ -327,10 +327,10 @@ def test_write_files_all_or_none(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", lambda s, d: (_ for _ in ()).throw(OSError(errno.EDQUOT, "quota"))
                         if Path(d) == c else real(s, d))
     with pytest.raises(ActTailError, match=f"cannot write {c}: quota"):
-        acttail.files.write_files({a: "new a", b: "new b", c: b"new c"})
+        acttail.outputs.write_files({a: "new a", b: "new b", c: b"new c"})
     monkeypatch.undo()
     assert snapshot(tmp_path) == {str(a): b"old a"}
-    acttail.files.write_files({a: "new a", b: "new b", c: b"new c"})
+    acttail.outputs.write_files({a: "new a", b: "new b", c: b"new c"})
     assert a.read_text() == "new a" and c.read_bytes() == b"new c" and len(list(tmp_path.iterdir())) == 3
 
 

@@ -21,8 +21,10 @@ from tqdm import tqdm
 
 from .. import analysis as analysis_stage
 from ..errors import ActTailError
-from ..files import cache_dir, check_model, check_schema, folder_replaced, read_json, write_text, writing
+from ..files import cache_dir, read_json
+from ..outputs import folder_replaced, write_text, writing
 from ..plan import Plan
+from ..validation import check_model, check_schema
 from . import figures as F
 from .html import render_report
 
@@ -65,10 +67,14 @@ def load_analysis(path) -> dict:
 def load_plan_for(path, analysis: dict) -> PlanView:
     """Read a plan (validated by acttail.plan) and check it belongs to the analysed model."""
     plan = Plan.load(path, expect_fingerprint=analysis["model"]["fingerprint"])
-    keys = {r["key"] for r in analysis["projections"]}
-    unknown = [e.key for e in plan.projections if e.key not in keys]
+    shapes = {r["key"]: (r["in_features"], r["out_features"]) for r in analysis["projections"]}
+    unknown = [e.key for e in plan.projections if e.key not in shapes]
     if unknown:
         raise ActTailError(f"plan {path} does not match the analysis (unknown projections: {', '.join(unknown[:3])})")
+    for e in plan.projections:  # same fingerprint, other shapes: an edited plan
+        if (e.in_features, e.out_features) != shapes[e.key]:
+            raise ActTailError(f"plan {path} does not match the analysis: {e.key} is {(e.in_features, e.out_features)} "
+                               f"(in, out) in the plan but {shapes[e.key]} in the analysis")
     budget, method = float(plan.budget), plan.method
     label = f"{Path(path).stem} ({method_name(method)} {budget:.0%})"
     raw = plan.to_dict()
@@ -432,5 +438,15 @@ def _refuse_overwrite(out: Path, analysis, plans, evals, speed, model) -> None:
     inputs = [("the analysis", analysis), *(f for p in plans for f in plan_files(p)),
               *(("eval result", e) for e in evals), ("the speed table", speed), *model_files(model)]
     refuse_overwrite([("report", out / "index.html"), ("report figures folder", out / "figures")], files=inputs)
+    figures = out / "figures"  # replaced whole: it may hold only an earlier report's figures
+    if figures.exists() and not figures.is_dir():
+        raise ActTailError(f"{figures} is a file, which the report's figures folder would replace: choose another "
+                           "output folder")
+    if figures.is_dir():
+        stray = next((p for p in sorted(figures.iterdir()) if p.suffix not in (".png", ".svg") or not p.is_file()),
+                     None)
+        if stray is not None:
+            raise ActTailError(f"report figures folder {figures} holds {stray.name}, no figure of a report, which "
+                               "replacing the folder would delete: choose another output folder")
 
 

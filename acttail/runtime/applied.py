@@ -14,9 +14,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .sparsify import PerThread, Sparsifier, check_plan
+from ..errors import ActTailError
+from .sparsify import MODE, PerThread, Sparsifier, check_plan
 
 _APPLIED: "weakref.WeakKeyDictionary[nn.Module, Applied]" = weakref.WeakKeyDictionary()
+_REGISTRY = threading.Lock()  # two threads applying plans to one model at once: one of them is refused
 
 
 class Applied:
@@ -27,13 +29,16 @@ class Applied:
     thread, for a model whose forwards do not read ``enabled`` (ours)."""
 
     def __init__(self, model: nn.Module, sparsifier: Sparsifier, undo: Callable[[], None], plan=None,
-                 mode: str = "threshold", dense_run: Callable | None = None):
+                 mode: str = MODE, dense_run: Callable | None = None):
         self.model, self.sparsifier, self.plan, self.mode = model, sparsifier, plan, mode
         self.launches: dict = {}  # (layer, group) -> Launch, where decode steps run the kernels
         self._undo, self._dense_run = undo, dense_run
         self._local = PerThread()  # .dense: inside dense() in this thread
         self._dense_blocks, self._lock = 0, threading.Lock()  # dense() blocks open in any thread
-        _APPLIED[model] = self
+        with _REGISTRY:  # the check and the claim in one step: the model is patched only after this
+            if _APPLIED.get(model) is not None:
+                raise ActTailError("a plan is already applied to this model: remove() it first")
+            _APPLIED[model] = self
 
     @property
     def enabled(self) -> bool:
@@ -70,8 +75,11 @@ class Applied:
                 self._dense_blocks -= 1
 
     def remove(self) -> None:
-        if _APPLIED.get(self.model) is self:
-            del _APPLIED[self.model]
+        with _REGISTRY:
+            mine = _APPLIED.get(self.model) is self
+            if mine:
+                del _APPLIED[self.model]
+        if mine:
             self._undo()
 
     def __enter__(self):
@@ -86,16 +94,19 @@ def applied(model: nn.Module) -> Applied | None:
     return _APPLIED.get(model)
 
 
-def apply_ours(model, plan, mode: str = "threshold") -> Applied:
+def apply_ours(model, plan, mode: str = MODE) -> Applied:
     """Our decoder: its blocks run with the plan's Sparsifier in every thread until the handle is removed
     (whatever sparsifier was installed before comes back then); a plan for another shape is refused."""
     from . import plan_sparsifier
 
     check_plan(plan, model.args)
     sp = plan_sparsifier(plan, mode)
-    before, model.ops.installed = model.ops.installed, sp
+    before = []
 
     def undo() -> None:
-        model.ops.installed = before
+        model.ops.installed = before[0]
 
-    return Applied(model, sp, undo, plan, mode, dense_run=lambda: model.sparsified(Sparsifier.dense()))
+    handle = Applied(model, sp, undo, plan, mode, dense_run=lambda: model.sparsified(Sparsifier.dense()))
+    before.append(model.ops.installed)  # installed only once the model is claimed (Applied refuses a second plan)
+    model.ops.installed = sp
+    return handle

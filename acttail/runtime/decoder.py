@@ -31,7 +31,7 @@ from .args import ModelArgs
 from .kernel_ops import KernelOps
 from .launch import launch_for
 from .model import Transformer
-from .sparsify import check_plan, settings
+from .sparsify import MODE, check_plan, settings
 from .tokens import check_ids
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -70,7 +70,7 @@ class Decoder:
     """Batch-``batch`` decoding of ``model`` (ours, fp16/bf16, on a CUDA device; on the CPU only under
     TRITON_INTERPRET=1, without graphs, for checking) with ``plan`` (None: dense) in ``mode``."""
 
-    def __init__(self, model: Transformer, plan=None, mode: str = "threshold", batch: int = 1,
+    def __init__(self, model: Transformer, plan=None, mode: str = MODE, batch: int = 1,
                  max_seq: int | None = None):
         w = model.output.weight
         if w.dtype not in DTYPES:
@@ -125,7 +125,7 @@ class Decoder:
         share_weights(hf_model, model)
         return dec
 
-    def set_plan(self, plan, mode: str = "threshold") -> None:
+    def set_plan(self, plan, mode: str = MODE) -> None:
         """The plan's launches (``plan_launches``: settings, the dispatch rule); None: dense. A plan for
         another shape is refused (``sparsify.check_plan``)."""
         if plan is not None:
@@ -304,7 +304,11 @@ class Sampler:
 
 def _prompt(input_ids, attention_mask, vocab_size: int) -> Tensor:
     """The prompts as int64 [B, T], every id inside the vocabulary (``tokens.check_ids``)."""
-    ids = torch.as_tensor(input_ids)
+    try:
+        ids = torch.as_tensor(input_ids)
+    except (TypeError, ValueError, RuntimeError, OverflowError):  # ragged lists, None, ids past 64 bits
+        raise ActTailError(f"input_ids must be integer token ids [batch, length], not this "
+                           f"{type(input_ids).__name__}") from None
     ids = ids[None] if ids.dim() == 1 else ids
     if ids.dim() != 2 or ids.shape[1] < 1 or ids.dtype not in (torch.int32, torch.int64):
         raise ActTailError(f"input_ids must be integer token ids [batch, length], got {tuple(ids.shape)} {ids.dtype}")

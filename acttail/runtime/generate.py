@@ -76,21 +76,18 @@ def generate(model, prompt: Tensor, max_new_tokens: int, temperature: float = 0.
 BACKENDS = ("reference", "kernels")
 
 
-def generate_text(model, tokenizer, prompt: str, plan=None, max_new_tokens: int = 64, temperature: float = 0.0,
-                  seed: int | None = None, mode: str = "threshold", prefill_policy: str | None = None,
-                  backend: str | None = None, dtype: str = "float16", device: str | None = None,
+def generate_text(model, tokenizer, prompt: str, plan, max_new_tokens: int, temperature: float, seed: int | None,
+                  mode: str, prefill_policy: str | None, *, backend: str, dtype: str, device: str,
                   eos_id: int | None = None, bos_id: int | None = None) -> tuple[str, dict]:
     """The prompt's continuation as text, from the dense or planned-sparse ``model``, and what the run measured;
-    the prompt starts with ``bos_id`` when given (``tokens.bos_id``: the model's tokenizer asks for it).
+    the prompt starts with ``bos_id`` when given (``tokens.bos_id``: the model's tokenizer asks for it). The
+    settings are ``acttail.generate``'s (``GenerateConfig`` holds their defaults and picks the backend).
 
-    backend ``reference`` (default on CPU): the float32 torch model where it lies; ``kernels`` (default
-    on CUDA): the Triton decode path (``runtime.decoder.Decoder``: fp16/bf16 input-major weights, dense
-    prefill, CUDA graph per decoded token, greedy) on ``device``. On the CPU the kernels run only under
-    TRITON_INTERPRET=1 (slowly)."""
+    backend ``reference``: the float32 torch model where it lies; ``kernels``: the Triton decode path
+    (``runtime.decoder.Decoder``: fp16/bf16 input-major weights, dense prefill, CUDA graph per decoded token,
+    greedy) on ``device``. On the CPU the kernels run only under TRITON_INTERPRET=1 (slowly)."""
     if max_new_tokens < 1:
         raise ActTailError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    device = str(device or model.output.weight.device)
-    backend = backend or ("kernels" if device.startswith("cuda") else "reference")
     if backend not in BACKENDS:
         raise ActTailError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if backend == "kernels":

@@ -31,17 +31,16 @@ from ..errors import ActTailError
 from ..layout import GROUPS
 from ..weights import decoder_layers, projection_modules
 from .applied import Applied, applied
-from .sparsify import Sparsifier, settings
+from .sparsify import MODE, Sparsifier, settings
 
 MAX_BATCH = 8  # as acttail.kernels.MAX_BATCH (not imported: the reference path needs no triton)
 
 
-def apply(model: nn.Module, plan, mode: str = "threshold", backend: str | None = None) -> Applied:
+def apply(model: nn.Module, plan, mode: str = MODE, backend: str | None = None) -> Applied:
     """Sparsify ``model``'s projections as ``plan`` says (threshold or topk mode); returns the handle.
     ``backend``: "kernels" (decode steps on the Triton kernels), "reference", or None: kernels where the
-    weights are fp16/bf16 on CUDA and triton imports, and the plan has no score weights."""
-    if applied(model) is not None:
-        raise ActTailError("a plan is already applied to this model: remove() it first")
+    weights are fp16/bf16 on CUDA and triton imports, and the plan has no score weights. A model holding a
+    plan already is refused (by ``Applied``, before anything is patched)."""
     modules = projection_modules(model)
     _check_shapes(model, plan, modules)
     sets = settings(plan, mode)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import decoder_prefix
 from ..errors import ActTailError
-from ..layout import HF_MODULES
+from ..layout import HF_FUSED_MODULES, HF_MODULES
 from .args import ModelArgs
 from .ops import TorchOps
 from .sparsify import Sparsifier
@@ -346,12 +346,13 @@ def _layer_weights(get, names: set, args: ModelArgs, hf: str, ours: str) -> dict
     """Our weights of one decoder layer from the HF tensors under ``hf`` (``model.layers.3``). Phi-3's
     fused qkv_proj and gate_up_proj are already in our layout."""
     m = {k: f"{hf}.{name}" for k, name in HF_MODULES.items()}
+    qkv, gate_up = (f"{hf}.{HF_FUSED_MODULES[group]}" for group in ("qkv", "gate_up"))
     sd = {}
-    if f"{hf}.self_attn.qkv_proj.weight" in names:  # Phi-3
-        sd[f"{ours}.attention.wqkv.weight"] = get(f"{hf}.self_attn.qkv_proj.weight")
-        sd[f"{ours}.feed_forward.w13.weight"] = get(f"{hf}.mlp.gate_up_proj.weight")
+    if f"{qkv}.weight" in names:  # Phi-3
+        sd[f"{ours}.attention.wqkv.weight"] = get(f"{qkv}.weight")
+        sd[f"{ours}.feed_forward.w13.weight"] = get(f"{gate_up}.weight")
         if args.qkv_bias:
-            sd[f"{ours}.attention.wqkv.bias"] = get(f"{hf}.self_attn.qkv_proj.bias")
+            sd[f"{ours}.attention.wqkv.bias"] = get(f"{qkv}.bias")
     else:
         sd[f"{ours}.attention.wqkv.weight"] = torch.cat([get(f"{m[k]}.weight") for k in "qkv"])
         sd[f"{ours}.feed_forward.w13.weight"] = torch.cat([get(f"{m['gate']}.weight"), get(f"{m['up']}.weight")])

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from ..errors import ActTailError
 
 MODES = ("threshold", "topk")
+MODE = "threshold"  # the default wherever a plan runs: its calibrated thresholds
 PREFILL = ("all", "half", "none")  # which prompt positions a plan sparsifies (decoded tokens always are)
 
 
@@ -59,7 +60,7 @@ def keep_count(sparsity: float, width: int) -> int:
     return max(1, round((1.0 - sparsity) * width))
 
 
-def settings(plan, mode: str = "threshold", where: str = "plan") -> dict[tuple[int, str], ProjectionSparsity]:
+def settings(plan, mode: str = MODE, where: str = "plan") -> dict[tuple[int, str], ProjectionSparsity]:
     """The runtime settings a plan asks for: its thresholds (threshold mode) or keep counts (topk mode), with
     its score weights and compensation tensors.
 

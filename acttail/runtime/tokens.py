@@ -117,15 +117,26 @@ def text_tokens(tokenizer, text: str, n_tokens: int | None = None) -> torch.Tens
     return torch.tensor(ids, dtype=torch.int64)
 
 
+_UNSIGNED_WIDE = (torch.uint16, torch.uint32, torch.uint64)
+
+
 def check_ids(ids, vocab_size: int, what: str = "the token ids", hint: str = "") -> torch.Tensor:
     """``ids`` (a tensor or a list) as int64, or one clear error: a tensor that is not of integers (a float
     tensor would be truncated, a bool one read as ids 0 and 1), or an id outside the model's vocabulary
-    [0, vocab_size) (the embedding would fail on it); ``hint`` ends the message."""
-    ids = torch.as_tensor(ids)
+    [0, vocab_size) (the embedding would fail on it); ``hint`` ends the message. What is no tensor of ids
+    (ragged lists, None, strings, integers past 64 bits, a meta tensor) is one clear error too."""
+    try:
+        ids = torch.as_tensor(ids)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise ActTailError(f"{what} must be a tensor, or a list of equal-length lists, of integers below the "
+                           f"model's vocabulary of {vocab_size}: cannot read the {type(ids).__name__} given") from None
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise ActTailError(f"{what} must be integers, not {str(ids.dtype).removeprefix('torch.')}")
+    if ids.is_meta:
+        raise ActTailError(f"{what} are a meta tensor, which holds no values")
     if ids.numel():
-        lo, hi = int(ids.min()), int(ids.max())
+        wide = ids.double() if ids.dtype in _UNSIGNED_WIDE else ids  # torch has no min/max of these
+        lo, hi = int(wide.min()), int(wide.max())
         if lo < 0 or hi >= vocab_size:
             raise ActTailError(f"{what} include id {lo if lo < 0 else hi}, outside the model's vocabulary of "
                                f"{vocab_size} (ids 0..{vocab_size - 1}){hint}")
