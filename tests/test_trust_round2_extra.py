@@ -358,3 +358,42 @@ def test_a_plan_is_validated_once_per_save(kit, tmp_path):  # noqa: F811
         learned.save(tmp_path / "p.json")
     assert len(calls) == 1
     assert Plan.load(tmp_path / "p.json") == learned
+
+
+def test_two_plans_saved_at_once_never_share_a_tensors_file(kit, tmp_path, monkeypatch):  # noqa: F811
+    """plan-0.5 and plan-0.6 saved by two threads at the same moment (both past the early check before either
+    has written): the second to take the folder lock is refused there, and the plan on disk still loads."""
+    from acttail import outputs
+
+    learned = Plan.load(kit["learned"])
+    other = Plan.load(kit["learned"])
+    other.tensors = {k: t + 1.0 for k, t in other.tensors.items()}
+    written = outputs._written_temp
+    for round_ in range(5):
+        folder = tmp_path / str(round_)
+        folder.mkdir()
+        both_written = threading.Barrier(2)
+
+        def slowed(path, data):
+            tmp = written(path, data)
+            if path.suffix == ".safetensors":
+                both_written.wait(timeout=30)  # each thread has its temporary sidecar: both passed the early check
+            return tmp
+
+        monkeypatch.setattr(outputs, "_written_temp", slowed)
+        errors = []
+
+        def save(plan, name):
+            try:
+                plan.save(folder / name)
+            except ActTailError as e:
+                errors.append(str(e))
+
+        threads = [threading.Thread(target=save, args=a) for a in ((learned, "plan-0.5"), (other, "plan-0.6"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(errors) == 1 and "name of its own" in errors[0]
+        saved = [p for p in folder.iterdir() if not p.name.endswith(".safetensors")]
+        assert len(saved) == 1 and Plan.load(saved[0]) in (learned, other)
