@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import re
 import stat
 import time
 import zlib
@@ -151,7 +152,8 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", limit: int = MAX
 
     NaN and Infinity (which Python's json accepts) are refused, and so are integers outside 64 bits (no
     field of ours is one; Python would carry them into arithmetic that overflows) and nesting deeper than
-    ``MAX_DEPTH`` (the readers, deepcopy and schema checks recurse)."""
+    ``MAX_DEPTH`` (the readers, deepcopy and schema checks recurse), and strings that are no text (a ``\\uD800``
+    to ``\\uDFFF`` escape without its pair: no tokenizer or file system takes such a string)."""
     path = Path(path)
     data = read_bytes(path, what, limit)
     try:
@@ -171,7 +173,31 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", limit: int = MAX
         raise ActTailError(f"{what} {path} is not valid JSON ({_short(str(e))})") from None
     if _depth(doc) > MAX_DEPTH:
         raise ActTailError(f"{what} {path} is nested too deeply to read (over {MAX_DEPTH} levels)")
+    if _SURROGATE_ESCAPE.search(data) and not _all_text(doc):
+        raise ActTailError(f"{what} {path} holds a string that is no text (an unpaired \\uD800-\\uDFFF escape)")
     return doc
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # only such an escape can put a lone surrogate in a string
+
+
+def _all_text(doc) -> bool:
+    """Every key and string value of ``doc`` encodes as UTF-8 (none holds an unpaired surrogate)."""
+    todo = [doc]
+    while todo:
+        node = todo.pop()
+        items = list(node.items()) if isinstance(node, dict) else [(None, v) for v in node] if isinstance(node, list) \
+            else [(None, node)]
+        for k, v in items:
+            for text in (k, v):
+                if isinstance(text, str):
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError:
+                        return False
+            if isinstance(v, (dict, list)):
+                todo.append(v)
+    return True
 
 
 MAX_DEPTH = 64  # levels of nesting in a JSON file we read (our formats use fewer than 8; readers recurse)

@@ -207,9 +207,10 @@ def main(read, seeds: list[bytes], valid: list[bytes]) -> None:
         corpora = [str(folder("corpus"))]
         argv.append(corpora[0])
     corpus = Path(corpora[0])
-    corpus.mkdir(parents=True, exist_ok=True)
-    if not any(corpus.iterdir()):
-        for i, seed in enumerate(seeds):
-            (corpus / f"seed-{i:02d}").write_bytes(seed)
+    if not corpus.is_file():  # a file: libFuzzer runs it once (reproducing a crash-<sha1> it saved)
+        corpus.mkdir(parents=True, exist_ok=True)
+        if not any(corpus.iterdir()):
+            for i, seed in enumerate(seeds):
+                (corpus / f"seed-{i:02d}").write_bytes(seed)
     atheris.Setup(argv, lambda data: read(data) and None)
     atheris.Fuzz()

@@ -353,6 +353,23 @@ def test_add_bos_token_must_be_a_boolean(model, tmp_path, value):
         assert finishes(lambda: bos_id(folder)) is None
 
 
+def test_strings_that_are_no_text_are_refused(model, tmp_path):
+    """A JSON string with an unpaired \\uD800-\\uDFFF escape is no text: tokenizers cannot take it (the config
+    fuzzer's crash: a bos_token holding one gave a UnicodeEncodeError). Refused by every JSON read, in keys and
+    nested values alike; a proper pair (an emoji) still reads."""
+    from acttail.files import read_json
+    from acttail.runtime.tokens import bos_id
+
+    folder = shutil.copytree(model, tmp_path / "m")
+    (folder / "tokenizer_config.json").write_text('{"add_bos_token": true, "bos_token": "<bo\\udcdds>"}')
+    rejects(lambda: bos_id(folder), (), "tokenizer_config.json", "no text")
+    for doc in ('{"\\udc00": 1}', '[[{"a": "\\uD800"}]]', '{"a": ["x", "\\ude00 alone"]}'):
+        (tmp_path / "d.json").write_text(doc)
+        rejects(lambda: read_json(tmp_path / "d.json"), (), "no text")
+    (tmp_path / "d.json").write_text('{"\\ud83d\\ude00": "ok"}')
+    assert read_json(tmp_path / "d.json") == {"\U0001F600": "ok"}
+
+
 # ---- class 11: tracebacks no more --------------------------------------------------------------------------
 
 def write_bpe_gguf(path: Path, merges: list[str]) -> Path:
