@@ -143,7 +143,11 @@ def test_gemma3_hub_style_config_reads_like_transformers():
     ({"hidden_act": "relu"}, "LlamaForCausalLM", "hidden activation 'relu'"),
     ({"hidden_activation": "gelu"}, "Gemma2ForCausalLM", "hidden activation 'gelu'"),
     ({"use_bidirectional_attention": True}, "Gemma3ForCausalLM", "bidirectional"),
-    ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 8}}, "Phi3ForCausalLM", "LongRoPE")])
+    ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 8}}, "Phi3ForCausalLM", "LongRoPE"),
+    # found by the config fuzzer: LongRoPE on another family without its original length (was a KeyError)
+    ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 8}}, "LlamaForCausalLM", "LongRoPE"),
+    ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 5, "original_max_position_embeddings": 64}},
+     "LlamaForCausalLM", "short_factor has 5 values, the head dimension 16 needs 8")])
 def test_unsupported_options_are_clear_errors(config, arch, match):
     base = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
             "vocab_size": 320}

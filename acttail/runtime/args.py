@@ -111,6 +111,9 @@ class ModelArgs:
             max_len = min(max_len, c["sliding_window"])  # no sliding window here: stay inside it
         if scaling and scaling.get("rope_type") == "longrope":
             max_len = min(max_len, scaling["original_max_position_embeddings"])
+            if len(scaling["short_factor"]) != head_dim // 2:
+                raise ActTailError(f"LongRoPE short_factor has {len(scaling['short_factor'])} values, the head "
+                                   f"dimension {head_dim} needs {head_dim // 2}")
         layer_types = _layer_types(c, family)
         gemma = family.startswith("gemma")
         return cls(
@@ -199,7 +202,7 @@ def _rope(c: dict, family: str) -> tuple[float, dict | None, float | None]:
         if family == "gemma3":
             local_base = c.get("rope_local_base_freq")
     kind = scaling and scaling.get("rope_type", scaling.get("type"))
-    if family == "phi3" and kind in ("longrope", "su", "yarn"):  # transformers' Phi3Config: all three are LongRoPE
+    if kind == "longrope" or (family == "phi3" and kind in ("su", "yarn")):  # Phi3Config: all three are LongRoPE
         scaling = _longrope(c, scaling)
     return float(base), scaling, local_base
 
