@@ -35,7 +35,9 @@ import torch.nn.functional as F
 import transformers
 
 import acttail
+import acttail.runtime.decoder as decoder_module
 from acttail.kernels import sparse_linear
+from acttail.runtime.decoder import PREFILL_GRAPH_MAX
 
 SHAPES = {"7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=32),
@@ -167,7 +169,8 @@ def run_shape(name: str, shape: dict, args, out: dict) -> None:
         rows.append(dict(shape=name, how=how, variant=variant, tok_s=tok_s, **extra))
         save(out, args.out)
         log(f"{name} | {how} | {variant}: {tok_s:.1f} tok/s" + (f" (decode alone {extra['decode_tok_s']:.1f})"
-                                                                 if "decode_tok_s" in extra else ""))
+                                                                 if "decode_tok_s" in extra else "")
+            + (f" (prefill {extra['prefill_ms']:.1f} ms)" if "prefill_ms" in extra else ""))
 
     def section(label, fn):  # one failure must not lose the other rows
         try:
@@ -224,9 +227,14 @@ def fast_path(model, plan, ids, n, args, add, out, name):
     log(f"{name}: fast path dense greedy tokens equal transformers' for the first {same} of 32")
     for label, p in (("dense", None), (f"plan {args.budget:.0%}", plan)):
         fast.set_plan(p)
-        tok_s = rate(lambda: fast.generate(ids, max_new_tokens=n), n)
+        for prefill in ("graph", "eager"):  # the prompt in one CUDA-graph replay, or eagerly (before 2026-12-07)
+            decoder_module.PREFILL_GRAPH_MAX = PREFILL_GRAPH_MAX if prefill == "graph" else 0
+            tok_s = rate(lambda: fast.generate(ids, max_new_tokens=n), n)
+            how = "acttail.decoder(model, plan).generate" + ("" if prefill == "graph" else ", eager prefill")
+            add(how, label, tok_s, sparse_groups=fast.ops.sparse_groups(1),
+                prefill_ms=fast.timing["prefill_s"] * 1e3, decode_ms=fast.timing["decode_s"] * 1e3)
+        decoder_module.PREFILL_GRAPH_MAX = PREFILL_GRAPH_MAX
         decode = (fast.timing["new_tokens"] - 1) / fast.timing["decode_s"]
-        add("acttail.decoder(model, plan).generate", label, tok_s, sparse_groups=fast.ops.sparse_groups(1))
         add("acttail generate (decode rate it reports)", label, decode)
 
 
@@ -241,15 +249,16 @@ def markdown(out: dict) -> str:
     for shape in dict.fromkeys(r["shape"] for r in out["rows"]):
         rows = [r for r in out["rows"] if r["shape"] == shape]
         lines += [f"## {shape}", "", "| how | variant | tok/s | vs the same way dense | vs transformers eager dense "
-                  "| vs transformers compiled dense | decode steps alone, tok/s |", "|---|---|---|---|---|---|---|"]
+                  "| vs transformers compiled dense | decode steps alone, tok/s | prefill ms |", "|---|---|---|---|---|---|---|---|"]
         base = {r["how"]: r["tok_s"] for r in rows if r["variant"] == "dense"}
         eager = base.get("model.generate (eager)")
         static = base.get("model.generate(cache_implementation='static')")
         for r in rows:
             rel = lambda b: f"{r['tok_s'] / b:.2f}x" if b else "-"  # noqa: E731
             decode = f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else "-"
+            prefill = f"{r['prefill_ms']:.1f}" if "prefill_ms" in r else "-"
             lines.append(f"| {r['how']} | {r['variant']} | {r['tok_s']:.1f} | {rel(base.get(r['how']))} | "
-                         f"{rel(eager)} | {rel(static)} | {decode} |")
+                         f"{rel(eager)} | {rel(static)} | {decode} | {prefill} |")
         lines.append("")
     if out.get("host"):
         lines += ["## Time per projection call, layer 0", "",

@@ -242,6 +242,26 @@ def test_prefill_matches_reference_forward(architecture):
     ref = model(prompt)[0, -1:]
     assert rel_err(logits, ref) < 2e-2
     assert int(dec.pos[0]) == 5 and torch.equal(dec.out[0, :5], prompt[0])
+    assert dec.prefill_length(5) == 16  # padded: the padding wrote the cache past the prompt
+    assert dec.model.layers[0].attention.kv_cache.k[0, :, 5:16].abs().sum() > 0
+
+
+def test_prefill_padding_changes_nothing_the_prompt_sees(monkeypatch):
+    """A prompt padded to its length bucket gives the logits and the decode steps of the unpadded prompt:
+    causal attention keeps the padding out of the prompt, and each step writes its own cache position first."""
+    import acttail.runtime.decoder as decoder_module
+
+    model = tiny_model(2)
+    prompt = torch.tensor([[3, 9, 27, 11, 50]])
+    runs = []
+    for most in (256, 0):  # padded to 16, then not padded
+        monkeypatch.setattr(decoder_module, "PREFILL_GRAPH_MAX", most)
+        dec = decoder(model)
+        assert dec.prefill_length(5) == (16 if most else 5)
+        first = dec.prefill(prompt)
+        steps = [dec.forward_token(torch.tensor([[7 + k]]), dec.pos + k)[0] for k in range(3)]
+        runs.append(torch.stack([first[0], *steps]))
+    assert rel_err(runs[0], runs[1]) < 1e-3
 
 
 @pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Gemma2ForCausalLM"])

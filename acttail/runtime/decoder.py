@@ -7,7 +7,10 @@ A ``Decoder`` is our ``Transformer`` (the one block, ``model.py``) with its proj
 input-major (``input_major``: [in, out] contiguous, the module's weight a transposed view of that storage,
 so a skipped activation skips one contiguous row), ``KernelOps`` holding the plan's launches, a static KV
 cache for ``batch`` sequences, and the decode step (forward, sampling, the position advanced on the
-device) captured once in a CUDA graph per sampling setting. The prompt runs through the same block, dense.
+device) captured once in a CUDA graph per sampling setting. The prompt runs through the same block, dense,
+padded to the next power of two (at least 16): up to ``PREFILL_GRAPH_MAX`` tokens that is one CUDA-graph
+replay per length bucket (an eager prefill of a 7B model is ~1,500 host-bound launches); the padding
+positions write the cache past the prompt, where each decode step writes its own position before reading it.
 
 Built from a transformers model (``from_transformers``) it takes over that model's weights where the layout
 allows: the embeddings, norms and LM head are the same tensors; o and down are transposed into new
@@ -35,6 +38,7 @@ from .sparsify import MODE, check_plan, settings
 from .tokens import check_ids
 
 DTYPES = (torch.float16, torch.bfloat16)
+PREFILL_GRAPH_MAX = 256  # prompts up to this many tokens prefill in a CUDA graph (one per batch, length bucket)
 
 
 def input_major(model: Transformer) -> None:
@@ -155,15 +159,42 @@ class Decoder:
     @torch.no_grad()
     def prefill(self, input_ids: Tensor) -> Tensor:
         """The prompts [B, T] through the model from position 0, dense, filling the caches; the logits of
-        their last position [B, vocab]."""
+        their last position [B, vocab]. Padded to ``prefill_length(T)`` (causal: the prompt's positions never
+        see the padding), replayed from a CUDA graph on a GPU."""
         m = self.model
         ids = input_ids.to(self.device)
-        T = ids.shape[1]
-        x, residual = m.blocks(m.embed(ids), torch.arange(T, device=self.device))
-        h = m.ops.add_norm(m.norm, x[:, -1:].contiguous(), None if residual is None else residual[:, -1:].contiguous())
+        B, T = ids.shape
+        n = self.prefill_length(T)
+        if self.device.type == "cuda" and n <= PREFILL_GRAPH_MAX:
+            graph, buf, (x, residual) = self._graph(("prefill", B, n))
+            buf[:, :T].copy_(ids)
+            buf[:, T:].zero_()
+            graph.replay()
+        else:
+            x, residual = self._prefill_blocks(torch.nn.functional.pad(ids, (0, n - T)))
+        h = m.ops.add_norm(m.norm, x[:, T - 1:T].contiguous(),
+                           None if residual is None else residual[:, T - 1:T].contiguous())
         self.out[:, :T] = ids
         self.pos.fill_(T)
         return m.logits(h)[:, -1]
+
+    def prefill_length(self, T: int) -> int:
+        """The length a T-token prompt is padded to: the next power of two, at least 16, at most max_seq
+        (no padding past ``PREFILL_GRAPH_MAX``)."""
+        n = max(16, 1 << (T - 1).bit_length())
+        return n if n <= min(PREFILL_GRAPH_MAX, self.max_seq) else T
+
+    def _prefill_blocks(self, ids: Tensor) -> tuple[Tensor, Tensor | None]:
+        m = self.model
+        return m.blocks(m.embed(ids), torch.arange(ids.shape[1], device=self.device))
+
+    def _capture_prefill(self, batch: int, n: int):
+        """(graph, its input buffer [batch, n], its outputs) of ``_prefill_blocks`` on n tokens."""
+        buf = torch.zeros(batch, n, dtype=torch.long, device=self.device)
+        graph = _capture(lambda: self._prefill_blocks(buf))
+        with torch.cuda.graph(graph), torch.no_grad():
+            outs = self._prefill_blocks(buf)
+        return graph, buf, outs
 
     @torch.no_grad()
     def forward_token(self, tokens: Tensor, pos: Tensor) -> Tensor:
@@ -183,13 +214,7 @@ class Decoder:
         the caches and positions are put back after)."""
         saved = [t.clone() for t in (self.tokens, self.pos, self.out)]
         caches = [(b.attention.kv_cache.k.clone(), b.attention.kv_cache.v.clone()) for b in self.model.layers]
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s), torch.no_grad():
-            for _ in range(2):
-                self._step(sampler)
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
+        graph = _capture(lambda: self._step(sampler))
         with torch.cuda.graph(graph), torch.no_grad():
             self._step(sampler)
         for t, old in zip((self.tokens, self.pos, self.out), saved):
@@ -236,14 +261,22 @@ class Decoder:
             self.resize(B, max(self.max_seq, T + max_new_tokens))
         sampler = Sampler(float(temperature), top_k, float(top_p)) if do_sample else greedy
         eos = _ids(eos_token_id)
+        on_gpu = self.device.type == "cuda"
+        sync = torch.cuda.synchronize if on_gpu else (lambda: None)
         t0 = time.perf_counter()
+        if on_gpu and self.prefill_length(T) <= PREFILL_GRAPH_MAX:
+            self._graph(("prefill", B, self.prefill_length(T)))  # captured on first use: counted as capture
+        sync()
+        tp = time.perf_counter()
         first = sampler(self.prefill(ids))
         self.tokens.copy_(first.view(-1, 1))
         self.out[:, T] = first
         if streamer is not None:
             streamer.put(ids.cpu())  # transformers' streamers take the prompt first (and may skip it)
+        sync()
         t1 = time.perf_counter()
-        graph = self._graph(sampler) if self.device.type == "cuda" else None
+        graph = self._graph(sampler) if on_gpu else None
+        sync()
         t2 = time.perf_counter()
         made, every = 1, 1 if streamer is not None else 8  # new tokens so far; steps between host reads
         if streamer is not None:
@@ -259,13 +292,27 @@ class Decoder:
         t3 = time.perf_counter()
         if streamer is not None:
             streamer.end()
-        self.timing = {"prefill_s": t1 - t0, "capture_s": t2 - t1, "decode_s": t3 - t2, "new_tokens": made}
+        self.timing = {"prefill_s": t1 - tp, "capture_s": (tp - t0) + (t2 - t1), "decode_s": t3 - t2,
+                       "new_tokens": made}
         return _after_eos(seq, T, eos, pad_token_id)
 
-    def _graph(self, sampler) -> torch.cuda.CUDAGraph:
-        if sampler not in self.graphs:
-            self.graphs[sampler] = self.capture(sampler)
-        return self.graphs[sampler]
+    def _graph(self, key):
+        """The decode graph of sampler ``key``, or ("prefill", batch, length)'s graph, buffer and outputs:
+        captured on first use, kept until the plan, batch or length changes."""
+        if key not in self.graphs:
+            self.graphs[key] = self._capture_prefill(*key[1:]) if isinstance(key, tuple) else self.capture(key)
+        return self.graphs[key]
+
+
+def _capture(warm_up) -> torch.cuda.CUDAGraph:
+    """A new CUDA graph, after ``warm_up()`` twice on a side stream (as torch's CUDA-graph recipe asks)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.no_grad():
+        for _ in range(2):
+            warm_up()
+    torch.cuda.current_stream().wait_stream(s)
+    return torch.cuda.CUDAGraph()
 
 
 def greedy(logits: Tensor) -> Tensor:

@@ -133,7 +133,7 @@ def check_kernel_run(device, temperature, prefill_policy):
 
 def _generate_kernels(model, plan, mode, ids, max_new_tokens, device, dtype):
     """Greedy tokens from the Triton decode path, with the decode rate measured around the graph replays."""
-    from .decoder import Decoder, greedy
+    from .decoder import Decoder
 
     dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype not in dtypes:
@@ -143,25 +143,11 @@ def _generate_kernels(model, plan, mode, ids, max_new_tokens, device, dtype):
         raise ActTailError(f"{len(ids)} prompt + {max_new_tokens} new tokens exceed the model's "
                            f"{model.args.max_seq_len} positions")
     dec = Decoder.from_model(model, dtype=dtypes[dtype], device=device, plan=plan, mode=mode, max_seq=n)
-    on_gpu = dec.device.type == "cuda"
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        dec.tokens.copy_(dec.prefill(torch.tensor([ids], device=dec.device)).argmax(-1).view(1, 1))
-        dec.out[:, len(ids)] = dec.tokens[:, 0]
-        sync()
-        t1 = time.perf_counter()
-        if on_gpu:
-            dec.graphs[greedy] = dec.capture(greedy)
-        sync()
-        t2 = time.perf_counter()
-        dec.decode(max_new_tokens - 1, greedy, use_graph=on_gpu)
-        sync()
-        t3 = time.perf_counter()
     T = len(ids)
-    out = dec.out[0, T:T + max_new_tokens].tolist()
+    out = dec.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens)[0, T:].tolist()
+    t = dec.timing
     info = {"backend": "kernels", "device": str(dec.device), "dtype": dtype, "new_tokens": len(out),
-            "prefill_s": t1 - t0, "capture_s": t2 - t1, "decode_s": t3 - t2,
-            "decode_tokens_per_s": (max_new_tokens - 1) / (t3 - t2) if max_new_tokens > 1 else None,
+            "prefill_s": t["prefill_s"], "capture_s": t["capture_s"], "decode_s": t["decode_s"],
+            "decode_tokens_per_s": (len(out) - 1) / t["decode_s"] if len(out) > 1 else None,
             "sparse_groups": dec.ops.sparse_groups(1), "groups": 4 * dec.model.args.n_layer}
     return out, info
