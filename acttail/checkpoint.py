@@ -270,6 +270,7 @@ class Checkpoint:
         config.json (``expected_shapes``)."""
         projs = [Projection(layer, kind, *self._proj_shape(layer, kind))
                  for layer in range(self.num_layers) for kind in KINDS]
+        self._check_embeddings()
         expected = self.expected_shapes()
         for p in projs:
             want = expected.get(p.kind)
@@ -278,6 +279,15 @@ class Checkpoint:
                                    f"{p.out_features} x {p.in_features}, config.json implies {want[0]} x {want[1]} "
                                    "(hidden_size, intermediate_size, heads, head_dim)")
         return projs
+
+    def _check_embeddings(self) -> None:
+        """The token embeddings must be vocab_size x hidden_size, as config.json says (where it says both)."""
+        name = self.prefix[: -len("layers")] + "embed_tokens.weight"
+        want = [self.config.get("vocab_size"), self.config.get("hidden_size")]
+        if name in self._index and all(type(d) is int for d in want) and list(self._shape(name)) != want:
+            shape = " x ".join(map(str, self._shape(name)))
+            raise ActTailError(f"{self.path}: config.json does not match the weights: {name} is {shape}, "
+                               f"config.json says vocab_size {want[0]}, hidden_size {want[1]}")
 
     def expected_shapes(self) -> dict[str, tuple[int, int]]:
         """(out_features, in_features) of each kind implied by config.json; kinds it cannot tell are absent."""

@@ -315,6 +315,32 @@ def test_analyze_refuses_a_config_that_contradicts_the_weights_cached_or_not(tmp
     assert listing(out) == set()
 
 
+def _with_config(model, tmp_path, **changes):
+    folder = shutil.copytree(model, tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, **{k: v(cfg) for k, v in changes.items()}}))
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat " * 200)
+    return folder, text
+
+
+def test_a_config_vocabulary_that_contradicts_the_embeddings_is_refused(model, tmp_path):
+    folder, text = _with_config(model, tmp_path, vocab_size=lambda c: c["vocab_size"] + 7)
+    out = tmp_path / "out"
+    out.mkdir()
+    for args in (("analyze", folder, "-o", out / "a.json"),
+                 ("eval", folder, "--text", text, "--tokens", "256", "--ctx", "64", "-o", out / "e.json")):
+        refused(run(*args), "config.json does not match the weights")
+    assert listing(out) == set()
+
+
+def test_an_untied_config_without_an_lm_head_is_refused(model, tmp_path):
+    assert "lm_head.weight" not in read_header(model / "model.safetensors")[1]
+    folder, text = _with_config(model, tmp_path, tie_word_embeddings=lambda c: False)
+    refused(run("eval", folder, "--text", text, "--tokens", "256", "--ctx", "64"), "tie_word_embeddings is false",
+            "no lm_head.weight")
+
+
 # ---- class 10: ACTTAIL_CACHE and tokenizer_config.json -----------------------------------------------------
 
 def test_acttail_cache_naming_a_file_is_one_line(tmp_path, monkeypatch):

@@ -400,6 +400,9 @@ def load_model(ckpt, dtype: torch.dtype = torch.float32, device: str = "cpu", st
     base = prefix[: -len("layers")]  # "model.", or Gemma 3 multimodal's "model.language_model."
     sd = {"tok_embeddings.weight": get(f"{base}embed_tokens.weight"), "norm.weight": get(f"{base}norm.weight")}
     head = next((n for n in ("lm_head.weight", base.removesuffix("model.") + "lm_head.weight") if n in names), None)
+    if head is None and not args.tie_embeddings:
+        raise ActTailError(f"{ckpt.path}: config.json says tie_word_embeddings is false, but the weights hold no "
+                           "lm_head.weight (transformers would start it at random)")
     sd["output.weight"] = get(head) if head and not args.tie_embeddings else sd["tok_embeddings.weight"]
     def layer(i: int) -> dict[str, Tensor]:
         one = _layer_weights(get, names, args, f"{prefix}.{i}", f"layers.{i}")
