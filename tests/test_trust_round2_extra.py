@@ -96,7 +96,8 @@ def test_relative_and_absolute_spellings_of_one_input(files, model, tmp_path, mo
 
 def test_a_report_never_deletes_a_figures_folder_of_other_files(files, tmp_path, monkeypatch):
     """The report replaces DIR/figures whole: a folder holding anything but an earlier report's PNG and SVG
-    files (or a file named figures) is refused before any figure is drawn; an earlier report's is taken."""
+    files and a file browser's .DS_Store (or a file named figures) is refused before any figure is drawn; an
+    earlier report's is taken."""
     no_work(monkeypatch)
     out = tmp_path / "report"
     (out / "figures").mkdir(parents=True)
@@ -109,7 +110,7 @@ def test_a_report_never_deletes_a_figures_folder_of_other_files(files, tmp_path,
     (out / "figures").unlink()
     assert snapshot(tmp_path) == {k: v for k, v in before.items() if "figures" not in k}
     (out / "figures").mkdir()
-    for name in ("alpha_heatmap.png", "alpha_heatmap.svg"):
+    for name in ("alpha_heatmap.png", "alpha_heatmap.svg", ".DS_Store"):  # and what a file browser left there
         (out / "figures" / name).write_bytes(b"an earlier report's")
     with pytest.raises(AssertionError, match="work started"):  # past every check: the drawing comes next
         acttail.write_report(files["analysis"], out)

@@ -430,6 +430,9 @@ def build_report(analysis_path, plan_paths=(), eval_paths=(), out_dir="report", 
     return out / "index.html"
 
 
+OS_METADATA = {".DS_Store", "Thumbs.db", "desktop.ini"}  # files a file browser leaves in a folder it showed
+
+
 def _refuse_overwrite(out: Path, analysis, plans, evals, speed, model) -> None:
     """Refuse, before any figure is drawn, a report folder whose index.html or figures/ is one of the inputs
     or holds one."""
@@ -443,8 +446,8 @@ def _refuse_overwrite(out: Path, analysis, plans, evals, speed, model) -> None:
         raise ActTailError(f"{figures} is a file, which the report's figures folder would replace: choose another "
                            "output folder")
     if figures.is_dir():
-        stray = next((p for p in sorted(figures.iterdir()) if p.suffix not in (".png", ".svg") or not p.is_file()),
-                     None)
+        stray = next((p for p in sorted(figures.iterdir())
+                      if not p.is_file() or (p.suffix not in (".png", ".svg") and p.name not in OS_METADATA)), None)
         if stray is not None:
             raise ActTailError(f"report figures folder {figures} holds {stray.name}, no figure of a report, which "
                                "replacing the folder would delete: choose another output folder")
