@@ -26,13 +26,16 @@ class Applied:
     back as it was; ``dense()`` is a context in which it runs dense (the reference run of a comparison);
     ``achieved()`` the sparsity measured per projection (layer, kind) since ``reset_counts()`` (inputs of the
     reference path; the kernels do not count). ``dense_run``: the context that makes ``model`` dense in this
-    thread, for a model whose forwards do not read ``enabled`` (ours)."""
+    thread, for a model whose forwards do not read ``enabled`` (ours). ``compiled_switch(on)``: told whether
+    compiled graphs run the plan (False while a ``dense()`` block is open in any thread), for forwards that
+    keep that flag where torch.compile reads it cheaply (transformers models)."""
 
     def __init__(self, model: nn.Module, sparsifier: Sparsifier, undo: Callable[[], None], plan=None,
-                 mode: str = MODE, dense_run: Callable | None = None):
+                 mode: str = MODE, dense_run: Callable | None = None,
+                 compiled_switch: Callable[[bool], None] | None = None):
         self.model, self.sparsifier, self.plan, self.mode = model, sparsifier, plan, mode
         self.launches: dict = {}  # (layer, group) -> Launch, where decode steps run the kernels
-        self._undo, self._dense_run = undo, dense_run
+        self._undo, self._dense_run, self._switch = undo, dense_run, compiled_switch
         self._local = PerThread()  # .dense: inside dense() in this thread
         self._dense_blocks, self._lock = 0, threading.Lock()  # dense() blocks open in any thread
         with _REGISTRY:  # the check and the claim in one step: the model is patched only after this
@@ -64,15 +67,19 @@ class Applied:
         after it; other threads keep the plan."""
         outer = getattr(self._local, "dense", False)
         self._local.dense = True
-        with self._lock:
-            self._dense_blocks += 1
+        self._count_dense(+1)
         try:
             with self._dense_run() if self._dense_run is not None else nullcontext():
                 yield self
         finally:
             self._local.dense = outer
-            with self._lock:
-                self._dense_blocks -= 1
+            self._count_dense(-1)
+
+    def _count_dense(self, step: int) -> None:
+        with self._lock:
+            self._dense_blocks += step
+            if self._switch is not None:
+                self._switch(self._dense_blocks == 0)
 
     def remove(self) -> None:
         with _REGISTRY:

@@ -21,8 +21,6 @@ outside compiled graphs.
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,13 +48,16 @@ def apply(model: nn.Module, plan, mode: str = MODE, backend: str | None = None) 
         backend = "kernels" if _kernels_serve(model, sets) else "reference"
     sp = Sparsifier(sets)
     undo: list = []
-    handle = Applied(model, sp, lambda: [u() for u in reversed(undo)], plan, mode)
+    patched: list = []  # every module's _Patched: handle.dense() sets their ``on`` for compiled graphs
+    handle = Applied(model, sp, lambda: [u() for u in reversed(undo)], plan, mode,
+                     compiled_switch=lambda on: [setattr(p, "on", on) for p in patched])
     units = _units(model, modules) if backend == "kernels" else {}
     for linear, parts in modules.items():
         if any(sets.get((layer, kind)) for kind, layer, _ in parts):
-            _patch(linear, types.MethodType(_linear_forward(handle, parts, units.get(linear)), linear), undo)
+            patched.append(_Patched(handle, units.get(linear), linear, parts))
+            _swap(linear, _linear_forward, patched[-1], undo)
     if backend == "kernels":
-        _build_launches(model, units, sets, plan.sparsities(), undo, handle)
+        _build_launches(model, units, sets, plan.sparsities(), undo, handle, patched)
         handle.launches = {(u.layer, u.group): u.launch for u in units.values() if u.launch is not None}
     return handle
 
@@ -85,32 +86,83 @@ def _check_shapes(model, plan, modules) -> None:
     plan.check_shapes(len(decoder_layers(model)), lambda layer, kind: shapes.get((layer, kind)))
 
 
-def _patch(obj, method, undo: list, name: str = "forward") -> None:
-    setattr(obj, name, method)
-    undo.append(lambda: obj.__dict__.pop(name, None))
+_CLASSES: dict = {}  # (module class, forward) -> its patched subclass
+
+
+def _swap(module: nn.Module, forward, state: "_Patched", undo: list) -> None:
+    """Give ``module`` a subclass of its class whose forward is ``forward``, and ``state`` as ``_acttail``;
+    undo puts both back. (A class-level forward reading one state object per module keeps torch.compile's
+    guards few: a bound method stored on the instance, or a handle shared by every module's closure, costs
+    an identity guard per module that runs in Python on every compiled call: ~1.3 ms a 7B token.)"""
+    cls = type(module)
+    sub = _CLASSES.get((cls, forward))
+    if sub is None:
+        sub = _CLASSES[(cls, forward)] = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+    state.original = cls.forward
+    module.__class__ = sub
+    module._acttail = state
+
+    def restore():
+        module.__class__ = cls
+        module.__dict__.pop("_acttail", None)
+
+    undo.append(restore)
+
+
+class _Patched:
+    """What the patched forward of one module reads (``module._acttail``): the handle (eager: is the plan on
+    in this thread; the reference path), ``on`` (compiled graphs: no ``dense()`` block open), the module's
+    projections ``parts``, and its unit of the kernel path with this module's place in it."""
+
+    def __init__(self, handle: Applied, unit: "_Unit | None", linear: nn.Module | None = None, parts=()):
+        self.handle, self.unit, self.parts, self.on = handle, unit, parts, True
+        self.original = None
+        self.lead = unit is None or linear is unit.linears[0]
+        self.last = unit is None or linear is unit.linears[-1]
+        self.cols = unit.cols[linear] if unit is not None and linear in unit.cols else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.on if torch.compiler.is_compiling() else self.handle.enabled
+
+    def output(self, x: torch.Tensor) -> torch.Tensor | None:
+        """This Linear's columns of the unit's launch on x; None where the launch needs another input (an act
+        pair, or a follower called without its leader)."""
+        unit = self.unit
+        if unit.launch.act is not None:
+            return None
+        if self.lead:
+            y = unit.launch(x.reshape(-1, x.shape[-1]))
+            if not self.last:
+                unit.pending = (x, y)
+        elif unit.pending is None or unit.pending[0] is not x:
+            return None
+        else:
+            y = unit.pending[1]
+            if self.last:
+                unit.pending = None
+        return y[:, self.cols].reshape(*x.shape[:-1], -1)
 
 
 # ---- the reference path, and the kernel path's dispatch ----------------------------------------------
 
 
-def _linear_forward(handle: Applied, parts, unit: "_Unit | None"):
-    """The forward of one Linear computing ``parts`` [(kind, layer, output rows)]."""
-    sp = handle.sparsifier
-
-    def forward(self, x):
-        if not handle.enabled:
-            return F.linear(x, self.weight, self.bias)
-        if unit is not None and _is_decode(x):
-            if unit.launch is None or not unit.launch.runs_sparse(_batch(x)):
-                return F.linear(x, self.weight, self.bias)  # the dispatch rule: dense
-            y = unit.output(self, x)
-            if y is not None:
-                return y
-        outs = [sp.project_one((layer, kind), x, sp.settings.get((layer, kind)), self.weight[rows],
-                               None if self.bias is None else self.bias[rows]) for kind, layer, rows in parts]
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-
-    return forward
+def _linear_forward(self, x):
+    """The forward of a patched Linear computing its ``_acttail.parts`` [(kind, layer, output rows)]."""
+    st = self._acttail
+    if not st.enabled:
+        return F.linear(x, self.weight, self.bias)
+    unit = st.unit
+    if unit is not None and _is_decode(x):
+        if unit.launch is None or not unit.launch.runs_sparse(_batch(x)):
+            return F.linear(x, self.weight, self.bias)  # the dispatch rule: dense
+        y = st.output(x)
+        if y is not None:
+            return y
+    sp = st.handle.sparsifier
+    outs = [sp.project_one((layer, kind), x, sp.settings.get((layer, kind)), self.weight[rows],
+                           None if self.bias is None else self.bias[rows]) for kind, layer, rows in st.parts]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
 def _is_decode(x: torch.Tensor) -> bool:
@@ -139,25 +191,7 @@ class _Unit:
             cols[linear] = slice(start, start + n)
             start += n
         self.cols = cols
-        self._pending = None  # (input, output) of the shared launch, until its last Linear took its columns
-
-    def output(self, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
-        """This Linear's columns of the unit's launch on x; None where the launch needs another input (an act
-        pair, or a follower called without its leader)."""
-        if self.launch.act is not None:
-            return None
-        lead = linear is self.linears[0]
-        if lead:
-            y = self.launch(x.reshape(-1, x.shape[-1]))
-            if len(self.linears) > 1:
-                self._pending = (x, y)
-        elif self._pending is None or self._pending[0] is not x:
-            return None
-        else:
-            y = self._pending[1]
-            if linear is self.linears[-1]:
-                self._pending = None
-        return y[:, self.cols[linear]].reshape(*x.shape[:-1], -1)
+        self.pending = None  # (input, output) of the shared launch, until its last Linear took its columns
 
 
 def _units(model: nn.Module, modules: dict) -> dict[nn.Linear, _Unit]:
@@ -181,7 +215,8 @@ def _units(model: nn.Module, modules: dict) -> dict[nn.Linear, _Unit]:
 # ---- the kernel path: weights input-major, one Launch per unit ------------------------------------------
 
 
-def _build_launches(model: nn.Module, units: dict, sets: dict, planned: dict, undo: list, handle: Applied) -> None:
+def _build_launches(model: nn.Module, units: dict, sets: dict, planned: dict, undo: list, handle: Applied,
+                    patched: list) -> None:
     """Store each unit's weights input-major (shared storage), build its Launch, and let the MLP take gate/up
     and their activation in one launch where its structure is known."""
     from .launch import launch_for
@@ -199,7 +234,8 @@ def _build_launches(model: nn.Module, units: dict, sets: dict, planned: dict, un
         unit.launch = launch_for(unit.layer, kinds, wt, unit.widths, sets, planned,
                                  _bias(unit.linears), act if mlp is not None else None)
         if mlp is not None and unit.launch is not None:
-            _patch(mlp, types.MethodType(_mlp_forward(handle, unit, type(mlp).forward), mlp), undo)
+            patched.append(_Patched(handle, unit))
+            _swap(mlp, _mlp_forward, patched[-1], undo)
 
 
 def _input_major(linears: list, undo: list) -> torch.Tensor:
@@ -249,17 +285,14 @@ def _activation(model: nn.Module) -> str | None:
         return None
 
 
-def _mlp_forward(handle: Applied, unit: _Unit, original):
+def _mlp_forward(self, x):
     """The MLP's forward: a decode step the dispatch rule runs sparse computes act(gate) * up in the unit's
     one launch, then down; anything else runs the MLP's own forward (through the patched Linears)."""
-
-    def forward(self, x):
-        if handle.enabled and _is_decode(x) and unit.launch.runs_sparse(_batch(x)):
-            h = unit.launch(x.reshape(-1, x.shape[-1]))
-            return self.down_proj(h.reshape(*x.shape[:-1], -1))
-        return original(self, x)
-
-    return forward
+    st = self._acttail
+    if st.enabled and _is_decode(x) and st.unit.launch.runs_sparse(_batch(x)):
+        h = st.unit.launch(x.reshape(-1, x.shape[-1]))
+        return self.down_proj(h.reshape(*x.shape[:-1], -1))
+    return st.original(self, x)
 
 
 # ---- our decoder from a transformers model -------------------------------------------------------------
