@@ -383,9 +383,9 @@ def validate(plan, where: str = "plan") -> dict:
     if not isinstance(plan, dict) or plan.get("format") != FORMAT:
         found = plan.get("format") if isinstance(plan, dict) else type(plan).__name__
         raise ActTailError(f"{where} is not an acttail plan (format is {found!r}, expected {FORMAT!r})")
-    if plan.get("version") not in READS:
+    if type(plan.get("version")) is not int or plan["version"] not in READS:  # 1.0 and True equal 1 in Python
         raise ActTailError(f"{where} has plan version {plan.get('version')!r}; acttail {__version__} reads "
-                           f"versions {', '.join(map(str, READS))}")
+                           f"versions {', '.join(map(str, READS))} (integers)")
     check_schema(plan, "plan", where)  # also refuses NaN and infinities, which "number" admits
     _check_consistency(plan, where)
     return plan

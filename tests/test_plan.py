@@ -47,6 +47,8 @@ def test_schema_ships_in_the_package():
 
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d.update(version=3), "plan version 3; acttail .* reads versions 1, 2"),
+    (lambda d: d.update(version=1.0), r"plan version 1\.0; acttail .* reads versions 1, 2 \(integers\)"),
+    (lambda d: d.update(version=True), "plan version True; acttail"),
     (lambda d: d.update(compensation="magic"), r"\$\.compensation"),
     (lambda d: d["projections"][0].update(overhead=-0.1), r"\$\.projections\[0\]\.overhead"),
     (lambda d: d.update(format="something-else"), "not an acttail plan"),
