@@ -1,8 +1,9 @@
 """Plans on stock transformers models: ``apply`` (sparsify their projections in place, removable) and
 ``from_transformers`` (our decoder built from their weights: calibration, the fast decoder).
 
-``apply`` replaces the forward of every q/k/v/o/gate/up/down ``nn.Linear`` of each decoder layer (Phi-3's
-fused ``qkv_proj`` / ``gate_up_proj`` too: each part gets its own sparsified copy of the input). Inputs are
+``apply`` gives every q/k/v/o/gate/up/down ``nn.Linear`` of each decoder layer (Phi-3's fused ``qkv_proj`` /
+``gate_up_proj`` too: each part gets its own sparsified copy of the input) a subclass of its class whose
+forward reads the module's own state (``module._acttail``); ``remove()`` gives the class back. Inputs are
 zeroed as the plan says and the projection runs as before: the reference path, on any device, every
 position of a longer input sparsified. With the kernel backend (the default on CUDA for fp16/bf16 weights)
 a decode step (one new token per sequence, batch <= 8) runs each projection group's ``Launch`` instead
