@@ -107,8 +107,9 @@ def check_prepared():
     return rows
 
 
-def hf_tiny(arch="llama"):
-    common = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+def hf_tiny(arch="llama", hidden: int = 256, layers: int = 2):
+    common = dict(vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=hidden // 64,
                   num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, eos_token_id=0,
                   bos_token_id=0, pad_token_id=0)
     cfg = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "phi3": transformers.Phi3Config}[arch]
@@ -138,7 +139,7 @@ def agreement(a, b) -> dict:
     return dict(leading_equal=same, step_rel=[round(rel(a[1][i], b[1][i]), 6) for i in steps])
 
 
-def check_hf(arch, mode="reduce-overhead"):
+def check_hf(arch, mode="reduce-overhead", hidden: int = 256, layers: int = 2):
     """apply's decode launches vs the reference path (eager); the compiled step (the launches as custom ops
     inside inductor's graphs) vs eager, each output cloned before the next call (a CUDA-graph output lives
     until the next replay); static-cache generation (transformers compiles the decode step) vs eager
@@ -146,7 +147,7 @@ def check_hf(arch, mode="reduce-overhead"):
     static cache uncompiled) and dense (what compilation changes without a plan)."""
     from torch._dynamo.utils import counters
 
-    fp32 = hf_tiny(arch)
+    fp32 = hf_tiny(arch, hidden, layers)
     ids = torch.randint(0, 512, (4, 64))
     plan = acttail.allocate(acttail.analyze(fp32, progress=False), 0.7, method="uniform")
     plan = acttail.calibrate(fp32, plan, ids, compensation="learned", steps=5, tokens=256, ctx=64, progress=False)
@@ -203,13 +204,15 @@ def main():
     ap.add_argument("--sections", nargs="+", default=["decoder", "prepared", "hf"])
     ap.add_argument("--archs", nargs="+", default=["llama", "qwen2", "phi3"], help="transformers models of the hf check")
     ap.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode of the hf check")
+    ap.add_argument("--hidden", type=int, default=256, help="hidden size of the hf check's models (heads of 64)")
+    ap.add_argument("--layers", type=int, default=2, help="layers of the hf check's models")
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     res = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                torch=torch.__version__, transformers=transformers.__version__)
     sections = {"decoder": lambda: [check_decoder(a) for a in ARCHS], "prepared": check_prepared,
-                "hf": lambda: [check_hf(a, args.compile_mode) for a in args.archs]}
+                "hf": lambda: [check_hf(a, args.compile_mode, args.hidden, args.layers) for a in args.archs]}
     for name, fn in ((s, sections[s]) for s in args.sections):
         t0 = time.time()
         try:
