@@ -98,11 +98,14 @@ def test_agrees_with_weightwatcher_on_smollm2(smollm2):
     from acttail.reference import weightwatcher_fit
 
     logging.disable(logging.WARNING)
-    ckpt = Checkpoint.open(smollm2)
-    projs = [p for p in ckpt.projections() if p.layer in (0, 17)]
-    diffs = []
-    for p in projs:
-        w = ckpt.load(p)
-        ours = esd.analyze_matrix(w)["alpha"]
-        diffs.append(abs(ours - weightwatcher_fit(w)["alpha"]))
+    try:
+        ckpt = Checkpoint.open(smollm2)
+        projs = [p for p in ckpt.projections() if p.layer in (0, 17)]
+        diffs = []
+        for p in projs:
+            w = ckpt.load(p)
+            ours = esd.analyze_matrix(w)["alpha"]
+            diffs.append(abs(ours - weightwatcher_fit(w)["alpha"]))
+    finally:
+        logging.disable(logging.NOTSET)  # for the rest of the session (other tests read logs)
     assert np.median(diffs) < 1e-3 and max(diffs) < 0.02, diffs

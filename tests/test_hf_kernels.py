@@ -148,6 +148,8 @@ def _python_guards(fn, *args) -> int:
 
     torch._dynamo.reset()
     log, handler = logging.getLogger("torch._dynamo"), logging.StreamHandler(io.StringIO())
+    disabled = logging.root.manager.disable  # another test may have called logging.disable
+    logging.disable(logging.NOTSET)
     torch._logging.set_logs(guards=True)
     log.addHandler(handler)
     try:
@@ -156,6 +158,7 @@ def _python_guards(fn, *args) -> int:
     finally:
         log.removeHandler(handler)
         torch._logging.set_logs()
+        logging.disable(disabled)
     return handler.stream.getvalue().count("LAMBDA_GUARD")
 
 
