@@ -164,14 +164,14 @@ class Decoder:
         m = self.model
         ids = input_ids.to(self.device)
         B, T = ids.shape
-        n = self.prefill_length(T)
-        if self.device.type == "cuda" and n <= PREFILL_GRAPH_MAX:
-            graph, buf, (x, residual) = self._graph(("prefill", B, n))
+        captured = self._prefill_graph(B, T)
+        if captured is not None:
+            graph, buf, (x, residual) = captured
             buf[:, :T].copy_(ids)
             buf[:, T:].zero_()
             graph.replay()
         else:
-            x, residual = self._prefill_blocks(torch.nn.functional.pad(ids, (0, n - T)))
+            x, residual = self._prefill_blocks(torch.nn.functional.pad(ids, (0, self.prefill_length(T) - T)))
         h = m.ops.add_norm(m.norm, x[:, T - 1:T].contiguous(),
                            None if residual is None else residual[:, T - 1:T].contiguous())
         self.out[:, :T] = ids
@@ -183,6 +183,14 @@ class Decoder:
         (no padding past ``PREFILL_GRAPH_MAX``)."""
         n = max(16, 1 << (T - 1).bit_length())
         return n if n <= min(PREFILL_GRAPH_MAX, self.max_seq) else T
+
+    def _prefill_graph(self, batch: int, T: int):
+        """(graph, input buffer, outputs) that prefill a [batch, T] prompt, captured on first use; None off
+        the GPU or for a prompt longer than ``PREFILL_GRAPH_MAX`` (it runs eagerly)."""
+        n = self.prefill_length(T)
+        if self.device.type != "cuda" or n > PREFILL_GRAPH_MAX:
+            return None
+        return self._graph(("prefill", batch, n))
 
     def _prefill_blocks(self, ids: Tensor) -> tuple[Tensor, Tensor | None]:
         m = self.model
@@ -264,8 +272,7 @@ class Decoder:
         on_gpu = self.device.type == "cuda"
         sync = torch.cuda.synchronize if on_gpu else (lambda: None)
         t0 = time.perf_counter()
-        if on_gpu and self.prefill_length(T) <= PREFILL_GRAPH_MAX:
-            self._graph(("prefill", B, self.prefill_length(T)))  # captured on first use: counted as capture
+        self._prefill_graph(B, T)  # captured on first use: counted as capture, not as prefill
         sync()
         tp = time.perf_counter()
         first = sampler(self.prefill(ids))
