@@ -186,17 +186,16 @@ def _all_text(doc) -> bool:
     todo = [doc]
     while todo:
         node = todo.pop()
-        items = list(node.items()) if isinstance(node, dict) else [(None, v) for v in node] if isinstance(node, list) \
-            else [(None, node)]
-        for k, v in items:
-            for text in (k, v):
-                if isinstance(text, str):
-                    try:
-                        text.encode("utf-8")
-                    except UnicodeEncodeError:
-                        return False
-            if isinstance(v, (dict, list)):
-                todo.append(v)
+        if isinstance(node, dict):
+            todo.extend(node)
+            todo.extend(node.values())
+        elif isinstance(node, list):
+            todo.extend(node)
+        elif isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
     return True
 
 
