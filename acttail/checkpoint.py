@@ -284,9 +284,12 @@ class Checkpoint:
         """The token embeddings must be vocab_size x hidden_size, as config.json says (where it says both)."""
         name = self.prefix[: -len("layers")] + "embed_tokens.weight"
         want = [self.config.get("vocab_size"), self.config.get("hidden_size")]
-        if name in self._index and all(type(d) is int for d in want) and list(self._shape(name)) != want:
-            shape = " x ".join(map(str, self._shape(name)))
-            raise ActTailError(f"{self.path}: config.json does not match the weights: {name} is {shape}, "
+        if name not in self._index or not all(type(d) is int for d in want):
+            return
+        shape = list(self._shape(name))
+        if shape != want:
+            raise ActTailError(f"{self.path}: config.json does not match the weights: {name} is "
+                               f"{' x '.join(map(str, shape))}, "
                                f"config.json says vocab_size {want[0]}, hidden_size {want[1]}")
 
     def expected_shapes(self) -> dict[str, tuple[int, int]]:
