@@ -17,7 +17,9 @@ Inside a compiled graph the kernels launch without programmatic dependent launch
 them there are inductor's and cuBLAS's, not ours.
 
 Eager callers that launch the same weights many times use ``PreparedLaunch`` (launch.py) directly: calling
-through the op adds the dispatcher's host time to every call.
+through the op adds the dispatcher's host time to every call. A plan applied to a model compiles to
+``acttail::launch(x, key)`` instead (``acttail.runtime.launch``): that op holds its tensors itself, so the
+compiled graph, and dynamo's guards, see none of them.
 """
 
 from __future__ import annotations

@@ -14,13 +14,17 @@ weights are stored input-major for the kernels, q/k/v and gate/up concatenated, 
 a view of that storage (same bytes, no second copy); a group the dispatch rule runs dense at every batch
 size keeps its weights as they were.
 
-Under torch.compile the patched model compiles with fullgraph=True and each launch is one opaque custom op
-(``acttail.kernels.ops``): no graph break at a projection, and inductor's CUDA graphs (mode "reduce-overhead",
-what transformers' static-cache generation uses) capture the kernels as they are. The zeros are counted only
-outside compiled graphs.
+Under torch.compile the patched model compiles with fullgraph=True and each launch is one opaque custom op,
+``acttail::launch(x, key)`` (launch.py): no graph break at a projection, and inductor's CUDA graphs (mode
+"reduce-overhead", what transformers' static-cache generation uses) capture the kernels as they are. What a
+compiled forward reads of the plan is kept to constants (each module's ``_Spec``) so that dynamo's guards,
+evaluated on every compiled call, stay few: transformers' compiled decode pays them on every token. The
+zeros are counted only outside compiled graphs.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -53,13 +57,15 @@ def apply(model: nn.Module, plan, mode: str = MODE, backend: str | None = None) 
     handle = Applied(model, sp, lambda: [u() for u in reversed(undo)], plan, mode,
                      compiled_switch=lambda on: [setattr(p, "on", on) for p in patched])
     units = _units(model, modules) if backend == "kernels" else {}
-    for linear, parts in modules.items():
-        if any(sets.get((layer, kind)) for kind, layer, _ in parts):
-            patched.append(_Patched(handle, units.get(linear), linear, parts))
-            _swap(linear, _linear_forward, patched[-1], undo)
     if backend == "kernels":
         _build_launches(model, units, sets, plan.sparsities(), undo, handle, patched)
         handle.launches = {(u.layer, u.group): u.launch for u in units.values() if u.launch is not None}
+        undo.append(lambda: [_PENDING.pop(launch.key, None) for launch in handle.launches.values()])
+    for linear, parts in modules.items():
+        if any(sets.get((layer, kind)) for kind, layer, _ in parts):
+            unit = units.get(linear)
+            patched.append(_Patched(handle, parts, unit.spec(linear) if unit is not None else None))
+            _swap(linear, _linear_forward, patched[-1], undo)
     return handle
 
 
@@ -113,36 +119,55 @@ def _swap(module: nn.Module, forward, state: "_Patched", undo: list) -> None:
 class _Patched:
     """What the patched forward of one module reads (``module._acttail``): the handle (eager: is the plan on
     in this thread; the reference path), ``on`` (compiled graphs: no ``dense()`` block open), the module's
-    projections ``parts``, and its unit of the kernel path with this module's place in it."""
+    projections ``parts``, and ``spec``, its place in the kernel path (None: no launch)."""
 
-    def __init__(self, handle: Applied, unit: "_Unit | None", linear: nn.Module | None = None, parts=()):
-        self.handle, self.unit, self.parts, self.on = handle, unit, parts, True
+    def __init__(self, handle: Applied, parts=(), spec: "_Spec | None" = None):
+        self.handle, self.parts, self.spec, self.on = handle, parts, spec, True
         self.original = None
-        self.lead = unit is None or linear is unit.linears[0]
-        self.last = unit is None or linear is unit.linears[-1]
-        self.cols = unit.cols[linear] if unit is not None and linear in unit.cols else None
 
     @property
     def enabled(self) -> bool:
         return self.on if torch.compiler.is_compiling() else self.handle.enabled
 
-    def output(self, x: torch.Tensor) -> torch.Tensor | None:
-        """This Linear's columns of the unit's launch on x; None where the launch needs another input (an act
-        pair, or a follower called without its leader)."""
-        unit = self.unit
-        if unit.launch.act is not None:
+
+class _Spec(NamedTuple):
+    """A patched module's place in its unit's launch, in constants alone (what dynamo guards of the kernel path:
+    a few constant checks a module, no tensor or object of the launch): the launch's key (``launch.run``), the
+    dispatch rule per batch size, whether this module launches (lead) and whether it is the last to take its
+    columns [start, stop) of the output; ``act``: the launch returns act(gate) * up, for the MLP's forward
+    only."""
+    key: int
+    sparse_at: tuple
+    lead: bool
+    last: bool
+    start: int
+    stop: int
+    act: bool
+
+
+_PENDING: dict = {}  # launch key -> (input, output) of a shared q/k/v launch, until its last module took its columns
+
+
+def _columns(spec: _Spec, x: torch.Tensor) -> torch.Tensor | None:
+    """This module's columns of its unit's launch on x; None where the launch needs another caller (an act
+    pair, or a follower called without its leader). The leader launches; the others take their columns of
+    its output when they get the same input tensor (one launch for q, k and v)."""
+    from .launch import run
+
+    if spec.act:
+        return None
+    if spec.lead:
+        y = run(spec.key, x.reshape(-1, x.shape[-1]))
+        if not spec.last:
+            _PENDING[spec.key] = (x, y)
+    else:
+        pending = _PENDING.get(spec.key)
+        if pending is None or pending[0] is not x:
             return None
-        if self.lead:
-            y = unit.launch(x.reshape(-1, x.shape[-1]))
-            if not self.last:
-                unit.pending = (x, y)
-        elif unit.pending is None or unit.pending[0] is not x:
-            return None
-        else:
-            y = unit.pending[1]
-            if self.last:
-                unit.pending = None
-        return y[:, self.cols].reshape(*x.shape[:-1], -1)
+        y = pending[1]
+        if spec.last:
+            del _PENDING[spec.key]
+    return y[:, spec.start:spec.stop].reshape(*x.shape[:-1], -1)
 
 
 # ---- the reference path, and the kernel path's dispatch ----------------------------------------------
@@ -153,11 +178,11 @@ def _linear_forward(self, x):
     st = self._acttail
     if not st.enabled:
         return F.linear(x, self.weight, self.bias)
-    unit = st.unit
-    if unit is not None and _is_decode(x):
-        if unit.launch is None or not unit.launch.runs_sparse(_batch(x)):
+    spec = st.spec
+    if spec is not None and _is_decode(x):
+        if not spec.sparse_at[_batch(x) - 1]:
             return F.linear(x, self.weight, self.bias)  # the dispatch rule: dense
-        y = st.output(x)
+        y = _columns(spec, x)
         if y is not None:
             return y
     sp = st.handle.sparsifier
@@ -192,7 +217,16 @@ class _Unit:
             cols[linear] = slice(start, start + n)
             start += n
         self.cols = cols
-        self.pending = None  # (input, output) of the shared launch, until its last Linear took its columns
+
+    def spec(self, linear: nn.Module | None) -> _Spec:
+        """The spec of ``linear`` (None: the MLP taking the act pair) in this unit's launch; without a launch (the
+        dispatch rule runs the group dense at every batch size), dense at every batch size."""
+        launch = self.launch
+        if launch is None:
+            return _Spec(0, (False,) * MAX_BATCH, True, True, 0, 0, False)
+        cols = self.cols.get(linear, slice(0, launch.out_features))
+        return _Spec(launch.key, launch.sparse_at, linear is None or linear is self.linears[0],
+                     linear is None or linear is self.linears[-1], cols.start, cols.stop, launch.act is not None)
 
 
 def _units(model: nn.Module, modules: dict) -> dict[nn.Linear, _Unit]:
@@ -235,7 +269,7 @@ def _build_launches(model: nn.Module, units: dict, sets: dict, planned: dict, un
         unit.launch = launch_for(unit.layer, kinds, wt, unit.widths, sets, planned,
                                  _bias(unit.linears), act if mlp is not None else None)
         if mlp is not None and unit.launch is not None:
-            patched.append(_Patched(handle, unit))
+            patched.append(_Patched(handle, spec=unit.spec(None)))
             _swap(mlp, _mlp_forward, patched[-1], undo)
 
 
@@ -289,9 +323,11 @@ def _activation(model: nn.Module) -> str | None:
 def _mlp_forward(self, x):
     """The MLP's forward: a decode step the dispatch rule runs sparse computes act(gate) * up in the unit's
     one launch, then down; anything else runs the MLP's own forward (through the patched Linears)."""
+    from .launch import run
+
     st = self._acttail
-    if st.enabled and _is_decode(x) and st.unit.launch.runs_sparse(_batch(x)):
-        h = st.unit.launch(x.reshape(-1, x.shape[-1]))
+    if st.enabled and _is_decode(x) and st.spec.sparse_at[_batch(x) - 1]:
+        h = run(st.spec.key, x.reshape(-1, x.shape[-1]))
         return self.down_proj(h.reshape(*x.shape[:-1], -1))
     return st.original(self, x)
 

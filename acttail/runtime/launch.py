@@ -12,21 +12,32 @@ one plan runs the same way through both.
 The dispatch rule (``kernels.use_sparse``): a group runs sparse at a batch size when its planned sparsity
 (weighted by the projections' widths) pays for the kernel there; else the caller runs it dense (its own
 weights, no compensation, as the reference does on positions it does not sparsify).
+
+Inside torch.compile a launch is one opaque custom op, ``acttail::launch(x, key)``, that finds its ``Launch``
+by an integer key (``run``): the compiled graph holds no tensor, setting or object of the launch, so dynamo
+guards one integer per launch instead of its weights, thresholds, biases, counters and settings (about a
+hundred checks a layer that every compiled call evaluates: a millisecond a 7B token).
 """
 
 from __future__ import annotations
+
+import itertools
+import weakref
 
 import torch
 from torch import Tensor
 
 from acttail.kernels import MAX_BATCH, PreparedLaunch, new_locks, topk_thresholds, use_sparse
-from acttail.kernels import ops as kernel_ops
 
 from ..errors import ActTailError
 from .ops import ACTIVATIONS
 from .sparsify import ProjectionSparsity, compensation_term
 
 ALL_ROWS = 1 << 30  # the keep count of a projection a topk launch leaves dense
+IN_GRAPH = {"pdl": False}  # inside a compiled graph the kernels launch without PDL (as kernels/ops.py's)
+
+_BY_KEY: "weakref.WeakValueDictionary[int, Launch]" = weakref.WeakValueDictionary()  # live launches
+_KEYS = itertools.count(1)
 
 
 class Launch:
@@ -56,11 +67,16 @@ class Launch:
         self.kernel = PreparedLaunch(wt, thresholds, None if glu else self.widths, act=glu,
                                      bias=self.bias if self.lowrank is None else None,
                                      locks=new_locks(dev, wt.shape[1] // 16 + 3), config=config)
+        self._config, self._in_graph = config, None
         nbytes = wt.numel() * wt.element_size()
-        self._sparse = tuple(sparsity is None or use_sparse(sparsity, b, nbytes) for b in range(1, MAX_BATCH + 1))
+        self.sparse_at = tuple(sparsity is None or use_sparse(sparsity, b, nbytes) for b in range(1, MAX_BATCH + 1))
+        self.out_features = self.widths[0] if act is not None else sum(self.widths)
+        self.key = next(_KEYS)
+        _BY_KEY[self.key] = self
 
     def runs_sparse(self, batch: int) -> bool:
-        return 1 <= batch <= MAX_BATCH and self._sparse[batch - 1]
+        """The dispatch rule at batch size ``batch`` (``sparse_at[batch - 1]``; False beyond MAX_BATCH)."""
+        return 1 <= batch <= MAX_BATCH and self.sparse_at[batch - 1]
 
     @property
     def fuses_norm(self) -> bool:
@@ -68,19 +84,23 @@ class Launch:
         return self.keeps is None and self.lowrank is None
 
     def __call__(self, x: Tensor, norm=None, residual=None, residual_out=None) -> Tensor:
-        if torch.compiler.is_compiling():  # torch.compile: one opaque custom op (kernels/ops.py)
-            return self._op(x)
+        if torch.compiler.is_compiling():  # torch.compile: one opaque custom op
+            return launch_op(x, self.key)
+        return self._run(self.kernel, x, norm, residual, residual_out)
+
+    def _run(self, kernel: PreparedLaunch, x: Tensor, norm=None, residual=None, residual_out=None) -> Tensor:
         t = topk_thresholds(x, self.keeps) if self.keeps is not None else None
-        y = self.kernel(x, t, norm=norm, residual=residual, residual_out=residual_out)
+        y = kernel(x, t, norm=norm, residual=residual, residual_out=residual_out)
         return y if self.lowrank is None else self._compensated(x, y, t)
 
-    def _op(self, x: Tensor) -> Tensor:
-        k = self.kernel
-        t = kernel_ops.topk_thresholds(x, self.keeps) if self.keeps is not None else k.thresholds
-        if k.glu:
-            return kernel_ops.sparse_glu(x, k.wt, t, k.act, k.bias, k.locks)
-        y = kernel_ops.sparse_linear(x, k.wt, t, list(self.widths), k.bias, k.locks)
-        return y if self.lowrank is None else self._compensated(x, y, t)
+    def in_graph(self, x: Tensor) -> Tensor:
+        """The output on x as ``acttail::launch`` computes it inside a compiled graph: the same kernel with the
+        same tensors and counters, launched without programmatic dependent launch."""
+        if self._in_graph is None:
+            k = self.kernel
+            self._in_graph = PreparedLaunch(k.wt, k.thresholds, k.splits, act=k.act if k.glu else None, bias=k.bias,
+                                            locks=k.locks, config={**(self._config or {}), **IN_GRAPH})
+        return self._run(self._in_graph, x)
 
     def _compensated(self, x: Tensor, y: Tensor, t: Tensor | None) -> Tensor:
         """y plus the Linear's own bias and each projection's learned bias and low-rank term U (V x_dropped),
@@ -95,6 +115,32 @@ class Launch:
         if self.act is not None:
             return (ACTIVATIONS[self.act](outs[0]) * outs[1]).to(x.dtype)
         return torch.cat(outs, dim=-1).to(x.dtype)
+
+
+def run(key: int, x: Tensor) -> Tensor:
+    """The output of launch ``key`` (``Launch.key``) on x [B, in]: inside torch.compile the custom op, which
+    dynamo guards by the key alone; eagerly the launch itself."""
+    if torch.compiler.is_compiling():
+        return launch_op(x, key)
+    return _BY_KEY[key](x)
+
+
+@torch.library.custom_op("acttail::launch", mutates_args=())
+def launch_op(x: Tensor, key: int) -> Tensor:
+    """``Launch`` ``key``'s output on x (the launch's split-K counters end as they began: no mutation to declare)."""
+    return _launch(key).in_graph(x)
+
+
+@launch_op.register_fake
+def _(x, key):
+    return x.new_empty(x.shape[0], _launch(key).out_features)
+
+
+def _launch(key: int) -> Launch:
+    launch = _BY_KEY.get(key)
+    if launch is None:
+        raise ActTailError(f"launch {key} is gone: its plan was removed (a graph compiled with it cannot run)")
+    return launch
 
 
 def launch_for(layer: int, kinds: tuple[str, ...], wt: Tensor, widths, sets: dict, planned: dict | None,
