@@ -27,7 +27,8 @@ import weakref
 import torch
 from torch import Tensor
 
-from acttail.kernels import MAX_BATCH, PreparedLaunch, new_locks, topk_thresholds, use_sparse
+from acttail.kernels import (MAX_BATCH, PreparedLaunch, new_locks, sparse_glu, sparse_linear, topk_thresholds,
+                             use_sparse)
 
 from ..errors import ActTailError
 from .ops import ACTIVATIONS
@@ -67,7 +68,7 @@ class Launch:
         self.kernel = PreparedLaunch(wt, thresholds, None if glu else self.widths, act=glu,
                                      bias=self.bias if self.lowrank is None else None,
                                      locks=new_locks(dev, wt.shape[1] // 16 + 3), config=config)
-        self._config, self._in_graph = config, None
+        self._in_graph_config = {**(config or {}), **IN_GRAPH}
         nbytes = wt.numel() * wt.element_size()
         self.sparse_at = tuple(sparsity is None or use_sparse(sparsity, b, nbytes) for b in range(1, MAX_BATCH + 1))
         self.out_features = self.widths[0] if act is not None else sum(self.widths)
@@ -86,21 +87,22 @@ class Launch:
     def __call__(self, x: Tensor, norm=None, residual=None, residual_out=None) -> Tensor:
         if torch.compiler.is_compiling():  # torch.compile: one opaque custom op
             return launch_op(x, self.key)
-        return self._run(self.kernel, x, norm, residual, residual_out)
-
-    def _run(self, kernel: PreparedLaunch, x: Tensor, norm=None, residual=None, residual_out=None) -> Tensor:
         t = topk_thresholds(x, self.keeps) if self.keeps is not None else None
-        y = kernel(x, t, norm=norm, residual=residual, residual_out=residual_out)
+        y = self.kernel(x, t, norm=norm, residual=residual, residual_out=residual_out)
         return y if self.lowrank is None else self._compensated(x, y, t)
 
     def in_graph(self, x: Tensor) -> Tensor:
         """The output on x as ``acttail::launch`` computes it inside a compiled graph: the same kernel with the
-        same tensors and counters, launched without programmatic dependent launch."""
-        if self._in_graph is None:
-            k = self.kernel
-            self._in_graph = PreparedLaunch(k.wt, k.thresholds, k.splits, act=k.act if k.glu else None, bias=k.bias,
-                                            locks=k.locks, config={**(self._config or {}), **IN_GRAPH})
-        return self._run(self._in_graph, x)
+        same tensors and counters, launched without programmatic dependent launch, through the one-shot entry
+        points (host time at capture only): a prepared launch keeps scratch buffers from its first call, which
+        inside inductor's CUDA-graph warm-up would stay alive in the graphs' memory pool, and inductor refuses
+        a pool holding allocations that are no output."""
+        k = self.kernel
+        t = topk_thresholds(x, self.keeps) if self.keeps is not None else k.thresholds
+        if k.glu:
+            return sparse_glu(x, k.wt, t, k.act, config=self._in_graph_config, bias=k.bias, locks=k.locks)
+        y = sparse_linear(x, k.wt, t, self.widths, config=self._in_graph_config, bias=k.bias, locks=k.locks)
+        return y if self.lowrank is None else self._compensated(x, y, t)
 
     def _compensated(self, x: Tensor, y: Tensor, t: Tensor | None) -> Tensor:
         """y plus the Linear's own bias and each projection's learned bias and low-rank term U (V x_dropped),
