@@ -305,3 +305,39 @@ def test_a_removed_plan_leaves_no_launch_registered():
     del handle
     gc.collect()
     assert not any(k in launch_module._BY_KEY for k in keys)
+
+
+def _tensors_held(obj, seen=None) -> set:
+    """ids of the tensors reachable from obj's attributes, lists, tuples and dicts."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        return {id(obj)}
+    if id(obj) in seen:
+        return set()
+    seen.add(id(obj))
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else \
+        vars(obj).values() if hasattr(obj, "__dict__") and not isinstance(obj, type) else ()
+    return set().union(*(_tensors_held(v, seen) for v in items)) if items else set()
+
+
+def test_a_compiled_launch_keeps_nothing_from_a_call(monkeypatch):
+    """Inside inductor's CUDA graphs acttail::launch must leave no allocation of its own alive after a call:
+    the graphs' memory pool may hold outputs only (cudagraph trees refuse the step otherwise). A prepared
+    launch keeps its scratch buffers and last output from its first call on a GPU (under the interpreter it
+    binds nothing, so it is kept out of the in-graph path here by making it fail), which broke transformers'
+    compiled decode on an H100."""
+    from acttail.kernels import PreparedLaunch
+
+    def kept(*args, **kwargs):
+        raise AssertionError("a prepared launch inside a compiled graph keeps buffers in the graphs' pool")
+
+    monkeypatch.setattr(PreparedLaunch, "__call__", kept)
+    model = tiny_hf("llama", seed=9)
+    plan = calibrated(model)
+    model = model.half()
+    with acttail.apply(model, plan, backend="kernels") as handle:
+        for launch in handle.launches.values():
+            x = torch.randn(1, launch.kernel.wt.shape[0], dtype=torch.float16)
+            before = _tensors_held(launch)
+            y = launch.in_graph(x)
+            assert _tensors_held(launch) == before and id(y) not in before
