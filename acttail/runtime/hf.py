@@ -146,20 +146,20 @@ class _Spec(NamedTuple):
 
 
 _PENDING: dict = {}  # launch key -> (input, output) of a shared q/k/v launch, until its last module took its columns
+_run = None  # launch.run, bound when a plan first builds launches (launch.py imports triton; the reference path does not)
 
 
 def _columns(spec: _Spec, x: torch.Tensor) -> torch.Tensor | None:
     """This module's columns of its unit's launch on x; None where the launch needs another caller (an act
     pair, or a follower called without its leader). The leader launches; the others take their columns of
     its output when they get the same input tensor (one launch for q, k and v)."""
-    from .launch import run
-
     if spec.act:
         return None
     if spec.lead:
-        y = run(spec.key, x.reshape(-1, x.shape[-1]))
-        if not spec.last:
-            _PENDING[spec.key] = (x, y)
+        y = _run(spec.key, x.reshape(-1, x.shape[-1]))
+        if spec.last:
+            return y.reshape(*x.shape[:-1], -1)  # the whole output (o, down; Phi-3's fused qkv_proj)
+        _PENDING[spec.key] = (x, y)
     else:
         pending = _PENDING.get(spec.key)
         if pending is None or pending[0] is not x:
@@ -193,14 +193,13 @@ def _linear_forward(self, x):
 
 def _is_decode(x: torch.Tensor) -> bool:
     """One new token per sequence, at most MAX_BATCH sequences: the shape the kernels serve."""
-    return x.dim() >= 2 and (x.dim() == 2 or x.shape[-2] == 1) and _batch(x) <= MAX_BATCH
+    dims = x.dim()
+    return dims >= 2 and (dims == 2 or x.shape[-2] == 1) and _batch(x) <= MAX_BATCH
 
 
 def _batch(x: torch.Tensor) -> int:
-    n = 1
-    for d in x.shape[:-1]:
-        n *= d
-    return n
+    """Rows of x: the product of its leading dimensions (the input of a Linear has a last dimension > 0)."""
+    return x.numel() // x.shape[-1]
 
 
 class _Unit:
@@ -254,9 +253,10 @@ def _build_launches(model: nn.Module, units: dict, sets: dict, planned: dict, un
                     patched: list) -> None:
     """Store each unit's weights input-major (shared storage), build its Launch, and let the MLP take gate/up
     and their activation in one launch where its structure is known."""
-    from .launch import launch_for
+    global _run
+    from .launch import ever_sparse, launch_for, planned_sparsity, run
 
-    from .launch import ever_sparse, planned_sparsity
+    _run = run
 
     act = _activation(model)
     for unit in dict.fromkeys(units.values()):
@@ -323,11 +323,9 @@ def _activation(model: nn.Module) -> str | None:
 def _mlp_forward(self, x):
     """The MLP's forward: a decode step the dispatch rule runs sparse computes act(gate) * up in the unit's
     one launch, then down; anything else runs the MLP's own forward (through the patched Linears)."""
-    from .launch import run
-
     st = self._acttail
     if st.enabled and _is_decode(x) and st.spec.sparse_at[_batch(x) - 1]:
-        h = run(st.spec.key, x.reshape(-1, x.shape[-1]))
+        h = _run(st.spec.key, x.reshape(-1, x.shape[-1]))
         return self.down_proj(h.reshape(*x.shape[:-1], -1))
     return st.original(self, x)
 
