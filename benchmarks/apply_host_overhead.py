@@ -1,6 +1,7 @@
 """Host cost of ``acttail.apply``'s eager decode path, on the CPU: a tiny Llama with a 70% plan on the kernel
 path, each launch's kernel replaced by a stub that returns zeros, 40 greedy tokens of ``model.generate``
-under cProfile: milliseconds a token and Python calls. Compares two trees of acttail without a GPU
+under cProfile: milliseconds a token and Python calls; and the host time of one layer's projection calls
+(q, k, v, o, the MLP) on a one-token input, float32, dense and through apply (best of 5 x 20000). Compares two trees of acttail without a GPU
 (run it once with each on PYTHONPATH: a folder holding ``acttail/`` with ``kernels/`` copied in as
 ``acttail/kernels``).
 
@@ -52,6 +53,37 @@ def main(tokens: int = 40) -> None:
         seconds = time.perf_counter() - t0
     stats = pstats.Stats(profiler)
     print(f"{acttail.__file__}: {seconds / tokens * 1e3:.1f} ms a token, {stats.total_calls} Python calls")
+    layer_host_us()
+
+
+def layer_host_us(calls: int = 20000) -> None:
+    """Host microseconds of one layer's projection calls, dense and through apply (kernels stubbed)."""
+    model = tiny_hf("llama", seed=3)
+    plan = calibrated(model)
+    layer, x = model.model.layers[0], torch.randn(1, 1, model.config.hidden_size)
+
+    def projections():
+        attn = layer.self_attn
+        attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), attn.o_proj(x), layer.mlp(x)
+
+    def best_us():
+        for _ in range(200):
+            projections()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                projections()
+            times.append(time.perf_counter() - t0)
+        return min(times) / calls * 1e6
+
+    with torch.no_grad():
+        dense = best_us()
+        with acttail.apply(model, plan, backend="kernels") as handle:
+            for launch in handle.launches.values():
+                launch.kernel = ZerosKernel(launch.kernel)
+            sparse = best_us()
+    print(f"one layer's projection calls, host time: dense {dense:.1f} us, through apply {sparse:.1f} us")
 
 
 if __name__ == "__main__":
