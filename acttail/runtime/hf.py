@@ -192,9 +192,9 @@ def _linear_forward(self, x):
 
 
 def _is_decode(x: torch.Tensor) -> bool:
-    """One new token per sequence, at most MAX_BATCH sequences: the shape the kernels serve."""
+    """One new token per sequence, 1 to MAX_BATCH sequences: the shape the kernels serve."""
     dims = x.dim()
-    return dims >= 2 and (dims == 2 or x.shape[-2] == 1) and _batch(x) <= MAX_BATCH
+    return dims >= 2 and (dims == 2 or x.shape[-2] == 1) and 1 <= _batch(x) <= MAX_BATCH
 
 
 def _batch(x: torch.Tensor) -> int:
