@@ -119,12 +119,19 @@ def pick_config(B: int, K: int, n_blocks_of, device: torch.device) -> dict:
 # ---- arguments of one launch ----------------------------------------------------------------------------
 
 
-def _check(x, wt, splits, glu, act, bias):
+def _check(x, wt, splits, glu, act, bias, scales=None):
     """One clear ValueError for inputs the kernel cannot take; the projections' output widths."""
     if x.dim() != 2 or wt.dim() != 2 or x.shape[1] != wt.shape[0]:
         raise ValueError(f"need x [B, K] and wt [K, N], got {tuple(x.shape)} and {tuple(wt.shape)}")
-    if x.dtype != wt.dtype or x.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"x and wt must share dtype float16 or bfloat16, got {x.dtype} and {wt.dtype}")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"x must have dtype float16 or bfloat16, got {x.dtype}")
+    if scales is None and wt.dtype != x.dtype:
+        raise ValueError(f"x and wt must share dtype float16 or bfloat16, got {x.dtype} and {wt.dtype}"
+                         + (" (int8 weights need their per-column scales)" if wt.dtype == torch.int8 else ""))
+    if scales is not None and (wt.dtype != torch.int8 or scales.dtype != torch.float32 or scales.device != x.device
+                               or tuple(scales.shape) != (wt.shape[1],) or not scales.is_contiguous()):
+        raise ValueError(f"scales go with int8 weights: a contiguous float32 [{wt.shape[1]}] tensor on the "
+                         f"activations' device, got {scales.dtype} {tuple(scales.shape)} for {wt.dtype} weights")
     B, N = x.shape[0], wt.shape[1]
     if not 1 <= B <= MAX_BATCH:
         raise ValueError(f"batch must be 1..{MAX_BATCH}, got {B}")
@@ -159,10 +166,10 @@ def _config(B, K, widths, device, config):
 
 
 def _arguments(x, wt, t, splits, glu, config=None, act="silu", bias=None, locks=None, norm=None, residual=None,
-               residual_out=None):
+               residual_out=None, scales=None):
     """(grid, every kernel parameter by name, launch options) of one launch; allocates y and the scratch."""
     B, K = x.shape
-    splits = _check(x, wt, splits, glu, act, bias)
+    splits = _check(x, wt, splits, glu, act, bias, scales)
     N = wt.shape[1]
     t = thresholds_2d(t, len(splits), B, x.device)
     nw, eps = _check_norm(x, norm, residual, residual_out)
@@ -182,12 +189,14 @@ def _arguments(x, wt, t, splits, glu, config=None, act="silu", bias=None, locks=
         **_io(x, y, t, residual, nw, residual_out), w_ptr=wt, stride_wk=wt.stride(0), part_ptr=part,
         idx_ptr=torch.empty(split * n_blocks * KC, dtype=torch.int32, device=x.device),
         val_ptr=torch.empty(split * n_blocks * KC if nw is not None else 1, dtype=x.dtype, device=x.device),
-        lock_ptr=locks, bias_ptr=bias if bias is not None else part, eps=eps, B=B, K=K, N=N, N1=cuts[0],
+        lock_ptr=locks, bias_ptr=bias if bias is not None else part,
+        scale_ptr=scales if scales is not None else part, eps=eps, B=B, K=K, N=N, N1=cuts[0],
         N2=cuts[1], NB1=triton.cdiv(widths[0], BN), NB2=triton.cdiv(widths[0], BN) + triton.cdiv(widths[1], BN),
         SPLIT=split, GLU=glu, ACT=GLU_ACTS.index(act), BLOCK_B=block_b, KC=KC, KCP=triton.next_power_of_2(KC),
         BK=cfg["BK"], BN=BN, DOT_F32=x.device.type != "cuda", RB=int(cfg.get("RB", 1)) if B == 1 else 1,
         PDL=pdl["PDL"], HAS_BIAS=bias is not None, NORM=nw is not None, HAS_R=residual is not None,
-        NB=cfg.get("NB") or min(triton.next_power_of_2(K), 8192 // block_b), DENSE=int(cfg.get("DENSE", 1)))
+        NB=cfg.get("NB") or min(triton.next_power_of_2(K), 8192 // block_b), DENSE=int(cfg.get("DENSE", 1)),
+        HAS_SCALE=scales is not None)
     options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_reg_args(cfg),
                    **({"launch_pdl": True} if pdl.get("launch_pdl") else {}))
     return (n_blocks, split, 1), params, options
@@ -217,8 +226,9 @@ class PreparedLaunch:
 
     The scratch buffers and counters are this object's: do not run one PreparedLaunch on two streams at once."""
 
-    def __init__(self, wt, thresholds, splits=None, act: str | None = None, bias=None, locks=None, config=None):
-        self.wt, self.thresholds, self.bias, self.config = wt, thresholds, bias, config
+    def __init__(self, wt, thresholds, splits=None, act: str | None = None, bias=None, locks=None, config=None,
+                 scales=None):
+        self.wt, self.thresholds, self.bias, self.config, self.scales = wt, thresholds, bias, config, scales
         self.glu, self.act = act is not None, act or "silu"
         self.splits = None if self.glu else tuple(splits) if splits is not None else (wt.shape[1],)
         self.out_features = wt.shape[1] // 2 if self.glu else wt.shape[1]
@@ -249,7 +259,7 @@ class PreparedLaunch:
         t = self.thresholds if thresholds is None else thresholds
         grid, params, opts = _arguments(x, self.wt, t, self.splits, self.glu, config=self.config, act=self.act,
                                         bias=self.bias, locks=self.locks, norm=norm, residual=residual,
-                                        residual_out=residual_out)
+                                        residual_out=residual_out, scales=self.scales)
         compiled = _sparse_gemv_kernel[grid](**params, **opts)
         per_token_ok = thresholds is None or (thresholds.is_contiguous() and thresholds.dim() == 2)
         if isinstance(compiled, CompiledKernel) and per_token_ok and _aligned(x, thresholds, residual, residual_out):
@@ -313,7 +323,7 @@ def use_sparse(sparsity: float, batch: int = 1, nbytes: int | None = None) -> bo
 
 
 def sparse_linear(x, wt, thresholds, splits=None, config=None, bias=None, locks=None, norm=None, residual=None,
-                  residual_out=None):
+                  residual_out=None, scales=None):
     """y [B, N] = sparsify(x) @ wt (+ bias) for 1..3 projections concatenated in wt's columns.
 
     x [B, K] fp16/bf16 (B <= 8); wt [K, N] input-major, same dtype; thresholds a float32 device tensor of
@@ -326,20 +336,23 @@ def sparse_linear(x, wt, thresholds, splits=None, config=None, bias=None, locks=
     residual) * weight (``add_rmsnorm``'s rounding); x + residual is written to residual_out (a tensor like
     x, neither x nor residual), the residual stream of the next block. One launch instead of two.
 
+    scales: wt holds int8 weights (``quantize_int8``: symmetric, per output channel) with these fp32 [N]
+    scales; the kept rows are read as int8, half the bytes of fp16, and converted in registers.
+
     Every call binds and checks its arguments (tens of microseconds of host time); a caller that launches
     the same weights many times eagerly holds a ``PreparedLaunch`` instead."""
     splits = tuple(splits) if splits is not None else (wt.shape[1],)
     return _launch(x, wt, thresholds, splits, glu=False, config=config, bias=bias, locks=locks, norm=norm,
-                   residual=residual, residual_out=residual_out)
+                   residual=residual, residual_out=residual_out, scales=scales)
 
 
 def sparse_glu(x, wt_gate_up, thresholds, act="silu", config=None, bias=None, locks=None, norm=None, residual=None,
-               residual_out=None):
+               residual_out=None, scales=None):
     """h [B, I] = act(sparsify(x, t0) @ Wg + bg) * (sparsify(x, t1) @ Wu + bu), wt_gate_up = [Wg.T | Wu.T]
     [K, 2I]; act silu (SwiGLU) or gelu_tanh (GeGLU); bias [bg | bu] fp32 [2I] or None; norm, residual and
-    residual_out: the fused RMSNorm in front, as in ``sparse_linear``."""
+    residual_out: the fused RMSNorm in front, as in ``sparse_linear``; scales: int8 weights, as there."""
     return _launch(x, wt_gate_up, thresholds, None, glu=True, config=config, act=act, bias=bias, locks=locks,
-                   norm=norm, residual=residual, residual_out=residual_out)
+                   norm=norm, residual=residual, residual_out=residual_out, scales=scales)
 
 
 def sparse_swiglu(x, wt_gate_up, thresholds, config=None):

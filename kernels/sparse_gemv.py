@@ -50,28 +50,46 @@ def sparsify_ref(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     return torch.where(xf.abs() > t, xf, torch.zeros_like(xf))
 
 
-def sparse_linear_ref(x, wt, thresholds, splits=None, bias=None):
+def dequantize_ref(wt, scales=None) -> torch.Tensor:
+    """fp32 weights of wt (int8 with per-column fp32 ``scales``, or a float dtype with none)."""
+    return wt.float() if scales is None else wt.float() * scales.float()
+
+
+def quantize_int8(wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output channel of input-major weights wt [K, N]: (q int8 [K, N], scale fp32 [N]) with
+    wt ~ q * scale, scale = max |wt[:, n]| / 127 (1 where a column is all zero)."""
+    w = wt.float()
+    scale = w.abs().amax(dim=0) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(w / scale).clamp_(-127, 127).to(torch.int8), scale.contiguous()
+
+
+def sparse_linear_ref(x, wt, thresholds, splits=None, bias=None, scales=None):
     """Reference of ``sparse_linear``: fp32 math, output in x's dtype.
 
     thresholds is [P] or [P, B] (one per projection, optionally per token); splits are the output widths of
-    the P projections concatenated in wt (default: one projection of all columns); bias fp32 [N] or None."""
+    the P projections concatenated in wt (default: one projection of all columns); bias fp32 [N] or None;
+    scales: wt is int8 with these per-column fp32 scales."""
     splits = list(splits) if splits is not None else [wt.shape[1]]
     t = thresholds_2d(thresholds, len(splits), x.shape[0], x.device)
+    w = dequantize_ref(wt, scales)
     outs, col = [], 0
     for p, n in enumerate(splits):
-        outs.append(sparsify_ref(x, t[p]) @ wt[:, col:col + n].float())
+        outs.append(sparsify_ref(x, t[p]) @ w[:, col:col + n])
         col += n
     y = torch.cat(outs, dim=1)
     return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
-def sparse_glu_ref(x, wt_gate_up, thresholds, act="silu", bias=None):
+def sparse_glu_ref(x, wt_gate_up, thresholds, act="silu", bias=None, scales=None):
     """Reference of ``sparse_glu``: act(sparsify(x, t0) @ Wg + bg) * (sparsify(x, t1) @ Wu + bu), fp32 math;
-    act is silu or gelu_tanh (gelu with the tanh approximation); bias [bg | bu] fp32 [2I] or None."""
+    act is silu or gelu_tanh (gelu with the tanh approximation); bias [bg | bu] fp32 [2I] or None; scales: int8
+    weights with per-column fp32 scales [2I]."""
     inter = wt_gate_up.shape[1] // 2
     t = thresholds_2d(thresholds, 2, x.shape[0], x.device)
-    g = sparsify_ref(x, t[0]) @ wt_gate_up[:, :inter].float()
-    u = sparsify_ref(x, t[1]) @ wt_gate_up[:, inter:].float()
+    w = dequantize_ref(wt_gate_up, scales)
+    g = sparsify_ref(x, t[0]) @ w[:, :inter]
+    u = sparsify_ref(x, t[1]) @ w[:, inter:]
     if bias is not None:
         g, u = g + bias[:inter].float(), u + bias[inter:].float()
     fn = {"silu": torch.nn.functional.silu, "gelu_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh")}
@@ -209,8 +227,8 @@ def _stream_rows(x_ptr, stride_xb, val_ptr, w_ptr, stride_wk, t_ptr, stride_tb, 
                                col_mask, KC, BK, VALS)
             if DOT_F32:  # the interpreter's dot is wrong for bf16; fp32 operands hold the same values
                 acc = tl.dot(xv.to(tl.float32), w.to(tl.float32), acc)
-            else:
-                acc = tl.dot(xv.to(w.dtype), w, acc)
+            else:  # int8 rows are converted to the activations' dtype in registers
+                acc = tl.dot(xv, w.to(xv.dtype), acc)
     return acc
 
 
@@ -356,17 +374,19 @@ def _finish(acc, y_ptr, stride_yb, part_ptr, NT, lock_ptr, lock_id, pid_k, rb, b
 @triton.jit
 def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, stride_tb,
                         y_ptr, stride_yb, part_ptr, idx_ptr, val_ptr, lock_ptr, bias_ptr, r_ptr, nw_ptr, xo_ptr,
-                        eps, B, K, N, N1, N2, NB1, NB2,
+                        scale_ptr, eps, B, K, N, N1, N2, NB1, NB2,
                         SPLIT: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr, BLOCK_B: tl.constexpr,
                         KC: tl.constexpr, KCP: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
                         DOT_F32: tl.constexpr, RB: tl.constexpr, PDL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        NORM: tl.constexpr, HAS_R: tl.constexpr, NB: tl.constexpr, DENSE: tl.constexpr):
+                        NORM: tl.constexpr, HAS_R: tl.constexpr, NB: tl.constexpr, DENSE: tl.constexpr,
+                        HAS_SCALE: tl.constexpr):
     """Grid (column blocks, SPLIT). Up to 3 projections concatenated in wt's columns, split at N1 and N2
     (their first column blocks are NB1 and NB2), projection p using thresholds t[p]. GLU mode: wt = [gate |
     up] (N1 = N/2 columns each, NB1 blocks each); gate block j and up block j share one ticket counter and
     the last of their programs writes act(gate) * up to y[:, block j]. NORM: the input is rmsnorm(x (+ r))
     * nw, the residual add and RMSNorm of the block fused in front (the programs of column block 0 write
-    x + r to xo)."""
+    x + r to xo). HAS_SCALE: wt holds int8 weights, column n of W.T scaled by scale[n] (per output channel);
+    the rows are converted in registers and each partial sum scaled before the reduction."""
     if PDL:  # programmatic dependent launch: nothing before this reads what the previous kernel wrote
         tl.extra.cuda.gdc_wait()
     pid_n = tl.program_id(0)
@@ -400,6 +420,8 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
     else:
         acc = _stream_rows(x_ptr, stride_xb, vals_ptr, w_ptr, stride_wk, t_proj, stride_tb, rows_ptr, rows, B, cols,
                            cmask, BLOCK_B, KC, BK, BN, DOT_F32, NORM)
+    if HAS_SCALE:  # int8 weights: sum_k x_k q[k, n] * scale[n], the scale applied once per column
+        acc = acc * tl.load(scale_ptr + cols, mask=cmask, other=0.0)[None, :]
     if PDL:  # the next kernel may start its launch while this one reduces
         tl.extra.cuda.gdc_launch_dependents()
     if GLU:
