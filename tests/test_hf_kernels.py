@@ -341,3 +341,25 @@ def test_a_compiled_launch_keeps_nothing_from_a_call(monkeypatch):
             before = _tensors_held(launch)
             y = launch.in_graph(x)
             assert _tensors_held(launch) == before and id(y) not in before
+
+
+def test_inductor_compiles_the_kernel_step_and_calls_the_launches():
+    """torch.compile with inductor itself (its CPU code, not the eager backend): the decode step on the kernels
+    lowers each acttail::launch to a call of the op, which runs the launch (the Triton interpreter here), and
+    gives the eager kernel step's logits."""
+    fp32 = tiny_hf("llama", seed=3)
+    plan = calibrated(fp32)
+    model = fp32.half()
+    cache = prompt_cache(model)
+    with acttail.apply(model, plan, backend="kernels") as handle:
+        eager = step(model, cache)
+        torch._dynamo.reset()
+        calls = []
+        launch_ops = {k: lp.in_graph for k, lp in handle.launches.items()}
+        for k, lp in handle.launches.items():  # count the op's runs inside the compiled step
+            lp.in_graph = lambda x, k=k: calls.append(k) or launch_ops[k](x)
+        compiled = torch.compile(lambda t, c: model(t, past_key_values=c).logits, fullgraph=True)
+        with torch.no_grad():
+            got = compiled(torch.tensor([[7]]), copy.deepcopy(cache))
+    assert sorted(calls) == sorted(handle.launches)  # every launch ran once, inside inductor's code
+    assert rel_err(got, eager) < 5e-3
