@@ -119,7 +119,13 @@ def pick_config(B: int, K: int, n_blocks_of, device: torch.device) -> dict:
 # ---- arguments of one launch ----------------------------------------------------------------------------
 
 
-def _check(x, wt, splits, glu, act, bias, scales=None):
+def columns(wt, group=None) -> int:
+    """The output width N of input-major weights wt: its columns, twice them for int4 (``group``) packed two
+    to a byte."""
+    return wt.shape[1] * 2 if group else wt.shape[1]
+
+
+def _check(x, wt, splits, glu, act, bias, scales=None, group=None):
     """One clear ValueError for inputs the kernel cannot take; the projections' output widths."""
     if x.dim() != 2 or wt.dim() != 2 or x.shape[1] != wt.shape[0]:
         raise ValueError(f"need x [B, K] and wt [K, N], got {tuple(x.shape)} and {tuple(wt.shape)}")
@@ -127,12 +133,11 @@ def _check(x, wt, splits, glu, act, bias, scales=None):
         raise ValueError(f"x must have dtype float16 or bfloat16, got {x.dtype}")
     if scales is None and wt.dtype != x.dtype:
         raise ValueError(f"x and wt must share dtype float16 or bfloat16, got {x.dtype} and {wt.dtype}"
-                         + (" (int8 weights need their per-column scales)" if wt.dtype == torch.int8 else ""))
-    if scales is not None and (wt.dtype != torch.int8 or scales.dtype != torch.float32 or scales.device != x.device
-                               or tuple(scales.shape) != (wt.shape[1],) or not scales.is_contiguous()):
-        raise ValueError(f"scales go with int8 weights: a contiguous float32 [{wt.shape[1]}] tensor on the "
-                         f"activations' device, got {scales.dtype} {tuple(scales.shape)} for {wt.dtype} weights")
-    B, N = x.shape[0], wt.shape[1]
+                         + (" (quantized weights need their scales)" if wt.dtype in (torch.int8, torch.uint8) else ""))
+    N = columns(wt, group)
+    if scales is not None:
+        _check_scales(x, wt, scales, group, N)
+    B = x.shape[0]
     if not 1 <= B <= MAX_BATCH:
         raise ValueError(f"batch must be 1..{MAX_BATCH}, got {B}")
     if x.stride(1) != 1 or wt.stride(1) != 1:
@@ -165,12 +170,24 @@ def _config(B, K, widths, device, config):
     return cfg, n_blocks_of(cfg["BN"])
 
 
+def _check_scales(x, wt, scales, group, N) -> None:
+    """int8 weights with per-column scales [N], or (group) packed int4 with per-group scales [ceil(K/group), N]."""
+    K = wt.shape[0]
+    if group is not None and (not isinstance(group, int) or group < 1):
+        raise ValueError(f"group must be a positive number of input rows, got {group!r}")
+    want = (torch.uint8, (-(-K // group), N), "int4 (packed uint8)") if group else (torch.int8, (N,), "int8")
+    if (wt.dtype != want[0] or scales.dtype != torch.float32 or scales.device != x.device
+            or tuple(scales.shape) != want[1] or not scales.is_contiguous()):
+        raise ValueError(f"scales go with {want[2]} weights: a contiguous float32 {list(want[1])} tensor on the "
+                         f"activations' device, got {scales.dtype} {tuple(scales.shape)} for {wt.dtype} weights")
+
+
 def _arguments(x, wt, t, splits, glu, config=None, act="silu", bias=None, locks=None, norm=None, residual=None,
-               residual_out=None, scales=None):
+               residual_out=None, scales=None, group=None):
     """(grid, every kernel parameter by name, launch options) of one launch; allocates y and the scratch."""
     B, K = x.shape
-    splits = _check(x, wt, splits, glu, act, bias, scales)
-    N = wt.shape[1]
+    splits = _check(x, wt, splits, glu, act, bias, scales, group)
+    N = columns(wt, group)
     t = thresholds_2d(t, len(splits), B, x.device)
     nw, eps = _check_norm(x, norm, residual, residual_out)
     widths = list(splits) + [0] * (3 - len(splits))
@@ -196,7 +213,7 @@ def _arguments(x, wt, t, splits, glu, config=None, act="silu", bias=None, locks=
         BK=cfg["BK"], BN=BN, DOT_F32=x.device.type != "cuda", RB=int(cfg.get("RB", 1)) if B == 1 else 1,
         PDL=pdl["PDL"], HAS_BIAS=bias is not None, NORM=nw is not None, HAS_R=residual is not None,
         NB=cfg.get("NB") or min(triton.next_power_of_2(K), 8192 // block_b), DENSE=int(cfg.get("DENSE", 1)),
-        HAS_SCALE=scales is not None)
+        HAS_SCALE=scales is not None and not group, GROUP=group or 0)
     options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_reg_args(cfg),
                    **({"launch_pdl": True} if pdl.get("launch_pdl") else {}))
     return (n_blocks, split, 1), params, options
@@ -227,12 +244,14 @@ class PreparedLaunch:
     The scratch buffers and counters are this object's: do not run one PreparedLaunch on two streams at once."""
 
     def __init__(self, wt, thresholds, splits=None, act: str | None = None, bias=None, locks=None, config=None,
-                 scales=None):
-        self.wt, self.thresholds, self.bias, self.config, self.scales = wt, thresholds, bias, config, scales
+                 scales=None, group=None):
+        self.wt, self.thresholds, self.bias, self.config = wt, thresholds, bias, config
+        self.scales, self.group = scales, group
         self.glu, self.act = act is not None, act or "silu"
-        self.splits = None if self.glu else tuple(splits) if splits is not None else (wt.shape[1],)
-        self.out_features = wt.shape[1] // 2 if self.glu else wt.shape[1]
-        self.locks = locks if locks is not None else new_locks(wt.device, wt.shape[1] // 16 + 3)
+        n = columns(wt, group)
+        self.splits = None if self.glu else tuple(splits) if splits is not None else (n,)
+        self.out_features = n // 2 if self.glu else n
+        self.locks = locks if locks is not None else new_locks(wt.device, n // 16 + 3)
         self._ready: dict = {}  # (B, per-token thresholds, norm, residual) -> (runner, values, slot of each name)
 
     def prepared(self, batch: int) -> bool:
@@ -259,7 +278,7 @@ class PreparedLaunch:
         t = self.thresholds if thresholds is None else thresholds
         grid, params, opts = _arguments(x, self.wt, t, self.splits, self.glu, config=self.config, act=self.act,
                                         bias=self.bias, locks=self.locks, norm=norm, residual=residual,
-                                        residual_out=residual_out, scales=self.scales)
+                                        residual_out=residual_out, scales=self.scales, group=self.group)
         compiled = _sparse_gemv_kernel[grid](**params, **opts)
         per_token_ok = thresholds is None or (thresholds.is_contiguous() and thresholds.dim() == 2)
         if isinstance(compiled, CompiledKernel) and per_token_ok and _aligned(x, thresholds, residual, residual_out):
@@ -323,7 +342,7 @@ def use_sparse(sparsity: float, batch: int = 1, nbytes: int | None = None) -> bo
 
 
 def sparse_linear(x, wt, thresholds, splits=None, config=None, bias=None, locks=None, norm=None, residual=None,
-                  residual_out=None, scales=None):
+                  residual_out=None, scales=None, group=None):
     """y [B, N] = sparsify(x) @ wt (+ bias) for 1..3 projections concatenated in wt's columns.
 
     x [B, K] fp16/bf16 (B <= 8); wt [K, N] input-major, same dtype; thresholds a float32 device tensor of
@@ -337,22 +356,24 @@ def sparse_linear(x, wt, thresholds, splits=None, config=None, bias=None, locks=
     x, neither x nor residual), the residual stream of the next block. One launch instead of two.
 
     scales: wt holds int8 weights (``quantize_int8``: symmetric, per output channel) with these fp32 [N]
-    scales; the kept rows are read as int8, half the bytes of fp16, and converted in registers.
+    scales; the kept rows are read as int8, half the bytes of fp16, and converted in registers. With ``group``,
+    wt holds int4 weights packed two to a byte along the columns ([K, N / 2] uint8, ``quantize_int4``) with
+    fp32 scales [ceil(K / group), N]: a quarter of fp16's bytes, dequantized in registers.
 
     Every call binds and checks its arguments (tens of microseconds of host time); a caller that launches
     the same weights many times eagerly holds a ``PreparedLaunch`` instead."""
-    splits = tuple(splits) if splits is not None else (wt.shape[1],)
+    splits = tuple(splits) if splits is not None else (columns(wt, group),)
     return _launch(x, wt, thresholds, splits, glu=False, config=config, bias=bias, locks=locks, norm=norm,
-                   residual=residual, residual_out=residual_out, scales=scales)
+                   residual=residual, residual_out=residual_out, scales=scales, group=group)
 
 
 def sparse_glu(x, wt_gate_up, thresholds, act="silu", config=None, bias=None, locks=None, norm=None, residual=None,
-               residual_out=None, scales=None):
+               residual_out=None, scales=None, group=None):
     """h [B, I] = act(sparsify(x, t0) @ Wg + bg) * (sparsify(x, t1) @ Wu + bu), wt_gate_up = [Wg.T | Wu.T]
     [K, 2I]; act silu (SwiGLU) or gelu_tanh (GeGLU); bias [bg | bu] fp32 [2I] or None; norm, residual and
-    residual_out: the fused RMSNorm in front, as in ``sparse_linear``; scales: int8 weights, as there."""
+    residual_out: the fused RMSNorm in front, as in ``sparse_linear``; scales, group: quantized weights, as there."""
     return _launch(x, wt_gate_up, thresholds, None, glu=True, config=config, act=act, bias=bias, locks=locks,
-                   norm=norm, residual=residual, residual_out=residual_out, scales=scales)
+                   norm=norm, residual=residual, residual_out=residual_out, scales=scales, group=group)
 
 
 def sparse_swiglu(x, wt_gate_up, thresholds, config=None):

@@ -50,9 +50,34 @@ def sparsify_ref(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     return torch.where(xf.abs() > t, xf, torch.zeros_like(xf))
 
 
-def dequantize_ref(wt, scales=None) -> torch.Tensor:
-    """fp32 weights of wt (int8 with per-column fp32 ``scales``, or a float dtype with none)."""
-    return wt.float() if scales is None else wt.float() * scales.float()
+def dequantize_ref(wt, scales=None, group: int | None = None) -> torch.Tensor:
+    """fp32 weights [K, N] of wt: a float dtype (no scales); int8 with per-column fp32 ``scales`` [N]; or, with
+    ``group``, int4 packed two to a byte along the columns ([K, N / 2] uint8, column 2c in the low nibble of
+    byte c) with fp32 ``scales`` [ceil(K / group), N], w = (q - 8) * scale."""
+    if scales is None:
+        return wt.float()
+    if group is None:
+        return wt.float() * scales.float()
+    packed = wt.to(torch.int32)
+    q = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(wt.shape[0], -1)
+    return (q - 8).float() * scales.float().repeat_interleave(group, dim=0)[: wt.shape[0]]
+
+
+def quantize_int4(wt: torch.Tensor, group: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int4 of input-major weights wt [K, N] (N even) in groups of ``group`` input rows per column:
+    (packed uint8 [K, N / 2], scale fp32 [ceil(K / group), N]) with wt ~ (q - 8) * scale, q in 0..15,
+    scale = max |w| over the group / 7 (1 where the group is all zero)."""
+    K, N = wt.shape
+    if N % 2:
+        raise ValueError(f"int4 packs two columns to a byte: N must be even, got {N}")
+    w = wt.float()
+    groups = -(-K // group)
+    padded = torch.cat([w, w.new_zeros(groups * group - K, N)]) if groups * group > K else w
+    scale = padded.reshape(groups, group, N).abs().amax(dim=1) / 7.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (torch.round(w / scale.repeat_interleave(group, dim=0)[:K]).clamp_(-8, 7) + 8).to(torch.int32)
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+    return packed.contiguous(), scale.contiguous()
 
 
 def quantize_int8(wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,15 +89,15 @@ def quantize_int8(wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scale).clamp_(-127, 127).to(torch.int8), scale.contiguous()
 
 
-def sparse_linear_ref(x, wt, thresholds, splits=None, bias=None, scales=None):
+def sparse_linear_ref(x, wt, thresholds, splits=None, bias=None, scales=None, group=None):
     """Reference of ``sparse_linear``: fp32 math, output in x's dtype.
 
     thresholds is [P] or [P, B] (one per projection, optionally per token); splits are the output widths of
     the P projections concatenated in wt (default: one projection of all columns); bias fp32 [N] or None;
-    scales: wt is int8 with these per-column fp32 scales."""
-    splits = list(splits) if splits is not None else [wt.shape[1]]
+    scales (and group): quantized weights, as ``dequantize_ref`` reads them."""
+    w = dequantize_ref(wt, scales, group)
+    splits = list(splits) if splits is not None else [w.shape[1]]
     t = thresholds_2d(thresholds, len(splits), x.shape[0], x.device)
-    w = dequantize_ref(wt, scales)
     outs, col = [], 0
     for p, n in enumerate(splits):
         outs.append(sparsify_ref(x, t[p]) @ w[:, col:col + n])
@@ -81,13 +106,13 @@ def sparse_linear_ref(x, wt, thresholds, splits=None, bias=None, scales=None):
     return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
-def sparse_glu_ref(x, wt_gate_up, thresholds, act="silu", bias=None, scales=None):
+def sparse_glu_ref(x, wt_gate_up, thresholds, act="silu", bias=None, scales=None, group=None):
     """Reference of ``sparse_glu``: act(sparsify(x, t0) @ Wg + bg) * (sparsify(x, t1) @ Wu + bu), fp32 math;
-    act is silu or gelu_tanh (gelu with the tanh approximation); bias [bg | bu] fp32 [2I] or None; scales: int8
-    weights with per-column fp32 scales [2I]."""
-    inter = wt_gate_up.shape[1] // 2
+    act is silu or gelu_tanh (gelu with the tanh approximation); bias [bg | bu] fp32 [2I] or None; scales (and
+    group): quantized weights, as ``dequantize_ref`` reads them."""
+    w = dequantize_ref(wt_gate_up, scales, group)
+    inter = w.shape[1] // 2
     t = thresholds_2d(thresholds, 2, x.shape[0], x.device)
-    w = dequantize_ref(wt_gate_up, scales)
     g = sparsify_ref(x, t[0]) @ w[:, :inter]
     u = sparsify_ref(x, t[1]) @ w[:, inter:]
     if bias is not None:
@@ -193,9 +218,9 @@ def _compact(x_ptr, stride_xb, t_ptr, stride_tb, idx_ptr, val_ptr, B, kstart, ke
 
 
 @triton.jit
-def _stream_rows(x_ptr, stride_xb, val_ptr, w_ptr, stride_wk, t_ptr, stride_tb, idx_ptr, nnz, B, cols, col_mask,
-                 BLOCK_B: tl.constexpr, KC: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-                 DOT_F32: tl.constexpr, VALS: tl.constexpr):
+def _stream_rows(x_ptr, stride_xb, val_ptr, w_ptr, stride_wk, s_ptr, stride_sg, t_ptr, stride_tb, idx_ptr, nnz, B,
+                 cols, col_mask, BLOCK_B: tl.constexpr, KC: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+                 DOT_F32: tl.constexpr, VALS: tl.constexpr, GROUP: tl.constexpr):
     """fp32 [BLOCK_B, BN]: sum over the nnz rows k listed in idx of sparsify(x[:, k]) * wt[k, cols] (VALS:
     the sparsified values are read from val, compacted beside idx)."""
     rb = tl.arange(0, BLOCK_B)
@@ -207,13 +232,13 @@ def _stream_rows(x_ptr, stride_xb, val_ptr, w_ptr, stride_wk, t_ptr, stride_tb, 
         # and the weight-row load (DRAM) overlap. (Leaving it to the compiler's pipeliner, num_stages 3, was
         # as fast on 4096/11008-wide shapes and 4-7% slower on 14336-wide ones: reports/gpu/README.md.)
         kk = _load_idx(idx_ptr, 0, nnz, BK)
-        w, xv = _load_rows(x_ptr, stride_xb, val_ptr, w_ptr, stride_wk, rb, bmask, thr, kk, 0, nnz, cols, col_mask,
-                           KC, BK, VALS)
+        w, xv = _load_rows(x_ptr, stride_xb, val_ptr, w_ptr, stride_wk, s_ptr, stride_sg, rb, bmask, thr, kk, 0, nnz,
+                           cols, col_mask, KC, BK, VALS, GROUP)
         kk = _load_idx(idx_ptr, BK, nnz, BK)
         acc2 = tl.zeros([BK, BN], dtype=tl.float32)
         for j in range(BK, nnz + BK, BK):
-            w_next, xv_next = _load_rows(x_ptr, stride_xb, val_ptr, w_ptr, stride_wk, rb, bmask, thr, kk, j, nnz,
-                                         cols, col_mask, KC, BK, VALS)
+            w_next, xv_next = _load_rows(x_ptr, stride_xb, val_ptr, w_ptr, stride_wk, s_ptr, stride_sg, rb, bmask, thr,
+                                         kk, j, nnz, cols, col_mask, KC, BK, VALS, GROUP)
             kk = _load_idx(idx_ptr, j + BK, nnz, BK)
             acc2 += w.to(tl.float32) * tl.sum(xv.to(tl.float32), axis=0)[:, None]
             w, xv = w_next, xv_next
@@ -223,8 +248,8 @@ def _stream_rows(x_ptr, stride_xb, val_ptr, w_ptr, stride_wk, t_ptr, stride_tb, 
         acc = tl.zeros([BLOCK_B, BN], dtype=tl.float32)
         for j in range(0, nnz, BK):
             kk = _load_idx(idx_ptr, j, nnz, BK)
-            w, xv = _load_rows(x_ptr, stride_xb, val_ptr, w_ptr, stride_wk, rb, bmask, thr, kk, j, nnz, cols,
-                               col_mask, KC, BK, VALS)
+            w, xv = _load_rows(x_ptr, stride_xb, val_ptr, w_ptr, stride_wk, s_ptr, stride_sg, rb, bmask, thr, kk, j,
+                               nnz, cols, col_mask, KC, BK, VALS, GROUP)
             if DOT_F32:  # the interpreter's dot is wrong for bf16; fp32 operands hold the same values
                 acc = tl.dot(xv.to(tl.float32), w.to(tl.float32), acc)
             else:  # int8 rows are converted to the activations' dtype in registers
@@ -233,8 +258,9 @@ def _stream_rows(x_ptr, stride_xb, val_ptr, w_ptr, stride_wk, t_ptr, stride_tb, 
 
 
 @triton.jit
-def _stream_rows_grouped(x_ptr, val_ptr, w_ptr, stride_wk, t_ptr, idx_ptr, nnz, cols, col_mask, RB: tl.constexpr,
-                         BKR: tl.constexpr, BN: tl.constexpr, VALS: tl.constexpr):
+def _stream_rows_grouped(x_ptr, val_ptr, w_ptr, stride_wk, s_ptr, stride_sg, t_ptr, idx_ptr, nnz, cols, col_mask,
+                         RB: tl.constexpr, BKR: tl.constexpr, BN: tl.constexpr, VALS: tl.constexpr,
+                         GROUP: tl.constexpr):
     """One token, fp32 [1, BN], with an accumulator of RB rows instead of BK = RB * BKR: each tile of
     gathered rows is loaded as [RB, BKR, BN] and summed over its BKR axis before it is added. Triton lays
     the tile out with that axis inside each thread (threads over RB and BN, read in the TTGIR for sm_90), so
@@ -245,12 +271,13 @@ def _stream_rows_grouped(x_ptr, val_ptr, w_ptr, stride_wk, t_ptr, idx_ptr, nnz, 
     r2 = tl.arange(0, RB)[:, None] * BKR + tl.arange(0, BKR)[None, :]
     BK = RB * BKR
     kk = tl.load(idx_ptr + r2, mask=r2 < nnz, other=0)
-    w, xv = _load_rows_grouped(x_ptr, val_ptr, w_ptr, stride_wk, thr, kk, r2, 0, nnz, cols, col_mask, VALS)
+    w, xv = _load_rows_grouped(x_ptr, val_ptr, w_ptr, stride_wk, s_ptr, stride_sg, thr, kk, r2, 0, nnz, cols, col_mask,
+                               VALS, GROUP)
     kk = tl.load(idx_ptr + BK + r2, mask=(BK + r2) < nnz, other=0)
     acc = tl.zeros([RB, BN], dtype=tl.float32)
     for j in range(BK, nnz + BK, BK):
-        w_next, xv_next = _load_rows_grouped(x_ptr, val_ptr, w_ptr, stride_wk, thr, kk, r2, j, nnz, cols, col_mask,
-                                             VALS)
+        w_next, xv_next = _load_rows_grouped(x_ptr, val_ptr, w_ptr, stride_wk, s_ptr, stride_sg, thr, kk, r2, j, nnz,
+                                             cols, col_mask, VALS, GROUP)
         kk = tl.load(idx_ptr + j + BK + r2, mask=(j + BK + r2) < nnz, other=0)
         acc += tl.sum(w.to(tl.float32) * xv.to(tl.float32)[:, :, None], axis=1)
         w, xv = w_next, xv_next
@@ -258,11 +285,12 @@ def _stream_rows_grouped(x_ptr, val_ptr, w_ptr, stride_wk, t_ptr, idx_ptr, nnz, 
 
 
 @triton.jit
-def _load_rows_grouped(x_ptr, val_ptr, w_ptr, stride_wk, thr, kk, r2, j, nnz, cols, col_mask, VALS: tl.constexpr):
+def _load_rows_grouped(x_ptr, val_ptr, w_ptr, stride_wk, s_ptr, stride_sg, thr, kk, r2, j, nnz, cols, col_mask,
+                       VALS: tl.constexpr, GROUP: tl.constexpr):
     """Gathered rows kk [RB, BKR] as [RB, BKR, BN] and their sparsified activations (zeros past nnz)."""
     jm = (j + r2) < nnz
-    w = tl.load(w_ptr + kk[:, :, None] * stride_wk + cols[None, None, :],
-                mask=jm[:, :, None] & col_mask[None, None, :], other=0.0)
+    w = _weights(w_ptr, stride_wk, s_ptr, stride_sg, kk[:, :, None], cols[None, None, :],
+                 jm[:, :, None] & col_mask[None, None, :], GROUP)
     if VALS:
         return w, tl.load(val_ptr + j + r2, mask=jm, other=0.0)
     xv = tl.load(x_ptr + kk, mask=jm, other=0.0)
@@ -270,20 +298,21 @@ def _load_rows_grouped(x_ptr, val_ptr, w_ptr, stride_wk, thr, kk, r2, j, nnz, co
 
 
 @triton.jit
-def _stream_masked(x_ptr, w_ptr, stride_wk, t_ptr, k0, kend, cols, col_mask, RB: tl.constexpr, BKR: tl.constexpr,
-                   BN: tl.constexpr):
+def _stream_masked(x_ptr, w_ptr, stride_wk, s_ptr, stride_sg, t_ptr, k0, kend, cols, col_mask, RB: tl.constexpr,
+                   BKR: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr):
     """One token, fp32 [1, BN], without compaction: every tile of RB * BKR rows of the chunk [k0, kend), each
     row's load masked off where its activation is under the threshold (a masked row moves no bytes). The
     activations run two tiles ahead of the weights, so each weight load waits on no x load."""
     thr = tl.load(t_ptr)
     r2 = tl.arange(0, RB)[:, None] * BKR + tl.arange(0, BKR)[None, :]
     BK = RB * BKR
-    wa, xa = _load_masked(w_ptr, stride_wk, thr, tl.load(x_ptr + k0 + r2, mask=(k0 + r2) < kend, other=0.0),
-                          k0 + r2, kend, cols, col_mask)
+    wa, xa = _load_masked(w_ptr, stride_wk, s_ptr, stride_sg, thr,
+                          tl.load(x_ptr + k0 + r2, mask=(k0 + r2) < kend, other=0.0), k0 + r2, kend, cols, col_mask,
+                          GROUP)
     xb = tl.load(x_ptr + k0 + BK + r2, mask=(k0 + BK + r2) < kend, other=0.0)
     acc = tl.zeros([RB, BN], dtype=tl.float32)
     for j in range(k0 + BK, kend + BK, BK):
-        wb, xsb = _load_masked(w_ptr, stride_wk, thr, xb, j + r2, kend, cols, col_mask)
+        wb, xsb = _load_masked(w_ptr, stride_wk, s_ptr, stride_sg, thr, xb, j + r2, kend, cols, col_mask, GROUP)
         xb = tl.load(x_ptr + j + BK + r2, mask=(j + BK + r2) < kend, other=0.0)
         acc += tl.sum(wa.to(tl.float32) * xa.to(tl.float32)[:, :, None], axis=1)
         wa, xa = wb, xsb
@@ -291,13 +320,26 @@ def _stream_masked(x_ptr, w_ptr, stride_wk, t_ptr, k0, kend, cols, col_mask, RB:
 
 
 @triton.jit
-def _load_masked(w_ptr, stride_wk, thr, xv, rows, kend, cols, col_mask):
+def _load_masked(w_ptr, stride_wk, s_ptr, stride_sg, thr, xv, rows, kend, cols, col_mask, GROUP: tl.constexpr):
     """Weight rows [RB, BKR, BN] of the chunk (rows < kend) whose activation xv passes the threshold, and
     those activations (zeros elsewhere, in both)."""
     keep = (tl.abs(xv.to(tl.float32)) > thr) & (rows < kend)
-    w = tl.load(w_ptr + rows[:, :, None] * stride_wk + cols[None, None, :],
-                mask=keep[:, :, None] & col_mask[None, None, :], other=0.0)
+    w = _weights(w_ptr, stride_wk, s_ptr, stride_sg, rows[:, :, None], cols[None, None, :],
+                 keep[:, :, None] & col_mask[None, None, :], GROUP)
     return w, tl.where(keep, xv, 0.0)
+
+
+@triton.jit
+def _weights(w_ptr, stride_wk, s_ptr, stride_sg, rows, cols, mask, GROUP: tl.constexpr):
+    """Weights of wt at (rows, cols) (broadcasting index tensors; 0 where masked): as stored (fp16, bf16, int8),
+    or with GROUP > 0 int4 packed two to a byte along the columns (column 2c in the low nibble of byte c),
+    returned as fp32 (q - 8) * scale[row // GROUP, col]."""
+    if GROUP == 0:
+        return tl.load(w_ptr + rows * stride_wk + cols, mask=mask, other=0.0)
+    packed = tl.load(w_ptr + rows * stride_wk + cols // 2, mask=mask, other=0).to(tl.int32)
+    q = (packed >> ((cols % 2) * 4)) & 15
+    scale = tl.load(s_ptr + (rows // GROUP) * stride_sg + cols, mask=mask, other=0.0)
+    return (q - 8).to(tl.float32) * scale
 
 
 @triton.jit
@@ -308,13 +350,13 @@ def _load_idx(idx_ptr, j, nnz, BK: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(x_ptr, stride_xb, val_ptr, w_ptr, stride_wk, rb, bmask, thr, kk, j, nnz, cols, col_mask,
-               KC: tl.constexpr, BK: tl.constexpr, VALS: tl.constexpr):
+def _load_rows(x_ptr, stride_xb, val_ptr, w_ptr, stride_wk, s_ptr, stride_sg, rb, bmask, thr, kk, j, nnz, cols,
+               col_mask, KC: tl.constexpr, BK: tl.constexpr, VALS: tl.constexpr, GROUP: tl.constexpr):
     """Gathered weight rows kk and the matching sparsified activations (zeros past nnz): gathered from x and
     thresholded, or (VALS) read from the compacted values."""
     rj = j + tl.arange(0, BK)
     jm = rj < nnz
-    w = tl.load(w_ptr + kk[:, None] * stride_wk + cols[None, :], mask=jm[:, None] & col_mask[None, :], other=0.0)
+    w = _weights(w_ptr, stride_wk, s_ptr, stride_sg, kk[:, None], cols[None, :], jm[:, None] & col_mask[None, :], GROUP)
     if VALS:
         return w, tl.load(val_ptr + rb[:, None] * KC + rj[None, :], mask=bmask[:, None] & jm[None, :], other=0.0)
     xv = tl.load(x_ptr + rb[:, None] * stride_xb + kk[None, :], mask=bmask[:, None] & jm[None, :], other=0.0)
@@ -379,14 +421,16 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
                         KC: tl.constexpr, KCP: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
                         DOT_F32: tl.constexpr, RB: tl.constexpr, PDL: tl.constexpr, HAS_BIAS: tl.constexpr,
                         NORM: tl.constexpr, HAS_R: tl.constexpr, NB: tl.constexpr, DENSE: tl.constexpr,
-                        HAS_SCALE: tl.constexpr):
+                        HAS_SCALE: tl.constexpr, GROUP: tl.constexpr):
     """Grid (column blocks, SPLIT). Up to 3 projections concatenated in wt's columns, split at N1 and N2
     (their first column blocks are NB1 and NB2), projection p using thresholds t[p]. GLU mode: wt = [gate |
     up] (N1 = N/2 columns each, NB1 blocks each); gate block j and up block j share one ticket counter and
     the last of their programs writes act(gate) * up to y[:, block j]. NORM: the input is rmsnorm(x (+ r))
     * nw, the residual add and RMSNorm of the block fused in front (the programs of column block 0 write
     x + r to xo). HAS_SCALE: wt holds int8 weights, column n of W.T scaled by scale[n] (per output channel);
-    the rows are converted in registers and each partial sum scaled before the reduction."""
+    the rows are converted in registers and each partial sum scaled before the reduction. GROUP > 0: wt holds
+    int4 weights packed two to a byte along the columns, scale [K / GROUP, N] fp32 per group of GROUP input
+    rows and column (``_weights``), dequantized in registers as they are read."""
     if PDL:  # programmatic dependent launch: nothing before this reads what the previous kernel wrote
         tl.extra.cuda.gdc_wait()
     pid_n = tl.program_id(0)
@@ -413,13 +457,14 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
     if BLOCK_B == 1 and RB > 1:
         if dense:  # every row tile of the chunk, rows under the threshold masked off
             src = vals_ptr - k0 if NORM else x_ptr
-            acc = _stream_masked(src, w_ptr, stride_wk, t_proj, k0, kend, cols, cmask, RB, BK // RB, BN)
+            acc = _stream_masked(src, w_ptr, stride_wk, scale_ptr, N, t_proj, k0, kend, cols, cmask, RB, BK // RB, BN,
+                                 GROUP)
         else:
-            acc = _stream_rows_grouped(x_ptr, vals_ptr, w_ptr, stride_wk, t_proj, rows_ptr, rows, cols, cmask, RB,
-                                       BK // RB, BN, NORM)
+            acc = _stream_rows_grouped(x_ptr, vals_ptr, w_ptr, stride_wk, scale_ptr, N, t_proj, rows_ptr, rows, cols,
+                                       cmask, RB, BK // RB, BN, NORM, GROUP)
     else:
-        acc = _stream_rows(x_ptr, stride_xb, vals_ptr, w_ptr, stride_wk, t_proj, stride_tb, rows_ptr, rows, B, cols,
-                           cmask, BLOCK_B, KC, BK, BN, DOT_F32, NORM)
+        acc = _stream_rows(x_ptr, stride_xb, vals_ptr, w_ptr, stride_wk, scale_ptr, N, t_proj, stride_tb, rows_ptr, rows,
+                           B, cols, cmask, BLOCK_B, KC, BK, BN, DOT_F32, NORM, GROUP)
     if HAS_SCALE:  # int8 weights: sum_k x_k q[k, n] * scale[n], the scale applied once per column
         acc = acc * tl.load(scale_ptr + cols, mask=cmask, other=0.0)[None, :]
     if PDL:  # the next kernel may start its launch while this one reduces

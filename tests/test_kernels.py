@@ -398,9 +398,61 @@ def test_int8_weights_through_a_prepared_launch_and_refused_without_scales():
     launch = PreparedLaunch(q, t, scales=scales)
     for _ in range(2):  # the second call takes the prepared path on a GPU
         assert rel_err(launch(x), sparse_linear_ref(x, q, t, scales=scales)) < TOL[torch.float16]
-    with pytest.raises(ValueError, match="per-column scales"):
+    with pytest.raises(ValueError, match="need their scales"):
         sparse_linear(x, q, t)
     with pytest.raises(ValueError, match="scales go with int8"):
         sparse_linear(x, wt, t, scales=scales)
     with pytest.raises(ValueError, match="scales go with int8"):
         sparse_linear(x, q, t, scales=scales[:10])
+
+
+# ---- int4 weights, groups of input rows (W4A16) --------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cfg", [None] + CONFIGS, ids=["default", "kc48", "bn16-kc80", "kc48-rb4", "kc32-rb8"])
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("group", [16, 32])
+def test_int4_weights_match_the_dequantized_reference(dtype, cfg, B, group):
+    """int4 packed two to a byte along the columns, groups of input rows (100 rows: the last group partial),
+    unpacked and scaled in registers: the reference on the dequantized weights in every stream, q/k/v splits,
+    the GLU pair and the bias epilogue; and close to the fp16 weights (int4 per group of 16-32 rows)."""
+    from acttail.kernels import dequantize_ref, quantize_int4
+
+    x, wt = make(B, 100, 70, dtype, seed=51 + B)
+    q, scales = quantize_int4(wt, group)
+    assert q.dtype == torch.uint8 and q.shape == (100, 35) and scales.shape == (-(-100 // group), 70)
+    assert rel_err(dequantize_ref(q, scales, group), wt) < 0.12  # the format itself: 4 bits
+    q, scales = q.to(DEVICE), scales.to(DEVICE)
+    for t in (thr(0.8), thr(-1.0)):
+        y = sparse_linear(x, q, t, config=cfg, scales=scales, group=group)
+        assert y.shape == (B, 70) and rel_err(y, sparse_linear_ref(x, q, t, scales=scales, group=group)) < TOL[dtype]
+    splits, t3 = (40, 16, 14), thr(0.2, 1.0, 1.6)
+    bias = torch.randn(70, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    y = sparse_linear(x, q, t3, splits=splits, config=cfg, bias=bias, scales=scales, group=group)
+    assert rel_err(y, sparse_linear_ref(x, q, t3, splits=splits, bias=bias, scales=scales, group=group)) < TOL[dtype]
+    qgu, sgu = quantize_int4(make(B, 100, 2 * 36, dtype, seed=61)[1], group)
+    qgu, sgu, t2 = qgu.to(DEVICE), sgu.to(DEVICE), thr(0.4, 1.1)
+    y = sparse_glu(x, qgu, t2, "gelu_tanh", config=cfg, scales=sgu, group=group)
+    assert y.shape == (B, 36)
+    assert rel_err(y, sparse_glu_ref(x, qgu, t2, "gelu_tanh", scales=sgu, group=group)) < TOL[dtype]
+
+
+def test_int4_weights_through_a_prepared_launch_and_bad_scales_refused():
+    from acttail.kernels import PreparedLaunch, quantize_int4
+
+    x, wt = make(1, 100, 70, torch.float16, seed=8)
+    q, scales = quantize_int4(wt, 32)
+    t = thr(0.5)
+    launch = PreparedLaunch(q, t, scales=scales, group=32)
+    assert launch.out_features == 70
+    for _ in range(2):
+        assert rel_err(launch(x), sparse_linear_ref(x, q, t, scales=scales, group=32)) < TOL[torch.float16]
+    with pytest.raises(ValueError, match="need their scales"):
+        sparse_linear(x, q, t)
+    with pytest.raises(ValueError, match=r"int4 \(packed uint8\) weights"):
+        sparse_linear(x, q, t, scales=scales, group=16)  # scales of groups of 32 rows
+    with pytest.raises(ValueError, match="positive"):
+        sparse_linear(x, q, t, scales=scales, group=0)
+    with pytest.raises(ValueError, match="even"):
+        quantize_int4(wt[:, :69])
