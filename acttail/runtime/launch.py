@@ -29,13 +29,13 @@ from torch import Tensor
 
 from acttail.kernels import (MAX_BATCH, PreparedLaunch, new_locks, sparse_glu, sparse_linear, topk_thresholds,
                              use_sparse)
+from acttail.kernels.ops import IN_GRAPH  # inside a compiled graph: no programmatic dependent launch
 
 from ..errors import ActTailError
 from .ops import ACTIVATIONS
 from .sparsify import ProjectionSparsity, compensation_term
 
 ALL_ROWS = 1 << 30  # the keep count of a projection a topk launch leaves dense
-IN_GRAPH = {"pdl": False}  # inside a compiled graph the kernels launch without PDL (as kernels/ops.py's)
 
 _BY_KEY: "weakref.WeakValueDictionary[int, Launch]" = weakref.WeakValueDictionary()  # live launches
 _KEYS = itertools.count(1)
@@ -124,7 +124,7 @@ def run(key: int, x: Tensor) -> Tensor:
     dynamo guards by the key alone; eagerly the launch itself."""
     if torch.compiler.is_compiling():
         return launch_op(x, key)
-    return _BY_KEY[key](x)
+    return _launch(key)(x)
 
 
 @torch.library.custom_op("acttail::launch", mutates_args=())
