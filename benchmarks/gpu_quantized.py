@@ -26,15 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from acttail.kernels import quantize_int4, quantize_int8, sparse_linear, sparse_linear_ref
+from gpu_kernels import rel_err, threshold_for
 
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
 SPARSITIES = [0.0, 0.3, 0.5, 0.7, 0.9]
 FORMATS = ("fp16", "int8", "int4-g32", "int4-g128")
 ROTATE_BYTES = 512e6
-
-
-def rel_err(y, ref):
-    return ((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
 
 
 def weights(fmt: str, wt: torch.Tensor) -> dict:
@@ -57,13 +54,6 @@ def stored_bytes(w: dict, rows: float) -> float:
         s = w["scales"]
         total += s.numel() * s.element_size() * (rows if "group" in w else 1.0)
     return total
-
-
-def threshold_for(x: torch.Tensor, s: float) -> float:
-    if s <= 0:
-        return -1.0
-    a = x.float().abs().flatten().sort().values
-    return a[int(round(s * a.numel())) - 1].item()
 
 
 def call_of(x, t, w):

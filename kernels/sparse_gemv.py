@@ -63,6 +63,12 @@ def dequantize_ref(wt, scales=None, group: int | None = None) -> torch.Tensor:
     return (q - 8).float() * scales.float().repeat_interleave(group, dim=0)[: wt.shape[0]]
 
 
+def _symmetric_scale(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
+    """absmax / qmax: the step of a symmetric quantizer; 1 where the values are all zero."""
+    scale = absmax / qmax
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
 def quantize_int4(wt: torch.Tensor, group: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int4 of input-major weights wt [K, N] (N even) in groups of ``group`` input rows per column:
     (packed uint8 [K, N / 2], scale fp32 [ceil(K / group), N]) with wt ~ (q - 8) * scale, q in 0..15,
@@ -73,8 +79,7 @@ def quantize_int4(wt: torch.Tensor, group: int = 64) -> tuple[torch.Tensor, torc
     w = wt.float()
     groups = -(-K // group)
     padded = torch.cat([w, w.new_zeros(groups * group - K, N)]) if groups * group > K else w
-    scale = padded.reshape(groups, group, N).abs().amax(dim=1) / 7.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = _symmetric_scale(padded.reshape(groups, group, N).abs().amax(dim=1), 7)
     q = (torch.round(w / scale.repeat_interleave(group, dim=0)[:K]).clamp_(-8, 7) + 8).to(torch.int32)
     packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
     return packed.contiguous(), scale.contiguous()
@@ -84,8 +89,7 @@ def quantize_int8(wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per output channel of input-major weights wt [K, N]: (q int8 [K, N], scale fp32 [N]) with
     wt ~ q * scale, scale = max |wt[:, n]| / 127 (1 where a column is all zero)."""
     w = wt.float()
-    scale = w.abs().amax(dim=0) / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = _symmetric_scale(w.abs().amax(dim=0), 127)
     return torch.round(w / scale).clamp_(-127, 127).to(torch.int8), scale.contiguous()
 
 
