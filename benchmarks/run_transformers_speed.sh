@@ -9,6 +9,6 @@ OUT=${OUT:-out/transformers-speed}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 cd benchmarks || exit 1
-timeout 150 python3 gpu_checks.py --out "$OUT/chk" --sections hf --archs llama 2>&1 | grep -v -i warn | tail -3
-timeout 480 python3 hf_speed.py --out "$OUT/s7b" --shapes 7b --rounds 3 2>&1 | grep -v -i warn | grep -E "tok/s|plan|FAIL|equal"
-timeout 240 python3 hf_profile.py --out "$OUT/prof" --tokens 64 2>&1 | grep -v -i warn | grep -E "^## |decode steps|Cache Lookup"
+timeout 100 python3 gpu_checks.py --out "$OUT/chk" --sections hf --archs llama 2>&1 | grep -v -i warn | tail -3
+timeout 330 python3 hf_speed.py --out "$OUT/s7b" --shapes 7b --rounds 3 2>&1 | grep -v -i warn | grep -E "tok/s|plan|FAIL|equal"
+timeout 150 python3 hf_profile.py --out "$OUT/prof" --tokens 64 2>&1 | grep -v -i warn | grep -E "^## |decode steps|Cache Lookup"
