@@ -5,7 +5,7 @@ input-major weights), uniform 50/70/90% (per-projection thresholds calibrated on
 activations), and a per-projection plan. Each decode step is a CUDA-graph replay; prefill is dense.
 Writes e2e.md and e2e.json under --out.
 
-    python benchmarks/gpu_e2e.py --out OUT [--quick]
+    python benchmarks/gpu_e2e.py --out OUT [--quick] [--weights int8|int4]
 """
 
 import argparse
@@ -21,6 +21,7 @@ import triton
 
 from gpu_kernels import copy_bandwidth, warm_up
 
+from acttail.kernels import INT4_GROUP
 from acttail.layout import GROUP_OF, KINDS
 from acttail.runtime.args import LLAMA2_7B, SMOLLM2_135M
 from acttail.runtime.decoder import Decoder, greedy
@@ -170,13 +171,20 @@ def random_biases(dims, seed=2):
             for i in range(dims.n_layer) for k in KINDS}
 
 
-def run_model(name, dims, bw, n_tokens, calib_tokens, sparsities=(0.5, 0.7, 0.9), biases=False, T=16):
-    dec = Decoder.random(dims, torch.float16, "cuda", max_seq=T + n_tokens + calib_tokens + 8)
+def weight_bytes(weights=None) -> float:
+    """Bytes a projection weight takes per parameter: fp16 2; int8 1 (+ per-channel scales, ignored); int4 a
+    half plus its fp32 group scale."""
+    return {None: 2.0, "int8": 1.0, "int4": 0.5 + 4 / INT4_GROUP}[weights]
+
+
+def run_model(name, dims, bw, n_tokens, calib_tokens, sparsities=(0.5, 0.7, 0.9), biases=False, T=16, weights=None):
+    dec = Decoder.random(dims, torch.float16, "cuda", max_seq=T + n_tokens + calib_tokens + 8, weights=weights)
+    name = f"{name}, {weights} weights" if weights else name
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, dims.vocab_size, (1, T), generator=g).cuda()
     inputs = record_inputs(dec, prompt, calib_tokens)
     P = kind_params(dims)
-    layer_bytes = sum(P.values()) * 2
+    layer_bytes = sum(P.values()) * weight_bytes(weights)
     head_bytes = dims.vocab_size * dims.dim * 2
     # the keys and values attention reads per token, at the mean position of the timed decode
     kv_bytes = dims.n_layer * 2 * dims.n_local_heads * dims.head_dim * 2 * (T + n_tokens / 2)
@@ -206,8 +214,8 @@ def run_model(name, dims, bw, n_tokens, calib_tokens, sparsities=(0.5, 0.7, 0.9)
         set_step(dec, next(iter(STEPS)), sets, planned)
         n_sparse = dec.ops.sparse_groups(1)
         frac, mean_s = achieved(dec, prompt, th, 8, dims) if th else ({}, 0.0)
-        need = sum((1 - frac.get((i, k), 0.0)) * P[k] * 2 for i in range(dims.n_layer) for k in KINDS) + head_bytes \
-            + kv_bytes
+        need = sum((1 - frac.get((i, k), 0.0)) * P[k] * weight_bytes(weights) for i in range(dims.n_layer)
+                   for k in KINDS) + head_bytes + kv_bytes
         floor = bw / need
         for step in STEPS:
             set_step(dec, step, sets, planned)
@@ -297,6 +305,9 @@ def main():
     ap.add_argument("--context", type=int, default=16, help="prompt tokens before the timed decode (dense prefill)")
     ap.add_argument("--biases", action="store_true",
                     help="also time each dispatch variant with learned output biases (the default compensation)")
+    ap.add_argument("--weights", choices=["int8", "int4"],
+                    help="decode over quantized copies of the projection weights (every group a kernel launch; "
+                         "'dense' then reads every row of the same bytes)")
     ap.add_argument("--steps", nargs="+", choices=list(STEPS), default=DEFAULT_STEPS,
                     help="decode steps to time (the first is the reference of the profiles)")
     args = ap.parse_args()
@@ -317,7 +328,7 @@ def main():
     rows, info = [], []
     for name, dims in models:
         r, i = run_model(name, dims, bw, args.tokens // (4 if args.quick else 1), 8, tuple(args.sparsities),
-                         args.biases, args.context)
+                         args.biases, args.context, args.weights)
         rows += r
         info.append(i)
     (out / "e2e.json").write_text(json.dumps(dict(meta=meta, copy_bw=bw, rows=rows, info=info), indent=1))

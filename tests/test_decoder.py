@@ -148,6 +148,50 @@ def test_sparse_decode_agrees_with_cpu_reference(architecture):
     assert rel_err(ref, dense_ref) > 0.1  # the thresholds change the logits: the comparison can fail
 
 
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quantized_decode_agrees_with_the_reference_on_its_weights(weights):
+    """Decode over int8 / int4 weights (every group a kernel launch, the dense ones reading every row) against
+    the fp32 reference whose projections hold the same weights dequantized (kernels.dequantize_ref); dense and
+    with thresholds (flips as in the test above)."""
+    import copy
+
+    from acttail.kernels import INT4_GROUP, dequantize_ref
+
+    model = tiny_model()
+    dec = decoder(model, weights=weights)
+    L = CONFIG["num_hidden_layers"]
+    assert len(dec.ops.launches) == 4 * L and dec.ops.sparse_groups(1) == 4 * L  # dense groups too: no fp16 GEMV
+    ref = copy.deepcopy(model)
+    for (i, group), launch in dec.ops.launches.items():
+        k = launch.kernel
+        assert k.wt.dtype == (torch.int8 if weights == "int8" else torch.uint8)
+        assert k.group == (INT4_GROUP if weights == "int4" else None)
+        block = ref.layers[i]
+        linear = {"qkv": block.attention.wqkv, "o": block.attention.wo, "gate_up": block.feed_forward.w13,
+                  "down": block.feed_forward.w2}[group]
+        w = dequantize_ref(k.wt, k.scales, k.group).t()
+        assert rel_err(w, linear.weight) < (0.01 if weights == "int8" else 0.2)  # a quantization, not garbage
+        linear.weight.copy_(w)
+    tokens = [5, 17, 42, 8, 77]
+    dense_ref, dense, _ = decode_both(ref, dec, tokens, Sparsifier.dense())
+    assert max(rel_err(a, b) for a, b in zip(dense, dense_ref)) < 5e-3
+    th = thresholds(L)
+    dec.set_settings(settings_of(th))
+    assert all(launch.kernel.scales is not None for launch in dec.ops.launches.values())
+    sparse_ref, ours, flips = decode_both(ref, dec, tokens, Sparsifier(settings_of(th)), sync=True, th=th)
+    errs = [rel_err(a, b) for a, b in zip(ours, sparse_ref)]
+    assert all(e < 5e-3 or flip for e, flip in zip(errs, flips)) and max(errs) < 0.3, (errs, flips)
+    assert flips.count(False) >= 2, flips
+    assert rel_err(dense_ref, decode_both(model, decoder(model), tokens, Sparsifier.dense())[0]) > 1e-3  # quantized
+
+
+def test_an_unknown_weight_format_is_one_clear_error():
+    from acttail.errors import ActTailError
+
+    with pytest.raises(ActTailError, match="unknown weight format 'int3'"):
+        decoder(tiny_model(), weights="int3")
+
+
 @pytest.mark.parametrize("architecture", list(ARCHS))
 def test_fused_norms_and_rope_match_separate_launches(architecture, monkeypatch):
     """The decode step with each block's residual add + RMSNorm fused into its sparse projections and RoPE +

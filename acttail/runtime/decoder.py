@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from acttail.kernels import WEIGHT_FORMATS
+
 from ..errors import ActTailError
 from ..layout import GROUPS
 from .args import ModelArgs
@@ -54,17 +56,20 @@ def _projections(model: Transformer):
         yield from (block.attention.wqkv, block.attention.wo, block.feed_forward.w13, block.feed_forward.w2)
 
 
-def plan_launches(model: Transformer, sets: dict, planned: dict | None, config: dict | None = None) -> dict:
+def plan_launches(model: Transformer, sets: dict, planned: dict | None, config: dict | None = None,
+                  weights: str | None = None) -> dict:
     """{(layer, group): Launch} of runtime settings ``sets`` (``sparsify.settings``) on our decoder's groups;
     ``planned`` {(layer, kind): sparsity} for the dispatch rule (None: every sparsified group runs sparse);
-    ``config``: kernel launch settings over ``kernels.pick_config``'s."""
+    ``config``: kernel launch settings over ``kernels.pick_config``'s; ``weights``: every group's launch reads
+    a quantized copy of its weights ("int8", "int4"; see ``launch.Launch``)."""
     out = {}
     for i, block in enumerate(model.layers):
         att, ffn = block.attention, block.feed_forward
         units = (("qkv", att.wqkv, att.sizes, None), ("o", att.wo, (att.wo.out_features,), None),
                  ("gate_up", ffn.w13, (ffn.inter, ffn.inter), ffn.activation), ("down", ffn.w2, (ffn.w2.out_features,), None))
         for group, linear, widths, act in units:
-            launch = launch_for(i, GROUPS[group], linear.weight.t(), widths, sets, planned, linear.bias, act, config)
+            launch = launch_for(i, GROUPS[group], linear.weight.t(), widths, sets, planned, linear.bias, act, config,
+                                weights)
             if launch is not None:
                 out[i, group] = launch
     return out
@@ -72,10 +77,15 @@ def plan_launches(model: Transformer, sets: dict, planned: dict | None, config: 
 
 class Decoder:
     """Batch-``batch`` decoding of ``model`` (ours, fp16/bf16, on a CUDA device; on the CPU only under
-    TRITON_INTERPRET=1, without graphs, for checking) with ``plan`` (None: dense) in ``mode``."""
+    TRITON_INTERPRET=1, without graphs, for checking) with ``plan`` (None: dense) in ``mode``.
+
+    ``weights`` "int8" (per output channel) or "int4" (groups of ``kernels.INT4_GROUP`` input rows): decode
+    steps read quantized copies of the projection weights (made once here, a half or a bit over a quarter of
+    the fp16 bytes), dequantized in registers, sparse or dense; prefill and the LM head keep the model's
+    weights, which stay in memory beside the copies."""
 
     def __init__(self, model: Transformer, plan=None, mode: str = MODE, batch: int = 1,
-                 max_seq: int | None = None):
+                 max_seq: int | None = None, weights: str | None = None):
         w = model.output.weight
         if w.dtype not in DTYPES:
             raise ActTailError(f"the kernel decoder runs float16 or bfloat16 weights, not {w.dtype}")
@@ -83,7 +93,9 @@ class Decoder:
             raise ActTailError("the kernel decoder needs a CUDA GPU (on the CPU it runs only under TRITON_INTERPRET=1)")
         if plan is not None:
             check_plan(plan, model.args)  # before the weights are laid out for the kernels
-        self.model, self.device, self.dtype = model, w.device, w.dtype
+        if weights is not None and weights not in WEIGHT_FORMATS:
+            raise ActTailError(f"unknown weight format {weights!r} (choose from {', '.join(WEIGHT_FORMATS)})")
+        self.model, self.device, self.dtype, self.weights = model, w.device, w.dtype, weights
         input_major(model)
         model.set_rope()  # float32 tables on the device
         self.ops = model.ops = KernelOps(model)
@@ -95,7 +107,7 @@ class Decoder:
 
     @classmethod
     def random(cls, args: ModelArgs, dtype=torch.float16, device="cuda", max_seq: int = 512, seed: int = 0,
-               batch: int = 1) -> "Decoder":
+               batch: int = 1, weights: str | None = None) -> "Decoder":
         """Random weights of the model's shapes, made on the device (speed does not depend on the values)."""
         with torch.device("meta"):
             model = Transformer(args)
@@ -107,7 +119,7 @@ class Decoder:
                     p.fill_(1.0 - args.norm_offset if name.endswith("norm.weight") else 0.0)
                 else:
                     p.copy_(torch.randn(p.shape, generator=g, device=device) * p.shape[-1] ** -0.5)
-        return cls(model.to(dtype).eval().requires_grad_(False), batch=batch, max_seq=max_seq)
+        return cls(model.to(dtype).eval().requires_grad_(False), batch=batch, max_seq=max_seq, weights=weights)
 
     @classmethod
     def from_model(cls, model: Transformer, dtype=torch.float16, device="cuda", **kwargs) -> "Decoder":
@@ -140,7 +152,7 @@ class Decoder:
     def set_settings(self, sets: dict, planned: dict | None = None, config: dict | None = None) -> None:
         """Runtime settings {(layer, kind): ProjectionSparsity} directly (``planned``: for the dispatch rule;
         None: every sparsified group runs sparse; ``config``: kernel launch settings, see ``plan_launches``)."""
-        self.ops.launches = plan_launches(self.model, sets, planned, config)
+        self.ops.launches = plan_launches(self.model, sets, planned, config, self.weights)
         self.graphs.clear()
 
     def resize(self, batch: int, max_seq: int) -> None:

@@ -27,8 +27,8 @@ import weakref
 import torch
 from torch import Tensor
 
-from acttail.kernels import (MAX_BATCH, PreparedLaunch, new_locks, sparse_glu, sparse_linear, topk_thresholds,
-                             use_sparse)
+from acttail.kernels import (MAX_BATCH, WEIGHT_FORMATS, PreparedLaunch, new_locks, quantize, sparse_glu,
+                             sparse_linear, topk_thresholds, use_sparse)
 from acttail.kernels.ops import IN_GRAPH  # inside a compiled graph: no programmatic dependent launch
 
 from ..errors import ActTailError
@@ -46,11 +46,15 @@ class Launch:
     weights ``wt`` [in, sum of widths]; with ``act`` the pair (gate, up) returns act(gate) * up.
 
     ``runs_sparse(B)`` is the dispatch rule's answer at batch size B; calling it computes the group's output
-    [B, widths] (or [B, width of one] for act) of x [B, in]."""
+    [B, widths] (or [B, width of one] for act) of x [B, in].
+
+    ``weights`` "int8" or "int4" (``kernels.WEIGHT_FORMATS``): the launch reads its own quantized copy of wt
+    (``kernels.quantize``) and runs at every batch size, a group left dense reading every row: the dense
+    alternative of the same bytes is this kernel, not cuBLAS on fp16."""
 
     def __init__(self, layer: int, kinds: tuple[str, ...], wt: Tensor, widths: tuple[int, ...],
                  found: list[ProjectionSparsity | None], sparsity: float | None, bias: Tensor | None = None,
-                 act: str | None = None, config: dict | None = None):
+                 act: str | None = None, config: dict | None = None, weights: str | None = None):
         self.layer, self.kinds, self.widths, self.act = layer, kinds, tuple(widths), act
         dev = wt.device
         self.keeps = None if all(s is None or s.keep is None for s in found) else \
@@ -65,12 +69,18 @@ class Launch:
         self.bias = _epilogue_bias(bias, learned, self.widths, dev, self.lowrank is None)
         self.own_bias = bias.float() if bias is not None and self.lowrank is not None else None
         glu = act if act in ("silu", "gelu_tanh") and self.lowrank is None else None
+        n = wt.shape[1]
+        scales = group = None
+        if weights is not None:
+            wt, scales, group = quantize(wt, weights)
+        self.weights = weights
         self.kernel = PreparedLaunch(wt, thresholds, None if glu else self.widths, act=glu,
                                      bias=self.bias if self.lowrank is None else None,
-                                     locks=new_locks(dev, wt.shape[1] // 16 + 3), config=config)
+                                     locks=new_locks(dev, n // 16 + 3), config=config, scales=scales, group=group)
         self._in_graph_config = {**(config or {}), **IN_GRAPH}
         nbytes = wt.numel() * wt.element_size()
-        self.sparse_at = tuple(sparsity is None or use_sparse(sparsity, b, nbytes) for b in range(1, MAX_BATCH + 1))
+        self.sparse_at = tuple(weights is not None or sparsity is None or use_sparse(sparsity, b, nbytes)
+                               for b in range(1, MAX_BATCH + 1))
         self.out_features = self.widths[0] if act is not None else sum(self.widths)
         self.key = next(_KEYS)
         _BY_KEY[self.key] = self
@@ -99,9 +109,10 @@ class Launch:
         a pool holding allocations that are no output."""
         k = self.kernel
         t = topk_thresholds(x, self.keeps) if self.keeps is not None else k.thresholds
+        q = dict(config=self._in_graph_config, bias=k.bias, locks=k.locks, scales=k.scales, group=k.group)
         if k.glu:
-            return sparse_glu(x, k.wt, t, k.act, config=self._in_graph_config, bias=k.bias, locks=k.locks)
-        y = sparse_linear(x, k.wt, t, self.widths, config=self._in_graph_config, bias=k.bias, locks=k.locks)
+            return sparse_glu(x, k.wt, t, k.act, **q)
+        y = sparse_linear(x, k.wt, t, self.widths, **q)
         return y if self.lowrank is None else self._compensated(x, y, t)
 
     def _compensated(self, x: Tensor, y: Tensor, t: Tensor | None) -> Tensor:
@@ -146,19 +157,24 @@ def _launch(key: int) -> Launch:
 
 
 def launch_for(layer: int, kinds: tuple[str, ...], wt: Tensor, widths, sets: dict, planned: dict | None,
-               bias: Tensor | None = None, act: str | None = None, config: dict | None = None) -> Launch | None:
+               bias: Tensor | None = None, act: str | None = None, config: dict | None = None,
+               weights: str | None = None) -> Launch | None:
     """The ``Launch`` of a plan's settings ``sets`` {(layer, kind): ProjectionSparsity} for one group, or None
-    when none of its projections is sparsified. ``planned`` {(layer, kind): sparsity} drives the dispatch rule
-    (their mean weighted by ``widths``); None: always sparse (benchmarks timing the kernel itself). Score
-    weights are refused: the kernel ranks inputs by |x|. ``config``: kernel launch settings over
-    ``kernels.pick_config``'s (benchmarks comparing launch rules)."""
+    when none of its projections is sparsified (and ``weights`` is None). ``planned`` {(layer, kind): sparsity}
+    drives the dispatch rule (their mean weighted by ``widths``); None: always sparse (benchmarks timing the
+    kernel itself). Score weights are refused: the kernel ranks inputs by |x|. ``config``: kernel launch
+    settings over ``kernels.pick_config``'s (benchmarks comparing launch rules). ``weights``: a quantized
+    format (see ``Launch``)."""
+    if weights is not None and weights not in WEIGHT_FORMATS:
+        raise ActTailError(f"unknown weight format {weights!r} (choose from {', '.join(WEIGHT_FORMATS)})")
     found = [sets.get((layer, k)) for k in kinds]
-    if not any(found):
+    if not any(found) and weights is None:
         return None
     if any(s is not None and s.score is not None for s in found):
         raise ActTailError("the kernel backend ranks inputs by |x|: a plan with score weights runs on the reference "
                            "backend (--backend reference)")
-    return Launch(layer, kinds, wt, widths, found, planned_sparsity(layer, kinds, widths, planned), bias, act, config)
+    return Launch(layer, kinds, wt, widths, found, planned_sparsity(layer, kinds, widths, planned), bias, act, config,
+                  weights)
 
 
 def planned_sparsity(layer: int, kinds, widths, planned: dict | None) -> float | None:
