@@ -238,21 +238,24 @@ def apply(model, plan: Plan, mode: str = MODE, backend: str | None = None) -> Ap
 
 
 def decoder(model, plan: Plan | None = None, mode: str = MODE, batch: int = 1, max_seq: int | None = None,
-            dtype: torch.dtype = torch.float16, device: str = "cuda"):
+            dtype: torch.dtype = torch.float16, device: str = "cuda", weights: str | None = None):
     """The fast path: a ``Decoder`` (runtime/decoder.py) that runs ``plan``'s decode steps (None: dense)
     through the Triton kernels, one CUDA-graph replay per token; ``.generate(input_ids, max_new_tokens=...,
     do_sample=..., temperature=..., top_k=..., top_p=..., eos_token_id=..., streamer=...)`` as in
     transformers. From a transformers model with fp16/bf16 weights on the GPU it shares that model's weight
     storage; from ours (``acttail.load``) it copies the weights to ``dtype`` on ``device``. ``max_seq``: the
-    KV cache's positions (default: the model's, at most 4096; ``generate`` grows it when asked for more)."""
+    KV cache's positions (default: the model's, at most 4096; ``generate`` grows it when asked for more).
+    ``weights`` "int8" or "int4": decode steps read quantized copies of the projection weights (made here;
+    prefill and the LM head keep the model's weights, which stay in memory beside them)."""
     from .runtime.decoder import Decoder
 
     if isinstance(model, Transformer):
         seq = max_seq or min(model.args.max_seq_len, 4096)
-        return Decoder.from_model(model, dtype=dtype, device=device, plan=plan, mode=mode, batch=batch, max_seq=seq)
+        return Decoder.from_model(model, dtype=dtype, device=device, plan=plan, mode=mode, batch=batch, max_seq=seq,
+                                  weights=weights)
     if not is_transformers_model(model):
         raise ActTailError(f"acttail.decoder takes a transformers causal LM or an acttail model, not {type(model).__name__}")
-    return Decoder.from_transformers(model, plan=plan, mode=mode, batch=batch, max_seq=max_seq)
+    return Decoder.from_transformers(model, plan=plan, mode=mode, batch=batch, max_seq=max_seq, weights=weights)
 
 
 def evaluate(model, text, tokenizer=None, plan=None, config: EvalConfig | None = None, *, out=None,

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from acttail.kernels import quantize_int4, quantize_int8, sparse_linear, sparse_linear_ref
+from acttail.kernels import INT4_GROUP, quantize, sparse_linear, sparse_linear_ref
 from gpu_kernels import rel_err, threshold_for
 
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
@@ -38,11 +38,7 @@ def weights(fmt: str, wt: torch.Tensor) -> dict:
     """The launch arguments of wt [K, N] fp16 in format fmt: the stored weights, scales and group."""
     if fmt == "fp16":
         return dict(wt=wt)
-    if fmt == "int8":
-        q, s = quantize_int8(wt)
-        return dict(wt=q, scales=s)
-    group = int(fmt.split("-g")[1])
-    q, s = quantize_int4(wt, group)
+    q, s, group = quantize(wt, fmt.split("-g")[0], int(fmt.split("-g")[1]) if "-g" in fmt else INT4_GROUP)
     return dict(wt=q, scales=s, group=group)
 
 
@@ -52,7 +48,7 @@ def stored_bytes(w: dict, rows: float) -> float:
     total = q.numel() * q.element_size() * rows
     if "scales" in w:
         s = w["scales"]
-        total += s.numel() * s.element_size() * (rows if "group" in w else 1.0)
+        total += s.numel() * s.element_size() * (rows if w["group"] else 1.0)
     return total
 
 
