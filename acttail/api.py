@@ -313,7 +313,8 @@ class GenerateConfig(Config):
     mode: a plan's thresholds or top-k counts. prefill: the prompt positions a plan sparsifies (None: half on
     the reference backend, none on the kernel backend). backend: reference (the float32 torch model) or
     kernels (the Triton decode path, greedy); None: kernels on cuda, reference on cpu. dtype: the kernel
-    backend's weights."""
+    backend's weights. weights: int8 or int4 (the kernel backend's decode steps read quantized copies of
+    the projection weights; ``runtime.decoder.Decoder``); None: dtype's."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -322,6 +323,7 @@ class GenerateConfig(Config):
     prefill: str | None = None
     backend: str | None = None
     dtype: str = "float16"
+    weights: str | None = None
     stage = "generation"
 
 
@@ -344,13 +346,16 @@ def generate(model, prompt: str, plan=None, tokenizer=None, config: GenerateConf
     backend = cfg.backend or ("kernels" if device.startswith("cuda") else "reference")
     if backend == "kernels":
         check_kernel_run(device, cfg.temperature, cfg.prefill)
+    elif cfg.weights is not None:
+        raise ActTailError(f"--weights {cfg.weights} runs on the kernel backend (--backend kernels)")
     m = ModelInput(model, device if backend == "reference" else "cpu", tokenizer=tokenizer)
     plan = m.plan(plan)
     tok, bos = m.tokenizer()
     if tok is None:
         raise ActTailError("generating needs a tokenizer: pass tokenizer=...")
     return generate_text(m.net, tok, prompt, plan, cfg.max_new_tokens, cfg.temperature, cfg.seed, cfg.mode,
-                         cfg.prefill, backend=backend, dtype=cfg.dtype, device=device, eos_id=m.eos_id, bos_id=bos)
+                         cfg.prefill, backend=backend, dtype=cfg.dtype, device=device, eos_id=m.eos_id, bos_id=bos,
+                         weights=cfg.weights)
 
 
 # ---- stage 4: the report ------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from .export import EXPORTERS
 from .fetch import MODELS
 from .greedy import GreedyConfig
 from .sensitivity import SensitivityConfig
-from .layout import KINDS
+from .layout import KINDS, WEIGHT_FORMATS
 from .runtime.generate import BACKENDS as GENERATE_BACKENDS
 from .runtime.sparsify import MODES, PREFILL
 from .text import SOURCES as TEXTS
@@ -328,6 +328,9 @@ def eval_cmd(model, plan_path, text, device, output, stream, **options):
                    "greedy). Default: kernels on cuda, reference on cpu.")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16"]), default=GENERATE.dtype, show_default=True,
               help="Weights and activations of the kernel backend.")
+@click.option("--weights", type=click.Choice(WEIGHT_FORMATS), default=GENERATE.weights,
+              help="Kernel backend: decode over int8 (per channel) or int4 (groups of 128 rows) copies of the "
+                   "projection weights, dequantized in registers (prefill keeps --dtype's).")
 def generate_cmd(model, plan_path, prompt, device, **options):
     """Continue PROMPT with the dense or planned-sparse model; the speed goes to stderr."""
     text, info = api.generate(model, prompt, plan=plan_path, device=device, **options)
@@ -335,7 +338,7 @@ def generate_cmd(model, plan_path, prompt, device, **options):
     if info["backend"] == "kernels":
         rate = info["decode_tokens_per_s"]
         click.echo(f"{info['new_tokens']} tokens decoded (the text stops at EOS), kernel backend on {info['device']} "
-                   f"({info['dtype']}, "
+                   f"({info['dtype']}{', ' + info['weights'] + ' weights' if info['weights'] else ''}, "
                    f"{info['sparse_groups']}/{info['groups']} projection groups sparse): prefill "
                    f"{info['prefill_s'] * 1e3:.1f} ms and graph capture {info['capture_s'] * 1e3:.1f} ms (first calls "
                    f"compile the kernels), decode "

@@ -18,11 +18,11 @@ custom operators (``torch.ops.acttail.*``) for torch.compile.
 
 from .launch import (PreparedLaunch, chunk_rows, new_locks, pick_config, sparse_glu, sparse_linear, sparse_swiglu,
                      use_sparse)
-from .sparse_gemv import (GLU_ACTS, INT4_GROUP, MAX_BATCH, WEIGHT_FORMATS, dequantize_ref, quantize, quantize_int4,
+from .sparse_gemv import (GLU_ACTS, INT4_GROUP, MAX_BATCH, dequantize_ref, quantize, quantize_int4,
                           quantize_int8, sparse_glu_ref, sparse_linear_ref, sparse_swiglu_ref, sparsify_ref)
 from .topk import topk_thresholds, topk_thresholds_ref
 
-__all__ = ["GLU_ACTS", "INT4_GROUP", "MAX_BATCH", "PreparedLaunch", "WEIGHT_FORMATS", "chunk_rows", "dequantize_ref",
+__all__ = ["GLU_ACTS", "INT4_GROUP", "MAX_BATCH", "PreparedLaunch", "chunk_rows", "dequantize_ref",
            "new_locks", "pick_config", "quantize", "quantize_int4", "quantize_int8", "sparse_glu",
            "sparse_glu_ref", "sparse_linear", "sparse_linear_ref", "sparse_swiglu", "sparse_swiglu_ref", "sparsify_ref",
            "topk_thresholds", "topk_thresholds_ref", "use_sparse"]

@@ -93,7 +93,6 @@ def quantize_int8(wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scale).clamp_(-127, 127).to(torch.int8), scale.contiguous()
 
 
-WEIGHT_FORMATS = ("int8", "int4")  # the weight-only formats the kernel reads (besides fp16/bf16)
 INT4_GROUP = 128  # input rows per int4 scale: AWQ's and GPTQ's usual group (0.25 bit of fp32 scale a weight)
 
 
@@ -104,7 +103,7 @@ def quantize(wt: torch.Tensor, fmt: str, group: int = INT4_GROUP) -> tuple[torch
         return (*quantize_int8(wt), None)
     if fmt == "int4":
         return (*quantize_int4(wt, group), group)
-    raise ValueError(f"unknown weight format {fmt!r} (choose from {', '.join(WEIGHT_FORMATS)})")
+    raise ValueError(f"unknown weight format {fmt!r} (int8 or int4)")
 
 
 def sparse_linear_ref(x, wt, thresholds, splits=None, bias=None, scales=None, group=None):

@@ -159,6 +159,10 @@ def test_generate_kernel_backend(setup):
     assert r.exit_code == 2 and "prefills the prompt densely" in r.output
     r = run(*args, "--backend", "kernels", "--max-new-tokens", "100000")
     assert r.exit_code == 2 and "exceed" in r.output
+    r = run(*args, "--max-new-tokens", "3", "--backend", "kernels", "--weights", "int4")
+    assert r.exit_code == 0 and "float16, int4 weights, 8/8 projection groups" in r.stderr, r.output
+    r = run(*args, "--backend", "reference", "--weights", "int8")
+    assert r.exit_code == 2 and "kernel backend" in r.output and "Traceback" not in r.output
 
 
 def test_generate_bad_device_is_one_line(setup):

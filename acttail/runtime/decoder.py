@@ -28,10 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from acttail.kernels import WEIGHT_FORMATS
-
 from ..errors import ActTailError
-from ..layout import GROUPS
+from ..layout import GROUPS, WEIGHT_FORMATS
 from .args import ModelArgs
 from .kernel_ops import KernelOps
 from .launch import launch_for

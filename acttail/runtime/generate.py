@@ -78,20 +78,23 @@ BACKENDS = ("reference", "kernels")
 
 def generate_text(model, tokenizer, prompt: str, plan, max_new_tokens: int, temperature: float, seed: int | None,
                   mode: str, prefill_policy: str | None, *, backend: str, dtype: str, device: str,
-                  eos_id: int | None = None, bos_id: int | None = None) -> tuple[str, dict]:
+                  eos_id: int | None = None, bos_id: int | None = None, weights: str | None = None) -> tuple[str, dict]:
     """The prompt's continuation as text, from the dense or planned-sparse ``model``, and what the run measured;
     the prompt starts with ``bos_id`` when given (``tokens.bos_id``: the model's tokenizer asks for it). The
     settings are ``acttail.generate``'s (``GenerateConfig`` holds their defaults and picks the backend).
 
     backend ``reference``: the float32 torch model where it lies; ``kernels``: the Triton decode path
     (``runtime.decoder.Decoder``: fp16/bf16 input-major weights, dense prefill, CUDA graph per decoded token,
-    greedy) on ``device``. On the CPU the kernels run only under TRITON_INTERPRET=1 (slowly)."""
+    greedy) on ``device``, its decode steps over int8 / int4 copies of the projection weights with ``weights``.
+    On the CPU the kernels run only under TRITON_INTERPRET=1 (slowly)."""
     if max_new_tokens < 1:
         raise ActTailError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if backend not in BACKENDS:
         raise ActTailError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if backend == "kernels":
         check_kernel_run(device, temperature, prefill_policy)
+    elif weights is not None:
+        raise ActTailError(f"--weights {weights} runs on the kernel backend (--backend kernels)")
     if plan is not None:
         check_plan(plan, model.args)
     ids = ([bos_id] if bos_id is not None else []) + encode(tokenizer, prompt)
@@ -100,7 +103,7 @@ def generate_text(model, tokenizer, prompt: str, plan, max_new_tokens: int, temp
     check_ids(ids, model.args.vocab_size, "the prompt's token ids", ": is the tokenizer this model's?")
     sets = settings(plan, mode) if plan is not None else {}
     if backend == "kernels":
-        out, info = _generate_kernels(model, plan, mode, ids, max_new_tokens, device, dtype)
+        out, info = _generate_kernels(model, plan, mode, ids, max_new_tokens, device, dtype, weights)
         if eos_id is not None and eos_id in out:
             out = out[:out.index(eos_id) + 1]
     else:
@@ -131,7 +134,7 @@ def check_kernel_run(device, temperature, prefill_policy):
         raise ActTailError("the kernel backend needs triton: pip install 'acttail[triton]'") from None
 
 
-def _generate_kernels(model, plan, mode, ids, max_new_tokens, device, dtype):
+def _generate_kernels(model, plan, mode, ids, max_new_tokens, device, dtype, weights=None):
     """Greedy tokens from the Triton decode path, with the decode rate measured around the graph replays."""
     from .decoder import Decoder
 
@@ -142,11 +145,11 @@ def _generate_kernels(model, plan, mode, ids, max_new_tokens, device, dtype):
     if n > model.args.max_seq_len:
         raise ActTailError(f"{len(ids)} prompt + {max_new_tokens} new tokens exceed the model's "
                            f"{model.args.max_seq_len} positions")
-    dec = Decoder.from_model(model, dtype=dtypes[dtype], device=device, plan=plan, mode=mode, max_seq=n)
+    dec = Decoder.from_model(model, dtype=dtypes[dtype], device=device, plan=plan, mode=mode, max_seq=n, weights=weights)
     T = len(ids)
     out = dec.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens)[0, T:].tolist()
     t = dec.timing
-    info = {"backend": "kernels", "device": str(dec.device), "dtype": dtype, "new_tokens": len(out),
+    info = {"backend": "kernels", "device": str(dec.device), "dtype": dtype, "weights": weights, "new_tokens": len(out),
             "prefill_s": t["prefill_s"], "capture_s": t["capture_s"], "decode_s": t["decode_s"],
             "decode_tokens_per_s": (len(out) - 1) / t["decode_s"] if len(out) > 1 else None,
             "sparse_groups": dec.ops.sparse_groups(1), "groups": 4 * dec.model.args.n_layer}

@@ -27,7 +27,7 @@ import weakref
 import torch
 from torch import Tensor
 
-from acttail.kernels import (MAX_BATCH, WEIGHT_FORMATS, PreparedLaunch, new_locks, quantize, sparse_glu,
+from acttail.kernels import (MAX_BATCH, PreparedLaunch, new_locks, quantize, sparse_glu,
                              sparse_linear, topk_thresholds, use_sparse)
 from acttail.kernels.ops import IN_GRAPH  # inside a compiled graph: no programmatic dependent launch
 
@@ -48,7 +48,7 @@ class Launch:
     ``runs_sparse(B)`` is the dispatch rule's answer at batch size B; calling it computes the group's output
     [B, widths] (or [B, width of one] for act) of x [B, in].
 
-    ``weights`` "int8" or "int4" (``kernels.WEIGHT_FORMATS``): the launch reads its own quantized copy of wt
+    ``weights`` "int8" or "int4" (``layout.WEIGHT_FORMATS``): the launch reads its own quantized copy of wt
     (``kernels.quantize``) and runs at every batch size, a group left dense reading every row: the dense
     alternative of the same bytes is this kernel, not cuBLAS on fp16."""
 
@@ -164,9 +164,7 @@ def launch_for(layer: int, kinds: tuple[str, ...], wt: Tensor, widths, sets: dic
     drives the dispatch rule (their mean weighted by ``widths``); None: always sparse (benchmarks timing the
     kernel itself). Score weights are refused: the kernel ranks inputs by |x|. ``config``: kernel launch
     settings over ``kernels.pick_config``'s (benchmarks comparing launch rules). ``weights``: a quantized
-    format (see ``Launch``)."""
-    if weights is not None and weights not in WEIGHT_FORMATS:
-        raise ActTailError(f"unknown weight format {weights!r} (choose from {', '.join(WEIGHT_FORMATS)})")
+    format (see ``Launch``; the caller checks it)."""
     found = [sets.get((layer, k)) for k in kinds]
     if not any(found) and weights is None:
         return None
