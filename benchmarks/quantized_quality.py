@@ -48,10 +48,11 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--tokens", type=int, default=16384, help="wiki tokens evaluated")
     ap.add_argument("--cal-tokens", type=int, default=16384, help="c4 tokens the thresholds are calibrated on")
+    ap.add_argument("--formats", nargs="+", default=list(FORMATS), help="float, int8, int4-gG (G rows a scale)")
     args = ap.parse_args()
     text = Path.home() / ".cache/acttail/text"
     rows, t0 = [], time.time()
-    for fmt in FORMATS:
+    for fmt in args.formats:
         model = acttail.load(args.model)
         if fmt != "float":
             quantized(model, fmt)
