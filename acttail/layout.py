@@ -19,8 +19,8 @@ KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
 GROUP_OF = {kind: group for group, kinds in GROUPS.items() for kind in kinds}
 # Weight-only formats the decode kernels read besides fp16/bf16 (``kernels.quantize``): int8 per output
-# channel, int4 in groups of input rows.
-WEIGHT_FORMATS = ("int8", "int4")
+# channel, int4 in groups of 128 input rows, GGUF Q4_1's grid (a scale and a minimum per 32 input rows).
+WEIGHT_FORMATS = ("int8", "int4", "q4_1")
 
 # Module of each kind inside an HF decoder layer (Llama naming).
 HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",

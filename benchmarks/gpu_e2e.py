@@ -5,7 +5,7 @@ input-major weights), uniform 50/70/90% (per-projection thresholds calibrated on
 activations), and a per-projection plan. Each decode step is a CUDA-graph replay; prefill is dense.
 Writes e2e.md and e2e.json under --out.
 
-    python benchmarks/gpu_e2e.py --out OUT [--quick] [--weights int8|int4]
+    python benchmarks/gpu_e2e.py --out OUT [--quick] [--weights int8|int4|q4_1]
 """
 
 import argparse
@@ -22,7 +22,8 @@ import triton
 from gpu_kernels import copy_bandwidth, warm_up
 
 from acttail.kernels import INT4_GROUP
-from acttail.layout import GROUP_OF, KINDS
+from acttail.kernels.sparse_gemv import Q4_1_GROUP
+from acttail.layout import GROUP_OF, KINDS, WEIGHT_FORMATS
 from acttail.runtime.args import LLAMA2_7B, SMOLLM2_135M
 from acttail.runtime.decoder import Decoder, greedy
 from acttail.runtime.sparsify import ProjectionSparsity
@@ -173,8 +174,8 @@ def random_biases(dims, seed=2):
 
 def weight_bytes(weights=None) -> float:
     """Bytes a projection weight takes per parameter: fp16 2; int8 1 (+ per-channel scales, ignored); int4 a
-    half plus its fp32 group scale."""
-    return {None: 2.0, "int8": 1.0, "int4": 0.5 + 4 / INT4_GROUP}[weights]
+    half plus its fp32 group scale; q4_1 a half plus its fp32 (scale, min) pair per 32."""
+    return {None: 2.0, "int8": 1.0, "int4": 0.5 + 4 / INT4_GROUP, "q4_1": 0.5 + 8 / Q4_1_GROUP}[weights]
 
 
 def run_model(name, dims, bw, n_tokens, calib_tokens, sparsities=(0.5, 0.7, 0.9), biases=False, T=16, weights=None):
@@ -305,7 +306,7 @@ def main():
     ap.add_argument("--context", type=int, default=16, help="prompt tokens before the timed decode (dense prefill)")
     ap.add_argument("--biases", action="store_true",
                     help="also time each dispatch variant with learned output biases (the default compensation)")
-    ap.add_argument("--weights", choices=["int8", "int4"],
+    ap.add_argument("--weights", choices=list(WEIGHT_FORMATS),
                     help="decode over quantized copies of the projection weights (every group a kernel launch; "
                          "'dense' then reads every row of the same bytes)")
     ap.add_argument("--steps", nargs="+", choices=list(STEPS), default=DEFAULT_STEPS,

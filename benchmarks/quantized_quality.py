@@ -27,12 +27,12 @@ import torch
 import acttail
 from acttail.kernels import dequantize_ref, quantize
 
-FORMATS = ("float", "int8", "int4-g128", "int4-g32")
+FORMATS = ("float", "int8", "int4-g128", "int4-g32", "q4_1")
 
 
 def quantized(model, fmt):
     """model with every projection weight replaced by its ``fmt`` values (dequantized), in place: "int8",
-    or "int4-gG" (groups of G input rows)."""
+    "int4-gG" (groups of G input rows) or "q4_1"."""
     for block in model.layers:
         for linear in (block.attention.wqkv, block.attention.wo, block.feed_forward.w13, block.feed_forward.w2):
             wt = linear.weight.detach().t()
@@ -48,7 +48,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--tokens", type=int, default=16384, help="wiki tokens evaluated")
     ap.add_argument("--cal-tokens", type=int, default=16384, help="c4 tokens the thresholds are calibrated on")
-    ap.add_argument("--formats", nargs="+", default=list(FORMATS), help="float, int8, int4-gG (G rows a scale)")
+    ap.add_argument("--formats", nargs="+", default=list(FORMATS), help="float, int8, int4-gG (G rows a scale), q4_1")
     args = ap.parse_args()
     text = Path.home() / ".cache/acttail/text"
     rows, t0 = [], time.time()

@@ -171,11 +171,13 @@ def _config(B, K, widths, device, config):
 
 
 def _check_scales(x, wt, scales, group, N) -> None:
-    """int8 weights with per-column scales [N], or (group) packed int4 with per-group scales [ceil(K/group), N]."""
+    """int8 weights with per-column scales [N], or (group) packed int4 with per-group scales [ceil(K/group), N]
+    or (scale, min) pairs [ceil(K/group), N, 2]."""
     K = wt.shape[0]
     if group is not None and (not isinstance(group, int) or group < 1):
         raise ValueError(f"group must be a positive number of input rows, got {group!r}")
-    want = (torch.uint8, (-(-K // group), N), "int4 (packed uint8)") if group else (torch.int8, (N,), "int8")
+    pairs = (2,) if group and scales.dim() == 3 else ()
+    want = (torch.uint8, (-(-K // group), N) + pairs, "int4 (packed uint8)") if group else (torch.int8, (N,), "int8")
     if (wt.dtype != want[0] or scales.dtype != torch.float32 or scales.device != x.device
             or tuple(scales.shape) != want[1] or not scales.is_contiguous()):
         raise ValueError(f"scales go with {want[2]} weights: a contiguous float32 {list(want[1])} tensor on the "
@@ -213,7 +215,8 @@ def _arguments(x, wt, t, splits, glu, config=None, act="silu", bias=None, locks=
         BK=cfg["BK"], BN=BN, DOT_F32=x.device.type != "cuda", RB=int(cfg.get("RB", 1)) if B == 1 else 1,
         PDL=pdl["PDL"], HAS_BIAS=bias is not None, NORM=nw is not None, HAS_R=residual is not None,
         NB=cfg.get("NB") or min(triton.next_power_of_2(K), 8192 // block_b), DENSE=int(cfg.get("DENSE", 1)),
-        HAS_SCALE=scales is not None and not group, GROUP=group or 0)
+        HAS_SCALE=scales is not None and not group, GROUP=group or 0,
+        ASYM=int(bool(group) and scales is not None and scales.dim() == 3))
     options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_reg_args(cfg),
                    **({"launch_pdl": True} if pdl.get("launch_pdl") else {}))
     return (n_blocks, split, 1), params, options
@@ -358,7 +361,8 @@ def sparse_linear(x, wt, thresholds, splits=None, config=None, bias=None, locks=
     scales: wt holds int8 weights (``quantize_int8``: symmetric, per output channel) with these fp32 [N]
     scales; the kept rows are read as int8, half the bytes of fp16, and converted in registers. With ``group``,
     wt holds int4 weights packed two to a byte along the columns ([K, N / 2] uint8, ``quantize_int4``) with
-    fp32 scales [ceil(K / group), N]: a quarter of fp16's bytes, dequantized in registers.
+    fp32 scales [ceil(K / group), N], or (scale, min) pairs [ceil(K / group), N, 2] (``quantize_q4_1``): a
+    quarter of fp16's bytes, dequantized in registers.
 
     Every call binds and checks its arguments (tens of microseconds of host time); a caller that launches
     the same weights many times eagerly holds a ``PreparedLaunch`` instead."""

@@ -53,14 +53,18 @@ def sparsify_ref(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 def dequantize_ref(wt, scales=None, group: int | None = None) -> torch.Tensor:
     """fp32 weights [K, N] of wt: a float dtype (no scales); int8 with per-column fp32 ``scales`` [N]; or, with
     ``group``, int4 packed two to a byte along the columns ([K, N / 2] uint8, column 2c in the low nibble of
-    byte c) with fp32 ``scales`` [ceil(K / group), N], w = (q - 8) * scale."""
+    byte c) with fp32 ``scales`` [ceil(K / group), N], w = (q - 8) * scale, or [ceil(K / group), N, 2] of
+    (scale, min) pairs, w = q * scale + min."""
     if scales is None:
         return wt.float()
     if group is None:
         return wt.float() * scales.float()
     packed = wt.to(torch.int32)
     q = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(wt.shape[0], -1)
-    return (q - 8).float() * scales.float().repeat_interleave(group, dim=0)[: wt.shape[0]]
+    per_row = scales.float().repeat_interleave(group, dim=0)[: wt.shape[0]]
+    if scales.dim() == 3:  # (scale, min) pairs: GGUF Q4_1's grid
+        return q.float() * per_row[..., 0] + per_row[..., 1]
+    return (q - 8).float() * per_row
 
 
 def _symmetric_scale(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -85,6 +89,25 @@ def quantize_int4(wt: torch.Tensor, group: int = 64) -> tuple[torch.Tensor, torc
     return packed.contiguous(), scale.contiguous()
 
 
+def quantize_q4_1(wt: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """GGUF Q4_1's grid on input-major weights wt [K, N] (N even), in groups of ``group`` input rows per column:
+    (packed uint8 [K, N / 2], (scale, min) fp32 [ceil(K / group), N, 2]) with wt ~ q * scale + min, q in 0..15,
+    scale = (max - min) / 15 over the group. Weights dequantized from a Q4_1 GGUF (in fp32) come back as the
+    file's own q, scale and min (its fp16 scale and min, held in fp32)."""
+    K, N = wt.shape
+    if N % 2:
+        raise ValueError(f"int4 packs two columns to a byte: N must be even, got {N}")
+    groups = -(-K // group)
+    w = wt.float()
+    g = torch.cat([w, w[-1:].expand(groups * group - K, N)]).reshape(groups, group, N)  # padding repeats a row
+    lo, hi = g.amin(dim=1), g.amax(dim=1)
+    scale = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(lo))
+    rows = lambda t: t.repeat_interleave(group, dim=0)[:K]  # noqa: E731
+    q = torch.round((w - rows(lo)) / rows(scale)).clamp_(0, 15).to(torch.int32)
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+    return packed.contiguous(), torch.stack([scale, lo], dim=-1).contiguous()
+
+
 def quantize_int8(wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per output channel of input-major weights wt [K, N]: (q int8 [K, N], scale fp32 [N]) with
     wt ~ q * scale, scale = max |wt[:, n]| / 127 (1 where a column is all zero)."""
@@ -94,16 +117,20 @@ def quantize_int8(wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 INT4_GROUP = 128  # input rows per int4 scale: AWQ's and GPTQ's usual group (0.25 bit of fp32 scale a weight)
+Q4_1_GROUP = 32  # GGUF Q4_1's block
 
 
 def quantize(wt: torch.Tensor, fmt: str, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, int | None]:
     """(weights, scales, group) of input-major wt [K, N] in ``fmt`` for the kernel's ``scales=`` / ``group=``:
-    "int8" per output channel (group None) or "int4" in groups of ``group`` input rows."""
+    "int8" per output channel (group None), "int4" in groups of ``group`` input rows, or "q4_1" (GGUF's grid:
+    a scale and a minimum per 32 input rows)."""
     if fmt == "int8":
         return (*quantize_int8(wt), None)
     if fmt == "int4":
         return (*quantize_int4(wt, group), group)
-    raise ValueError(f"unknown weight format {fmt!r} (int8 or int4)")
+    if fmt == "q4_1":
+        return (*quantize_q4_1(wt, Q4_1_GROUP), Q4_1_GROUP)
+    raise ValueError(f"unknown weight format {fmt!r} (int8, int4 or q4_1)")
 
 
 def sparse_linear_ref(x, wt, thresholds, splits=None, bias=None, scales=None, group=None):
@@ -237,7 +264,7 @@ def _compact(x_ptr, stride_xb, t_ptr, stride_tb, idx_ptr, val_ptr, B, kstart, ke
 @triton.jit
 def _stream_rows(x_ptr, stride_xb, val_ptr, w_ptr, stride_wk, s_ptr, stride_sg, t_ptr, stride_tb, idx_ptr, nnz, B,
                  cols, col_mask, BLOCK_B: tl.constexpr, KC: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-                 DOT_F32: tl.constexpr, VALS: tl.constexpr, GROUP: tl.constexpr):
+                 DOT_F32: tl.constexpr, VALS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr):
     """fp32 [BLOCK_B, BN]: sum over the nnz rows k listed in idx of sparsify(x[:, k]) * wt[k, cols] (VALS:
     the sparsified values are read from val, compacted beside idx)."""
     rb = tl.arange(0, BLOCK_B)
@@ -250,12 +277,12 @@ def _stream_rows(x_ptr, stride_xb, val_ptr, w_ptr, stride_wk, s_ptr, stride_sg, 
         # as fast on 4096/11008-wide shapes and 4-7% slower on 14336-wide ones: reports/gpu/README.md.)
         kk = _load_idx(idx_ptr, 0, nnz, BK)
         w, xv = _load_rows(x_ptr, stride_xb, val_ptr, w_ptr, stride_wk, s_ptr, stride_sg, rb, bmask, thr, kk, 0, nnz,
-                           cols, col_mask, KC, BK, VALS, GROUP)
+                           cols, col_mask, KC, BK, VALS, GROUP, ASYM)
         kk = _load_idx(idx_ptr, BK, nnz, BK)
         acc2 = tl.zeros([BK, BN], dtype=tl.float32)
         for j in range(BK, nnz + BK, BK):
             w_next, xv_next = _load_rows(x_ptr, stride_xb, val_ptr, w_ptr, stride_wk, s_ptr, stride_sg, rb, bmask, thr,
-                                         kk, j, nnz, cols, col_mask, KC, BK, VALS, GROUP)
+                                         kk, j, nnz, cols, col_mask, KC, BK, VALS, GROUP, ASYM)
             kk = _load_idx(idx_ptr, j + BK, nnz, BK)
             acc2 += w.to(tl.float32) * tl.sum(xv.to(tl.float32), axis=0)[:, None]
             w, xv = w_next, xv_next
@@ -266,7 +293,7 @@ def _stream_rows(x_ptr, stride_xb, val_ptr, w_ptr, stride_wk, s_ptr, stride_sg, 
         for j in range(0, nnz, BK):
             kk = _load_idx(idx_ptr, j, nnz, BK)
             w, xv = _load_rows(x_ptr, stride_xb, val_ptr, w_ptr, stride_wk, s_ptr, stride_sg, rb, bmask, thr, kk, j,
-                               nnz, cols, col_mask, KC, BK, VALS, GROUP)
+                               nnz, cols, col_mask, KC, BK, VALS, GROUP, ASYM)
             if DOT_F32:  # the interpreter's dot is wrong for bf16; fp32 operands hold the same values
                 acc = tl.dot(xv.to(tl.float32), w.to(tl.float32), acc)
             else:  # int8 rows are converted to the activations' dtype in registers
@@ -277,7 +304,7 @@ def _stream_rows(x_ptr, stride_xb, val_ptr, w_ptr, stride_wk, s_ptr, stride_sg, 
 @triton.jit
 def _stream_rows_grouped(x_ptr, val_ptr, w_ptr, stride_wk, s_ptr, stride_sg, t_ptr, idx_ptr, nnz, cols, col_mask,
                          RB: tl.constexpr, BKR: tl.constexpr, BN: tl.constexpr, VALS: tl.constexpr,
-                         GROUP: tl.constexpr):
+                         GROUP: tl.constexpr, ASYM: tl.constexpr):
     """One token, fp32 [1, BN], with an accumulator of RB rows instead of BK = RB * BKR: each tile of
     gathered rows is loaded as [RB, BKR, BN] and summed over its BKR axis before it is added. Triton lays
     the tile out with that axis inside each thread (threads over RB and BN, read in the TTGIR for sm_90), so
@@ -289,12 +316,12 @@ def _stream_rows_grouped(x_ptr, val_ptr, w_ptr, stride_wk, s_ptr, stride_sg, t_p
     BK = RB * BKR
     kk = tl.load(idx_ptr + r2, mask=r2 < nnz, other=0)
     w, xv = _load_rows_grouped(x_ptr, val_ptr, w_ptr, stride_wk, s_ptr, stride_sg, thr, kk, r2, 0, nnz, cols, col_mask,
-                               VALS, GROUP)
+                               VALS, GROUP, ASYM)
     kk = tl.load(idx_ptr + BK + r2, mask=(BK + r2) < nnz, other=0)
     acc = tl.zeros([RB, BN], dtype=tl.float32)
     for j in range(BK, nnz + BK, BK):
         w_next, xv_next = _load_rows_grouped(x_ptr, val_ptr, w_ptr, stride_wk, s_ptr, stride_sg, thr, kk, r2, j, nnz,
-                                             cols, col_mask, VALS, GROUP)
+                                             cols, col_mask, VALS, GROUP, ASYM)
         kk = tl.load(idx_ptr + j + BK + r2, mask=(j + BK + r2) < nnz, other=0)
         acc += tl.sum(w.to(tl.float32) * xv.to(tl.float32)[:, :, None], axis=1)
         w, xv = w_next, xv_next
@@ -303,11 +330,11 @@ def _stream_rows_grouped(x_ptr, val_ptr, w_ptr, stride_wk, s_ptr, stride_sg, t_p
 
 @triton.jit
 def _load_rows_grouped(x_ptr, val_ptr, w_ptr, stride_wk, s_ptr, stride_sg, thr, kk, r2, j, nnz, cols, col_mask,
-                       VALS: tl.constexpr, GROUP: tl.constexpr):
+                       VALS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr):
     """Gathered rows kk [RB, BKR] as [RB, BKR, BN] and their sparsified activations (zeros past nnz)."""
     jm = (j + r2) < nnz
     w = _weights(w_ptr, stride_wk, s_ptr, stride_sg, kk[:, :, None], cols[None, None, :],
-                 jm[:, :, None] & col_mask[None, None, :], GROUP)
+                 jm[:, :, None] & col_mask[None, None, :], GROUP, ASYM)
     if VALS:
         return w, tl.load(val_ptr + j + r2, mask=jm, other=0.0)
     xv = tl.load(x_ptr + kk, mask=jm, other=0.0)
@@ -316,7 +343,7 @@ def _load_rows_grouped(x_ptr, val_ptr, w_ptr, stride_wk, s_ptr, stride_sg, thr, 
 
 @triton.jit
 def _stream_masked(x_ptr, w_ptr, stride_wk, s_ptr, stride_sg, t_ptr, k0, kend, cols, col_mask, RB: tl.constexpr,
-                   BKR: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr):
+                   BKR: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr):
     """One token, fp32 [1, BN], without compaction: every tile of RB * BKR rows of the chunk [k0, kend), each
     row's load masked off where its activation is under the threshold (a masked row moves no bytes). The
     activations run two tiles ahead of the weights, so each weight load waits on no x load."""
@@ -325,11 +352,12 @@ def _stream_masked(x_ptr, w_ptr, stride_wk, s_ptr, stride_sg, t_ptr, k0, kend, c
     BK = RB * BKR
     wa, xa = _load_masked(w_ptr, stride_wk, s_ptr, stride_sg, thr,
                           tl.load(x_ptr + k0 + r2, mask=(k0 + r2) < kend, other=0.0), k0 + r2, kend, cols, col_mask,
-                          GROUP)
+                          GROUP, ASYM)
     xb = tl.load(x_ptr + k0 + BK + r2, mask=(k0 + BK + r2) < kend, other=0.0)
     acc = tl.zeros([RB, BN], dtype=tl.float32)
     for j in range(k0 + BK, kend + BK, BK):
-        wb, xsb = _load_masked(w_ptr, stride_wk, s_ptr, stride_sg, thr, xb, j + r2, kend, cols, col_mask, GROUP)
+        wb, xsb = _load_masked(w_ptr, stride_wk, s_ptr, stride_sg, thr, xb, j + r2, kend, cols, col_mask, GROUP,
+                               ASYM)
         xb = tl.load(x_ptr + j + BK + r2, mask=(j + BK + r2) < kend, other=0.0)
         acc += tl.sum(wa.to(tl.float32) * xa.to(tl.float32)[:, :, None], axis=1)
         wa, xa = wb, xsb
@@ -337,24 +365,29 @@ def _stream_masked(x_ptr, w_ptr, stride_wk, s_ptr, stride_sg, t_ptr, k0, kend, c
 
 
 @triton.jit
-def _load_masked(w_ptr, stride_wk, s_ptr, stride_sg, thr, xv, rows, kend, cols, col_mask, GROUP: tl.constexpr):
+def _load_masked(w_ptr, stride_wk, s_ptr, stride_sg, thr, xv, rows, kend, cols, col_mask, GROUP: tl.constexpr,
+                 ASYM: tl.constexpr):
     """Weight rows [RB, BKR, BN] of the chunk (rows < kend) whose activation xv passes the threshold, and
     those activations (zeros elsewhere, in both)."""
     keep = (tl.abs(xv.to(tl.float32)) > thr) & (rows < kend)
     w = _weights(w_ptr, stride_wk, s_ptr, stride_sg, rows[:, :, None], cols[None, None, :],
-                 keep[:, :, None] & col_mask[None, None, :], GROUP)
+                 keep[:, :, None] & col_mask[None, None, :], GROUP, ASYM)
     return w, tl.where(keep, xv, 0.0)
 
 
 @triton.jit
-def _weights(w_ptr, stride_wk, s_ptr, stride_sg, rows, cols, mask, GROUP: tl.constexpr):
+def _weights(w_ptr, stride_wk, s_ptr, stride_sg, rows, cols, mask, GROUP: tl.constexpr, ASYM: tl.constexpr):
     """Weights of wt at (rows, cols) (broadcasting index tensors; 0 where masked): as stored (fp16, bf16, int8),
     or with GROUP > 0 int4 packed two to a byte along the columns (column 2c in the low nibble of byte c),
-    returned as fp32 (q - 8) * scale[row // GROUP, col]."""
+    returned as fp32 (q - 8) * scale[row // GROUP, col], or with ASYM q * scale + min from the pairs
+    (scale, min)[row // GROUP, col] (GGUF Q4_1's grid)."""
     if GROUP == 0:
         return tl.load(w_ptr + rows * stride_wk + cols, mask=mask, other=0.0)
     packed = tl.load(w_ptr + rows * stride_wk + cols // 2, mask=mask, other=0).to(tl.int32)
     q = (packed >> ((cols % 2) * 4)) & 15
+    if ASYM:
+        pair = s_ptr + (rows // GROUP) * stride_sg + cols * 2
+        return q.to(tl.float32) * tl.load(pair, mask=mask, other=0.0) + tl.load(pair + 1, mask=mask, other=0.0)
     scale = tl.load(s_ptr + (rows // GROUP) * stride_sg + cols, mask=mask, other=0.0)
     return (q - 8).to(tl.float32) * scale
 
@@ -368,12 +401,14 @@ def _load_idx(idx_ptr, j, nnz, BK: tl.constexpr):
 
 @triton.jit
 def _load_rows(x_ptr, stride_xb, val_ptr, w_ptr, stride_wk, s_ptr, stride_sg, rb, bmask, thr, kk, j, nnz, cols,
-               col_mask, KC: tl.constexpr, BK: tl.constexpr, VALS: tl.constexpr, GROUP: tl.constexpr):
+               col_mask, KC: tl.constexpr, BK: tl.constexpr, VALS: tl.constexpr, GROUP: tl.constexpr,
+               ASYM: tl.constexpr):
     """Gathered weight rows kk and the matching sparsified activations (zeros past nnz): gathered from x and
     thresholded, or (VALS) read from the compacted values."""
     rj = j + tl.arange(0, BK)
     jm = rj < nnz
-    w = _weights(w_ptr, stride_wk, s_ptr, stride_sg, kk[:, None], cols[None, :], jm[:, None] & col_mask[None, :], GROUP)
+    w = _weights(w_ptr, stride_wk, s_ptr, stride_sg, kk[:, None], cols[None, :], jm[:, None] & col_mask[None, :], GROUP,
+                 ASYM)
     if VALS:
         return w, tl.load(val_ptr + rb[:, None] * KC + rj[None, :], mask=bmask[:, None] & jm[None, :], other=0.0)
     xv = tl.load(x_ptr + rb[:, None] * stride_xb + kk[None, :], mask=bmask[:, None] & jm[None, :], other=0.0)
@@ -438,7 +473,7 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
                         KC: tl.constexpr, KCP: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
                         DOT_F32: tl.constexpr, RB: tl.constexpr, PDL: tl.constexpr, HAS_BIAS: tl.constexpr,
                         NORM: tl.constexpr, HAS_R: tl.constexpr, NB: tl.constexpr, DENSE: tl.constexpr,
-                        HAS_SCALE: tl.constexpr, GROUP: tl.constexpr):
+                        HAS_SCALE: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr):
     """Grid (column blocks, SPLIT). Up to 3 projections concatenated in wt's columns, split at N1 and N2
     (their first column blocks are NB1 and NB2), projection p using thresholds t[p]. GLU mode: wt = [gate |
     up] (N1 = N/2 columns each, NB1 blocks each); gate block j and up block j share one ticket counter and
@@ -447,7 +482,8 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
     x + r to xo). HAS_SCALE: wt holds int8 weights, column n of W.T scaled by scale[n] (per output channel);
     the rows are converted in registers and each partial sum scaled before the reduction. GROUP > 0: wt holds
     int4 weights packed two to a byte along the columns, scale [K / GROUP, N] fp32 per group of GROUP input
-    rows and column (``_weights``), dequantized in registers as they are read."""
+    rows and column (ASYM: [K / GROUP, N, 2], a scale and a minimum; ``_weights``), dequantized in registers
+    as they are read."""
     if PDL:  # programmatic dependent launch: nothing before this reads what the previous kernel wrote
         tl.extra.cuda.gdc_wait()
     pid_n = tl.program_id(0)
@@ -474,14 +510,14 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
     if BLOCK_B == 1 and RB > 1:
         if dense:  # every row tile of the chunk, rows under the threshold masked off
             src = vals_ptr - k0 if NORM else x_ptr
-            acc = _stream_masked(src, w_ptr, stride_wk, scale_ptr, N, t_proj, k0, kend, cols, cmask, RB, BK // RB, BN,
-                                 GROUP)
+            acc = _stream_masked(src, w_ptr, stride_wk, scale_ptr, N * (1 + ASYM), t_proj, k0, kend, cols, cmask, RB, BK // RB, BN,
+                                 GROUP, ASYM)
         else:
-            acc = _stream_rows_grouped(x_ptr, vals_ptr, w_ptr, stride_wk, scale_ptr, N, t_proj, rows_ptr, rows, cols,
-                                       cmask, RB, BK // RB, BN, NORM, GROUP)
+            acc = _stream_rows_grouped(x_ptr, vals_ptr, w_ptr, stride_wk, scale_ptr, N * (1 + ASYM), t_proj, rows_ptr, rows, cols,
+                                       cmask, RB, BK // RB, BN, NORM, GROUP, ASYM)
     else:
-        acc = _stream_rows(x_ptr, stride_xb, vals_ptr, w_ptr, stride_wk, scale_ptr, N, t_proj, stride_tb, rows_ptr, rows,
-                           B, cols, cmask, BLOCK_B, KC, BK, BN, DOT_F32, NORM, GROUP)
+        acc = _stream_rows(x_ptr, stride_xb, vals_ptr, w_ptr, stride_wk, scale_ptr, N * (1 + ASYM), t_proj, stride_tb, rows_ptr, rows,
+                           B, cols, cmask, BLOCK_B, KC, BK, BN, DOT_F32, NORM, GROUP, ASYM)
     if HAS_SCALE:  # int8 weights: sum_k x_k q[k, n] * scale[n], the scale applied once per column
         acc = acc * tl.load(scale_ptr + cols, mask=cmask, other=0.0)[None, :]
     if PDL:  # the next kernel may start its launch while this one reduces

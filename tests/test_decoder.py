@@ -148,7 +148,7 @@ def test_sparse_decode_agrees_with_cpu_reference(architecture):
     assert rel_err(ref, dense_ref) > 0.1  # the thresholds change the logits: the comparison can fail
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4"])
+@pytest.mark.parametrize("weights", ["int8", "int4", "q4_1"])
 def test_quantized_decode_agrees_with_the_reference_on_its_weights(weights):
     """Decode over int8 / int4 weights (every group a kernel launch, the dense ones reading every row) against
     the fp32 reference whose projections hold the same weights dequantized (kernels.dequantize_ref); dense and
@@ -156,6 +156,7 @@ def test_quantized_decode_agrees_with_the_reference_on_its_weights(weights):
     import copy
 
     from acttail.kernels import INT4_GROUP, dequantize_ref
+    from acttail.kernels.sparse_gemv import Q4_1_GROUP
 
     model = tiny_model()
     dec = decoder(model, weights=weights)
@@ -165,7 +166,7 @@ def test_quantized_decode_agrees_with_the_reference_on_its_weights(weights):
     for (i, group), launch in dec.ops.launches.items():
         k = launch.kernel
         assert k.wt.dtype == (torch.int8 if weights == "int8" else torch.uint8)
-        assert k.group == (INT4_GROUP if weights == "int4" else None)
+        assert k.group == {"int8": None, "int4": INT4_GROUP, "q4_1": Q4_1_GROUP}[weights]
         block = ref.layers[i]
         linear = {"qkv": block.attention.wqkv, "o": block.attention.wo, "gate_up": block.feed_forward.w13,
                   "down": block.feed_forward.w2}[group]

@@ -438,6 +438,33 @@ def test_int4_weights_match_the_dequantized_reference(dtype, cfg, B, group):
     assert rel_err(y, sparse_glu_ref(x, qgu, t2, "gelu_tanh", scales=sgu, group=group)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("cfg", [None] + CONFIGS, ids=["default", "kc48", "bn16-kc80", "kc48-rb4", "kc32-rb8"])
+@pytest.mark.parametrize("B", [1, 3])
+def test_q4_1_weights_match_the_dequantized_reference(cfg, B):
+    """GGUF Q4_1's grid (q * scale + min, a (scale, min) pair per 32 input rows and column): every stream, q/k/v
+    splits with a bias, the GLU pair; quantize_q4_1 of weights already on that grid gives them back exactly."""
+    from acttail.kernels import dequantize_ref, quantize_q4_1
+
+    x, wt = make(B, 100, 70, torch.float16, seed=71 + B)
+    q, pairs = quantize_q4_1(wt)
+    assert q.shape == (100, 35) and pairs.shape == (4, 70, 2)
+    w = dequantize_ref(q, pairs, 32)
+    assert rel_err(w, wt) < 0.12
+    q2, pairs2 = quantize_q4_1(w)
+    assert torch.equal(q2, q) and torch.allclose(pairs2, pairs, rtol=1e-5, atol=1e-7)  # the grid is kept
+    q, pairs = q.to(DEVICE), pairs.to(DEVICE)
+    for t in (thr(0.8), thr(-1.0)):
+        y = sparse_linear(x, q, t, config=cfg, scales=pairs, group=32)
+        assert rel_err(y, sparse_linear_ref(x, q, t, scales=pairs, group=32)) < TOL[torch.float16]
+    splits, t3 = (40, 16, 14), thr(0.2, 1.0, 1.6)
+    bias = torch.randn(70, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    y = sparse_linear(x, q, t3, splits=splits, config=cfg, bias=bias, scales=pairs, group=32)
+    assert rel_err(y, sparse_linear_ref(x, q, t3, splits=splits, bias=bias, scales=pairs, group=32)) < TOL[torch.float16]
+    qgu, pgu = (a.to(DEVICE) for a in quantize_q4_1(make(B, 100, 2 * 36, torch.float16, seed=62)[1]))
+    y = sparse_glu(x, qgu, thr(0.4, 1.1), "silu", config=cfg, scales=pgu, group=32)
+    assert rel_err(y, sparse_glu_ref(x, qgu, thr(0.4, 1.1), "silu", scales=pgu, group=32)) < TOL[torch.float16]
+
+
 def test_int4_weights_through_a_prepared_launch_and_bad_scales_refused():
     from acttail.kernels import PreparedLaunch, quantize_int4
 
