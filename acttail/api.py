@@ -245,7 +245,7 @@ def decoder(model, plan: Plan | None = None, mode: str = MODE, batch: int = 1, m
     transformers. From a transformers model with fp16/bf16 weights on the GPU it shares that model's weight
     storage; from ours (``acttail.load``) it copies the weights to ``dtype`` on ``device``. ``max_seq``: the
     KV cache's positions (default: the model's, at most 4096; ``generate`` grows it when asked for more).
-    ``weights`` "int8" or "int4": decode steps read quantized copies of the projection weights (made here;
+    ``weights`` "int8", "int4" or "q4_1": decode steps read quantized copies of the projection weights (made here;
     prefill and the LM head keep the model's weights, which stay in memory beside them)."""
     from .runtime.decoder import Decoder
 
@@ -313,7 +313,7 @@ class GenerateConfig(Config):
     mode: a plan's thresholds or top-k counts. prefill: the prompt positions a plan sparsifies (None: half on
     the reference backend, none on the kernel backend). backend: reference (the float32 torch model) or
     kernels (the Triton decode path, greedy); None: kernels on cuda, reference on cpu. dtype: the kernel
-    backend's weights. weights: int8 or int4 (the kernel backend's decode steps read quantized copies of
+    backend's weights. weights: int8, int4 or q4_1 (the kernel backend's decode steps read quantized copies of
     the projection weights; ``runtime.decoder.Decoder``); None: dtype's."""
 
     max_new_tokens: int = 64

@@ -329,8 +329,8 @@ def eval_cmd(model, plan_path, text, device, output, stream, **options):
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16"]), default=GENERATE.dtype, show_default=True,
               help="Weights and activations of the kernel backend.")
 @click.option("--weights", type=click.Choice(WEIGHT_FORMATS), default=GENERATE.weights,
-              help="Kernel backend: decode over int8 (per channel) or int4 (groups of 128 rows) copies of the "
-                   "projection weights, dequantized in registers (prefill keeps --dtype's).")
+              help="Kernel backend: decode over int8 (per channel), int4 (groups of 128 rows) or q4_1 (GGUF Q4_1's "
+                   "grid) copies of the projection weights, dequantized in registers (prefill keeps --dtype's).")
 def generate_cmd(model, plan_path, prompt, device, **options):
     """Continue PROMPT with the dense or planned-sparse model; the speed goes to stderr."""
     text, info = api.generate(model, prompt, plan=plan_path, device=device, **options)

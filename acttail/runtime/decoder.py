@@ -59,7 +59,7 @@ def plan_launches(model: Transformer, sets: dict, planned: dict | None, config: 
     """{(layer, group): Launch} of runtime settings ``sets`` (``sparsify.settings``) on our decoder's groups;
     ``planned`` {(layer, kind): sparsity} for the dispatch rule (None: every sparsified group runs sparse);
     ``config``: kernel launch settings over ``kernels.pick_config``'s; ``weights``: every group's launch reads
-    a quantized copy of its weights ("int8", "int4"; see ``launch.Launch``)."""
+    a quantized copy of its weights (``layout.WEIGHT_FORMATS``; see ``launch.Launch``)."""
     out = {}
     for i, block in enumerate(model.layers):
         att, ffn = block.attention, block.feed_forward
@@ -77,10 +77,10 @@ class Decoder:
     """Batch-``batch`` decoding of ``model`` (ours, fp16/bf16, on a CUDA device; on the CPU only under
     TRITON_INTERPRET=1, without graphs, for checking) with ``plan`` (None: dense) in ``mode``.
 
-    ``weights`` "int8" (per output channel) or "int4" (groups of ``kernels.INT4_GROUP`` input rows): decode
-    steps read quantized copies of the projection weights (made once here, a half or a bit over a quarter of
-    the fp16 bytes), dequantized in registers, sparse or dense; prefill and the LM head keep the model's
-    weights, which stay in memory beside the copies."""
+    ``weights`` "int8" (per output channel), "int4" (groups of ``kernels.INT4_GROUP`` input rows) or "q4_1"
+    (GGUF Q4_1's grid): decode steps read quantized copies of the projection weights (made once here, a half
+    or 0.27-0.38 of the fp16 bytes), dequantized in registers, sparse or dense; prefill and the LM head keep
+    the model's weights, which stay in memory beside the copies."""
 
     def __init__(self, model: Transformer, plan=None, mode: str = MODE, batch: int = 1,
                  max_seq: int | None = None, weights: str | None = None):

@@ -85,7 +85,7 @@ def generate_text(model, tokenizer, prompt: str, plan, max_new_tokens: int, temp
 
     backend ``reference``: the float32 torch model where it lies; ``kernels``: the Triton decode path
     (``runtime.decoder.Decoder``: fp16/bf16 input-major weights, dense prefill, CUDA graph per decoded token,
-    greedy) on ``device``, its decode steps over int8 / int4 copies of the projection weights with ``weights``.
+    greedy) on ``device``, its decode steps over int8 / int4 / q4_1 copies of the projection weights with ``weights``.
     On the CPU the kernels run only under TRITON_INTERPRET=1 (slowly)."""
     if max_new_tokens < 1:
         raise ActTailError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")

@@ -48,7 +48,7 @@ class Launch:
     ``runs_sparse(B)`` is the dispatch rule's answer at batch size B; calling it computes the group's output
     [B, widths] (or [B, width of one] for act) of x [B, in].
 
-    ``weights`` "int8" or "int4" (``layout.WEIGHT_FORMATS``): the launch reads its own quantized copy of wt
+    ``weights`` "int8", "int4" or "q4_1" (``layout.WEIGHT_FORMATS``): the launch reads its own quantized copy of wt
     (``kernels.quantize``) and runs at every batch size, a group left dense reading every row: the dense
     alternative of the same bytes is this kernel, not cuBLAS on fp16."""
 
@@ -73,7 +73,6 @@ class Launch:
         scales = group = None
         if weights is not None:
             wt, scales, group = quantize(wt, weights)
-        self.weights = weights
         self.kernel = PreparedLaunch(wt, thresholds, None if glu else self.widths, act=glu,
                                      bias=self.bias if self.lowrank is None else None,
                                      locks=new_locks(dev, n // 16 + 3), config=config, scales=scales, group=group)
