@@ -1,5 +1,5 @@
 """Sparse decode over quantized weights, one GPU, one run (issue 22): our sparse GEMV on fp16, int8 (per output
-channel) and int4 (groups of input rows) weights, beside dense cuBLAS on the fp16 weights and our kernel with
+channel), int4 (groups of input rows) and q4_1 (GGUF's grid) weights, beside dense cuBLAS on the fp16 weights and our kernel with
 every row kept on the same quantized bytes (the dense GEMV of that layout), with each format's floor.
 
 Each configuration is checked against its torch reference (the dequantized weights) first; times are CUDA-graph
@@ -30,7 +30,7 @@ from gpu_kernels import rel_err, threshold_for
 
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
 SPARSITIES = [0.0, 0.3, 0.5, 0.7, 0.9]
-FORMATS = ("fp16", "int8", "int4-g32", "int4-g128")
+FORMATS = ("fp16", "int8", "int4-g32", "int4-g128", "q4_1")
 ROTATE_BYTES = 512e6
 
 
