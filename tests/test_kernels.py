@@ -483,3 +483,18 @@ def test_int4_weights_through_a_prepared_launch_and_bad_scales_refused():
         sparse_linear(x, q, t, scales=scales, group=0)
     with pytest.raises(ValueError, match="even"):
         quantize_int4(wt[:, :69])
+
+
+def test_q4_1_gives_back_smollm2s_own_gguf_weights(smollm2):
+    """SmolLM2's GGUF stores every projection as Q4_1: re-quantizing the weights convert-gguf dequantized gives
+    the file's grid back, so decode over q4_1 reads the checkpoint's own 4-bit values (no second rounding)."""
+    import acttail
+    from acttail.kernels import dequantize_ref, quantize_int4, quantize_q4_1
+
+    block = acttail.load(smollm2).layers[3]
+    for linear in (block.attention.wqkv, block.feed_forward.w2):
+        wt = linear.weight.detach().t()
+        q, pairs = quantize_q4_1(wt)
+        assert torch.equal(dequantize_ref(q, pairs, 32), wt.float())
+        q4, s4 = quantize_int4(wt, 128)
+        assert rel_err(dequantize_ref(q4, s4, 128), wt) > 0.05  # another grid re-rounds: the check can fail
