@@ -61,7 +61,7 @@ def dequantize_ref(wt, scales=None, group: int | None = None) -> torch.Tensor:
         return wt.float() * scales.float()
     packed = wt.to(torch.int32)
     q = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(wt.shape[0], -1)
-    per_row = scales.float().repeat_interleave(group, dim=0)[: wt.shape[0]]
+    per_row = _per_row(scales.float(), group, wt.shape[0])
     if scales.dim() == 3:  # (scale, min) pairs: GGUF Q4_1's grid
         return q.float() * per_row[..., 0] + per_row[..., 1]
     return (q - 8).float() * per_row
@@ -73,20 +73,34 @@ def _symmetric_scale(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def quantize_int4(wt: torch.Tensor, group: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int4 of input-major weights wt [K, N] (N even) in groups of ``group`` input rows per column:
-    (packed uint8 [K, N / 2], scale fp32 [ceil(K / group), N]) with wt ~ (q - 8) * scale, q in 0..15,
-    scale = max |w| over the group / 7 (1 where the group is all zero)."""
+def _grouped(wt: torch.Tensor, group: int) -> torch.Tensor:
+    """fp32 [ceil(K / group), group, N] of input-major wt [K, N] (N even: int4 packs two columns to a byte); a
+    partial last group is padded with copies of the last row, which change no group's min, max or max |w|."""
     K, N = wt.shape
     if N % 2:
         raise ValueError(f"int4 packs two columns to a byte: N must be even, got {N}")
     w = wt.float()
-    groups = -(-K // group)
-    padded = torch.cat([w, w.new_zeros(groups * group - K, N)]) if groups * group > K else w
-    scale = _symmetric_scale(padded.reshape(groups, group, N).abs().amax(dim=1), 7)
-    q = (torch.round(w / scale.repeat_interleave(group, dim=0)[:K]).clamp_(-8, 7) + 8).to(torch.int32)
-    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
-    return packed.contiguous(), scale.contiguous()
+    return torch.cat([w, w[-1:].expand(-(-K // group) * group - K, N)]).reshape(-1, group, N)
+
+
+def _per_row(per_group: torch.Tensor, group: int, K: int) -> torch.Tensor:
+    """A tensor [groups, ...] repeated for each of its group's rows: [K, ...]."""
+    return per_group.repeat_interleave(group, dim=0)[:K]
+
+
+def _pack(q: torch.Tensor) -> torch.Tensor:
+    """4-bit values q [K, N] (0..15) two to a byte along the columns, column 2c in the low nibble: uint8 [K, N/2]."""
+    q = q.to(torch.int32)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8).contiguous()
+
+
+def quantize_int4(wt: torch.Tensor, group: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int4 of input-major weights wt [K, N] (N even) in groups of ``group`` input rows per column:
+    (packed uint8 [K, N / 2], scale fp32 [ceil(K / group), N]) with wt ~ (q - 8) * scale, q in 0..15,
+    scale = max |w| over the group / 7 (1 where the group is all zero)."""
+    scale = _symmetric_scale(_grouped(wt, group).abs().amax(dim=1), 7)
+    q = torch.round(wt.float() / _per_row(scale, group, wt.shape[0])).clamp_(-8, 7) + 8
+    return _pack(q), scale.contiguous()
 
 
 def quantize_q4_1(wt: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,18 +108,12 @@ def quantize_q4_1(wt: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torc
     (packed uint8 [K, N / 2], (scale, min) fp32 [ceil(K / group), N, 2]) with wt ~ q * scale + min, q in 0..15,
     scale = (max - min) / 15 over the group. Weights dequantized from a Q4_1 GGUF (in fp32) come back as the
     file's own q, scale and min (its fp16 scale and min, held in fp32)."""
-    K, N = wt.shape
-    if N % 2:
-        raise ValueError(f"int4 packs two columns to a byte: N must be even, got {N}")
-    groups = -(-K // group)
-    w = wt.float()
-    g = torch.cat([w, w[-1:].expand(groups * group - K, N)]).reshape(groups, group, N)  # padding repeats a row
+    g = _grouped(wt, group)
     lo, hi = g.amin(dim=1), g.amax(dim=1)
     scale = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(lo))
-    rows = lambda t: t.repeat_interleave(group, dim=0)[:K]  # noqa: E731
-    q = torch.round((w - rows(lo)) / rows(scale)).clamp_(0, 15).to(torch.int32)
-    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
-    return packed.contiguous(), torch.stack([scale, lo], dim=-1).contiguous()
+    K = wt.shape[0]
+    q = torch.round((wt.float() - _per_row(lo, group, K)) / _per_row(scale, group, K)).clamp_(0, 15)
+    return _pack(q), torch.stack([scale, lo], dim=-1).contiguous()
 
 
 def quantize_int8(wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
