@@ -333,7 +333,7 @@ def generate(model, prompt: str, plan=None, tokenizer=None, config: GenerateConf
     path or a ``Plan``); ``options`` change fields of ``config`` (``GenerateConfig``). What the kernel backend
     cannot do is refused before the model is opened."""
     from .runtime import check_device
-    from .runtime.generate import check_kernel_run, generate_text
+    from .runtime.generate import check_backend_run, generate_text
 
     if not isinstance(prompt, str):
         raise ActTailError(f"a prompt is a string, not {type(prompt).__name__}")
@@ -344,10 +344,7 @@ def generate(model, prompt: str, plan=None, tokenizer=None, config: GenerateConf
     else:
         device = device or str(next(model.parameters()).device)
     backend = cfg.backend or ("kernels" if device.startswith("cuda") else "reference")
-    if backend == "kernels":
-        check_kernel_run(device, cfg.temperature, cfg.prefill)
-    elif cfg.weights is not None:
-        raise ActTailError(f"--weights {cfg.weights} runs on the kernel backend (--backend kernels)")
+    check_backend_run(backend, device, cfg.temperature, cfg.prefill, cfg.weights)
     m = ModelInput(model, device if backend == "reference" else "cpu", tokenizer=tokenizer)
     plan = m.plan(plan)
     tok, bos = m.tokenizer()

@@ -91,10 +91,7 @@ def generate_text(model, tokenizer, prompt: str, plan, max_new_tokens: int, temp
         raise ActTailError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if backend not in BACKENDS:
         raise ActTailError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
-    if backend == "kernels":
-        check_kernel_run(device, temperature, prefill_policy)
-    elif weights is not None:
-        raise ActTailError(f"--weights {weights} runs on the kernel backend (--backend kernels)")
+    check_backend_run(backend, device, temperature, prefill_policy, weights)
     if plan is not None:
         check_plan(plan, model.args)
     ids = ([bos_id] if bos_id is not None else []) + encode(tokenizer, prompt)
@@ -116,10 +113,15 @@ def generate_text(model, tokenizer, prompt: str, plan, max_new_tokens: int, temp
     return tokenizer.decode(out), info
 
 
-def check_kernel_run(device, temperature, prefill_policy):
-    """One clear error for what the kernel backend cannot do, before any model is loaded."""
+def check_backend_run(backend, device, temperature, prefill_policy, weights=None):
+    """One clear error for what ``backend`` cannot do, before any model is loaded: the kernel backend's limits;
+    quantized ``weights`` on the reference backend."""
     import os
 
+    if backend != "kernels":
+        if weights is not None:
+            raise ActTailError(f"--weights {weights} runs on the kernel backend (--backend kernels)")
+        return
     if temperature > 0:
         raise ActTailError("the kernel backend decodes greedily: use --temperature 0 (or --backend reference)")
     if prefill_policy not in (None, "none"):
