@@ -174,8 +174,8 @@ def random_biases(dims, seed=2):
 
 def weight_bytes(weights=None) -> float:
     """Bytes a projection weight takes per parameter: fp16 2; int8 1 (+ per-channel scales, ignored); int4 a
-    half plus its fp32 group scale; q4_1 a half plus its fp32 (scale, min) pair per 32."""
-    return {None: 2.0, "int8": 1.0, "int4": 0.5 + 4 / INT4_GROUP, "q4_1": 0.5 + 8 / Q4_1_GROUP}[weights]
+    half plus its fp16 group scale; q4_1 a half plus its fp16 (scale, min) pair per 32 (GGUF's 0.625)."""
+    return {None: 2.0, "int8": 1.0, "int4": 0.5 + 2 / INT4_GROUP, "q4_1": 0.5 + 4 / Q4_1_GROUP}[weights]
 
 
 def run_model(name, dims, bw, n_tokens, calib_tokens, sparsities=(0.5, 0.7, 0.9), biases=False, T=16, weights=None):

@@ -171,16 +171,18 @@ def _config(B, K, widths, device, config):
 
 
 def _check_scales(x, wt, scales, group, N) -> None:
-    """int8 weights with per-column scales [N], or (group) packed int4 with per-group scales [ceil(K/group), N]
-    or (scale, min) pairs [ceil(K/group), N, 2]."""
+    """int8 weights with per-column fp32 scales [N], or (group) packed int4 with per-group fp16 scales
+    [ceil(K/group), N] or (scale, min) pairs [ceil(K/group), N, 2]."""
     K = wt.shape[0]
     if group is not None and (not isinstance(group, int) or group < 1):
         raise ValueError(f"group must be a positive number of input rows, got {group!r}")
     pairs = (2,) if group and scales.dim() == 3 else ()
-    want = (torch.uint8, (-(-K // group), N) + pairs, "int4 (packed uint8)") if group else (torch.int8, (N,), "int8")
-    if (wt.dtype != want[0] or scales.dtype != torch.float32 or scales.device != x.device
+    want = ((torch.uint8, (-(-K // group), N) + pairs, "int4 (packed uint8)", torch.float16) if group
+            else (torch.int8, (N,), "int8", torch.float32))
+    if (wt.dtype != want[0] or scales.dtype != want[3] or scales.device != x.device
             or tuple(scales.shape) != want[1] or not scales.is_contiguous()):
-        raise ValueError(f"scales go with {want[2]} weights: a contiguous float32 {list(want[1])} tensor on the "
+        dtype = str(want[3]).removeprefix("torch.")
+        raise ValueError(f"scales go with {want[2]} weights: a contiguous {dtype} {list(want[1])} tensor on the "
                          f"activations' device, got {scales.dtype} {tuple(scales.shape)} for {wt.dtype} weights")
 
 
@@ -361,8 +363,9 @@ def sparse_linear(x, wt, thresholds, splits=None, config=None, bias=None, locks=
     scales: wt holds int8 weights (``quantize_int8``: symmetric, per output channel) with these fp32 [N]
     scales; the kept rows are read as int8, half the bytes of fp16, and converted in registers. With ``group``,
     wt holds int4 weights packed two to a byte along the columns ([K, N / 2] uint8, ``quantize_int4``) with
-    fp32 scales [ceil(K / group), N], or (scale, min) pairs [ceil(K / group), N, 2] (``quantize_q4_1``): a
-    quarter of fp16's bytes, dequantized in registers.
+    fp16 scales [ceil(K / group), N], or fp16 (scale, min) pairs [ceil(K / group), N, 2] (``quantize_q4_1``,
+    GGUF Q4_1's bytes): 0.52 (int4, group 128) or 0.625 (Q4_1) bytes a weight against fp16's 2, dequantized in
+    registers.
 
     Every call binds and checks its arguments (tens of microseconds of host time); a caller that launches
     the same weights many times eagerly holds a ``PreparedLaunch`` instead."""

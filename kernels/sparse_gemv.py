@@ -53,7 +53,7 @@ def sparsify_ref(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 def dequantize_ref(wt, scales=None, group: int | None = None) -> torch.Tensor:
     """fp32 weights [K, N] of wt: a float dtype (no scales); int8 with per-column fp32 ``scales`` [N]; or, with
     ``group``, int4 packed two to a byte along the columns ([K, N / 2] uint8, column 2c in the low nibble of
-    byte c) with fp32 ``scales`` [ceil(K / group), N], w = (q - 8) * scale, or [ceil(K / group), N, 2] of
+    byte c) with fp16 ``scales`` [ceil(K / group), N], w = (q - 8) * scale, or [ceil(K / group), N, 2] of
     (scale, min) pairs, w = q * scale + min."""
     if scales is None:
         return wt.float()
@@ -96,24 +96,27 @@ def _pack(q: torch.Tensor) -> torch.Tensor:
 
 def quantize_int4(wt: torch.Tensor, group: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int4 of input-major weights wt [K, N] (N even) in groups of ``group`` input rows per column:
-    (packed uint8 [K, N / 2], scale fp32 [ceil(K / group), N]) with wt ~ (q - 8) * scale, q in 0..15,
-    scale = max |w| over the group / 7 (1 where the group is all zero)."""
-    scale = _symmetric_scale(_grouped(wt, group).abs().amax(dim=1), 7)
-    q = torch.round(wt.float() / _per_row(scale, group, wt.shape[0])).clamp_(-8, 7) + 8
+    (packed uint8 [K, N / 2], scale fp16 [ceil(K / group), N]) with wt ~ (q - 8) * scale, q in 0..15,
+    scale = max |w| over the group / 7 rounded to fp16, as AWQ and GPTQ store it (1 where the group is all
+    zero)."""
+    scale = _symmetric_scale(_grouped(wt, group).abs().amax(dim=1), 7).half()
+    q = torch.round(wt.float() / _per_row(scale.float(), group, wt.shape[0])).clamp_(-8, 7) + 8
     return _pack(q), scale.contiguous()
 
 
 def quantize_q4_1(wt: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """GGUF Q4_1's grid on input-major weights wt [K, N] (N even), in groups of ``group`` input rows per column:
-    (packed uint8 [K, N / 2], (scale, min) fp32 [ceil(K / group), N, 2]) with wt ~ q * scale + min, q in 0..15,
-    scale = (max - min) / 15 over the group. Weights dequantized from a Q4_1 GGUF (in fp32) come back as the
-    file's own q, scale and min (its fp16 scale and min, held in fp32)."""
+    (packed uint8 [K, N / 2], (scale, min) fp16 [ceil(K / group), N, 2]) with wt ~ q * scale + min, q in 0..15,
+    scale = (max - min) / 15 over the group, both rounded to fp16 as GGUF stores them: 5 bits a weight at group
+    32, the file's own bytes. Weights dequantized from a Q4_1 GGUF (in fp32) come back as the file's own q,
+    scale and min."""
     g = _grouped(wt, group)
     lo, hi = g.amin(dim=1), g.amax(dim=1)
-    scale = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(lo))
+    scale = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(lo)).half().float()
+    lo = lo.half().float()
     K = wt.shape[0]
     q = torch.round((wt.float() - _per_row(lo, group, K)) / _per_row(scale, group, K)).clamp_(0, 15)
-    return _pack(q), torch.stack([scale, lo], dim=-1).contiguous()
+    return _pack(q), torch.stack([scale, lo], dim=-1).half().contiguous()
 
 
 def quantize_int8(wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +127,7 @@ def quantize_int8(wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scale).clamp_(-127, 127).to(torch.int8), scale.contiguous()
 
 
-INT4_GROUP = 128  # input rows per int4 scale: AWQ's and GPTQ's usual group (0.25 bit of fp32 scale a weight)
+INT4_GROUP = 128  # input rows per int4 scale: AWQ's and GPTQ's usual group (0.125 bit of fp16 scale a weight)
 Q4_1_GROUP = 32  # GGUF Q4_1's block
 
 
@@ -395,8 +398,9 @@ def _weights(w_ptr, stride_wk, s_ptr, stride_sg, rows, cols, mask, GROUP: tl.con
     q = (packed >> ((cols % 2) * 4)) & 15
     if ASYM:
         pair = s_ptr + (rows // GROUP) * stride_sg + cols * 2
-        return q.to(tl.float32) * tl.load(pair, mask=mask, other=0.0) + tl.load(pair + 1, mask=mask, other=0.0)
-    scale = tl.load(s_ptr + (rows // GROUP) * stride_sg + cols, mask=mask, other=0.0)
+        scale = tl.load(pair, mask=mask, other=0.0).to(tl.float32)
+        return q.to(tl.float32) * scale + tl.load(pair + 1, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(s_ptr + (rows // GROUP) * stride_sg + cols, mask=mask, other=0.0).to(tl.float32)
     return (q - 8).to(tl.float32) * scale
 
 
@@ -489,7 +493,7 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
     * nw, the residual add and RMSNorm of the block fused in front (the programs of column block 0 write
     x + r to xo). HAS_SCALE: wt holds int8 weights, column n of W.T scaled by scale[n] (per output channel);
     the rows are converted in registers and each partial sum scaled before the reduction. GROUP > 0: wt holds
-    int4 weights packed two to a byte along the columns, scale [K / GROUP, N] fp32 per group of GROUP input
+    int4 weights packed two to a byte along the columns, scale [K / GROUP, N] fp16 per group of GROUP input
     rows and column (ASYM: [K / GROUP, N, 2], a scale and a minimum; ``_weights``), dequantized in registers
     as they are read."""
     if PDL:  # programmatic dependent launch: nothing before this reads what the previous kernel wrote

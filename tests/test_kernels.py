@@ -479,6 +479,8 @@ def test_int4_weights_through_a_prepared_launch_and_bad_scales_refused():
         sparse_linear(x, q, t)
     with pytest.raises(ValueError, match=r"int4 \(packed uint8\) weights"):
         sparse_linear(x, q, t, scales=scales, group=16)  # scales of groups of 32 rows
+    with pytest.raises(ValueError, match="contiguous float16"):
+        sparse_linear(x, q, t, scales=scales.float(), group=32)  # stored as fp16, as AWQ/GPTQ store them
     with pytest.raises(ValueError, match="positive"):
         sparse_linear(x, q, t, scales=scales, group=0)
     with pytest.raises(ValueError, match="even"):
@@ -495,6 +497,7 @@ def test_q4_1_gives_back_smollm2s_own_gguf_weights(smollm2):
     for linear in (block.attention.wqkv, block.feed_forward.w2):
         wt = linear.weight.detach().t()
         q, pairs = quantize_q4_1(wt)
+        assert pairs.dtype == torch.float16  # GGUF's own bytes: 4 bits + 2 fp16 per 32 weights
         assert torch.equal(dequantize_ref(q, pairs, 32), wt.float())
         q4, s4 = quantize_int4(wt, 128)
         assert rel_err(dequantize_ref(q4, s4, 128), wt) > 0.05  # another grid re-rounds: the check can fail
