@@ -519,17 +519,18 @@ def _sparse_gemv_kernel(x_ptr, stride_xb, w_ptr, stride_wk, t_ptr, stride_tp, st
     vals_ptr = val_ptr + scratch  # NORM: one token
     rows, dense = _compact(x_ptr, stride_xb, t_proj, stride_tb, rows_ptr, vals_ptr, B, k0, kend, r_ptr, nw_ptr,
                            xo_ptr, inv, pid_n, BLOCK_B, KC, KCP, NORM, HAS_R, DENSE if BLOCK_B == 1 and RB > 1 else 0)
+    stride_sg = N * (1 + ASYM)  # a group's row of scales: N of them, or N (scale, min) pairs
     if BLOCK_B == 1 and RB > 1:
         if dense:  # every row tile of the chunk, rows under the threshold masked off
             src = vals_ptr - k0 if NORM else x_ptr
-            acc = _stream_masked(src, w_ptr, stride_wk, scale_ptr, N * (1 + ASYM), t_proj, k0, kend, cols, cmask, RB, BK // RB, BN,
-                                 GROUP, ASYM)
+            acc = _stream_masked(src, w_ptr, stride_wk, scale_ptr, stride_sg, t_proj, k0, kend, cols, cmask, RB,
+                                 BK // RB, BN, GROUP, ASYM)
         else:
-            acc = _stream_rows_grouped(x_ptr, vals_ptr, w_ptr, stride_wk, scale_ptr, N * (1 + ASYM), t_proj, rows_ptr, rows, cols,
-                                       cmask, RB, BK // RB, BN, NORM, GROUP, ASYM)
+            acc = _stream_rows_grouped(x_ptr, vals_ptr, w_ptr, stride_wk, scale_ptr, stride_sg, t_proj, rows_ptr, rows,
+                                       cols, cmask, RB, BK // RB, BN, NORM, GROUP, ASYM)
     else:
-        acc = _stream_rows(x_ptr, stride_xb, vals_ptr, w_ptr, stride_wk, scale_ptr, N * (1 + ASYM), t_proj, stride_tb, rows_ptr, rows,
-                           B, cols, cmask, BLOCK_B, KC, BK, BN, DOT_F32, NORM, GROUP, ASYM)
+        acc = _stream_rows(x_ptr, stride_xb, vals_ptr, w_ptr, stride_wk, scale_ptr, stride_sg, t_proj, stride_tb,
+                           rows_ptr, rows, B, cols, cmask, BLOCK_B, KC, BK, BN, DOT_F32, NORM, GROUP, ASYM)
     if HAS_SCALE:  # int8 weights: sum_k x_k q[k, n] * scale[n], the scale applied once per column
         acc = acc * tl.load(scale_ptr + cols, mask=cmask, other=0.0)[None, :]
     if PDL:  # the next kernel may start its launch while this one reduces
