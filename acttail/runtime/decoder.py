@@ -79,7 +79,7 @@ class Decoder:
 
     ``weights`` "int8" (per output channel), "int4" (groups of ``kernels.INT4_GROUP`` input rows) or "q4_1"
     (GGUF Q4_1's grid): decode steps read quantized copies of the projection weights (made once here, a half
-    or 0.27-0.38 of the fp16 bytes), dequantized in registers, sparse or dense; prefill and the LM head keep
+    or 0.26-0.31 of the fp16 bytes), dequantized in registers, sparse or dense; prefill and the LM head keep
     the model's weights, which stay in memory beside the copies."""
 
     def __init__(self, model: Transformer, plan=None, mode: str = MODE, batch: int = 1,
