@@ -21,8 +21,7 @@ import triton
 
 from gpu_kernels import copy_bandwidth, warm_up
 
-from acttail.kernels import INT4_GROUP
-from acttail.kernels.sparse_gemv import Q4_1_GROUP
+from acttail.kernels import quantize
 from acttail.layout import GROUP_OF, KINDS, WEIGHT_FORMATS
 from acttail.runtime.args import LLAMA2_7B, SMOLLM2_135M
 from acttail.runtime.decoder import Decoder, greedy
@@ -172,10 +171,13 @@ def random_biases(dims, seed=2):
             for i in range(dims.n_layer) for k in KINDS}
 
 
-def weight_bytes(weights=None) -> float:
-    """Bytes a projection weight takes per parameter: fp16 2; int8 1 (+ per-channel scales, ignored); int4 a
-    half plus its fp16 group scale; q4_1 a half plus its fp16 (scale, min) pair per 32 (GGUF's 0.625)."""
-    return {None: 2.0, "int8": 1.0, "int4": 0.5 + 2 / INT4_GROUP, "q4_1": 0.5 + 4 / Q4_1_GROUP}[weights]
+def weight_bytes(weights=None, K=4096) -> float:
+    """Bytes a projection weight of K inputs takes per parameter, scales included: fp16 2, else what
+    ``kernels.quantize`` stores for that format (int8 ~1, int4 group 128 ~0.52, q4_1 0.625)."""
+    if weights is None:
+        return 2.0
+    q, scales, _ = quantize(torch.ones(K, 64), weights)
+    return (q.nbytes + scales.nbytes) / (K * 64)
 
 
 def run_model(name, dims, bw, n_tokens, calib_tokens, sparsities=(0.5, 0.7, 0.9), biases=False, T=16, weights=None):
@@ -185,7 +187,8 @@ def run_model(name, dims, bw, n_tokens, calib_tokens, sparsities=(0.5, 0.7, 0.9)
     prompt = torch.randint(0, dims.vocab_size, (1, T), generator=g).cuda()
     inputs = record_inputs(dec, prompt, calib_tokens)
     P = kind_params(dims)
-    layer_bytes = sum(P.values()) * weight_bytes(weights)
+    bpw = weight_bytes(weights, dims.dim)
+    layer_bytes = sum(P.values()) * bpw
     head_bytes = dims.vocab_size * dims.dim * 2
     # the keys and values attention reads per token, at the mean position of the timed decode
     kv_bytes = dims.n_layer * 2 * dims.n_local_heads * dims.head_dim * 2 * (T + n_tokens / 2)
@@ -215,7 +218,7 @@ def run_model(name, dims, bw, n_tokens, calib_tokens, sparsities=(0.5, 0.7, 0.9)
         set_step(dec, next(iter(STEPS)), sets, planned)
         n_sparse = dec.ops.sparse_groups(1)
         frac, mean_s = achieved(dec, prompt, th, 8, dims) if th else ({}, 0.0)
-        need = sum((1 - frac.get((i, k), 0.0)) * P[k] * weight_bytes(weights) for i in range(dims.n_layer)
+        need = sum((1 - frac.get((i, k), 0.0)) * P[k] * bpw for i in range(dims.n_layer)
                    for k in KINDS) + head_bytes + kv_bytes
         floor = bw / need
         for step in STEPS:
