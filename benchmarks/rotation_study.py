@@ -64,10 +64,14 @@ def collect(model, wins, names, every=4):
     return {n: torch.cat(v) for n, v in got.items()}
 
 
-def pca(x_or_cov, is_cov=False):
-    """Eigenvectors of the (uncentred) covariance, by decreasing eigenvalue: an orthogonal [d, d]."""
-    c = x_or_cov if is_cov else x_or_cov.T.double() @ x_or_cov.double() / x_or_cov.shape[0]
-    return torch.linalg.eigh(c.double())[1].flip(1).float()
+def covariance(x):
+    """The uncentred covariance [d, d] of rows x, in float64."""
+    return x.T.double() @ x.double() / x.shape[0]
+
+
+def pca(c):
+    """Eigenvectors of a covariance c by decreasing eigenvalue: an orthogonal [d, d]."""
+    return torch.linalg.eigh(c)[1].flip(1).float()
 
 
 def rotations(kind, names, X, block=0):
@@ -77,21 +81,18 @@ def rotations(kind, names, X, block=0):
     if kind == "none":
         return {}
     if kind == "site":  # the input itself, norm weight included, rotated online
-        return {n: (pca(X[n]), False) for n, _ in main}
+        return {n: (pca(covariance(X[n])), False) for n, _ in main}
     unit = {n: X[n] / norm.weight.detach().float() for n, norm in main}  # h / rms(h): the norm weight folded
     if kind == "global":
-        g = pca(sum(u.T.double() @ u.double() / u.shape[0] for u in unit.values()), is_cov=True)
+        g = pca(sum(covariance(u) for u in unit.values()))
         return {n: (g, True) for n, _ in main}
     out = {}
-    for n, _ in main:  # layer: the two inputs of a layer share its basis
-        layer = n.split(".")[0]
-        if layer not in out:
-            pair = [unit[f"{layer}.qkv"], unit[f"{layer}.gate_up"]]
-            c = sum(u.T.double() @ u.double() / u.shape[0] for u in pair)
-            out[layer] = (pca(c, is_cov=True) if not block else torch.block_diag(
-                *[pca(c[j:j + block, j:j + block], is_cov=True) for j in range(0, c.shape[0], block)]))
-        out[n] = (out[layer], True)
-    return {n: v for n, v in out.items() if "." in n}
+    for layer in dict.fromkeys(n.split(".")[0] for n, _ in main):  # layer: its two inputs share one basis
+        c = covariance(unit[f"{layer}.qkv"]) + covariance(unit[f"{layer}.gate_up"])
+        q = pca(c) if not block else torch.block_diag(
+            *[pca(c[j:j + block, j:j + block]) for j in range(0, c.shape[0], block)])
+        out[f"{layer}.qkv"] = out[f"{layer}.gate_up"] = (q, True)
+    return out
 
 
 class Rotated:
@@ -99,6 +100,7 @@ class Rotated:
 
     def __init__(self, model, names, rots):
         self.names, self.rots, self.thr = names, rots, {}
+        self.magnitudes = None  # site -> |transformed calibration input|, flat (made once, for every sparsity)
         self.orig = {id(lin): lin.weight.data for _, lins, _ in names for lin in lins}
         self.hooks = []
         for n, lins, norm in names:
@@ -124,8 +126,9 @@ class Rotated:
 
     def calibrate(self, X, sparsity):
         """Each site's threshold: the ``sparsity`` quantile of its |transformed input| on the calibration rows."""
-        for n, _, norm in self.names:
-            z = self.transform(n, norm, X[n]).abs().flatten()
+        if self.magnitudes is None:
+            self.magnitudes = {n: self.transform(n, norm, X[n]).abs().flatten() for n, _, norm in self.names}
+        for n, z in self.magnitudes.items():
             k = max(1, int(round(sparsity * z.numel())))
             self.thr[n] = z.kthvalue(k).values.item() if sparsity > 0 else -1.0
 
