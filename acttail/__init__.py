@@ -19,11 +19,11 @@ import importlib
 __version__ = "0.1.0"
 
 _VERBS = ("allocate", "analyze", "apply", "calibrate", "decoder", "download", "evaluate", "export_plan", "generate", "load",
-          "measure_greedy", "measure_sensitivity", "tune", "write_report")
+          "measure_greedy", "measure_sensitivity", "rotate", "tune", "write_report")
 _LAZY = {"ActTailError": ".errors", "ActTailWarning": ".errors", "AllocationConfig": ".allocation",
          "Analysis": ".analysis", "AnalysisConfig": ".analysis", "CalibrationConfig": ".calibration",
          "EvalConfig": ".evaluation", "GenerateConfig": ".api", "GreedyConfig": ".greedy", "Plan": ".plan",
-         "PlanEntry": ".plan", "SensitivityConfig": ".sensitivity", "TuneConfig": ".tuning",
+         "PlanEntry": ".plan", "RotationConfig": ".rotation", "SensitivityConfig": ".sensitivity", "TuneConfig": ".tuning",
          "convert_gguf": ".convert", **{verb: ".api" for verb in _VERBS}}
 
 __all__ = sorted(_LAZY) + ["__version__"]

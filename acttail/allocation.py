@@ -36,7 +36,7 @@ import numpy as np
 
 from .config import Config
 from .errors import ActTailError
-from .plan import Plan, PlanEntry
+from .plan import MODEL_KEYS, Plan, PlanEntry
 from .validation import check_model
 
 SCOPES = ("global", "per-kind", "layer")
@@ -450,8 +450,7 @@ def plan_from_analysis(analysis, budget: float, config: AllocationConfig | None 
     if cfg.method == "greedy":
         g = params.pop("greedy")
         source["greedy"] = {k: g[k] for k in ("text", "tokens", "base_step", "max_sparsity", "last_fraction")}
-    plan = Plan(model={k: doc["model"].get(k) for k in ("fingerprint", "architecture", "model_type", "num_layers",
-                                                         "path")},
+    plan = Plan(model={k: doc["model"].get(k) for k in MODEL_KEYS if k in doc["model"] or k != "rotation"},
                 budget=float(budget), method=method_record(cfg, **params), projections=entries, source=source)
     plan.to_dict()  # validates
     return plan

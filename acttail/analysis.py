@@ -168,8 +168,12 @@ def cache_path(ckpt: Checkpoint, cfg: dict, projs: list | None = None) -> Path:
 
 
 def _model_section(ckpt: Checkpoint) -> dict:
-    return {"path": str(ckpt.path), "fingerprint": ckpt.fingerprint, "architecture": ckpt.architecture,
-            "model_type": ckpt.model_type, "num_layers": ckpt.num_layers}
+    """What the analysis says of the model; ``rotation`` only for a rotated checkpoint (``acttail.rotation``)."""
+    out = {"path": str(ckpt.path), "fingerprint": ckpt.fingerprint, "architecture": ckpt.architecture,
+           "model_type": ckpt.model_type, "num_layers": ckpt.num_layers}
+    if getattr(ckpt, "rotation", None):
+        out["rotation"] = ckpt.rotation
+    return out
 
 
 def _cache_settings(cfg: dict) -> dict:

@@ -22,6 +22,7 @@ The command line (``acttail/cli.py``) parses its options into one of these calls
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from dataclasses import dataclass, replace
@@ -37,7 +38,8 @@ from .errors import ActTailError, ActTailWarning
 from .evaluation import EvalConfig, evaluate_windows, result
 from .greedy import GreedyConfig
 from .outputs import write_json
-from .inputs import ModelInput, analysis_input, is_path, plan_outputs, refuse_overwrite, split_windows, text_windows
+from .inputs import (ModelInput, analysis_input, is_path, model_files, plan_outputs, refuse_overwrite, split_windows,
+                     text_files, text_windows)
 from .plan import Plan
 from .sidecar import free_tensors_path
 from .runtime import open_model
@@ -103,6 +105,35 @@ def analyze(model, config: AnalysisConfig | None = None, force: bool = False, pr
     elif csv is not None:
         save_csv(result.to_dict(), csv)
     return result
+
+
+def rotate(model, out, text=CALIBRATION_TEXT, tokenizer=None, config=None, *, device: str | None = None,
+           progress: bool = True, **options) -> Path:
+    """Write ``out``, a model folder holding ``model``'s function with its residual stream in one PCA basis per
+    layer (``acttail.rotation``: sparser q/k/v and gate/up inputs; a d x d basis change per layer, which plans
+    pay from their budget), fitted on the first tokens of ``text``; returns its path. ``model`` is a model folder
+    (not Gemma 2/3); ``options`` change fields of ``config`` (``RotationConfig``: tokens, ctx, batch_size). Run
+    every later stage on ``out``; transformers does not load it, our runtimes do."""
+    from .outputs import check_new_folder, write_model_folder
+    from .rotation import RotationConfig, check_rotatable, fit_rotations, rotated_config, rotated_tensors
+
+    cfg = (config or RotationConfig()).updated(**options)
+    if not is_path(model) or not Path(model).is_dir():
+        raise ActTailError("acttail.rotate writes a rotated copy of a model folder: give the folder's path")
+    out = check_new_folder(out, [*model_files(model), *text_files(text)])
+    m = ModelInput(model, device, tokenizer=tokenizer)
+    check_rotatable(m.net)
+    wins, name, _ = text_windows(m, text, cfg.tokens, cfg.ctx)
+    rotations = [r.cpu() for r in fit_rotations(m.net, wins, cfg.batch_size, progress)]
+    ckpt, args = m.ckpt, m.net.args
+    del m
+    tensors = rotated_tensors({n: ckpt.tensor(n) for n in ckpt.tensor_names}, args, ckpt.prefix, rotations)
+    source = {"source": ckpt.fingerprint, "text": name, "tokens": int(wins.numel()), "ctx": cfg.ctx}
+    files = {"config.json": json.dumps(rotated_config(ckpt.config, source), indent=2) + "\n"}
+    for _, f in model_files(model):
+        if f.name not in ("config.json", "model.safetensors.index.json") and f.suffix != ".safetensors":
+            files[f.name] = f.read_bytes()
+    return write_model_folder(out, tensors, files)
 
 
 # ---- stage 2: allocation, greedy paths, sensitivity, export -----------------------------------------

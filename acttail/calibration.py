@@ -32,7 +32,7 @@ from .config import CTX, Config
 from .errors import ActTailError
 from .histogram import BINS, HI, LO, LogHistogram
 from .layout import GROUPS, key as key_of
-from .plan import overhead
+from .plan import overhead, rotation_overheads
 from .runtime.sparsify import ProjectionSparsity, Sparsifier, check_plan
 
 
@@ -146,8 +146,9 @@ def calibrate(model, plan, wins: Tensor, config: CalibrationConfig | None = None
     ``config`` (``CalibrationConfig``: batch_size, score, compensation, rank, steps, lr; tokens and ctx are
     for whoever made ``wins``); ``text`` names the text in the plan.
 
-    Budgets count bytes: a projection whose compensation reads extra values per token (``overhead``) is
-    calibrated to that much more sparsity, so it still saves its planned share. With ``learned`` biases the
+    Budgets count bytes: a projection whose compensation reads extra values per token (``overhead``; in a
+    rotated checkpoint, also its share of the layer's basis change) is calibrated to that much more sparsity, so
+    it still saves its planned share. With ``learned`` biases the
     thresholds are fitted, the biases trained with them, then the thresholds fitted again with the biases on.
     Each entry's ``calibration`` records the sparsity achieved in the sparse run on the calibration text
     and the number of tokens; the plan's ``calibration`` records the settings and the largest deviation.
@@ -168,7 +169,9 @@ def calibrate(model, plan, wins: Tensor, config: CalibrationConfig | None = None
         raise ActTailError("the plan splits bytes between sparsity and rank (allocated with --rank-split): "
                            "calibrate it with --compensation lowrank")
     ranks = split or {key: rank for key in entries}
-    costs = {key: overhead((e.in_features, e.out_features), compensation, ranks[key]) for key, e in entries.items()}
+    turns = rotation_overheads(plan.projections, plan.model.get("rotation"))  # a rotated checkpoint's basis changes
+    costs = {key: overhead((e.in_features, e.out_features), compensation, ranks[key]) + turns.get(key, 0.0)
+             for key, e in entries.items()}
     targets = {key: min(0.99, e.sparsity + costs[key]) for key, e in entries.items()}
     scores = score_weights(model, score, wins)
     factors = lowrank_factors(model, ranks) if compensation == "lowrank" else {}
@@ -195,14 +198,13 @@ def _calibrated_plan(plan, found, targets, costs, base, wins, text, score, compe
            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if learned is not None:
         run["learned"] = learned
-    out = plan.with_thresholds(thresholds, stats, run)
-    out.score, out.compensation = score, compensation
+    paid = [replace(e, overhead=costs[e.layer, e.kind], sparsity=targets[e.layer, e.kind],
+                    rank=base[e.layer, e.kind].lowrank[0].shape[1] if base[e.layer, e.kind].lowrank is not None else 0)
+            for e in plan.projections]
+    out = replace(plan, projections=paid, score=score, compensation=compensation).with_thresholds(thresholds, stats, run)
     tensors = {}
     for e in out.projections:
         s = base[(e.layer, e.kind)]
-        e.overhead = costs[(e.layer, e.kind)]
-        e.sparsity = targets[(e.layer, e.kind)]
-        e.rank = s.lowrank[0].shape[1] if s.lowrank is not None else 0
         for name, t in (("score", s.score), ("bias", s.bias)) + (
                 (("lowrank_u", s.lowrank[0]), ("lowrank_v", s.lowrank[1])) if s.lowrank is not None else ()):
             if t is not None:

@@ -163,6 +163,7 @@ class Checkpoint:
         self._handles: dict[Path, object] = {}
         self.architecture = self._architecture()
         self.model_type = config.get("model_type") or ARCHITECTURES[self.architecture].model_type
+        self.rotation = (config.get("acttail_rotation") or {}).get("kind")  # a checkpoint acttail rotate wrote
         self._fused = ARCHITECTURES[self.architecture].fused
         self.prefix = self._layer_prefix()
         self.num_layers = self._num_layers()

@@ -26,6 +26,7 @@ from .fetch import MODELS
 from .greedy import GreedyConfig
 from .sensitivity import SensitivityConfig
 from .layout import KINDS, WEIGHT_FORMATS
+from .rotation import RotationConfig
 from .runtime.generate import BACKENDS as GENERATE_BACKENDS
 from .runtime.sparsify import MODES, PREFILL
 from .text import SOURCES as TEXTS
@@ -33,6 +34,7 @@ from .tuning import TuneConfig
 
 ALLOCATION, ANALYSIS, CALIBRATION, EVAL = AllocationConfig(), AnalysisConfig(), CalibrationConfig(), EvalConfig()
 GENERATE, GREEDY, SENSITIVITY, TUNE = api.GenerateConfig(), GreedyConfig(), SensitivityConfig(), TuneConfig()
+ROTATION = RotationConfig()
 
 
 def _device_option(help_text: str = "cpu or cuda[:N]."):
@@ -91,6 +93,21 @@ def analyze_cmd(model, output, csv_path, fit, dtype, device, backend, force, as_
         click.echo("(cached result; --force recomputes)")
     if output:
         click.echo(f"wrote {output}")
+
+
+@main.command("rotate")
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", required=True, type=Output(folder=True),
+              help="The rotated model folder to write (new, or an empty folder).")
+@click.option("--text", type=TEXT, default=CALIBRATION_TEXT, show_default=True,
+              help="Calibration text the rotations are fitted on (never the evaluation text).")
+@click.option("--tokens", type=TOKENS, default=ROTATION.tokens, show_default=True)
+@click.option("--ctx", type=WINDOW, default=ROTATION.ctx, show_default=True)
+@_device_option()
+def rotate_cmd(model, output, text, tokens, ctx, device):
+    """The model with its residual stream in one PCA basis per layer (LaRoSa-style): sparser inputs at the same
+    error; plans pay each layer's basis change from their budget. Run every later command on the output."""
+    click.echo(f"wrote {api.rotate(model, output, text, tokens=tokens, ctx=ctx, device=device)}")
 
 
 # ---- stage 2: allocation, plans and exporters (allocate, plan, export, greedy, sensitivity) ----------

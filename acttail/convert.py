@@ -11,22 +11,17 @@ byte-level BPE (``gpt2``) and SentencePiece (``llama``), rebuilt as transformers
 
 from __future__ import annotations
 
-import errno
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .errors import ActTailError
-from .outputs import check_output, check_outputs, write_file, writing
+from .outputs import check_new_folder, write_model_folder
 from .gguf_file import GEMMA, REQUIRED, get, gguf_architecture, open_gguf
 from .gguf_tokenizer import hf_tokenizer
 
@@ -190,53 +185,15 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     appears complete or not at all: it is written into a temporary folder beside it, then renamed; if
     another run created it meanwhile, this one stops with a clear error and leaves nothing.
     """
-    out_dir = Path(out_dir)
-    check_output(out_dir, folder=True)
-    check_outputs([("the GGUF file", gguf_path)], [("output folder", out_dir)])
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        raise ActTailError(f"output folder {out_dir} exists and is not empty")
+    out_dir = check_new_folder(out_dir, [("the GGUF file", gguf_path)])
     check_architecture(gguf_path)
     reader = open_gguf(gguf_path)
     config = hf_config(reader)
     tokenizer, tokenizer_config = hf_tokenizer(reader)
     tensors = hf_tensors(reader, config)
-    with writing(out_dir):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        with writing(out_dir):
-            _save_tensors(tensors, tmp / "model.safetensors", out_dir)
-            write_file(tmp / "config.json", json.dumps(config, indent=2) + "\n")
-            write_file(tmp / "tokenizer.json", tokenizer)
-            write_file(tmp / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")
-            write_file(tmp / "generation_config.json", json.dumps(
-                {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}, indent=2) + "\n")
-            for f in tmp.iterdir():
-                f.chmod(0o644)
-            tmp.chmod(0o755)
-            _rename_into(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    files = {"config.json": json.dumps(config, indent=2) + "\n", "tokenizer.json": tokenizer,
+             "tokenizer_config.json": json.dumps(tokenizer_config, indent=2) + "\n",
+             "generation_config.json": json.dumps({"bos_token_id": config["bos_token_id"],
+                                                   "eos_token_id": config["eos_token_id"]}, indent=2) + "\n"}
+    write_model_folder(out_dir, tensors, files)
     return out_dir
-
-
-def _save_tensors(tensors: dict, path: Path, out_dir: Path) -> None:
-    """safetensors' save_file, its own error (a full disk: "No space left on device (os error 28)") one
-    ActTailError."""
-    from safetensors import SafetensorError
-
-    try:
-        save_file(tensors, str(path), metadata={"format": "pt"})
-    except SafetensorError as e:
-        raise ActTailError(f"cannot write {out_dir}: {str(e).removeprefix('Error while serializing: ')}") from None
-
-
-def _rename_into(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished folder onto ``out_dir`` (replacing an empty folder, as POSIX rename does)."""
-    try:
-        os.rename(tmp, out_dir)
-    except (FileExistsError, NotADirectoryError, IsADirectoryError):
-        raise ActTailError(f"{out_dir} appeared while converting (another run?): left as it is") from None
-    except OSError as e:
-        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
-            raise ActTailError(f"{out_dir} was filled while converting (another run?): left as it is") from None
-        raise

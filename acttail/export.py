@@ -151,4 +151,8 @@ def export(plan: Plan, fmt: str, out: str | Path) -> list[Path]:
     """Write ``plan`` as ``fmt`` to ``out`` (a JSON file, or a folder for teal); return the files written."""
     if fmt not in EXPORTERS:
         raise ActTailError(f"unknown export format {fmt!r} (choose from {', '.join(EXPORTERS)})")
+    if plan.model.get("rotation"):
+        raise ActTailError(f"the plan is for a rotated checkpoint (acttail rotate): {fmt} runs the model's own "
+                           "layers, without the basis changes between them, so the thresholds would act on the "
+                           "wrong basis")
     return EXPORTERS[fmt](plan, out)

@@ -205,13 +205,18 @@ def refuse_overwrite(outputs, *, model=None, plan=None, analysis=None, text=None
     """Refuse, before any work, an output (what, path) that would replace a file the verb reads: the model's
     files (``model_files``), the plan and its tensors file, the analysis, the text file, and ``files`` (more
     (what, path) pairs: measured greedy or sensitivity files, ...)."""
-    inputs = [*model_files(model), *plan_files(plan), *files]
+    inputs = [*model_files(model), *plan_files(plan), *text_files(text), *files]
     if is_path(analysis):
         inputs.append(("the analysis", analysis))
-    if isinstance(text, Path) or (isinstance(text, str) and text in SOURCES):
-        inputs.append(("the text", cached_text(text) if str(text) in SOURCES else text))
     check_outputs(inputs, outputs)
     refuse_model_files(outputs)
+
+
+def text_files(text) -> list[tuple[str, Path]]:
+    """The file a text stands for: a path given, or a fetched text's cache file (none for text itself)."""
+    if isinstance(text, Path) or (isinstance(text, str) and text in SOURCES):
+        return [("the text", cached_text(text) if str(text) in SOURCES else text)]
+    return []
 
 
 def refuse_model_files(outputs) -> None:

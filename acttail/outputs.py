@@ -5,6 +5,7 @@ that an output can be written and would replace none of the command's inputs."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -286,6 +287,56 @@ def _put_folder_back(aside: Path | None, dest: Path, replaced: bool) -> None:
     if aside is not None:
         os.replace(aside / dest.name, dest)  # should this fail, the old folder stays in ``aside``
         os.rmdir(aside)
+
+
+def check_new_folder(out_dir: str | os.PathLike, inputs) -> Path:
+    """Before any work: ``out_dir`` can be made (new, or an empty folder, in a writable folder) and is none of
+    ``inputs`` ((what, path) pairs)."""
+    out_dir = Path(out_dir)
+    check_output(out_dir, folder=True)
+    check_outputs(inputs, [("output folder", out_dir)])
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise ActTailError(f"output folder {out_dir} exists and is not empty")
+    return out_dir
+
+
+def write_model_folder(out_dir: Path, tensors: dict, files: dict[str, str | bytes]) -> Path:
+    """A model folder at ``out_dir``: ``tensors`` as model.safetensors and ``files`` {name: content}. It appears
+    complete or not at all: written into a temporary folder beside it, then renamed onto it (an empty folder
+    there is replaced); if another run made it meanwhile, this one stops with a clear error and leaves nothing."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    with writing(out_dir):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        with writing(out_dir):
+            try:
+                save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            except SafetensorError as e:  # a full disk: "No space left on device (os error 28)"
+                raise ActTailError(f"cannot write {out_dir}: {str(e).removeprefix('Error while serializing: ')}") \
+                    from None
+            for name, data in files.items():
+                write_file(tmp / name, data)
+            for f in tmp.iterdir():
+                f.chmod(0o644)
+            tmp.chmod(0o755)
+            _rename_into(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _rename_into(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished folder onto ``out_dir`` (replacing an empty folder, as POSIX rename does)."""
+    try:
+        os.rename(tmp, out_dir)
+    except (FileExistsError, NotADirectoryError, IsADirectoryError):
+        raise ActTailError(f"{out_dir} appeared while it was written (another run?): left as it is") from None
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise ActTailError(f"{out_dir} was filled while it was written (another run?): left as it is") from None
+        raise
 
 
 # ---- outputs never replace inputs ---------------------------------------------------------------------

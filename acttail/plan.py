@@ -10,7 +10,8 @@ learned output biases, low-rank factors). Their tensors live in one safetensors 
 in it with its sha256 (``<key>.score``, ``<key>.bias``, ``<key>.lowrank_u``/``lowrank_v``).
 
 Budgets count bytes: an entry's ``overhead`` is what its compensation adds to every token's reads, as a
-fraction of the projection's weight bytes, and the plan saves ``sparsity - overhead`` of each projection.
+fraction of the projection's weight bytes, and the plan saves ``sparsity - overhead`` of each projection. A plan
+for a rotated checkpoint (``model.rotation``, ``acttail.rotation``) also pays each layer's basis change there.
 
 In Python a plan is a ``Plan`` (``Plan.load`` / ``plan.save``) holding one ``PlanEntry`` per projection.
 """
@@ -40,7 +41,7 @@ VERSION = 2
 READS = (1, 2)  # version 1: no score, compensation, tensors, overhead or rank (magnitude, none)
 TOP_KEYS = ("format", "version", "tool_version", "created", "model", "budget", "method", "score", "compensation",
             "source", "projections", "calibration", "tensors")
-MODEL_KEYS = ("fingerprint", "architecture", "model_type", "num_layers", "path")
+MODEL_KEYS = ("fingerprint", "architecture", "model_type", "num_layers", "path", "rotation")  # rotation: if rotated
 ENTRY_KEYS = ("key", "layer", "kind", "in_features", "out_features", "params", "metric", "sparsity", "overhead",
               "rank", "threshold", "calibration")
 # tensor name -> its shape from (in, out, rank)
@@ -396,6 +397,7 @@ def _check_consistency(plan: dict, where: str) -> None:
     each entry's rank and overhead what the plan's compensation makes of them."""
     check_projections(plan["projections"], plan["model"]["num_layers"], where)
     compensation = plan.get("compensation", "none")
+    rotation = rotation_overheads(plan["projections"], plan["model"].get("rotation"))
     split = plan["method"].get("rank_split")
     split = split if isinstance(split, int) and not isinstance(split, bool) else 0
     for i, e in enumerate(plan["projections"]):
@@ -406,9 +408,11 @@ def _check_consistency(plan: dict, where: str) -> None:
             raise ActTailError(f"{at}.rank: {rank}, but the plan's compensation is {compensation!r}: a rank needs "
                                "lowrank factors (or, before calibration, an allocation's rank_split at least as large)")
         cost = overhead(shape, compensation, rank)
-        if not math.isclose(e.get("overhead", 0.0), cost, rel_tol=1e-9, abs_tol=1e-12):
+        turn = rotation.get((e["layer"], e["kind"]), 0.0) if plan.get("calibration") else 0.0
+        if not math.isclose(e.get("overhead", 0.0), cost + turn, rel_tol=1e-9, abs_tol=1e-12):
+            paid = f" and the layer's basis change {turn:.6g}" if turn else ""
             raise ActTailError(f"{at}.overhead: {e.get('overhead', 0.0)}, but {compensation!r} compensation of a "
-                               f"{shape[0]} x {shape[1]} projection at rank {rank} costs {cost:.6g}")
+                               f"{shape[0]} x {shape[1]} projection at rank {rank} costs {cost:.6g}{paid}")
 
 
 def overhead(shape: tuple[int, int], compensation: str, rank: int = 0) -> float:
@@ -420,6 +424,23 @@ def overhead(shape: tuple[int, int], compensation: str, rank: int = 0) -> float:
     if compensation == "lowrank":
         return min(rank, n_in, n_out) * (n_in + n_out) / (n_in * n_out)
     return 0.0
+
+
+def rotation_overheads(projections, rotation: str | None) -> dict[tuple[int, str], float]:
+    """(layer, kind) -> what the projection pays for its layer's basis change in a rotated checkpoint
+    (``acttail.rotation``: a d x d matrix read per token before every layer but the first), as a fraction of its
+    weight: d^2 over the layer's projection weights, the same on each, so the layer pays its own. ``projections``:
+    plan entries or their documents; {} when ``rotation`` is None."""
+    if not rotation:
+        return {}
+    get = (lambda e, k: e[k]) if projections and isinstance(projections[0], dict) else getattr
+    params, dim = defaultdict(int), {}
+    for e in projections:
+        params[get(e, "layer")] += get(e, "in_features") * get(e, "out_features")
+        if get(e, "kind") == "q":
+            dim[get(e, "layer")] = get(e, "in_features")
+    return {(get(e, "layer"), get(e, "kind")): dim[get(e, "layer")] ** 2 / params[get(e, "layer")]
+            for e in projections if get(e, "layer") > 0}
 
 
 def _ordered(plan: dict) -> dict:

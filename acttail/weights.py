@@ -30,6 +30,7 @@ class ModuleWeights:
         cfg = getattr(model, "config", None)
         self.architecture = ((getattr(cfg, "architectures", None) or [None])[0] or type(model).__name__)
         self.model_type = getattr(cfg, "model_type", None)
+        self.rotation = "layer" if getattr(getattr(model, "args", None), "rotated", False) else None
         self.path = getattr(cfg, "_name_or_path", None) or type(model).__name__
         self.fingerprint = self._fingerprint()
 

@@ -134,6 +134,18 @@ def test_sparse_decode_agrees_with_cpu_reference(architecture):
     # path fails on every token. The dense run, from its own cache, checks the cache writes.
     model = tiny_model(architecture=architecture)
     assert model.args.qkv_bias == (architecture == "Qwen2ForCausalLM")
+    sparse_decode_agrees(model)
+
+
+def test_a_rotated_checkpoint_decodes_as_the_reference():
+    """A rotated checkpoint's basis change before each layer but the first (acttail.rotation) runs on the decode
+    path as in the reference."""
+    model = tiny_model(architecture="LlamaForCausalLM", acttail_rotation={"kind": "layer"})
+    assert model.layers[0].basis is None and model.layers[1].basis is not None
+    sparse_decode_agrees(model)
+
+
+def sparse_decode_agrees(model):
     dec = decoder(model)
     tokens = [5, 17, 42, 8, 77, 30]
     th = thresholds(CONFIG["num_hidden_layers"])

@@ -540,7 +540,7 @@ def test_d11_losing_a_convert_race(tmp_path, out, fake_gguf, monkeypatch, winner
         return {"w": torch.zeros(2, 2)}
 
     monkeypatch.setattr(fake_gguf, "hf_tensors", other_run_wins)
-    refused(run("convert-gguf", tmp_path / "m.gguf", target), "while converting")
+    refused(run("convert-gguf", tmp_path / "m.gguf", target), "while it was written")
     assert listing(out) == ({"model", "model/model.safetensors"} if winner == "folder" else {"model"})
 
 

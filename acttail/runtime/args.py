@@ -68,6 +68,7 @@ class ModelArgs:
     sliding_window: int | None = None  # how many positions a sliding layer sees, its own included
     layer_types: tuple[str, ...] | None = None  # full_attention / sliding_attention per layer; None: all full
     local_rope_base: float | None = None  # rope base of the sliding layers when they have their own (Gemma 3)
+    rotated: bool = False  # the stream changes basis before each layer but the first (``acttail.rotation``)
 
     @property
     def qkv_sizes(self) -> tuple[int, int, int]:
@@ -141,6 +142,7 @@ class ModelArgs:
             sliding_window=c.get("sliding_window") if layer_types else None,
             layer_types=layer_types,
             local_rope_base=local_base,
+            rotated=bool(c.get("acttail_rotation")),
         )
 
 

@@ -208,6 +208,8 @@ class TransformerBlock(nn.Module):
         # Gemma 2/3 also normalise what attention and the MLP add to the residual stream
         self.post_attention_norm = norm() if args.sandwich_norm else None
         self.post_ffn_norm = norm() if args.sandwich_norm else None
+        # a rotated checkpoint (acttail.rotation): the stream into this layer changes to its basis first
+        self.basis = nn.Linear(args.dim, args.dim, bias=False) if args.rotated and layer > 0 else None
 
     def forward(self, x: Tensor, residual: Tensor | None, rope, input_pos: Tensor | None,
                 ops: TorchOps) -> tuple[Tensor, Tensor]:
@@ -301,7 +303,10 @@ class Transformer(nn.Module):
         self.ops.set_positions(input_pos if input_pos is not None else torch.arange(T, device=x.device))
         residual = None
         for i in layers if layers is not None else range(self.args.n_layer):
-            x, residual = self.block(i)(x, residual, self.rope(i), input_pos, self.ops)
+            block = self.block(i)
+            if block.basis is not None:  # the stream, in the previous layer's basis, into this one's
+                x, residual = block.basis(x if residual is None else x + residual), None
+            x, residual = block(x, residual, self.rope(i), input_pos, self.ops)
         return x, residual
 
     def hidden(self, idx: Tensor | None, input_pos: Tensor | None = None, layers: range | None = None,
@@ -362,6 +367,8 @@ def _layer_weights(get, names: set, args: ModelArgs, hf: str, ours: str) -> dict
     sd[f"{ours}.feed_forward.w2.weight"] = get(f"{m['down']}.weight")
     for our_norm, hf_norm in (SANDWICH_NORMS if args.sandwich_norm else NORMS).items():
         sd[f"{ours}.{our_norm}.weight"] = get(f"{hf}.{hf_norm}.weight")
+    if args.rotated and ours != "layers.0":
+        sd[f"{ours}.basis.weight"] = get(f"{hf}.basis.weight")
     if args.qk_norm:
         sd[f"{ours}.attention.q_norm.weight"] = get(f"{hf}.self_attn.q_norm.weight")
         sd[f"{ours}.attention.k_norm.weight"] = get(f"{hf}.self_attn.k_norm.weight")

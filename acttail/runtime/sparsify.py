@@ -86,6 +86,10 @@ def check_plan(plan, args, where: str = "the plan") -> None:
     """Refuse a plan for another shape than our decoder's (``ModelArgs`` ``args``): its layer count and every
     projection's (in, out) (``Plan.check_shapes``, the one check of a plan against a model)."""
     plan.check_shapes(args.n_layer, lambda layer, kind: (args.in_features(kind), args.out_features(kind)), where)
+    if bool(plan.model.get("rotation")) != args.rotated:
+        made, runs = ("a rotated", "this one is not") if args.rotated is False else ("an unrotated", "this one is")
+        raise ActTailError(f"{where} was made for {made} checkpoint (acttail rotate), {runs}: its thresholds act on "
+                           "the other basis")
 
 
 def dense_prefix(prompt_len: int, prefill: str) -> int:
