@@ -8,6 +8,7 @@ read, net of what compensation adds, measured on wiki. One JSON line per run in 
 (resumable: finished runs are skipped); `--tables` writes the markdown tables from those lines.
 
     python benchmarks/quality_study.py --model DIR --name smollm2-135m --out OUT --device cuda
+    python benchmarks/quality_study.py --model ROTATED --name smollm2-135m-rotated ...  # `acttail rotate`'s folder
     python benchmarks/quality_study.py --tables reports/quality        # tables from reports/quality/*/results.jsonl
 """
 
@@ -70,13 +71,15 @@ def run(args) -> None:
     if not (out / "dense.json").is_file():
         write_json(out / "dense.json", {t: evaluate_windows(model, w, progress=False) for t, w in texts.items()})
     doc, _ = run_analysis(args.model, device="cpu", progress=False)  # the ESD does not depend on the device
-    if not (out / "greedy.json").is_file():
+    greedy_rows = any(ROWS[r][0].get("method") == "greedy" for r in args.rows)
+    if greedy_rows and not (out / "greedy.json").is_file():
         t0 = time.time()
         g = measure(model, cal[: args.greedy_tokens // cal.shape[1]], ckpt.fingerprint, "c4",
                     base_step=args.greedy_step, progress=False)
         write_json(out / "greedy.json", g)
         print(f"greedy paths in {time.time() - t0:.0f} s", flush=True)
-    doc["greedy"] = json.loads((out / "greedy.json").read_text())
+    if greedy_rows:
+        doc["greedy"] = json.loads((out / "greedy.json").read_text())
     for name, (opts, score, comp, budgets, extra) in ROWS.items():
         for b in args.budgets or budgets:
             if (name, b) in done or name not in args.rows or (comp == "learned" and b not in args.learned_budgets):
@@ -92,7 +95,7 @@ def run(args) -> None:
             row = {"row": name, "budget": b, "score": score, "compensation": comp, "allocation": opts,
                    "calibration": plan.calibration, "seconds": {"calibrate": t1 - t0}}
             row["wiki"] = _metrics(model, texts["wiki"], plan)
-            if extra:
+            if extra and not args.wiki_only:
                 row["wiki_half_dense"] = _metrics(model, texts["wiki"], plan, prefill="half")
                 row["wiki_topk"] = _metrics(model, texts["wiki"], plan, mode="topk")
                 row["technical"] = _metrics(model, texts["technical"], plan)
@@ -189,7 +192,8 @@ def tables(root: Path) -> None:
                 by_b = {r["budget"]: r for r in rows if r["row"] == name and key in r}
                 if by_b:
                     lines.append(f"| {name} | " + " | ".join(
-                        f"{by_b[b][key]['perplexity']:.2f} ({by_b[b][key]['perplexity'] / base - 1:+.0%})" if b in by_b
+                        f"{by_b[b][key]['perplexity']:.2f} ({by_b[b][key]['perplexity'] / base - 1:+.0%}) "
+                        f"@{by_b[b][key]['saving']:.3f}" if b in by_b
                         else "" for b in BUDGETS) + " |")
         (folder.parent / f"{folder.name}.md").write_text("\n".join(lines) + "\n")
         print(f"wrote {folder.parent / (folder.name + '.md')}")
@@ -217,6 +221,7 @@ def main() -> None:
     ap.add_argument("--learned-budgets", type=float, nargs="+", default=list(BUDGETS),
                     help="budgets at which rows with learned compensation run (each trains biases)")
     ap.add_argument("--budgets", type=float, nargs="+", help="run these budgets instead of each row's own")
+    ap.add_argument("--wiki-only", action="store_true", help="evaluate on wiki alone (no half-dense, top-k, technical)")
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds; stop starting new runs after this")
     ap.add_argument("--tables", help="write the markdown tables of this folder's runs instead")
     args = ap.parse_args()
