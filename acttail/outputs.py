@@ -12,6 +12,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+
 from .errors import ActTailError
 
 
@@ -304,9 +307,6 @@ def write_model_folder(out_dir: Path, tensors: dict, files: dict[str, str | byte
     """A model folder at ``out_dir``: ``tensors`` as model.safetensors and ``files`` {name: content}. It appears
     complete or not at all: written into a temporary folder beside it, then renamed onto it (an empty folder
     there is replaced); if another run made it meanwhile, this one stops with a clear error and leaves nothing."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     with writing(out_dir):
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 import acttail
+from acttail import outputs
 from acttail.checkpoint import Checkpoint
 from acttail.cli import main
 from acttail.errors import ActTailError
@@ -388,7 +389,7 @@ def test_convert_gguf_on_a_full_disk(tmp_path, monkeypatch, fake_gguf):
     def save_file(*a, **k):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(fake_gguf, "save_file", save_file)
+    monkeypatch.setattr(outputs, "save_file", save_file)
     refused(run("convert-gguf", gguf, out / "model"), f"cannot write {out / 'model'}: I/O error: No space left")
     assert snapshot(out) == {} and gguf.read_bytes() == b"GGUF"
 
