@@ -124,7 +124,7 @@ def rotate(model, out, text=CALIBRATION_TEXT, tokenizer=None, config=None, *, de
     m = ModelInput(model, device, tokenizer=tokenizer)
     check_rotatable(m.net)
     wins, name, _ = text_windows(m, text, cfg.tokens, cfg.ctx)
-    rotations = [r.cpu() for r in fit_rotations(m.net, wins, cfg.batch_size, progress)]
+    rotations = fit_rotations(m.net, wins, cfg.batch_size, progress)  # on the CPU
     ckpt, args = m.ckpt, m.net.args
     del m
     tensors = rotated_tensors({n: ckpt.tensor(n) for n in ckpt.tensor_names}, args, ckpt.prefix, rotations)

@@ -169,7 +169,7 @@ def calibrate(model, plan, wins: Tensor, config: CalibrationConfig | None = None
         raise ActTailError("the plan splits bytes between sparsity and rank (allocated with --rank-split): "
                            "calibrate it with --compensation lowrank")
     ranks = split or {key: rank for key in entries}
-    turns = rotation_overheads(plan.projections, plan.model.get("rotation"))  # a rotated checkpoint's basis changes
+    turns = rotation_overheads([e.to_dict() for e in plan.projections], plan.model.get("rotation"))  # basis changes
     costs = {key: overhead((e.in_features, e.out_features), compensation, ranks[key]) + turns.get(key, 0.0)
              for key, e in entries.items()}
     targets = {key: min(0.99, e.sparsity + costs[key]) for key, e in entries.items()}
@@ -201,7 +201,8 @@ def _calibrated_plan(plan, found, targets, costs, base, wins, text, score, compe
     paid = [replace(e, overhead=costs[e.layer, e.kind], sparsity=targets[e.layer, e.kind],
                     rank=base[e.layer, e.kind].lowrank[0].shape[1] if base[e.layer, e.kind].lowrank is not None else 0)
             for e in plan.projections]
-    out = replace(plan, projections=paid, score=score, compensation=compensation).with_thresholds(thresholds, stats, run)
+    paid_plan = replace(plan, projections=paid, score=score, compensation=compensation)
+    out = paid_plan.with_thresholds(thresholds, stats, run)
     tensors = {}
     for e in out.projections:
         s = base[(e.layer, e.kind)]

@@ -430,17 +430,15 @@ def rotation_overheads(projections, rotation: str | None) -> dict[tuple[int, str
     """(layer, kind) -> what the projection pays for its layer's basis change in a rotated checkpoint
     (``acttail.rotation``: a d x d matrix read per token before every layer but the first), as a fraction of its
     weight: d^2 over the layer's projection weights, the same on each, so the layer pays its own. ``projections``:
-    plan entries or their documents; {} when ``rotation`` is None."""
+    the plan document's entries; {} when ``rotation`` is None."""
     if not rotation:
         return {}
-    get = (lambda e, k: e[k]) if projections and isinstance(projections[0], dict) else getattr
     params, dim = defaultdict(int), {}
     for e in projections:
-        params[get(e, "layer")] += get(e, "in_features") * get(e, "out_features")
-        if get(e, "kind") == "q":
-            dim[get(e, "layer")] = get(e, "in_features")
-    return {(get(e, "layer"), get(e, "kind")): dim[get(e, "layer")] ** 2 / params[get(e, "layer")]
-            for e in projections if get(e, "layer") > 0}
+        params[e["layer"]] += e["in_features"] * e["out_features"]
+        if e["kind"] == "q":
+            dim[e["layer"]] = e["in_features"]
+    return {(e["layer"], e["kind"]): dim[e["layer"]] ** 2 / params[e["layer"]] for e in projections if e["layer"] > 0}
 
 
 def _ordered(plan: dict) -> dict:

@@ -12,7 +12,7 @@ l > 0 the stream changes basis, s <- s R_{l-1}^T R_l: a d x d matrix (``model.la
 layer and token. RMSNorm commutes with an orthogonal map, so nothing else changes.
 
 Budgets count bytes: a plan for a rotated checkpoint pays each layer's basis change from that layer's
-projections (``plan.rotation_overhead``), so it reads no more than a plan of the same budget on the original.
+projections (``plan.rotation_overheads``), so it reads no more than a plan of the same budget on the original.
 
 The checkpoint is an HF folder whose config.json says ``"model_type": "acttail_rotated"`` (the original in
 ``acttail_rotation``): transformers refuses to load it rather than silently dropping the basis changes; our
@@ -30,10 +30,12 @@ from tqdm import tqdm
 
 from .config import CTX, Config
 from .errors import ActTailError
-from .layout import HF_FUSED_MODULES, HF_MODULES
+from .layout import GROUPS, HF_FUSED_MODULES, HF_MODULES
+from .runtime.model import NORMS
 
 MODEL_TYPE = "acttail_rotated"  # config.json's model_type of a rotated checkpoint (transformers refuses it)
 KIND = "layer"  # one basis per layer, shared by its attention and MLP inputs
+READS = {NORMS["attention_norm"]: "qkv", NORMS["ffn_norm"]: "gate_up"}  # HF norm -> the group reading its output
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ def check_rotatable(model) -> None:
 
 
 def fit_rotations(model, wins: Tensor, batch_size: int = 8, progress: bool = True) -> list[Tensor]:
-    """R_l [d, d] per layer (float32, orthogonal): eigenvectors by decreasing eigenvalue of the uncentred
+    """R_l [d, d] per layer (float32, orthogonal, on the CPU): eigenvectors by decreasing eigenvalue of the uncentred
     covariance of h / rms(h) at the layer's two norms, over every position of windows [n, ctx] run dense
     through ``model`` (our decoder)."""
     check_rotatable(model)
@@ -123,10 +125,9 @@ def rotated_tensors(tensors: dict[str, Tensor], args, prefix: str, rotations: li
     for i, r in enumerate(rotations):
         hf = f"{prefix}.{i}"
         fused = f"{hf}.{HF_FUSED_MODULES['qkv']}.weight" in tensors
-        reads = {"input_layernorm": ("qkv", "q", "k", "v"), "post_attention_layernorm": ("gate_up", "gate", "up")}
-        for norm, (group, *kinds) in reads.items():
+        for norm, group in READS.items():
             g = gain(f"{hf}.{norm}.weight")
-            modules = [HF_FUSED_MODULES[group]] if fused else [HF_MODULES[k] for k in kinds]
+            modules = [HF_FUSED_MODULES[group]] if fused else [HF_MODULES[k] for k in GROUPS[group]]
             for m in modules:
                 put(f"{hf}.{m}.weight", (f32(f"{hf}.{m}.weight") * g) @ r)
             unit(f"{hf}.{norm}.weight")
